@@ -1,0 +1,34 @@
+"""The ``config`` projection: the settings a user has set, latest value per key.
+
+Rule it enforces: a key's value is the one in its latest ``config-changed`` event; keys never
+set are absent (their defaults live in ``queuectl.settings``), so defaults can improve without
+rewriting history.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from queuectl import events as ev
+
+NAME = "config"
+VERSION = 1
+TABLES = {"config": "key"}
+
+DDL = (
+    """CREATE TABLE config (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+)
+
+
+def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
+    if isinstance(event, ev.ConfigChanged):
+        tx.execute(
+            """INSERT INTO config (key, value, updated_at) VALUES (?, ?, ?)
+            ON CONFLICT (key) DO UPDATE SET value = excluded.value,
+                updated_at = excluded.updated_at""",
+            (event.key, event.value, at),
+        )

@@ -1,0 +1,134 @@
+"""The ``jobs`` projection: one row per job, plus ``job_counts`` (jobs per state).
+
+Rules it enforces: a job's state follows only from its events (pending -> processing ->
+completed, or -> failed with ``run_at`` -> processing again, or -> dead; dead -> pending on
+requeue); ``attempts`` is the number of runs started; ``job_counts`` always equals
+``SELECT state, count(*) FROM jobs GROUP BY state`` so that ``status`` is O(1).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from queuectl import events as ev
+
+NAME = "jobs"
+VERSION = 1
+TABLES = {"jobs": "id", "job_counts": "state"}
+
+DDL = (
+    """CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL,
+        backoff_base REAL NOT NULL,
+        timeout REAL NOT NULL DEFAULT 0,
+        run_at TEXT,
+        worker_id TEXT,
+        exit_code INTEGER,
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+    # The claim query walks this index in order: highest priority, then oldest.
+    "CREATE INDEX jobs_ready ON jobs (seq) WHERE state IN ('pending', 'failed')",
+    "CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state IN ('pending', 'failed')",
+    "CREATE INDEX jobs_state ON jobs (state, seq)",
+    "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+)
+
+_INSERT = """INSERT INTO jobs (id, seq, command, state, attempts, max_retries, backoff_base,
+    timeout, run_at, created_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?)"""
+_COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
+    ON CONFLICT (state) DO UPDATE SET n = n + excluded.n"""
+_sql_cache: dict[tuple[str, ...], str] = {}
+
+
+def _move(tx: sqlite3.Connection, job_id: str, at: str, state: str | None, **cols: Any) -> None:
+    """Update one job; when ``state`` is given, move it and keep ``job_counts`` in step."""
+    if state is not None:
+        old = tx.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if old is None:
+            raise LookupError(f"event for unknown job {job_id!r}")
+        cols["state"] = state
+        if old[0] != state:
+            tx.execute(_COUNT, (old[0], -1))
+            tx.execute(_COUNT, (state, 1))
+    keys = tuple(cols)
+    sql = _sql_cache.get(keys)
+    if sql is None:
+        assigns = ", ".join(f"{k} = ?" for k in keys)
+        sql = _sql_cache[keys] = f"UPDATE jobs SET {assigns}, updated_at = ? WHERE id = ?"
+    tx.execute(sql, (*cols.values(), at, job_id))
+
+
+def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
+    tx.execute(
+        _INSERT,
+        (e.job_id, seq, e.command, e.max_retries, e.backoff_base, e.timeout, at, at, at),
+    )
+    tx.execute(_COUNT, ("pending", 1))
+
+
+def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
+    _move(tx, e.job_id, at, "processing", attempts=e.attempt, worker_id=e.worker_id, run_at=None)
+
+
+def _completed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed) -> None:
+    _move(tx, e.job_id, at, "completed", worker_id=None, exit_code=0, last_error=None)
+
+
+def _failed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Failed) -> None:
+    # The state moves with the scheduled-retry or dead event appended with this one.
+    _move(tx, e.job_id, at, None, worker_id=None, exit_code=e.exit_code, last_error=e.error)
+
+
+def _timed_out(tx: sqlite3.Connection, seq: int, at: str, e: ev.TimedOut) -> None:
+    error = f"timed out after {e.timeout:g}s"
+    _move(tx, e.job_id, at, None, worker_id=None, exit_code=None, last_error=error)
+
+
+def _lease_expired(tx: sqlite3.Connection, seq: int, at: str, e: ev.LeaseExpired) -> None:
+    error = f"lease expired: worker {e.worker_id} stopped heartbeating"
+    _move(tx, e.job_id, at, None, worker_id=None, exit_code=None, last_error=error)
+
+
+def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None:
+    _move(tx, e.job_id, at, "pending", attempts=e.attempt - 1, worker_id=None, run_at=at)
+
+
+def _scheduled_retry(tx: sqlite3.Connection, seq: int, at: str, e: ev.ScheduledRetry) -> None:
+    _move(tx, e.job_id, at, "failed", run_at=e.run_at)
+
+
+def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
+    _move(tx, e.job_id, at, "dead", run_at=None)
+
+
+def _requeued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Requeued) -> None:
+    _move(tx, e.job_id, at, "pending", attempts=0, max_retries=e.max_retries, run_at=at)
+
+
+_HANDLERS: dict[type, Callable[..., None]] = {
+    ev.Enqueued: _enqueued,
+    ev.Claimed: _claimed,
+    ev.Completed: _completed,
+    ev.Failed: _failed,
+    ev.TimedOut: _timed_out,
+    ev.LeaseExpired: _lease_expired,
+    ev.Released: _released,
+    ev.ScheduledRetry: _scheduled_retry,
+    ev.Dead: _dead,
+    ev.Requeued: _requeued,
+}
+
+
+def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
+    handler = _HANDLERS.get(type(event))
+    if handler is not None:
+        handler(tx, seq, at, event)

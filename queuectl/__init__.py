@@ -1,0 +1,1 @@
+"""queuectl: a background job queue for shell commands whose store is an event ledger."""

@@ -1,0 +1,380 @@
+"""The ``queuectl`` command line: parse, call one core function, render.
+
+Only click, msgspec and sqlite3 load at start-up; rich and the worker load in the commands
+that need them, so ``queuectl enqueue`` stays quick.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from queuectl import ledger, queue, settings
+from queuectl.errors import QueueError
+
+
+class QueuectlGroup(click.Group):
+    """Reports every error as one line on stderr: ``Error: ...``, exit 1 (usage errors 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QueueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"database error: {exc}") from exc
+        except BrokenPipeError:
+            sys.stderr.close()  # `queuectl list | head`: not an error worth a traceback
+            raise click.exceptions.Exit(0) from None
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("Aborted!", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _db(ctx: click.Context, durable: bool = True) -> sqlite3.Connection:
+    return ledger.connect(ctx.obj["db"], durable=durable)
+
+
+def _json(data: Any) -> None:
+    from queuectl.render import to_json
+
+    click.echo(to_json(data))
+
+
+@click.group(cls=QueuectlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="QUEUECTL_DB",
+    default=Path("data") / "queue.db",
+    show_default=True,
+    help="Database file (also QUEUECTL_DB); created on first use.",
+)
+@click.version_option(package_name="queuectl")
+@click.pass_context
+def cli(ctx: click.Context, db: Path) -> None:
+    """queuectl: a background job queue for shell commands, stored as an event ledger.
+
+    \b
+    Example:
+        queuectl enqueue -c "echo Hello World"
+        queuectl worker --burst -v
+        queuectl history <job-id>
+    """
+    ctx.obj = {"db": db}
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Show or change settings (defaults for new jobs, worker timings)."""
+
+
+@config.command("set")
+@click.argument("key", type=click.Choice(list(settings.SETTINGS)), metavar="KEY")
+@click.argument("value")
+@click.pass_context
+def config_set(ctx: click.Context, key: str, value: str) -> None:
+    """Set KEY to VALUE. Keys: max-retries, backoff-base, job-timeout, heartbeat-interval,
+    lease-timeout, output-limit.
+
+    \b
+    Example:
+        queuectl config set max-retries 5
+    """
+    stored = queue.set_config(_db(ctx), key, value)
+    click.echo(f"Configuration updated: {key} = {stored}")
+    click.echo(settings.SETTINGS[key].updated(stored))
+
+
+@config.command("get")
+@click.argument("key", required=False, type=click.Choice(list(settings.SETTINGS)), metavar="[KEY]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
+    """Show every setting (or one) with a line on what it does."""
+    values = settings.load(_db(ctx))
+    if key:
+        values = {key: values[key]}
+    if as_json:
+        return _json(values)
+    click.echo("===== CONFIGURATION =====")
+    for name, value in values.items():
+        click.echo(f"{name} = {value}")
+        click.echo(settings.SETTINGS[name].explain(value))
+    click.echo("=========================")
+
+
+# -- enqueue ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job_json", required=False, metavar="[JSON]")
+@click.option("-c", "--command", help="Shell command to run (as sh -c COMMAND).")
+@click.option("--id", "job_id", help="Job id (default: 8 random characters).")
+@click.option("--max-retries", type=click.IntRange(min=0), help="Retries after the first run.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds before the job is killed.")
+@click.option(
+    "-f", "--file", "jobs_file", type=click.File("r"),
+    help="JSON lines, one job per line ('-' for stdin).",
+)
+@click.pass_context
+def enqueue(
+    ctx: click.Context,
+    job_json: str | None,
+    command: str | None,
+    job_id: str | None,
+    max_retries: int | None,
+    timeout: float | None,
+    jobs_file: Any,
+) -> None:
+    """Add a job, from flags, one JSON object, or a file of JSON lines.
+
+    \b
+    Example:
+        queuectl enqueue -c "sleep 2" --max-retries 5
+        queuectl enqueue '{"id":"job1","command":"sleep 2"}'
+        queuectl enqueue --file jobs.jsonl
+    """
+    sources = [s for s in (job_json, command, jobs_file) if s is not None]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
+    if jobs_file is not None:
+        specs = [
+            queue.parse_spec(line, f" on line {n}")
+            for n, line in enumerate(jobs_file, 1)
+            if line.strip()
+        ]
+        if not specs:
+            raise click.UsageError("the file has no jobs")
+    elif job_json is not None:
+        specs = [queue.parse_spec(job_json)]
+        flags = {"id": job_id, "max_retries": max_retries, "timeout": timeout}
+        specs[0] = _override(specs[0], flags)
+    else:
+        spec = queue.JobSpec(command=command or "", id=job_id, max_retries=max_retries,
+                             timeout=timeout)
+        specs = [queue.check_spec(spec)]
+    ids = queue.enqueue(_db(ctx), specs)
+    if len(ids) == 1 and jobs_file is None:
+        click.echo(f"Job added successfully with ID: {ids[0]}")
+    else:
+        click.echo(f"{len(ids)} jobs added successfully.")
+
+
+def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:
+    """Flags given beside a JSON job win over its fields."""
+    import msgspec
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    return queue.check_spec(msgspec.structs.replace(spec, **given)) if given else spec
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.option("-s", "--state", type=click.Choice(queue.STATES), help="Only jobs in this state.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N jobs (oldest first).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def list_(ctx: click.Context, state: str | None, limit: int | None, as_json: bool) -> None:
+    """List jobs, oldest first.
+
+    \b
+    Example:
+        queuectl list -s failed
+        queuectl list --json --limit 10
+    """
+    from queuectl import render
+
+    jobs = queue.list_jobs(_db(ctx), state, limit)
+    if as_json:
+        return _json([render.job_json(j) for j in jobs])
+    render.jobs_table(jobs, f"Jobs ({state})" if state else "Jobs")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Job counts per state and the workers that are running."""
+    from queuectl import clock, render
+
+    conn = _db(ctx)
+    counts = queue.counts(conn)
+    workers = queue.workers(conn, ("active", "gone"))
+    lease = float(settings.load(conn)["lease-timeout"])
+    stale_before = clock.after(clock.now(), -lease)
+    for w in workers:
+        w["state"] = render.worker_state(w, stale_before)
+    if as_json:
+        return _json({"jobs": counts, "workers": workers})
+    render.status(counts, workers, stale_before)
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of events.")
+@click.pass_context
+def history(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Every event of one job, in order: its whole life."""
+    from queuectl import render
+
+    rows = queue.history(_db(ctx), job_id)
+    if as_json:
+        return _json(render.history_json(rows))
+    render.history_table(job_id, rows)
+
+
+# -- dlq ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead letter queue: jobs that failed every allowed run."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def dlq_list(ctx: click.Context, as_json: bool) -> None:
+    """List dead jobs."""
+    from queuectl import render
+
+    jobs = queue.list_jobs(_db(ctx), "dead")
+    if as_json:
+        return _json([render.job_json(j) for j in jobs])
+    render.dlq_table(jobs)
+
+
+@dlq.command("retry")
+@click.argument("job_id", metavar="ID")
+@click.pass_context
+def dlq_retry(ctx: click.Context, job_id: str) -> None:
+    """Send a dead job back to pending, attempts 0, with a fresh retry budget."""
+    max_retries = queue.dlq_retry(_db(ctx), job_id)
+    click.echo(f"Job {job_id} has been requeued with max_retries = {max_retries}")
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def worker_options(f: Any) -> Any:
+    for option in reversed(
+        (
+            click.option("-v", "--verbose", is_flag=True, help="Log every job's progress."),
+            click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1,
+                         show_default=True, help="Workers in this process."),
+            click.option("-s", "--poll", type=click.FloatRange(min=0.01), default=3.0,
+                         show_default=True,
+                         help="Seconds between checks when idle (new jobs wake workers "
+                              "at once anyway)."),
+            click.option("-l", "--limit", type=click.IntRange(min=0), default=0,
+                         help="Jobs per worker before it exits (0 = no limit)."),
+            click.option("--burst", is_flag=True,
+                         help="Exit once nothing is pending, running or waiting to retry."),
+        )
+    ):
+        f = option(f)
+    return f
+
+
+@cli.group(invoke_without_command=True)
+@worker_options
+@click.option("--stop", is_flag=True, help="Ask running workers to finish their job and exit.")
+@click.pass_context
+def worker(ctx: click.Context, stop: bool, **options: Any) -> None:
+    """Run workers in the foreground (Ctrl-C: finish the job and exit; twice: at once).
+
+    \b
+    Example:
+        queuectl worker -v -c 3 -s 1
+        queuectl worker --burst
+        queuectl worker --stop
+    """
+    if ctx.invoked_subcommand is None:
+        _stop(ctx) if stop else _run(ctx, **options)
+
+
+@worker.command("start")
+@worker_options
+@click.pass_context
+def worker_start(ctx: click.Context, **options: Any) -> None:
+    """Same as `queuectl worker [OPTIONS]`."""
+    _run(ctx, **options)
+
+
+@worker.command("stop")
+@click.pass_context
+def worker_stop(ctx: click.Context) -> None:
+    """Same as `queuectl worker --stop`."""
+    _stop(ctx)
+
+
+def _stop(ctx: click.Context) -> None:
+    queue.request_stop(_db(ctx))
+    click.echo("Stop signal sent to all workers.")
+
+
+def _run(ctx: click.Context, **options: Any) -> None:
+    import threading
+
+    from queuectl.worker import Options, run_workers
+
+    lock = threading.Lock()
+
+    def echo(line: str) -> None:
+        with lock:
+            click.echo(line)
+
+    errors = run_workers(ctx.obj["db"], Options(**options), echo)
+    if errors:
+        raise click.ClickException("; ".join(errors))
+
+
+# -- maintenance --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--check", is_flag=True, help="Rebuild aside and compare; exit 1 on any drift.")
+@click.pass_context
+def rebuild(ctx: click.Context, check: bool) -> None:
+    """Replay the ledger into fresh projections (jobs, workers, config)."""
+    conn = _db(ctx)
+    if check:
+        problems = ledger.check(conn)
+        if problems:
+            for problem in problems:
+                click.echo(problem, err=True)
+            raise click.ClickException(f"projections drift from the ledger ({len(problems)} "
+                                       "differences shown above)")
+        click.echo("Projections match the ledger.")
+        return
+    position = ledger.rebuild(conn)
+    click.echo(f"Projections rebuilt from {position} events.")
+
+
+def main() -> None:
+    cli(prog_name="queuectl")

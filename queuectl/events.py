@@ -1,0 +1,175 @@
+"""The whole event vocabulary of the ledger.
+
+Every event is a frozen, keyword-only msgspec Struct with an explicit tag. The tag is what
+the ledger stores in its ``type`` column and inside the JSON body, so a class may be renamed
+but a tag never changes. Events change by addition only: a new field always has a default,
+so every row ever written still decodes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+    """Base of all events; ``job_id``/``worker_id`` are lifted into ledger columns."""
+
+    @property
+    def type(self) -> str:
+        return self.__struct_config__.tag  # type: ignore[return-value]
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+class Enqueued(_Event, tag="enqueued"):
+    job_id: str
+    command: str
+    max_retries: int
+    backoff_base: float
+    timeout: float = 0.0  # seconds; 0 means no timeout
+
+
+class Claimed(_Event, tag="claimed"):
+    job_id: str
+    worker_id: str
+    attempt: int  # the run number this claim starts, 1-based
+
+
+class Completed(_Event, tag="completed"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    duration: float = 0.0
+    output: str = ""  # tail of stdout+stderr
+    truncated: bool = False  # output was cut to its tail
+
+
+class Failed(_Event, tag="failed"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    exit_code: int
+    error: str
+    duration: float = 0.0
+    output: str = ""
+    truncated: bool = False
+
+
+class TimedOut(_Event, tag="timed-out"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    timeout: float
+    duration: float = 0.0
+    output: str = ""
+    truncated: bool = False
+
+
+class LeaseExpired(_Event, tag="lease-expired"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    last_heartbeat: str  # the holder's last sign of life, ISO-8601 UTC
+
+
+class Released(_Event, tag="released"):
+    """A run abandoned by its own worker (forced shutdown); it does not count as an attempt."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    reason: str
+
+
+class ScheduledRetry(_Event, tag="scheduled-retry"):
+    job_id: str
+    attempt: int  # failed runs so far
+    delay: float  # seconds, decided when the run failed
+    run_at: str  # ISO-8601 UTC; replay never recomputes it
+
+
+class Dead(_Event, tag="dead"):
+    job_id: str
+    attempts: int
+    reason: str
+
+
+class Requeued(_Event, tag="requeued"):
+    """A dead job sent back to pending by ``dlq retry`` with a fresh retry budget."""
+
+    job_id: str
+    max_retries: int
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+class WorkerStarted(_Event, tag="worker-started"):
+    worker_id: str
+    pid: int
+    host: str
+
+
+class WorkerHeartbeat(_Event, tag="worker-heartbeat"):
+    worker_id: str
+
+
+class WorkerStopped(_Event, tag="worker-stopped"):
+    worker_id: str
+    reason: str = ""
+
+
+class WorkerLost(_Event, tag="worker-lost"):
+    """A worker whose heartbeat stopped for longer than the lease timeout."""
+
+    worker_id: str
+    last_heartbeat: str
+
+
+class StopRequested(_Event, tag="stop-requested"):
+    """Every worker running when this is appended finishes its job and exits."""
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+class ConfigChanged(_Event, tag="config-changed"):
+    key: str
+    value: str  # canonical text, already validated
+
+
+Event = (
+    Enqueued
+    | Claimed
+    | Completed
+    | Failed
+    | TimedOut
+    | LeaseExpired
+    | Released
+    | ScheduledRetry
+    | Dead
+    | Requeued
+    | WorkerStarted
+    | WorkerHeartbeat
+    | WorkerStopped
+    | WorkerLost
+    | StopRequested
+    | ConfigChanged
+)
+
+TAGS: dict[str, type] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in Event.__args__  # type: ignore[attr-defined]
+}
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode(event: _Event) -> str:
+    return _encoder.encode(event).decode()
+
+
+def decode(body: str | bytes) -> Event:
+    return _decoder.decode(body)

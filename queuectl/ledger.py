@@ -1,0 +1,304 @@
+"""The event ledger: opening the store, the one write path, and replay.
+
+``append(tx, *events)`` is the only writer of the ``events`` table and the only caller of the
+projectors, always inside a ``BEGIN IMMEDIATE`` transaction opened with ``write(conn)``: the
+event and every projection change commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+
+from projections import REGISTRY
+from queuectl import clock
+from queuectl.errors import CorruptLedger, StoreError
+from queuectl.events import TAGS, Event, decode, encode
+
+LEDGER_DDL = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        type TEXT NOT NULL,
+        job_id TEXT,
+        worker_id TEXT,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
+    # Append-only is the database's rule, not only a convention of this code.
+    """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    """CREATE TABLE IF NOT EXISTS projection_meta (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        position INTEGER NOT NULL
+    )""",
+)
+
+_INSERT = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
+_BUSY_MS = 5000
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for the write lock, in all, before it gives up."""
+    return float(os.environ.get("QUEUECTL_LOCK_TIMEOUT", "30"))
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("QUEUECTL_DB") or Path("data") / "queue.db")
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the data directory (0700) and the database file (0600) on first use."""
+    directory = path.parent
+    if not directory.exists():
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data directory {directory}: {exc.strerror}") from exc
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise StoreError(f"cannot create database {path}: {exc.strerror}") from exc
+    elif path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file")
+    if not os.access(path, os.W_OK) or not os.access(directory, os.W_OK):
+        raise StoreError(f"database {path} is not writable (check its directory's permissions)")
+
+
+def connect(path: str | Path | None = None, *, durable: bool = True) -> sqlite3.Connection:
+    """Open (creating on first use) a queuectl database and bring its projections up to date.
+
+    ``durable`` picks ``synchronous=FULL``: an acknowledged write survives power loss.
+    Workers pass ``durable=False`` (NORMAL): a lost completion only means a job runs again.
+    """
+    path = Path(path) if path is not None else default_path()
+    memory = str(path) == ":memory:"
+    if not memory:
+        _prepare_file(path)
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=_BUSY_MS / 1000
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        if not memory:
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _ensure_schema(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if "not a database" in str(exc):
+            raise StoreError(f"{path} is not a SQLite database") from exc
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        versions = dict(conn.execute("SELECT name, version FROM projection_meta").fetchall())
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables - {"events", "projection_meta"} or (tables and "events" not in tables):
+            raise StoreError(f"{path} is not a queuectl database") from exc
+        with write(conn):
+            for statement in LEDGER_DDL:
+                conn.execute(statement)
+        versions = {}
+    stale = [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION]
+    if stale:
+        with write(conn):
+            # Look again under the write lock: another process may have just rebuilt them.
+            versions = dict(conn.execute("SELECT name, version FROM projection_meta").fetchall())
+            stale = [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION]
+            _rebuild(conn, stale)
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _retry_locked(action):  # type: ignore[no-untyped-def]
+    """Run ``action``; while the database is locked, wait and retry, up to the lock timeout."""
+    deadline = time.monotonic() + lock_timeout()
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            message = str(exc)
+            if "locked" not in message and "busy" not in message:
+                raise
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"database is locked: another process held it for over "
+                    f"{lock_timeout():g}s; try again"
+                ) from exc
+            time.sleep(0.05)
+
+
+@contextmanager
+def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on any exception."""
+    _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    _retry_locked(lambda: conn.execute("COMMIT"))
+
+
+def append(tx: sqlite3.Connection, *events: Event, at: str | None = None) -> int:
+    """Append events to the ledger and apply them to every projection; returns the last seq.
+
+    Must run inside ``write(tx)``. All events of one call share one ``at``.
+    """
+    if not tx.in_transaction:
+        raise RuntimeError("append() must run inside a write transaction")
+    at = at or clock.now()
+    seq = 0
+    for event in events:
+        seq = tx.execute(
+            _INSERT,
+            (
+                at,
+                event.type,
+                getattr(event, "job_id", None),
+                getattr(event, "worker_id", None),
+                encode(event),
+            ),
+        ).lastrowid or 0
+        for projection in REGISTRY:
+            projection.apply(tx, seq, at, event)
+    tx.execute("UPDATE projection_meta SET position = ?", (seq,))
+    return seq
+
+
+# -- reading the ledger ------------------------------------------------------------------
+
+
+def decode_row(seq: int, type_: str, body: str) -> Event:
+    """Decode one ledger row, or say clearly which seq this version cannot read."""
+    if type_ not in TAGS:
+        raise CorruptLedger(
+            f"event seq {seq} has type {type_!r}, which this version of queuectl does not know"
+        )
+    try:
+        return decode(body)
+    except msgspec.DecodeError as exc:
+        raise CorruptLedger(f"event seq {seq} ({type_}) cannot be decoded: {exc}") from exc
+
+
+def read_events(
+    conn: sqlite3.Connection, where: str = "", params: tuple[object, ...] = ()
+) -> Iterator[tuple[int, str, Event]]:
+    """Yield ``(seq, at, event)`` in ledger order; ``where`` is a constant SQL filter."""
+    sql = f"SELECT seq, at, type, body FROM events {where} ORDER BY seq"
+    for seq, at, type_, body in conn.execute(sql, params):
+        yield seq, at, decode_row(seq, type_, body)
+
+
+# -- replay -------------------------------------------------------------------------------
+
+
+def _create(tx: sqlite3.Connection, projection: ModuleType) -> None:
+    for table in projection.TABLES:
+        tx.execute(f"DROP TABLE IF EXISTS {table}")
+    for statement in projection.DDL:
+        tx.execute(statement)
+
+
+def _replay_into(
+    target: sqlite3.Connection, source: sqlite3.Connection, projections: Iterable[ModuleType]
+) -> int:
+    projections = tuple(projections)
+    position = 0
+    for seq, at, event in read_events(source):
+        for projection in projections:
+            projection.apply(target, seq, at, event)
+        position = seq
+    return position
+
+
+def _rebuild(tx: sqlite3.Connection, projections: Iterable[ModuleType]) -> int:
+    projections = tuple(projections)
+    for projection in projections:
+        _create(tx, projection)
+    position = _replay_into(tx, tx, projections)
+    for projection in projections:
+        tx.execute(
+            """INSERT INTO projection_meta (name, version, position) VALUES (?, ?, ?)
+            ON CONFLICT (name) DO UPDATE SET version = excluded.version,
+                position = excluded.position""",
+            (projection.NAME, projection.VERSION, position),
+        )
+    return position
+
+
+def rebuild(conn: sqlite3.Connection) -> int:
+    """Throw every projection away and replay the ledger into fresh tables, atomically."""
+    with write(conn):
+        return _rebuild(conn, REGISTRY)
+
+
+def check(conn: sqlite3.Connection) -> list[str]:
+    """Replay the ledger aside (in memory) and list every way it differs from the live tables."""
+    fresh = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("BEGIN")  # one snapshot of the live database for the whole comparison
+    try:
+        fresh.execute("BEGIN")
+        for projection in REGISTRY:
+            _create(fresh, projection)
+        _replay_into(fresh, conn, REGISTRY)
+        fresh.execute("COMMIT")
+        problems: list[str] = []
+        for projection in REGISTRY:
+            for table, key in projection.TABLES.items():
+                problems += _diff(table, key, conn, fresh)
+        return problems
+    finally:
+        conn.execute("COMMIT")
+        fresh.close()
+
+
+def _diff(table: str, key: str, live: sqlite3.Connection, fresh: sqlite3.Connection) -> list[str]:
+    def rows(conn: sqlite3.Connection) -> dict[object, tuple[object, ...]]:
+        cursor = conn.execute(f"SELECT * FROM {table}")
+        names = [d[0] for d in cursor.description]
+        index = names.index(key)
+        return {row[index]: row for row in cursor}, names  # type: ignore[return-value]
+
+    live_rows, names = rows(live)  # type: ignore[misc]
+    fresh_rows, _ = rows(fresh)  # type: ignore[misc]
+    problems = []
+    for k in sorted(live_rows.keys() - fresh_rows.keys(), key=str)[:5]:
+        problems.append(f"{table}: row {k!r} is live but not in the replay")
+    for k in sorted(fresh_rows.keys() - live_rows.keys(), key=str)[:5]:
+        problems.append(f"{table}: row {k!r} is in the replay but not live")
+    changed = [k for k in live_rows.keys() & fresh_rows.keys() if live_rows[k] != fresh_rows[k]]
+    for k in sorted(changed, key=str)[:5]:
+        cols = [
+            f"{name}: live {a!r}, replayed {b!r}"
+            for name, a, b in zip(names, live_rows[k], fresh_rows[k], strict=True)
+            if a != b
+        ]
+        problems.append(f"{table}: row {k!r} differs ({'; '.join(cols)})")
+    return problems

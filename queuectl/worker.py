@@ -1,0 +1,368 @@
+"""Workers: claim a job, run it as ``sh -c`` in its own process group, record the outcome.
+
+One process runs N workers as threads, each with its own id and connection. A single waker
+thread per process watches ``PRAGMA data_version`` (a few microseconds a read) so that idle
+workers pick up new work within milliseconds instead of waiting out their poll interval.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from queuectl import clock, ledger, queue, settings
+from queuectl import events as ev
+from queuectl.render import safe
+
+WAKE_POLL = 0.002  # seconds between data_version reads in the waker
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
+
+
+@dataclass
+class Options:
+    verbose: bool = False
+    concurrency: int = 1
+    poll: float = 3.0  # fallback check interval; new work wakes workers at once anyway
+    limit: int = 0  # jobs per worker, 0 = no limit
+    burst: bool = False
+
+
+class Shutdown:
+    """What a signal asked for: ``soft`` finishes the current job, ``hard`` abandons it."""
+
+    def __init__(self) -> None:
+        self.soft = threading.Event()
+        self.hard = threading.Event()
+
+
+class Waker:
+    """Wakes idle workers whenever another connection commits to the database."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._watch, name="waker", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        last = None
+        while not self._closed:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != last:
+                last = version
+                self.poke()
+            time.sleep(WAKE_POLL)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def poke(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Sleep until the database changes after generation ``seen``, or ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != seen or self._closed, timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self.poke()
+        self._thread.join()
+        self._conn.close()
+
+
+@dataclass
+class RunResult:
+    exit_code: int | None
+    duration: float
+    output: str
+    truncated: bool
+    timed_out: bool = False
+    abandoned: bool = False
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(
+    command: str,
+    *,
+    timeout: float,
+    output_limit: int,
+    tick: Callable[[], None],
+    abandon: threading.Event,
+) -> RunResult:
+    """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
+
+    ``tick`` is called about every 50 ms while it runs (heartbeats); ``abandon`` set means
+    kill the group now. On timeout the group gets SIGTERM, then SIGKILL after a grace.
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        ["sh", "-c", command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    tail = bytearray()
+    total = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    pipe_open = True
+
+    def read() -> bool:
+        nonlocal total, pipe_open
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            pipe_open = False
+            return False
+        total += len(chunk)
+        tail.extend(chunk)
+        if len(tail) > output_limit + 65536:  # memory stays bounded, whatever the job prints
+            del tail[: len(tail) - output_limit]
+        return True
+
+    timed_out = abandoned = False
+    while True:
+        if pipe_open:
+            if poller.poll(50):
+                read()
+        else:
+            try:
+                proc.wait(0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is not None:
+            # The shell is done. A background grandchild may still hold the pipe open:
+            # take what is already there and stop reading.
+            for _ in range(64):
+                if not (pipe_open and poller.poll(0) and read()):
+                    break
+            _kill_group(proc.pid, signal.SIGTERM)  # leftovers of a finished job don't linger
+            break
+        tick()
+        abandoned = abandon.is_set()
+        timed_out = bool(timeout) and time.monotonic() - start > timeout
+        if abandoned or timed_out:
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(0 if abandoned else KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(proc.pid, signal.SIGKILL)  # and any grandchild that ignored SIGTERM
+            proc.wait()
+            break
+    proc.stdout.close()
+    kept = bytes(tail[-output_limit:]) if output_limit else b""
+    return RunResult(
+        exit_code=proc.returncode,
+        duration=round(time.monotonic() - start, 6),
+        output=kept.decode("utf-8", "replace"),
+        truncated=total > len(kept),
+        timed_out=timed_out,
+        abandoned=abandoned,
+    )
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    note = {126: " (command not executable)", 127: " (command not found)"}.get(code, "")
+    return f"exit status {code}{note}"
+
+
+class Worker:
+    """One worker: its own id, its own connection, one job at a time."""
+
+    def __init__(
+        self,
+        path: Path,
+        options: Options,
+        shutdown: Shutdown,
+        waker: Waker,
+        echo: Callable[[str], None],
+    ) -> None:
+        self.path = path
+        self.options = options
+        self.shutdown = shutdown
+        self.waker = waker
+        self.echo = echo
+        self.id = queue.new_id()
+        self.done = 0
+        self._next_beat = 0.0
+        self._next_rescue = 0.0
+        self.error: BaseException | None = None
+
+    def log(self, text: str) -> None:
+        if self.options.verbose:
+            self.echo(f"[{self.id}] {text}")
+
+    def run(self) -> None:
+        try:
+            self.conn = ledger.connect(self.path, durable=False)
+            self.config = settings.load(self.conn)
+            queue.worker_started(self.conn, self.id, os.getpid(), socket.gethostname())
+            self.echo(f"Worker started: {self.id}")
+            self._beat_done()
+            reason = self._loop()
+            queue.worker_stopped(self.conn, self.id, reason)
+            self.log(f"stopped ({reason})")
+        except BaseException as exc:  # reported by the pool as one line
+            self.error = exc
+        finally:
+            if hasattr(self, "conn"):
+                self.conn.close()
+
+    def _beat_done(self) -> None:
+        interval = float(self.config["heartbeat-interval"])
+        self._next_beat = time.monotonic() + interval
+
+    def _tick(self) -> None:
+        """Housekeeping while running or idle: heartbeat, and rescue silent workers' jobs."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self.config = settings.load(self.conn)
+            queue.heartbeat(self.conn, self.id)
+            self._beat_done()
+        if now >= self._next_rescue:
+            self._next_rescue = now + float(self.config["heartbeat-interval"])
+            for event in queue.rescue(self.conn, float(self.config["lease-timeout"])):
+                self._report(event)
+
+    def _loop(self) -> str:
+        opts = self.options
+        while True:
+            if self.shutdown.soft.is_set():
+                return "signal"
+            if opts.limit and self.done >= opts.limit:
+                return "job limit reached"
+            state, stop = queue.worker_state(self.conn, self.id)
+            if stop:
+                return "stop requested"
+            if state == "gone":
+                return "declared lost by another worker"
+            self._tick()
+            seen = self.waker.generation
+            job = queue.claim(self.conn, self.id)
+            if job is not None:
+                self._work(job)
+                continue
+            if opts.burst and queue.unfinished(self.conn) == 0:
+                return "burst: queue empty"
+            self.waker.wait(seen, self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
+        run_at = queue.next_run_at(self.conn)
+        if run_at is not None:
+            timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
+        return timeout
+
+    def _work(self, job: queue.Claim) -> None:
+        if job.attempt == 1:
+            self.log(f"Picked up NEW job: {job.job_id} (Command: {safe(job.command)})")
+        else:
+            self.log(f"RETRYING job {job.job_id} (Attempt {job.attempt})")
+        self.log(f"Job {job.job_id} state: processing")
+        result = run_command(
+            job.command,
+            timeout=job.timeout,
+            output_limit=int(self.config["output-limit"]) * 1024,
+            tick=self._tick,
+            abandon=self.shutdown.hard,
+        )
+        self.done += 1
+        for event in queue.finish(self.conn, job, self._event(job, result)):
+            self._report(event, job)
+
+    def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
+        common = {"job_id": job.job_id, "worker_id": self.id, "attempt": job.attempt}
+        out = {"output": r.output, "truncated": r.truncated, "duration": r.duration}
+        if r.abandoned:
+            return ev.Released(**common, reason="worker shut down while the job ran")
+        if r.timed_out:
+            return ev.TimedOut(**common, timeout=job.timeout, **out)
+        if r.exit_code == 0:
+            return ev.Completed(**common, **out)
+        code = r.exit_code if r.exit_code is not None else -1
+        return ev.Failed(**common, exit_code=code, error=describe_exit(code), **out)
+
+    def _report(self, event: ev.Event, job: queue.Claim | None = None) -> None:
+        total = 1 + job.max_retries if job else None
+        match event:
+            case ev.Completed(job_id=j):
+                self.log(f"Job {j} state: completed")
+            case ev.Failed(job_id=j, attempt=a, error=error):
+                self.log(f"Job {j} FAILED (Attempt {a}/{total}): {error}")
+            case ev.TimedOut(job_id=j, attempt=a, timeout=t):
+                self.log(f"Job {j} FAILED (Attempt {a}/{total}): timed out after {t:g}s")
+            case ev.LeaseExpired(job_id=j, worker_id=w):
+                self.log(f"Job {j} taken back: worker {w} stopped heartbeating")
+            case ev.WorkerLost(worker_id=w):
+                self.log(f"Worker {w} is gone: no heartbeat")
+            case ev.Released(job_id=j):
+                self.log(f"Job {j} released back to the queue")
+            case ev.ScheduledRetry(job_id=j, delay=d):
+                self.log(f"Job {j} state: failed - Will retry in {d:g}s")
+            case ev.Dead(job_id=j):
+                self.log(f"Job {j} state: DEAD")
+
+
+def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> list[str]:
+    """Run ``options.concurrency`` workers until they stop; returns their error messages.
+
+    The first SIGINT/SIGTERM lets every worker finish its current job; a second SIGINT
+    kills running jobs' process groups and releases them back to the queue.
+    """
+    shutdown = Shutdown()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if shutdown.soft.is_set() and signum == signal.SIGINT:
+            shutdown.hard.set()
+        shutdown.soft.set()
+        waker.poke()
+
+    ledger.connect(path).close()  # create or migrate once, before the threads race to
+    waker = Waker(path)
+    workers = [Worker(path, options, shutdown, waker, echo) for _ in range(options.concurrency)]
+    previous = {
+        sig: signal.signal(sig, on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread()
+    }
+    threads = [threading.Thread(target=w.run, name=w.id) for w in workers]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        waker.close()
+    return [f"worker {w.id}: {w.error}" for w in workers if w.error is not None]
