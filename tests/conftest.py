@@ -1,0 +1,102 @@
+"""Shared fixtures. Every test runs in its own directory with its own database, and every
+queuectl database a test leaves behind must replay to exactly its live projections: that
+check runs automatically at teardown, so no test can pass while breaking replay."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from queuectl import ledger
+from queuectl.cli import cli
+from queuectl.errors import StoreError
+
+
+def replay_problems(path: Path) -> list[str] | None:
+    """Drift between a database's ledger and its projections; None if it isn't queuectl's."""
+    try:
+        conn = ledger.connect(path)
+    except StoreError:
+        return None
+    try:
+        return ledger.check(conn)
+    finally:
+        conn.close()
+
+
+def _queuectl_databases(root: Path) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and path.suffix in (".db", ".sqlite", ".sqlite3"):
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as probe:
+                    names = {r[0] for r in probe.execute("SELECT name FROM sqlite_master")}
+            except sqlite3.Error:
+                continue
+            if {"events", "projection_meta"} <= names:
+                found.append(path)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """This test's database path (also in QUEUECTL_DB); checked for replay drift afterwards."""
+    path = tmp_path / "queue.db"
+    monkeypatch.setenv("QUEUECTL_DB", str(path))
+    monkeypatch.chdir(tmp_path)
+    yield path
+    if request.node.get_closest_marker("corrupt_ledger"):
+        return  # the test broke the ledger on purpose and asserts on that itself
+    for found in _queuectl_databases(tmp_path):
+        problems = replay_problems(found)
+        assert not problems, f"{found} does not replay to its projections: {problems}"
+
+
+@pytest.fixture
+def conn(db: Path) -> Iterator[sqlite3.Connection]:
+    connection = ledger.connect(db)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def run() -> "Run":
+    return Run()
+
+
+class Run:
+    """Invoke the CLI in-process, as a user would type it."""
+
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def queuectl_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "queuectl", *args]
+
+
+def spawn(*args: str, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:
+    """Start ``queuectl ARGS`` as a real process (workers, crashes, concurrency)."""
+    return subprocess.Popen(
+        queuectl_cmd(*args),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT type FROM events WHERE job_id = ? ORDER BY seq", (job_id,))]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "corrupt_ledger: the test corrupts the ledger on purpose")
