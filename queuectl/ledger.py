@@ -46,7 +46,6 @@ LEDGER_DDL = (
 )
 
 _INSERT = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
-_BUSY_MS = 5000
 
 
 def lock_timeout() -> float:
@@ -90,11 +89,12 @@ def connect(path: str | Path | None = None, *, durable: bool = True) -> sqlite3.
     memory = str(path) == ":memory:"
     if not memory:
         _prepare_file(path)
+    # SQLite's busy handler does the waiting; _retry_locked covers the SQLITE_BUSY cases
+    # where SQLite returns at once instead of waiting (e.g. during WAL recovery).
     conn = sqlite3.connect(
-        str(path), isolation_level=None, check_same_thread=False, timeout=_BUSY_MS / 1000
+        str(path), isolation_level=None, check_same_thread=False, timeout=lock_timeout()
     )
     try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
         if not memory:
             _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")

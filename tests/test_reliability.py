@@ -1,0 +1,265 @@
+"""Crashes, timeouts, contention, bounded output, safe rendering and corrupt data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import events_of, spawn
+from queuectl import ledger
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def alive(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def fast_leases(run) -> None:  # type: ignore[no-untyped-def]
+    assert run("config", "set", "heartbeat-interval", "0.3").exit_code == 0
+    assert run("config", "set", "lease-timeout", "1.5").exit_code == 0
+
+
+@pytest.mark.slow
+def test_killed_worker_job_is_rescued(run, conn, tmp_path):
+    fast_leases(run)
+    # First run hangs (and is killed with its worker); the rescued run completes at once.
+    run("enqueue", "--id", "hang", "-c", "test -f seen || { touch seen; sleep 30.0417; }")
+    first = spawn("worker", "-s", "0.2", start_new_session=True)
+    try:
+        wait_for(lambda: "claimed" in events_of(conn, "hang"), 10)
+        wait_for(lambda: alive("sleep 30.0417"), 5)
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its job, as a crash would
+        first.wait()
+        killed_at = time.monotonic()
+        second = spawn("worker", "-s", "0.2", start_new_session=True)
+        try:
+            wait_for(lambda: "lease-expired" in events_of(conn, "hang"), 1.5 + 5)
+            rescued_after = time.monotonic() - killed_at
+            wait_for(lambda: "completed" in events_of(conn, "hang"), 10)
+        finally:
+            stop(second)
+    finally:
+        stop(first)
+    assert rescued_after < 1.5 + 5
+    assert events_of(conn, "hang") == [
+        "enqueued", "claimed", "lease-expired", "scheduled-retry", "claimed", "completed",
+    ]
+    status = json.loads(run("status", "--json").stdout)
+    states = {w["id"]: w["state"] for w in status["workers"]}
+    assert "gone" in states.values()
+
+
+@pytest.mark.slow
+def test_timeout_kills_the_whole_process_group(run, conn):
+    run("enqueue", "--id", "t", "--timeout", "1", "--max-retries", "0",
+        "-c", "sleep 100.0311 & sleep 100.0312")
+    result = run("worker", "--burst", "-v")
+    assert result.exit_code == 0
+    assert "FAILED (Attempt 1/1): timed out after 1s" in result.stdout
+    assert events_of(conn, "t") == ["enqueued", "claimed", "timed-out", "dead"]
+    time.sleep(0.2)
+    assert not alive("sleep 100.031")
+    job = json.loads(run("list", "--json").stdout)[0]
+    assert (job["state"], job["last_error"]) == ("dead", "timed out after 1s")
+
+
+def test_config_job_timeout_applies_to_new_jobs(run, conn):
+    assert run("config", "set", "job-timeout", "0.5").exit_code == 0
+    run("enqueue", "--id", "slow", "--max-retries", "0", "-c", "sleep 5")
+    assert run("worker", "--burst").exit_code == 0
+    body = conn.execute("SELECT body FROM events WHERE type = 'timed-out'").fetchone()[0]
+    assert json.loads(body)["timeout"] == 0.5
+
+
+def test_output_is_bounded_and_marked_cut(run, conn):
+    run("config", "set", "output-limit", "1")
+    run("enqueue", "--id", "big", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo END")
+    assert run("worker", "--burst").exit_code == 0
+    body = json.loads(conn.execute("SELECT body FROM events WHERE type='completed'").fetchone()[0])
+    assert len(body["output"]) == 1024
+    assert body["output"].endswith("END\n")
+    assert body["truncated"] is True
+    (size,) = conn.execute("SELECT max(length(body)) FROM events").fetchone()
+    assert size < 2048
+
+
+def test_short_output_is_whole(run, conn):
+    run("enqueue", "--id", "small", "--max-retries", "0", "-c", "echo one; echo two >&2; exit 4")
+    run("worker", "--burst")
+    body = json.loads(conn.execute("SELECT body FROM events WHERE type='failed'").fetchone()[0])
+    assert (body["output"], body["exit_code"], body.get("truncated", False)) == (
+        "one\ntwo\n", 4, False)
+
+
+def test_user_text_is_never_markup_or_raw_control_codes(run):
+    command = "printf '\\033[31mred'; echo '[bold]x[/bold]'"
+    run("enqueue", "--id", "esc", "--max-retries", "0", "-c", command + "; exit 1")
+    run("worker", "--burst", "-v")
+    for args in (("list",), ("dlq", "list"), ("history", "esc"), ("worker", "--burst", "-v")):
+        out = run(*args).stdout
+        assert "\x1b" not in out, args
+    listing = run("list").stdout
+    assert "[bold]x[/bold]" in listing.replace("\n", "").replace(" ", "") or "[bold]x" in listing
+    history = run("history", "esc").stdout.replace("\n", "")
+    assert "\\x1b[31m" in history.replace(" ", "")
+
+
+@pytest.mark.corrupt_ledger
+@pytest.mark.parametrize(
+    ("type_", "body", "message"),
+    [
+        ("failed", "{not json", "event seq 2 (failed) cannot be decoded"),
+        ("from-the-future", '{"type":"from-the-future","job_id":"a"}',
+         "event seq 2 has type 'from-the-future', which this version of queuectl does not know"),
+        ("completed", '{"type":"completed","job_id":"a"}', "event seq 2 (completed) cannot be decoded"),
+    ],
+)
+def test_undecodable_events_stop_replay_and_history(run, db, type_, body, message):
+    run("enqueue", "--id", "a", "-c", "true")
+    with sqlite3.connect(db) as raw:
+        raw.execute(
+            "INSERT INTO events (at, type, job_id, body) VALUES ('2026-01-01T00:00:00.000000Z', ?, 'a', ?)",
+            (type_, body),
+        )
+    for args in (("rebuild",), ("rebuild", "--check"), ("history", "a")):
+        result = run(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr.startswith(f"Error: {message}"), (args, result.stderr)
+        assert result.stderr.count("\n") == 1
+        assert "Traceback" not in result.output
+    # The failed rebuild left the old projections in place.
+    assert json.loads(run("list", "--json").stdout)[0]["id"] == "a"
+
+
+ENQUEUER = """
+import sys
+from queuectl import ledger, queue
+conn = ledger.connect(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    queue.enqueue(conn, [queue.JobSpec(id=f"{sys.argv[2]}-{i}", command="true")])
+"""
+
+
+@pytest.mark.slow
+def test_contention_never_reaches_the_user(run, conn, db, tmp_path):
+    workers = [spawn("worker", "-c", "2", "-s", "0.2", start_new_session=True) for _ in range(2)]
+    try:
+        enqueuers = [
+            subprocess.Popen([sys.executable, "-c", ENQUEUER, str(db), f"p{n}", "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for n in range(6)
+        ] + [
+            subprocess.Popen(
+                [sys.executable, "-m", "queuectl", "enqueue", "--file", "-"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        lines = "".join(json.dumps({"command": "true"}) + "\n" for _ in range(300))
+        outputs = []
+        for proc in enqueuers:
+            out, err = proc.communicate(lines if proc.stdin else None, timeout=120)
+            outputs.append((proc.returncode, err))
+        assert outputs == [(0, "")] * 8
+        total = 6 * 60 + 2 * 300
+        wait_for(lambda: json.loads(run("status", "--json").stdout)["jobs"]["completed"] == total, 90)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            _, err = w.communicate(timeout=30)
+            assert w.returncode == 0, err
+            assert "locked" not in err
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == total
+    (claims,) = conn.execute("SELECT count(*) FROM events WHERE type = 'claimed'").fetchone()
+    assert claims == total
+
+
+def test_a_held_write_lock_gives_one_clear_line(run, db, monkeypatch):
+    run("config", "get")
+    monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        result = run("enqueue", "-c", "true")
+        waited = time.monotonic() - start
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: database is locked: another process held it for over 0.5s; try again\n")
+    assert waited >= 0.5
+    assert run("list", "--json").stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_chaos_sigkill_workers_loses_nothing(run, conn, tmp_path):
+    fast_leases(run)
+    run("config", "set", "backoff-base", "1")
+    run("config", "set", "max-retries", "20")
+    out = tmp_path / "out.txt"
+    jobs = "".join(
+        json.dumps({"id": f"j{i:03d}", "command": f"echo j{i:03d} >> {out}; sleep 0.0{i % 5}"})
+        + "\n" for i in range(520)
+    )
+    (tmp_path / "jobs.jsonl").write_text(jobs)
+    assert run("enqueue", "--file", "jobs.jsonl").exit_code == 0
+    rng = random.Random(7)
+    procs = [spawn("worker", "-s", "0.2", start_new_session=True) for _ in range(4)]
+    kills = 0
+    try:
+        for _ in range(6):
+            time.sleep(rng.uniform(0.5, 1.5))
+            victim = procs.pop(rng.randrange(len(procs)))
+            os.killpg(victim.pid, signal.SIGKILL)  # the worker and whatever job it runs
+            victim.wait()
+            kills += 1
+            procs.append(spawn("worker", "-s", "0.2", start_new_session=True))
+
+        def done() -> bool:
+            counts = json.loads(run("status", "--json").stdout)["jobs"]
+            return counts["completed"] == 520
+
+        wait_for(done, 120, interval=0.5)
+    finally:
+        for p in procs:
+            stop(p)
+    assert kills == 6
+    counts = json.loads(run("status", "--json").stdout)["jobs"]
+    assert counts["processing"] == 0 and counts["dead"] == 0
+    seen = set(out.read_text().split())
+    assert seen == {f"j{i:03d}" for i in range(520)}
+    per_job = conn.execute(
+        "SELECT job_id, count(*) FROM events WHERE type = 'completed' GROUP BY job_id"
+    ).fetchall()
+    assert len(per_job) == 520 and {n for _, n in per_job} == {1}
+    assert run("rebuild", "--check").exit_code == 0
+    assert ledger.check(conn) == []
