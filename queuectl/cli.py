@@ -91,7 +91,7 @@ def config() -> None:
     """Show or change settings (defaults for new jobs, worker timings)."""
 
 
-@config.command("set")
+@config.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("key", type=click.Choice(list(settings.SETTINGS)), metavar="KEY")
 @click.argument("value")
 @click.pass_context
@@ -118,7 +118,7 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
     if key:
         values = {key: values[key]}
     if as_json:
-        return _json(values)
+        return _json({name: settings.typed(value) for name, value in values.items()})
     click.echo("===== CONFIGURATION =====")
     for name, value in values.items():
         click.echo(f"{name} = {value}")
@@ -180,7 +180,7 @@ def enqueue(
     if len(ids) == 1 and jobs_file is None:
         click.echo(f"Job added successfully with ID: {ids[0]}")
     else:
-        click.echo(f"{len(ids)} jobs added successfully.")
+        click.echo(f"{len(ids)} job{'s' if len(ids) != 1 else ''} added successfully.")
 
 
 def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:

@@ -95,11 +95,11 @@ def connect(path: str | Path | None = None, *, durable: bool = True) -> sqlite3.
         str(path), isolation_level=None, check_same_thread=False, timeout=lock_timeout()
     )
     try:
-        if not memory:
-            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
-        _ensure_schema(conn, path)
+        _ensure_schema(conn, path)  # refuses a foreign database before anything is written
+        if not memory and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
     except sqlite3.DatabaseError as exc:
         conn.close()
         if "not a database" in str(exc):

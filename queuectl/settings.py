@@ -103,6 +103,12 @@ def parse(key: str, text: str) -> str:
         raise InvalidInput(f"invalid value for {key}: {exc}") from None
 
 
+def typed(value: str) -> int | float:
+    """A canonical value as a number, for JSON output."""
+    number = float(value)
+    return int(number) if number.is_integer() and "." not in value else number
+
+
 def load(conn: sqlite3.Connection) -> dict[str, str]:
     """Every setting: the stored value where one was set, else the default."""
     values = {key: s.default for key, s in SETTINGS.items()}

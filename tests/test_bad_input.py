@@ -1,0 +1,279 @@
+"""Bad input, case by case: each gets exactly one ``Error: ...`` line on stderr, a non-zero
+exit, no traceback, and writes nothing at all."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from queuectl import events as ev
+from queuectl import ledger, queue
+
+
+class Case(NamedTuple):
+    args: Callable[[Path], list[str]] | list[str]
+    message: str  # a part of the one error line that says what was wrong
+    input: str | None = None
+
+
+def _file(text: str) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        path = tmp / "jobs.jsonl"
+        path.write_text(text, encoding="utf-8")
+        return ["enqueue", "--file", str(path)]
+
+    return args
+
+
+GOOD = '{"id":"g1","command":"echo one"}\n'
+GOOD2 = '{"id":"g2","command":"echo two"}\n'
+
+CASES: dict[str, Case] = {
+    # enqueue: JSON
+    "malformed-json": Case(["enqueue", '{"id":"x","command":'], "malformed JSON"),
+    "malformed-json-quotes": Case(["enqueue", "{'command': 'ls'}"], "malformed JSON"),
+    "json-array": Case(["enqueue", '["echo hi"]'], "Expected `object`"),
+    "json-string": Case(["enqueue", '"echo hi"'], "Expected `object`"),
+    "json-number": Case(["enqueue", "42"], "Expected `object`"),
+    "json-null": Case(["enqueue", "null"], "Expected `object`"),
+    "json-missing-command": Case(["enqueue", '{"id":"job1"}'], "command"),
+    "json-empty-command": Case(["enqueue", '{"command":""}'], "command is empty"),
+    "json-whitespace-command": Case(["enqueue", '{"command":" \\t "}'], "command is empty"),
+    "json-command-not-string": Case(["enqueue", '{"command":5}'], "command"),
+    "json-unknown-field": Case(["enqueue", '{"command":"ls","priority_x":1}'], "priority_x"),
+    "json-negative-max-retries": Case(
+        ["enqueue", '{"command":"ls","max_retries":-1}'], "max_retries"
+    ),
+    "json-fractional-max-retries": Case(
+        ["enqueue", '{"command":"ls","max_retries":1.5}'], "max_retries"
+    ),
+    "json-negative-timeout": Case(["enqueue", '{"command":"ls","timeout":-2}'], "timeout"),
+    "json-bad-id": Case(["enqueue", '{"id":"my job","command":"ls"}'], "'my job'"),
+    "json-existing-id": Case(["enqueue", '{"id":"p1","command":"ls"}'], "'p1' already exists"),
+    # enqueue: flags
+    "empty-command": Case(["enqueue", "-c", ""], "command is empty"),
+    "whitespace-command": Case(["enqueue", "-c", "   "], "command is empty"),
+    "bad-id-spaces": Case(["enqueue", "-c", "ls", "--id", "a b"], "'a b'"),
+    "bad-id-leading-dot": Case(["enqueue", "-c", "ls", "--id", ".hidden"], "'.hidden'"),
+    "existing-id": Case(["enqueue", "-c", "ls", "--id", "p1"], "'p1' already exists"),
+    "negative-max-retries-flag": Case(
+        ["enqueue", "-c", "ls", "--max-retries", "-1"], "--max-retries"
+    ),
+    "negative-timeout-flag": Case(["enqueue", "-c", "ls", "--timeout", "-1"], "--timeout"),
+    "no-source": Case(["enqueue"], "exactly one of"),
+    "two-sources-json-and-command": Case(
+        ["enqueue", '{"command":"a"}', "-c", "b"], "exactly one of"
+    ),
+    "two-sources-file-and-command": Case(
+        lambda tmp: [*_file(GOOD)(tmp), "-c", "b"], "exactly one of"
+    ),
+    # enqueue: files
+    "file-bad-line-among-good": Case(_file(GOOD + '{"id":"bad",\n' + GOOD2), "line 2"),
+    "file-missing-command-line": Case(_file(GOOD + GOOD2 + '{"id":"g3"}\n'), "line 3"),
+    "file-empty-command-line": Case(_file(GOOD + '{"command":"  "}\n'), "line 2"),
+    "file-duplicate-id": Case(_file(GOOD + GOOD2 + '{"id":"g1","command":"echo again"}\n'), "'g1'"),
+    "file-existing-id": Case(_file(GOOD + '{"id":"d1","command":"echo"}\n'), "'d1' already exists"),
+    "file-empty": Case(_file("\n  \n"), "no jobs"),
+    "file-missing": Case(["enqueue", "--file", "no-such-file.jsonl"], "no-such-file.jsonl"),
+    "stdin-bad-line": Case(["enqueue", "--file", "-"], "line 2", input=GOOD + "not json\n" + GOOD2),
+    # reads and the DLQ
+    "list-unknown-state": Case(["list", "-s", "bogus"], "bogus"),
+    "list-zero-limit": Case(["list", "--limit", "0"], "--limit"),
+    "dlq-retry-unknown-id": Case(["dlq", "retry", "unknown-id"], "'unknown-id' not found"),
+    "dlq-retry-not-dead": Case(["dlq", "retry", "p1"], "not in the dead letter queue"),
+    "history-unknown-id": Case(["history", "unknown-id"], "'unknown-id' not found"),
+    "history-json-unknown-id": Case(["history", "unknown-id", "--json"], "'unknown-id' not found"),
+    # config
+    "config-negative-max-retries": Case(
+        ["config", "set", "max-retries", "-1"], "invalid value for max-retries: must be >= 0, got -1"
+    ),
+    "config-max-retries-not-int": Case(["config", "set", "max-retries", "abc"], "'abc'"),
+    "config-max-retries-fraction": Case(["config", "set", "max-retries", "1.5"], "'1.5'"),
+    "config-backoff-below-one": Case(["config", "set", "backoff-base", "0.5"], "0.5"),
+    "config-backoff-not-number": Case(["config", "set", "backoff-base", "fast"], "'fast'"),
+    "config-backoff-nan": Case(["config", "set", "backoff-base", "nan"], "nan"),
+    "config-backoff-inf": Case(["config", "set", "backoff-base", "inf"], "inf"),
+    "config-unknown-key": Case(["config", "set", "nope", "3"], "'nope'"),
+    "config-get-unknown-key": Case(["config", "get", "nope"], "'nope'"),
+    "config-set-missing-value": Case(["config", "set", "max-retries"], "VALUE"),
+    # workers
+    "worker-zero-concurrency": Case(["worker", "-c", "0"], "--concurrency"),
+    "worker-start-zero-concurrency": Case(["worker", "start", "-c", "0"], "--concurrency"),
+    "worker-zero-poll": Case(["worker", "-s", "0"], "--poll"),
+    "worker-negative-limit": Case(["worker", "-l", "-1"], "-1"),
+    "unknown-command": Case(["frobnicate"], "frobnicate"),
+}
+
+
+def _count(path: Path) -> int:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        raw.close()
+
+
+def _jobs(path: Path) -> list[tuple[object, ...]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+    finally:
+        raw.close()
+
+
+def _assert_one_error_line(result, message: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert message in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def seeded(db: Path) -> Path:
+    """A database holding a pending job ``p1`` and a dead job ``d1``."""
+    conn = ledger.connect(db)
+    try:
+        queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="d1", max_retries=0)])
+        claim = queue.claim(conn, "w-test")
+        assert claim is not None
+        queue.finish(
+            conn,
+            claim,
+            ev.Failed(
+                job_id="d1", worker_id="w-test", attempt=1, exit_code=1, error="exit status 1"
+            ),
+        )
+        queue.enqueue(conn, [queue.JobSpec(command="echo hi", id="p1")])
+    finally:
+        conn.close()
+    return db
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bad_input(run, seeded: Path, tmp_path: Path, case: Case) -> None:
+    args = case.args(tmp_path) if callable(case.args) else case.args
+    before = _count(seeded), _jobs(seeded)
+    result = run(*args, input=case.input)
+    _assert_one_error_line(result, case.message)
+    assert (_count(seeded), _jobs(seeded)) == before
+
+
+# -- databases that cannot be used -----------------------------------------------------------
+
+
+def _directory(tmp: Path) -> Path:
+    path = tmp / "a-directory"
+    path.mkdir()
+    return path
+
+
+def _under_a_file(tmp: Path) -> Path:
+    parent = tmp / "regular-file"
+    parent.write_text("not a directory\n")
+    return parent / "queue.db"
+
+
+def _garbage(tmp: Path) -> Path:
+    path = tmp / "garbage.db"
+    path.write_bytes(bytes(range(256)) * 16)
+    return path
+
+
+def _foreign(tmp: Path) -> Path:
+    path = tmp / "someone-elses.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        raw.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    raw.close()
+    return path
+
+
+def _foreign_with_events(tmp: Path) -> Path:
+    """Someone else's database that happens to have an ``events`` table."""
+    path = tmp / "calendar.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, title TEXT)")
+        raw.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT)")
+    raw.close()
+    return path
+
+
+BAD_DBS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "directory": (_directory, "directory"),
+    "parent-is-a-file": (_under_a_file, "regular-file"),
+    "not-sqlite": (_garbage, "not a SQLite database"),
+    "foreign-sqlite": (_foreign, "not a queuectl database"),
+    "foreign-sqlite-with-events-table": (_foreign_with_events, "not a queuectl database"),
+}
+
+
+def _snapshot(path: Path) -> tuple[bytes | None, list[str]]:
+    data = path.read_bytes() if path.is_file() else None
+    siblings = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+    return data, siblings
+
+
+def _tables(path: Path) -> list[str] | None:
+    """The schema of a SQLite file (None when it is not one)."""
+    if not path.is_file():
+        return None
+    raw = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return sorted(r[0] for r in raw.execute("SELECT name FROM sqlite_master"))
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["enqueue", "-c", "echo hi"], ["list"], ["status"]],
+    ids=["enqueue", "list", "status"],
+)
+@pytest.mark.parametrize("kind", BAD_DBS.keys())
+def test_unusable_db(run, seeded: Path, tmp_path: Path, kind: str, command: list[str]) -> None:
+    make, message = BAD_DBS[kind]
+    (tmp_path / "bad").mkdir()
+    path = make(tmp_path / "bad")
+    before = _count(seeded)
+    tables = _tables(path)
+    result = run("--db", str(path), *command)
+    _assert_one_error_line(result, message)
+    assert _tables(path) == tables  # no queuectl tables added to someone else's file
+    assert _count(seeded) == before  # and the QUEUECTL_DB database was not touched either
+
+
+@pytest.mark.parametrize("kind", BAD_DBS.keys())
+def test_unusable_db_is_left_byte_for_byte(run, tmp_path: Path, kind: str) -> None:
+    """Refusing a file must not write to it: no journal-mode switch, no -wal/-shm beside it."""
+    make, message = BAD_DBS[kind]
+    (tmp_path / "bad").mkdir()
+    path = make(tmp_path / "bad")
+    snapshot = _snapshot(path)
+    result = run("--db", str(path), "list")
+    _assert_one_error_line(result, message)
+    assert _snapshot(path) == snapshot
+
+
+def test_unusable_db_from_environment(run, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "bad").mkdir()
+    path = _garbage(tmp_path / "bad")
+    monkeypatch.setenv("QUEUECTL_DB", str(path))
+    snapshot = _snapshot(path)
+    result = run("enqueue", "-c", "echo hi")
+    _assert_one_error_line(result, "not a SQLite database")
+    assert _snapshot(path) == snapshot
+
+
+def test_bad_input_on_a_fresh_database_creates_nothing(run, db: Path) -> None:
+    result = run("enqueue", '{"command":')
+    _assert_one_error_line(result, "malformed JSON")
+    assert not db.exists() or _count(db) == 0

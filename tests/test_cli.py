@@ -1,0 +1,612 @@
+"""Every command as a user types it: exact messages, exit codes, and what lands in the ledger.
+
+Rich tables wrap at 80 columns under CliRunner, so tables are checked line by line for the
+values they must show; seed-style messages are checked as exact text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import events_of, queuectl_cmd
+
+from queuectl import events as ev
+from queuectl import ledger, queue
+
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+ISO_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3,}Z$")
+RANDOM_ID = re.compile(r"^Job added successfully with ID: ([a-z0-9]{8})\n$")
+
+DEFAULT_CONFIG = """\
+===== CONFIGURATION =====
+max-retries = 3
+Maximum retry attempts before moving to DLQ
+backoff-base = 2
+Retry delays: 2s, 4s, 8s, 16s...
+job-timeout = 0
+Seconds a job may run before it is killed (0 = no limit)
+heartbeat-interval = 10
+Seconds between a worker's heartbeats
+lease-timeout = 30
+Seconds without a heartbeat before a worker's job is taken back
+output-limit = 4
+KiB of output (its tail) kept per run
+=========================
+"""
+
+
+def ok(result) -> str:
+    """The stdout of a command that must have succeeded quietly on stderr."""
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    return result.stdout
+
+
+def jobs_json(run, *args: str) -> list[dict]:
+    return json.loads(ok(run("list", "--json", *args)))
+
+
+def job(run, job_id: str) -> dict:
+    (found,) = [j for j in jobs_json(run) if j["id"] == job_id]
+    return found
+
+
+def count_events(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+def make_dead(conn: sqlite3.Connection, job_id: str, command: str = "exit 1") -> None:
+    """A job that failed its only allowed run, through the queue's own decisions."""
+    queue.enqueue(conn, [queue.JobSpec(command=command, id=job_id, max_retries=0)])
+    claim = queue.claim(conn, "w-test")
+    assert claim is not None and claim.job_id == job_id
+    failed = ev.Failed(
+        job_id=job_id, worker_id="w-test", attempt=claim.attempt, exit_code=1, error="exit status 1"
+    )
+    queue.finish(conn, claim, failed)
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def test_config_get_shows_defaults(run):
+    assert ok(run("config", "get")) == DEFAULT_CONFIG
+
+
+def test_config_set_max_retries(run):
+    assert ok(run("config", "set", "max-retries", "5")) == (
+        "Configuration updated: max-retries = 5\n"
+        "Jobs will retry up to 5 times before moving to DLQ\n"
+    )
+    assert ok(run("config", "get")) == DEFAULT_CONFIG.replace("max-retries = 3", "max-retries = 5")
+
+
+def test_config_set_backoff_base(run):
+    assert ok(run("config", "set", "backoff-base", "2")) == (
+        "Configuration updated: backoff-base = 2\nRetry delays will be: 2s, 4s, 8s, 16s...\n"
+    )
+    assert ok(run("config", "set", "backoff-base", "3")) == (
+        "Configuration updated: backoff-base = 3\nRetry delays will be: 3s, 9s, 27s, 81s...\n"
+    )
+    assert "backoff-base = 3\nRetry delays: 3s, 9s, 27s, 81s...\n" in ok(run("config", "get"))
+
+
+def test_config_set_stores_canonical_value(run, conn):
+    assert ok(run("config", "set", "backoff-base", "2.0")).startswith(
+        "Configuration updated: backoff-base = 2\n"
+    )
+    assert ok(run("config", "set", "max-retries", " 07 ")).startswith(
+        "Configuration updated: max-retries = 7\n"
+    )
+    bodies = [
+        json.loads(b)
+        for (b,) in conn.execute(
+            "SELECT body FROM events WHERE type = 'config-changed' ORDER BY seq"
+        )
+    ]
+    assert bodies == [
+        {"type": "config-changed", "key": "backoff-base", "value": "2"},
+        {"type": "config-changed", "key": "max-retries", "value": "7"},
+    ]
+
+
+def test_config_get_one_key(run):
+    run("config", "set", "max-retries", "5")
+    assert ok(run("config", "get", "max-retries")) == (
+        "===== CONFIGURATION =====\n"
+        "max-retries = 5\n"
+        "Maximum retry attempts before moving to DLQ\n"
+        "=========================\n"
+    )
+    assert ok(run("config", "get", "backoff-base")) == (
+        "===== CONFIGURATION =====\n"
+        "backoff-base = 2\n"
+        "Retry delays: 2s, 4s, 8s, 16s...\n"
+        "=========================\n"
+    )
+
+
+def test_config_get_json(run):
+    run("config", "set", "max-retries", "5")
+    assert json.loads(ok(run("config", "get", "--json"))) == {
+        "max-retries": 5,
+        "backoff-base": 2,
+        "job-timeout": 0,
+        "heartbeat-interval": 10,
+        "lease-timeout": 30,
+        "output-limit": 4,
+    }
+    assert json.loads(ok(run("config", "get", "max-retries", "--json"))) == {"max-retries": 5}
+    run("config", "set", "backoff-base", "1.5")
+    assert json.loads(ok(run("config", "get", "backoff-base", "--json"))) == {"backoff-base": 1.5}
+
+
+def test_config_set_changes_new_jobs_only(run, conn):
+    run("enqueue", "-c", "exit 1", "--id", "old")
+    run("config", "set", "max-retries", "1")
+    run("config", "set", "backoff-base", "3")
+    run("enqueue", "-c", "exit 1", "--id", "new")
+    assert (job(run, "old")["max_retries"], job(run, "old")["backoff_base"]) == (3, 2.0)
+    assert (job(run, "new")["max_retries"], job(run, "new")["backoff_base"]) == (1, 3.0)
+
+    # The old job's first failure still waits 2 ** 1 s, the new one's 3 ** 1 s.
+    for job_id in ("old", "new"):
+        claim = queue.claim(conn, "w-test")
+        assert claim is not None and claim.job_id == job_id
+        queue.finish(
+            conn,
+            claim,
+            ev.Failed(
+                job_id=job_id, worker_id="w-test", attempt=1, exit_code=1, error="exit status 1"
+            ),
+        )
+    delays = {
+        e["job_id"]: e["delay"]
+        for e in json.loads(ok(run("history", "old", "--json")))
+        + json.loads(ok(run("history", "new", "--json")))
+        if e["type"] == "scheduled-retry"
+    }
+    assert delays == {"old": 2.0, "new": 3.0}
+    assert [j["state"] for j in jobs_json(run)] == ["failed", "failed"]
+
+
+# -- enqueue -------------------------------------------------------------------------------
+
+
+def test_enqueue_command_with_id(run, conn):
+    assert ok(run("enqueue", "-c", "echo Hello World", "--id", "job1")) == (
+        "Job added successfully with ID: job1\n"
+    )
+    assert events_of(conn, "job1") == ["enqueued"]
+    j = job(run, "job1")
+    assert (j["command"], j["state"], j["attempts"], j["max_retries"]) == (
+        "echo Hello World",
+        "pending",
+        0,
+        3,
+    )
+
+
+def test_enqueue_random_id(run, conn):
+    first = RANDOM_ID.match(ok(run("enqueue", "-c", "echo Hello World")))
+    second = RANDOM_ID.match(ok(run("enqueue", "--command", "echo again")))
+    assert first and second
+    assert first[1] != second[1]
+    assert [j["id"] for j in jobs_json(run)] == [first[1], second[1]]
+    assert events_of(conn, first[1]) == ["enqueued"]
+
+
+def test_enqueue_options(run):
+    ok(run("enqueue", "-c", "sleep 1", "--id", "j1", "--max-retries", "5", "--timeout", "2.5"))
+    ok(run("enqueue", "-c", "sleep 1", "--id", "j0", "--max-retries", "0"))
+    j1, j0 = job(run, "j1"), job(run, "j0")
+    assert (j1["max_retries"], j1["timeout"]) == (5, 2.5)
+    assert (j0["max_retries"], j0["timeout"]) == (0, 0.0)
+
+
+def test_enqueue_json_object(run):
+    assert ok(run("enqueue", '{"id":"job1","command":"sleep 2"}')) == (
+        "Job added successfully with ID: job1\n"
+    )
+    j = job(run, "job1")
+    assert (j["command"], j["state"], j["max_retries"]) == ("sleep 2", "pending", 3)
+
+
+def test_enqueue_json_all_fields_and_random_id(run):
+    out = ok(run("enqueue", '{"command":"echo x","max_retries":1,"timeout":4}'))
+    match = RANDOM_ID.match(out)
+    assert match
+    j = job(run, match[1])
+    assert (j["command"], j["max_retries"], j["timeout"]) == ("echo x", 1, 4.0)
+
+
+def test_enqueue_json_flags_override_fields(run):
+    ok(
+        run(
+            "enqueue",
+            '{"id":"a","command":"echo x","max_retries":1}',
+            "--id",
+            "b",
+            "--max-retries",
+            "4",
+        )
+    )
+    assert [(j["id"], j["max_retries"]) for j in jobs_json(run)] == [("b", 4)]
+
+
+def test_enqueue_file(run, tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        '{"id":"f1","command":"echo one"}\n'
+        "\n"
+        '{"id":"f2","command":"echo two","max_retries":0}\n'
+        '{"command":"echo three"}\n'
+    )
+    assert ok(run("enqueue", "--file", str(path))) == "3 jobs added successfully.\n"
+    jobs = jobs_json(run)
+    assert [j["command"] for j in jobs] == ["echo one", "echo two", "echo three"]
+    assert [j["id"] for j in jobs][:2] == ["f1", "f2"]
+    assert re.fullmatch(r"[a-z0-9]{8}", jobs[2]["id"])
+    assert jobs[1]["max_retries"] == 0
+
+
+def test_enqueue_file_from_stdin(run, conn):
+    lines = "".join(f'{{"id":"s{n}","command":"echo {n}"}}\n' for n in range(5))
+    assert ok(run("enqueue", "--file", "-", input=lines)) == "5 jobs added successfully.\n"
+    assert [j["id"] for j in jobs_json(run)] == [f"s{n}" for n in range(5)]
+    assert count_events(conn) == 5
+
+
+def test_enqueue_duplicate_id_writes_nothing(run, conn):
+    ok(run("enqueue", "-c", "echo one", "--id", "j1"))
+    before = count_events(conn)
+    result = run("enqueue", "-c", "echo two", "--id", "j1")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "Error: Job with ID 'j1' already exists\n"
+    assert count_events(conn) == before
+    assert job(run, "j1")["command"] == "echo one"
+
+
+def test_enqueue_file_with_existing_id_writes_nothing(run, conn, tmp_path):
+    ok(run("enqueue", "-c", "echo one", "--id", "j1"))
+    before = count_events(conn)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"id":"new1","command":"echo"}\n{"id":"j1","command":"echo"}\n')
+    result = run("enqueue", "--file", str(path))
+    assert result.exit_code == 1
+    assert result.stderr == "Error: Job with ID 'j1' already exists\n"
+    assert count_events(conn) == before
+    assert [j["id"] for j in jobs_json(run)] == ["j1"]
+
+
+# -- list ----------------------------------------------------------------------------------
+
+
+def test_list_json_fields(run):
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    (j,) = jobs_json(run)
+    for key in ("id", "command", "state", "attempts", "max_retries", "created_at", "updated_at"):
+        assert key in j
+    assert (j["id"], j["command"], j["state"], j["attempts"], j["max_retries"]) == (
+        "j1",
+        "echo hi",
+        "pending",
+        0,
+        3,
+    )
+    assert ISO_UTC.match(j["created_at"]), j["created_at"]
+    assert ISO_UTC.match(j["updated_at"]), j["updated_at"]
+    assert j["created_at"] <= j["updated_at"]
+
+
+def test_list_filters_and_limits(run, conn):
+    make_dead(conn, "d1")
+    for n in range(1, 4):
+        ok(run("enqueue", "-c", f"echo {n}", "--id", f"p{n}"))
+    assert [j["id"] for j in jobs_json(run)] == ["d1", "p1", "p2", "p3"]
+    assert [j["id"] for j in jobs_json(run, "-s", "pending")] == ["p1", "p2", "p3"]
+    assert [j["id"] for j in jobs_json(run, "--state", "dead")] == ["d1"]
+    assert jobs_json(run, "-s", "completed") == []
+    assert [j["id"] for j in jobs_json(run, "--limit", "2")] == ["d1", "p1"]
+    assert [j["id"] for j in jobs_json(run, "-s", "pending", "--limit", "1")] == ["p1"]
+
+
+def test_list_table(run):
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    ok(run("enqueue", "-c", "sleep 2", "--id", "j2", "--max-retries", "5"))
+    lines = ok(run("list")).splitlines()
+    assert lines[0].strip() == "Jobs"
+    header = next(line for line in lines if "ID" in line)
+    assert header.split()[:2] == ["ID", "State"]
+    row1 = next(line for line in lines if line.split()[:1] == ["j1"])
+    row2 = next(line for line in lines if line.split()[:1] == ["j2"])
+    assert row1.split()[:6] == ["j1", "pending", "0", "3", "echo", "hi"]
+    assert row2.split()[:6] == ["j2", "pending", "0", "5", "sleep", "2"]
+
+
+def test_list_table_filtered_and_empty(run):
+    assert ok(run("list")) == "Jobs: no jobs\n"
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    assert ok(run("list", "-s", "dead")) == "Jobs (dead): no jobs\n"
+    out = ok(run("list", "-s", "pending"))
+    assert out.splitlines()[0].strip() == "Jobs (pending)"
+    assert "j1" in out
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def test_status_text(run, conn):
+    make_dead(conn, "d1")
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    assert ok(run("status")) == (
+        "Jobs  pending: 1  processing: 0  completed: 0  failed: 0  dead: 1  (total: 2)\n"
+        "Workers: none active\n"
+    )
+
+
+def test_status_json(run, conn):
+    make_dead(conn, "d1")
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    ok(run("enqueue", "-c", "echo hi", "--id", "j2"))
+    data = json.loads(ok(run("status", "--json")))
+    assert data["jobs"] == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "dead": 1}
+    assert data["workers"] == []
+
+
+def test_status_shows_active_worker(run, conn):
+    queue.worker_started(conn, "wk000001", 4242, "build-01")
+    data = json.loads(ok(run("status", "--json")))
+    (w,) = data["workers"]
+    assert (w["id"], w["state"], w["pid"], w["host"]) == ("wk000001", "active", 4242, "build-01")
+    assert ISO_UTC.match(w["last_heartbeat"])
+    row = next(line for line in ok(run("status")).splitlines() if "wk000001" in line)
+    assert row.split()[:4] == ["wk000001", "active", "4242", "-"]
+    queue.worker_stopped(conn, "wk000001", "test over")
+    assert json.loads(ok(run("status", "--json")))["workers"] == []
+
+
+# -- dlq -----------------------------------------------------------------------------------
+
+
+def test_dlq_list_empty(run):
+    assert ok(run("dlq", "list")) == "Dead letter queue is empty\n"
+    assert json.loads(ok(run("dlq", "list", "--json"))) == []
+
+
+def test_dlq_list(run, conn):
+    make_dead(conn, "d1")
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    (dead,) = json.loads(ok(run("dlq", "list", "--json")))
+    assert (dead["id"], dead["state"], dead["attempts"], dead["max_retries"]) == (
+        "d1",
+        "dead",
+        1,
+        0,
+    )
+    assert (dead["exit_code"], dead["last_error"]) == (1, "exit status 1")
+    lines = ok(run("dlq", "list")).splitlines()
+    assert lines[0].strip() == "Dead letter queue"
+    row = next(line for line in lines if line.split()[:1] == ["d1"])
+    assert row.split()[:7] == ["d1", "exit", "1", "1", "0", "exit", "status"]
+    assert not any("j1" in line for line in lines)
+
+
+def test_dlq_retry(run, conn):
+    make_dead(conn, "d1")
+    before = events_of(conn, "d1")
+    assert before == ["enqueued", "claimed", "failed", "dead"]
+    assert ok(run("dlq", "retry", "d1")) == "Job d1 has been requeued with max_retries = 0\n"
+    j = job(run, "d1")
+    assert (j["state"], j["attempts"], j["max_retries"]) == ("pending", 0, 0)
+    assert events_of(conn, "d1") == [*before, "requeued"]
+    assert json.loads(ok(run("dlq", "list", "--json"))) == []
+
+
+def test_dlq_retry_keeps_the_jobs_own_max_retries(run, conn):
+    """The fresh budget is the job's own max_retries, not today's config value."""
+    with ledger.write(conn):
+        ledger.append(
+            conn,
+            ev.Enqueued(job_id="d2", command="exit 3", max_retries=2, backoff_base=2.0),
+            ev.Claimed(job_id="d2", worker_id="w-test", attempt=1),
+            ev.Failed(
+                job_id="d2", worker_id="w-test", attempt=1, exit_code=3, error="exit status 3"
+            ),
+            ev.Dead(job_id="d2", attempts=1, reason="exit status 3"),
+        )
+    ok(run("config", "set", "max-retries", "7"))
+    assert ok(run("dlq", "retry", "d2")) == "Job d2 has been requeued with max_retries = 2\n"
+    j = job(run, "d2")
+    assert (j["state"], j["attempts"], j["max_retries"]) == ("pending", 0, 2)
+
+
+def test_dlq_retry_reruns_the_job(run):
+    """Through a real worker run: dead, requeued, then run again (the seed's retry never did)."""
+    ok(run("enqueue", "-c", "exit 1", "--id", "d1", "--max-retries", "0"))
+    assert run("worker", "--burst").exit_code == 0
+    assert job(run, "d1")["state"] == "dead"
+    assert ok(run("dlq", "retry", "d1")) == "Job d1 has been requeued with max_retries = 0\n"
+    assert run("worker", "--burst").exit_code == 0
+    j = job(run, "d1")
+    assert (j["state"], j["attempts"]) == ("dead", 1)
+    types = [e["type"] for e in json.loads(ok(run("history", "d1", "--json")))]
+    assert types == [
+        "enqueued",
+        "claimed",
+        "failed",
+        "dead",
+        "requeued",
+        "claimed",
+        "failed",
+        "dead",
+    ]
+
+
+# -- history -------------------------------------------------------------------------------
+
+
+def test_history_json(run, conn):
+    make_dead(conn, "d1")
+    ok(run("dlq", "retry", "d1"))
+    events = json.loads(ok(run("history", "d1", "--json")))
+    assert [e["type"] for e in events] == ["enqueued", "claimed", "failed", "dead", "requeued"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    for e in events:
+        assert ISO_UTC_MS.match(e["at"]), e["at"]
+        assert e["job_id"] == "d1"
+    assert [e["at"] for e in events] == sorted(e["at"] for e in events)
+    enqueued, claimed, failed, dead, requeued = events
+    assert (enqueued["command"], enqueued["max_retries"], enqueued["backoff_base"]) == (
+        "exit 1",
+        0,
+        2.0,
+    )
+    assert (claimed["worker_id"], claimed["attempt"]) == ("w-test", 1)
+    assert (failed["exit_code"], failed["error"], failed["attempt"]) == (1, "exit status 1", 1)
+    assert (dead["attempts"], dead["reason"]) == (1, "exit status 1")
+    assert requeued["max_retries"] == 0
+    stored = conn.execute("SELECT seq FROM events WHERE job_id = 'd1' ORDER BY seq").fetchall()
+    assert seqs == [s for (s,) in stored]
+
+
+def test_history_table(run, conn):
+    make_dead(conn, "d1")
+    lines = ok(run("history", "d1")).splitlines()
+    assert lines[0].strip() == "History of job d1"
+    types = [line.split()[3] for line in lines if re.match(r"^\s+\d+\s+\d{4}-", line)]
+    assert types == ["enqueued", "claimed", "failed", "dead"]
+    claimed = next(line for line in lines if " claimed " in line)
+    assert "w-test" in claimed and "attempt 1" in claimed
+
+
+# -- workers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("worker", "--stop"), ("worker", "stop")])
+def test_worker_stop(run, conn, args):
+    assert ok(run(*args)) == "Stop signal sent to all workers.\n"
+    assert conn.execute("SELECT type, job_id FROM events").fetchall() == [("stop-requested", None)]
+
+
+def test_worker_burst_prints_seed_lines(run):
+    ok(run("enqueue", "-c", "true", "--id", "ok1"))
+    out = ok(run("worker", "--burst", "-v"))
+    worker_id = re.match(r"^Worker started: (\S+)\n", out)
+    assert worker_id, out
+    assert f"[{worker_id[1]}] Picked up NEW job: ok1 (Command: true)" in out
+    assert job(run, "ok1")["state"] == "completed"
+
+
+# -- rebuild -------------------------------------------------------------------------------
+
+
+def test_rebuild(run, conn):
+    make_dead(conn, "d1")
+    ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
+    n = count_events(conn)
+    before = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+    assert ok(run("rebuild")) == f"Projections rebuilt from {n} events.\n"
+    assert conn.execute("SELECT * FROM jobs ORDER BY id").fetchall() == before
+    assert count_events(conn) == n
+    assert ok(run("rebuild", "--check")) == "Projections match the ledger.\n"
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE jobs SET state = 'completed' WHERE id = 'j2'", "jobs: row 'j2' differs"),
+        ("DELETE FROM jobs WHERE id = 'j1'", "jobs: row 'j1' is in the replay but not live"),
+        (
+            "UPDATE job_counts SET n = 7 WHERE state = 'pending'",
+            "job_counts: row 'pending' differs",
+        ),
+        (
+            "INSERT INTO config (key, value, updated_at) VALUES ('max-retries', '9', 'x')",
+            "config: row 'max-retries' is live but not in the replay",
+        ),
+    ],
+)
+def test_rebuild_check_finds_drift(run, db, sql, expected):
+    ok(run("enqueue", "-c", "echo 1", "--id", "j1"))
+    ok(run("enqueue", "-c", "echo 2", "--id", "j2"))
+    with sqlite3.connect(db) as raw:
+        raw.execute(sql)
+    result = run("rebuild", "--check")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert expected in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("Error: projections drift")
+    # rebuild repairs the drift (and leaves the database clean for the replay fixture)
+    ok(run("rebuild"))
+    assert ok(run("rebuild", "--check")) == "Projections match the ledger.\n"
+
+
+def test_rebuild_check_names_the_changed_column(run, db):
+    ok(run("enqueue", "-c", "echo 1", "--id", "j1"))
+    with sqlite3.connect(db) as raw:
+        raw.execute("UPDATE jobs SET attempts = 5 WHERE id = 'j1'")
+    result = run("rebuild", "--check")
+    assert result.exit_code == 1
+    assert "jobs: row 'j1' differs (attempts: live 5, replayed 0)" in result.stderr
+    ok(run("rebuild"))
+
+
+# -- where the database lives --------------------------------------------------------------
+
+
+def test_db_option(run, db, tmp_path):
+    other = tmp_path / "elsewhere" / "other.db"
+    ok(run("--db", str(other), "enqueue", "-c", "echo hi", "--id", "x1"))
+    assert other.exists()
+    assert not db.exists()
+    assert [j["id"] for j in json.loads(ok(run("--db", str(other), "list", "--json")))] == ["x1"]
+    assert jobs_json(run) == []  # QUEUECTL_DB's database is a different one
+
+
+def test_queuectl_db_env(run, tmp_path, monkeypatch):
+    path = tmp_path / "env.db"
+    monkeypatch.setenv("QUEUECTL_DB", str(path))
+    ok(run("enqueue", "-c", "echo hi", "--id", "e1"))
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT id FROM jobs").fetchall() == [("e1",)]
+    # --db wins over the environment
+    flag = tmp_path / "flag.db"
+    ok(run("--db", str(flag), "enqueue", "-c", "echo hi", "--id", "f1"))
+    with sqlite3.connect(flag) as raw:
+        assert raw.execute("SELECT id FROM jobs").fetchall() == [("f1",)]
+    assert [j["id"] for j in jobs_json(run)] == ["e1"]
+
+
+def test_default_path_and_permissions(run, tmp_path, monkeypatch):
+    monkeypatch.delenv("QUEUECTL_DB")
+    ok(run("enqueue", "-c", "echo hi", "--id", "d1"))
+    path = tmp_path / "data" / "queue.db"
+    assert path.is_file()
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [j["id"] for j in jobs_json(run)] == ["d1"]
+
+
+def test_no_chatter_on_first_use(run):
+    assert ok(run("list")) == "Jobs: no jobs\n"
+    assert ok(run("enqueue", "-c", "echo", "--id", "a")) == ("Job added successfully with ID: a\n")
+
+
+def test_python_m_queuectl_help(tmp_path):
+    result = subprocess.run(queuectl_cmd("--help"), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ")
+    for command in ("config", "enqueue", "list", "status", "worker", "dlq", "history", "rebuild"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.M), command
+    assert result.stderr == ""
+    assert not Path(tmp_path / "data").exists()  # --help touches no database
