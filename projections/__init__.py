@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from projections import config, jobs, workers
+from projections import config, jobs, runs, workers
 
-REGISTRY: tuple[ModuleType, ...] = (jobs, workers, config)
+# A projector reads only its own tables, so each can be rebuilt alone.
+REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config)

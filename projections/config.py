@@ -13,7 +13,7 @@ from queuectl import events as ev
 
 NAME = "config"
 VERSION = 1
-TABLES = {"config": "key"}
+TABLES = {"config": ("key",)}
 
 DDL = (
     """CREATE TABLE config (

@@ -1,9 +1,12 @@
-"""The ``jobs`` projection: one row per job, plus ``job_counts`` (jobs per state).
+"""The ``jobs`` projection: one row per job, ``job_deps`` (its dependencies) and
+``job_counts`` (jobs per state).
 
-Rules it enforces: a job's state follows only from its events (pending -> processing ->
-completed, or -> failed with ``run_at`` -> processing again, or -> dead; dead -> pending on
-requeue); ``attempts`` is the number of runs started; ``job_counts`` always equals
-``SELECT state, count(*) FROM jobs GROUP BY state`` so that ``status`` is O(1).
+Rules it enforces: a job's state follows only from its events. It starts ``waiting`` while a
+job it depends on has not completed, ``scheduled`` while its ``run_at`` lies ahead, else
+``pending``; a claim makes it ``processing``; then ``completed``, ``failed`` (waiting out its
+backoff until ``run_at``), ``dead`` or ``cancelled``. ``attempts`` is the number of runs
+started (a released run is given back). ``job_counts`` always equals
+``SELECT state, count(*) FROM jobs GROUP BY state``, so ``status`` is O(1).
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from typing import Any
 from queuectl import events as ev
 
 NAME = "jobs"
-VERSION = 1
-TABLES = {"jobs": "id", "job_counts": "state"}
+VERSION = 2
+TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
+
+# States a worker may claim once run_at has passed.
+CLAIMABLE = ("pending", "scheduled", "failed")
 
 DDL = (
     """CREATE TABLE jobs (
@@ -24,28 +30,42 @@ DDL = (
         seq INTEGER NOT NULL,
         command TEXT NOT NULL,
         state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
         attempts INTEGER NOT NULL DEFAULT 0,
         max_retries INTEGER NOT NULL,
         backoff_base REAL NOT NULL,
+        backoff_max REAL NOT NULL DEFAULT 0,
+        backoff_jitter REAL NOT NULL DEFAULT 0,
         timeout REAL NOT NULL DEFAULT 0,
         run_at TEXT,
         worker_id TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
         exit_code INTEGER,
         last_error TEXT,
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL
     )""",
-    # The claim query walks this index in order: highest priority, then oldest.
-    "CREATE INDEX jobs_ready ON jobs (seq) WHERE state IN ('pending', 'failed')",
-    "CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state IN ('pending', 'failed')",
+    # The claim query walks this index in order: highest priority first, then oldest.
+    """CREATE INDEX jobs_ready ON jobs (priority DESC, seq)
+        WHERE state IN ('pending', 'scheduled', 'failed')""",
+    "CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state IN ('pending', 'scheduled', 'failed')",
     "CREATE INDEX jobs_state ON jobs (state, seq)",
+    """CREATE TABLE job_deps (
+        job_id TEXT NOT NULL,
+        depends_on TEXT NOT NULL,
+        PRIMARY KEY (job_id, depends_on)
+    )""",
+    "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
     "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
 
-_INSERT = """INSERT INTO jobs (id, seq, command, state, attempts, max_retries, backoff_base,
-    timeout, run_at, created_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?)"""
+_INSERT = """INSERT INTO jobs (id, seq, command, state, priority, attempts, max_retries,
+    backoff_base, backoff_max, backoff_jitter, timeout, run_at, created_at, updated_at)
+    VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
     ON CONFLICT (state) DO UPDATE SET n = n + excluded.n"""
+_UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
+    WHERE d.job_id = ? AND j.state != 'completed'"""
 _sql_cache: dict[tuple[str, ...], str] = {}
 
 
@@ -67,12 +87,22 @@ def _move(tx: sqlite3.Connection, job_id: str, at: str, state: str | None, **col
     tx.execute(sql, (*cols.values(), at, job_id))
 
 
+def _ready_state(run_at: str, at: str) -> str:
+    return "scheduled" if run_at > at else "pending"
+
+
 def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
+    run_at = e.run_at if e.run_at and e.run_at > at else at
+    for dep in e.after:
+        tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
+    blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
+    state = "waiting" if blocked else _ready_state(run_at, at)
     tx.execute(
         _INSERT,
-        (e.job_id, seq, e.command, e.max_retries, e.backoff_base, e.timeout, at, at, at),
+        (e.job_id, seq, e.command, state, e.priority, e.max_retries, e.backoff_base,
+         e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at),
     )
-    tx.execute(_COUNT, ("pending", 1))
+    tx.execute(_COUNT, (state, 1))
 
 
 def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
@@ -80,7 +110,8 @@ def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
 
 
 def _completed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed) -> None:
-    _move(tx, e.job_id, at, "completed", worker_id=None, exit_code=0, last_error=None)
+    _move(tx, e.job_id, at, "completed", worker_id=None, exit_code=0, last_error=None,
+          cancel_requested=0)
 
 
 def _failed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Failed) -> None:
@@ -103,15 +134,30 @@ def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None
 
 
 def _scheduled_retry(tx: sqlite3.Connection, seq: int, at: str, e: ev.ScheduledRetry) -> None:
-    _move(tx, e.job_id, at, "failed", run_at=e.run_at)
+    _move(tx, e.job_id, at, "failed", run_at=e.run_at, cancel_requested=0)
 
 
 def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
-    _move(tx, e.job_id, at, "dead", run_at=None)
+    _move(tx, e.job_id, at, "dead", run_at=None, cancel_requested=0)
 
 
 def _requeued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Requeued) -> None:
     _move(tx, e.job_id, at, "pending", attempts=0, max_retries=e.max_retries, run_at=at)
+
+
+def _unblocked(tx: sqlite3.Connection, seq: int, at: str, e: ev.Unblocked) -> None:
+    (run_at,) = tx.execute("SELECT run_at FROM jobs WHERE id = ?", (e.job_id,)).fetchone()
+    run_at = max(run_at or at, at)
+    _move(tx, e.job_id, at, _ready_state(run_at, at), run_at=run_at)
+
+
+def _cancel_requested(tx: sqlite3.Connection, seq: int, at: str, e: ev.CancelRequested) -> None:
+    _move(tx, e.job_id, at, None, cancel_requested=1)
+
+
+def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> None:
+    _move(tx, e.job_id, at, "cancelled", worker_id=None, run_at=None, cancel_requested=0,
+          last_error=e.reason)
 
 
 _HANDLERS: dict[type, Callable[..., None]] = {
@@ -125,6 +171,9 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.ScheduledRetry: _scheduled_retry,
     ev.Dead: _dead,
     ev.Requeued: _requeued,
+    ev.Unblocked: _unblocked,
+    ev.CancelRequested: _cancel_requested,
+    ev.Cancelled: _cancelled,
 }
 
 

@@ -1,8 +1,8 @@
 """The ``workers`` projection: one row per worker that ever started.
 
 Rules it enforces: a worker is ``active`` from its start until it stops (``stopped``) or is
-declared lost (``gone``); ``last_heartbeat`` is the time of its latest event (heartbeat, claim
-or result); a stop request flags exactly the workers active when it was appended, so workers
+declared lost (``gone``); ``last_heartbeat`` is the time of its latest heartbeat, claim or
+result; a stop request flags exactly the workers active when it was appended, so workers
 started later are not affected.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from queuectl import events as ev
 
 NAME = "workers"
-VERSION = 1
-TABLES = {"workers": "id"}
+VERSION = 2
+TABLES = {"workers": ("id",)}
 
 DDL = (
     """CREATE TABLE workers (
@@ -53,12 +53,19 @@ def _claimed(tx: sqlite3.Connection, at: str, e: ev.Claimed) -> None:
     )
 
 
-def _finished(tx: sqlite3.Connection, at: str, e: ev.Completed | ev.Failed | ev.TimedOut) -> None:
+def _finished(
+    tx: sqlite3.Connection, at: str, e: ev.Completed | ev.Failed | ev.TimedOut | ev.Cancelled
+) -> None:
     tx.execute(
         """UPDATE workers SET current_job = NULL, last_heartbeat = ?, jobs_done = jobs_done + 1
         WHERE id = ?""",
         (at, e.worker_id),
     )
+
+
+def _cancelled(tx: sqlite3.Connection, at: str, e: ev.Cancelled) -> None:
+    if e.worker_id is not None:  # a running job, stopped by its worker
+        _finished(tx, at, e)
 
 
 def _released(tx: sqlite3.Connection, at: str, e: ev.Released) -> None:
@@ -92,6 +99,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.Failed: _finished,
     ev.TimedOut: _finished,
     ev.Released: _released,
+    ev.Cancelled: _cancelled,
     ev.LeaseExpired: _gone,
     ev.WorkerLost: _gone,
     ev.WorkerStopped: _stopped,

@@ -134,7 +134,14 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("-c", "--command", help="Shell command to run (as sh -c COMMAND).")
 @click.option("--id", "job_id", help="Job id (default: 8 random characters).")
 @click.option("--max-retries", type=click.IntRange(min=0), help="Retries after the first run.")
+@click.option("--backoff-base", type=click.FloatRange(min=1),
+              help="This job's retry delays: base**k seconds.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Seconds before the job is killed.")
+@click.option("-p", "--priority", type=int, help="Higher runs first (default 0).")
+@click.option("--delay", type=click.FloatRange(min=0), help="Seconds from now before it may run.")
+@click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
+@click.option("--after", multiple=True, metavar="ID",
+              help="Run only after job ID completed (repeatable).")
 @click.option(
     "-f", "--file", "jobs_file", type=click.File("r"),
     help="JSON lines, one job per line ('-' for stdin).",
@@ -145,9 +152,8 @@ def enqueue(
     job_json: str | None,
     command: str | None,
     job_id: str | None,
-    max_retries: int | None,
-    timeout: float | None,
     jobs_file: Any,
+    **flags: Any,
 ) -> None:
     """Add a job, from flags, one JSON object, or a file of JSON lines.
 
@@ -155,8 +161,13 @@ def enqueue(
     Example:
         queuectl enqueue -c "sleep 2" --max-retries 5
         queuectl enqueue '{"id":"job1","command":"sleep 2"}'
+        queuectl enqueue -c "make report" --after build --priority 5
+        queuectl enqueue -c "backup.sh" --run-at 2026-12-01T02:00:00
         queuectl enqueue --file jobs.jsonl
     """
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}
+    if "after" in flags:
+        flags["after"] = list(flags["after"])
     sources = [s for s in (job_json, command, jobs_file) if s is not None]
     if len(sources) != 1:
         raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
@@ -169,13 +180,9 @@ def enqueue(
         if not specs:
             raise click.UsageError("the file has no jobs")
     elif job_json is not None:
-        specs = [queue.parse_spec(job_json)]
-        flags = {"id": job_id, "max_retries": max_retries, "timeout": timeout}
-        specs[0] = _override(specs[0], flags)
+        specs = [_override(queue.parse_spec(job_json), {"id": job_id, **flags})]
     else:
-        spec = queue.JobSpec(command=command or "", id=job_id, max_retries=max_retries,
-                             timeout=timeout)
-        specs = [queue.check_spec(spec)]
+        specs = [queue.check_spec(queue.JobSpec(command=command or "", id=job_id, **flags))]
     ids = queue.enqueue(_db(ctx), specs)
     if len(ids) == 1 and jobs_file is None:
         click.echo(f"Job added successfully with ID: {ids[0]}")
@@ -188,6 +195,8 @@ def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:
     import msgspec
 
     given = {k: v for k, v in flags.items() if v is not None}
+    if "run_at" in given or "delay" in given:  # a flag's time replaces the JSON's
+        spec = msgspec.structs.replace(spec, run_at=None, delay=None)
     return queue.check_spec(msgspec.structs.replace(spec, **given)) if given else spec
 
 
@@ -246,6 +255,71 @@ def history(ctx: click.Context, job_id: str, as_json: bool) -> None:
     if as_json:
         return _json(render.history_json(rows))
     render.history_table(job_id, rows)
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Everything about one job: fields, retry policy, dependencies, last error, next run."""
+    from queuectl import render
+
+    conn = _db(ctx)
+    job = queue.get_job(conn, job_id)
+    deps = {dep: queue.get_job(conn, dep)["state"] for dep in job["after"]}
+    runs = queue.runs_of(conn, job_id)
+    if as_json:
+        return _json(render.show_json(job, deps, runs))
+    render.show(job, deps, runs)
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--attempt", type=click.IntRange(min=1), help="Only this attempt.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
+@click.pass_context
+def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) -> None:
+    """Each run of a job: exit code, duration and the tail of its output."""
+    from queuectl import render
+
+    runs = queue.runs_of(_db(ctx), job_id)
+    if attempt is not None:
+        runs = [r for r in runs if r["attempt"] == attempt]
+        if not runs:
+            raise click.ClickException(f"Job {job_id} has no attempt {attempt}")
+    if as_json:
+        return _json(runs)
+    render.logs(job_id, runs)
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job; a running one is killed (its whole process group) by its worker.
+
+    Jobs waiting on a cancelled job are cancelled too.
+    """
+    if queue.cancel(_db(ctx), job_id) == "requested":
+        click.echo(f"Cancel requested for running job {job_id}; its worker will stop it.")
+    else:
+        click.echo(f"Job {job_id} cancelled.")
+
+
+@cli.command()
+@click.option("--since", metavar="DURATION", help="Only the last DURATION (90s, 15m, 2h, 1d).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def stats(ctx: click.Context, since: str | None, as_json: bool) -> None:
+    """Throughput, success rate, run time and queue wait, from the ledger's runs."""
+    from queuectl import render
+
+    seconds = queue.parse_since(since) if since else None
+    figures = queue.stats(_db(ctx), seconds)
+    if as_json:
+        return _json(figures)
+    render.stats(figures, since)
 
 
 # -- dlq ----------------------------------------------------------------------------------

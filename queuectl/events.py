@@ -28,12 +28,18 @@ class Enqueued(_Event, tag="enqueued"):
     max_retries: int
     backoff_base: float
     timeout: float = 0.0  # seconds; 0 means no timeout
+    priority: int = 0  # higher runs first
+    run_at: str | None = None  # not claimable before this time (ISO-8601 UTC)
+    after: tuple[str, ...] = ()  # jobs that must complete first
+    backoff_max: float = 0.0  # cap on one retry delay; 0 means none
+    backoff_jitter: float = 0.0  # 0..1: a delay may be shortened by up to this fraction
 
 
 class Claimed(_Event, tag="claimed"):
     job_id: str
     worker_id: str
     attempt: int  # the run number this claim starts, 1-based
+    eligible_at: str | None = None  # since when the job could run: its queue wait starts here
 
 
 class Completed(_Event, tag="completed"):
@@ -80,6 +86,29 @@ class Released(_Event, tag="released"):
     worker_id: str
     attempt: int
     reason: str
+
+
+class Unblocked(_Event, tag="unblocked"):
+    """Every job a waiting job depends on has completed; it may now run."""
+
+    job_id: str
+    completed: str  # the dependency whose completion released it
+
+
+class CancelRequested(_Event, tag="cancel-requested"):
+    """Cancel asked for a running job; its worker kills the run and records ``cancelled``."""
+
+    job_id: str
+
+
+class Cancelled(_Event, tag="cancelled"):
+    job_id: str
+    reason: str
+    worker_id: str | None = None  # set when a running job was stopped by its worker
+    attempt: int = 0
+    duration: float = 0.0
+    output: str = ""
+    truncated: bool = False
 
 
 class ScheduledRetry(_Event, tag="scheduled-retry"):
@@ -148,6 +177,9 @@ Event = (
     | LeaseExpired
     | Released
     | ScheduledRetry
+    | Unblocked
+    | CancelRequested
+    | Cancelled
     | Dead
     | Requeued
     | WorkerStarted

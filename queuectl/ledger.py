@@ -279,15 +279,21 @@ def check(conn: sqlite3.Connection) -> list[str]:
         fresh.close()
 
 
-def _diff(table: str, key: str, live: sqlite3.Connection, fresh: sqlite3.Connection) -> list[str]:
-    def rows(conn: sqlite3.Connection) -> dict[object, tuple[object, ...]]:
+def _diff(
+    table: str, key: tuple[str, ...], live: sqlite3.Connection, fresh: sqlite3.Connection
+) -> list[str]:
+    def rows(conn: sqlite3.Connection) -> tuple[dict[object, tuple[object, ...]], list[str]]:
         cursor = conn.execute(f"SELECT * FROM {table}")
         names = [d[0] for d in cursor.description]
-        index = names.index(key)
-        return {row[index]: row for row in cursor}, names  # type: ignore[return-value]
+        index = [names.index(k) for k in key]
+        found = {}
+        for row in cursor:
+            k = row[index[0]] if len(index) == 1 else tuple(row[i] for i in index)
+            found[k] = row
+        return found, names
 
-    live_rows, names = rows(live)  # type: ignore[misc]
-    fresh_rows, _ = rows(fresh)  # type: ignore[misc]
+    live_rows, names = rows(live)
+    fresh_rows, _ = rows(fresh)
     problems = []
     for k in sorted(live_rows.keys() - fresh_rows.keys(), key=str)[:5]:
         problems.append(f"{table}: row {k!r} is live but not in the replay")

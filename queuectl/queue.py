@@ -6,6 +6,7 @@ Nothing here prints; the CLI renders what these functions return.
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 import sqlite3
@@ -20,7 +21,10 @@ from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, read_events, write
 
-STATES = ("pending", "processing", "completed", "failed", "dead")
+STATES = (
+    "pending", "scheduled", "waiting", "processing", "completed", "failed", "dead", "cancelled"
+)
+CANCELLABLE = ("pending", "scheduled", "waiting", "failed", "processing")
 BATCH = 500  # jobs per transaction when enqueueing many: workers get the lock in between
 
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -40,7 +44,12 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     command: str
     id: str | None = None
     max_retries: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    backoff_base: Annotated[float, msgspec.Meta(ge=1)] | None = None
     timeout: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    priority: int = 0
+    run_at: str | None = None  # ISO-8601; no zone means UTC
+    delay: Annotated[float, msgspec.Meta(ge=0)] | None = None  # seconds from now
+    after: list[str] = []
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -60,6 +69,19 @@ def parse_spec(text: str, where: str = "") -> JobSpec:
 def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
     if not spec.command.strip():
         raise InvalidInput(f"invalid job{where}: command is empty")
+    if spec.run_at is not None and spec.delay is not None:
+        raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
+    if spec.run_at is not None:
+        try:
+            spec.run_at = clock.iso(clock.parse(spec.run_at))
+        except ValueError:
+            raise InvalidInput(
+                f"invalid job{where}: run_at {spec.run_at!r} is not an ISO-8601 time"
+            ) from None
+    spec.after = list(dict.fromkeys(spec.after))
+    for dep in spec.after:
+        if not _ID.fullmatch(dep):
+            raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
     if spec.id is not None and not _ID.fullmatch(spec.id):
         raise InvalidInput(
             f"invalid job{where}: id {spec.id!r} must be 1-128 letters, digits or ._:@/+- "
@@ -69,10 +91,11 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
 
 
 def enqueue(conn: sqlite3.Connection, specs: Sequence[JobSpec]) -> list[str]:
-    """Add jobs; returns their ids. A duplicate id (stored or within ``specs``) writes nothing.
+    """Add jobs; returns their ids. A duplicate id, an unknown or cancelled dependency or a
+    dependency cycle refuses the whole request before anything is written.
 
     Many jobs are written ``BATCH`` per transaction so that running workers are not starved
-    of the write lock; every id is checked before the first batch is written.
+    of the write lock; jobs are written dependencies first.
     """
     ids = [spec.id or new_id() for spec in specs]
     seen: set[str] = set()
@@ -81,24 +104,80 @@ def enqueue(conn: sqlite3.Connection, specs: Sequence[JobSpec]) -> list[str]:
             raise Conflict(f"Job ID '{job_id}' appears more than once")
         seen.add(job_id)
     _refuse_existing(conn, ids)
-    for start in range(0, len(specs), BATCH):
-        chunk = range(start, min(start + BATCH, len(specs)))
+    order = _dependency_order(conn, specs, ids)
+    now = clock.now()
+    for start in range(0, len(order), BATCH):
+        chunk = order[start : start + BATCH]
         with write(conn):
             config = settings.load(conn)
             _refuse_existing(conn, [ids[i] for i in chunk])
-            append(conn, *(_enqueued(ids[i], specs[i], config) for i in chunk))
+            _refuse_bad_deps(conn, {d for i in chunk for d in specs[i].after} - seen)
+            append(conn, *(_enqueued(ids[i], specs[i], config, now) for i in chunk))
     return ids
 
 
-def _enqueued(job_id: str, spec: JobSpec, config: dict[str, str]) -> ev.Enqueued:
+def _dependency_order(
+    conn: sqlite3.Connection, specs: Sequence[JobSpec], ids: list[str]
+) -> list[int]:
+    """Indexes of ``specs`` with every job after the jobs of this request it depends on."""
+    position = {job_id: i for i, job_id in enumerate(ids)}
+    outside: set[str] = set()
+    for i, spec in enumerate(specs):
+        for dep in spec.after:
+            if dep == ids[i]:
+                raise InvalidInput(f"job {dep} cannot depend on itself")
+            if dep not in position:
+                outside.add(dep)
+    _refuse_bad_deps(conn, outside)
+    order: list[int] = []
+    state: dict[int, str] = {}  # "visiting" or "done"
+
+    def visit(i: int, path: list[str]) -> None:
+        if state.get(i) == "done":
+            return
+        if state.get(i) == "visiting":
+            cycle = path[path.index(ids[i]) :] + [ids[i]]
+            raise InvalidInput(f"dependency cycle: {' -> '.join(cycle)}")
+        state[i] = "visiting"
+        for dep in specs[i].after:
+            if dep in position:
+                visit(position[dep], path + [ids[i]])
+        state[i] = "done"
+        order.append(i)
+
+    for i in range(len(specs)):
+        visit(i, [])
+    return order
+
+
+def _refuse_bad_deps(conn: sqlite3.Connection, deps: set[str]) -> None:
+    for dep in sorted(deps):
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (dep,)).fetchone()
+        if row is None:
+            raise NotFound(f"dependency '{dep}' is not a known job")
+        if row[0] == "cancelled":
+            raise Conflict(f"dependency '{dep}' is cancelled")
+
+
+def _enqueued(job_id: str, spec: JobSpec, config: dict[str, str], now: str) -> ev.Enqueued:
+    run_at = spec.run_at
+    if spec.delay:
+        run_at = clock.after(now, spec.delay)
     return ev.Enqueued(
         job_id=job_id,
         command=spec.command,
         max_retries=spec.max_retries
         if spec.max_retries is not None
         else int(config["max-retries"]),
-        backoff_base=float(config["backoff-base"]),
+        backoff_base=spec.backoff_base
+        if spec.backoff_base is not None
+        else float(config["backoff-base"]),
         timeout=spec.timeout if spec.timeout is not None else float(config["job-timeout"]),
+        priority=spec.priority,
+        run_at=run_at,
+        after=tuple(spec.after),
+        backoff_max=float(config["backoff-max"]),
+        backoff_jitter=float(config["backoff-jitter"]),
     )
 
 
@@ -160,10 +239,15 @@ class Claim(msgspec.Struct, frozen=True):
     max_retries: int
     backoff_base: float
     timeout: float
+    backoff_max: float = 0.0
+    backoff_jitter: float = 0.0
 
 
-_READY = """SELECT id, command, attempts, max_retries, backoff_base, timeout FROM jobs
-    WHERE state IN ('pending', 'failed') AND run_at <= ? ORDER BY seq LIMIT 1"""
+_CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, backoff_max, " \
+    "backoff_jitter"
+_READY = f"""SELECT {_CLAIM_FIELDS}, run_at FROM jobs
+    WHERE state IN ('pending', 'scheduled', 'failed') AND run_at <= ?
+    ORDER BY priority DESC, seq LIMIT 1"""
 
 
 def worker_started(conn: sqlite3.Connection, worker_id: str, pid: int, host: str) -> None:
@@ -198,23 +282,36 @@ def claim(conn: sqlite3.Connection, worker_id: str) -> Claim | None:
     if conn.execute(_READY, (now,)).fetchone() is None:
         return None
     with write(conn):
+        # A worker declared lost gets nothing: no live worker would ever take it back.
+        state = conn.execute("SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()
+        if state is not None and state[0] != "active":
+            return None
         row = conn.execute(_READY, (now,)).fetchone()
         if row is None:
             return None
-        job_id, command, attempts, max_retries, backoff_base, timeout = row
-        append(conn, ev.Claimed(job_id=job_id, worker_id=worker_id, attempt=attempts + 1))
-    return Claim(job_id, command, attempts + 1, max_retries, backoff_base, timeout)
+        job = Claim(*row[:-1])
+        job = msgspec.structs.replace(job, attempt=job.attempt + 1)
+        append(
+            conn,
+            ev.Claimed(job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
+                       eligible_at=row[-1]),
+        )
+    return job
 
 
 def next_run_at(conn: sqlite3.Connection) -> str | None:
     """When the earliest waiting job becomes eligible (None when nothing waits)."""
     return conn.execute(
-        "SELECT min(run_at) FROM jobs WHERE state IN ('pending', 'failed')"
+        "SELECT min(run_at) FROM jobs WHERE state IN ('pending', 'scheduled', 'failed')"
     ).fetchone()[0]
 
 
 def unfinished(conn: sqlite3.Connection) -> int:
-    """Jobs pending, processing or waiting to retry: what ``--burst`` waits for."""
+    """Jobs pending, processing or waiting to retry: what ``--burst`` waits for.
+
+    Scheduled jobs and jobs waiting on dependencies are not counted: their time may be far
+    off, and a dead dependency may hold a job forever.
+    """
     (n,) = conn.execute(
         "SELECT coalesce(sum(n), 0) FROM job_counts "
         "WHERE state IN ('pending', 'processing', 'failed')"
@@ -229,6 +326,11 @@ def retry_or_dead(job: Claim, at: str, reason: str) -> ev.Event:
     if k >= 1 + job.max_retries:
         return ev.Dead(job_id=job.job_id, attempts=k, reason=reason)
     delay = job.backoff_base**k
+    if job.backoff_max:
+        delay = min(delay, job.backoff_max)
+    if job.backoff_jitter:
+        # Decided here and recorded in the event: replay never draws a random number.
+        delay = round(delay * (1 - job.backoff_jitter * random.random()), 3)
     return ev.ScheduledRetry(
         job_id=job.job_id, attempt=k, delay=delay, run_at=clock.after(at, delay)
     )
@@ -251,8 +353,69 @@ def finish(conn: sqlite3.Connection, job: Claim, result: ev.Event) -> list[ev.Ev
         if isinstance(result, ev.Failed | ev.TimedOut):
             reason = result.error if isinstance(result, ev.Failed) else "timed out"
             events.append(retry_or_dead(job, at, reason))
+        elif isinstance(result, ev.Completed):
+            events += _unblocked_by(conn, job.job_id)
+        elif isinstance(result, ev.Cancelled):
+            events += _cancel_dependents(conn, job.job_id)
         append(conn, *events, at=at)
     return events
+
+
+def _unblocked_by(conn: sqlite3.Connection, job_id: str) -> list[ev.Event]:
+    """Waiting jobs whose last unfinished dependency is ``job_id`` (about to complete)."""
+    rows = conn.execute(
+        """SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
+        WHERE d.depends_on = ? AND j.state = 'waiting'
+        AND NOT EXISTS (
+            SELECT 1 FROM job_deps o JOIN jobs oj ON oj.id = o.depends_on
+            WHERE o.job_id = d.job_id AND o.depends_on != ? AND oj.state != 'completed')
+        ORDER BY j.seq""",
+        (job_id, job_id),
+    ).fetchall()
+    return [ev.Unblocked(job_id=r[0], completed=job_id) for r in rows]
+
+
+def _cancel_dependents(conn: sqlite3.Connection, job_id: str) -> list[ev.Event]:
+    """Cancel every waiting job that depends, directly or not, on a cancelled job."""
+    events: list[ev.Event] = []
+    queue_, done = [job_id], {job_id}
+    while queue_:
+        current = queue_.pop(0)
+        for (dependent,) in conn.execute(
+            """SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
+            WHERE d.depends_on = ? AND j.state = 'waiting' ORDER BY j.seq""",
+            (current,),
+        ).fetchall():
+            if dependent not in done:
+                done.add(dependent)
+                queue_.append(dependent)
+                events.append(ev.Cancelled(
+                    job_id=dependent, reason=f"dependency {current} was cancelled"))
+    return events
+
+
+def cancel(conn: sqlite3.Connection, job_id: str) -> str:
+    """Cancel a job. Returns ``cancelled``, or ``requested`` for a running job, which its
+    worker stops (killing its process group) within a moment."""
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job["state"] not in CANCELLABLE:
+            raise Conflict(
+                f"Job {job_id} is {job['state']}; only pending, scheduled, waiting, failed "
+                "or running jobs can be cancelled"
+            )
+        if job["state"] == "processing":
+            if not job["cancel_requested"]:
+                append(conn, ev.CancelRequested(job_id=job_id))
+            return "requested"
+        cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user")
+        append(conn, cancelled, *_cancel_dependents(conn, job_id))
+    return "cancelled"
+
+
+def cancel_requested(conn: sqlite3.Connection, job_id: str) -> bool:
+    row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return bool(row and row[0])
 
 
 def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
@@ -270,17 +433,17 @@ def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
     with write(conn):
         for worker_id, last_beat in conn.execute(stale_sql, (cutoff,)).fetchall():
             held = conn.execute(
-                """SELECT id, command, attempts, max_retries, backoff_base, timeout FROM jobs
+                f"""SELECT {_CLAIM_FIELDS} FROM jobs
                 WHERE state = 'processing' AND worker_id = ?""",
                 (worker_id,),
             ).fetchall()
             if not held:
                 events.append(ev.WorkerLost(worker_id=worker_id, last_heartbeat=last_beat))
-            for job_id, command, attempts, max_retries, base, timeout in held:
-                job = Claim(job_id, command, attempts, max_retries, base, timeout)
+            for row in held:
+                job = Claim(*row)
                 events.append(
                     ev.LeaseExpired(
-                        job_id=job_id, worker_id=worker_id, attempt=attempts,
+                        job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
                         last_heartbeat=last_beat,
                     )
                 )
@@ -293,8 +456,10 @@ def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
 # -- reads --------------------------------------------------------------------------------
 
 JOB_FIELDS = (
-    "id, command, state, attempts, max_retries, backoff_base, timeout, run_at, worker_id, "
-    "exit_code, last_error, created_at, updated_at"
+    "id, command, state, priority, attempts, max_retries, backoff_base, backoff_max, "
+    "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
+    "created_at, updated_at, "
+    "(SELECT json_group_array(depends_on) FROM job_deps WHERE job_deps.job_id = jobs.id) AS after"
 )
 
 
@@ -303,8 +468,15 @@ def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
+def _dicts_jobs(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    rows = _dicts(cursor)
+    for row in rows:
+        row["after"] = msgspec.json.decode(row["after"])
+    return rows
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
-    rows = _dicts(conn.execute(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?", (job_id,)))
+    rows = _dicts_jobs(conn.execute(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?", (job_id,)))
     if not rows:
         raise NotFound(f"Job '{job_id}' not found")
     return rows[0]
@@ -316,7 +488,7 @@ def list_jobs(
     """Jobs oldest first, optionally of one state."""
     where, params = ("WHERE state = ?", [state]) if state else ("", [])
     sql = f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY seq LIMIT ?"
-    return _dicts(conn.execute(sql, (*params, -1 if limit is None else limit)))
+    return _dicts_jobs(conn.execute(sql, (*params, -1 if limit is None else limit)))
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -343,3 +515,111 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[tuple[int, str, ev.Ev
     if not rows:
         raise NotFound(f"Job '{job_id}' not found")
     return rows
+
+
+def runs_of(conn: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
+    """Each run of a job, from its events: when, by whom, how it ended, and its output."""
+    runs: list[dict[str, Any]] = []
+    for _, at, event in history(conn, job_id):
+        match event:
+            case ev.Claimed(attempt=a, worker_id=w):
+                runs.append({"run": len(runs) + 1, "attempt": a, "worker_id": w,
+                             "started_at": at, "finished_at": None, "outcome": "running",
+                             "exit_code": None, "duration": None, "output": "",
+                             "truncated": False, "error": None})
+            case ev.Completed() | ev.Failed() | ev.TimedOut() | ev.Cancelled() | \
+                    ev.Released() | ev.LeaseExpired() if runs and runs[-1]["finished_at"] is None:
+                run = runs[-1]
+                run["finished_at"] = at
+                run["outcome"] = event.type
+                run["exit_code"] = getattr(event, "exit_code", 0 if event.type == "completed"
+                                           else None)
+                run["duration"] = getattr(event, "duration", None)
+                run["output"] = getattr(event, "output", "")
+                run["truncated"] = getattr(event, "truncated", False)
+                run["error"] = getattr(event, "error", None) or getattr(event, "reason", None)
+    return runs
+
+
+def parse_since(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise InvalidInput(f"--since {text!r}: expected a duration like 90s, 15m, 2h or 1d") from None
+    if value <= 0:
+        raise InvalidInput(f"--since {text!r}: the duration must be positive")
+    return value
+
+
+def _percentile(conn: sqlite3.Connection, column: str, where: str, params: tuple[Any, ...],
+                n: int, p: float) -> float | None:
+    """Nearest-rank percentile, walked along the column's index (no sort in Python)."""
+    if n == 0:
+        return None
+    rank = max(0, -(-int(p * 1000) * n // 1000) - 1)  # ceil(p * n) - 1
+    row = conn.execute(
+        f"SELECT {column} FROM runs WHERE {column} IS NOT NULL {where} "
+        f"ORDER BY {column} LIMIT 1 OFFSET ?",
+        (*params, rank),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def stats(conn: sqlite3.Connection, since_seconds: float | None = None) -> dict[str, Any]:
+    """Completed / failed / dead, success rate, throughput, run time and queue wait
+    percentiles, from the ``runs`` projection (all time, or the last ``since_seconds``)."""
+    now = clock.now()
+    conn.execute("BEGIN")  # one snapshot for every figure
+    try:
+        if since_seconds is None:
+            found = dict(conn.execute("SELECT outcome, n FROM run_counts").fetchall())
+            span = conn.execute("SELECT min(claimed_at), max(finished_at) FROM runs").fetchone()
+            fin_where, fin_params = "", ()
+            wait_where, wait_params = "", ()
+        else:
+            since = clock.after(now, -since_seconds)
+            found = dict(conn.execute(
+                "SELECT outcome, count(*) FROM runs WHERE finished_at >= ? GROUP BY outcome",
+                (since,)).fetchall())
+            found["dead"] = conn.execute(
+                "SELECT count(*) FROM runs WHERE dead = 1 AND finished_at >= ?", (since,)
+            ).fetchone()[0]
+            found["claimed"] = conn.execute(
+                "SELECT count(*) FROM runs WHERE claimed_at >= ?", (since,)).fetchone()[0]
+            span = (since, now)
+            fin_where, fin_params = "AND finished_at >= ?", (since,)
+            wait_where, wait_params = "AND claimed_at >= ?", (since,)
+        completed = int(found.get("completed", 0))
+        failed = sum(int(found.get(k, 0)) for k in ("failed", "timed-out", "lease-expired"))
+        timed = completed + int(found.get("failed", 0)) + int(found.get("timed-out", 0))
+        claims = int(found.get("claimed", 0))
+        minutes = (clock.seconds_between(span[0], span[1]) / 60) if span[0] and span[1] else 0
+        max_run = conn.execute(
+            f"SELECT max(duration) FROM runs WHERE duration IS NOT NULL {fin_where}", fin_params
+        ).fetchone()[0]
+        result = {
+            "since": None if since_seconds is None else span[0],
+            "completed": completed,
+            "failed": failed,
+            "dead": int(found.get("dead", 0)),
+            "success_rate": round(completed / (completed + failed), 4)
+            if completed + failed else None,
+            "throughput_per_min": round(completed / minutes, 2) if minutes > 0 else None,
+            "run_time": {
+                "p50": _percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
+                "p95": _percentile(conn, "duration", fin_where, fin_params, timed, 0.95),
+                "max": max_run,
+            },
+            "queue_wait": {
+                "p50": _percentile(conn, "wait", wait_where, wait_params, claims, 0.50),
+                "p95": _percentile(conn, "wait", wait_where, wait_params, claims, 0.95),
+            },
+        }
+    finally:
+        conn.execute("COMMIT")
+    return result

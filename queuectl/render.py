@@ -28,9 +28,14 @@ def to_json(data: Any) -> str:
 
 
 def _console():  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    # On a terminal rich fits its width; piped output gets room for every column.
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 120)
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]], wide: set[str] = set()) -> None:
@@ -44,7 +49,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]], wide: set[str]
         if name in wide:
             table.add_column(name, overflow="fold", ratio=1, min_width=len(name))
         else:
-            table.add_column(name, no_wrap=True)
+            table.add_column(name, no_wrap=True, min_width=min(len(name), 8))
     for row in rows:
         table.add_row(*(Text(safe(str(cell))) for cell in row))
     _console().print(table)
@@ -53,31 +58,40 @@ def _table(title: str, columns: list[str], rows: list[list[Any]], wide: set[str]
 # -- jobs ---------------------------------------------------------------------------------
 
 JOB_JSON_FIELDS = (
-    "id", "command", "state", "attempts", "max_retries", "backoff_base", "timeout",
-    "run_at", "exit_code", "last_error", "created_at", "updated_at",
+    "id", "command", "state", "priority", "attempts", "max_retries", "backoff_base",
+    "backoff_max", "backoff_jitter", "timeout", "run_at", "after", "exit_code", "last_error",
+    "created_at", "updated_at",
 )
+_TIMED = ("scheduled", "failed", "pending")
 
 
 def job_json(job: dict[str, Any]) -> dict[str, Any]:
-    return {key: job[key] for key in JOB_JSON_FIELDS}
+    data = {key: job[key] for key in JOB_JSON_FIELDS}
+    if job["state"] not in _TIMED:
+        data["run_at"] = None  # only meaningful while the job waits for its time
+    return data
 
 
 def jobs_table(jobs: list[dict[str, Any]], title: str) -> None:
     if not jobs:
         print(f"{title}: no jobs")
         return
-    waiting = any(j["state"] == "failed" for j in jobs)
-    columns = ["ID", "State", "Attempts", "Max retries", "Command", "Updated (UTC)"]
-    if waiting:
-        columns.append("Retry at")
+    timed = any(j["state"] in ("scheduled", "failed") for j in jobs)
+    prioritised = any(j["priority"] for j in jobs)
+    dependent = any(j["after"] for j in jobs)
+    columns = ["ID", "State", "Attempts", "Max retries"]
+    columns += ["Priority"] * prioritised + ["Command", "Updated (UTC)"]
+    columns += ["Runs at (UTC)"] * timed + ["After"] * dependent
     rows = []
     for j in jobs:
-        row = [j["id"], j["state"], j["attempts"], j["max_retries"], j["command"],
-               clock.human(j["updated_at"])]
-        if waiting:
-            row.append(clock.human(j["run_at"]) if j["state"] == "failed" else "")
+        row: list[Any] = [j["id"], j["state"], j["attempts"], j["max_retries"]]
+        row += [j["priority"]] * prioritised + [j["command"], clock.human(j["updated_at"])]
+        if timed:
+            row.append(clock.human(j["run_at"]) if j["state"] in ("scheduled", "failed") else "")
+        if dependent:
+            row.append(", ".join(j["after"]))
         rows.append(row)
-    _table(title, columns, rows, wide={"Command"})
+    _table(title, columns, rows, wide={"Command", "After"})
 
 
 def dlq_table(jobs: list[dict[str, Any]]) -> None:
@@ -168,3 +182,98 @@ def history_table(job_id: str, rows: list[tuple[int, str, ev.Event]]) -> None:
     ]
     columns = ["Seq", "Time (UTC)", "Event", "Worker", "Details"]
     _table(f"History of job {job_id}", columns, table_rows, wide={"Details"})
+
+
+# -- show, logs, stats --------------------------------------------------------------------
+
+
+def safe_block(text: str) -> str:
+    """Multi-line user text (job output): newlines and tabs kept, other controls escaped."""
+    return "\n".join(safe(line).replace("\\t", "\t") for line in text.split("\n"))
+
+
+def _next_run(job: dict[str, Any]) -> str | None:
+    if job["state"] in ("pending",):
+        return "now (waiting for a worker)"
+    if job["state"] in ("scheduled", "failed"):
+        return job["run_at"]
+    if job["state"] == "waiting":
+        return "after its dependencies complete"
+    return None
+
+
+def show_json(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    data = job_json(job)
+    data.update(
+        backoff_max=job["backoff_max"], backoff_jitter=job["backoff_jitter"],
+        worker_id=job["worker_id"], cancel_requested=bool(job["cancel_requested"]),
+        after={dep: state for dep, state in deps.items()},
+        next_run=_next_run(job), runs=len(runs),
+    )
+    return data
+
+
+def show(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) -> None:
+    policy = f"max_retries {job['max_retries']}, backoff_base {job['backoff_base']:g}"
+    if job["backoff_max"]:
+        policy += f", backoff_max {job['backoff_max']:g}s"
+    if job["backoff_jitter"]:
+        policy += f", backoff_jitter {job['backoff_jitter']:g}"
+    lines = [
+        ("ID", job["id"]),
+        ("Command", job["command"]),
+        ("State", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
+        ("Priority", job["priority"]),
+        ("Attempts", f"{job['attempts']} of {1 + job['max_retries']} allowed runs"),
+        ("Retry policy", policy),
+        ("Timeout", f"{job['timeout']:g}s" if job["timeout"] else "none"),
+        ("After", ", ".join(f"{d} ({s})" for d, s in deps.items()) or "-"),
+        ("Worker", job["worker_id"] or "-"),
+        ("Last error", job["last_error"] or "-"),
+        ("Exit code", "-" if job["exit_code"] is None else job["exit_code"]),
+        ("Next run", _next_run(job) or "-"),
+        ("Runs", len(runs)),
+        ("Created", job["created_at"]),
+        ("Updated", job["updated_at"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key + ':':<{width + 1}} {safe(str(value))}")
+
+
+def logs(job_id: str, runs: list[dict[str, Any]]) -> None:
+    if not runs:
+        print(f"Job {job_id} has not run yet")
+        return
+    for run in runs:
+        ended = run["outcome"]
+        if run["error"]:
+            ended += f": {run['error']}"
+        elif run["exit_code"] is not None:
+            ended += f" (exit code {run['exit_code']})"
+        took = f", {run['duration']:.3f}s" if run["duration"] is not None else ""
+        print(f"=== attempt {run['attempt']} on worker {run['worker_id']} at "
+              f"{clock.human(run['started_at'])}: {safe(ended)}{took} ===")
+        if run["truncated"]:
+            print(f"[output cut: only its last {len(run['output'].encode())} bytes were kept]")
+        output = safe_block(run["output"])
+        print(output, end="" if output.endswith("\n") or not output else "\n")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+def stats(figures: dict[str, Any], since: str | None) -> None:
+    rate = figures["success_rate"]
+    throughput = figures["throughput_per_min"]
+    run, wait = figures["run_time"], figures["queue_wait"]
+    print(f"===== STATS ({'last ' + since if since else 'all time'}) =====")
+    print(f"Completed:     {figures['completed']}")
+    print(f"Failed runs:   {figures['failed']}")
+    print(f"Dead:          {figures['dead']}")
+    print(f"Success rate:  {'-' if rate is None else f'{rate:.1%}'}")
+    print(f"Throughput:    {'-' if throughput is None else f'{throughput:g} jobs/min'}")
+    print(f"Run time:      p50 {_seconds(run['p50'])}  p95 {_seconds(run['p95'])}  "
+          f"max {_seconds(run['max'])}")
+    print(f"Queue wait:    p50 {_seconds(wait['p50'])}  p95 {_seconds(wait['p95'])}")

@@ -59,6 +59,21 @@ SETTINGS: dict[str, Setting] = {
             lambda v: f"Retry delays will be: {_delays(v)}",
         ),
         Setting(
+            "backoff-max",
+            "0",
+            lambda t: _number(t, 0, integer=False),
+            lambda v: "Longest wait before one retry, in seconds (0 = no cap)",
+            lambda v: f"Retry delays will be capped at {v}s" if float(v) else "Retry delays "
+            "will not be capped",
+        ),
+        Setting(
+            "backoff-jitter",
+            "0",
+            lambda t: _number(t, 0, integer=False, maximum=1),
+            lambda v: "Fraction (0..1) by which a retry delay may be randomly shortened",
+            lambda v: f"Each retry delay will be shortened by a random 0-{float(v):.0%}",
+        ),
+        Setting(
             "job-timeout",
             "0",
             lambda t: _number(t, 0, integer=False),

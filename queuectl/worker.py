@@ -25,6 +25,7 @@ from queuectl.render import safe
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
+CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
 
 @dataclass
@@ -107,13 +108,13 @@ def run_command(
     *,
     timeout: float,
     output_limit: int,
-    tick: Callable[[], None],
-    abandon: threading.Event,
+    tick: Callable[[], bool],
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
-    ``tick`` is called about every 50 ms while it runs (heartbeats); ``abandon`` set means
-    kill the group now. On timeout the group gets SIGTERM, then SIGKILL after a grace.
+    ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
+    returns True the group is killed at once. On timeout the group gets SIGTERM, then
+    SIGKILL after a grace.
     """
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -161,8 +162,7 @@ def run_command(
                     break
             _kill_group(proc.pid, signal.SIGTERM)  # leftovers of a finished job don't linger
             break
-        tick()
-        abandoned = abandon.is_set()
+        abandoned = tick()
         timed_out = bool(timeout) and time.monotonic() - start > timeout
         if abandoned or timed_out:
             _kill_group(proc.pid, signal.SIGTERM)
@@ -215,6 +215,8 @@ class Worker:
         self.done = 0
         self._next_beat = 0.0
         self._next_rescue = 0.0
+        self._next_cancel_check = 0.0
+        self._kill_reason: str | None = None
         self.error: BaseException | None = None
 
     def log(self, text: str) -> None:
@@ -243,7 +245,21 @@ class Worker:
 
     def _tick(self) -> None:
         """Housekeeping while running or idle: heartbeat, and rescue silent workers' jobs."""
+        self._housekeeping(time.monotonic())
+
+    def _running_tick(self, job: queue.Claim) -> bool:
+        """Housekeeping while a job runs; True when the run must be killed now."""
         now = time.monotonic()
+        self._housekeeping(now)
+        if self.shutdown.hard.is_set():
+            self._kill_reason = "shutdown"
+        elif now >= self._next_cancel_check:
+            self._next_cancel_check = now + CANCEL_CHECK
+            if queue.cancel_requested(self.conn, job.job_id):
+                self._kill_reason = "cancel"
+        return self._kill_reason is not None
+
+    def _housekeeping(self, now: float) -> None:
         if now >= self._next_beat:
             self.config = settings.load(self.conn)
             queue.heartbeat(self.conn, self.id)
@@ -288,12 +304,13 @@ class Worker:
         else:
             self.log(f"RETRYING job {job.job_id} (Attempt {job.attempt})")
         self.log(f"Job {job.job_id} state: processing")
+        self._kill_reason = None
+        self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         result = run_command(
             job.command,
             timeout=job.timeout,
             output_limit=int(self.config["output-limit"]) * 1024,
-            tick=self._tick,
-            abandon=self.shutdown.hard,
+            tick=lambda: self._running_tick(job),
         )
         self.done += 1
         for event in queue.finish(self.conn, job, self._event(job, result)):
@@ -302,6 +319,8 @@ class Worker:
     def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
         common = {"job_id": job.job_id, "worker_id": self.id, "attempt": job.attempt}
         out = {"output": r.output, "truncated": r.truncated, "duration": r.duration}
+        if r.abandoned and self._kill_reason == "cancel":
+            return ev.Cancelled(**common, reason="cancelled by user while running", **out)
         if r.abandoned:
             return ev.Released(**common, reason="worker shut down while the job ran")
         if r.timed_out:
@@ -326,6 +345,10 @@ class Worker:
                 self.log(f"Worker {w} is gone: no heartbeat")
             case ev.Released(job_id=j):
                 self.log(f"Job {j} released back to the queue")
+            case ev.Cancelled(job_id=j, reason=r):
+                self.log(f"Job {j} state: cancelled ({r})")
+            case ev.Unblocked(job_id=j):
+                self.log(f"Job {j} unblocked: its dependencies completed")
             case ev.ScheduledRetry(job_id=j, delay=d):
                 self.log(f"Job {j} state: failed - Will retry in {d:g}s")
             case ev.Dead(job_id=j):

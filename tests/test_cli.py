@@ -30,6 +30,10 @@ max-retries = 3
 Maximum retry attempts before moving to DLQ
 backoff-base = 2
 Retry delays: 2s, 4s, 8s, 16s...
+backoff-max = 0
+Longest wait before one retry, in seconds (0 = no cap)
+backoff-jitter = 0
+Fraction (0..1) by which a retry delay may be randomly shortened
 job-timeout = 0
 Seconds a job may run before it is killed (0 = no limit)
 heartbeat-interval = 10
@@ -139,6 +143,8 @@ def test_config_get_json(run):
         "max-retries": 5,
         "backoff-base": 2,
         "job-timeout": 0,
+        "backoff-max": 0,
+        "backoff-jitter": 0,
         "heartbeat-interval": 10,
         "lease-timeout": 30,
         "output-limit": 4,
@@ -348,7 +354,8 @@ def test_status_text(run, conn):
     make_dead(conn, "d1")
     ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
     assert ok(run("status")) == (
-        "Jobs  pending: 1  processing: 0  completed: 0  failed: 0  dead: 1  (total: 2)\n"
+        "Jobs  pending: 1  scheduled: 0  waiting: 0  processing: 0  completed: 0  failed: 0  "
+        "dead: 1  cancelled: 0  (total: 2)\n"
         "Workers: none active\n"
     )
 
@@ -358,7 +365,10 @@ def test_status_json(run, conn):
     ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
     ok(run("enqueue", "-c", "echo hi", "--id", "j2"))
     data = json.loads(ok(run("status", "--json")))
-    assert data["jobs"] == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "dead": 1}
+    assert data["jobs"] == {
+        "pending": 2, "scheduled": 0, "waiting": 0, "processing": 0, "completed": 0,
+        "failed": 0, "dead": 1, "cancelled": 0,
+    }
     assert data["workers"] == []
 
 

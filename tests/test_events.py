@@ -14,8 +14,14 @@ from queuectl import events as ev
 from queuectl import ledger, queue
 from queuectl.errors import CorruptLedger
 
-SAMPLES = Path(__file__).parent / "data" / "events-v1.jsonl"
-LINES = [line for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
+# One file per event version: rows written by every earlier version must keep decoding.
+SAMPLES = sorted((Path(__file__).parent / "data").glob("events-v*.jsonl"))
+LINES = [
+    line
+    for sample in SAMPLES
+    for line in sample.read_text(encoding="utf-8").splitlines()
+    if line.strip()
+]
 
 
 def _count(conn: sqlite3.Connection) -> int:

@@ -1,0 +1,386 @@
+"""The ledger as a library: the one write path, append-only storage, projections that can
+be thrown away and rebuilt, and the queue decisions that sit on top of them."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+from datetime import timedelta
+
+import msgspec
+import pytest
+from conftest import events_of
+
+import projections.config
+import projections.jobs
+import projections.workers
+from queuectl import clock, ledger, queue
+from queuectl import events as ev
+
+
+def _add(conn: sqlite3.Connection, *ids: str, command: str = "true", retries: int = 3) -> None:
+    queue.enqueue(conn, [queue.JobSpec(command=command, id=i, max_retries=retries) for i in ids])
+
+
+def _rows(conn: sqlite3.Connection, table: str) -> list[tuple[object, ...]]:
+    return conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+
+
+def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    return {t: _rows(conn, t) for t in ("jobs", "job_counts", "workers", "config")}
+
+
+def _mixed_workload(conn: sqlite3.Connection) -> None:
+    """Jobs in every state: completed, failed (waiting), dead, processing, pending."""
+    queue.set_config(conn, "backoff-base", "3")
+    _add(conn, "ok", "retry")
+    _add(conn, "dies", retries=0)
+    _add(conn, "busy", "waiting")
+    queue.worker_started(conn, "w1", 1, "host")
+    common = {"worker_id": "w1", "attempt": 1}
+    for job_id, result in (
+        ("ok", ev.Completed(job_id="ok", **common)),
+        ("retry", ev.Failed(job_id="retry", exit_code=1, error="exit status 1", **common)),
+        ("dies", ev.Failed(job_id="dies", exit_code=2, error="exit status 2", **common)),
+    ):
+        job = queue.claim(conn, "w1")
+        assert job is not None and job.job_id == job_id
+        queue.finish(conn, job, result)
+    assert queue.claim(conn, "w1").job_id == "busy"  # type: ignore[union-attr]
+
+
+# -- the write path -------------------------------------------------------------------------
+
+
+def test_append_outside_a_transaction_raises(conn):
+    with pytest.raises(RuntimeError, match="inside a write transaction"):
+        ledger.append(conn, ev.StopRequested())
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def test_exception_inside_write_rolls_back_event_and_projections(conn):
+    _add(conn, "kept")
+    before = _snapshot(conn)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ledger.write(conn):
+            ledger.append(
+                conn,
+                ev.Enqueued(job_id="lost", command="true", max_retries=3, backoff_base=2),
+                ev.ConfigChanged(key="max-retries", value="9"),
+            )
+            # Inside the transaction both the event and the projections changed ...
+            assert conn.execute("SELECT count(*) FROM jobs WHERE id = 'lost'").fetchone() == (1,)
+            raise RuntimeError("boom")
+    # ... and after the exception neither did.
+    assert not conn.in_transaction
+    assert events_of(conn, "lost") == []
+    assert [r[0] for r in conn.execute("SELECT type FROM events")] == ["enqueued"]
+    assert _snapshot(conn) == before
+
+
+def test_events_are_append_only(conn):
+    _add(conn, "a")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE events SET type = 'dead'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM events")
+    assert events_of(conn, "a") == ["enqueued"]
+
+
+def test_append_returns_last_seq_and_shares_one_time(conn):
+    with ledger.write(conn):
+        seq = ledger.append(
+            conn, ev.ConfigChanged(key="max-retries", value="1"), ev.StopRequested()
+        )
+    rows = conn.execute("SELECT seq, at, type FROM events ORDER BY seq").fetchall()
+    assert [r[2] for r in rows] == ["config-changed", "stop-requested"]
+    assert seq == rows[-1][0]
+    assert rows[0][1] == rows[1][1]
+    assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(seq,)]
+
+
+def test_job_counts_match_jobs_after_mixed_workload(conn):
+    _mixed_workload(conn)
+    by_state = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    counts = dict(conn.execute("SELECT state, n FROM job_counts WHERE n != 0").fetchall())
+    assert counts == by_state
+    assert counts == {"completed": 1, "failed": 1, "dead": 1, "processing": 1, "pending": 1}
+    assert {s: n for s, n in queue.counts(conn).items() if n} == counts
+
+
+# -- projections and replay -----------------------------------------------------------------
+
+
+def test_version_change_rebuilds_projection_on_open(conn, db, monkeypatch):
+    _mixed_workload(conn)
+    before = _snapshot(conn)
+    (last_seq,) = conn.execute("SELECT max(seq) FROM events").fetchone()
+    # Mark the live rows: only a real rebuild from the ledger turns them back.
+    conn.execute("UPDATE jobs SET command = 'tampered'")
+    conn.close()
+
+    monkeypatch.setattr(projections.jobs, "VERSION", projections.jobs.VERSION + 1)
+    reopened = ledger.connect(db)
+    try:
+        assert _snapshot(reopened) == before
+        meta = dict(
+            (name, (version, position))
+            for name, version, position in reopened.execute("SELECT * FROM projection_meta")
+        )
+        assert meta["jobs"] == (projections.jobs.VERSION, last_seq)
+        assert meta["workers"][0] == projections.workers.VERSION
+        assert meta["config"][0] == projections.config.VERSION
+        assert ledger.check(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_failed_rebuild_leaves_old_tables(conn, db, monkeypatch):
+    _mixed_workload(conn)
+    before = _snapshot(conn)
+    meta_before = _rows(conn, "projection_meta")
+    conn.close()
+
+    calls = 0
+
+    def broken_apply(tx, seq, at, event):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # part-way through the replay, after rows were written
+            raise RuntimeError("projector bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(projections.jobs, "VERSION", projections.jobs.VERSION + 1)
+        m.setattr(projections.jobs, "apply", broken_apply)
+        with pytest.raises(RuntimeError, match="projector bug"):
+            ledger.connect(db)
+        assert calls == 3
+
+    plain = sqlite3.connect(db)
+    try:
+        assert _snapshot(plain) == before
+        assert _rows(plain, "projection_meta") == meta_before
+        assert not plain.in_transaction
+    finally:
+        plain.close()
+
+
+def test_rebuild_returns_last_seq_and_restores_rows(conn):
+    _mixed_workload(conn)
+    before = _snapshot(conn)
+    conn.execute("DELETE FROM jobs")
+    conn.execute("DELETE FROM job_counts")
+    (last_seq,) = conn.execute("SELECT max(seq) FROM events").fetchone()
+    assert ledger.rebuild(conn) == last_seq
+    assert _snapshot(conn) == before
+
+
+def test_rebuild_of_empty_ledger_returns_zero(conn):
+    assert ledger.rebuild(conn) == 0
+
+
+def test_check_is_clean_then_names_altered_row(conn):
+    _mixed_workload(conn)
+    assert ledger.check(conn) == []
+
+    conn.execute("UPDATE jobs SET attempts = 7 WHERE id = 'ok'")
+    problems = ledger.check(conn)
+    assert len(problems) == 1
+    assert problems[0].startswith("jobs: row 'ok' differs")
+    assert "attempts: live 7, replayed 1" in problems[0]
+
+    conn.execute("INSERT INTO config (key, value, updated_at) VALUES ('ghost', '1', 'x')")
+    problems = ledger.check(conn)
+    assert "config: row 'ghost' is live but not in the replay" in problems
+
+    ledger.rebuild(conn)  # leave a database that replays cleanly for the fixture's check
+    assert ledger.check(conn) == []
+
+
+# -- queue decisions ------------------------------------------------------------------------
+
+
+def test_claim_takes_oldest_first(conn):
+    _add(conn, "first")
+    _add(conn, "second")
+    _add(conn, "third")
+    queue.worker_started(conn, "w1", 1, "host")
+    claimed = [queue.claim(conn, "w1") for _ in range(4)]
+    assert [c.job_id if c else None for c in claimed] == ["first", "second", "third", None]
+    assert [c.attempt for c in claimed if c] == [1, 1, 1]
+
+
+def test_claim_skips_jobs_waiting_out_their_backoff(conn):
+    _add(conn, "a", "b")
+    queue.worker_started(conn, "w1", 1, "host")
+    job = queue.claim(conn, "w1")
+    assert job is not None and job.job_id == "a"
+    failed = ev.Failed(job_id="a", worker_id="w1", attempt=1, exit_code=1, error="exit status 1")
+    queue.finish(conn, job, failed)
+    assert queue.claim(conn, "w1").job_id == "b"  # type: ignore[union-attr]
+    assert queue.claim(conn, "w1") is None  # "a" waits 2 s
+
+
+def test_concurrent_claims_never_share_a_job(db, conn):
+    ids = [f"job{i:03d}" for i in range(200)]
+    _add(conn, *ids)
+    got: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def claimer(worker_id: str) -> None:
+        mine = got.setdefault(worker_id, [])
+        try:
+            c = ledger.connect(db)
+            try:
+                queue.worker_started(c, worker_id, 1, "host")
+                start.wait()
+                while (job := queue.claim(c, worker_id)) is not None:
+                    mine.append(job.job_id)
+            finally:
+                c.close()
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{n}",)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+
+    claimed = [job for jobs in got.values() for job in jobs]
+    assert sorted(claimed) == ids  # each job exactly once
+    per_job = Counter(
+        r[0] for r in conn.execute("SELECT job_id FROM events WHERE type = 'claimed'")
+    )
+    assert set(per_job.values()) == {1} and len(per_job) == 200
+    holders = dict(conn.execute("SELECT id, worker_id FROM jobs WHERE state = 'processing'"))
+    assert holders == {job: w for w, jobs in got.items() for job in jobs}
+
+
+def _claim(attempt: int, max_retries: int = 3, base: float = 2) -> queue.Claim:
+    return queue.Claim("j", "false", attempt, max_retries, base, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("base", "max_retries", "delays"),
+    [(2, 3, [2, 4, 8]), (3, 2, [3, 9]), (1.5, 1, [1.5]), (2, 0, [])],
+)
+def test_retry_rule(base, max_retries, delays):
+    at = "2026-11-27T10:30:00.000000Z"
+    for k in range(1, 2 + max_retries):
+        event = queue.retry_or_dead(_claim(k, max_retries, base), at, "exit status 1")
+        if k <= max_retries:
+            assert event == ev.ScheduledRetry(
+                job_id="j", attempt=k, delay=base**k, run_at=clock.after(at, base**k)
+            )
+            assert clock.seconds_between(at, event.run_at) == pytest.approx(delays[k - 1])
+        else:  # the (1 + max_retries)-th failed run
+            assert event == ev.Dead(job_id="j", attempts=k, reason="exit status 1")
+
+
+def test_job_runs_at_most_one_plus_max_retries_times(conn):
+    _add(conn, "f", command="false", retries=2)
+    queue.worker_started(conn, "w1", 1, "host")
+    runs = 0
+    while True:
+        job = queue.claim(conn, "w1")
+        if job is None:  # waiting out its backoff, or dead: claim it when its run_at comes
+            state, run_at = conn.execute("SELECT state, run_at FROM jobs WHERE id = 'f'").fetchone()
+            if state == "dead":
+                break
+            assert state == "failed"
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(clock, "now", lambda: run_at)  # noqa: B023
+                job = queue.claim(conn, "w1")
+            assert job is not None
+        runs += 1
+        result = ev.Failed(
+            job_id="f", worker_id="w1", attempt=job.attempt, exit_code=1, error="exit status 1"
+        )
+        queue.finish(conn, job, result)
+    assert runs == 3
+    assert events_of(conn, "f") == [
+        "enqueued",
+        *["claimed", "failed", "scheduled-retry"] * 2,
+        "claimed", "failed", "dead",
+    ]
+    delays = [
+        msgspec.json.decode(b)["delay"]
+        for (b,) in conn.execute("SELECT body FROM events WHERE type = 'scheduled-retry'")
+    ]
+    assert delays == [2, 4]
+    assert queue.get_job(conn, "f")["attempts"] == 3
+
+
+def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch):
+    _add(conn, "j")
+    queue.worker_started(conn, "w1", 1, "host")
+    job = queue.claim(conn, "w1")
+    assert job is not None
+
+    later = clock.iso(clock.parse(clock.now()) + timedelta(hours=1))
+    monkeypatch.setattr(clock, "now", lambda: later)
+    queue.worker_started(conn, "w2", 2, "host")  # a live worker, heartbeating "now"
+    rescued = queue.rescue(conn, lease_timeout=30)
+    assert [e.type for e in rescued] == ["lease-expired", "scheduled-retry"]
+    retry_at = queue.get_job(conn, "j")["run_at"]
+    monkeypatch.setattr(clock, "now", lambda: retry_at)
+    again = queue.claim(conn, "w2")
+    assert again is not None and again.attempt == 2
+    (seq_before,) = conn.execute("SELECT max(seq) FROM events").fetchone()
+    before = _snapshot(conn)
+
+    # w1 comes back from the dead and reports its (long lost) run.
+    assert queue.finish(conn, job, ev.Completed(job_id="j", worker_id="w1", attempt=1)) == []
+    failed = ev.Failed(job_id="j", worker_id="w1", attempt=1, exit_code=1, error="x")
+    assert queue.finish(conn, job, failed) == []
+    assert conn.execute("SELECT max(seq) FROM events").fetchone() == (seq_before,)
+    assert _snapshot(conn) == before
+
+    # The holder's result is still recorded.
+    done = ev.Completed(job_id="j", worker_id="w2", attempt=2)
+    assert queue.finish(conn, again, done) == [done]
+    assert queue.get_job(conn, "j")["state"] == "completed"
+
+
+def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
+    _add(conn, "held", retries=3)
+    queue.worker_started(conn, "busy", 1, "host")
+    queue.worker_started(conn, "idle", 2, "host")
+    job = queue.claim(conn, "busy")
+    assert job is not None and job.job_id == "held"
+    assert queue.rescue(conn, lease_timeout=30) == []  # nobody is stale yet
+
+    far = "2099-01-01T00:00:00.000000Z"
+    monkeypatch.setattr("queuectl.clock.now", lambda: far)
+    events = queue.rescue(conn, lease_timeout=30)
+    by_type = {e.type: e for e in events}
+    assert sorted(by_type) == ["lease-expired", "scheduled-retry", "worker-lost"]
+    assert len(events) == 3
+    assert by_type["lease-expired"].job_id == "held"
+    assert by_type["lease-expired"].worker_id == "busy"
+    assert by_type["lease-expired"].attempt == 1
+    assert by_type["worker-lost"].worker_id == "idle"
+    retry = by_type["scheduled-retry"]
+    assert (retry.job_id, retry.attempt, retry.delay) == ("held", 1, 2)
+    assert retry.run_at == clock.after(far, 2)
+
+    assert events_of(conn, "held") == ["enqueued", "claimed", "lease-expired", "scheduled-retry"]
+    row = queue.get_job(conn, "held")
+    assert (row["state"], row["worker_id"], row["run_at"]) == ("failed", None, retry.run_at)
+    states = dict(conn.execute("SELECT id, state FROM workers"))
+    assert states == {"busy": "gone", "idle": "gone"}
+    assert queue.rescue(conn, lease_timeout=30) == []  # recorded once, not again
+
+
+def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
+    _add(conn, "last", retries=0)
+    queue.worker_started(conn, "w1", 1, "host")
+    assert queue.claim(conn, "w1") is not None
+    monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
+    assert [e.type for e in queue.rescue(conn, 30)] == ["lease-expired", "dead"]
+    assert queue.get_job(conn, "last")["state"] == "dead"

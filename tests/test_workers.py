@@ -1,0 +1,442 @@
+"""Workers as real processes: sharing a queue, retrying with backoff, recording results,
+surviving restarts, stopping on request or on signals, and waking for new work at once."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from conftest import events_of, spawn
+
+WAIT = 60.0  # generous ceiling for anything that should take a few seconds
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@contextmanager
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Collects spawned processes; any still running at the end is killed."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.communicate(timeout=10)
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
+
+
+def worker(procs: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    proc = spawn("worker", *args, env={"PYTHONUNBUFFERED": "1"})
+    procs.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = WAIT) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(condition: Callable[[], object], timeout: float = WAIT, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def cli_ok(*args: str) -> str:
+    """Run ``queuectl ARGS`` in a fresh process; it must succeed."""
+    proc = spawn(*args)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err
+    return out
+
+
+def enqueue(run, *commands: str, **flags: str) -> list[str]:
+    ids = []
+    for command in commands:
+        extra = [x for key, value in flags.items() for x in (f"--{key.replace('_', '-')}", value)]
+        result = run("enqueue", "-c", command, *extra)
+        assert result.exit_code == 0, result.output
+        ids.append(result.stdout.split("ID: ")[1].strip())
+    return ids
+
+
+def state(conn: sqlite3.Connection, job_id: str) -> str:
+    return conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def bodies(conn: sqlite3.Connection, type_: str, job_id: str | None = None) -> list[dict]:
+    sql = "SELECT body FROM events WHERE type = ?" + (" AND job_id = ?" if job_id else "")
+    params = (type_, job_id) if job_id else (type_,)
+    return [json.loads(b) for (b,) in conn.execute(sql + " ORDER BY seq", params)]
+
+
+def started_workers(conn: sqlite3.Connection) -> list[str]:
+    return [b["worker_id"] for b in bodies(conn, "worker-started")]
+
+
+def when(at: str) -> datetime:
+    return datetime.fromisoformat(at.replace("Z", "+00:00"))
+
+
+def alive_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that still exist and are not zombies."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def job_group(worker_pid: int) -> int:
+    """The process group of the job a worker process is running (it leads its own group)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid, pgrp = int(fields[1]), int(fields[2])
+        if ppid == worker_pid and pgrp == int(entry.name):
+            return pgrp
+    return 0
+
+
+# -- sharing one queue ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_each_job_exactly_once(run, conn, tmp_path):
+    out = tmp_path / "out.txt"
+    ids = [f"job{i:02d}" for i in range(40)]
+    lines = "".join(
+        json.dumps({"id": i, "command": f"sleep 0.1; echo {i} >> {out}"}) + "\n" for i in ids
+    )
+    result = run("enqueue", "--file", "-", input=lines)
+    assert result.exit_code == 0 and result.stdout == "40 jobs added successfully.\n"
+
+    with processes() as procs:
+        a = worker(procs, "-c", "1", "--burst")
+        b = worker(procs, "-c", "1", "--burst")
+        for proc in (a, b):
+            code, _, err = finish(proc)
+            assert code == 0, err
+
+    written = out.read_text().splitlines()
+    assert len(written) == 40
+    assert sorted(written) == ids
+    claims = Counter(b["job_id"] for b in bodies(conn, "claimed"))
+    assert claims == Counter(ids)  # exactly one claimed event per job
+    assert dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")) == {
+        "completed": 40
+    }
+    # Both processes shared the work (4 s of jobs for one alone; start-up is far shorter).
+    holders = Counter(b["worker_id"] for b in bodies(conn, "claimed"))
+    assert len(holders) == 2 and sum(holders.values()) == 40
+    assert len(bodies(conn, "worker-stopped")) == 2
+
+
+# -- failures, retries and what gets recorded -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_failing_job_retries_with_exponential_backoff_then_dies(run, conn):
+    assert run("config", "set", "backoff-base", "2").exit_code == 0
+    (job,) = enqueue(run, "exit 1", max_retries="2")
+
+    with processes() as procs:
+        proc = worker(procs, "-v", "--burst")
+        code, out, err = finish(proc)
+    assert code == 0, err
+
+    result = run("history", job, "--json")
+    assert result.exit_code == 0
+    history = json.loads(result.stdout)
+    assert [e["type"] for e in history] == [
+        "enqueued",
+        "claimed", "failed", "scheduled-retry",
+        "claimed", "failed", "scheduled-retry",
+        "claimed", "failed", "dead",
+    ]
+    for e in history:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", e["at"]), e["at"]
+    assert [e["attempt"] for e in history if e["type"] == "claimed"] == [1, 2, 3]
+    assert [e["delay"] for e in history if e["type"] == "scheduled-retry"] == [2, 4]
+    assert [e["exit_code"] for e in history if e["type"] == "failed"] == [1, 1, 1]
+    assert history[-1]["attempts"] == 3
+
+    failed_at = [when(e["at"]) for e in history if e["type"] == "failed"]
+    claimed_at = [when(e["at"]) for e in history if e["type"] == "claimed"]
+    gaps = [(claimed_at[i + 1] - failed_at[i]).total_seconds() for i in range(2)]
+    assert 1.9 <= gaps[0] <= 3.0, gaps
+    assert 3.9 <= gaps[1] <= 5.5, gaps
+
+    expected = [
+        f"Picked up NEW job: {job}",
+        f"Job {job} FAILED (Attempt 1/3): exit status 1",
+        f"Job {job} state: failed - Will retry in 2s",
+        f"RETRYING job {job} (Attempt 2)",
+        f"Job {job} FAILED (Attempt 2/3): exit status 1",
+        f"Job {job} state: failed - Will retry in 4s",
+        f"RETRYING job {job} (Attempt 3)",
+        f"Job {job} FAILED (Attempt 3/3): exit status 1",
+        f"Job {job} state: DEAD",
+    ]
+    position = 0
+    for text in expected:  # each line present, in this order
+        position = out.index(text, position) + len(text)
+    assert run("dlq", "list", "--json").stdout.count(f'"{job}"') == 1
+
+
+def test_exit_code_error_and_output_are_recorded(run, conn):
+    three, missing, boom = enqueue(
+        run, "exit 3", "no_such_command_queuectl_test", "echo boom; echo bang >&2; exit 1",
+        max_retries="0",
+    )
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "--burst"))
+    assert code == 0, err
+
+    (failed,) = bodies(conn, "failed", three)
+    assert failed["exit_code"] == 3 and failed["error"] == "exit status 3"
+
+    (failed,) = bodies(conn, "failed", missing)
+    assert failed["exit_code"] == 127
+    assert "127" in failed["error"]
+    assert "not found" in failed["output"]
+
+    (failed,) = bodies(conn, "failed", boom)
+    assert failed["exit_code"] == 1
+    assert "boom" in failed["output"] and "bang" in failed["output"]
+
+    jobs = {j["id"]: j for j in json.loads(run("list", "--json").stdout)}
+    assert {j["state"] for j in jobs.values()} == {"dead"}
+    assert [jobs[i]["exit_code"] for i in (three, missing, boom)] == [3, 127, 1]
+    assert "127" in jobs[missing]["last_error"]
+
+
+def test_completed_run_records_its_output(run, conn):
+    (job,) = enqueue(run, "echo hello from the job")
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "--burst"))
+    assert code == 0, err
+    (done,) = bodies(conn, "completed", job)
+    assert done["output"] == "hello from the job\n"
+    assert state(conn, job) == "completed"
+
+
+# -- persistence and limits -----------------------------------------------------------------
+
+
+def test_jobs_persist_across_worker_restart(run, conn):
+    ids = enqueue(run, *[f"echo {n}" for n in range(5)])
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "-l", "2"))  # no --burst: the limit ends it
+        assert code == 0, err
+
+        listed = json.loads(cli_ok("list", "--json"))  # a fresh process reads the file
+        assert [(j["id"], j["state"]) for j in listed] == [
+            *[(i, "completed") for i in ids[:2]],
+            *[(i, "pending") for i in ids[2:]],
+        ]
+        assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["job limit reached"]
+
+        code, _, err = finish(worker(procs, "--burst"))
+        assert code == 0, err
+
+    listed = json.loads(cli_ok("list", "--json"))
+    assert [(j["id"], j["state"]) for j in listed] == [(i, "completed") for i in ids]
+    assert all(events_of(conn, i).count("claimed") == 1 for i in ids)
+    first, second = started_workers(conn)
+    claimers = [b["worker_id"] for b in bodies(conn, "claimed")]
+    assert claimers == [first] * 2 + [second] * 3
+
+
+def test_limit_caps_jobs_per_worker(run, conn):
+    enqueue(run, *["true"] * 6)
+    with processes() as procs:
+        code, out, err = finish(worker(procs, "-c", "2", "-l", "2"))
+    assert code == 0, err
+    per_worker = Counter(b["worker_id"] for b in bodies(conn, "claimed"))
+    assert sorted(per_worker.values()) == [2, 2]
+    assert sorted(per_worker) == sorted(started_workers(conn))
+    counts = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+    assert counts == {"completed": 4, "pending": 2}
+
+
+@pytest.mark.slow
+def test_burst_exits_zero_with_nothing_left(run, conn):
+    enqueue(run, "true", "echo x", "true")
+    (flaky,) = enqueue(run, "false", max_retries="1")  # waits 2 s in `failed`, then dies
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "-c", "2", "--burst"))
+    assert code == 0, err
+    status = json.loads(run("status", "--json").stdout)
+    assert {s: status["jobs"][s] for s in ("pending", "processing", "failed")} == {
+        "pending": 0, "processing": 0, "failed": 0,
+    }
+    assert {s: n for s, n in status["jobs"].items() if n} == {"completed": 3, "dead": 1}
+    assert events_of(conn, flaky).count("claimed") == 2  # burst waited out the backoff
+
+
+def test_burst_on_empty_queue_exits_at_once(conn):
+    with processes() as procs:
+        started = time.monotonic()
+        code, out, err = finish(worker(procs, "--burst"))
+        elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert elapsed < 10
+    assert re.fullmatch(r"Worker started: \S+\n", out)
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["burst: queue empty"]
+
+
+def test_concurrency_starts_distinct_workers(conn):
+    with processes() as procs:
+        code, out, err = finish(worker(procs, "-c", "3", "--burst"))
+    assert code == 0, err
+    started = re.findall(r"^Worker started: (\S+)$", out, re.M)
+    assert len(started) == 3 and len(set(started)) == 3
+    assert sorted(started) == sorted(started_workers(conn))
+    pids = {b["pid"] for b in bodies(conn, "worker-started")}
+    assert len(pids) == 1  # three workers, one process
+
+
+# -- stopping -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stop_request_lets_running_job_finish(run, conn):
+    (job,) = enqueue(run, "sleep 2")
+    with processes() as procs:
+        first = worker(procs, "-s", "30")
+        wait_for(lambda: state(conn, job) == "processing", what="the job to start")
+
+        assert cli_ok("worker", "--stop") == "Stop signal sent to all workers.\n"
+        code, out, err = finish(first)
+        assert code == 0, err
+        assert state(conn, job) == "completed"
+        (first_id,) = started_workers(conn)
+        stopped = bodies(conn, "worker-stopped")
+        assert [(b["worker_id"], b["reason"]) for b in stopped] == [(first_id, "stop requested")]
+        assert events_of(conn, job) == ["enqueued", "claimed", "completed"]
+
+        # A worker started after the request is not affected: it keeps taking jobs.
+        second = worker(procs, "-s", "30")
+        wait_for(lambda: len(started_workers(conn)) == 2, what="the second worker")
+        (later,) = enqueue(run, "true")
+        wait_for(lambda: state(conn, later) == "completed", what="the new job")
+        time.sleep(0.5)
+        assert second.poll() is None
+        assert len(bodies(conn, "worker-stopped")) == 1
+
+        assert run("worker", "stop").stdout == "Stop signal sent to all workers.\n"
+        code, _, err = finish(second, timeout=20)
+        assert code == 0, err
+    second_id = started_workers(conn)[1]
+    assert [(b["worker_id"], b["reason"]) for b in bodies(conn, "worker-stopped")] == [
+        (first_id, "stop requested"),
+        (second_id, "stop requested"),
+    ]
+
+
+def test_worker_started_after_stop_request_runs_burst(run, conn):
+    assert run("worker", "--stop").exit_code == 0
+    (job,) = enqueue(run, "true")
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "--burst"))
+    assert code == 0, err
+    assert state(conn, job) == "completed"
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["burst: queue empty"]
+
+
+def test_idle_worker_picks_up_new_job_at_once(run, conn):
+    with processes() as procs:
+        proc = worker(procs, "-s", "30")
+        wait_for(lambda: started_workers(conn), what="the worker to start")
+        time.sleep(1.0)  # let it settle into its idle wait (30 s poll, 10 s heartbeat)
+
+        sent = time.monotonic()
+        (job,) = enqueue(run, "true")
+        wait_for(lambda: state(conn, job) == "completed", timeout=10, what="the job")
+        elapsed = time.monotonic() - sent
+        assert elapsed < 2.0, elapsed
+        assert proc.poll() is None
+
+        at = {e["type"]: when(e["at"]) for e in json.loads(run("history", job, "--json").stdout)}
+        assert (at["claimed"] - at["enqueued"]).total_seconds() < 1.0
+
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=20)
+        assert code == 0, err
+
+
+# -- signals --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_current_job_then_exits(run, conn):
+    (job,) = enqueue(run, "sleep 2")
+    with processes() as procs:
+        proc = worker(procs, "-s", "30")
+        wait_for(lambda: state(conn, job) == "processing", what="the job to start")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still finishing the job
+        code, _, err = finish(proc, timeout=30)
+    assert code == 0, err
+    assert state(conn, job) == "completed"
+    assert events_of(conn, job) == ["enqueued", "claimed", "completed"]
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal"]
+    assert conn.execute("SELECT state FROM workers").fetchall() == [("stopped",)]
+
+
+def test_double_sigint_abandons_job_and_releases_it(run, conn):
+    # A background grandchild, and SIGTERM ignored: only killing the whole group works.
+    (job,) = enqueue(run, "trap '' TERM; sleep 30 & sleep 30")
+    with processes() as procs:
+        proc = worker(procs, "-s", "30")
+        wait_for(lambda: state(conn, job) == "processing", what="the job to start")
+        pgid = wait_for(lambda: job_group(proc.pid), timeout=10, what="the job's process")
+        wait_for(lambda: len(alive_in_group(pgid)) >= 3, timeout=10, what="sh and two sleeps")
+
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        code, _, err = finish(proc, timeout=20)
+        assert time.monotonic() - sent < 5
+    assert code == 0, err
+
+    assert state(conn, job) == "pending"
+    assert events_of(conn, job) == ["enqueued", "claimed", "released"]
+    row = conn.execute("SELECT attempts, worker_id FROM jobs WHERE id = ?", (job,)).fetchone()
+    assert row == (0, None)  # an abandoned run does not count as an attempt
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal"]
+    wait_for(lambda: not alive_in_group(pgid), timeout=5, what="the job's process group to go")
+
