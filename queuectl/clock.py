@@ -34,3 +34,12 @@ def seconds_between(start: str, end: str) -> float:
 def human(text: str | None) -> str:
     """``2026-11-27 10:30:00`` for tables people read (still UTC)."""
     return text[:19].replace("T", " ") if text else "-"
+
+
+def short(text: str | None) -> str:
+    """``21:58:16`` for a time today (UTC), else ``2030-01-01 02:00``: for narrow tables."""
+    if not text:
+        return "-"
+    if text[:10] == now()[:10]:
+        return text[11:19]
+    return text[:16].replace("T", " ")

@@ -39,17 +39,19 @@ def _console():  # type: ignore[no-untyped-def]
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]], wide: set[str] = set()) -> None:
-    """A table of user text; only the ``wide`` columns (commands, errors) may wrap."""
+    """A table of user text. On a narrow terminal the ``wide`` columns (commands, errors)
+    and then the others wrap; the first column (the id) never does."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-    for name in columns:
-        if name in wide:
-            table.add_column(name, overflow="fold", ratio=1, min_width=len(name))
+    for n, name in enumerate(columns):
+        if n == 0:
+            table.add_column(name, no_wrap=True)
         else:
-            table.add_column(name, no_wrap=True, min_width=min(len(name), 8))
+            width = max(len(name), 12) if name in wide else None
+            table.add_column(name, overflow="fold", min_width=width)
     for row in rows:
         table.add_row(*(Text(safe(str(cell))) for cell in row))
     _console().print(table)
@@ -72,26 +74,32 @@ def job_json(job: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _waits_for(job: dict[str, Any]) -> str:
+    if job["state"] in ("scheduled", "failed"):
+        return clock.short(job["run_at"])
+    if job["state"] == "waiting":
+        return ", ".join(job["after"])
+    return ""
+
+
 def jobs_table(jobs: list[dict[str, Any]], title: str) -> None:
+    """Attempts read ``runs started/runs allowed`` (1 + max_retries); ``Waits for`` is the
+    time a scheduled or failed job may run again, or the jobs a waiting job depends on.
+    Times are UTC, shown as HH:MM:SS when today."""
     if not jobs:
         print(f"{title}: no jobs")
         return
-    timed = any(j["state"] in ("scheduled", "failed") for j in jobs)
+    waiting = any(j["state"] in ("scheduled", "failed", "waiting") for j in jobs)
     prioritised = any(j["priority"] for j in jobs)
-    dependent = any(j["after"] for j in jobs)
-    columns = ["ID", "State", "Attempts", "Max retries"]
-    columns += ["Priority"] * prioritised + ["Command", "Updated (UTC)"]
-    columns += ["Runs at (UTC)"] * timed + ["After"] * dependent
+    columns = ["ID", "State", "Attempts"] + ["Pri"] * prioritised + ["Command"]
+    columns += ["Waits for"] * waiting + ["Updated (UTC)"]
     rows = []
     for j in jobs:
-        row: list[Any] = [j["id"], j["state"], j["attempts"], j["max_retries"]]
-        row += [j["priority"]] * prioritised + [j["command"], clock.human(j["updated_at"])]
-        if timed:
-            row.append(clock.human(j["run_at"]) if j["state"] in ("scheduled", "failed") else "")
-        if dependent:
-            row.append(", ".join(j["after"]))
+        row: list[Any] = [j["id"], j["state"], f"{j['attempts']}/{1 + j['max_retries']}"]
+        row += [j["priority"]] * prioritised + [j["command"]]
+        row += [_waits_for(j)] * waiting + [clock.short(j["updated_at"])]
         rows.append(row)
-    _table(title, columns, rows, wide={"Command", "After"})
+    _table(title, columns, rows, wide={"Command"})
 
 
 def dlq_table(jobs: list[dict[str, Any]]) -> None:
@@ -100,7 +108,7 @@ def dlq_table(jobs: list[dict[str, Any]]) -> None:
         return
     rows = [
         [j["id"], j["command"], j["attempts"], j["max_retries"], j["last_error"] or "",
-         clock.human(j["updated_at"])]
+         clock.short(j["updated_at"])]
         for j in jobs
     ]
     columns = ["ID", "Command", "Attempts", "Max retries", "Last error", "Updated (UTC)"]
@@ -123,7 +131,7 @@ def status(counts: dict[str, int], workers: list[dict[str, Any]], stale_before: 
             w["pid"],
             w["current_job"] or "-",
             w["jobs_done"],
-            clock.human(w["last_heartbeat"]),
+            clock.short(w["last_heartbeat"]),
         ]
         for w in workers
     ]
@@ -144,8 +152,18 @@ def event_details(event: ev.Event) -> str:
     """One line saying what an event recorded, for ``history``."""
     match event:
         case ev.Enqueued(command=c, max_retries=m, backoff_base=b, timeout=t):
-            limit = f", timeout {t:g}s" if t else ""
-            return f"command: {c} (max_retries {m}, backoff_base {b:g}{limit})"
+            extras = [f"max_retries {m}", f"backoff_base {b:g}"]
+            extras += [f"timeout {t:g}s"] * bool(t)
+            extras += [f"priority {event.priority}"] * bool(event.priority)
+            extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
+            extras += [f"after {', '.join(event.after)}"] * bool(event.after)
+            return f"command: {c} ({', '.join(extras)})"
+        case ev.Unblocked(completed=c):
+            return f"released: dependency {c} completed"
+        case ev.CancelRequested():
+            return "cancel requested while running"
+        case ev.Cancelled(reason=r, attempt=a, worker_id=w):
+            return f"attempt {a} stopped: {r}" if w else r
         case ev.Claimed(attempt=a):
             return f"attempt {a}"
         case ev.Completed(attempt=a, duration=d, output=o):

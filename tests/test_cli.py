@@ -334,8 +334,9 @@ def test_list_table(run):
     assert header.split()[:2] == ["ID", "State"]
     row1 = next(line for line in lines if line.split()[:1] == ["j1"])
     row2 = next(line for line in lines if line.split()[:1] == ["j2"])
-    assert row1.split()[:6] == ["j1", "pending", "0", "3", "echo", "hi"]
-    assert row2.split()[:6] == ["j2", "pending", "0", "5", "sleep", "2"]
+    # Attempts read runs started / runs allowed (1 + max_retries).
+    assert row1.split()[:5] == ["j1", "pending", "0/4", "echo", "hi"]
+    assert row2.split()[:5] == ["j2", "pending", "0/6", "sleep", "2"]
 
 
 def test_list_table_filtered_and_empty(run):
