@@ -1,5 +1,7 @@
 """The ``runs`` projection: one row per run of a job, for ``stats`` and ``logs``.
 
+Indexes are kept to what ``stats`` needs, since every run touches each of them.
+
 Rules it enforces: a claim opens a run whose ``wait`` is how long the job had been eligible
 (claim time minus its ``run_at``); the run's outcome event (completed, failed, timed-out,
 lease-expired, released, cancelled) closes it with its duration; a ``dead`` event marks the
@@ -16,7 +18,7 @@ from queuectl import clock
 from queuectl import events as ev
 
 NAME = "runs"
-VERSION = 1
+VERSION = 2
 TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
 
 DDL = (
@@ -33,10 +35,8 @@ DDL = (
         duration REAL,
         dead INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX runs_job ON runs (job_id, seq)",
     "CREATE INDEX runs_open ON runs (job_id) WHERE finished_at IS NULL",
     "CREATE INDEX runs_finished ON runs (finished_at)",
-    "CREATE INDEX runs_claimed ON runs (claimed_at)",
     "CREATE INDEX runs_duration ON runs (duration) WHERE duration IS NOT NULL",
     "CREATE INDEX runs_wait ON runs (wait)",
     "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
@@ -91,10 +91,8 @@ def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> No
 
 
 def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
-    tx.execute(
-        "UPDATE runs SET dead = 1 WHERE seq = (SELECT max(seq) FROM runs WHERE job_id = ?)",
-        (e.job_id,),
-    )
+    # A dead event is appended with the event that closed the job's last run: same ``at``.
+    tx.execute("UPDATE runs SET dead = 1 WHERE finished_at = ? AND job_id = ?", (at, e.job_id))
     tx.execute(_COUNT, ("dead",))
 
 

@@ -30,7 +30,6 @@ DDL = (
         current_job TEXT,
         jobs_done INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX workers_state ON workers (state, last_heartbeat)",
 )
 
 

@@ -269,27 +269,40 @@ class Worker:
             for event in queue.rescue(self.conn, float(self.config["lease-timeout"])):
                 self._report(event)
 
+    def _stop_reason(self) -> str | None:
+        if self.shutdown.soft.is_set():
+            return "signal"
+        if self.options.limit and self.done >= self.options.limit:
+            return "job limit reached"
+        state, stop = queue.worker_state(self.conn, self.id)
+        if stop:
+            return "stop requested"
+        if state == "gone":
+            return "declared lost by another worker"
+        return None
+
     def _loop(self) -> str:
-        opts = self.options
+        job: queue.Claim | None = None
         while True:
-            if self.shutdown.soft.is_set():
-                return "signal"
-            if opts.limit and self.done >= opts.limit:
-                return "job limit reached"
-            state, stop = queue.worker_state(self.conn, self.id)
-            if stop:
-                return "stop requested"
-            if state == "gone":
-                return "declared lost by another worker"
+            if job is not None:
+                if self.shutdown.soft.is_set():  # claimed with the last result, not started
+                    queue.finish(self.conn, job, ev.Released(
+                        job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
+                        reason="worker shut down before the job started"))
+                    return "signal"
+                self._tick()  # a streak of instant jobs still heartbeats and rescues
+                job = self._work(job)
+                continue
+            reason = self._stop_reason()
+            if reason:
+                return reason
             self._tick()
             seen = self.waker.generation
             job = queue.claim(self.conn, self.id)
-            if job is not None:
-                self._work(job)
-                continue
-            if opts.burst and queue.unfinished(self.conn) == 0:
-                return "burst: queue empty"
-            self.waker.wait(seen, self._idle_timeout())
+            if job is None:
+                if self.options.burst and queue.unfinished(self.conn) == 0:
+                    return "burst: queue empty"
+                self.waker.wait(seen, self._idle_timeout())
 
     def _idle_timeout(self) -> float:
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
@@ -298,7 +311,9 @@ class Worker:
             timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
         return timeout
 
-    def _work(self, job: queue.Claim) -> None:
+    def _work(self, job: queue.Claim) -> queue.Claim | None:
+        """Run one job and record its result; returns the next job when the same
+        transaction could claim one (a busy queue pays one commit per job, not two)."""
         if job.attempt == 1:
             self.log(f"Picked up NEW job: {job.job_id} (Command: {safe(job.command)})")
         else:
@@ -313,8 +328,15 @@ class Worker:
             tick=lambda: self._running_tick(job),
         )
         self.done += 1
-        for event in queue.finish(self.conn, job, self._event(job, result)):
+        go_on = not self.shutdown.soft.is_set() and not (
+            self.options.limit and self.done >= self.options.limit
+        )
+        events, following = queue.finish_and_claim(
+            self.conn, job, self._event(job, result), self.id if go_on else None
+        )
+        for event in events:
             self._report(event, job)
+        return following
 
     def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
         common = {"job_id": job.job_id, "worker_id": self.id, "attempt": job.attempt}
