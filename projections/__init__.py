@@ -1,16 +1,30 @@
 """The projections: tables derived from the ledger, each owned by one module.
 
 A projection module exposes ``NAME``, ``VERSION``, ``TABLES`` (the tables it owns, each with
-its primary key), ``DDL`` and ``apply(tx, seq, at, event)``. ``apply`` must be deterministic:
+its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
+``apply(tx, seq, at, event)``, and may expose ``INDEXES`` (built after a replay) and
+``after_replay(tx)``. ``apply`` must be deterministic:
 it may use only the event, its ``seq`` and its ``at``; never the clock, the current config, the
 environment or random numbers, so that replaying the ledger gives back exactly the same rows.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from types import ModuleType
 
-from projections import config, jobs, runs, workers
+# True while the ledger is replayed into empty tables: projections may then skip keeping
+# running aggregates per event and recompute them once in ``after_replay(tx)`` instead.
+# The live path (incremental) and the replay path (recomputed) must agree; ``ledger.check``
+# compares them, and every test runs that check on its database.
+replaying: ContextVar[bool] = ContextVar("replaying", default=False)
+
+from projections import config, jobs, runs, workers  # noqa: E402
 
 # A projector reads only its own tables, so each can be rebuilt alone.
 REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config)
+
+
+def appliers(projections: tuple[ModuleType, ...], event_type: type) -> tuple:  # type: ignore[type-arg]
+    """The ``apply`` functions of the projections that read ``event_type``, in order."""
+    return tuple(p.apply for p in projections if event_type in p.HANDLES)

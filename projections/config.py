@@ -24,6 +24,9 @@ DDL = (
 )
 
 
+HANDLES = frozenset({ev.ConfigChanged})
+
+
 def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
     if isinstance(event, ev.ConfigChanged):
         tx.execute(

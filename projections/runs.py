@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+import projections
 from queuectl import clock
 from queuectl import events as ev
 
@@ -37,9 +38,13 @@ DDL = (
     )""",
     "CREATE INDEX runs_open ON runs (job_id) WHERE finished_at IS NULL",
     "CREATE INDEX runs_finished ON runs (finished_at)",
+    "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+)
+
+# Only stats reads these; a replay builds them once at the end.
+INDEXES = (
     "CREATE INDEX runs_duration ON runs (duration) WHERE duration IS NOT NULL",
     "CREATE INDEX runs_wait ON runs (wait)",
-    "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
 
 _COUNT = """INSERT INTO run_counts (outcome, n) VALUES (?, 1)
@@ -56,12 +61,14 @@ def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
         VALUES (?, ?, ?, ?, ?, ?)""",
         (seq, e.job_id, e.attempt, e.worker_id, at, wait),
     )
-    tx.execute(_COUNT, ("claimed",))
+    if not projections.replaying.get():  # a replay recomputes the counts at the end
+        tx.execute(_COUNT, ("claimed",))
 
 
 def _close(tx: sqlite3.Connection, at: str, job_id: str, outcome: str,
            exit_code: int | None, duration: float | None) -> None:
-    if tx.execute(_CLOSE, (at, outcome, exit_code, duration, job_id)).rowcount:
+    closed = tx.execute(_CLOSE, (at, outcome, exit_code, duration, job_id)).rowcount
+    if closed and not projections.replaying.get():
         tx.execute(_COUNT, (outcome,))
 
 
@@ -93,7 +100,8 @@ def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> No
 def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
     # A dead event is appended with the event that closed the job's last run: same ``at``.
     tx.execute("UPDATE runs SET dead = 1 WHERE finished_at = ? AND job_id = ?", (at, e.job_id))
-    tx.execute(_COUNT, ("dead",))
+    if not projections.replaying.get():
+        tx.execute(_COUNT, ("dead",))
 
 
 _HANDLERS: dict[type, Callable[..., None]] = {
@@ -108,7 +116,21 @@ _HANDLERS: dict[type, Callable[..., None]] = {
 }
 
 
+HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
+
+
 def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(tx, seq, at, event)
+
+
+def after_replay(tx: sqlite3.Connection) -> None:
+    """Recompute ``run_counts`` once, instead of per event, after a replay."""
+    tx.execute("DELETE FROM run_counts")
+    tx.execute(
+        """INSERT INTO run_counts (outcome, n)
+        SELECT outcome, count(*) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome
+        UNION ALL SELECT 'claimed', count(*) FROM runs HAVING count(*) > 0
+        UNION ALL SELECT 'dead', count(*) FROM runs WHERE dead = 1 HAVING count(*) > 0"""
+    )

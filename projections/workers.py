@@ -106,6 +106,9 @@ _HANDLERS: dict[type, Callable[..., None]] = {
 }
 
 
+HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
+
+
 def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
