@@ -2,8 +2,9 @@
 
 A projection module exposes ``NAME``, ``VERSION``, ``TABLES`` (the tables it owns, each with
 its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
-``apply(tx, seq, at, event)``, and may expose ``INDEXES`` (built after a replay) and
-``after_replay(tx)``. ``apply`` must be deterministic:
+``apply(tx, seq, at, event)``, and may expose ``INDEXES`` (built after a replay),
+``after_replay(tx)`` and ``apply_many(tx, [(seq, at, event), ...])`` (the same rows as
+``apply`` over the list, written in bulk). ``apply`` must be deterministic:
 it may use only the event, its ``seq`` and its ``at``; never the clock, the current config, the
 environment or random numbers, so that replaying the ledger gives back exactly the same rows.
 """

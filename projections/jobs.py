@@ -19,7 +19,7 @@ import projections
 from queuectl import events as ev
 
 NAME = "jobs"
-VERSION = 2
+VERSION = 3
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
 
 # States a worker may claim once run_at has passed.
@@ -63,7 +63,8 @@ INDEXES = (
     # The claim query walks this index in order: highest priority first, then oldest.
     """CREATE INDEX jobs_ready ON jobs (priority DESC, seq)
         WHERE state IN ('pending', 'scheduled', 'failed')""",
-    "CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state IN ('pending', 'scheduled', 'failed')",
+    # When the next scheduled job or retry is due (pending jobs are due already).
+    "CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state IN ('scheduled', 'failed')",
     "CREATE INDEX jobs_state ON jobs (state, seq)",
     "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
 )
@@ -101,19 +102,30 @@ def _ready_state(run_at: str, at: str) -> str:
     return "scheduled" if run_at > at else "pending"
 
 
-def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
+def _enqueued_row(seq: int, at: str, e: ev.Enqueued, state: str | None = None) -> tuple[Any, ...]:
     run_at = e.run_at if e.run_at and e.run_at > at else at
+    state = state or _ready_state(run_at, at)
+    return (e.job_id, seq, e.command, state, e.priority, e.max_retries, e.backoff_base,
+            e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
+
+
+def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
     for dep in e.after:
         tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
-    state = "waiting" if blocked else _ready_state(run_at, at)
-    tx.execute(
-        _INSERT,
-        (e.job_id, seq, e.command, state, e.priority, e.max_retries, e.backoff_base,
-         e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at),
-    )
+    row = _enqueued_row(seq, at, e, "waiting" if blocked else None)
+    tx.execute(_INSERT, row)
     if not projections.replaying.get():
-        tx.execute(_COUNT, (state, 1))
+        tx.execute(_COUNT, (row[3], 1))
+
+
+def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
+    """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
+    rows = [_enqueued_row(seq, at, e) for seq, at, e in batch]
+    tx.executemany(_INSERT, rows)
+    if not projections.replaying.get():
+        for state in {row[3] for row in rows}:
+            tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
 
 
 def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
@@ -195,6 +207,22 @@ def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(tx, seq, at, event)
+
+
+def apply_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Event]]) -> None:
+    """``apply`` over events in ledger order, with runs of plain enqueues inserted together
+    (bulk enqueue and replay). The rows are exactly those ``apply`` would write."""
+    plain: list[tuple[int, str, ev.Enqueued]] = []
+    for seq, at, event in batch:
+        if type(event) is ev.Enqueued and not event.after:
+            plain.append((seq, at, event))
+            continue
+        if plain:
+            _enqueued_many(tx, plain)
+            plain = []
+        apply(tx, seq, at, event)
+    if plain:
+        _enqueued_many(tx, plain)
 
 
 def after_replay(tx: sqlite3.Connection) -> None:

@@ -19,7 +19,7 @@ from queuectl import clock
 from queuectl import events as ev
 
 NAME = "runs"
-VERSION = 2
+VERSION = 3
 TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
 
 DDL = (
@@ -36,7 +36,7 @@ DDL = (
         duration REAL,
         dead INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX runs_open ON runs (job_id) WHERE finished_at IS NULL",
+    "CREATE INDEX runs_job ON runs (job_id, seq)",
     "CREATE INDEX runs_finished ON runs (finished_at)",
     "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
@@ -98,8 +98,11 @@ def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> No
 
 
 def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
-    # A dead event is appended with the event that closed the job's last run: same ``at``.
-    tx.execute("UPDATE runs SET dead = 1 WHERE finished_at = ? AND job_id = ?", (at, e.job_id))
+    # A dead event always follows the event that closed the job's latest run.
+    tx.execute(
+        "UPDATE runs SET dead = 1 WHERE seq = (SELECT max(seq) FROM runs WHERE job_id = ?)",
+        (e.job_id,),
+    )
     if not projections.replaying.get():
         tx.execute(_COUNT, ("dead",))
 

@@ -45,7 +45,7 @@ LEDGER_DDL = (
     )""",
 )
 
-_INSERT = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 def lock_timeout() -> float:
@@ -174,6 +174,20 @@ def _live(event_type: type) -> tuple:  # type: ignore[type-arg]
     return _LIVE[event_type]
 
 
+def _apply_many(
+    tx: sqlite3.Connection,
+    projections: tuple[ModuleType, ...],
+    batch: list[tuple[int, str, Event]],
+) -> None:
+    for projection in projections:
+        if hasattr(projection, "apply_many"):
+            projection.apply_many(tx, [b for b in batch if type(b[2]) in projection.HANDLES])
+            continue
+        for seq, at, event in batch:
+            if type(event) in projection.HANDLES:
+                projection.apply(tx, seq, at, event)
+
+
 def append(tx: sqlite3.Connection, *events: Event, at: str | None = None) -> int:
     """Append events to the ledger and apply them to every projection; returns the last seq.
 
@@ -182,20 +196,27 @@ def append(tx: sqlite3.Connection, *events: Event, at: str | None = None) -> int
     if not tx.in_transaction:
         raise RuntimeError("append() must run inside a write transaction")
     at = at or clock.now()
-    seq = 0
-    for event in events:
-        seq = tx.execute(
-            _INSERT,
-            (
-                at,
-                event.type,
-                getattr(event, "job_id", None),
-                getattr(event, "worker_id", None),
-                encode(event),
-            ),
-        ).lastrowid or 0
-        for apply in _LIVE.get(type(event)) or _live(type(event)):
-            apply(tx, seq, at, event)
+    # The write lock is held, so the next seqs are ours: rows go in with one executemany.
+    (last,) = tx.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+    rows = [
+        (
+            last + n,
+            at,
+            event.type,
+            getattr(event, "job_id", None),
+            getattr(event, "worker_id", None),
+            encode(event),
+        )
+        for n, event in enumerate(events, 1)
+    ]
+    tx.executemany(_INSERT, rows)
+    if len(events) > 1:
+        # Each projection reads only its own tables, so it may take the batch on its own.
+        _apply_many(tx, REGISTRY, [(row[0], at, event) for row, event in zip(rows, events)])
+    else:
+        for apply in _LIVE.get(type(events[0])) or _live(type(events[0])):
+            apply(tx, last + 1, at, events[0])
+    seq = last + len(events)
     tx.execute("UPDATE projection_meta SET position = ?", (seq,))
     return seq
 
@@ -244,14 +265,18 @@ def _replay_into(
     target: sqlite3.Connection, source: sqlite3.Connection, projections: Iterable[ModuleType]
 ) -> int:
     projections = tuple(projections)
-    dispatch = {t: appliers(projections, t) for t in TAGS.values()}
     position = 0
     token = replaying.set(True)
     try:
-        for seq, at, event in read_events(source):
-            for apply in dispatch[type(event)]:
-                apply(target, seq, at, event)
-            position = seq
+        batch: list[tuple[int, str, Event]] = []
+        for row in read_events(source):
+            batch.append(row)
+            if len(batch) == 2000:
+                _apply_many(target, projections, batch)
+                position, batch = row[0], []
+        if batch:
+            _apply_many(target, projections, batch)
+            position = batch[-1][0]
         for projection in projections:
             if hasattr(projection, "after_replay"):
                 projection.after_replay(target)

@@ -23,16 +23,19 @@ STATES = (
     "pending", "scheduled", "waiting", "processing", "completed", "failed", "dead", "cancelled"
 )
 CANCELLABLE = ("pending", "scheduled", "waiting", "failed", "processing")
-BATCH = 500  # jobs per transaction when enqueueing many: workers get the lock in between
+BATCH = 2000  # jobs per transaction when enqueueing many: workers get the lock in between
 
-_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # 32 letters: 5 random bits each, no bias
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 
 
+_PAIRS = [a + b for a in "abcdefghijklmnopqrstuvwxyz234567" for b in "abcdefghijklmnopqrstuvwxyz234567"]
+
+
 def new_id() -> str:
-    """8 random characters (40 bits from os.urandom); cheaper to import than ``secrets``."""
+    """8 random characters (a-z, 2-7): 40 bits from os.urandom, 10 bits per table lookup."""
     bits = int.from_bytes(os.urandom(5), "big")
-    return "".join(_ALPHABET[(bits >> shift) & 31] for shift in range(0, 40, 5))
+    return (_PAIRS[bits >> 30] + _PAIRS[(bits >> 20) & 1023] + _PAIRS[(bits >> 10) & 1023]
+            + _PAIRS[bits & 1023])
 
 
 # -- enqueue ------------------------------------------------------------------------------
@@ -78,7 +81,8 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
             raise InvalidInput(
                 f"invalid job{where}: run_at {spec.run_at!r} is not an ISO-8601 time"
             ) from None
-    spec.after = list(dict.fromkeys(spec.after))
+    if spec.after:
+        spec.after = list(dict.fromkeys(spec.after))
     for dep in spec.after:
         if not _ID.fullmatch(dep):
             raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
@@ -97,29 +101,49 @@ def enqueue(conn: sqlite3.Connection, specs: Sequence[JobSpec]) -> list[str]:
     Many jobs are written ``BATCH`` per transaction so that running workers are not starved
     of the write lock; jobs are written dependencies first.
     """
-    ids = [spec.id or new_id() for spec in specs]
-    seen: set[str] = set()
-    for job_id in ids:
-        if job_id in seen:
-            raise Conflict(f"Job ID '{job_id}' appears more than once")
-        seen.add(job_id)
-    _refuse_existing(conn, ids)
+    given = [spec.id for spec in specs if spec.id]
+    if len(set(given)) != len(given):
+        seen: set[str] = set()
+        twice = next(i for i in given if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise Conflict(f"Job ID '{twice}' appears more than once")
+    _refuse_existing(conn, given)
+    ids = [spec.id or "" for spec in specs]
+    used = set(given)
+    for n, job_id in enumerate(ids):
+        if not job_id:
+            ids[n] = _fresh_id(used)
     order = _dependency_order(conn, specs, ids)
     now = clock.now()
     for start in range(0, len(order), BATCH):
         chunk = order[start : start + BATCH]
         with write(conn):
-            config = settings.load(conn)
-            _refuse_existing(conn, [ids[i] for i in chunk])
-            _refuse_bad_deps(conn, {d for i in chunk for d in specs[i].after} - seen)
-            append(conn, *(_enqueued(ids[i], specs[i], config, now) for i in chunk))
+            defaults = _defaults(settings.load(conn))
+            taken = _existing(conn, [ids[i] for i in chunk])
+            for i in (i for i in chunk if ids[i] in taken):
+                if specs[i].id:  # enqueued by someone else since the check above
+                    raise Conflict(f"Job with ID '{ids[i]}' already exists")
+                while ids[i] in taken:  # a random id that happens to exist: draw again
+                    ids[i] = _fresh_id(used)
+                    taken = _existing(conn, [ids[i]]) or taken
+            _refuse_bad_deps(conn, {d for i in chunk for d in specs[i].after} - used)
+            append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in chunk))
     return ids
+
+
+def _fresh_id(used: set[str]) -> str:
+    job_id = new_id()
+    while job_id in used:
+        job_id = new_id()
+    used.add(job_id)
+    return job_id
 
 
 def _dependency_order(
     conn: sqlite3.Connection, specs: Sequence[JobSpec], ids: list[str]
 ) -> list[int]:
     """Indexes of ``specs`` with every job after the jobs of this request it depends on."""
+    if not any(spec.after for spec in specs):
+        return list(range(len(specs)))
     position = {job_id: i for i, job_id in enumerate(ids)}
     outside: set[str] = set()
     for i, spec in enumerate(specs):
@@ -159,35 +183,46 @@ def _refuse_bad_deps(conn: sqlite3.Connection, deps: set[str]) -> None:
             raise Conflict(f"dependency '{dep}' is cancelled")
 
 
-def _enqueued(job_id: str, spec: JobSpec, config: dict[str, str], now: str) -> ev.Enqueued:
-    run_at = spec.run_at
-    if spec.delay:
-        run_at = clock.after(now, spec.delay)
+def _defaults(config: dict[str, str]) -> dict[str, Any]:
+    """The settings a new job takes when its spec leaves them out."""
+    return {
+        "max_retries": int(config["max-retries"]),
+        "backoff_base": float(config["backoff-base"]),
+        "timeout": float(config["job-timeout"]),
+        "backoff_max": float(config["backoff-max"]),
+        "backoff_jitter": float(config["backoff-jitter"]),
+    }
+
+
+def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) -> ev.Enqueued:
     return ev.Enqueued(
         job_id=job_id,
         command=spec.command,
-        max_retries=spec.max_retries
-        if spec.max_retries is not None
-        else int(config["max-retries"]),
-        backoff_base=spec.backoff_base
-        if spec.backoff_base is not None
-        else float(config["backoff-base"]),
-        timeout=spec.timeout if spec.timeout is not None else float(config["job-timeout"]),
+        max_retries=defaults["max_retries"] if spec.max_retries is None else spec.max_retries,
+        backoff_base=defaults["backoff_base"] if spec.backoff_base is None else spec.backoff_base,
+        timeout=defaults["timeout"] if spec.timeout is None else spec.timeout,
         priority=spec.priority,
-        run_at=run_at,
+        run_at=clock.after(now, spec.delay) if spec.delay else spec.run_at,
         after=tuple(spec.after),
-        backoff_max=float(config["backoff-max"]),
-        backoff_jitter=float(config["backoff-jitter"]),
+        backoff_max=defaults["backoff_max"],
+        backoff_jitter=defaults["backoff_jitter"],
     )
 
 
-def _refuse_existing(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+def _existing(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
         marks = ",".join("?" * len(chunk))
-        row = conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks}) LIMIT 1", chunk).fetchone()
-        if row:
-            raise Conflict(f"Job with ID '{row[0]}' already exists")
+        found.update(r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
+    return found
+
+
+def _refuse_existing(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    found = _existing(conn, ids)
+    if found:
+        first = next(job_id for job_id in ids if job_id in found)
+        raise Conflict(f"Job with ID '{first}' already exists")
 
 
 # -- config and control -------------------------------------------------------------------
@@ -311,10 +346,11 @@ def _claim(tx: sqlite3.Connection, worker_id: str, now: str) -> Claim | None:
 
 
 def next_run_at(conn: sqlite3.Connection) -> str | None:
-    """When the earliest waiting job becomes eligible (None when nothing waits)."""
+    """When the earliest scheduled or failed job becomes eligible (None when none waits);
+    pending jobs are eligible already."""
     return conn.execute(
         "SELECT min(run_at) FROM jobs INDEXED BY jobs_run_at "
-        "WHERE state IN ('pending', 'scheduled', 'failed')"
+        "WHERE state IN ('scheduled', 'failed')"
     ).fetchone()[0]
 
 
