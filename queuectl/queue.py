@@ -17,6 +17,7 @@ import msgspec
 from queuectl import clock, settings
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
+from projections.jobs import CLAIMABLE, INDEXED_STATES, WAITING
 from queuectl.ledger import append, read_events, write
 
 STATES = (
@@ -283,7 +284,7 @@ _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, back
 # INDEXED BY: without statistics SQLite prefers jobs_state and sorts every pending job on
 # each claim (quadratic); the partial index already holds them in claim order.
 _READY = f"""SELECT {_CLAIM_FIELDS}, run_at FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'scheduled', 'failed') AND run_at <= ?
+    WHERE {CLAIMABLE} AND run_at <= ?
     ORDER BY priority DESC, seq LIMIT 1"""
 
 
@@ -349,8 +350,7 @@ def next_run_at(conn: sqlite3.Connection) -> str | None:
     """When the earliest scheduled or failed job becomes eligible (None when none waits);
     pending jobs are eligible already."""
     return conn.execute(
-        "SELECT min(run_at) FROM jobs INDEXED BY jobs_run_at "
-        "WHERE state IN ('scheduled', 'failed')"
+        f"SELECT min(run_at) FROM jobs INDEXED BY jobs_run_at WHERE {WAITING}"
     ).fetchone()[0]
 
 
@@ -493,7 +493,7 @@ def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
         for worker_id, last_beat in conn.execute(stale_sql, (cutoff,)).fetchall():
             held = conn.execute(
                 f"""SELECT {_CLAIM_FIELDS} FROM jobs
-                WHERE state = 'processing' AND worker_id = ?""",
+                WHERE state = 'processing' AND {INDEXED_STATES} AND worker_id = ?""",
                 (worker_id,),
             ).fetchall()
             if not held:
@@ -544,9 +544,17 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
 def list_jobs(
     conn: sqlite3.Connection, state: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """Jobs oldest first, optionally of one state."""
-    where, params = ("WHERE state = ?", [state]) if state else ("", [])
-    sql = f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY seq LIMIT ?"
+    """Jobs oldest first, optionally of one state; pending jobs in the order they will run
+    (highest priority first, then oldest)."""
+    if state == "pending":
+        where, order = f"INDEXED BY jobs_ready WHERE state = ? AND {CLAIMABLE}", \
+            "priority DESC, seq"
+    elif state in ("processing", "failed", "scheduled", "waiting", "dead", "cancelled"):
+        where, order = f"INDEXED BY jobs_state WHERE state = ? AND {INDEXED_STATES}", "seq"
+    else:  # all jobs, or completed ones: rows are stored oldest first
+        where, order = ("WHERE state = ?" if state else ""), "seq"
+    sql = f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY {order} LIMIT ?"
+    params = (state,) if state else ()
     return _dicts_jobs(conn.execute(sql, (*params, -1 if limit is None else limit)))
 
 

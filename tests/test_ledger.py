@@ -97,6 +97,9 @@ def test_append_returns_last_seq_and_shares_one_time(conn):
     assert [r[2] for r in rows] == ["config-changed", "stop-requested"]
     assert seq == rows[-1][0]
     assert rows[0][1] == rows[1][1]
+    # position records what a projection was built from; appends don't rewrite it.
+    assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(0,)]
+    assert ledger.rebuild(conn) == seq
     assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(seq,)]
 
 
