@@ -1,0 +1,1060 @@
+#!/usr/bin/env python3
+"""queuectl's benchmark suite: every figure of the performance issue, against its target.
+
+    python tools/bench.py [--quick] [--runs N] [--json] [--only NAME,...] [--save FILE] [--strict]
+
+Scenarios (``--only`` takes these names):
+
+  worker   worker throughput: ``queuectl worker -c 2 --burst`` on N ``true`` jobs, start to exit,
+           against 2 threads running ``subprocess.run(["sh", "-c", "true"])`` (and huey's
+           SqliteHuey consumer with 2 process workers, when huey is installed)
+  cycle    ledger cycle: claim + finish(Completed) through the library, no process spawned
+  latency  pickup latency: enqueue commit -> job process start, after the worker idled
+  startup  CLI start-up: ``queuectl enqueue -c true`` against ``python -c "import click,
+           msgspec, sqlite3"``; and whether rich / sqlite_utils load on that path
+  bulk     bulk enqueue: ``queuectl enqueue --file`` with N JSON lines, end to end
+  replay   replay: ``ledger.rebuild`` of a ledger holding N jobs' worth of events
+  reads    reads at scale: ``status --json`` and ``list -s pending --limit 20`` on that ledger,
+           wall time over the CLI floor
+  memory   peak RSS of ``queuectl worker -c 4 --burst`` running N ``true`` jobs
+
+Every figure is the median of several runs (``--runs``, default 5; ``--quick``: 2 runs and
+small sizes, under a minute). Ratios are taken against a baseline measured in the same run,
+interleaved with the figure itself, because the machine is shared and noisy. Every scenario
+uses its own fresh temporary database; the big replay ledger is built once and cached under
+``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
+event/ledger code that shapes its rows.
+
+Output: a markdown table on stdout (``--json``: one JSON document instead); progress on stderr.
+Exit status 1 when a scenario could not run (or, with ``--strict``, when a target is missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # bench the checkout this file lives in
+
+from queuectl import events as ev  # noqa: E402
+from queuectl import ledger, queue  # noqa: E402
+
+SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory")
+FLOOR_CODE = "import click, msgspec, sqlite3"
+CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
+
+
+# -- sizes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    worker_jobs: int
+    cycle_jobs: int
+    idle: tuple[float, ...]  # seconds a worker idles before each pickup sample
+    short_idle_samples: int  # samples per idle time under 1 s (longer ones: one per run)
+    cli_reps_per_run: int
+    bulk_jobs: int
+    replay_jobs: int
+    reads_reps_per_run: int
+    memory_jobs: int
+
+
+FULL = Sizes(
+    worker_jobs=2_000,
+    cycle_jobs=5_000,
+    idle=(0.1, 5.0, 30.0),
+    short_idle_samples=20,
+    cli_reps_per_run=4,
+    bulk_jobs=100_000,
+    replay_jobs=1_000_000,
+    reads_reps_per_run=4,
+    memory_jobs=1_000,
+)
+QUICK = Sizes(
+    worker_jobs=200,
+    cycle_jobs=500,
+    idle=(0.1, 1.0),
+    short_idle_samples=6,
+    cli_reps_per_run=3,
+    bulk_jobs=5_000,
+    replay_jobs=20_000,
+    reads_reps_per_run=3,
+    memory_jobs=100,
+)
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    on: str  # "value" or "ratio"
+    op: str  # ">=" or "<="
+    limit: float
+
+    def met(self, value: float | None, ratio: float | None) -> bool | None:
+        x = value if self.on == "value" else ratio
+        if x is None or not math.isfinite(x):
+            return None
+        return x >= self.limit if self.op == ">=" else x <= self.limit
+
+
+@dataclass
+class Row:
+    scenario: str
+    key: str
+    figure: str
+    value: float | None
+    unit: str
+    baseline: float | None = None
+    baseline_label: str = ""
+    ratio: float | None = None
+    target: str = ""
+    status: str = "info"  # pass | fail | info | n/a | error
+    samples: list[float] = field(default_factory=list)
+    baseline_samples: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    ok: bool = False
+    seconds: float = 0.0
+    error: str | None = None
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def percentile(xs: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(xs)
+    k = (len(s) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def paired_ratio(values: Sequence[float], baselines: Sequence[float]) -> float:
+    """Median of the per-run ratios: each figure is compared with the baseline run next to it."""
+    return median([v / b for v, b in zip(values, baselines, strict=True)])
+
+
+def make_row(
+    scenario: str,
+    key: str,
+    figure: str,
+    samples: Sequence[float],
+    unit: str,
+    target: Target | None = None,
+    *,
+    value: float | None = None,
+    baseline_samples: Sequence[float] = (),
+    baseline_label: str = "",
+    ratio: float | None = None,
+    note: str = "",
+) -> Row:
+    if value is None:
+        value = median(samples)
+    baseline = median(baseline_samples) if baseline_samples else None
+    if ratio is None and baseline_samples:
+        ratio = paired_ratio(samples, baseline_samples)
+    met = target.met(value, ratio) if target else None
+    status = "info" if target is None else ("error" if met is None else ("pass" if met else "fail"))
+    return Row(
+        scenario=scenario,
+        key=key,
+        figure=figure,
+        value=value,
+        unit=unit,
+        baseline=baseline,
+        baseline_label=baseline_label,
+        ratio=ratio,
+        target=target.text if target else "",
+        status=status,
+        samples=[round(x, 6) for x in samples],
+        baseline_samples=[round(x, 6) for x in baseline_samples],
+        note=note,
+    )
+
+
+# -- the run's context: temp dirs, child processes, logging -------------------------------
+
+
+class Context:
+    def __init__(self, sizes: Sizes, runs: int, cache_dir: Path, quiet: bool) -> None:
+        self.sizes = sizes
+        self.runs = runs
+        self.cache_dir = cache_dir
+        self.quiet = quiet
+        self.tmp = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
+        self.started = time.monotonic()
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.floor_ms: list[float] = []  # CLI floor samples from `startup`, reused by `reads`
+        self.replay_db: Path | None = None  # the replay scenario's copy, reused by `reads`
+        self._n = 0
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        )
+        self.env = env
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[bench {time.monotonic() - self.started:7.1f}s] {text}", file=sys.stderr,
+                  flush=True)
+
+    def fresh_dir(self, label: str) -> Path:
+        self._n += 1
+        path = self.tmp / f"{self._n:03d}-{label}"
+        path.mkdir()
+        return path
+
+    @contextmanager
+    def fresh_db(self, label: str) -> Iterator[Path]:
+        """A path for a brand-new database in its own directory, removed afterwards."""
+        directory = self.fresh_dir(label)
+        try:
+            yield directory / "queue.db"
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def env_for(self, db: Path | None = None, **extra: str) -> dict[str, str]:
+        env = dict(self.env)
+        if db is not None:
+            env["QUEUECTL_DB"] = str(db)
+        env.update(extra)
+        return env
+
+    def queuectl(self, db: Path, *args: str) -> list[str]:
+        return [sys.executable, "-m", "queuectl", "--db", str(db), *args]
+
+    def popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        self.children.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """Stop a child this run started (its own process group), politely then firmly."""
+        if proc.returncode is None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                proc.wait()
+        if proc in self.children:
+            self.children.remove(proc)
+
+    def close(self, keep: bool = False) -> None:
+        for proc in list(self.children):
+            self.stop(proc)
+        if not keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_timed(ctx: Context, cmd: list[str], db: Path | None = None, **kwargs: object) -> float:
+    """Wall seconds of one command, which must succeed."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=ctx.env_for(db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs
+    )  # type: ignore[call-overload]
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-500:]}"
+        )
+    return seconds
+
+
+# A child's ru_maxrss also counts the memory of the process it was forked from (Linux records
+# the pre-exec high-water mark), so a big benchmark process would inflate it. A tiny launcher
+# (``python -S``, a few MiB) forks the command and reports the command's own peak.
+RSS_LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, flush=True)
+"""
+
+
+def peak_rss(ctx: Context, cmd: list[str], db: Path | None = None) -> tuple[int, float]:
+    """Run ``cmd`` to its end: its exit code and its peak RSS in MiB."""
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", RSS_LAUNCHER, *cmd],
+        env=ctx.env_for(db), capture_output=True, text=True,
+    )
+    try:
+        code, kib = proc.stdout.split()[-2:]
+    except ValueError:
+        raise RuntimeError(f"rss launcher failed: {proc.stderr[-500:]}") from None
+    return int(code), int(kib) / 1024  # Linux reports KiB
+
+
+def enqueue_true(db: Path, n: int, command: str = "true") -> None:
+    conn = ledger.connect(db)
+    try:
+        queue.enqueue(conn, [queue.JobSpec(command=command) for _ in range(n)])
+    finally:
+        conn.close()
+
+
+def job_counts(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT state, n FROM job_counts WHERE n != 0").fetchall())
+
+
+# -- 1. worker throughput -----------------------------------------------------------------
+
+
+def spawn_baseline(n: int, threads: int = 2) -> float:
+    """Jobs/s of ``threads`` Python threads running ``sh -c true`` with subprocess."""
+    todo = iter(range(n))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            subprocess.run(["sh", "-c", "true"])
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return n / (time.perf_counter() - start)
+
+
+def queuectl_worker_rate(ctx: Context, n: int, concurrency: int) -> float:
+    with ctx.fresh_db("worker") as db:
+        enqueue_true(db, n)
+        seconds = run_timed(ctx, ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst"), db)
+        counts = job_counts(db)
+        if counts.get("completed") != n:
+            raise RuntimeError(f"worker left {counts} (expected {n} completed)")
+        return n / seconds
+
+
+HUEY_APP = '''\
+import subprocess
+from huey import SqliteHuey
+
+huey = SqliteHuey("bench", filename={filename!r})
+
+
+@huey.task()
+def run(command):
+    subprocess.run(["sh", "-c", command])
+    return 1
+'''
+
+
+def huey_rate(ctx: Context, n: int, workers: int = 2) -> float:
+    """Jobs/s of huey's SqliteHuey consumer (process workers), consumer start to last result."""
+    directory = ctx.fresh_dir("huey")
+    try:
+        module_name = f"qbench_huey_{directory.name.replace('-', '_')}"
+        app = directory / f"{module_name}.py"
+        app.write_text(HUEY_APP.format(filename=str(directory / "huey.db")))
+        spec = importlib.util.spec_from_file_location(module_name, app)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for _ in range(n):
+            module.run("true")
+        cmd = [
+            sys.executable, "-c",
+            "from huey.bin.huey_consumer import consumer_main; consumer_main()",
+            f"{module_name}.huey", "-w", str(workers), "-k", "process", "-n", "-C", "-q",
+        ]
+        env = ctx.env_for(PYTHONPATH=os.pathsep.join([str(directory), ctx.env["PYTHONPATH"]]))
+        log = directory / "consumer.log"
+        with log.open("wb") as log_file:
+            start = time.perf_counter()
+            proc = ctx.popen(cmd, cwd=directory, env=env, stderr=log_file)
+        deadline = start + max(120.0, n / 5)
+        while module.huey.result_count() < n:
+            if proc.poll() is not None:
+                raise RuntimeError(f"huey consumer exited {proc.returncode}: "
+                                   f"{log.read_text()[-500:]}")
+            if time.perf_counter() > deadline:
+                raise RuntimeError("huey consumer did not finish in time")
+            time.sleep(0.01)
+        seconds = time.perf_counter() - start
+        ctx.stop(proc)
+        module.huey.storage.close()
+        return n / seconds
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.worker_jobs
+    have_huey = importlib.util.find_spec("huey") is not None
+    base, mine, peer = [], [], []
+    for r in range(ctx.runs):
+        base.append(spawn_baseline(n))
+        mine.append(queuectl_worker_rate(ctx, n, 2))
+        if have_huey:
+            peer.append(huey_rate(ctx, n))
+        ctx.log(f"worker run {r + 1}/{ctx.runs}: queuectl {mine[-1]:.0f}/s, 2-thread spawn "
+                f"{base[-1]:.0f}/s" + (f", huey {peer[-1]:.0f}/s" if have_huey else ""))
+    rows = [
+        make_row("worker", "worker_vs_spawn", f"worker throughput, {n:,} `true` jobs, `-c 2`",
+                 mine, "jobs/s", Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65),
+                 baseline_samples=base, baseline_label="2 threads `sh -c true`"),
+    ]
+    if have_huey:
+        rows.append(make_row(
+            "worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs", mine, "jobs/s",
+            Target(">= 2.5 x huey", "ratio", ">=", 2.5),
+            baseline_samples=peer, baseline_label="huey SqliteHuey, 2 process workers"))
+    else:
+        row = make_row("worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs",
+                       mine, "jobs/s", None, note="n/a (pip install .[bench])")
+        row.status, row.target, row.baseline_label = "n/a", ">= 2.5 x huey", "huey not installed"
+        rows.append(row)
+    result.details["huey"] = have_huey
+    return rows
+
+
+# -- 2. ledger cycle ----------------------------------------------------------------------
+
+
+def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, float]:
+    """Jobs/s of claiming and completing ``n`` no-op jobs in one process, and the mean
+    microseconds spent in the claim and finish calls. ``combined``: the worker's own path,
+    ``finish_and_claim`` (each result committed with the next claim), where the queue has it."""
+    with ctx.fresh_db("cycle") as db:
+        enqueue_true(db, n)
+        conn = ledger.connect(db, durable=False)  # as a worker opens it
+        try:
+            wid = queue.new_id()
+            queue.worker_started(conn, wid, os.getpid(), socket.gethostname())
+            t_claim = t_finish = 0.0
+            done = 0
+            start = time.perf_counter()
+            claim = queue.claim(conn, wid)
+            t_claim += time.perf_counter() - start
+            while claim is not None:
+                done += 1
+                t0 = time.perf_counter()
+                result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
+                if combined:
+                    _, claim = queue.finish_and_claim(conn, claim, result, wid)
+                    t_finish += time.perf_counter() - t0
+                else:
+                    queue.finish(conn, claim, result)
+                    t1 = time.perf_counter()
+                    t_finish += t1 - t0
+                    claim = queue.claim(conn, wid)
+                    t_claim += time.perf_counter() - t1
+            seconds = time.perf_counter() - start
+        finally:
+            conn.close()
+    if done != n:
+        raise RuntimeError(f"cycled {done} jobs, expected {n}")
+    return n / seconds, t_claim / n * 1e6, t_finish / n * 1e6
+
+
+def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.cycle_jobs
+    combined = hasattr(queue, "finish_and_claim")
+    split, split_claim, split_finish, joined = [], [], [], []
+    for r in range(ctx.runs):
+        rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
+        split.append(rate)
+        split_claim.append(c_us)
+        split_finish.append(f_us)
+        if combined:
+            joined.append(cycle_rate(ctx, n, combined=True)[0])
+        ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
+                f"{c_us:.0f} us, finish {f_us:.0f} us)"
+                + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else ""))
+    result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
+                          finish_and_claim=combined)
+    target = Target(">= 8,000 jobs/s", "value", ">=", 8000)
+    split_note = (f"claim {median(split_claim):.0f} us + finish {median(split_finish):.0f} us "
+                  "per job")
+    if not combined:
+        return [make_row("cycle", "ledger_cycle",
+                         f"ledger cycle (claim + finish, no spawn), {n:,} jobs", split,
+                         "jobs/s", target, note=split_note)]
+    return [
+        make_row("cycle", "ledger_cycle",
+                 f"ledger cycle, worker path (`finish_and_claim`, no spawn), {n:,} jobs",
+                 joined, "jobs/s", target, note="one commit per job, as the worker runs"),
+        make_row("cycle", "ledger_cycle_split",
+                 f"ledger cycle, separate `claim` + `finish` calls, {n:,} jobs", split,
+                 "jobs/s", None, note=split_note + "; two commits per job"),
+    ]
+
+
+# -- 3. pickup latency --------------------------------------------------------------------
+
+
+def _parse_at(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def latency_samples(ctx: Context, idle: float, count: int) -> tuple[list[float], list[float]]:
+    """Enqueue-commit -> process-start (ms) and enqueue-commit -> claimed event (ms)."""
+    starts: list[float] = []
+    claims: list[float] = []
+    with ctx.fresh_db("latency") as db:
+        conn = ledger.connect(db)
+        proc = ctx.popen(ctx.queuectl(db, "worker"), env=ctx.env_for(db))
+        try:
+            deadline = time.monotonic() + 30
+            while not conn.execute("SELECT 1 FROM workers WHERE state = 'active'").fetchone():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not start")
+                time.sleep(0.01)
+            for i in range(count):
+                time.sleep(idle)
+                mark = db.parent / f"start-{i}"
+                command = f"date +%s.%N > {shlex.quote(str(mark))}"
+                (job_id,) = queue.enqueue(conn, [queue.JobSpec(command=command)])
+                committed = time.time()
+                deadline = time.monotonic() + 30
+                while True:
+                    state = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                    if state.fetchone()[0] in ("completed", "failed", "dead"):
+                        break
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"job {job_id} was not run within 30 s")
+                    time.sleep(0.01)
+                started = float(mark.read_text().strip())
+                (claimed_at,) = conn.execute(
+                    "SELECT at FROM events WHERE job_id = ? AND type = 'claimed'", (job_id,)
+                ).fetchone()
+                starts.append((started - committed) * 1000)
+                claims.append((_parse_at(claimed_at) - committed) * 1000)
+        finally:
+            conn.close()
+            ctx.stop(proc)
+    return starts, claims
+
+
+def bench_latency(ctx: Context, result: ScenarioResult) -> list[Row]:
+    rows = []
+    for idle in ctx.sizes.idle:
+        count = ctx.sizes.short_idle_samples if idle < 1 else max(ctx.runs, 2)
+        starts, claims = latency_samples(ctx, idle, count)
+        ctx.log(f"latency after {idle:g} s idle, {count} samples: p50 {median(starts):.1f} ms, "
+                f"max {max(starts):.1f} ms (claim p50 {median(claims):.1f} ms)")
+        note = (f"n={count}; commit -> `claimed` event p50 {median(claims):.1f} ms, "
+                f"p99 {percentile(claims, 99):.1f} ms")
+        result.details[f"idle_{idle:g}s_claim_ms"] = claims
+        rows.append(make_row(
+            "latency", f"pickup_p50_idle_{idle:g}s", f"pickup latency p50, idle {idle:g} s",
+            starts, "ms", Target("<= 10 ms", "value", "<=", 10), note=note))
+        rows.append(make_row(
+            "latency", f"pickup_p99_idle_{idle:g}s", f"pickup latency p99, idle {idle:g} s",
+            starts, "ms", Target("<= 50 ms", "value", "<=", 50),
+            value=percentile(starts, 99), note=f"n={count}"))
+    return rows
+
+
+# -- 4. CLI start-up ----------------------------------------------------------------------
+
+
+def measure_floor(ctx: Context) -> float:
+    return run_timed(ctx, [sys.executable, "-c", FLOOR_CODE]) * 1000
+
+
+def import_report(ctx: Context, db: Path) -> tuple[list[str], list[tuple[str, float]]]:
+    """Heavy modules the enqueue path loads, and its slowest imports (cumulative ms)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *ctx.queuectl(db, "enqueue", "-c", "true")[1:]],
+        env=ctx.env_for(db), capture_output=True, text=True, check=True,
+    )
+    loaded: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cumulative, name = line[len("import time:"):].split("|")
+            if cumulative.strip().isdigit():
+                loaded[name.strip()] = int(cumulative) / 1000
+    heavy = sorted(
+        {name.split(".")[0] for name in loaded} & {"rich", "sqlite_utils"}
+    )
+    top = sorted(loaded.items(), key=lambda kv: -kv[1])[:12]
+    return heavy, top
+
+
+def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
+    floor, wall = [], []
+    with ctx.fresh_db("startup") as db:
+        ledger.connect(db).close()
+        enqueue_cmd = ctx.queuectl(db, "enqueue", "-c", "true")
+        measure_floor(ctx)  # warm the page cache for both
+        run_timed(ctx, enqueue_cmd, db)
+        for _ in range(ctx.runs * ctx.sizes.cli_reps_per_run):
+            floor.append(measure_floor(ctx))
+            wall.append(run_timed(ctx, enqueue_cmd, db) * 1000)
+        heavy, top = import_report(ctx, db)
+    ctx.floor_ms.extend(floor)
+    ctx.log(f"startup: enqueue {median(wall):.1f} ms, floor {median(floor):.1f} ms, "
+            f"heavy imports: {heavy or 'none'}")
+    result.details["slowest_imports_ms"] = top
+    heavy_row = make_row(
+        "startup", "enqueue_heavy_imports", "rich / sqlite_utils imported by `enqueue`",
+        [float(len(heavy))], "modules", Target("none", "value", "<=", 0),
+        note=", ".join(heavy) if heavy else "neither is imported")
+    return [
+        make_row("startup", "enqueue_wall", "`queuectl enqueue -c true` wall", wall, "ms",
+                 Target("<= 1.3 x import floor", "ratio", "<=", 1.3),
+                 baseline_samples=floor, baseline_label=f'`python -c "{FLOOR_CODE}"`'),
+        heavy_row,
+    ]
+
+
+# -- 5. bulk enqueue ----------------------------------------------------------------------
+
+
+def bench_bulk(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.bulk_jobs
+    directory = ctx.fresh_dir("bulk-input")
+    jobs_file = directory / "jobs.jsonl"
+    jobs_file.write_text('{"command":"true"}\n' * n)
+    rates = []
+    try:
+        for r in range(ctx.runs):
+            with ctx.fresh_db("bulk") as db:
+                seconds = run_timed(ctx, ctx.queuectl(db, "enqueue", "--file", str(jobs_file)), db)
+                counts = job_counts(db)
+                if counts.get("pending") != n:
+                    raise RuntimeError(f"bulk enqueue left {counts}, expected {n} pending")
+            rates.append(n / seconds)
+            ctx.log(f"bulk run {r + 1}/{ctx.runs}: {rates[-1]:.0f} jobs/s ({seconds:.2f} s)")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return [make_row("bulk", "bulk_enqueue", f"bulk enqueue, {n:,} JSON lines, end to end",
+                     rates, "jobs/s", Target(">= 50,000 jobs/s", "value", ">=", 50_000))]
+
+
+# -- 6. replay ----------------------------------------------------------------------------
+
+
+def _cache_key(jobs: int) -> str:
+    """Keyed by size, by the code that shapes the ledger's rows, and by the projections'
+    versions (a cached ledger with stale projections would be rebuilt on every open)."""
+    from projections import REGISTRY
+
+    versions = repr([(p.NAME, p.VERSION) for p in REGISTRY])
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, inspect.getsource(ev), repr(ledger.LEDGER_DDL), versions):
+        digest.update(part.encode())
+    return f"ledger-{jobs}-{digest.hexdigest()[:12]}.db"
+
+
+def _at(seq: int) -> str:
+    """A distinct, increasing ISO time per event: one millisecond apart."""
+    seconds, ms = divmod(seq, 1000)
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    return f"2026-01-{1 + days:02d}T{h:02d}:{m:02d}:{s:02d}.{ms:03d}000Z"
+
+
+def ledger_rows(jobs: int, pending: int) -> Iterator[tuple[str, str, str | None, str | None, str]]:
+    """The events of ``jobs`` jobs: blocks of 1,000 enqueued, then each claimed and completed by
+    one of two workers; the last ``pending`` jobs are only enqueued."""
+    seq = 0
+    encode = ev.encode
+
+    def row(event: ev.Event) -> tuple[str, str, str | None, str | None, str]:
+        nonlocal seq
+        seq += 1
+        return (_at(seq), event.type, getattr(event, "job_id", None),
+                getattr(event, "worker_id", None), encode(event))
+
+    workers = ("benchw01", "benchw02")
+    # Claims carry since-when the job was eligible where the vocabulary has it, as real ones do.
+    eligible = "eligible_at" in getattr(ev.Claimed, "__struct_fields__", ())
+    enqueued_at: dict[str, str] = {}
+    for w in workers:
+        yield row(ev.WorkerStarted(worker_id=w, pid=1, host="bench"))
+    done = jobs - pending
+    for block in range(0, jobs, 1000):
+        ids = [f"j{i:07d}" for i in range(block, min(block + 1000, jobs))]
+        for job_id in ids:
+            yield row(ev.Enqueued(job_id=job_id, command="true", max_retries=3, backoff_base=2.0))
+            enqueued_at[job_id] = _at(seq)
+        for i, job_id in enumerate(ids, block):
+            if i >= done:
+                break
+            w = workers[i & 1]
+            since = {"eligible_at": enqueued_at.pop(job_id)} if eligible else {}
+            yield row(ev.Claimed(job_id=job_id, worker_id=w, attempt=1, **since))
+            yield row(ev.Completed(job_id=job_id, worker_id=w, attempt=1, duration=0.002))
+        enqueued_at.clear()
+    for w in workers:
+        yield row(ev.WorkerStopped(worker_id=w, reason="burst: queue empty"))
+
+
+def build_ledger(ctx: Context, path: Path, jobs: int) -> None:
+    conn = ledger.connect(path, durable=False)
+    try:
+        conn.execute("PRAGMA cache_size = -262144")  # build faster; not part of any figure
+        with ledger.write(conn):
+            conn.executemany(
+                "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)",
+                ledger_rows(jobs, pending=max(10, jobs // 100)),
+            )
+        ctx.log(f"replay: {jobs:,} jobs' events written; rebuilding projections once")
+        ledger.rebuild(conn)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def cached_ledger(ctx: Context, jobs: int) -> Path:
+    """The cached replay ledger for ``jobs`` jobs, built on first use."""
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    path = ctx.cache_dir / _cache_key(jobs)
+    if path.exists():
+        ctx.log(f"replay: using cached ledger {path}")
+        return path
+    for stale in ctx.cache_dir.glob(f"ledger-{jobs}-*.db*"):
+        stale.unlink()
+    ctx.log(f"replay: building a ledger of {jobs:,} jobs in {path} (cached for later runs)")
+    building = path.with_name(f"{path.stem}.building-{os.getpid()}.db")
+    try:
+        build_ledger(ctx, building, jobs)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{building}{suffix}").unlink(missing_ok=True)
+        building.rename(path)
+    finally:
+        for p in (building, Path(f"{building}-wal"), Path(f"{building}-shm")):
+            p.unlink(missing_ok=True)
+    return path
+
+
+def copy_of_replay_ledger(ctx: Context) -> Path:
+    source = cached_ledger(ctx, ctx.sizes.replay_jobs)
+    target = ctx.fresh_dir("replay") / "queue.db"
+    shutil.copyfile(source, target)
+    return target
+
+
+def bench_replay(ctx: Context, result: ScenarioResult) -> list[Row]:
+    db = copy_of_replay_ledger(ctx)
+    ctx.replay_db = db
+    conn = ledger.connect(db)  # as `queuectl rebuild` opens it
+    rates = []
+    try:
+        (n_events,) = conn.execute("SELECT count(*) FROM events").fetchone()
+        for r in range(ctx.runs):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            start = time.perf_counter()
+            ledger.rebuild(conn)
+            seconds = time.perf_counter() - start
+            rates.append(n_events / seconds)
+            ctx.log(f"replay run {r + 1}/{ctx.runs}: {n_events:,} events in {seconds:.1f} s = "
+                    f"{rates[-1]:.0f} events/s")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    result.details["events"] = n_events
+    return [make_row(
+        "replay", "replay", f"replay, {ctx.sizes.replay_jobs:,} jobs ({n_events:,} events)",
+        rates, "events/s", Target(">= 150,000 events/s", "value", ">=", 150_000))]
+
+
+# -- 7. reads at scale --------------------------------------------------------------------
+
+
+def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
+    db = ctx.replay_db or copy_of_replay_ledger(ctx)
+    status_cmd = ctx.queuectl(db, "status", "--json")
+    list_cmd = ctx.queuectl(db, "list", "-s", "pending", "--limit", "20")
+    for cmd in (status_cmd, list_cmd):
+        run_timed(ctx, cmd, db)  # warm up (and open the copied database once)
+    floor, status, listing = [], [], []
+    for _ in range(ctx.runs * ctx.sizes.reads_reps_per_run):
+        floor.append(measure_floor(ctx))
+        status.append(run_timed(ctx, status_cmd, db) * 1000)
+        listing.append(run_timed(ctx, list_cmd, db) * 1000)
+    counts = job_counts(db)
+    ctx.log(f"reads on {sum(counts.values()):,} jobs: status {median(status):.1f} ms, list "
+            f"{median(listing):.1f} ms, floor {median(floor):.1f} ms")
+    result.details["jobs"] = counts
+    label = f'`python -c "{FLOOR_CODE}"`'
+    over = [s - f for s, f in zip(status, floor, strict=True)]
+    over_list = [s - f for s, f in zip(listing, floor, strict=True)]
+    jobs = f"{ctx.sizes.replay_jobs:,} jobs"
+    return [
+        make_row("reads", "status_over_floor", f"`status --json` at {jobs}, over floor", over,
+                 "ms", Target("<= 100 ms over floor", "value", "<=", 100),
+                 baseline_samples=floor, baseline_label=label,
+                 ratio=paired_ratio(status, floor), note=f"wall {median(status):.1f} ms"),
+        make_row("reads", "list_over_floor", f"`list -s pending --limit 20` at {jobs}, over floor",
+                 over_list, "ms", None, baseline_samples=floor, baseline_label=label,
+                 ratio=paired_ratio(listing, floor),
+                 note=f"wall {median(listing):.1f} ms; no target of its own"),
+    ]
+
+
+# -- 8. memory ----------------------------------------------------------------------------
+
+
+def bench_memory(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.memory_jobs
+    rss, floor = [], []
+    for r in range(ctx.runs):
+        floor.append(peak_rss(ctx, [sys.executable, "-c", FLOOR_CODE])[1])
+        with ctx.fresh_db("memory") as db:
+            enqueue_true(db, n)
+            code, peak = peak_rss(ctx, ctx.queuectl(db, "worker", "-c", "4", "--burst"), db)
+            counts = job_counts(db)
+            if code != 0 or counts.get("completed") != n:
+                raise RuntimeError(f"worker -c 4 exited {code} leaving {counts}")
+        rss.append(peak)
+        ctx.log(f"memory run {r + 1}/{ctx.runs}: worker -c 4 peak {peak:.1f} MiB "
+                f"(python floor {floor[-1]:.1f} MiB)")
+    return [make_row(
+        "memory", "worker_rss", f"worker peak RSS, `-c 4`, {n:,} jobs", rss, "MiB",
+        Target("<= 40 MiB", "value", "<=", 40),
+        baseline_samples=floor, baseline_label="python + click, msgspec, sqlite3")]
+
+
+BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
+    "worker": bench_worker,
+    "cycle": bench_cycle,
+    "latency": bench_latency,
+    "startup": bench_startup,
+    "bulk": bench_bulk,
+    "replay": bench_replay,
+    "reads": bench_reads,
+    "memory": bench_memory,
+}
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def fmt(x: float | None, unit: str = "") -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    if unit in ("jobs/s", "events/s"):
+        text = f"{x:,.0f}"
+    elif abs(x) >= 100:
+        text = f"{x:,.0f}"
+    elif abs(x) >= 10:
+        text = f"{x:.1f}"
+    else:
+        text = f"{x:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def markdown(rows: list[Row], results: dict[str, ScenarioResult]) -> str:
+    lines = [
+        "| figure | value | baseline (same run) | ratio | target | pass/fail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        unit = row.unit if row.unit != "modules" else ""
+        if row.key == "enqueue_heavy_imports":
+            value = row.note
+        elif row.status == "n/a":
+            value = row.note
+        else:
+            value = fmt(row.value, unit)
+        baseline = (f"{fmt(row.baseline, row.unit)} ({row.baseline_label})"
+                    if row.baseline is not None else (row.baseline_label or "-"))
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        verdict = {"pass": "pass", "fail": "**FAIL**", "info": "info", "n/a": "n/a",
+                   "error": "error"}[row.status]
+        lines.append(f"| {row.figure} | {value} | {baseline} | {ratio} | {row.target or '-'} "
+                     f"| {verdict} |")
+    for name, res in results.items():
+        if not res.ok:
+            lines.append(f"| {name} | error: {res.error} | - | - | - | error |")
+    return "\n".join(lines)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def ensure_bytecode() -> None:
+    """Compile queuectl's modules once, as ``pip install`` does for an installed package.
+
+    An editable checkout run with PYTHONDONTWRITEBYTECODE=1 (this sandbox sets it) would
+    otherwise recompile every module at every start-up, some 10 ms that no installed copy pays;
+    the floor's own modules (click, msgspec) are precompiled by pip. Writes ``__pycache__``
+    beside the sources (git ignores it).
+    """
+    import compileall
+
+    for package in ("queuectl", "projections"):
+        compileall.compile_dir(ROOT / package, quiet=2, maxlevels=0)
+
+
+def code_fingerprint() -> str:
+    """A hash of the queuectl and projections sources this run measures."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("queuectl/*.py"), *ROOT.glob("projections/*.py")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def git_describe() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "queuectl", "projections"],
+            capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}{' (uncommitted changes)' if dirty else ''}"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwind, so temporary databases and children are cleaned up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and 2 runs: a smoke run under a minute")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 5, quick 2)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
+    parser.add_argument("--save", type=Path, metavar="FILE",
+                        help="also write the JSON document to FILE")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("QUEUECTL_BENCH_CACHE",
+                                                    "/tmp/queuectl-bench-cache")),
+                        help="where the big replay ledger is cached")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not precompile queuectl's bytecode first (measure cold compiles)")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary databases")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+
+    chosen = SCENARIOS if not args.only else tuple(s.strip() for s in args.only.split(","))
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    runs = args.runs or (2 if args.quick else 5)
+    if runs < 1:
+        parser.error("--runs must be at least 1")
+    sizes = QUICK if args.quick else FULL
+    signal.signal(signal.SIGTERM, _terminate)
+    if not args.no_compile:
+        ensure_bytecode()
+    fingerprint = code_fingerprint()
+    ctx = Context(sizes, runs, args.cache_dir, args.quiet)
+    rows: list[Row] = []
+    results: dict[str, ScenarioResult] = {}
+    started = time.perf_counter()
+    try:
+        for name in SCENARIOS:
+            if name not in chosen:
+                continue
+            result = results[name] = ScenarioResult(name)
+            ctx.log(f"scenario {name} ...")
+            t0 = time.perf_counter()
+            try:
+                rows += BENCHES[name](ctx, result)
+                result.ok = True
+            except Exception as exc:  # one broken scenario must not hide the others
+                result.error = f"{type(exc).__name__}: {exc}"
+                result.details["traceback"] = traceback.format_exc()
+                ctx.log(f"scenario {name} FAILED: {result.error}")
+            result.seconds = round(time.perf_counter() - t0, 2)
+            ctx.log(f"scenario {name} took {result.seconds:.1f} s")
+    finally:
+        ctx.close(keep=args.keep_tmp)
+    elapsed = time.perf_counter() - started
+    changed = code_fingerprint() != fingerprint
+    if changed:
+        ctx.log("WARNING: queuectl's sources changed during the run; figures mix versions")
+
+    command = shlex.join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    meta = {
+        "command": command,
+        "code": {"root": str(ROOT), "git": git_describe(), "fingerprint": fingerprint,
+                 "changed_during_run": changed},
+        "bytecode": "cold (--no-compile)" if args.no_compile else "precompiled",
+        "quick": args.quick,
+        "runs": runs,
+        "sizes": asdict(sizes),
+        "seconds": round(elapsed, 1),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "when": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    document = json.dumps({
+        "meta": meta,
+        "scenarios": {n: asdict(r) for n, r in results.items()},
+        "rows": [asdict(r) for r in rows],
+    }, indent=2, default=str)
+    if args.save:
+        args.save.write_text(document + "\n")
+    if args.json:
+        print(document)
+    else:
+        print(markdown(rows, results))
+        print()
+        print(f"Medians of {runs} runs (latency: percentiles over all samples; start-up and "
+              f"reads: {sizes.cli_reps_per_run} invocations per run); ratios are medians of "
+              f"per-run ratios against the baseline run beside them. `{command}` took "
+              f"{elapsed:.0f} s on {os.cpu_count()} CPUs, Python {meta['python']}, SQLite "
+              f"{meta['sqlite']}; code {meta['code']['git']}, sources {fingerprint}, bytecode "
+              f"{meta['bytecode']}.")
+        if changed:
+            print("WARNING: queuectl's sources changed during this run: the figures mix code "
+                  "versions; run again on a quiet tree.")
+    failed = any(not r.ok for r in results.values())
+    missed = any(r.status == "fail" for r in rows)
+    return 1 if failed or (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
