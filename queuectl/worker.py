@@ -131,12 +131,20 @@ def run_command(
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP)
     pipe_open = True
+    # A pidfd turns readable when the shell exits, so one poll() waits for output, end of
+    # output and exit alike, with no sleeping in between (Linux >= 5.3; else we poll).
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):
+        pidfd = None
 
     def read() -> bool:
         nonlocal total, pipe_open
         chunk = os.read(fd, 65536)
         if not chunk:
             pipe_open = False
+            poller.unregister(fd)
             return False
         total += len(chunk)
         tail.extend(chunk)
@@ -145,34 +153,38 @@ def run_command(
         return True
 
     timed_out = abandoned = False
-    while True:
-        if pipe_open:
-            if poller.poll(50):
+    try:
+        while True:
+            ready = poller.poll(50)
+            if pipe_open and any(f == fd for f, _ in ready):
                 read()
-        else:
-            try:
-                proc.wait(0.05)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc.poll() is not None:
-            # The shell is done. A background grandchild may still hold the pipe open:
-            # take what is already there and stop reading.
-            for _ in range(64):
-                if not (pipe_open and poller.poll(0) and read()):
-                    break
-            _kill_group(proc.pid, signal.SIGTERM)  # leftovers of a finished job don't linger
-            break
-        abandoned = tick()
-        timed_out = bool(timeout) and time.monotonic() - start > timeout
-        if abandoned or timed_out:
-            _kill_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(0 if abandoned else KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                pass
-            _kill_group(proc.pid, signal.SIGKILL)  # and any grandchild that ignored SIGTERM
-            proc.wait()
-            break
+            if pidfd is None and not pipe_open:
+                try:
+                    proc.wait(0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.poll() is not None:
+                # The shell is done. A background grandchild may still hold the pipe
+                # open: take what is already there and stop reading.
+                for _ in range(64):
+                    if not (pipe_open and poller.poll(0) and read()):
+                        break
+                _kill_group(proc.pid, signal.SIGTERM)  # leftovers of a finished job go too
+                break
+            abandoned = tick()
+            timed_out = bool(timeout) and time.monotonic() - start > timeout
+            if abandoned or timed_out:
+                _kill_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(0 if abandoned else KILL_GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+                _kill_group(proc.pid, signal.SIGKILL)  # and any grandchild that ignored TERM
+                proc.wait()
+                break
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     proc.stdout.close()
     kept = bytes(tail[-output_limit:]) if output_limit else b""
     return RunResult(
