@@ -605,6 +605,10 @@ def runs_of(conn: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
                 run["output"] = getattr(event, "output", "")
                 run["truncated"] = getattr(event, "truncated", False)
                 run["error"] = getattr(event, "error", None) or getattr(event, "reason", None)
+                if isinstance(event, ev.TimedOut):
+                    run["error"] = f"killed after its {event.timeout:g}s timeout"
+                elif isinstance(event, ev.LeaseExpired):
+                    run["error"] = f"worker {event.worker_id} stopped heartbeating"
     return runs
 
 
