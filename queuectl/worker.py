@@ -24,6 +24,7 @@ from queuectl import events as ev
 from queuectl.render import safe
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker
+CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
@@ -45,6 +46,14 @@ class Shutdown:
         self.hard = threading.Event()
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A worker's connection: progress is written with synchronous=NORMAL (a lost result
+    only means the job runs again) and checkpoints are left to the process's Waker."""
+    conn = ledger.connect(path, durable=False)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
+
+
 class Waker:
     """Wakes idle workers whenever another connection commits to the database."""
 
@@ -58,11 +67,19 @@ class Waker:
 
     def _watch(self) -> None:
         last = None
+        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
         while not self._closed:
             version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             if version != last:
                 last = version
                 self.poke()
+            if time.monotonic() >= next_checkpoint:
+                # Workers turn automatic checkpoints off (they ran inside a worker's COMMIT,
+                # holding the write lock while pages were copied and synced); this thread
+                # copies the WAL into the database instead, beside the workers, not in
+                # their way.
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
             time.sleep(WAKE_POLL)
 
     @property
@@ -83,6 +100,7 @@ class Waker:
         self._closed = True
         self.poke()
         self._thread.join()
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self._conn.close()
 
 
@@ -237,7 +255,7 @@ class Worker:
 
     def run(self) -> None:
         try:
-            self.conn = ledger.connect(self.path, durable=False)
+            self.conn = connect(self.path)
             self.config = settings.load(self.conn)
             queue.worker_started(self.conn, self.id, os.getpid(), socket.gethostname())
             self.echo(f"Worker started: {self.id}")

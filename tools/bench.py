@@ -64,6 +64,12 @@ if str(ROOT) not in sys.path:
 from queuectl import events as ev  # noqa: E402
 from queuectl import ledger, queue  # noqa: E402
 
+try:  # the worker's own connection setup and waker thread, where this version has them
+    from queuectl.worker import Waker  # noqa: E402
+    from queuectl.worker import connect as worker_connect  # noqa: E402
+except ImportError:
+    Waker = worker_connect = None  # type: ignore[assignment,misc]
+
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory")
 FLOOR_CODE = "import click, msgspec, sqlite3"
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
@@ -465,7 +471,10 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
     ``finish_and_claim`` (each result committed with the next claim), where the queue has it."""
     with ctx.fresh_db("cycle") as db:
         enqueue_true(db, n)
-        conn = ledger.connect(db, durable=False)  # as a worker opens it
+        # As a worker runs: its connection, and its process's waker thread beside it
+        # (which watches for new work and checkpoints the WAL).
+        conn = worker_connect(db) if worker_connect else ledger.connect(db, durable=False)
+        waker = Waker(Path(db)) if Waker else None
         try:
             wid = queue.new_id()
             queue.worker_started(conn, wid, os.getpid(), socket.gethostname())
@@ -489,6 +498,8 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
                     t_claim += time.perf_counter() - t1
             seconds = time.perf_counter() - start
         finally:
+            if waker:
+                waker.close()
             conn.close()
     if done != n:
         raise RuntimeError(f"cycled {done} jobs, expected {n}")
