@@ -89,7 +89,7 @@ _COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
 # one, nothing when they are the same (every state has a row: see the seed in DDL).
 _MOVE_COUNT = """UPDATE job_counts SET n = n + CASE state WHEN :new THEN 1 ELSE -1 END
     WHERE (state = :new OR state = (SELECT state FROM jobs WHERE id = :id))
-    AND :new IS NOT (SELECT state FROM jobs WHERE id = :id)"""
+    AND :new <> coalesce((SELECT state FROM jobs WHERE id = :id), '')"""
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != 'completed'"""
 _sql_cache: dict[tuple[str, ...], str] = {}
