@@ -22,7 +22,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_d
 # -- jobs -------------------------------------------------------------------------------
 
 
-class Enqueued(_Event, tag="enqueued"):
+class Enqueued(_Event, tag="enqueued", frozen=True):
     job_id: str
     command: str
     max_retries: int
@@ -35,14 +35,14 @@ class Enqueued(_Event, tag="enqueued"):
     backoff_jitter: float = 0.0  # 0..1: a delay may be shortened by up to this fraction
 
 
-class Claimed(_Event, tag="claimed"):
+class Claimed(_Event, tag="claimed", frozen=True):
     job_id: str
     worker_id: str
     attempt: int  # the run number this claim starts, 1-based
     eligible_at: str | None = None  # since when the job could run: its queue wait starts here
 
 
-class Completed(_Event, tag="completed"):
+class Completed(_Event, tag="completed", frozen=True):
     job_id: str
     worker_id: str
     attempt: int
@@ -51,7 +51,7 @@ class Completed(_Event, tag="completed"):
     truncated: bool = False  # output was cut to its tail
 
 
-class Failed(_Event, tag="failed"):
+class Failed(_Event, tag="failed", frozen=True):
     job_id: str
     worker_id: str
     attempt: int
@@ -62,7 +62,7 @@ class Failed(_Event, tag="failed"):
     truncated: bool = False
 
 
-class TimedOut(_Event, tag="timed-out"):
+class TimedOut(_Event, tag="timed-out", frozen=True):
     job_id: str
     worker_id: str
     attempt: int
@@ -72,14 +72,14 @@ class TimedOut(_Event, tag="timed-out"):
     truncated: bool = False
 
 
-class LeaseExpired(_Event, tag="lease-expired"):
+class LeaseExpired(_Event, tag="lease-expired", frozen=True):
     job_id: str
     worker_id: str
     attempt: int
     last_heartbeat: str  # the holder's last sign of life, ISO-8601 UTC
 
 
-class Released(_Event, tag="released"):
+class Released(_Event, tag="released", frozen=True):
     """A run abandoned by its own worker (forced shutdown); it does not count as an attempt."""
 
     job_id: str
@@ -88,20 +88,20 @@ class Released(_Event, tag="released"):
     reason: str
 
 
-class Unblocked(_Event, tag="unblocked"):
+class Unblocked(_Event, tag="unblocked", frozen=True):
     """Every job a waiting job depends on has completed; it may now run."""
 
     job_id: str
     completed: str  # the dependency whose completion released it
 
 
-class CancelRequested(_Event, tag="cancel-requested"):
+class CancelRequested(_Event, tag="cancel-requested", frozen=True):
     """Cancel asked for a running job; its worker kills the run and records ``cancelled``."""
 
     job_id: str
 
 
-class Cancelled(_Event, tag="cancelled"):
+class Cancelled(_Event, tag="cancelled", frozen=True):
     job_id: str
     reason: str
     worker_id: str | None = None  # set when a running job was stopped by its worker
@@ -111,20 +111,20 @@ class Cancelled(_Event, tag="cancelled"):
     truncated: bool = False
 
 
-class ScheduledRetry(_Event, tag="scheduled-retry"):
+class ScheduledRetry(_Event, tag="scheduled-retry", frozen=True):
     job_id: str
     attempt: int  # failed runs so far
     delay: float  # seconds, decided when the run failed
     run_at: str  # ISO-8601 UTC; replay never recomputes it
 
 
-class Dead(_Event, tag="dead"):
+class Dead(_Event, tag="dead", frozen=True):
     job_id: str
     attempts: int
     reason: str
 
 
-class Requeued(_Event, tag="requeued"):
+class Requeued(_Event, tag="requeued", frozen=True):
     """A dead job sent back to pending by ``dlq retry`` with a fresh retry budget."""
 
     job_id: str
@@ -134,36 +134,36 @@ class Requeued(_Event, tag="requeued"):
 # -- workers ----------------------------------------------------------------------------
 
 
-class WorkerStarted(_Event, tag="worker-started"):
+class WorkerStarted(_Event, tag="worker-started", frozen=True):
     worker_id: str
     pid: int
     host: str
 
 
-class WorkerHeartbeat(_Event, tag="worker-heartbeat"):
+class WorkerHeartbeat(_Event, tag="worker-heartbeat", frozen=True):
     worker_id: str
 
 
-class WorkerStopped(_Event, tag="worker-stopped"):
+class WorkerStopped(_Event, tag="worker-stopped", frozen=True):
     worker_id: str
     reason: str = ""
 
 
-class WorkerLost(_Event, tag="worker-lost"):
+class WorkerLost(_Event, tag="worker-lost", frozen=True):
     """A worker whose heartbeat stopped for longer than the lease timeout."""
 
     worker_id: str
     last_heartbeat: str
 
 
-class StopRequested(_Event, tag="stop-requested"):
+class StopRequested(_Event, tag="stop-requested", frozen=True):
     """Every worker running when this is appended finishes its job and exits."""
 
 
 # -- config -----------------------------------------------------------------------------
 
 
-class ConfigChanged(_Event, tag="config-changed"):
+class ConfigChanged(_Event, tag="config-changed", frozen=True):
     key: str
     value: str  # canonical text, already validated
 

@@ -234,7 +234,7 @@ def append(tx: sqlite3.Connection, *events: Event, at: str | None = None) -> int
     ]
     tx.executemany(_INSERT, rows)
     # Each projection reads only its own tables, so it may take the batch on its own.
-    _apply_many(tx, REGISTRY, [(row[0], at, event) for row, event in zip(rows, events)])
+    _apply_many(tx, REGISTRY, [(r[0], at, e) for r, e in zip(rows, events, strict=True)])
     return last + len(events)
 
 

@@ -14,10 +14,10 @@ from typing import Annotated, Any
 
 import msgspec
 
+from projections.jobs import CLAIMABLE, INDEXED_STATES, WAITING
 from queuectl import clock, settings
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
-from projections.jobs import CLAIMABLE, INDEXED_STATES, WAITING
 from queuectl.ledger import append, read_events, write
 
 STATES = (
@@ -652,8 +652,8 @@ def stats(conn: sqlite3.Connection, since_seconds: float | None = None) -> dict[
             first = conn.execute("SELECT claimed_at FROM runs ORDER BY seq LIMIT 1").fetchone()
             last = conn.execute("SELECT max(finished_at) FROM runs").fetchone()
             span = (first[0] if first else None, last[0])
-            fin_where, fin_params = "", ()
-            wait_where, wait_params = "", ()
+            fin_where, fin_params = "", ()  # type: tuple[str, tuple[str, ...]]
+            wait_where, wait_params = "", ()  # type: tuple[str, tuple[str, ...]]
         else:
             since = clock.after(now, -since_seconds)
             found = dict(conn.execute(

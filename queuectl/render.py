@@ -38,7 +38,9 @@ def _console():  # type: ignore[no-untyped-def]
     return Console(highlight=False, soft_wrap=False, width=width)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]], wide: set[str] = set()) -> None:
+def _table(
+    title: str, columns: list[str], rows: list[list[Any]], wide: frozenset[str] = frozenset()
+) -> None:
     """A table of user text. On a narrow terminal the ``wide`` columns (commands, errors)
     and then the others wrap; the first column (the id) never does."""
     from rich import box
@@ -99,7 +101,7 @@ def jobs_table(jobs: list[dict[str, Any]], title: str) -> None:
         row += [j["priority"]] * prioritised + [j["command"]]
         row += [_waits_for(j)] * waiting + [clock.short(j["updated_at"])]
         rows.append(row)
-    _table(title, columns, rows, wide={"Command"})
+    _table(title, columns, rows, wide=frozenset({"Command"}))
 
 
 def dlq_table(jobs: list[dict[str, Any]]) -> None:
@@ -112,7 +114,7 @@ def dlq_table(jobs: list[dict[str, Any]]) -> None:
         for j in jobs
     ]
     columns = ["ID", "Command", "Attempts", "Max retries", "Last error", "Updated (UTC)"]
-    _table("Dead letter queue", columns, rows, wide={"Command", "Last error"})
+    _table("Dead letter queue", columns, rows, wide=frozenset({"Command", "Last error"}))
 
 
 def status(counts: dict[str, int], workers: list[dict[str, Any]], stale_before: str) -> None:
@@ -199,7 +201,7 @@ def history_table(job_id: str, rows: list[tuple[int, str, ev.Event]]) -> None:
         for seq, at, event in rows
     ]
     columns = ["Seq", "Time (UTC)", "Event", "Worker", "Details"]
-    _table(f"History of job {job_id}", columns, table_rows, wide={"Details"})
+    _table(f"History of job {job_id}", columns, table_rows, wide=frozenset({"Details"}))
 
 
 # -- show, logs, stats --------------------------------------------------------------------

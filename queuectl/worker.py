@@ -151,8 +151,9 @@ def run_command(
     pipe_open = True
     # A pidfd turns readable when the shell exits, so one poll() waits for output, end of
     # output and exit alike, with no sleeping in between (Linux >= 5.3; else we poll).
+    pidfd: int | None
     try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(proc.pid)
         poller.register(pidfd, select.POLLIN)
     except (AttributeError, OSError):
         pidfd = None
@@ -369,18 +370,24 @@ class Worker:
         return following
 
     def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
-        common = {"job_id": job.job_id, "worker_id": self.id, "attempt": job.attempt}
-        out = {"output": r.output, "truncated": r.truncated, "duration": r.duration}
+        """The event that records how this run ended."""
+        j, w, a = job.job_id, self.id, job.attempt
+        out, cut, took = r.output, r.truncated, r.duration
         if r.abandoned and self._kill_reason == "cancel":
-            return ev.Cancelled(**common, reason="cancelled by user while running", **out)
+            return ev.Cancelled(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+                                duration=took, reason="cancelled by user while running")
         if r.abandoned:
-            return ev.Released(**common, reason="worker shut down while the job ran")
+            return ev.Released(job_id=j, worker_id=w, attempt=a,
+                               reason="worker shut down while the job ran")
         if r.timed_out:
-            return ev.TimedOut(**common, timeout=job.timeout, **out)
+            return ev.TimedOut(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+                               duration=took, timeout=job.timeout)
         if r.exit_code == 0:
-            return ev.Completed(**common, **out)
+            return ev.Completed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+                                duration=took)
         code = r.exit_code if r.exit_code is not None else -1
-        return ev.Failed(**common, exit_code=code, error=describe_exit(code), **out)
+        return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+                         duration=took, exit_code=code, error=describe_exit(code))
 
     def _report(self, event: ev.Event, job: queue.Claim | None = None) -> None:
         total = 1 + job.max_retries if job else None
