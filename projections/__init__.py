@@ -11,6 +11,8 @@ environment or random numbers, so that replaying the ledger gives back exactly t
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import ModuleType
 
@@ -19,6 +21,18 @@ from types import ModuleType
 # The live path (incremental) and the replay path (recomputed) must agree; ``ledger.check``
 # compares them, and every test runs that check on its database.
 replaying: ContextVar[bool] = ContextVar("replaying", default=False)
+
+
+def dispatcher(handlers: dict[type, Callable[..., None]]) -> Callable[..., None]:
+    """A projection's ``apply``: the handler for the event's type, or nothing."""
+
+    def apply(tx: sqlite3.Connection, seq: int, at: str, event: object) -> None:
+        handler = handlers.get(type(event))
+        if handler is not None:
+            handler(tx, seq, at, event)
+
+    return apply
+
 
 from projections import config, jobs, runs, workers  # noqa: E402
 

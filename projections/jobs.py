@@ -215,10 +215,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
 HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
-    handler = _HANDLERS.get(type(event))
-    if handler is not None:
-        handler(tx, seq, at, event)
+apply = projections.dispatcher(_HANDLERS)
 
 
 def apply_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Event]]) -> None:

@@ -122,10 +122,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
 HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
-    handler = _HANDLERS.get(type(event))
-    if handler is not None:
-        handler(tx, seq, at, event)
+apply = projections.dispatcher(_HANDLERS)
 
 
 def after_replay(tx: sqlite3.Connection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+import projections
 from queuectl import events as ev
 
 NAME = "workers"
@@ -33,7 +34,7 @@ DDL = (
 )
 
 
-def _started(tx: sqlite3.Connection, at: str, e: ev.WorkerStarted) -> None:
+def _started(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerStarted) -> None:
     tx.execute(
         """INSERT INTO workers (id, pid, host, state, started_at, last_heartbeat)
         VALUES (?, ?, ?, 'active', ?, ?)""",
@@ -41,11 +42,11 @@ def _started(tx: sqlite3.Connection, at: str, e: ev.WorkerStarted) -> None:
     )
 
 
-def _heartbeat(tx: sqlite3.Connection, at: str, e: ev.WorkerHeartbeat) -> None:
+def _heartbeat(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerHeartbeat) -> None:
     tx.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?", (at, e.worker_id))
 
 
-def _claimed(tx: sqlite3.Connection, at: str, e: ev.Claimed) -> None:
+def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
     tx.execute(
         "UPDATE workers SET current_job = ?, last_heartbeat = ? WHERE id = ?",
         (e.job_id, at, e.worker_id),
@@ -53,7 +54,7 @@ def _claimed(tx: sqlite3.Connection, at: str, e: ev.Claimed) -> None:
 
 
 def _finished(
-    tx: sqlite3.Connection, at: str, e: ev.Completed | ev.Failed | ev.TimedOut | ev.Cancelled
+    tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed | ev.Failed | ev.TimedOut | ev.Cancelled
 ) -> None:
     tx.execute(
         """UPDATE workers SET current_job = NULL, last_heartbeat = ?, jobs_done = jobs_done + 1
@@ -62,23 +63,23 @@ def _finished(
     )
 
 
-def _cancelled(tx: sqlite3.Connection, at: str, e: ev.Cancelled) -> None:
+def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> None:
     if e.worker_id is not None:  # a running job, stopped by its worker
-        _finished(tx, at, e)
+        _finished(tx, seq, at, e)
 
 
-def _released(tx: sqlite3.Connection, at: str, e: ev.Released) -> None:
+def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None:
     tx.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (e.worker_id,))
 
 
-def _gone(tx: sqlite3.Connection, at: str, e: ev.LeaseExpired | ev.WorkerLost) -> None:
+def _gone(tx: sqlite3.Connection, seq: int, at: str, e: ev.LeaseExpired | ev.WorkerLost) -> None:
     tx.execute(
         "UPDATE workers SET state = 'gone', current_job = NULL, stopped_at = ? WHERE id = ?",
         (at, e.worker_id),
     )
 
 
-def _stopped(tx: sqlite3.Connection, at: str, e: ev.WorkerStopped) -> None:
+def _stopped(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerStopped) -> None:
     tx.execute(
         """UPDATE workers SET state = 'stopped', current_job = NULL, stopped_at = ?,
         last_heartbeat = ? WHERE id = ?""",
@@ -86,7 +87,7 @@ def _stopped(tx: sqlite3.Connection, at: str, e: ev.WorkerStopped) -> None:
     )
 
 
-def _stop_requested(tx: sqlite3.Connection, at: str, e: ev.StopRequested) -> None:
+def _stop_requested(tx: sqlite3.Connection, seq: int, at: str, e: ev.StopRequested) -> None:
     tx.execute("UPDATE workers SET stop_requested = 1 WHERE state = 'active'")
 
 
@@ -109,7 +110,4 @@ _HANDLERS: dict[type, Callable[..., None]] = {
 HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
-    handler = _HANDLERS.get(type(event))
-    if handler is not None:
-        handler(tx, at, event)
+apply = projections.dispatcher(_HANDLERS)

@@ -8,8 +8,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -67,7 +69,7 @@ def conn(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 @pytest.fixture
-def run() -> "Run":
+def run() -> Run:
     return Run()
 
 
@@ -92,6 +94,17 @@ def spawn(*args: str, env: dict[str, str] | None = None, **kwargs: object) -> su
         text=True,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def wait_for(condition: Any, timeout: float = 60.0, what: str = "", interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
 
 
 def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import events_of, spawn
+from conftest import events_of, spawn, wait_for
 
 from queuectl import clock, ledger, queue
 from queuectl import events as ev
@@ -84,14 +84,6 @@ def burst(start: Callable[..., subprocess.Popen[str]], *args: str) -> str:
     return out
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = WAIT, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
 
 
 def pids_of(pattern: str) -> list[int]:

@@ -10,22 +10,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import events_of, spawn, wait_for
 
-from conftest import events_of, spawn
 from queuectl import ledger
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def alive(pattern: str) -> bool:

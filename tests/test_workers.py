@@ -10,13 +10,13 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import events_of, spawn
+from conftest import events_of, spawn, wait_for
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
 
@@ -51,14 +51,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = WAIT) -> tuple[int, str
     return proc.returncode, out, err
 
 
-def wait_for(condition: Callable[[], object], timeout: float = WAIT, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
 
 
 def cli_ok(*args: str) -> str:
