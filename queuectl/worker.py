@@ -25,6 +25,8 @@ from queuectl.render import safe
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker
 CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
+WATCH_SAFETY_MS = 100  # with inotify, the waker still looks this often (ms), just in case
+WATCH_LOOK = 0.05  # after a write to the WAL, the waker looks every 2 ms for this long
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
@@ -54,20 +56,64 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class WalWatch:
+    """Linux inotify on the database's ``-wal`` file: its descriptor turns readable as soon
+    as any connection, in any process, writes a commit there. Idle workers then sleep in
+    poll() instead of waking every 2 ms to look (about 5% of a core per process)."""
+
+    IN_MODIFY = 0x2
+
+    def __init__(self, wal: Path) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(fd, os.fsencode(wal), self.IN_MODIFY) < 0:
+            os.close(fd)
+            raise OSError(ctypes.get_errno(), f"cannot watch {wal}")
+        self.fd = fd
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Waker:
-    """Wakes idle workers whenever another connection commits to the database."""
+    """Wakes idle workers whenever another connection commits to the database.
+
+    ``PRAGMA data_version`` says whether anything changed; inotify on the WAL file (where
+    available) says when to look, else the waker looks every 2 ms.
+    """
 
     def __init__(self, path: Path) -> None:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA data_version").fetchone()  # the WAL file exists from here
         self._cond = threading.Condition()
         self._generation = 0
         self._closed = False
+        self._watch_fd: WalWatch | None
+        try:
+            self._watch_fd = WalWatch(Path(f"{path}-wal"))
+        except (OSError, AttributeError):
+            self._watch_fd = None
         self._thread = threading.Thread(target=self._watch, name="waker", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         last = None
         next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        look_until = 0.0
+        poller = select.poll()
+        if self._watch_fd is not None:
+            poller.register(self._watch_fd.fd, select.POLLIN)
         while not self._closed:
             version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             if version != last:
@@ -80,7 +126,14 @@ class Waker:
                 # their way.
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
-            time.sleep(WAKE_POLL)
+            if self._watch_fd is None or time.monotonic() < look_until:
+                time.sleep(WAKE_POLL)
+            elif poller.poll(WATCH_SAFETY_MS):  # the WAL is being written to
+                # The first page of a commit reaches the WAL before the commit is visible:
+                # look every 2 ms for a short while rather than once.
+                look_until = time.monotonic() + WATCH_LOOK
+            if self._watch_fd is not None:
+                self._watch_fd.drain()
 
     @property
     def generation(self) -> int:
@@ -100,6 +153,8 @@ class Waker:
         self._closed = True
         self.poke()
         self._thread.join()
+        if self._watch_fd is not None:
+            self._watch_fd.close()
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self._conn.close()
 
