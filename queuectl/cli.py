@@ -179,6 +179,10 @@ def enqueue(
         ]
         if not specs:
             raise click.UsageError("the file has no jobs")
+        if job_id is not None:
+            raise click.UsageError("--id names one job; it cannot go with --file")
+        if flags:  # flags beside a file apply to every job in it
+            specs = [_override(spec, flags) for spec in specs]
     elif job_json is not None:
         specs = [_override(queue.parse_spec(job_json), {"id": job_id, **flags})]
     else:

@@ -621,3 +621,17 @@ def test_python_m_queuectl_help(tmp_path):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.M), command
     assert result.stderr == ""
     assert not Path(tmp_path / "data").exists()  # --help touches no database
+
+
+def test_flags_beside_a_file_apply_to_every_job(run, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command":"echo a"}\n{"command":"echo b","priority":1}\n')
+    assert ok(run("enqueue", "--file", str(jobs), "--priority", "7", "--max-retries", "1")) == (
+        "2 jobs added successfully.\n"
+    )
+    listed = json.loads(ok(run("list", "--json")))
+    assert [(j["priority"], j["max_retries"]) for j in listed] == [(7, 1), (7, 1)]
+    result = run("enqueue", "--file", str(jobs), "--id", "x")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --id names one job; it cannot go with --file\n"
+    assert len(json.loads(ok(run("list", "--json")))) == 2
