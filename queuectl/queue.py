@@ -403,12 +403,17 @@ def finish_and_claim(
     at = clock.now()
     with write(conn):
         row = conn.execute(
-            "SELECT state, worker_id, attempts FROM jobs WHERE id = ?", (job.job_id,)
+            "SELECT state, worker_id, attempts, cancel_requested FROM jobs WHERE id = ?",
+            (job.job_id,),
         ).fetchone()
         events: list[ev.Event] = []
-        if row == ("processing", result.worker_id, job.attempt):  # type: ignore[union-attr]
+        if row and row[:3] == ("processing", result.worker_id, job.attempt):  # type: ignore[union-attr]
             events.append(result)
-            if isinstance(result, ev.Failed | ev.TimedOut):
+            if row[3] and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
+                # Cancelled while it ran, but the run ended before its worker saw that:
+                # the cancel still wins over a retry.
+                events += _cancelled_after_run(conn, job.job_id)
+            elif isinstance(result, ev.Failed | ev.TimedOut):
                 reason = result.error if isinstance(result, ev.Failed) else "timed out"
                 events.append(retry_or_dead(job, at, reason))
             elif isinstance(result, ev.Completed):
@@ -418,6 +423,11 @@ def finish_and_claim(
             append(conn, *events, at=at)
         following = _claim(conn, worker_id, at) if worker_id else None
     return events, following
+
+
+def _cancelled_after_run(conn: sqlite3.Connection, job_id: str) -> list[ev.Event]:
+    cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user while running")
+    return [cancelled, *_cancel_dependents(conn, job_id)]
 
 
 def _unblocked_by(conn: sqlite3.Connection, job_id: str) -> list[ev.Event]:
@@ -492,21 +502,24 @@ def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
     with write(conn):
         for worker_id, last_beat in conn.execute(stale_sql, (cutoff,)).fetchall():
             held = conn.execute(
-                f"""SELECT {_CLAIM_FIELDS} FROM jobs
+                f"""SELECT {_CLAIM_FIELDS}, cancel_requested FROM jobs
                 WHERE state = 'processing' AND {INDEXED_STATES} AND worker_id = ?""",
                 (worker_id,),
             ).fetchall()
             if not held:
                 events.append(ev.WorkerLost(worker_id=worker_id, last_heartbeat=last_beat))
             for row in held:
-                job = Claim(*row)
+                job = Claim(*row[:-1])
                 events.append(
                     ev.LeaseExpired(
                         job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
                         last_heartbeat=last_beat,
                     )
                 )
-                events.append(retry_or_dead(job, at, "lease expired"))
+                if row[-1]:  # a cancel was waiting for that worker
+                    events += _cancelled_after_run(conn, job.job_id)
+                else:
+                    events.append(retry_or_dead(job, at, "lease expired"))
         if events:
             append(conn, *events, at=at)
     return events
