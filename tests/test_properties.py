@@ -336,11 +336,12 @@ class QueueMachine(RuleBasedStateMachine):
         ]
 
     def _unaware(self) -> list[str]:
-        """Idle workers declared lost by another's rescue whose loop has not noticed yet."""
+        """Idle workers declared lost by another's rescue, or asked to stop, whose loop has
+        not noticed yet."""
         return [
             wid
             for wid, w in self.workers.items()
-            if w.alive and w.state == "gone" and w.claim is None
+            if w.alive and (w.state == "gone" or w.stop_requested) and w.claim is None
         ]
 
     def _open(self) -> list[str]:
@@ -366,24 +367,25 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _spec(self, data: st.DataObject, pool: list[str]) -> queue.JobSpec:
         """A well-formed new job, as the CLI hands it to the core (through check_spec)."""
-        timing = data.draw(st.sampled_from(TIMINGS), label="timing")
-        delay: float | None = None
-        run_at: str | None = None
-        if timing == "delay":
-            delay = data.draw(st.sampled_from([0, 0.25, 1, 3, 7.5, 30]), label="delay")
-        elif timing != "now":
-            seconds = data.draw(st.sampled_from([0.5, 2, 10, 45]), label="seconds")
-            moment = CLOCK.t + timedelta(seconds=-seconds if timing == "past" else seconds)
-            run_at = {
-                "naive run_at": moment.replace(tzinfo=None).isoformat(),
-                "offset run_at": moment.astimezone(timezone(timedelta(hours=2))).isoformat(),
-            }.get(timing, clock.iso(moment))
         after: list[str] = []
         if pool and data.draw(st.booleans(), label="after existing jobs"):
             after = data.draw(
                 st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True),
                 label="after",
             )
+        # A job that waits is often due later too: unblocking must keep its run_at.
+        timing = data.draw(st.sampled_from(TIMINGS[4:] if after else TIMINGS), label="timing")
+        delay: float | None = None
+        run_at: str | None = None
+        if timing == "delay":
+            delay = data.draw(st.sampled_from([0, 0.25, 1, 3, 7.5, 30, 120]), label="delay")
+        elif timing != "now":
+            seconds = data.draw(st.sampled_from([0.5, 2, 10, 45, 150]), label="seconds")
+            moment = CLOCK.t + timedelta(seconds=-seconds if timing == "past" else seconds)
+            run_at = {
+                "naive run_at": moment.replace(tzinfo=None).isoformat(),
+                "offset run_at": moment.astimezone(timezone(timedelta(hours=2))).isoformat(),
+            }.get(timing, clock.iso(moment))
         spec = queue.JobSpec(
             command="true",
             id=self._name("j"),
@@ -446,15 +448,21 @@ class QueueMachine(RuleBasedStateMachine):
     @initialize(
         data=st.data(),
         lease=st.sampled_from(["5", "12.5", "30"]),
+        backoff_max=st.sampled_from(["0", "3", "2.5"]),
+        jitter=st.sampled_from(["0", "0.5", "1"]),
         workers=st.integers(1, 3),
         jobs=st.integers(0, 4),
     )
     def some_workers_and_jobs(
-        self, data: st.DataObject, lease: str, workers: int, jobs: int
+        self, data: st.DataObject, lease: str, backoff_max: str, jitter: str, workers: int,
+        jobs: int,
     ) -> None:
-        """Short leases too, so that time passing makes them expire often."""
+        """Short leases too, so that time passing makes them expire often; capped and
+        jittered backoff in most examples."""
         self._config_set("heartbeat-interval", "1", "1")
         self._config_set("lease-timeout", lease, lease)
+        self._config_set("backoff-max", backoff_max, backoff_max)
+        self._config_set("backoff-jitter", jitter, jitter)
         for _ in range(workers):
             self._start_worker()
         if jobs:
@@ -535,19 +543,20 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def claim(self, data: st.DataObject) -> None:
         wid = data.draw(st.sampled_from(self._idle() + self._unaware()), label="worker")
-        if self.workers[wid].state == "gone":
-            self._claim_by_lost_worker(wid)
+        if wid in self._unaware():
+            self._claim_refused(wid)
             return
         before = self._last_seq()
         got = queue.claim(self.conn, wid)
         self._expect_claim(wid, got)
         assert len(self._since(before)) == (got is not None)
 
-    def _claim_by_lost_worker(self, wid: str) -> None:
+    def _claim_refused(self, wid: str) -> None:
         """Worker._loop reads its own state outside the claim's transaction: another worker's
-        rescue can declare it lost in between (after a suspend, both wake at once). Rescue
-        looks only at active workers, so a job handed to it now would stay ``processing``
-        forever if it then died: the claim itself must refuse, and write nothing."""
+        rescue can declare it lost in between (after a suspend, both wake at once), or a
+        stop be requested. Rescue looks only at active workers, so a job handed to a lost
+        one would stay ``processing`` forever if it then died, and one asked to stop must
+        not start anything new: the claim itself must refuse, and write nothing."""
         before = self._event_count()
         got = queue.claim(self.conn, wid)
         assert got is None, f"worker {wid}, declared lost, was given job {got.job_id}"
@@ -769,7 +778,7 @@ class QueueMachine(RuleBasedStateMachine):
         elif action == "dlq retry":
             self._dlq_retry(data)
         else:
-            self._request_stop()
+            self._request_stop(data)
 
     def _cancel_by_user(self, data: st.DataObject) -> None:
         """``queuectl cancel ID`` on a job in any state (mostly unfinished ones, often a
@@ -824,12 +833,14 @@ class QueueMachine(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from([*others, "no-such-job"]), label="job")
         self._refused(NotFound if job_id == "no-such-job" else Conflict, queue.dlq_retry, job_id)
 
-    def _request_stop(self) -> None:
+    def _request_stop(self, data: st.DataObject) -> None:
         active = [wid for wid, w in self.workers.items() if w.state == "active"]
         assert queue.request_stop(self.conn) == len(active)
+        noticed = data.draw(st.booleans(), label="idle workers notice at once")
         for wid in active:
             self.workers[wid].stop_requested = True
-            self._loop_checks(wid)
+            if noticed:
+                self._loop_checks(wid)
 
     # -- invariants ------------------------------------------------------------------------
 
@@ -1023,7 +1034,7 @@ def test_queue_state_machine(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_worker_declared_lost_is_given_no_job(
     conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The machine's shortest failing example for ``_claim_by_lost_worker``, kept as a plain
+    """The machine's shortest failing example for ``_claim_refused``, kept as a plain
     test so that it fails on every run rather than on the runs that happen to find it."""
     monkeypatch.setattr(clock, "now", CLOCK.now)
     CLOCK.t = START
