@@ -25,8 +25,8 @@ from queuectl.render import safe
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker
 CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
-WATCH_SAFETY_MS = 100  # with inotify, the waker still looks this often (ms), just in case
-WATCH_LOOK = 0.05  # after a write to the WAL, the waker looks every 2 ms for this long
+WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
+WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every 2 ms for this long
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
@@ -130,7 +130,7 @@ class Waker:
                 time.sleep(WAKE_POLL)
             elif poller.poll(WATCH_SAFETY_MS):  # the WAL is being written to
                 # The first page of a commit reaches the WAL before the commit is visible:
-                # look every 2 ms for a short while rather than once.
+                # look every 2 ms for a while (a loaded machine may pause the writer) rather than once.
                 look_until = time.monotonic() + WATCH_LOOK
             if self._watch_fd is not None:
                 self._watch_fd.drain()
