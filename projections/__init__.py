@@ -2,36 +2,107 @@
 
 A projection module exposes ``NAME``, ``VERSION``, ``TABLES`` (the tables it owns, each with
 its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
-``apply(tx, seq, at, event)``, and may expose ``INDEXES`` (built after a replay),
-``after_replay(tx)`` and ``apply_many(tx, [(seq, at, event), ...])`` (the same rows as
-``apply`` over the list, written in bulk). ``apply`` must be deterministic:
-it may use only the event, its ``seq`` and its ``at``; never the clock, the current config, the
-environment or random numbers, so that replaying the ledger gives back exactly the same rows.
+``apply(tx, seq, at, event)``, the live path: the projection's rows after one more event.
+It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in),
+``after_replay(tx)`` (aggregates recomputed once instead of per event),
+``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
+``Replay(tx)``, an object whose ``apply(seq, at, event)`` and ``flush()`` do what ``apply``
+does to empty tables, holding rows in memory between the two.
+
+``apply`` must be deterministic: it may use only the event, its ``seq``, its ``at`` and the
+projection's own tables; never the clock, the current config, the environment or random
+numbers, so that replaying the ledger gives back exactly the same rows. The live path and
+the replay path must agree; ``ledger.check`` compares them, and every test runs that check
+on its database.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from contextvars import ContextVar
+from collections.abc import Iterable
 from types import ModuleType
-
-# True while the ledger is replayed into empty tables: projections may then skip keeping
-# running aggregates per event and recompute them once in ``after_replay(tx)`` instead.
-# The live path (incremental) and the replay path (recomputed) must agree; ``ledger.check``
-# compares them, and every test runs that check on its database.
-replaying: ContextVar[bool] = ContextVar("replaying", default=False)
+from typing import Any
 
 
-def dispatcher(handlers: dict[type, Callable[..., None]]) -> Callable[..., None]:
-    """A projection's ``apply``: the handler for the event's type, or nothing."""
+class Plus(int):
+    """A change that adds to a column (``jobs_done + 1``) instead of setting it."""
 
-    def apply(tx: sqlite3.Connection, seq: int, at: str, event: object) -> None:
-        handler = handlers.get(type(event))
-        if handler is not None:
-            handler(tx, seq, at, event)
 
-    return apply
+_updates: dict[tuple[str, ...], str] = {}
+
+
+def update_sql(table: str, key: str, changes: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``UPDATE table SET ... WHERE key = ?`` for a dict of changes, and its values (the key's
+    value to be appended by the caller)."""
+    if Plus in map(type, changes.values()):
+        names = tuple(f"{c} +" if type(v) is Plus else c for c, v in changes.items())
+    else:
+        names = tuple(changes)
+    sql = _updates.get((table, key, *names))
+    if sql is None:
+        assigns = ", ".join(f"{c.removesuffix(' +')} = {c} ?" if c.endswith(" +") else f"{c} = ?"
+                            for c in names)
+        sql = _updates[(table, key, *names)] = f"UPDATE {table} SET {assigns} WHERE {key} = ?"
+    return sql, list(changes.values())
+
+
+def change(row: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Apply the same changes as ``update_sql`` to a row held in memory."""
+    if Plus in map(type, changes.values()):
+        changes = {c: row[c] + v if type(v) is Plus else v for c, v in changes.items()}
+    row.update(changes)
+
+
+class Rows:
+    """Rows of one table held in memory during a replay and written back in bulk.
+
+    A replay sees a job enqueued, claimed and completed as three events; applied one by one
+    they are an INSERT and two UPDATEs of the same row. Kept here, the row is changed in
+    memory and written once. Rows not yet in memory are read from the table on first use;
+    everything is written back by ``flush``, which a replay calls at its end and whenever
+    ``full()``, between events.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self, tx: sqlite3.Connection, table: str, columns: Iterable[str], key: str):
+        self.tx, self.table, self.key = tx, table, key
+        self.columns = tuple(columns)
+        names = ", ".join(self.columns)
+        self._select = f"SELECT {names} FROM {table} WHERE {key} = ?"
+        self._insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(self.columns))})"
+        others = [c for c in self.columns if c != key]
+        self._update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in others)} "
+                        f"WHERE {key} = ?")
+        self._others = others
+        self.new: dict[Any, dict[str, Any]] = {}  # not in the table yet
+        self.read: dict[Any, dict[str, Any]] = {}  # read from the table, written back
+
+    def full(self) -> bool:
+        return len(self.new) + len(self.read) >= self.LIMIT
+
+    def get(self, key: Any) -> dict[str, Any] | None:
+        row = self.new.get(key) or self.read.get(key)
+        if row is None:
+            found = self.tx.execute(self._select, (key,)).fetchone()
+            if found is None:
+                return None
+            row = self.read[key] = dict(zip(self.columns, found, strict=True))
+        return row
+
+    def add(self, row: dict[str, Any]) -> None:
+        key = row[self.key]
+        if key in self.new or key in self.read:  # a clash with the table fails in flush
+            raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {self.table}.{self.key}")
+        self.new[key] = row
+
+    def flush(self) -> None:
+        columns, others = self.columns, self._others
+        self.tx.executemany(self._insert, [[r[c] for c in columns] for r in self.new.values()])
+        self.tx.executemany(
+            self._update, [[r[c] for c in others] + [k] for k, r in self.read.items()]
+        )
+        self.new, self.read = {}, {}
 
 
 from projections import config, jobs, runs, workers  # noqa: E402

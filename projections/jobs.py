@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import projections
 from queuectl import events as ev
 
 NAME = "jobs"
-VERSION = 4
+VERSION = 5
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
 
 # Partial-index predicates are written as OR chains, not ``IN (...)``: SQLite builds an
@@ -80,123 +81,106 @@ INDEXES = (
     "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
 )
 
-_INSERT = """INSERT INTO jobs (id, seq, command, state, priority, attempts, max_retries,
-    backoff_base, backoff_max, backoff_jitter, timeout, run_at, created_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"""
+COLUMNS = ("seq", "id", "command", "state", "priority", "attempts", "max_retries",
+           "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
+           "cancel_requested", "exit_code", "last_error", "created_at", "updated_at")
+_INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
     ON CONFLICT (state) DO UPDATE SET n = n + excluded.n"""
-# One statement moves a job between two counts: -1 for its current state, +1 for the new
-# one, nothing when they are the same (every state has a row: see the seed in DDL).
-_MOVE_COUNT = """UPDATE job_counts SET n = n + CASE state WHEN :new THEN 1 ELSE -1 END
-    WHERE (state = :new OR state = (SELECT state FROM jobs WHERE id = :id))
-    AND :new <> coalesce((SELECT state FROM jobs WHERE id = :id), '')"""
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != 'completed'"""
-_sql_cache: dict[tuple[str, ...], str] = {}
+
+# job_counts follows every change of state through this trigger, inside SQLite: cheaper than
+# a statement from Python per move. A replay creates it (with INDEXES) after its last row,
+# recounting once instead; inserts are counted by the enqueue handlers, per batch.
+TRIGGERS = (
+    """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
+    WHEN old.state <> new.state BEGIN
+        UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
+        WHERE state = new.state OR state = old.state;
+    END""",
+)
 
 
-def _move(tx: sqlite3.Connection, job_id: str, at: str, state: str | None, **cols: Any) -> None:
-    """Update one job; when ``state`` is given, move it and keep ``job_counts`` in step."""
-    if state is not None:
-        cols["state"] = state
-        if not projections.replaying.get():  # a replay recomputes the counts at the end
-            tx.execute(_MOVE_COUNT, {"new": state, "id": job_id})  # before the row moves
-    keys = tuple(cols)
-    sql = _sql_cache.get(keys)
-    if sql is None:
-        assigns = ", ".join(f"{k} = ?" for k in keys)
-        sql = _sql_cache[keys] = f"UPDATE jobs SET {assigns}, updated_at = ? WHERE id = ?"
-    if tx.execute(sql, (*cols.values(), at, job_id)).rowcount != 1:
-        raise LookupError(f"event for unknown job {job_id!r}")
+def _row(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> dict[str, Any]:
+    run_at = e.run_at if e.run_at and e.run_at > at else at
+    state = "waiting" if blocked else _ready_state(run_at, at)
+    return {"seq": seq, "id": e.job_id, "command": e.command, "state": state,
+            "priority": e.priority, "attempts": 0, "max_retries": e.max_retries,
+            "backoff_base": e.backoff_base, "backoff_max": e.backoff_max,
+            "backoff_jitter": e.backoff_jitter, "timeout": e.timeout, "run_at": run_at,
+            "worker_id": None, "cancel_requested": 0, "exit_code": None, "last_error": None,
+            "created_at": at, "updated_at": at}
 
 
 def _ready_state(run_at: str, at: str) -> str:
     return "scheduled" if run_at > at else "pending"
 
 
-def _enqueued_row(seq: int, at: str, e: ev.Enqueued, state: str | None = None) -> tuple[Any, ...]:
-    run_at = e.run_at if e.run_at and e.run_at > at else at
-    state = state or _ready_state(run_at, at)
-    return (e.job_id, seq, e.command, state, e.priority, e.max_retries, e.backoff_base,
-            e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
+# -- how each event changes its job's row ------------------------------------------------
+# One function per event type: the changed columns, from the event, its time and (through
+# ``get``) the row's current values. The live path turns them into one UPDATE; a replay
+# applies them to rows held in memory (``Replay``). One rule, two writers.
+
+Get = Callable[[str], Any]
 
 
-def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
-    for dep in e.after:
-        tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
-    blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
-    row = _enqueued_row(seq, at, e, "waiting" if blocked else None)
-    tx.execute(_INSERT, row)
-    if not projections.replaying.get():
-        tx.execute(_COUNT, (row[3], 1))
+def _claimed(e: ev.Claimed, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "processing", "attempts": e.attempt, "worker_id": e.worker_id,
+            "run_at": None}
 
 
-def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
-    """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
-    rows = [_enqueued_row(seq, at, e) for seq, at, e in batch]
-    tx.executemany(_INSERT, rows)
-    if not projections.replaying.get():
-        for state in {row[3] for row in rows}:
-            tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
+def _completed(e: ev.Completed, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "completed", "worker_id": None, "exit_code": 0, "last_error": None,
+            "cancel_requested": 0}
 
 
-def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
-    _move(tx, e.job_id, at, "processing", attempts=e.attempt, worker_id=e.worker_id, run_at=None)
-
-
-def _completed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed) -> None:
-    _move(tx, e.job_id, at, "completed", worker_id=None, exit_code=0, last_error=None,
-          cancel_requested=0)
-
-
-def _failed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Failed) -> None:
+def _failed(e: ev.Failed, at: str, get: Get) -> dict[str, Any]:
     # The state moves with the scheduled-retry or dead event appended with this one.
-    _move(tx, e.job_id, at, None, worker_id=None, exit_code=e.exit_code, last_error=e.error)
+    return {"worker_id": None, "exit_code": e.exit_code, "last_error": e.error}
 
 
-def _timed_out(tx: sqlite3.Connection, seq: int, at: str, e: ev.TimedOut) -> None:
-    error = f"timed out after {e.timeout:g}s"
-    _move(tx, e.job_id, at, None, worker_id=None, exit_code=None, last_error=error)
+def _timed_out(e: ev.TimedOut, at: str, get: Get) -> dict[str, Any]:
+    return {"worker_id": None, "exit_code": None,
+            "last_error": f"timed out after {e.timeout:g}s"}
 
 
-def _lease_expired(tx: sqlite3.Connection, seq: int, at: str, e: ev.LeaseExpired) -> None:
-    error = f"lease expired: worker {e.worker_id} stopped heartbeating"
-    _move(tx, e.job_id, at, None, worker_id=None, exit_code=None, last_error=error)
+def _lease_expired(e: ev.LeaseExpired, at: str, get: Get) -> dict[str, Any]:
+    return {"worker_id": None, "exit_code": None,
+            "last_error": f"lease expired: worker {e.worker_id} stopped heartbeating"}
 
 
-def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None:
-    _move(tx, e.job_id, at, "pending", attempts=e.attempt - 1, worker_id=None, run_at=at)
+def _released(e: ev.Released, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "pending", "attempts": e.attempt - 1, "worker_id": None, "run_at": at}
 
 
-def _scheduled_retry(tx: sqlite3.Connection, seq: int, at: str, e: ev.ScheduledRetry) -> None:
-    _move(tx, e.job_id, at, "failed", run_at=e.run_at, cancel_requested=0)
+def _scheduled_retry(e: ev.ScheduledRetry, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "failed", "run_at": e.run_at, "cancel_requested": 0}
 
 
-def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
-    _move(tx, e.job_id, at, "dead", run_at=None, cancel_requested=0)
+def _dead(e: ev.Dead, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "dead", "run_at": None, "cancel_requested": 0}
 
 
-def _requeued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Requeued) -> None:
-    _move(tx, e.job_id, at, "pending", attempts=0, max_retries=e.max_retries, run_at=at)
+def _requeued(e: ev.Requeued, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "pending", "attempts": 0, "max_retries": e.max_retries, "run_at": at}
 
 
-def _unblocked(tx: sqlite3.Connection, seq: int, at: str, e: ev.Unblocked) -> None:
-    (run_at,) = tx.execute("SELECT run_at FROM jobs WHERE id = ?", (e.job_id,)).fetchone()
-    run_at = max(run_at or at, at)
-    _move(tx, e.job_id, at, _ready_state(run_at, at), run_at=run_at)
+def _unblocked(e: ev.Unblocked, at: str, get: Get) -> dict[str, Any]:
+    run_at = max(get("run_at") or at, at)
+    return {"state": _ready_state(run_at, at), "run_at": run_at}
 
 
-def _cancel_requested(tx: sqlite3.Connection, seq: int, at: str, e: ev.CancelRequested) -> None:
-    _move(tx, e.job_id, at, None, cancel_requested=1)
+def _cancel_requested(e: ev.CancelRequested, at: str, get: Get) -> dict[str, Any]:
+    return {"cancel_requested": 1}
 
 
-def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> None:
-    _move(tx, e.job_id, at, "cancelled", worker_id=None, run_at=None, cancel_requested=0,
-          last_error=e.reason)
+def _cancelled(e: ev.Cancelled, at: str, get: Get) -> dict[str, Any]:
+    return {"state": "cancelled", "worker_id": None, "run_at": None, "cancel_requested": 0,
+            "last_error": e.reason}
 
 
-_HANDLERS: dict[type, Callable[..., None]] = {
-    ev.Enqueued: _enqueued,
+_CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
     ev.Claimed: _claimed,
     ev.Completed: _completed,
     ev.Failed: _failed,
@@ -211,16 +195,55 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     ev.Cancelled: _cancelled,
 }
 
+HANDLES = frozenset({ev.Enqueued, *_CHANGES})  # event types this projection reads
 
-HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
+
+# -- the live path: one statement per event ----------------------------------------------
 
 
-apply = projections.dispatcher(_HANDLERS)
+def _unknown(job_id: str) -> LookupError:
+    return LookupError(f"event for unknown job {job_id!r}")
+
+
+def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
+    for dep in e.after:
+        tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
+    blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
+    row = _row(seq, at, e, blocked)
+    tx.execute(_INSERT, list(row.values()))
+    tx.execute(_COUNT, (row["state"], 1))
+
+
+def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
+    """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
+    rows = [list(_row(seq, at, e).values()) for seq, at, e in batch]
+    tx.executemany(_INSERT, rows)
+    for state in {row[3] for row in rows}:
+        tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
+
+
+def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+    if type(e) is ev.Enqueued:
+        _enqueued(tx, seq, at, e)
+        return
+    job_id = e.job_id
+
+    def get(column: str) -> Any:
+        row = tx.execute(f"SELECT {column} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise _unknown(job_id)
+        return row[0]
+
+    changes = _CHANGES[type(e)](e, at, get)
+    changes["updated_at"] = at
+    sql, values = projections.update_sql("jobs", "id", changes)
+    if tx.execute(sql, (*values, job_id)).rowcount != 1:
+        raise _unknown(job_id)
 
 
 def apply_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Event]]) -> None:
     """``apply`` over events in ledger order, with runs of plain enqueues inserted together
-    (bulk enqueue and replay). The rows are exactly those ``apply`` would write."""
+    (bulk enqueue). The rows are exactly those ``apply`` would write."""
     plain: list[tuple[int, str, ev.Enqueued]] = []
     for seq, at, event in batch:
         if type(event) is ev.Enqueued and not event.after:
@@ -232,6 +255,42 @@ def apply_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Event]]) -
         apply(tx, seq, at, event)
     if plain:
         _enqueued_many(tx, plain)
+
+
+# -- the replay path: rows in memory, written in bulk ------------------------------------
+
+
+class Replay:
+    """``apply`` for a replay into empty tables: the same rules on rows held in memory
+    (``projections.Rows``); counts and triggers come after the last event."""
+
+    def __init__(self, tx: sqlite3.Connection) -> None:
+        self.tx = tx
+        self.rows = projections.Rows(tx, "jobs", COLUMNS, "id")
+
+    def handler(self, kind: type) -> Callable[[int, str, Any], None]:
+        """What to call with ``(seq, at, event)`` for events of this type."""
+        return self._enqueued if kind is ev.Enqueued else partial(self._changed, _CHANGES[kind])
+
+    def _changed(self, rule: Callable[..., dict[str, Any]], seq: int, at: str, e: Any) -> None:
+        row = self.rows.get(e.job_id)
+        if row is None:
+            raise _unknown(e.job_id)
+        row.update(rule(e, at, row.__getitem__))
+        row["updated_at"] = at
+
+    def _enqueued(self, seq: int, at: str, e: ev.Enqueued) -> None:
+        blocked = False
+        if e.after:
+            self.tx.executemany("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)",
+                                [(e.job_id, dep) for dep in e.after])
+            for dep in e.after:  # as _UNFINISHED_DEPS: an unknown dependency holds nothing
+                row = self.rows.get(dep)
+                blocked = blocked or (row is not None and row["state"] != "completed")
+        self.rows.add(_row(seq, at, e, blocked))
+
+    def flush(self) -> None:
+        self.rows.flush()
 
 
 def after_replay(tx: sqlite3.Connection) -> None:

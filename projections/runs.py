@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import projections
 from queuectl import clock
 from queuectl import events as ev
 
 NAME = "runs"
-VERSION = 3
+VERSION = 4
 TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
 
 DDL = (
@@ -37,92 +39,120 @@ DDL = (
         dead INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX runs_job ON runs (job_id, seq)",
-    "CREATE INDEX runs_finished ON runs (finished_at)",
     "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
 
-# Only stats reads these; a replay builds them once at the end.
+# Only stats reads these; a replay builds them once at the end. runs_finished leaves open
+# runs out: they would all share the NULL end of the index, a page every claim touches.
 INDEXES = (
+    "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     "CREATE INDEX runs_duration ON runs (duration) WHERE duration IS NOT NULL",
     "CREATE INDEX runs_wait ON runs (wait)",
 )
 
-_COUNT = """INSERT INTO run_counts (outcome, n) VALUES (?, 1)
-    ON CONFLICT (outcome) DO UPDATE SET n = n + 1"""
+COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
+           "outcome", "exit_code", "duration", "dead")
+_INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _CLOSE = """UPDATE runs SET finished_at = ?, outcome = ?, exit_code = ?, duration = ?
     WHERE job_id = ? AND finished_at IS NULL"""
+_LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
+
+# run_counts follows the rows through these triggers, inside SQLite. A replay creates them
+# after its last row (recounting once in ``after_replay`` instead).
+_UPSERT = "INSERT INTO run_counts (outcome, n) VALUES ({}, 1) ON CONFLICT (outcome) DO UPDATE SET n = n + 1"
+TRIGGERS = (
+    f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
+        {_UPSERT.format("'claimed'")}; END""",
+    f"""CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
+    WHEN old.outcome IS NULL AND new.outcome IS NOT NULL BEGIN
+        {_UPSERT.format("new.outcome")}; END""",
+    f"""CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
+    WHEN new.dead = 1 AND old.dead = 0 BEGIN
+        {_UPSERT.format("'dead'")}; END""",
+)
 
 
-def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
+def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
     eligible = e.eligible_at
     wait = max(0.0, round(clock.seconds_between(eligible, at), 6)) if eligible else 0.0
-    tx.execute(
-        """INSERT INTO runs (seq, job_id, attempt, worker_id, claimed_at, wait)
-        VALUES (?, ?, ?, ?, ?, ?)""",
-        (seq, e.job_id, e.attempt, e.worker_id, at, wait),
-    )
-    if not projections.replaying.get():  # a replay recomputes the counts at the end
-        tx.execute(_COUNT, ("claimed",))
+    return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
+            "claimed_at": at, "wait": wait, "finished_at": None, "outcome": None,
+            "exit_code": None, "duration": None, "dead": 0}
 
 
-def _close(tx: sqlite3.Connection, at: str, job_id: str, outcome: str,
-           exit_code: int | None, duration: float | None) -> None:
-    closed = tx.execute(_CLOSE, (at, outcome, exit_code, duration, job_id)).rowcount
-    if closed and not projections.replaying.get():
-        tx.execute(_COUNT, (outcome,))
-
-
-def _completed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed) -> None:
-    _close(tx, at, e.job_id, "completed", 0, e.duration)
-
-
-def _failed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Failed) -> None:
-    _close(tx, at, e.job_id, "failed", e.exit_code, e.duration)
-
-
-def _timed_out(tx: sqlite3.Connection, seq: int, at: str, e: ev.TimedOut) -> None:
-    _close(tx, at, e.job_id, "timed-out", None, e.duration)
-
-
-def _lease_expired(tx: sqlite3.Connection, seq: int, at: str, e: ev.LeaseExpired) -> None:
-    _close(tx, at, e.job_id, "lease-expired", None, None)
-
-
-def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None:
-    _close(tx, at, e.job_id, "released", None, None)
-
-
-def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> None:
-    if e.worker_id is not None:
-        _close(tx, at, e.job_id, "cancelled", None, None)  # not a run time: it was cut
-
-
-def _dead(tx: sqlite3.Connection, seq: int, at: str, e: ev.Dead) -> None:
-    # A dead event always follows the event that closed the job's latest run.
-    tx.execute(
-        "UPDATE runs SET dead = 1 WHERE seq = (SELECT max(seq) FROM runs WHERE job_id = ?)",
-        (e.job_id,),
-    )
-    if not projections.replaying.get():
-        tx.execute(_COUNT, ("dead",))
-
-
-_HANDLERS: dict[type, Callable[..., None]] = {
-    ev.Claimed: _claimed,
-    ev.Completed: _completed,
-    ev.Failed: _failed,
-    ev.TimedOut: _timed_out,
-    ev.LeaseExpired: _lease_expired,
-    ev.Released: _released,
-    ev.Cancelled: _cancelled,
-    ev.Dead: _dead,
+# How each outcome event closes the job's open run: (outcome, exit code, duration).
+# A cancel closes a run only when a worker stopped it running, and its time is not a run
+# time: the run was cut short.
+_OUTCOMES: dict[type, Callable[..., tuple[str, int | None, float | None] | None]] = {
+    ev.Completed: lambda e: ("completed", 0, e.duration),
+    ev.Failed: lambda e: ("failed", e.exit_code, e.duration),
+    ev.TimedOut: lambda e: ("timed-out", None, e.duration),
+    ev.LeaseExpired: lambda e: ("lease-expired", None, None),
+    ev.Released: lambda e: ("released", None, None),
+    ev.Cancelled: lambda e: ("cancelled", None, None) if e.worker_id is not None else None,
 }
 
+HANDLES = frozenset({ev.Claimed, ev.Dead, *_OUTCOMES})  # the rest pass by
 
-HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
+
+def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+    kind = type(e)
+    if kind is ev.Claimed:
+        tx.execute(_INSERT, list(_run(seq, at, e).values()))
+    elif kind is ev.Dead:
+        # A dead event always follows the event that closed the job's latest run.
+        tx.execute(f"UPDATE runs SET dead = 1 WHERE seq = ({_LATEST})", (e.job_id,))
+    elif kind in _OUTCOMES:
+        closed = _OUTCOMES[kind](e)
+        if closed is not None:
+            tx.execute(_CLOSE, (at, *closed, e.job_id))
 
 
-apply = projections.dispatcher(_HANDLERS)
+class Replay:
+    """``apply`` for a replay into empty tables, on rows held in memory (a job has at most
+    one open run, its latest, so closing "the open runs" is closing the latest if open)."""
+
+    def __init__(self, tx: sqlite3.Connection) -> None:
+        self.tx = tx
+        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
+        self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
+
+    def handler(self, kind: type) -> Callable[[int, str, Any], None]:
+        """What to call with ``(seq, at, event)`` for events of this type."""
+        if kind is ev.Claimed:
+            return self._claimed
+        if kind is ev.Dead:
+            return self._dead
+        return partial(self._closed, _OUTCOMES[kind])
+
+    def _latest(self, job_id: str) -> dict[str, Any] | None:
+        seq = self.latest.get(job_id)
+        if seq is None:
+            (seq,) = self.tx.execute(_LATEST, (job_id,)).fetchone()
+            if seq is None:
+                return None
+        return self.rows.get(seq)
+
+    def _claimed(self, seq: int, at: str, e: ev.Claimed) -> None:
+        self.rows.add(_run(seq, at, e))
+        self.latest[e.job_id] = seq
+
+    def _dead(self, seq: int, at: str, e: ev.Dead) -> None:
+        run = self._latest(e.job_id)
+        if run is not None:
+            run["dead"] = 1
+
+    def _closed(self, outcome: Callable[..., Any], seq: int, at: str, e: Any) -> None:
+        run = self._latest(e.job_id)
+        if run is not None and run["finished_at"] is None:
+            closed = outcome(e)
+            if closed is not None:
+                run["finished_at"] = at
+                run["outcome"], run["exit_code"], run["duration"] = closed
+
+    def flush(self) -> None:
+        self.rows.flush()
+        self.latest = {}
 
 
 def after_replay(tx: sqlite3.Connection) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import projections
 from queuectl import events as ev
@@ -34,80 +36,84 @@ DDL = (
 )
 
 
-def _started(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerStarted) -> None:
-    tx.execute(
-        """INSERT INTO workers (id, pid, host, state, started_at, last_heartbeat)
-        VALUES (?, ?, ?, 'active', ?, ?)""",
-        (e.worker_id, e.pid, e.host, at, at),
-    )
+COLUMNS = ("id", "pid", "host", "state", "started_at", "last_heartbeat", "stopped_at",
+           "stop_requested", "current_job", "jobs_done")
 
-
-def _heartbeat(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerHeartbeat) -> None:
-    tx.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?", (at, e.worker_id))
-
-
-def _claimed(tx: sqlite3.Connection, seq: int, at: str, e: ev.Claimed) -> None:
-    tx.execute(
-        "UPDATE workers SET current_job = ?, last_heartbeat = ? WHERE id = ?",
-        (e.job_id, at, e.worker_id),
-    )
-
-
-def _finished(
-    tx: sqlite3.Connection, seq: int, at: str, e: ev.Completed | ev.Failed | ev.TimedOut | ev.Cancelled
-) -> None:
-    tx.execute(
-        """UPDATE workers SET current_job = NULL, last_heartbeat = ?, jobs_done = jobs_done + 1
-        WHERE id = ?""",
-        (at, e.worker_id),
-    )
-
-
-def _cancelled(tx: sqlite3.Connection, seq: int, at: str, e: ev.Cancelled) -> None:
-    if e.worker_id is not None:  # a running job, stopped by its worker
-        _finished(tx, seq, at, e)
-
-
-def _released(tx: sqlite3.Connection, seq: int, at: str, e: ev.Released) -> None:
-    tx.execute("UPDATE workers SET current_job = NULL WHERE id = ?", (e.worker_id,))
-
-
-def _gone(tx: sqlite3.Connection, seq: int, at: str, e: ev.LeaseExpired | ev.WorkerLost) -> None:
-    tx.execute(
-        "UPDATE workers SET state = 'gone', current_job = NULL, stopped_at = ? WHERE id = ?",
-        (at, e.worker_id),
-    )
-
-
-def _stopped(tx: sqlite3.Connection, seq: int, at: str, e: ev.WorkerStopped) -> None:
-    tx.execute(
-        """UPDATE workers SET state = 'stopped', current_job = NULL, stopped_at = ?,
-        last_heartbeat = ? WHERE id = ?""",
-        (at, at, e.worker_id),
-    )
-
-
-def _stop_requested(tx: sqlite3.Connection, seq: int, at: str, e: ev.StopRequested) -> None:
-    tx.execute("UPDATE workers SET stop_requested = 1 WHERE state = 'active'")
-
-
-_HANDLERS: dict[type, Callable[..., None]] = {
-    ev.WorkerStarted: _started,
-    ev.WorkerHeartbeat: _heartbeat,
-    ev.Claimed: _claimed,
-    ev.Completed: _finished,
-    ev.Failed: _finished,
-    ev.TimedOut: _finished,
-    ev.Released: _released,
-    ev.Cancelled: _cancelled,
-    ev.LeaseExpired: _gone,
-    ev.WorkerLost: _gone,
-    ev.WorkerStopped: _stopped,
-    ev.StopRequested: _stop_requested,
+# How each event changes its worker's row: the live path makes it one UPDATE, a replay
+# applies it to rows held in memory (``Replay``).
+_CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
+    ev.WorkerHeartbeat: lambda e, at: {"last_heartbeat": at},
+    ev.Claimed: lambda e, at: {"current_job": e.job_id, "last_heartbeat": at},
+    ev.Completed: lambda e, at: _finished(at),
+    ev.Failed: lambda e, at: _finished(at),
+    ev.TimedOut: lambda e, at: _finished(at),
+    # A running job stopped by its worker; a job cancelled before it ran had no worker.
+    ev.Cancelled: lambda e, at: _finished(at) if e.worker_id is not None else None,
+    ev.Released: lambda e, at: {"current_job": None},
+    ev.LeaseExpired: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
+    ev.WorkerLost: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
+    ev.WorkerStopped: lambda e, at: {"state": "stopped", "current_job": None,
+                                     "stopped_at": at, "last_heartbeat": at},
 }
 
 
-HANDLES = frozenset(_HANDLERS)  # event types this projection reads; the rest pass by
+def _finished(at: str) -> dict[str, Any]:
+    return {"current_job": None, "last_heartbeat": at, "jobs_done": projections.Plus(1)}
 
 
-apply = projections.dispatcher(_HANDLERS)
+def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
+    return {"id": e.worker_id, "pid": e.pid, "host": e.host, "state": "active",
+            "started_at": at, "last_heartbeat": at, "stopped_at": None, "stop_requested": 0,
+            "current_job": None, "jobs_done": 0}
+
+
+# A stop request flags every worker active at that moment.
+_STOP = "UPDATE workers SET stop_requested = 1 WHERE state = 'active'"
+
+HANDLES = frozenset({ev.WorkerStarted, ev.StopRequested, *_CHANGES})  # the rest pass by
+
+
+def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+    kind = type(e)
+    if kind is ev.WorkerStarted:
+        row = _row(at, e)
+        tx.execute(f"INSERT INTO workers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                   list(row.values()))
+    elif kind is ev.StopRequested:
+        tx.execute(_STOP)
+    else:
+        changes = _CHANGES[kind](e, at)
+        if changes is not None:
+            sql, values = projections.update_sql("workers", "id", changes)
+            tx.execute(sql, (*values, e.worker_id))
+
+
+class Replay:
+    """``apply`` for a replay into empty tables, on rows held in memory."""
+
+    def __init__(self, tx: sqlite3.Connection) -> None:
+        self.tx = tx
+        self.rows = projections.Rows(tx, "workers", COLUMNS, "id")
+
+    def handler(self, kind: type) -> Callable[[int, str, Any], None]:
+        """What to call with ``(seq, at, event)`` for events of this type."""
+        if kind is ev.WorkerStarted:
+            return lambda seq, at, e: self.rows.add(_row(at, e))
+        if kind is ev.StopRequested:
+            return self._stop_requested
+        return partial(self._changed, _CHANGES[kind])
+
+    def _changed(self, rule: Callable[..., dict[str, Any] | None], seq: int, at: str,
+                 e: Any) -> None:
+        changes = rule(e, at)
+        if changes is not None:
+            row = self.rows.get(e.worker_id)
+            if row is not None:
+                projections.change(row, changes)
+
+    def _stop_requested(self, seq: int, at: str, e: ev.StopRequested) -> None:
+        self.rows.flush()  # it reaches every active worker: let the table hold them all
+        self.tx.execute(_STOP)
+
+    def flush(self) -> None:
+        self.rows.flush()

@@ -19,7 +19,7 @@ def now() -> str:
 
 def parse(text: str) -> datetime:
     """Read an ISO-8601 time; one without a zone is taken as UTC."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    moment = datetime.fromisoformat(text)  # Python 3.11 reads the trailing Z itself
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

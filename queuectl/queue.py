@@ -663,7 +663,7 @@ def stats(conn: sqlite3.Connection, since_seconds: float | None = None) -> dict[
         if since_seconds is None:
             found = dict(conn.execute("SELECT outcome, n FROM run_counts").fetchall())
             first = conn.execute("SELECT claimed_at FROM runs ORDER BY seq LIMIT 1").fetchone()
-            last = conn.execute("SELECT max(finished_at) FROM runs").fetchone()
+            last = conn.execute("SELECT max(finished_at) FROM runs WHERE finished_at IS NOT NULL").fetchone()
             span = (first[0] if first else None, last[0])
             fin_where, fin_params = "", ()  # type: tuple[str, tuple[str, ...]]
             wait_where, wait_params = "", ()  # type: tuple[str, tuple[str, ...]]

@@ -146,19 +146,20 @@ def test_failed_rebuild_leaves_old_tables(conn, db, monkeypatch):
     conn.close()
 
     calls = 0
+    real_flush = projections.jobs.Replay.flush
 
-    def broken_apply(tx, seq, at, event):
+    def broken_flush(self):
         nonlocal calls
         calls += 1
-        if calls == 3:  # part-way through the replay, after rows were written
-            raise RuntimeError("projector bug")
+        real_flush(self)  # the replayed rows are written...
+        raise RuntimeError("projector bug")  # ...and then the replay fails
 
     with monkeypatch.context() as m:
         m.setattr(projections.jobs, "VERSION", projections.jobs.VERSION + 1)
-        m.setattr(projections.jobs, "apply", broken_apply)
+        m.setattr(projections.jobs.Replay, "flush", broken_flush)
         with pytest.raises(RuntimeError, match="projector bug"):
             ledger.connect(db)
-        assert calls == 3
+        assert calls == 1
 
     plain = sqlite3.connect(db)
     try:
