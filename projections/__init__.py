@@ -18,8 +18,9 @@ on its database.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -53,28 +54,38 @@ def change(row: dict[str, Any], changes: dict[str, Any]) -> None:
     row.update(changes)
 
 
+# For a replay: the seq of the latest event of a type for a job, among the events replayed
+# so far (None if there is none). The ledger answers it from its own index on job_id, so
+# projections need no index of their own until the replay is over.
+Find = Callable[[str, str], "int | None"]
+
+
 class Rows:
     """Rows of one table held in memory during a replay and written back in bulk.
 
     A replay sees a job enqueued, claimed and completed as three events; applied one by one
     they are an INSERT and two UPDATEs of the same row. Kept here, the row is changed in
-    memory and written once. Rows not yet in memory are read from the table on first use;
+    memory and written once. Rows not yet in memory are read from the table on first use
+    (``locate`` turns a key into the rowid ``rowid`` names, where the key has no index);
     everything is written back by ``flush``, which a replay calls at its end and whenever
     ``full()``, between events.
     """
 
     LIMIT = 100_000
 
-    def __init__(self, tx: sqlite3.Connection, table: str, columns: Iterable[str], key: str):
-        self.tx, self.table, self.key = tx, table, key
+    def __init__(self, tx: sqlite3.Connection, table: str, columns: Iterable[str], key: str,
+                 rowid: str | None = None, locate: Callable[[Any], Any] | None = None):
+        self.tx, self.table, self.key, self.locate = tx, table, key, locate
         self.columns = tuple(columns)
+        where = rowid or key
         names = ", ".join(self.columns)
-        self._select = f"SELECT {names} FROM {table} WHERE {key} = ?"
+        self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
         self._insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(self.columns))})"
-        others = [c for c in self.columns if c != key]
+        others = [c for c in self.columns if c != where]
         self._update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in others)} "
-                        f"WHERE {key} = ?")
-        self._others = others
+                        f"WHERE {where} = ?")
+        self._values = operator.itemgetter(*self.columns)
+        self._update_values = operator.itemgetter(*others, where)
         self.new: dict[Any, dict[str, Any]] = {}  # not in the table yet
         self.read: dict[Any, dict[str, Any]] = {}  # read from the table, written back
 
@@ -84,24 +95,22 @@ class Rows:
     def get(self, key: Any) -> dict[str, Any] | None:
         row = self.new.get(key) or self.read.get(key)
         if row is None:
-            found = self.tx.execute(self._select, (key,)).fetchone()
-            if found is None:
+            where = self.locate(key) if self.locate else key
+            found = where is not None and self.tx.execute(self._select, (where,)).fetchone()
+            if not found:
                 return None
             row = self.read[key] = dict(zip(self.columns, found, strict=True))
         return row
 
     def add(self, row: dict[str, Any]) -> None:
         key = row[self.key]
-        if key in self.new or key in self.read:  # a clash with the table fails in flush
+        if key in self.new or key in self.read:  # a clash with the table fails later
             raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {self.table}.{self.key}")
         self.new[key] = row
 
     def flush(self) -> None:
-        columns, others = self.columns, self._others
-        self.tx.executemany(self._insert, [[r[c] for c in columns] for r in self.new.values()])
-        self.tx.executemany(
-            self._update, [[r[c] for c in others] + [k] for k, r in self.read.items()]
-        )
+        self.tx.executemany(self._insert, map(self._values, self.new.values()))
+        self.tx.executemany(self._update, map(self._update_values, self.read.values()))
         self.new, self.read = {}, {}
 
 

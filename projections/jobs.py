@@ -20,7 +20,7 @@ import projections
 from queuectl import events as ev
 
 NAME = "jobs"
-VERSION = 5
+VERSION = 6
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
 
 # Partial-index predicates are written as OR chains, not ``IN (...)``: SQLite builds an
@@ -41,7 +41,7 @@ DDL = (
     # enqueue order needs no index and no sort.
     """CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
         command TEXT NOT NULL,
         state TEXT NOT NULL,
         priority INTEGER NOT NULL DEFAULT 0,
@@ -73,6 +73,8 @@ DDL = (
 # Indexes the readers and the queue's decisions use; the projector itself only needs the
 # primary keys, so a replay builds these once at the end instead of row by row.
 INDEXES = (
+    # Sorted once at the end of a replay, not grown row by row in random id order.
+    "CREATE UNIQUE INDEX jobs_id ON jobs (id)",
     # The claim query walks this index in order: highest priority first, then oldest.
     f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE}",
     # When the next scheduled job or retry is due (pending jobs are due already).
@@ -264,9 +266,11 @@ class Replay:
     """``apply`` for a replay into empty tables: the same rules on rows held in memory
     (``projections.Rows``); counts and triggers come after the last event."""
 
-    def __init__(self, tx: sqlite3.Connection) -> None:
+    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
         self.tx = tx
-        self.rows = projections.Rows(tx, "jobs", COLUMNS, "id")
+        # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
+        self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
+                                     locate=lambda job_id: find(job_id, "enqueued"))
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""

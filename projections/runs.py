@@ -21,7 +21,7 @@ from queuectl import clock
 from queuectl import events as ev
 
 NAME = "runs"
-VERSION = 4
+VERSION = 5
 TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
 
 DDL = (
@@ -38,13 +38,13 @@ DDL = (
         duration REAL,
         dead INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX runs_job ON runs (job_id, seq)",
     "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
 
-# Only stats reads these; a replay builds them once at the end. runs_finished leaves open
+# Built once at the end of a replay. runs_finished leaves open
 # runs out: they would all share the NULL end of the index, a page every claim touches.
 INDEXES = (
+    "CREATE INDEX runs_job ON runs (job_id, seq)",  # the live path closes a job's open run
     "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     "CREATE INDEX runs_duration ON runs (duration) WHERE duration IS NOT NULL",
     "CREATE INDEX runs_wait ON runs (wait)",
@@ -112,8 +112,8 @@ class Replay:
     """``apply`` for a replay into empty tables, on rows held in memory (a job has at most
     one open run, its latest, so closing "the open runs" is closing the latest if open)."""
 
-    def __init__(self, tx: sqlite3.Connection) -> None:
-        self.tx = tx
+    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
+        self.tx, self.find = tx, find
         self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
 
@@ -126,12 +126,8 @@ class Replay:
         return partial(self._closed, _OUTCOMES[kind])
 
     def _latest(self, job_id: str) -> dict[str, Any] | None:
-        seq = self.latest.get(job_id)
-        if seq is None:
-            (seq,) = self.tx.execute(_LATEST, (job_id,)).fetchone()
-            if seq is None:
-                return None
-        return self.rows.get(seq)
+        seq = self.latest.get(job_id) or self.find(job_id, "claimed")  # a run's seq is its claim's
+        return None if seq is None else self.rows.get(seq)
 
     def _claimed(self, seq: int, at: str, e: ev.Claimed) -> None:
         self.rows.add(_run(seq, at, e))

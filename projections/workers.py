@@ -91,7 +91,7 @@ def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of H
 class Replay:
     """``apply`` for a replay into empty tables, on rows held in memory."""
 
-    def __init__(self, tx: sqlite3.Connection) -> None:
+    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
         self.tx = tx
         self.rows = projections.Rows(tx, "workers", COLUMNS, "id")
 

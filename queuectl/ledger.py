@@ -293,13 +293,23 @@ def _read_rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, Event]]:
         yield seq, at, event
 
 
+_FIND = "SELECT max(seq) FROM events WHERE job_id = ? AND type = ? AND seq <= ?"
+FLUSH_CHECK = 4096  # events between a replay's looks at how many rows it holds in memory
+
+
 def _replay_into(
     target: sqlite3.Connection, source: sqlite3.Connection, projections: Iterable[ModuleType]
 ) -> int:
     """Apply every event to empty tables (no readers' indexes, no triggers yet); returns the
     last seq. Projections with a ``Replay`` keep rows in memory and write them in bulk."""
     projections = tuple(projections)
-    replay_of = {p: p.Replay(target) for p in projections if hasattr(p, "Replay")}
+    position = 0
+
+    def find(job_id: str, type_: str) -> int | None:
+        (seq,) = source.execute(_FIND, (job_id, type_, position)).fetchone()
+        return seq  # type: ignore[no-any-return]
+
+    replay_of = {p: p.Replay(target, find) for p in projections if hasattr(p, "Replay")}
     replays = list(replay_of.values())
     routes: dict[type, list[Callable[[int, str, Event], None]]] = {}
 
@@ -311,11 +321,10 @@ def _replay_into(
         ]
         return routes[kind]
 
-    position = 0
     for n, (position, at, event) in enumerate(_read_rows(source), 1):
         for apply in routes.get(type(event)) or route(type(event)):
             apply(position, at, event)
-        if not n % 4096:  # between events, so no row held in memory is half-changed
+        if not n % FLUSH_CHECK:  # between events, so no row held in memory is half-changed
             for replay in replays:
                 if replay.rows.full():
                     replay.flush()
