@@ -47,13 +47,6 @@ def update_sql(table: str, key: str, changes: dict[str, Any]) -> tuple[str, list
     return sql, list(changes.values())
 
 
-def change(row: dict[str, Any], changes: dict[str, Any]) -> None:
-    """Apply the same changes as ``update_sql`` to a row held in memory."""
-    if Plus in map(type, changes.values()):
-        changes = {c: row[c] + v if type(v) is Plus else v for c, v in changes.items()}
-    row.update(changes)
-
-
 # For a replay: the seq of the latest event of a type for a job, among the events replayed
 # so far (None if there is none). The ledger answers it from its own index on job_id, so
 # projections need no index of their own until the replay is over.

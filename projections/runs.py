@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 import projections
-from queuectl import clock
 from queuectl import events as ev
 
 NAME = "runs"
@@ -55,6 +55,7 @@ COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finis
 _INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _CLOSE = """UPDATE runs SET finished_at = ?, outcome = ?, exit_code = ?, duration = ?
     WHERE job_id = ? AND finished_at IS NULL"""
+fromisoformat = datetime.fromisoformat
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 
 # run_counts follows the rows through these triggers, inside SQLite. A replay creates them
@@ -73,8 +74,10 @@ TRIGGERS = (
 
 
 def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
-    eligible = e.eligible_at
-    wait = max(0.0, round(clock.seconds_between(eligible, at), 6)) if eligible else 0.0
+    wait = 0.0
+    if e.eligible_at:  # ledger times are UTC ISO strings, which fromisoformat reads as such
+        wait = (fromisoformat(at) - fromisoformat(e.eligible_at)).total_seconds()
+        wait = max(0.0, round(wait, 6))
     return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
             "claimed_at": at, "wait": wait, "finished_at": None, "outcome": None,
             "exit_code": None, "duration": None, "dead": 0}

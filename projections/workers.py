@@ -44,21 +44,20 @@ COLUMNS = ("id", "pid", "host", "state", "started_at", "last_heartbeat", "stoppe
 _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
     ev.WorkerHeartbeat: lambda e, at: {"last_heartbeat": at},
     ev.Claimed: lambda e, at: {"current_job": e.job_id, "last_heartbeat": at},
-    ev.Completed: lambda e, at: _finished(at),
-    ev.Failed: lambda e, at: _finished(at),
-    ev.TimedOut: lambda e, at: _finished(at),
+    ev.Completed: lambda e, at: {"current_job": None, "last_heartbeat": at},
+    ev.Failed: lambda e, at: {"current_job": None, "last_heartbeat": at},
+    ev.TimedOut: lambda e, at: {"current_job": None, "last_heartbeat": at},
     # A running job stopped by its worker; a job cancelled before it ran had no worker.
-    ev.Cancelled: lambda e, at: _finished(at) if e.worker_id is not None else None,
+    ev.Cancelled: lambda e, at: (
+        {"current_job": None, "last_heartbeat": at} if e.worker_id is not None else None),
     ev.Released: lambda e, at: {"current_job": None},
     ev.LeaseExpired: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
     ev.WorkerLost: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
     ev.WorkerStopped: lambda e, at: {"state": "stopped", "current_job": None,
                                      "stopped_at": at, "last_heartbeat": at},
 }
-
-
-def _finished(at: str) -> dict[str, Any]:
-    return {"current_job": None, "last_heartbeat": at, "jobs_done": projections.Plus(1)}
+# Runs a worker finished (when the change above applies): each adds one to its jobs_done.
+_DONE = frozenset({ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled})
 
 
 def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
@@ -84,6 +83,8 @@ def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of H
     else:
         changes = _CHANGES[kind](e, at)
         if changes is not None:
+            if kind in _DONE:
+                changes["jobs_done"] = projections.Plus(1)
             sql, values = projections.update_sql("workers", "id", changes)
             tx.execute(sql, (*values, e.worker_id))
 
@@ -101,15 +102,17 @@ class Replay:
             return lambda seq, at, e: self.rows.add(_row(at, e))
         if kind is ev.StopRequested:
             return self._stop_requested
-        return partial(self._changed, _CHANGES[kind])
+        return partial(self._changed, _CHANGES[kind], kind in _DONE)
 
-    def _changed(self, rule: Callable[..., dict[str, Any] | None], seq: int, at: str,
-                 e: Any) -> None:
+    def _changed(self, rule: Callable[..., dict[str, Any] | None], done: bool, seq: int,
+                 at: str, e: Any) -> None:
         changes = rule(e, at)
         if changes is not None:
             row = self.rows.get(e.worker_id)
             if row is not None:
-                projections.change(row, changes)
+                row.update(changes)
+                if done:
+                    row["jobs_done"] += 1
 
     def _stop_requested(self, seq: int, at: str, e: ev.StopRequested) -> None:
         self.rows.flush()  # it reaches every active worker: let the table hold them all

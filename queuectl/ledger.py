@@ -280,21 +280,8 @@ def _index(tx: sqlite3.Connection, projection: ModuleType) -> None:
         tx.execute(statement)
 
 
-def _read_rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, Event]]:
-    """``read_events`` for a replay: the same rows and errors, less work per row."""
-    for seq, at, type_, body in source.execute("SELECT seq, at, type, body FROM events ORDER BY seq"):
-        try:
-            if type_ not in TAGS:
-                raise msgspec.DecodeError
-            event = decode(body)
-        except msgspec.DecodeError:
-            decode_row(seq, type_, body)  # raises the error that names the seq
-            raise
-        yield seq, at, event
-
-
 _FIND = "SELECT max(seq) FROM events WHERE job_id = ? AND type = ? AND seq <= ?"
-FLUSH_CHECK = 4096  # events between a replay's looks at how many rows it holds in memory
+FLUSH_CHECK = 4096  # events read at a time; between them a replay may write rows back
 
 
 def _replay_into(
@@ -321,13 +308,21 @@ def _replay_into(
         ]
         return routes[kind]
 
-    for n, (position, at, event) in enumerate(_read_rows(source), 1):
-        for apply in routes.get(type(event)) or route(type(event)):
-            apply(position, at, event)
-        if not n % FLUSH_CHECK:  # between events, so no row held in memory is half-changed
-            for replay in replays:
-                if replay.rows.full():
-                    replay.flush()
+    cursor = source.execute("SELECT seq, at, type, body FROM events ORDER BY seq")
+    while rows := cursor.fetchmany(FLUSH_CHECK):
+        for position, at, type_, body in rows:  # read_events, with less work per row
+            try:
+                if type_ not in TAGS:
+                    raise msgspec.DecodeError
+                event = decode(body)
+            except msgspec.DecodeError:
+                decode_row(position, type_, body)  # raises the error that names the seq
+                raise
+            for apply in routes.get(type(event)) or route(type(event)):
+                apply(position, at, event)
+        for replay in replays:  # between events: no row held in memory is half-changed
+            if replay.rows.full():
+                replay.flush()
     for replay in replays:
         replay.flush()
     for projection in projections:
