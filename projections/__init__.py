@@ -4,10 +4,10 @@ A projection module exposes ``NAME``, ``VERSION``, ``TABLES`` (the tables it own
 its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
 ``apply(tx, seq, at, event)``, the live path: the projection's rows after one more event.
 It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in),
-``after_replay(tx)`` (aggregates recomputed once instead of per event),
 ``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
-``Replay(tx)``, an object whose ``apply(seq, at, event)`` and ``flush()`` do what ``apply``
-does to empty tables, holding rows in memory between the two.
+``Replay(tx, find)``, whose ``handler(type)`` gives what to call for each event of that type,
+doing what ``apply`` does to empty tables but holding rows in memory, written back by
+``flush()`` now and then and by ``close()`` at the end (with aggregates counted once).
 
 ``apply`` must be deterministic: it may use only the event, its ``seq``, its ``at`` and the
 projection's own tables; never the clock, the current config, the environment or random
@@ -81,6 +81,7 @@ class Rows:
         self._update_values = operator.itemgetter(*others, where)
         self.new: dict[Any, dict[str, Any]] = {}  # not in the table yet
         self.read: dict[Any, dict[str, Any]] = {}  # read from the table, written back
+        self.before: list[dict[str, Any]] = []  # those rows as they were read
 
     def full(self) -> bool:
         return len(self.new) + len(self.read) >= self.LIMIT
@@ -93,6 +94,7 @@ class Rows:
             if not found:
                 return None
             row = self.read[key] = dict(zip(self.columns, found, strict=True))
+            self.before.append(dict(row))
         return row
 
     def add(self, row: dict[str, Any]) -> None:
@@ -104,7 +106,7 @@ class Rows:
     def flush(self) -> None:
         self.tx.executemany(self._insert, map(self._values, self.new.values()))
         self.tx.executemany(self._update, map(self._update_values, self.read.values()))
-        self.new, self.read = {}, {}
+        self.new, self.read, self.before = {}, {}, []
 
 
 from projections import config, jobs, runs, workers  # noqa: E402

@@ -11,7 +11,9 @@ started (a released run is given back). ``job_counts`` always equals
 
 from __future__ import annotations
 
+import operator
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -94,7 +96,7 @@ _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.de
 
 # job_counts follows every change of state through this trigger, inside SQLite: cheaper than
 # a statement from Python per move. A replay creates it (with INDEXES) after its last row,
-# recounting once instead; inserts are counted by the enqueue handlers, per batch.
+# having counted in memory instead; inserts are counted by the enqueue handlers, per batch.
 TRIGGERS = (
     """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
     WHEN old.state <> new.state BEGIN
@@ -268,6 +270,7 @@ class Replay:
 
     def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
         self.tx = tx
+        self.counts: Counter[str] = Counter()  # jobs per state, over the rows written
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
                                      locate=lambda job_id: find(job_id, "enqueued"))
@@ -294,13 +297,18 @@ class Replay:
         self.rows.add(_row(seq, at, e, blocked))
 
     def flush(self) -> None:
-        self.rows.flush()
+        rows = self.rows
+        self.counts.update(map(_STATE, rows.new.values()))
+        self.counts.update(map(_STATE, rows.read.values()))
+        self.counts.subtract(map(_STATE, rows.before))
+        rows.flush()
+
+    def close(self) -> None:
+        """Write what is held, then ``job_counts``, counted once instead of per event."""
+        self.flush()
+        self.tx.executemany(_SET_COUNT, self.counts.items())
 
 
-def after_replay(tx: sqlite3.Connection) -> None:
-    """Recompute ``job_counts`` once, instead of per event, after a replay."""
-    tx.execute("UPDATE job_counts SET n = 0")
-    tx.execute(
-        """INSERT INTO job_counts (state, n) SELECT state, count(*) FROM jobs GROUP BY state
-        ON CONFLICT (state) DO UPDATE SET n = excluded.n"""
-    )
+_STATE = operator.itemgetter("state")
+_SET_COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
+    ON CONFLICT (state) DO UPDATE SET n = excluded.n"""

@@ -11,7 +11,9 @@ run that exhausted the job's retries. ``run_counts`` keeps all-time totals so th
 
 from __future__ import annotations
 
+import operator
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -59,7 +61,7 @@ fromisoformat = datetime.fromisoformat
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 
 # run_counts follows the rows through these triggers, inside SQLite. A replay creates them
-# after its last row (recounting once in ``after_replay`` instead).
+# after its last row, having counted in memory instead.
 _UPSERT = "INSERT INTO run_counts (outcome, n) VALUES ({}, 1) ON CONFLICT (outcome) DO UPDATE SET n = n + 1"
 TRIGGERS = (
     f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
@@ -119,6 +121,7 @@ class Replay:
         self.tx, self.find = tx, find
         self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
+        self.counts: Counter[str | None] = Counter()  # run_counts, over the rows written
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
@@ -150,16 +153,23 @@ class Replay:
                 run["outcome"], run["exit_code"], run["duration"] = closed
 
     def flush(self) -> None:
-        self.rows.flush()
+        rows = self.rows
+        for held, sign in ((rows.new.values(), 1), (rows.read.values(), 1), (rows.before, -1)):
+            self.counts["claimed"] += sign * len(held)
+            self.counts["dead"] += sign * sum(map(_DEAD, held))
+            for outcome, n in Counter(map(_OUTCOME, held)).items():
+                self.counts[outcome] += sign * n
+        rows.flush()
         self.latest = {}
 
+    def close(self) -> None:
+        """Write what is held, then ``run_counts``, counted once instead of per event."""
+        self.flush()
+        self.tx.executemany(
+            "INSERT INTO run_counts (outcome, n) VALUES (?, ?)",
+            [(k, n) for k, n in self.counts.items() if k is not None and n > 0],
+        )
 
-def after_replay(tx: sqlite3.Connection) -> None:
-    """Recompute ``run_counts`` once, instead of per event, after a replay."""
-    tx.execute("DELETE FROM run_counts")
-    tx.execute(
-        """INSERT INTO run_counts (outcome, n)
-        SELECT outcome, count(*) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome
-        UNION ALL SELECT 'claimed', count(*) FROM runs HAVING count(*) > 0
-        UNION ALL SELECT 'dead', count(*) FROM runs WHERE dead = 1 HAVING count(*) > 0"""
-    )
+
+_DEAD = operator.itemgetter("dead")
+_OUTCOME = operator.itemgetter("outcome")

@@ -120,3 +120,5 @@ class Replay:
 
     def flush(self) -> None:
         self.rows.flush()
+
+    close = flush

@@ -324,10 +324,7 @@ def _replay_into(
             if replay.rows.full():
                 replay.flush()
     for replay in replays:
-        replay.flush()
-    for projection in projections:
-        if hasattr(projection, "after_replay"):
-            projection.after_replay(target)
+        replay.close()
     return position
 
 
