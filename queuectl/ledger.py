@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -298,27 +298,25 @@ def _replay_into(
 
     replay_of = {p: p.Replay(target, find) for p in projections if hasattr(p, "Replay")}
     replays = list(replay_of.values())
-    routes: dict[type, list[Callable[[int, str, Event], None]]] = {}
-
-    def route(kind: type) -> list[Callable[[int, str, Event], None]]:
-        routes[kind] = [
+    routes = {  # what each type of event is given to, in REGISTRY order
+        kind: [
             replay_of[p].handler(kind) if p in replay_of else partial(p.apply, target)
             for p in projections
             if kind in p.HANDLES
         ]
-        return routes[kind]
-
-    cursor = source.execute("SELECT seq, at, type, body FROM events ORDER BY seq")
+        for kind in TAGS.values()
+    }
+    cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     while rows := cursor.fetchmany(FLUSH_CHECK):
-        for position, at, type_, body in rows:  # read_events, with less work per row
+        for position, at, body in rows:  # read_events, with less work per row
             try:
-                if type_ not in TAGS:
-                    raise msgspec.DecodeError
-                event = decode(body)
+                event = decode(body)  # its tag is its type: an unknown one fails here
             except msgspec.DecodeError:
+                (type_,) = source.execute(
+                    "SELECT type FROM events WHERE seq = ?", (position,)).fetchone()
                 decode_row(position, type_, body)  # raises the error that names the seq
                 raise
-            for apply in routes.get(type(event)) or route(type(event)):
+            for apply in routes[type(event)]:
                 apply(position, at, event)
         for replay in replays:  # between events: no row held in memory is half-changed
             if replay.rows.full():
