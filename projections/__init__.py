@@ -106,7 +106,9 @@ class Rows:
     def flush(self) -> None:
         self.tx.executemany(self._insert, map(self._values, self.new.values()))
         self.tx.executemany(self._update, map(self._update_values, self.read.values()))
-        self.new, self.read, self.before = {}, {}, []
+        self.new.clear()  # cleared, not replaced: callers may hold their get methods
+        self.read.clear()
+        self.before.clear()
 
 
 from projections import config, jobs, runs, workers  # noqa: E402

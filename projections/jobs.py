@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -122,64 +122,64 @@ def _ready_state(run_at: str, at: str) -> str:
 
 
 # -- how each event changes its job's row ------------------------------------------------
-# One function per event type: the changed columns, from the event, its time and (through
-# ``get``) the row's current values. The live path turns them into one UPDATE; a replay
+# One function per event type: the changed columns, from the event, its time and the row's
+# current values (``row``, read only where a rule needs it). The live path turns them into one UPDATE; a replay
 # applies them to rows held in memory (``Replay``). One rule, two writers.
 
-Get = Callable[[str], Any]
+Row = Mapping[str, Any]
 
 
-def _claimed(e: ev.Claimed, at: str, get: Get) -> dict[str, Any]:
+def _claimed(e: ev.Claimed, at: str, row: Row) -> dict[str, Any]:
     return {"state": "processing", "attempts": e.attempt, "worker_id": e.worker_id,
             "run_at": None}
 
 
-def _completed(e: ev.Completed, at: str, get: Get) -> dict[str, Any]:
+def _completed(e: ev.Completed, at: str, row: Row) -> dict[str, Any]:
     return {"state": "completed", "worker_id": None, "exit_code": 0, "last_error": None,
             "cancel_requested": 0}
 
 
-def _failed(e: ev.Failed, at: str, get: Get) -> dict[str, Any]:
+def _failed(e: ev.Failed, at: str, row: Row) -> dict[str, Any]:
     # The state moves with the scheduled-retry or dead event appended with this one.
     return {"worker_id": None, "exit_code": e.exit_code, "last_error": e.error}
 
 
-def _timed_out(e: ev.TimedOut, at: str, get: Get) -> dict[str, Any]:
+def _timed_out(e: ev.TimedOut, at: str, row: Row) -> dict[str, Any]:
     return {"worker_id": None, "exit_code": None,
             "last_error": f"timed out after {e.timeout:g}s"}
 
 
-def _lease_expired(e: ev.LeaseExpired, at: str, get: Get) -> dict[str, Any]:
+def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> dict[str, Any]:
     return {"worker_id": None, "exit_code": None,
             "last_error": f"lease expired: worker {e.worker_id} stopped heartbeating"}
 
 
-def _released(e: ev.Released, at: str, get: Get) -> dict[str, Any]:
+def _released(e: ev.Released, at: str, row: Row) -> dict[str, Any]:
     return {"state": "pending", "attempts": e.attempt - 1, "worker_id": None, "run_at": at}
 
 
-def _scheduled_retry(e: ev.ScheduledRetry, at: str, get: Get) -> dict[str, Any]:
+def _scheduled_retry(e: ev.ScheduledRetry, at: str, row: Row) -> dict[str, Any]:
     return {"state": "failed", "run_at": e.run_at, "cancel_requested": 0}
 
 
-def _dead(e: ev.Dead, at: str, get: Get) -> dict[str, Any]:
+def _dead(e: ev.Dead, at: str, row: Row) -> dict[str, Any]:
     return {"state": "dead", "run_at": None, "cancel_requested": 0}
 
 
-def _requeued(e: ev.Requeued, at: str, get: Get) -> dict[str, Any]:
+def _requeued(e: ev.Requeued, at: str, row: Row) -> dict[str, Any]:
     return {"state": "pending", "attempts": 0, "max_retries": e.max_retries, "run_at": at}
 
 
-def _unblocked(e: ev.Unblocked, at: str, get: Get) -> dict[str, Any]:
-    run_at = max(get("run_at") or at, at)
+def _unblocked(e: ev.Unblocked, at: str, row: Row) -> dict[str, Any]:
+    run_at = max(row["run_at"] or at, at)
     return {"state": _ready_state(run_at, at), "run_at": run_at}
 
 
-def _cancel_requested(e: ev.CancelRequested, at: str, get: Get) -> dict[str, Any]:
+def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> dict[str, Any]:
     return {"cancel_requested": 1}
 
 
-def _cancelled(e: ev.Cancelled, at: str, get: Get) -> dict[str, Any]:
+def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
     return {"state": "cancelled", "worker_id": None, "run_at": None, "cancel_requested": 0,
             "last_error": e.reason}
 
@@ -226,19 +226,32 @@ def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueu
         tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
 
 
+class _Current(Mapping[str, Any]):
+    """A job's row in the table, read column by column only if a rule asks."""
+
+    def __init__(self, tx: sqlite3.Connection, job_id: str) -> None:
+        self.tx, self.job_id = tx, job_id
+
+    def __getitem__(self, column: str) -> Any:
+        found = self.tx.execute(f"SELECT {column} FROM jobs WHERE id = ?", (self.job_id,))
+        row = found.fetchone()
+        if row is None:
+            raise _unknown(self.job_id)
+        return row[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COLUMNS)
+
+    def __len__(self) -> int:
+        return len(COLUMNS)
+
+
 def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     if type(e) is ev.Enqueued:
         _enqueued(tx, seq, at, e)
         return
     job_id = e.job_id
-
-    def get(column: str) -> Any:
-        row = tx.execute(f"SELECT {column} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise _unknown(job_id)
-        return row[0]
-
-    changes = _CHANGES[type(e)](e, at, get)
+    changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
     changes["updated_at"] = at
     sql, values = projections.update_sql("jobs", "id", changes)
     if tx.execute(sql, (*values, job_id)).rowcount != 1:
@@ -274,16 +287,17 @@ class Replay:
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
                                      locate=lambda job_id: find(job_id, "enqueued"))
+        self._held = self.rows.new.get  # the usual case, without a call to rows.get
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
         return self._enqueued if kind is ev.Enqueued else partial(self._changed, _CHANGES[kind])
 
     def _changed(self, rule: Callable[..., dict[str, Any]], seq: int, at: str, e: Any) -> None:
-        row = self.rows.get(e.job_id)
+        row = self._held(e.job_id) or self.rows.get(e.job_id)
         if row is None:
             raise _unknown(e.job_id)
-        row.update(rule(e, at, row.__getitem__))
+        row.update(rule(e, at, row))
         row["updated_at"] = at
 
     def _enqueued(self, seq: int, at: str, e: ev.Enqueued) -> None:

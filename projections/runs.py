@@ -120,6 +120,7 @@ class Replay:
     def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
         self.tx, self.find = tx, find
         self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
+        self._held = self.rows.new.get  # the usual case, without a call to rows.get
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
         self.counts: Counter[str | None] = Counter()  # run_counts, over the rows written
 
@@ -133,7 +134,7 @@ class Replay:
 
     def _latest(self, job_id: str) -> dict[str, Any] | None:
         seq = self.latest.get(job_id) or self.find(job_id, "claimed")  # a run's seq is its claim's
-        return None if seq is None else self.rows.get(seq)
+        return None if seq is None else self._held(seq) or self.rows.get(seq)
 
     def _claimed(self, seq: int, at: str, e: ev.Claimed) -> None:
         self.rows.add(_run(seq, at, e))

@@ -95,6 +95,7 @@ class Replay:
     def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
         self.tx = tx
         self.rows = projections.Rows(tx, "workers", COLUMNS, "id")
+        self._held = self.rows.new.get  # the usual case, without a call to rows.get
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
@@ -108,7 +109,7 @@ class Replay:
                  at: str, e: Any) -> None:
         changes = rule(e, at)
         if changes is not None:
-            row = self.rows.get(e.worker_id)
+            row = self._held(e.worker_id) or self.rows.get(e.worker_id)
             if row is not None:
                 row.update(changes)
                 if done:
