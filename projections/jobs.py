@@ -88,7 +88,12 @@ INDEXES = (
 COLUMNS = ("seq", "id", "command", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
            "cancel_requested", "exit_code", "last_error", "created_at", "updated_at")
-_INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# What an enqueued event sets; the other columns start at their defaults (_UNSET).
+_ENQUEUED = ("seq", "id", "command", "state", "priority", "max_retries", "backoff_base",
+             "backoff_max", "backoff_jitter", "timeout", "run_at", "created_at", "updated_at")
+_UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "exit_code": None,
+          "last_error": None}
+_INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
 _COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
     ON CONFLICT (state) DO UPDATE SET n = n + excluded.n"""
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
@@ -106,15 +111,12 @@ TRIGGERS = (
 )
 
 
-def _row(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> dict[str, Any]:
+def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[Any, ...]:
+    """The new job's row: its ``_ENQUEUED`` columns, in that order."""
     run_at = e.run_at if e.run_at and e.run_at > at else at
     state = "waiting" if blocked else _ready_state(run_at, at)
-    return {"seq": seq, "id": e.job_id, "command": e.command, "state": state,
-            "priority": e.priority, "attempts": 0, "max_retries": e.max_retries,
-            "backoff_base": e.backoff_base, "backoff_max": e.backoff_max,
-            "backoff_jitter": e.backoff_jitter, "timeout": e.timeout, "run_at": run_at,
-            "worker_id": None, "cancel_requested": 0, "exit_code": None, "last_error": None,
-            "created_at": at, "updated_at": at}
+    return (seq, e.job_id, e.command, state, e.priority, e.max_retries, e.backoff_base,
+            e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
 
 
 def _ready_state(run_at: str, at: str) -> str:
@@ -213,14 +215,14 @@ def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None
     for dep in e.after:
         tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
-    row = _row(seq, at, e, blocked)
-    tx.execute(_INSERT, list(row.values()))
-    tx.execute(_COUNT, (row["state"], 1))
+    row = _values(seq, at, e, blocked)
+    tx.execute(_INSERT, row)
+    tx.execute(_COUNT, (row[3], 1))
 
 
 def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
-    rows = [list(_row(seq, at, e).values()) for seq, at, e in batch]
+    rows = [_values(seq, at, e) for seq, at, e in batch]
     tx.executemany(_INSERT, rows)
     for state in {row[3] for row in rows}:
         tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
@@ -308,7 +310,9 @@ class Replay:
             for dep in e.after:  # as _UNFINISHED_DEPS: an unknown dependency holds nothing
                 row = self.rows.get(dep)
                 blocked = blocked or (row is not None and row["state"] != "completed")
-        self.rows.add(_row(seq, at, e, blocked))
+        row = _UNSET.copy()
+        row.update(zip(_ENQUEUED, _values(seq, at, e, blocked), strict=True))
+        self.rows.add(row)
 
     def flush(self) -> None:
         rows = self.rows
