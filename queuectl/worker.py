@@ -25,10 +25,11 @@ from queuectl import clock, ledger, queue, settings
 from queuectl import events as ev
 from queuectl.render import safe
 
-WAKE_POLL = 0.002  # seconds between data_version reads in the waker
+WAKE_POLL = 0.002  # seconds between data_version reads in the waker (without inotify)
+LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a short window
 CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
 WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
-WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every 2 ms for this long
+WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
@@ -132,11 +133,14 @@ class Waker:
                 # their way.
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
-            if self._watch_fd is None or time.monotonic() < look_until:
+            if self._watch_fd is None:
                 time.sleep(WAKE_POLL)
+            elif time.monotonic() < look_until:
+                time.sleep(LOOK_POLL)
             elif poller.poll(WATCH_SAFETY_MS):  # the WAL is being written to
                 # The first page of a commit reaches the WAL before the commit is visible:
-                # look every 2 ms for a while (a loaded machine may pause the writer) rather than once.
+                # look again and again for a while (a loaded machine may pause the writer),
+                # rather than once.
                 look_until = time.monotonic() + WATCH_LOOK
             if self._watch_fd is not None:
                 self._watch_fd.drain()
