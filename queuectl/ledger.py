@@ -144,7 +144,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
 
 def _retry_locked(action):  # type: ignore[no-untyped-def]
     """Run ``action``; while the database is locked, wait and retry, up to the lock timeout."""
-    deadline = time.monotonic() + lock_timeout()
+    start = time.monotonic()  # the timeout itself is read only on a failure (runs per write)
     while True:
         try:
             return action()
@@ -152,7 +152,7 @@ def _retry_locked(action):  # type: ignore[no-untyped-def]
             message = str(exc)
             if "locked" not in message and "busy" not in message:
                 raise
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= start + lock_timeout():
                 raise StoreError(
                     f"database is locked: another process held it for over "
                     f"{lock_timeout():g}s; try again"
