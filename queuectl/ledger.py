@@ -163,14 +163,15 @@ def _retry_locked(action):  # type: ignore[no-untyped-def]
 # Writers of one process (the worker threads of `worker -c N`) queue on this lock instead
 # of on SQLite's busy handler, which sleeps 1 ms, then 2, 5, 10... while it waits: with
 # two busy workers that sleeping, not the work, set the pace. Other processes still meet
-# at the database lock.
-_PROCESS_WRITER = threading.Lock()
+# at the database lock. Reentrant: worker threads sharing one connection also hold it
+# around their reads and their calls that write (see worker.Worker.db).
+PROCESS_LOCK = threading.RLock()
 
 
 @contextmanager
 def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on any exception."""
-    with _PROCESS_WRITER:
+    with PROCESS_LOCK:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield conn

@@ -1,8 +1,10 @@
 """Workers: claim a job, run it as ``sh -c`` in its own process group, record the outcome.
 
-One process runs N workers as threads, each with its own id and connection. A single waker
-thread per process watches ``PRAGMA data_version`` (a few microseconds a read) so that idle
-workers pick up new work within milliseconds instead of waiting out their poll interval.
+One process runs N workers as threads, each with its own id, sharing one connection (one
+at a time, under ``ledger.PROCESS_LOCK``): with a connection each, every commit by one
+emptied the other's page cache, which it then read back from the WAL. A single waker thread
+per process watches ``PRAGMA data_version`` (a few microseconds a read) so that idle workers
+pick up new work within milliseconds instead of waiting out their poll interval.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from queuectl import clock, ledger, queue, settings
 from queuectl import events as ev
@@ -30,6 +33,8 @@ LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a shor
 CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
 WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
 WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
+T = TypeVar("T")
+
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
@@ -377,17 +382,17 @@ def describe_exit(code: int) -> str:
 
 
 class Worker:
-    """One worker: its own id, its own connection, one job at a time."""
+    """One worker: its own id, one job at a time, on its process's shared connection."""
 
     def __init__(
         self,
-        path: Path,
+        conn: sqlite3.Connection,
         options: Options,
         shutdown: Shutdown,
         waker: Waker,
         echo: Callable[[str], None],
     ) -> None:
-        self.path = path
+        self.conn = conn
         self.options = options
         self.shutdown = shutdown
         self.waker = waker
@@ -403,25 +408,27 @@ class Worker:
         self._kill_reason: str | None = None
         self.error: BaseException | None = None
 
+    def db(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(conn, *args)`` on the shared connection, no other thread using it: every
+        read and write transaction, and every fetch, happens inside."""
+        with ledger.PROCESS_LOCK:
+            return call(self.conn, *args)
+
     def log(self, text: str) -> None:
         if self.options.verbose:
             self.echo(f"[{self.id}] {text}")
 
     def run(self) -> None:
         try:
-            self.conn = connect(self.path)
-            self.config = settings.load(self.conn)
-            queue.worker_started(self.conn, self.id, os.getpid(), socket.gethostname())
+            self.config = self.db(settings.load)
+            self.db(queue.worker_started, self.id, os.getpid(), socket.gethostname())
             self.echo(f"Worker started: {self.id}")
             self._beat_done()
             reason = self._loop()
-            queue.worker_stopped(self.conn, self.id, reason)
+            self.db(queue.worker_stopped, self.id, reason)
             self.log(f"stopped ({reason})")
         except BaseException as exc:  # reported by the pool as one line
             self.error = exc
-        finally:
-            if hasattr(self, "conn"):
-                self.conn.close()
 
     def _beat_done(self) -> None:
         interval = float(self.config["heartbeat-interval"])
@@ -439,18 +446,18 @@ class Worker:
             self._kill_reason = "shutdown"
         elif now >= self._next_cancel_check:
             self._next_cancel_check = now + CANCEL_CHECK
-            if queue.cancel_requested(self.conn, job.job_id):
+            if self.db(queue.cancel_requested, job.job_id):
                 self._kill_reason = "cancel"
         return self._kill_reason is not None
 
     def _housekeeping(self, now: float) -> None:
         if now >= self._next_beat:
-            self.config = settings.load(self.conn)
-            queue.heartbeat(self.conn, self.id)
+            self.config = self.db(settings.load)
+            self.db(queue.heartbeat, self.id)
             self._beat_done()
         if now >= self._next_rescue:
             self._next_rescue = now + float(self.config["heartbeat-interval"])
-            for event in queue.rescue(self.conn, float(self.config["lease-timeout"])):
+            for event in self.db(queue.rescue, float(self.config["lease-timeout"])):
                 self._report(event)
 
     def _stop_reason(self) -> str | None:
@@ -458,7 +465,7 @@ class Worker:
             return "signal"
         if self.options.limit and self.done >= self.options.limit:
             return "job limit reached"
-        state, stop = queue.worker_state(self.conn, self.id)
+        state, stop = self.db(queue.worker_state, self.id)
         if stop:
             return "stop requested"
         if state == "gone":
@@ -470,7 +477,7 @@ class Worker:
         while True:
             if job is not None:
                 if self.shutdown.soft.is_set():  # claimed with the last result, not started
-                    queue.finish(self.conn, job, ev.Released(
+                    self.db(queue.finish, job, ev.Released(
                         job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
                         reason="worker shut down before the job started"))
                     return "signal"
@@ -482,15 +489,15 @@ class Worker:
                 return reason
             self._tick()
             seen = self.waker.generation
-            job = queue.claim(self.conn, self.id)
+            job = self.db(queue.claim, self.id)
             if job is None:
-                if self.options.burst and queue.unfinished(self.conn) == 0:
+                if self.options.burst and self.db(queue.unfinished) == 0:
                     return "burst: queue empty"
                 self.waker.wait(seen, self._idle_timeout())
 
     def _idle_timeout(self) -> float:
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
-        run_at = queue.next_run_at(self.conn)
+        run_at = self.db(queue.next_run_at)
         if run_at is not None:
             timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
         return timeout
@@ -516,8 +523,8 @@ class Worker:
         go_on = not self.shutdown.soft.is_set() and not (
             self.options.limit and self.done >= self.options.limit
         )
-        events, following = queue.finish_and_claim(
-            self.conn, job, self._event(job, result), self.id if go_on else None
+        events, following = self.db(
+            queue.finish_and_claim, job, self._event(job, result), self.id if go_on else None
         )
         for event in events:
             self._report(event, job)
@@ -585,7 +592,8 @@ def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> li
     ledger.connect(path).close()  # create or migrate once, before the threads race to
     _close_on_exec()
     waker = Waker(path)
-    workers = [Worker(path, options, shutdown, waker, echo) for _ in range(options.concurrency)]
+    conn = connect(path)
+    workers = [Worker(conn, options, shutdown, waker, echo) for _ in range(options.concurrency)]
     previous = {
         sig: signal.signal(sig, on_signal)
         for sig in (signal.SIGINT, signal.SIGTERM)
@@ -602,4 +610,5 @@ def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> li
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         waker.close()
+        conn.close()
     return [f"worker {w.id}: {w.error}" for w in workers if w.error is not None]
