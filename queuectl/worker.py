@@ -505,11 +505,13 @@ class Worker:
     def _work(self, job: queue.Claim) -> queue.Claim | None:
         """Run one job and record its result; returns the next job when the same
         transaction could claim one (a busy queue pays one commit per job, not two)."""
-        if job.attempt == 1:
+        verbose = self.options.verbose  # build no log line nobody will see
+        if verbose and job.attempt == 1:
             self.log(f"Picked up NEW job: {job.job_id} (Command: {safe(job.command)})")
-        else:
+        elif verbose:
             self.log(f"RETRYING job {job.job_id} (Attempt {job.attempt})")
-        self.log(f"Job {job.job_id} state: processing")
+        if verbose:
+            self.log(f"Job {job.job_id} state: processing")
         self._kill_reason = None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         result = run_command(
@@ -526,8 +528,9 @@ class Worker:
         events, following = self.db(
             queue.finish_and_claim, job, self._event(job, result), self.id if go_on else None
         )
-        for event in events:
-            self._report(event, job)
+        if verbose:
+            for event in events:
+                self._report(event, job)
         return following
 
     def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
