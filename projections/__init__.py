@@ -29,21 +29,20 @@ class Plus(int):
     """A change that adds to a column (``jobs_done + 1``) instead of setting it."""
 
 
-_updates: dict[tuple[str, ...], str] = {}
+_updates: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], str] = {}
 
 
 def update_sql(table: str, key: str, changes: dict[str, Any]) -> tuple[str, list[Any]]:
     """``UPDATE table SET ... WHERE key = ?`` for a dict of changes, and its values (the key's
     value to be appended by the caller)."""
+    adds: tuple[str, ...] = ()
     if Plus in map(type, changes.values()):
-        names = tuple(f"{c} +" if type(v) is Plus else c for c, v in changes.items())
-    else:
-        names = tuple(changes)
-    sql = _updates.get((table, key, *names))
+        adds = tuple(c for c, v in changes.items() if type(v) is Plus)
+    cache_key = (table, key, tuple(changes), adds)
+    sql = _updates.get(cache_key)
     if sql is None:
-        assigns = ", ".join(f"{c.removesuffix(' +')} = {c} ?" if c.endswith(" +") else f"{c} = ?"
-                            for c in names)
-        sql = _updates[(table, key, *names)] = f"UPDATE {table} SET {assigns} WHERE {key} = ?"
+        assigns = ", ".join(f"{c} = {c} + ?" if c in adds else f"{c} = ?" for c in changes)
+        sql = _updates[cache_key] = f"UPDATE {table} SET {assigns} WHERE {key} = ?"
     return sql, list(changes.values())
 
 
