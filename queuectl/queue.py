@@ -73,6 +73,8 @@ def parse_spec(text: str, where: str = "") -> JobSpec:
 def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
     if not spec.command.strip():
         raise InvalidInput(f"invalid job{where}: command is empty")
+    if "\0" in spec.command:  # no shell can be given one: exec would refuse it every time
+        raise InvalidInput(f"invalid job{where}: command contains a NUL character")
     if spec.run_at is not None and spec.delay is not None:
         raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
     if spec.run_at is not None:

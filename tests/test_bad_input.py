@@ -43,6 +43,7 @@ CASES: dict[str, Case] = {
     "json-missing-command": Case(["enqueue", '{"id":"job1"}'], "command"),
     "json-empty-command": Case(["enqueue", '{"command":""}'], "command is empty"),
     "json-whitespace-command": Case(["enqueue", '{"command":" \\t "}'], "command is empty"),
+    "json-nul-in-command": Case(["enqueue", '{"command":"echo a\\u0000b"}'], "NUL character"),
     "json-command-not-string": Case(["enqueue", '{"command":5}'], "command"),
     "json-unknown-field": Case(["enqueue", '{"command":"ls","priority_x":1}'], "priority_x"),
     "json-negative-max-retries": Case(
