@@ -300,10 +300,17 @@ def run_command(
 
     ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
     returns True the group is killed at once. On timeout the group gets SIGTERM, then
-    SIGKILL after a grace. ``env`` defaults to the worker's own environment.
+    SIGKILL after a grace. ``env`` defaults to the worker's own environment. A shell that
+    cannot be started (a command over the kernel's 128 KiB argument limit, no processes
+    left) is a run that failed with status 126, not the worker's end.
     """
     start = time.monotonic()
-    pid, fd = _spawn(command, os.environ if env is None else env)
+    try:
+        pid, fd = _spawn(command, os.environ if env is None else env)
+    except OSError as exc:
+        why = f"queuectl: cannot start sh: {exc.strerror or exc}"
+        return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
+                         output=why[-output_limit:] if output_limit else "", truncated=False)
     tail = bytearray()
     total = 0
     poller = select.poll()

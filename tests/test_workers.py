@@ -233,6 +233,19 @@ def test_exit_code_error_and_output_are_recorded(run, conn):
     assert "127" in jobs[missing]["last_error"]
 
 
+def test_command_too_long_to_start_fails_the_run_not_the_worker(run, conn):
+    # Linux refuses exec of any single argument over 128 KiB (E2BIG): sh never starts.
+    huge, after = enqueue(run, "true " + "x" * 200_000, "echo after", max_retries="0")
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "--burst"))
+    assert code == 0, err  # the worker went on to the next job and stopped as usual
+    (failed,) = bodies(conn, "failed", huge)
+    assert failed["exit_code"] == 126
+    assert "cannot start sh" in failed["output"] and "too long" in failed["output"]
+    assert state(conn, huge) == "dead"
+    assert state(conn, after) == "completed"
+
+
 def test_completed_run_records_its_output(run, conn):
     (job,) = enqueue(run, "echo hello from the job")
     with processes() as procs:
