@@ -55,8 +55,18 @@ def _table(
             width = max(len(name), 12) if name in wide else None
             table.add_column(name, overflow="fold", min_width=width)
     for row in rows:
-        table.add_row(*(Text(safe(str(cell))) for cell in row))
+        table.add_row(*(Text(_cut(safe(str(cell)))) for cell in row))
     _console().print(table)
+
+
+LONGEST_CELL = 300  # characters of one table cell; `show ID` and --json give the whole text
+
+
+def _cut(text: str) -> str:
+    """A cell no longer than LONGEST_CELL: a 200 KB command must not flood a listing."""
+    if len(text) <= LONGEST_CELL:
+        return text
+    return f"{text[:LONGEST_CELL - 1]}… ({len(text) - LONGEST_CELL + 1:,} more characters)"
 
 
 # -- jobs ---------------------------------------------------------------------------------

@@ -339,6 +339,16 @@ def test_list_table(run):
     assert row2.split()[:5] == ["j2", "pending", "0/6", "sleep", "2"]
 
 
+def test_list_cuts_a_huge_command_that_show_and_json_give_whole(run):
+    command = "echo " + "y" * 50_000
+    ok(run("enqueue", "-c", command, "--id", "huge"))
+    listing = ok(run("list"))
+    assert len(listing) < 2_000
+    assert "…(49,706morecharacters)" in "".join(listing.split())  # 50,005 - 299, unwrapped
+    assert jobs_json(run)[0]["command"] == command
+    assert "".join(command.split()) in "".join(ok(run("show", "huge")).split())
+
+
 def test_list_table_filtered_and_empty(run):
     assert ok(run("list")) == "Jobs: no jobs\n"
     ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
