@@ -246,6 +246,21 @@ def test_command_too_long_to_start_fails_the_run_not_the_worker(run, conn):
     assert state(conn, after) == "completed"
 
 
+def test_job_shell_leads_its_own_session_with_default_signals(run, conn):
+    # The worker (Python) ignores SIGPIPE and SIGXFSZ; a job must start with the defaults,
+    # as its own session and process group leader, reading nothing from the worker.
+    (job,) = enqueue(run, "cat /proc/$$/stat; grep SigIgn /proc/$$/status; echo pid=$$; cat")
+    with processes() as procs:
+        code, _, err = finish(worker(procs, "--burst"))
+    assert code == 0, err
+    (done,) = bodies(conn, "completed", job)
+    stat, ignored, pid = done["output"].splitlines()
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session
+    assert fields[2] == fields[3] == pid.removeprefix("pid=")
+    mask = int(ignored.split()[1], 16)
+    assert not mask & (1 << (signal.SIGPIPE - 1)) and not mask & (1 << (signal.SIGXFSZ - 1))
+
+
 def test_completed_run_records_its_output(run, conn):
     (job,) = enqueue(run, "echo hello from the job")
     with processes() as procs:
