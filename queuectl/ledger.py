@@ -50,6 +50,13 @@ LEDGER_DDL = (
     )""",
 )
 
+# A worker's commit dirties about 16 pages (the ledger row and its indexes, the job, its run
+# and their indexes, the worker, the counts); the WAL writes and checksums each whole page.
+# 2 KiB pages cut the ledger cycle from 146 to 130 us a job; 1 KiB pages cut it further but
+# slow a 1M-job replay by 16% (deeper trees), and 8 KiB pages cost 24%. Databases created
+# before keep their page size: SQLite cannot change it in WAL mode.
+PAGE_SIZE = 2048
+
 _INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
 
@@ -126,6 +133,8 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables - {"events", "projection_meta"} or (tables and "events" not in tables):
             raise StoreError(f"{path} is not a queuectl database") from exc
+        if not tables:  # a page size holds only if set before the first table
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         with write(conn):
             for statement in LEDGER_DDL:
                 conn.execute(statement)

@@ -692,7 +692,9 @@ def _cache_key(jobs: int) -> str:
 
     versions = repr([(p.NAME, p.VERSION) for p in REGISTRY])
     digest = hashlib.sha256()
-    for part in (CACHE_FORMAT, inspect.getsource(ev), repr(ledger.LEDGER_DDL), versions):
+    page_size = repr(getattr(ledger, "PAGE_SIZE", None))  # fixed when a database is made
+    for part in (CACHE_FORMAT, inspect.getsource(ev), repr(ledger.LEDGER_DDL), versions,
+                 page_size):
         digest.update(part.encode())
     return f"ledger-{jobs}-{digest.hexdigest()[:12]}.db"
 
