@@ -288,6 +288,10 @@ _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, back
 _READY = f"""SELECT {_CLAIM_FIELDS}, run_at FROM jobs INDEXED BY jobs_ready
     WHERE {CLAIMABLE} AND run_at <= ?
     ORDER BY priority DESC, seq LIMIT 1"""
+# The same, for a worker: nothing for one declared lost (no live worker would ever take its
+# job back) or asked to stop. One statement; SQLite looks at the worker once, not per job.
+_READY_FOR = _READY.replace("ORDER BY", """AND NOT EXISTS (SELECT 1 FROM workers
+        WHERE id = ? AND (state != 'active' OR stop_requested)) ORDER BY""")
 
 
 def worker_started(conn: sqlite3.Connection, worker_id: str, pid: int, host: str) -> None:
@@ -327,14 +331,7 @@ def claim(conn: sqlite3.Connection, worker_id: str) -> Claim | None:
 
 
 def _claim(tx: sqlite3.Connection, worker_id: str, now: str) -> Claim | None:
-    # A worker declared lost gets nothing (no live worker would ever take it back), nor does
-    # one asked to stop.
-    worker = tx.execute(
-        "SELECT state, stop_requested FROM workers WHERE id = ?", (worker_id,)
-    ).fetchone()
-    if worker is not None and (worker[0] != "active" or worker[1]):
-        return None
-    row = tx.execute(_READY, (now,)).fetchone()
+    row = tx.execute(_READY_FOR, (now, worker_id)).fetchone()
     if row is None:
         return None
     job = Claim(*row[:-1])
@@ -397,6 +394,12 @@ def finish(conn: sqlite3.Connection, job: Claim, result: ev.Event) -> list[ev.Ev
     return finish_and_claim(conn, job, result, None)[0]
 
 
+# Whether the worker still holds the job, and (for a completion) whether any job depends
+# on it: most jobs have no dependents, and then finding the ones it unblocks is skipped.
+_HELD = """SELECT state, worker_id, attempts, cancel_requested,
+    EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) FROM jobs WHERE id = ?"""
+
+
 def finish_and_claim(
     conn: sqlite3.Connection, job: Claim, result: ev.Event, worker_id: str | None
 ) -> tuple[list[ev.Event], Claim | None]:
@@ -404,10 +407,7 @@ def finish_and_claim(
     same transaction: one commit per job instead of two on a busy queue."""
     at = clock.now()
     with write(conn):
-        row = conn.execute(
-            "SELECT state, worker_id, attempts, cancel_requested FROM jobs WHERE id = ?",
-            (job.job_id,),
-        ).fetchone()
+        row = conn.execute(_HELD, (job.job_id,)).fetchone()
         events: list[ev.Event] = []
         if row and row[:3] == ("processing", result.worker_id, job.attempt):  # type: ignore[union-attr]
             events.append(result)
@@ -418,7 +418,7 @@ def finish_and_claim(
             elif isinstance(result, ev.Failed | ev.TimedOut):
                 reason = result.error if isinstance(result, ev.Failed) else "timed out"
                 events.append(retry_or_dead(job, at, reason))
-            elif isinstance(result, ev.Completed):
+            elif isinstance(result, ev.Completed) and row[4]:
                 events += _unblocked_by(conn, job.job_id)
             elif isinstance(result, ev.Cancelled):
                 events += _cancel_dependents(conn, job.job_id)
