@@ -3,6 +3,7 @@ be thrown away and rebuilt, and the queue decisions that sit on top of them."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections import Counter
@@ -222,6 +223,31 @@ def test_check_is_clean_then_names_altered_row(conn):
 
 
 # -- queue decisions ------------------------------------------------------------------------
+
+
+def test_made_ids_sort_in_the_order_they_were_made():
+    ids = [queue.new_id() for _ in range(150_000)]  # over 65,536: the counter carries
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[a-z2-7]{8}", i) for i in ids[:: 997])
+
+
+def test_a_made_id_that_clashes_is_drawn_again_from_a_new_start(conn, monkeypatch):
+    _add(conn, "aaaaaaaa")
+    made = iter(["aaaaaaaa", "bbbbbbbb"])  # one clashes with the table, one with the request
+    real = queue.new_id
+    reseeds = []
+
+    def clashing(reseed: bool = False) -> str:
+        reseeds.append(reseed)
+        return real(reseed) if reseed else next(made)
+
+    monkeypatch.setattr(queue, "new_id", clashing)
+    ids = queue.enqueue(conn, [queue.JobSpec(command="true"), queue.JobSpec(command="true"),
+                               queue.JobSpec(command="true", id="bbbbbbbb")])
+    assert ids[2] == "bbbbbbbb" and len(set(ids)) == 3 and "aaaaaaaa" not in ids
+    assert reseeds.count(True) == 2  # each clash drew from a new random start
+    assert {r[0] for r in conn.execute("SELECT id FROM jobs")} == {"aaaaaaaa", *ids}
 
 
 def test_claim_takes_oldest_first(conn):
