@@ -8,6 +8,8 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +19,9 @@ from pathlib import Path
 
 import pytest
 from conftest import events_of, spawn, wait_for
+
+from queuectl import ledger, queue
+from queuectl import worker as worker_module
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
 
@@ -414,6 +419,40 @@ def test_idle_worker_picks_up_new_job_at_once(run, conn):
         proc.send_signal(signal.SIGTERM)
         code, _, err = finish(proc, timeout=20)
         assert code == 0, err
+
+
+# -- the waker ------------------------------------------------------------------------------
+
+
+def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, monkeypatch):
+    monkeypatch.setattr(worker_module, "WATCH_AFTER", 0.2)
+    waker = worker_module.Waker(db)
+    try:
+        waker.wait(waker.generation, 0.05)  # a short wait, as at the end of a burst
+        assert not waker.watching
+
+        waited = time.monotonic()
+        while not waker.watching and time.monotonic() - waited < WAIT:
+            waker.wait(waker.generation, 0.05)
+        assert waker.watching or sys.platform != "linux"
+        assert time.monotonic() - waited >= 0.2 - 0.06
+
+        # Watching or not, a commit by another connection wakes a waiting worker.
+        def commit() -> None:
+            other = ledger.connect(db)
+            queue.enqueue(other, [queue.JobSpec(command="true")])
+            other.close()
+
+        seen = waker.generation
+        later = threading.Timer(0.1, commit)
+        later.start()
+        sent = time.monotonic()
+        waker.wait(seen, 10.0)
+        later.join()
+        assert waker.generation != seen
+        assert time.monotonic() - sent < 5.0
+    finally:
+        waker.close()
 
 
 # -- signals --------------------------------------------------------------------------------
