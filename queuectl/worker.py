@@ -30,7 +30,7 @@ from queuectl.render import safe
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker (without inotify)
 LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a short window
 WATCH_AFTER = 1.0  # seconds of workers waiting before the waker sets up inotify
-CHECKPOINT_EVERY = 1.0  # seconds between the waker's WAL checkpoints
+CHECKPOINT_EVERY = 0.25  # seconds between the waker's WAL checkpoints
 WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
 WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
 T = TypeVar("T")
@@ -157,10 +157,19 @@ class Waker:
         poller.register(self._watch_fd.fd, select.POLLIN)
 
     def _checkpoint(self) -> None:
-        """Workers turn automatic checkpoints off (they ran inside a worker's COMMIT, holding
-        the write lock while pages were copied and synced); this thread copies the WAL into
-        the database instead, beside the workers, not in their way."""
+        """Copy the WAL into the database, all of it, so that the next commit writes the WAL
+        from its start again.
+
+        Workers turn automatic checkpoints off (they ran inside a worker's COMMIT, holding
+        the write lock while pages were copied and synced). This thread copies beside the
+        workers, then what they committed meanwhile while holding the process lock (about
+        2 ms in 250). A checkpoint that never catches up cannot restart the WAL: under busy
+        workers it grew by some 50 MB a second, and the last close had to checkpoint and
+        delete it all (about 40 ms).
+        """
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with ledger.PROCESS_LOCK:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _until_wanted(self, deadline: float) -> None:
         """Sleep while no worker waits, until ``deadline`` at the latest (the checkpoint).

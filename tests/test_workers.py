@@ -455,6 +455,30 @@ def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, m
         waker.close()
 
 
+def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
+    """The waker's checkpoints catch up with busy workers, so the WAL starts over instead of
+    growing by every page that every job writes."""
+    n = 600
+    queue.enqueue(conn, [queue.JobSpec(command="true") for _ in range(n)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    monkeypatch.setattr(worker_module, "CHECKPOINT_EVERY", 0.02)
+    wal_at_close = []
+    close = worker_module.Waker.close
+
+    def measured_close(self: worker_module.Waker) -> None:
+        wal_at_close.append(Path(f"{db}-wal").stat().st_size)
+        close(self)
+
+    monkeypatch.setattr(worker_module.Waker, "close", measured_close)
+    options = worker_module.Options(concurrency=2, burst=True)
+    assert worker_module.run_workers(db, options, echo=lambda text: None) == []
+
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'completed'").fetchone() == (n,)
+    # Each job's commit writes some 16 pages; a WAL never started over would hold them all.
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert 0 < wal_at_close[0] < n * 4 * page, wal_at_close
+
+
 # -- signals --------------------------------------------------------------------------------
 
 
