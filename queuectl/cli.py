@@ -6,6 +6,7 @@ that need them, so ``queuectl enqueue`` stays quick.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -51,7 +52,10 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _db(ctx: click.Context, durable: bool = True) -> sqlite3.Connection:
-    return ledger.connect(ctx.obj["db"], durable=durable)
+    """A connection for this command, closed when the command ends (see ``main``)."""
+    conn = ledger.connect(ctx.obj["db"], durable=durable)
+    ctx.call_on_close(conn.close)
+    return conn
 
 
 def _json(data: Any) -> None:
@@ -455,4 +459,26 @@ def rebuild(ctx: click.Context, check: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="queuectl")
+    """The ``queuectl`` program: run the command, then leave without tearing Python down.
+
+    Freeing every module and object one by one took 10-14 ms after each command, longer
+    than ``enqueue`` or a burst worker's own closing. Like mypy's command line, this one
+    flushes its output and ends the process instead. Nothing is left to tear down by then:
+    each command's connections are closed as it ends (``_db``), and workers close theirs.
+    """
+    try:
+        cli(prog_name="queuectl")
+    except SystemExit as exc:
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        code = exc.code or 0
+    else:
+        code = 0
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # `list | head`, stderr closed (see invoke)
+            pass
+        except OSError:  # a full disk, say: the output is incomplete
+            code = code or 1
+    os._exit(code)

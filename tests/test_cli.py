@@ -633,6 +633,30 @@ def test_python_m_queuectl_help(tmp_path):
     assert not Path(tmp_path / "data").exists()  # --help touches no database
 
 
+def test_the_program_keeps_its_output_exit_code_and_tidy_database(db):
+    """``queuectl`` ends its process without tearing Python down (``cli.main``): what it
+    printed still arrives whole through a pipe, the exit code is the command's, and its
+    connection was closed first (the last close checkpoints and removes the WAL)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def program(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(queuectl_cmd(*args), capture_output=True, text=True, timeout=30,
+                              env=env)
+
+    added = program("enqueue", "-c", "echo hi", "--id", "j1")
+    assert (added.returncode, added.stdout, added.stderr) == (
+        0, "Job added successfully with ID: j1\n", "")
+    assert not Path(f"{db}-wal").exists()
+    listed = program("list", "--json")
+    assert [j["command"] for j in json.loads(listed.stdout)] == ["echo hi"]
+    missing = program("show", "nosuch")
+    assert (missing.returncode, missing.stdout, missing.stderr) == (
+        1, "", "Error: Job 'nosuch' not found\n")
+    misused = program("list", "--state", "bogus")
+    assert misused.returncode == 2
+    assert misused.stderr.startswith("Error: ") and misused.stderr.count("\n") == 1
+
+
 def test_flags_beside_a_file_apply_to_every_job(run, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"command":"echo a"}\n{"command":"echo b","priority":1}\n')
