@@ -31,6 +31,9 @@ class QueuectlGroup(click.Group):
         except BrokenPipeError:
             sys.stderr.close()  # `queuectl list | head`: not an error worth a traceback
             raise click.exceptions.Exit(0) from None
+        except OSError as exc:  # e.g. output to a full disk
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:

@@ -657,6 +657,16 @@ def test_the_program_keeps_its_output_exit_code_and_tidy_database(db):
     assert misused.stderr.startswith("Error: ") and misused.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_one_line_on_stderr(run):
+    ok(run("enqueue", "-c", "true", "--id", "j1"))
+    for args in (("status",), ("list", "--json")):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(queuectl_cmd(*args), stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=30)
+        assert (result.returncode, result.stderr) == (1, "Error: No space left on device\n")
+
+
 def test_flags_beside_a_file_apply_to_every_job(run, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"command":"echo a"}\n{"command":"echo b","priority":1}\n')
