@@ -477,6 +477,8 @@ def main() -> None:
         code = exc.code or 0
     else:
         code = 0
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        sys.exit(code)  # coverage or a profiler is watching: it writes its report at exit
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

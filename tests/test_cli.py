@@ -12,6 +12,7 @@ import re
 import sqlite3
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -655,6 +656,14 @@ def test_the_program_keeps_its_output_exit_code_and_tidy_database(db):
     misused = program("list", "--state", "bogus")
     assert misused.returncode == 2
     assert misused.stderr.startswith("Error: ") and misused.stderr.count("\n") == 1
+
+
+def test_a_profiler_still_gets_its_report(db):
+    """The quick exit gives way when a tracer or profiler is on (it reports at exit)."""
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-m", "queuectl", "status"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "function calls" in result.stdout
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
