@@ -462,6 +462,7 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     queue.enqueue(conn, [queue.JobSpec(command="true") for _ in range(n)])
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     monkeypatch.setattr(worker_module, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(worker_module, "LOCKED_SHARE", 0.5)  # each checkpoint ends locked
     wal_at_close = []
     close = worker_module.Waker.close
 
@@ -477,6 +478,49 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     # Each job's commit writes some 16 pages; a WAL never started over would hold them all.
     page = conn.execute("PRAGMA page_size").fetchone()[0]
     assert 0 < wal_at_close[0] < n * 4 * page, wal_at_close
+
+
+def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn, db,
+                                                                          monkeypatch):
+    monkeypatch.setattr(worker_module, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
+    monkeypatch.setattr(worker_module, "LOCKED_SHARE", 0.01)
+    taken = []
+
+    class CountingLock:
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+            taken.append(threading.current_thread().name)
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    class SlowSync:
+        """A connection whose checkpoints take 50 ms, as on a disk that syncs slowly."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            if "checkpoint" in sql:
+                time.sleep(0.05)
+            return self.conn.execute(sql)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    monkeypatch.setattr(ledger, "PROCESS_LOCK", CountingLock())
+    waker = worker_module.Waker(db)
+    try:
+        waker._conn = SlowSync(waker._conn)  # type: ignore[assignment]
+        waker._checkpoint()
+        assert len(taken) == 1  # the first pass is locked...
+        waker._checkpoint()
+        assert len(taken) == 1  # ...the next not before 50 ms / 1% = 5 s later
+    finally:
+        waker.close()
 
 
 # -- signals --------------------------------------------------------------------------------
