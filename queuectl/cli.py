@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from queuectl import ledger, queue, settings
-from queuectl.errors import QueueError
+from queuectl import ledger, limits, queue, settings
+from queuectl.errors import InvalidInput, QueueError
 
 
 class QueuectlGroup(click.Group):
@@ -35,11 +36,18 @@ class QueuectlGroup(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(  # type: ignore[override]
+        self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+            return super().main(args, prog_name, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+            _refuse_undecodable(args)
+            code = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except QueueError as exc:
+            _fail(str(exc), 1)
         except click.UsageError as exc:
             _fail(exc.format_message(), exc.exit_code)
         except click.ClickException as exc:
@@ -49,14 +57,56 @@ class QueuectlGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _refuse_undecodable(args: list[str]) -> None:
+    """Every argument must be UTF-8 text: the ledger stores JSON, which holds nothing else,
+    and a command that cannot be stored exactly must not be stored at all."""
+    for n, arg in enumerate(args, 1):
+        if not _is_text(arg):
+            raise InvalidInput(f"argument {n} is not valid UTF-8: {_shown(arg)}")
+    db = os.environ.get("QUEUECTL_DB")
+    if db and not _is_text(db):
+        raise InvalidInput(f"QUEUECTL_DB is not valid UTF-8: {_shown(db)}")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # Python read bytes that are not UTF-8 as lone surrogates
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """Text with the bytes that are not UTF-8 written as ``\\xe9``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Number(click.ParamType):
+    """A number from the command line, held to its range in ``limits`` (finite always)."""
+
+    def __init__(self, bound: str) -> None:
+        self.bound = bound
+        self.name = "integer" if limits.BOUNDS[bound].integer else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            value = str(value)
+        try:
+            return limits.parse(self.bound, value)
+        except QueueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    click.echo(f"Error: {' '.join(_shown(message).split())}", err=True)
     sys.exit(code)
 
 
-def _db(ctx: click.Context, durable: bool = True) -> sqlite3.Connection:
-    """A connection for this command, closed when the command ends (see ``main``)."""
-    conn = ledger.connect(ctx.obj["db"], durable=durable)
+def _db(ctx: click.Context, create: bool = False) -> sqlite3.Connection:
+    """A connection for this command, closed when the command ends (see ``main``). Only
+    commands that record something new pass ``create``: a read of a database that does
+    not exist (a typo in ``--db``) is an error, not a new empty queue."""
+    conn = ledger.connect(ctx.obj["db"], create=create)
     ctx.call_on_close(conn.close)
     return conn
 
@@ -87,6 +137,8 @@ def cli(ctx: click.Context, db: Path) -> None:
         queuectl worker --burst -v
         queuectl history <job-id>
     """
+    for variable, bound in (("QUEUECTL_LOCK_TIMEOUT", "lock_timeout"), ("COLUMNS", "columns")):
+        limits.from_env(variable, bound, 0)  # a bad value is one line now, not a traceback later
     ctx.obj = {"db": db}
 
 
@@ -110,7 +162,7 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
     Example:
         queuectl config set max-retries 5
     """
-    stored = queue.set_config(_db(ctx), key, value)
+    stored = queue.set_config(_db(ctx, create=True), key, value)
     click.echo(f"Configuration updated: {key} = {stored}")
     click.echo(settings.SETTINGS[key].updated(stored))
 
@@ -125,7 +177,7 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
     if key:
         values = {key: values[key]}
     if as_json:
-        return _json({name: settings.typed(value) for name, value in values.items()})
+        return _json({name: settings.typed(name, value) for name, value in values.items()})
     click.echo("===== CONFIGURATION =====")
     for name, value in values.items():
         click.echo(f"{name} = {value}")
@@ -140,17 +192,17 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.argument("job_json", required=False, metavar="[JSON]")
 @click.option("-c", "--command", help="Shell command to run (as sh -c COMMAND).")
 @click.option("--id", "job_id", help="Job id (default: 8 random characters).")
-@click.option("--max-retries", type=click.IntRange(min=0), help="Retries after the first run.")
-@click.option("--backoff-base", type=click.FloatRange(min=1),
+@click.option("--max-retries", type=Number("max_retries"), help="Retries after the first run.")
+@click.option("--backoff-base", type=Number("backoff_base"),
               help="This job's retry delays: base**k seconds.")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds before the job is killed.")
-@click.option("-p", "--priority", type=int, help="Higher runs first (default 0).")
-@click.option("--delay", type=click.FloatRange(min=0), help="Seconds from now before it may run.")
+@click.option("--timeout", type=Number("timeout"), help="Seconds before the job is killed.")
+@click.option("-p", "--priority", type=Number("priority"), help="Higher runs first (default 0).")
+@click.option("--delay", type=Number("delay"), help="Seconds from now before it may run.")
 @click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
 @click.option("--after", multiple=True, metavar="ID",
               help="Run only after job ID completed (repeatable).")
 @click.option(
-    "-f", "--file", "jobs_file", type=click.File("r"),
+    "-f", "--file", "jobs_file", type=click.File("rb"),
     help="JSON lines, one job per line ('-' for stdin).",
 )
 @click.pass_context
@@ -180,9 +232,9 @@ def enqueue(
         raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
     if jobs_file is not None:
         specs = [
-            queue.parse_spec(line, f" on line {n}")
-            for n, line in enumerate(jobs_file, 1)
-            if line.strip()
+            queue.parse_spec(text, f" on line {n}")
+            for n, text in _lines(jobs_file)
+            if text.strip()
         ]
         if not specs:
             raise click.UsageError("the file has no jobs")
@@ -194,11 +246,23 @@ def enqueue(
         specs = [_override(queue.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [queue.check_spec(queue.JobSpec(command=command or "", id=job_id, **flags))]
-    ids = queue.enqueue(_db(ctx), specs)
+    ids = queue.enqueue(_db(ctx, create=True), specs)
     if len(ids) == 1 and jobs_file is None:
         click.echo(f"Job added successfully with ID: {ids[0]}")
     else:
         click.echo(f"{len(ids)} job{'s' if len(ids) != 1 else ''} added successfully.")
+
+
+def _lines(stream: Any) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a file of JSON lines, each strictly UTF-8 (a byte-order mark
+    before the first is allowed)."""
+    for n, raw in enumerate(stream, 1):
+        try:
+            yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"line {n} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                f"{exc.start + 1}); queuectl reads job files as UTF-8") from None
 
 
 def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:
@@ -216,7 +280,7 @@ def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:
 
 @cli.command("list")
 @click.option("-s", "--state", type=click.Choice(queue.STATES), help="Only jobs in this state.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N jobs (oldest first).")
+@click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
 def list_(ctx: click.Context, state: str | None, limit: int | None, as_json: bool) -> None:
@@ -287,7 +351,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("job_id", metavar="ID")
-@click.option("--attempt", type=click.IntRange(min=1), help="Only this attempt.")
+@click.option("--attempt", type=Number("attempt"), help="Only this attempt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
 @click.pass_context
 def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) -> None:
@@ -370,13 +434,13 @@ def worker_options(f: Any) -> Any:
     for option in reversed(
         (
             click.option("-v", "--verbose", is_flag=True, help="Log every job's progress."),
-            click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1,
+            click.option("-c", "--concurrency", type=Number("concurrency"), default=1,
                          show_default=True, help="Workers in this process."),
-            click.option("-s", "--poll", type=click.FloatRange(min=0.01), default=3.0,
+            click.option("-s", "--poll", type=Number("poll"), default=3.0,
                          show_default=True,
                          help="Seconds between checks when idle (new jobs wake workers "
                               "at once anyway)."),
-            click.option("-l", "--limit", type=click.IntRange(min=0), default=0,
+            click.option("-l", "--limit", type=Number("jobs_per_worker"), default=0,
                          help="Jobs per worker before it exits (0 = no limit)."),
             click.option("--burst", is_flag=True,
                          help="Exit once nothing is pending, running or waiting to retry."),
@@ -419,7 +483,7 @@ def worker_stop(ctx: click.Context) -> None:
 
 
 def _stop(ctx: click.Context) -> None:
-    queue.request_stop(_db(ctx))
+    queue.request_stop(_db(ctx, create=True))
     click.echo("Stop signal sent to all workers.")
 
 

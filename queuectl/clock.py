@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+# The times a job may name (``--run-at``): before 1970 is no one's schedule, and after
+# 9999 ISO-8601 needs a fifth digit, which would sort wrong.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-27T10:30:00.000000Z``: always 27 characters (isoformat pads the year to
+    four digits where strftime's ``%Y`` does not), so it round-trips through ``parse``."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def now() -> str:
@@ -23,8 +30,25 @@ def parse(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def within_range(moment: datetime) -> datetime:
+    """``moment`` if it lies between 1970 and 9999 (UTC), else ValueError."""
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 has no UTC time
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError("is outside 1970-01-01 to 9999-12-31 (UTC)")
+    return utc
+
+
 def after(text: str, seconds: float) -> str:
-    return iso(parse(text) + timedelta(seconds=seconds))
+    """The time ``seconds`` after (or before, if negative) ``text``, saturating at the
+    ends of the range instead of overflowing."""
+    start = parse(text)
+    try:
+        return iso(start + timedelta(seconds=seconds))
+    except OverflowError:
+        return iso(LATEST if seconds > 0 else EARLIEST)
 
 
 def seconds_between(start: str, end: str) -> float:

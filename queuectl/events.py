@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from queuectl.errors import InvalidInput
+
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
     """Base of all events; ``job_id``/``worker_id`` are lifted into ledger columns."""
@@ -202,7 +204,19 @@ _decoder = msgspec.json.Decoder(Event)
 
 
 def encode(event: _Event) -> str:
-    return _encoder.encode(event).decode()
+    """The event's ledger body. Refuses (InvalidInput) an event that would not decode back
+    to an equal event: a non-finite float becomes ``null``, which no reader could ever
+    decode again, and the ledger is append-only."""
+    try:
+        body = _encoder.encode(event)
+        same = _decoder.decode(body) == event
+    except (msgspec.MsgspecError, UnicodeEncodeError, OverflowError) as exc:
+        raise InvalidInput(f"refused an event ({event.type}) that cannot be stored: {exc}") from exc
+    if not same:
+        raise InvalidInput(
+            f"refused an event ({event.type}) that would not read back as written: "
+            f"{body.decode(errors='replace')[:200]}")
+    return body.decode()
 
 
 # The decoder's own method, not a wrapper: a replay calls it once per event.

@@ -20,7 +20,7 @@ from types import ModuleType
 import msgspec
 
 from projections import REGISTRY, appliers
-from queuectl import clock
+from queuectl import clock, limits
 from queuectl.errors import CorruptLedger, StoreError
 from queuectl.events import TAGS, Event, decode, encode
 
@@ -40,6 +40,11 @@ LEDGER_DDL = (
         BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    # INSERT OR REPLACE deletes the row it replaces without firing the DELETE trigger
+    # (recursive_triggers is off by default in every client), so refuse the insert itself.
+    """CREATE TRIGGER IF NOT EXISTS events_no_replace BEFORE INSERT ON events
+        WHEN EXISTS (SELECT 1 FROM events WHERE seq = NEW.seq)
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
     # What each projection was last built from: its code version and the ledger seq its
     # replay reached. Live appends keep every projection at the ledger's head in the same
     # transaction, so position is not rewritten on each append (a page per commit saved).
@@ -49,6 +54,10 @@ LEDGER_DDL = (
         position INTEGER NOT NULL
     )""",
 )
+
+# The ledger's own schema (the events table and its triggers), in ``PRAGMA user_version``;
+# an older database gets what was added since when it is next opened.
+LEDGER_VERSION = 1
 
 # A worker's commit dirties about 16 pages (the ledger row and its indexes, the job, its run
 # and their indexes, the worker, the counts); the WAL writes and checksums each whole page.
@@ -63,7 +72,7 @@ _INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?,
 
 def lock_timeout() -> float:
     """Seconds a writer waits for the write lock, in all, before it gives up."""
-    return float(os.environ.get("QUEUECTL_LOCK_TIMEOUT", "30"))
+    return limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
 
 
 # -- opening ------------------------------------------------------------------------------
@@ -73,14 +82,25 @@ def default_path() -> Path:
     return Path(os.environ.get("QUEUECTL_DB") or Path("data") / "queue.db")
 
 
-def _prepare_file(path: Path) -> None:
-    """Create the data directory (0700) and the database file (0600) on first use."""
+def _prepare_file(path: Path, create: bool) -> None:
+    """Create the data directories (0700) and the database file (0600) on first use; a
+    command that only reads refuses a database that does not exist."""
+    if str(path) == ":memory:":
+        raise StoreError("an in-memory database (:memory:) would lose every job when the "
+                         "command ends; give a file path")
+    if not path.exists() and not create:
+        raise StoreError(f"no queuectl database at {path} (commands that write, such as "
+                         "enqueue, create it)")
     directory = path.parent
     if not directory.exists():
-        try:
-            directory.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create data directory {directory}: {exc.strerror}") from exc
+        missing = [p for p in (directory, *directory.parents) if not p.exists()]
+        for part in reversed(missing):  # each new directory 0700, not only the last
+            try:
+                part.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create data directory {part}: {exc.strerror}") from exc
     if not path.exists():
         try:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -92,16 +112,17 @@ def _prepare_file(path: Path) -> None:
         raise StoreError(f"database {path} is not writable (check its directory's permissions)")
 
 
-def connect(path: str | Path | None = None, *, durable: bool = True) -> sqlite3.Connection:
-    """Open (creating on first use) a queuectl database and bring its projections up to date.
+def connect(
+    path: str | Path | None = None, *, durable: bool = True, create: bool = True
+) -> sqlite3.Connection:
+    """Open a queuectl database (creating it first when ``create``) and bring its schema and
+    projections up to date.
 
     ``durable`` picks ``synchronous=FULL``: an acknowledged write survives power loss.
     Workers pass ``durable=False`` (NORMAL): a lost completion only means a job runs again.
     """
     path = Path(path) if path is not None else default_path()
-    memory = str(path) == ":memory:"
-    if not memory:
-        _prepare_file(path)
+    _prepare_file(path, create)
     # SQLite's busy handler does the waiting; _retry_locked covers the SQLITE_BUSY cases
     # where SQLite returns at once instead of waiting (e.g. during WAL recovery).
     conn = sqlite3.connect(
@@ -111,7 +132,7 @@ def connect(path: str | Path | None = None, *, durable: bool = True) -> sqlite3.
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
         _ensure_schema(conn, path)  # refuses a foreign database before anything is written
-        if not memory and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -138,7 +159,13 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
         with write(conn):
             for statement in LEDGER_DDL:
                 conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
         versions = {}
+    if conn.execute("PRAGMA user_version").fetchone()[0] < LEDGER_VERSION:
+        with write(conn):  # IF NOT EXISTS: another process may have just done it
+            for statement in LEDGER_DDL:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
     stale = [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION]
     if stale:
         with write(conn):

@@ -12,12 +12,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
 from projections.jobs import CLAIMABLE, INDEXED_STATES, WAITING
-from queuectl import clock, settings
+from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, read_events, write
@@ -68,16 +68,17 @@ def new_id(reseed: bool = False) -> str:
 
 
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A job as the user describes it: the ``enqueue`` flags, or one JSON object."""
+    """A job as the user describes it: the ``enqueue`` flags, or one JSON object. Every
+    number is held to its range in ``limits`` while it is decoded."""
 
     command: str
     id: str | None = None
-    max_retries: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    backoff_base: Annotated[float, msgspec.Meta(ge=1)] | None = None
-    timeout: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    priority: int = 0
+    max_retries: limits.MaxRetries | None = None
+    backoff_base: limits.BackoffBase | None = None
+    timeout: limits.Seconds | None = None
+    priority: limits.Priority = 0
     run_at: str | None = None  # ISO-8601; no zone means UTC
-    delay: Annotated[float, msgspec.Meta(ge=0)] | None = None  # seconds from now
+    delay: limits.Seconds | None = None  # seconds from now
     after: list[str] = []
 
 
@@ -102,13 +103,24 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
         raise InvalidInput(f"invalid job{where}: command contains a NUL character")
     if spec.run_at is not None and spec.delay is not None:
         raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
+    for name in ("max_retries", "backoff_base", "timeout", "priority", "delay"):
+        value = getattr(spec, name)  # checked again: flags build a JobSpec without decoding
+        if value is not None:
+            try:
+                limits.check(name, value)
+            except InvalidInput as exc:
+                raise InvalidInput(f"invalid job{where}: {name}: {exc}") from None
     if spec.run_at is not None:
         try:
-            spec.run_at = clock.iso(clock.parse(spec.run_at))
+            moment = clock.parse(spec.run_at)
         except ValueError:
             raise InvalidInput(
                 f"invalid job{where}: run_at {spec.run_at!r} is not an ISO-8601 time"
             ) from None
+        try:
+            spec.run_at = clock.iso(clock.within_range(moment))
+        except ValueError as exc:
+            raise InvalidInput(f"invalid job{where}: run_at {spec.run_at!r} {exc}") from None
     if spec.after:
         spec.after = list(dict.fromkeys(spec.after))
     for dep in spec.after:
@@ -397,7 +409,7 @@ def retry_or_dead(job: Claim, at: str, reason: str) -> ev.Event:
     k = job.attempt
     if k >= 1 + job.max_retries:
         return ev.Dead(job_id=job.job_id, attempts=k, reason=reason)
-    delay = job.backoff_base**k
+    delay = limits.backoff_delay(job.backoff_base, k)
     if job.backoff_max:
         delay = min(delay, job.backoff_max)
     if job.backoff_jitter:
@@ -660,11 +672,11 @@ def parse_since(text: str) -> float:
     number = text[:-1] if unit else text
     try:
         value = float(number) * (unit or 1)
-    except ValueError:
-        raise InvalidInput(f"--since {text!r}: expected a duration like 90s, 15m, 2h or 1d") from None
-    if value <= 0:
-        raise InvalidInput(f"--since {text!r}: the duration must be positive")
-    return value
+        return limits.check("since", value)
+    except (ValueError, InvalidInput):
+        raise InvalidInput(
+            f"--since {text!r}: expected a duration like 90s, 15m, 2h or 1d, from 1ms to "
+            "100 years") from None
 
 
 def _percentile(conn: sqlite3.Connection, column: str, where: str, params: tuple[Any, ...],

@@ -28,13 +28,15 @@ def to_json(data: Any) -> str:
 
 
 def _console():  # type: ignore[no-untyped-def]
-    import os
     import sys
 
     from rich.console import Console
 
-    # On a terminal rich fits its width; piped output gets room for every column.
-    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 120)
+    from queuectl.limits import from_env
+
+    # COLUMNS wins where set (checked: rich would draw nothing at 0); else a terminal's own
+    # width, and piped output gets room for every column.
+    width = int(from_env("COLUMNS", "columns", 0)) or (None if sys.stdout.isatty() else 120)
     return Console(highlight=False, soft_wrap=False, width=width)
 
 

@@ -6,39 +6,51 @@ shows every key and a better default needs no event.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from queuectl import limits
 from queuectl.errors import InvalidInput
 
 
-def _number(text: str, minimum: float, integer: bool, maximum: float | None = None) -> str:
-    """Validate and return the canonical text of a number: ``2`` not ``2.0``."""
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise InvalidInput(f"expected {kind}, got {text!r}") from None
-    if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
-        raise InvalidInput(f"must be {bound}, got {text}")
-    return str(value) if integer else f"{value:g}"
+def canonical(value: float) -> str:
+    """The text a value is stored as: every digit given kept (``1234567``, ``0.1``), and
+    ``2`` rather than ``2.0``."""
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e16):
+        return str(int(value))
+    return repr(value)
 
 
 def _delays(base: str) -> str:
     b = float(base)
-    return ", ".join(f"{b**k:g}s" for k in range(1, 5)) + "..."
+    return ", ".join(f"{limits.backoff_delay(b, k):g}s" for k in range(1, 5)) + "..."
 
 
 @dataclass(frozen=True)
 class Setting:
     key: str
     default: str
-    parse: Callable[[str], str]
+    bound: str  # its range, in ``limits.BOUNDS``
     explain: Callable[[str], str]  # the line under the value in ``config get``
     updated: Callable[[str], str]  # the line after ``Configuration updated: ...``
+
+    def parse(self, text: str) -> str:
+        return canonical(limits.parse(self.bound, text))
+
+    def stored(self, text: str) -> str:
+        """A stored value as today's bounds read it: one set before a bound existed (or
+        in a ledger written by hand) is brought into range, never refused, so that every
+        command still works."""
+        try:
+            return self.parse(text)
+        except InvalidInput:
+            try:
+                value = float(text)
+            except ValueError:
+                return self.default
+            clamped = limits.clamp(self.bound, value)
+            return canonical(int(clamped) if limits.BOUNDS[self.bound].integer else clamped)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -47,21 +59,21 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "max-retries",
             "3",
-            lambda t: _number(t, 0, integer=True),
+            "max_retries",
             lambda v: "Maximum retry attempts before moving to DLQ",
             lambda v: f"Jobs will retry up to {v} times before moving to DLQ",
         ),
         Setting(
             "backoff-base",
             "2",
-            lambda t: _number(t, 1, integer=False),
+            "backoff_base",
             lambda v: f"Retry delays: {_delays(v)}",
             lambda v: f"Retry delays will be: {_delays(v)}",
         ),
         Setting(
             "backoff-max",
             "0",
-            lambda t: _number(t, 0, integer=False),
+            "backoff_max",
             lambda v: "Longest wait before one retry, in seconds (0 = no cap)",
             lambda v: f"Retry delays will be capped at {v}s" if float(v) else "Retry delays "
             "will not be capped",
@@ -69,14 +81,15 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "backoff-jitter",
             "0",
-            lambda t: _number(t, 0, integer=False, maximum=1),
+            "backoff_jitter",
             lambda v: "Fraction (0..1) by which a retry delay may be randomly shortened",
-            lambda v: f"Each retry delay will be shortened by a random 0-{float(v):.0%}",
+            lambda v: f"Each retry delay will be shortened by a random 0-{float(v) * 100:g}%"
+            if float(v) else "Retry delays will not be shortened",
         ),
         Setting(
             "job-timeout",
             "0",
-            lambda t: _number(t, 0, integer=False),
+            "timeout",
             lambda v: "Seconds a job may run before it is killed (0 = no limit)",
             lambda v: f"New jobs will be killed after {v}s"
             if float(v)
@@ -85,21 +98,21 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "heartbeat-interval",
             "10",
-            lambda t: _number(t, 0.1, integer=False),
+            "heartbeat_interval",
             lambda v: "Seconds between a worker's heartbeats",
             lambda v: f"Workers will send a heartbeat every {v}s",
         ),
         Setting(
             "lease-timeout",
             "30",
-            lambda t: _number(t, 0.5, integer=False),
+            "lease_timeout",
             lambda v: "Seconds without a heartbeat before a worker's job is taken back",
             lambda v: f"Jobs of workers silent for {v}s will be rescued",
         ),
         Setting(
             "output-limit",
             "4",
-            lambda t: _number(t, 0, integer=True, maximum=1024),
+            "output_limit",
             lambda v: "KiB of output (its tail) kept per run",
             lambda v: f"The last {v} KiB of each run's output will be kept",
         ),
@@ -118,14 +131,16 @@ def parse(key: str, text: str) -> str:
         raise InvalidInput(f"invalid value for {key}: {exc}") from None
 
 
-def typed(value: str) -> int | float:
-    """A canonical value as a number, for JSON output."""
-    number = float(value)
-    return int(number) if number.is_integer() and "." not in value else number
+def typed(key: str, value: str) -> int | float:
+    """A canonical value as a number, for JSON output: ``2``, not ``2.0``."""
+    number = float(SETTINGS[key].stored(value))
+    return int(number) if number.is_integer() and abs(number) < 1e16 else number
 
 
 def load(conn: sqlite3.Connection) -> dict[str, str]:
     """Every setting: the stored value where one was set, else the default."""
     values = {key: s.default for key, s in SETTINGS.items()}
-    values.update(conn.execute("SELECT key, value FROM config").fetchall())
+    for key, value in conn.execute("SELECT key, value FROM config").fetchall():
+        if key in SETTINGS:
+            values[key] = SETTINGS[key].stored(value)
     return values

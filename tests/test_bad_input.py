@@ -29,6 +29,15 @@ def _file(text: str) -> Callable[[Path], list[str]]:
     return args
 
 
+def _bytes_file(data: bytes) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        path = tmp / "latin1.jsonl"
+        path.write_bytes(data)
+        return ["enqueue", "--file", str(path)]
+
+    return args
+
+
 GOOD = '{"id":"g1","command":"echo one"}\n'
 GOOD2 = '{"id":"g2","command":"echo two"}\n'
 
@@ -90,7 +99,7 @@ CASES: dict[str, Case] = {
     "history-json-unknown-id": Case(["history", "unknown-id", "--json"], "'unknown-id' not found"),
     # config
     "config-negative-max-retries": Case(
-        ["config", "set", "max-retries", "-1"], "invalid value for max-retries: must be >= 0, got -1"
+        ["config", "set", "max-retries", "-1"], "invalid value for max-retries: expected a whole number from 0 to 1000000, got '-1'"
     ),
     "config-max-retries-not-int": Case(["config", "set", "max-retries", "abc"], "'abc'"),
     "config-max-retries-fraction": Case(["config", "set", "max-retries", "1.5"], "'1.5'"),
@@ -107,6 +116,40 @@ CASES: dict[str, Case] = {
     "worker-zero-poll": Case(["worker", "-s", "0"], "--poll"),
     "worker-negative-limit": Case(["worker", "-l", "-1"], "-1"),
     "unknown-command": Case(["frobnicate"], "frobnicate"),
+    # numbers: every one is finite and in range, wherever it comes from
+    "delay-inf": Case(["enqueue", "-c", "ls", "--delay", "inf"], "--delay"),
+    "delay-nan": Case(["enqueue", "-c", "ls", "--delay", "nan"], "--delay"),
+    "delay-huge": Case(["enqueue", "-c", "ls", "--delay", "1e20"], "--delay"),
+    "timeout-inf": Case(["enqueue", "-c", "ls", "--timeout", "inf"], "--timeout"),
+    "timeout-nan": Case(["enqueue", "-c", "ls", "--timeout", "nan"], "--timeout"),
+    "backoff-inf": Case(["enqueue", "-c", "ls", "--backoff-base", "inf"], "--backoff-base"),
+    "priority-huge": Case(["enqueue", "-c", "ls", "-p", "18446744073709551616"], "--priority"),
+    "max-retries-exponent": Case(["enqueue", "-c", "ls", "--max-retries", "1e20"], "--max-retries"),
+    "json-delay-huge": Case(["enqueue", '{"command":"ls","delay":1e300}'], "$.delay"),
+    "json-timeout-overflow": Case(["enqueue", '{"command":"ls","timeout":1e999}'], "$.timeout"),
+    "json-priority-huge": Case(["enqueue", '{"command":"ls","priority":18446744073709551616}'],
+                               "$.priority"),
+    "run-at-year-1": Case(["enqueue", "-c", "ls", "--run-at", "0001-01-01T00:00:00+01:00"],
+                          "outside 1970-01-01 to 9999-12-31"),
+    "run-at-year-999": Case(["enqueue", "-c", "ls", "--run-at", "0999-06-01T00:00:00"],
+                            "outside 1970-01-01 to 9999-12-31"),
+    "since-nan": Case(["stats", "--since", "nan"], "--since"),
+    "since-inf": Case(["stats", "--since", "inf"], "--since"),
+    "list-huge-limit": Case(["list", "--limit", "100000000000000000000"], "--limit"),
+    "logs-huge-attempt": Case(["logs", "p1", "--attempt", "1e20"], "--attempt"),
+    "worker-nan-poll": Case(["worker", "-s", "nan"], "--poll"),
+    "worker-huge-concurrency": Case(["worker", "-c", "100000"], "--concurrency"),
+    "config-backoff-huge": Case(["config", "set", "backoff-base", "1e100"], "backoff-base"),
+    "config-lease-huge": Case(["config", "set", "lease-timeout", "1e11"], "lease-timeout"),
+    "config-max-retries-huge": Case(["config", "set", "max-retries", "99999999999999999999"],
+                                    "max-retries"),
+    # bytes that are not UTF-8 (Python hands them over as lone surrogates)
+    "command-not-utf8": Case(["enqueue", "-c", "cat caf\udce9.txt"],
+                             "argument 3 is not valid UTF-8: cat caf\\xe9.txt"),
+    "id-not-utf8": Case(["show", "\udcff"], "argument 2 is not valid UTF-8: \\xff"),
+    "json-not-utf8": Case(["enqueue", '{"command":"caf\udce9"}'], "not valid UTF-8"),
+    "file-latin1": Case(_bytes_file(b'{"command":"echo one"}\n{"command":"cat caf\xe9"}\n'),
+                        "line 2 is not valid UTF-8 (byte 0xe9 at column 20)"),
 }
 
 
@@ -262,6 +305,24 @@ def test_unusable_db_is_left_byte_for_byte(run, tmp_path: Path, kind: str) -> No
     result = run("--db", str(path), "list")
     _assert_one_error_line(result, message)
     assert _snapshot(path) == snapshot
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("QUEUECTL_LOCK_TIMEOUT", "abc", "QUEUECTL_LOCK_TIMEOUT: expected a number from 0 to 86400"),
+    ("QUEUECTL_LOCK_TIMEOUT", "nan", "QUEUECTL_LOCK_TIMEOUT"),
+    ("QUEUECTL_LOCK_TIMEOUT", "-1", "QUEUECTL_LOCK_TIMEOUT"),
+    ("COLUMNS", "abc", "COLUMNS: expected a whole number from 20 to 10000, got 'abc'"),
+    ("COLUMNS", "0", "COLUMNS"),
+    ("QUEUECTL_DB", "/tmp/caf\udce9.db", "QUEUECTL_DB is not valid UTF-8: /tmp/caf\\xe9.db"),
+])
+@pytest.mark.parametrize("command", [["list"], ["enqueue", "-c", "true"]], ids=["list", "enqueue"])
+def test_bad_environment_values(run, seeded, monkeypatch, variable, value, message, command):
+    before = _count(seeded), _jobs(seeded)
+    monkeypatch.setenv(variable, value)
+    result = run(*command)
+    monkeypatch.delenv(variable)  # before the fixture's replay check opens the database
+    _assert_one_error_line(result, message)
+    assert (_count(seeded), _jobs(seeded)) == before
 
 
 def test_unusable_db_from_environment(run, tmp_path: Path, monkeypatch) -> None:

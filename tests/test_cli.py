@@ -81,7 +81,7 @@ def make_dead(conn: sqlite3.Connection, job_id: str, command: str = "exit 1") ->
 # -- config --------------------------------------------------------------------------------
 
 
-def test_config_get_shows_defaults(run):
+def test_config_get_shows_defaults(run, conn):
     assert ok(run("config", "get")) == DEFAULT_CONFIG
 
 
@@ -350,7 +350,7 @@ def test_list_cuts_a_huge_command_that_show_and_json_give_whole(run):
     assert "".join(command.split()) in "".join(ok(run("show", "huge")).split())
 
 
-def test_list_table_filtered_and_empty(run):
+def test_list_table_filtered_and_empty(run, conn):
     assert ok(run("list")) == "Jobs: no jobs\n"
     ok(run("enqueue", "-c", "echo hi", "--id", "j1"))
     assert ok(run("list", "-s", "dead")) == "Jobs (dead): no jobs\n"
@@ -399,7 +399,7 @@ def test_status_shows_active_worker(run, conn):
 # -- dlq -----------------------------------------------------------------------------------
 
 
-def test_dlq_list_empty(run):
+def test_dlq_list_empty(run, conn):
     assert ok(run("dlq", "list")) == "Dead letter queue is empty\n"
     assert json.loads(ok(run("dlq", "list", "--json"))) == []
 
@@ -592,7 +592,7 @@ def test_db_option(run, db, tmp_path):
     assert other.exists()
     assert not db.exists()
     assert [j["id"] for j in json.loads(ok(run("--db", str(other), "list", "--json")))] == ["x1"]
-    assert jobs_json(run) == []  # QUEUECTL_DB's database is a different one
+    assert not db.exists()  # QUEUECTL_DB's database is a different one, still not made
 
 
 def test_queuectl_db_env(run, tmp_path, monkeypatch):
@@ -620,8 +620,37 @@ def test_default_path_and_permissions(run, tmp_path, monkeypatch):
 
 
 def test_no_chatter_on_first_use(run):
-    assert ok(run("list")) == "Jobs: no jobs\n"
     assert ok(run("enqueue", "-c", "echo", "--id", "a")) == ("Job added successfully with ID: a\n")
+
+
+READS = [["list"], ["status"], ["show", "a"], ["logs", "a"], ["history", "a"], ["stats"],
+         ["dlq", "list"], ["config", "get"], ["rebuild", "--check"], ["rebuild"],
+         ["cancel", "a"], ["dlq", "retry", "a"]]
+
+
+@pytest.mark.parametrize("args", READS, ids=[" ".join(a) for a in READS])
+def test_a_read_never_creates_a_database(run, tmp_path, args):
+    """A typo in --db must not quietly give an empty queue: only writers create one."""
+    typo = tmp_path / "typo" / "q.db"
+    result = run("--db", str(typo), *args)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: no queuectl database at {typo} (commands that write, such as enqueue, create it)\n"
+    assert not typo.parent.exists()
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("args", [["enqueue", "-c", "true"], ["config", "set", "max-retries", "2"],
+                                  ["worker", "--stop"]])
+def test_writers_create_the_database(run, tmp_path, args):
+    path = tmp_path / "new" / "q.db"
+    ok(run("--db", str(path), *args))
+    assert path.exists()
+
+
+def test_an_in_memory_database_is_refused(run):
+    result = run("--db", ":memory:", "enqueue", "-c", "true")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.startswith("Error: an in-memory database (:memory:) would lose every job")
 
 
 def test_python_m_queuectl_help(tmp_path):

@@ -108,6 +108,38 @@ def test_events_are_append_only(conn):
     assert events_of(conn, "a") == ["enqueued"]
 
 
+@pytest.mark.parametrize("verb", ["INSERT OR REPLACE INTO", "REPLACE INTO"])
+def test_a_past_event_cannot_be_replaced(db, conn, verb):
+    """REPLACE deletes the row it replaces without firing DELETE triggers (recursive_triggers
+    is off in Python's sqlite3 and the sqlite3 shell): the insert itself must be refused."""
+    _add(conn, "a")
+    raw = sqlite3.connect(db)  # a plain client, as someone poking at the file would use
+    try:
+        (seq, at, body) = raw.execute("SELECT seq, at, body FROM events WHERE job_id = 'a'"
+                                      ).fetchone()
+        evil = body.replace('"true"', '"rm -rf ~"')
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute(f"{verb} events (seq, at, type, job_id, worker_id, body) "
+                        "VALUES (?, ?, 'enqueued', 'a', NULL, ?)", (seq, at, evil))
+        raw.commit()
+    finally:
+        raw.close()
+    assert conn.execute("SELECT body FROM events WHERE seq = ?", (seq,)).fetchone() == (body,)
+
+
+def test_an_older_ledger_gains_the_replace_guard_when_opened(db, conn):
+    conn.execute("DROP TRIGGER events_no_replace")
+    conn.execute("PRAGMA user_version = 0")  # as a database made before the guard existed
+    conn.close()
+    again = ledger.connect(db)
+    try:
+        assert again.execute("PRAGMA user_version").fetchone() == (ledger.LEDGER_VERSION,)
+        names = {r[0] for r in again.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert "events_no_replace" in names
+    finally:
+        again.close()
+
+
 def test_append_returns_last_seq_and_shares_one_time(conn):
     with ledger.write(conn):
         seq = ledger.append(

@@ -24,7 +24,7 @@ from queuectl.errors import QueueError
 @click.option("--check", is_flag=True, help="Rebuild aside and compare; exit 1 on drift.")
 def main(db: Path, check: bool) -> None:
     try:
-        conn = ledger.connect(db)
+        conn = ledger.connect(db, create=False)  # a typo must not make an empty database
         start = time.perf_counter()
         if check:
             problems = ledger.check(conn)

@@ -1,0 +1,140 @@
+"""Every number that enters queuectl, and the range it must lie in.
+
+Flags, JSON job fields, ``config set`` values, environment variables and durations all
+pass through ``parse`` (text) or ``check`` (an already typed value) against one table, so a
+number that is accepted anywhere works everywhere: it fits a SQLite (and PostgreSQL)
+column, encodes to JSON and decodes back, and adds to a time without overflowing.
+Non-finite numbers are never accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Annotated, NamedTuple
+
+import msgspec
+
+from queuectl.errors import InvalidInput
+
+DAY = 86_400.0
+YEAR = 365 * DAY
+# The longest wait queuectl schedules (a delay, a retry, a timeout): a cap far in the future
+# is still a time, so retry delays saturate here instead of overflowing.
+LONGEST = 10 * YEAR
+INT32 = 2**31 - 1
+
+
+class Bound(NamedTuple):
+    integer: bool
+    low: float
+    high: float
+    unit: str = ""  # how the message names what is counted
+
+
+BOUNDS: dict[str, Bound] = {
+    # job fields (flags, JSON and the settings that give their defaults)
+    "max_retries": Bound(True, 0, 1_000_000),
+    "backoff_base": Bound(False, 1, 1_000_000),
+    "backoff_max": Bound(False, 0, LONGEST, "seconds"),
+    "backoff_jitter": Bound(False, 0, 1),
+    "timeout": Bound(False, 0, LONGEST, "seconds"),
+    "delay": Bound(False, 0, LONGEST, "seconds"),
+    "priority": Bound(True, -INT32 - 1, INT32),
+    # worker timings
+    "heartbeat_interval": Bound(False, 0.1, DAY, "seconds"),
+    "lease_timeout": Bound(False, 0.5, DAY, "seconds"),
+    "output_limit": Bound(True, 0, 1024, "KiB"),
+    "poll": Bound(False, 0.01, DAY, "seconds"),
+    "concurrency": Bound(True, 1, 1024),
+    "jobs_per_worker": Bound(True, 0, INT32),
+    # reads
+    "limit": Bound(True, 1, 1_000_000_000),
+    "attempt": Bound(True, 1, 1_000_001),
+    "since": Bound(False, 0.001, 100 * YEAR, "seconds"),
+    # environment
+    "lock_timeout": Bound(False, 0, DAY, "seconds"),
+    "columns": Bound(True, 20, 10_000),
+}
+
+
+def describe(name: str) -> str:
+    """``a whole number from 0 to 1000000``: what ``name`` accepts, for messages."""
+    b = BOUNDS[name]
+    kind = "a whole number" if b.integer else "a number"
+    unit = f" {b.unit}" if b.unit else ""
+    return f"{kind} from {_figure(b.low)} to {_figure(b.high)}{unit}"
+
+
+def _figure(x: float) -> str:
+    """``315360000``, ``0.1``: a bound as people write it."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check(name: str, value: int | float) -> int | float:
+    """``value`` if it lies in ``name``'s range (finite, whole where it must be), else
+    InvalidInput saying what is accepted."""
+    b = BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"expected {describe(name)}, got {value!r}")
+    if b.integer and not isinstance(value, int):
+        raise InvalidInput(f"expected {describe(name)}, got {value!r}")
+    if not math.isfinite(value) or not b.low <= value <= b.high:
+        raise InvalidInput(f"expected {describe(name)}, got {value!r}")
+    return value
+
+
+def parse(name: str, text: str) -> int | float:
+    """A number written as text (a flag, a config value, an environment variable)."""
+    b = BOUNDS[name]
+    stripped = text.strip()
+    try:
+        value: int | float = int(stripped) if b.integer else float(stripped)
+    except ValueError:
+        raise InvalidInput(f"expected {describe(name)}, got {text!r}") from None
+    try:
+        return check(name, value)
+    except InvalidInput:
+        raise InvalidInput(f"expected {describe(name)}, got {text!r}") from None
+
+
+def from_env(variable: str, name: str, default: float) -> float:
+    """A number from the environment (unset or empty: ``default``), held to its range."""
+    text = os.environ.get(variable)
+    if not text:
+        return default
+    try:
+        return parse(name, text)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{variable}: {exc}") from None
+
+
+def clamp(name: str, value: float) -> float:
+    """``value`` brought into ``name``'s range: for values stored before a bound existed."""
+    b = BOUNDS[name]
+    if math.isnan(value):
+        return b.low
+    return min(max(value, b.low), b.high)
+
+
+def meta(name: str) -> msgspec.Meta:
+    b = BOUNDS[name]
+    return msgspec.Meta(ge=int(b.low) if b.integer else b.low,
+                        le=int(b.high) if b.integer else b.high)
+
+
+# The typed fields of a JSON job: msgspec enforces the same ranges while decoding.
+MaxRetries = Annotated[int, meta("max_retries")]
+BackoffBase = Annotated[float, meta("backoff_base")]
+Seconds = Annotated[float, meta("timeout")]
+Priority = Annotated[int, meta("priority")]
+
+
+def backoff_delay(base: float, k: int) -> float:
+    """``base ** k`` seconds, the wait after a job's k-th failed run, saturating at
+    ``LONGEST`` instead of overflowing (base 60 after 7 runs would be 89,000 years)."""
+    if base <= 1:
+        return 1.0 if k >= 0 else 0.0
+    if k * math.log(base) >= math.log(LONGEST):
+        return LONGEST
+    return float(base**k)
