@@ -276,6 +276,13 @@ def append(tx: sqlite3.Connection, *events: Event, at: str | None = None) -> int
     return last + len(events)
 
 
+def next_seq(tx: sqlite3.Connection) -> int:
+    """The seq the next appended event will get: known once the write lock is held, so a
+    decision may name what it creates after the event that creates it."""
+    (last,) = tx.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+    return int(last) + 1
+
+
 # -- reading the ledger ------------------------------------------------------------------
 
 

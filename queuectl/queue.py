@@ -6,12 +6,9 @@ Nothing here prints; the CLI renders what these functions return.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
-import threading
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -20,13 +17,13 @@ from projections.jobs import CLAIMABLE, INDEXED_STATES, WAITING
 from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
-from queuectl.ledger import append, read_events, write
+from queuectl.ledger import append, next_seq, read_events, write
 
 STATES = (
     "pending", "scheduled", "waiting", "processing", "completed", "failed", "dead", "cancelled"
 )
 CANCELLABLE = ("pending", "scheduled", "waiting", "failed", "processing")
-BATCH = 2000  # jobs per transaction when enqueueing many: workers get the lock in between
+BATCH = 2000  # ids per IN (...) query
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 
@@ -34,34 +31,30 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 # In ASCII order, so that ids sort as the numbers they spell.
 _ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
-_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
-_id_lock = threading.Lock()
-_last_id = 0
 
 
-def new_id(reseed: bool = False) -> str:
-    """8 characters (a-z, 2-7) that sort in the order they were made: 24 bits of seconds
-    since 2025 (they wrap after 194 days), then 16 bits counting up from a random start
-    (carrying into the seconds if a process makes more than 65,536 in a second).
+def spell(seq: int) -> str:
+    """The id made for the record a ledger event creates: 8 characters (2-7, a-z) spelling
+    the event's seq, so that made ids sort exactly in the order the ledger committed them,
+    whichever process made them, and never repeat within a database.
 
     Ids made one after another sit side by side in every index on job ids (the ledger's,
-    the jobs' and the runs'), so a bulk enqueue writes a few new index pages instead of
+    the jobs' and the runs'): a bulk enqueue writes a few new index pages instead of
     touching pages all over the index, and a worker's result and next claim, usually jobs
-    enqueued together, share pages. Uniqueness is checked where it matters, against the
-    table in the write transaction; ``reseed`` starts from a new random point after a clash.
+    enqueued together, share pages.
     """
-    global _last_id
-    second = (int(time.time()) - _EPOCH) & 0xFFFFFF
-    with _id_lock:
-        # Counting on while the last id is of this second or (after more than 65,536 ids
-        # in a second) slightly ahead of it; a new second, or a clock set far back, starts afresh.
-        if not reseed and 0 <= (_last_id >> 16) - second < 64:
-            bits = (_last_id + 1) & 0xFFFFFFFFFF
-        else:
-            bits = second << 16 | int.from_bytes(os.urandom(2), "big")
-        _last_id = bits
-    return (_PAIRS[bits >> 30] + _PAIRS[(bits >> 20) & 1023] + _PAIRS[(bits >> 10) & 1023]
-            + _PAIRS[bits & 1023])
+    return (_PAIRS[(seq >> 30) & 1023] + _PAIRS[(seq >> 20) & 1023]
+            + _PAIRS[(seq >> 10) & 1023] + _PAIRS[seq & 1023])
+
+
+def _made_id(seq: int, taken: Callable[[str], bool]) -> str:
+    """``spell(seq)``, or after a clash with an id a user chose, the first free
+    ``spell(seq).N``, which still sorts right after it."""
+    made = spell(seq)
+    n = 1
+    while taken(made):
+        made, n = f"{spell(seq)}.{n}", n + 1
+    return made
 
 
 # -- enqueue ------------------------------------------------------------------------------
@@ -135,83 +128,71 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
 
 
 def enqueue(conn: sqlite3.Connection, specs: Sequence[JobSpec]) -> list[str]:
-    """Add jobs; returns their ids. A duplicate id, an unknown or cancelled dependency or a
-    dependency cycle refuses the whole request before anything is written.
+    """Add jobs in one transaction, all or none; returns their ids. A duplicate id, an
+    unknown or cancelled dependency or a dependency cycle refuses the whole request.
 
-    Many jobs are written ``BATCH`` per transaction so that running workers are not starved
-    of the write lock; jobs are written dependencies first.
+    Jobs are written dependencies first. Made ids spell the seq of each job's ``enqueued``
+    event, known under the write lock. Everything that needs no lock (decoding, checks,
+    ordering) is done before it is taken, so running workers wait only for the writes.
     """
     given = [spec.id for spec in specs if spec.id]
     if len(set(given)) != len(given):
         seen: set[str] = set()
         twice = next(i for i in given if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise Conflict(f"Job ID '{twice}' appears more than once")
-    _refuse_existing(conn, given)
+    order, outside = _dependency_order(specs)
     ids = [spec.id or "" for spec in specs]
-    used = set(given)
-    for n, job_id in enumerate(ids):
-        if not job_id:
-            ids[n] = _fresh_id(used)
-    order = _dependency_order(conn, specs, ids)
-    now = clock.now()
-    for start in range(0, len(order), BATCH):
-        chunk = order[start : start + BATCH]
-        with write(conn):
-            defaults = _defaults(settings.load(conn))
-            taken = _existing(conn, [ids[i] for i in chunk])
-            for i in (i for i in chunk if ids[i] in taken):
-                if specs[i].id:  # enqueued by someone else since the check above
-                    raise Conflict(f"Job with ID '{ids[i]}' already exists")
-                while ids[i] in taken:  # a made id that happens to exist: draw again
-                    ids[i] = _fresh_id(used, reseed=True)
-                    taken = _existing(conn, [ids[i]]) or taken
-            _refuse_bad_deps(conn, {d for i in chunk for d in specs[i].after} - used)
-            append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in chunk))
+    with write(conn):
+        _refuse_existing(conn, given)
+        _refuse_bad_deps(conn, outside)
+        defaults = _defaults(settings.load(conn))
+        now = clock.now()
+        first = next_seq(conn)
+        made = [i for i in order if not ids[i]]
+        if made:
+            seq_of = {i: first + position for position, i in enumerate(order)}
+            clashes = _existing(conn, [spell(seq_of[i]) for i in made])
+            for i in made:
+                ids[i] = spell(seq_of[i])
+                if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
+                    ids[i] = _made_id(seq_of[i], lambda job_id: bool(_existing(conn, [job_id])))
+        append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
     return ids
 
 
-def _fresh_id(used: set[str], reseed: bool = False) -> str:
-    job_id = new_id(reseed)
-    while job_id in used:
-        job_id = new_id(reseed=True)
-    used.add(job_id)
-    return job_id
-
-
-def _dependency_order(
-    conn: sqlite3.Connection, specs: Sequence[JobSpec], ids: list[str]
-) -> list[int]:
-    """Indexes of ``specs`` with every job after the jobs of this request it depends on."""
+def _dependency_order(specs: Sequence[JobSpec]) -> tuple[list[int], set[str]]:
+    """Indexes of ``specs`` with every job after the jobs of this request it depends on,
+    and the ids it depends on outside the request."""
     if not any(spec.after for spec in specs):
-        return list(range(len(specs)))
-    position = {job_id: i for i, job_id in enumerate(ids)}
+        return list(range(len(specs))), set()
+    position = {spec.id: i for i, spec in enumerate(specs) if spec.id}
     outside: set[str] = set()
-    for i, spec in enumerate(specs):
+    for spec in specs:
         for dep in spec.after:
-            if dep == ids[i]:
+            if dep == spec.id:
                 raise InvalidInput(f"job {dep} cannot depend on itself")
             if dep not in position:
                 outside.add(dep)
-    _refuse_bad_deps(conn, outside)
     order: list[int] = []
     state: dict[int, str] = {}  # "visiting" or "done"
 
     def visit(i: int, path: list[str]) -> None:
         if state.get(i) == "done":
             return
+        name = specs[i].id or f"#{i + 1}"
         if state.get(i) == "visiting":
-            cycle = path[path.index(ids[i]) :] + [ids[i]]
+            cycle = path[path.index(name) :] + [name]
             raise InvalidInput(f"dependency cycle: {' -> '.join(cycle)}")
         state[i] = "visiting"
         for dep in specs[i].after:
             if dep in position:
-                visit(position[dep], path + [ids[i]])
+                visit(position[dep], path + [name])
         state[i] = "done"
         order.append(i)
 
     for i in range(len(specs)):
         visit(i, [])
-    return order
+    return order, outside
 
 
 def _refuse_bad_deps(conn: sqlite3.Connection, deps: set[str]) -> None:
@@ -331,9 +312,23 @@ _READY_FOR = _READY.replace("ORDER BY", """AND NOT EXISTS (SELECT 1 FROM workers
         WHERE id = ? AND (state != 'active' OR stop_requested)) ORDER BY""")
 
 
-def worker_started(conn: sqlite3.Connection, worker_id: str, pid: int, host: str) -> None:
+def worker_started(
+    conn: sqlite3.Connection, pid: int, host: str, *, worker_id: str | None = None
+) -> str:
+    """Record a worker's start; returns its id: spelled from its ``worker-started`` seq
+    unless one is given, and checked against the workers table in the same transaction,
+    as job ids are."""
     with write(conn):
+        def taken(candidate: str) -> bool:
+            found = conn.execute("SELECT 1 FROM workers WHERE id = ?", (candidate,))
+            return found.fetchone() is not None
+
+        if worker_id is None:
+            worker_id = _made_id(next_seq(conn), taken)
+        elif taken(worker_id):
+            raise Conflict(f"Worker with ID '{worker_id}' already exists")
         append(conn, ev.WorkerStarted(worker_id=worker_id, pid=pid, host=host))
+    return worker_id
 
 
 def worker_stopped(conn: sqlite3.Connection, worker_id: str, reason: str) -> None:

@@ -439,7 +439,7 @@ class Worker:
         self.shutdown = shutdown
         self.waker = waker
         self.echo = echo
-        self.id = queue.new_id()
+        self.id = ""  # given by the ledger when the worker starts (see run)
         self.done = 0
         # Jobs get the environment the worker started with; os.environ itself would be
         # re-encoded, variable by variable, at every spawn (about 40 us).
@@ -463,7 +463,7 @@ class Worker:
     def run(self) -> None:
         try:
             self.config = self.db(settings.load)
-            self.db(queue.worker_started, self.id, os.getpid(), os.uname().nodename)
+            self.id = self.db(queue.worker_started, os.getpid(), os.uname().nodename)
             self.echo(f"Worker started: {self.id}")
             self._beat_done()
             reason = self._loop()
@@ -644,7 +644,7 @@ def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> li
         for sig in (signal.SIGINT, signal.SIGTERM)
         if threading.current_thread() is threading.main_thread()
     }
-    threads = [threading.Thread(target=w.run, name=w.id) for w in workers]
+    threads = [threading.Thread(target=w.run, name=f"worker-{n}") for n, w in enumerate(workers)]
     try:
         for thread in threads:
             thread.start()

@@ -385,7 +385,7 @@ def test_status_json(run, conn):
 
 
 def test_status_shows_active_worker(run, conn):
-    queue.worker_started(conn, "wk000001", 4242, "build-01")
+    queue.worker_started(conn, 4242, "build-01", worker_id="wk000001")
     data = json.loads(ok(run("status", "--json")))
     (w,) = data["workers"]
     assert (w["id"], w["state"], w["pid"], w["host"]) == ("wk000001", "active", 4242, "build-01")

@@ -442,6 +442,61 @@ def test_bad_dependencies_in_a_file_refuse_the_whole_file(run, conn, tmp_path, l
         assert names[0] == names[-1] and len(names) == len(lines) + 1
 
 
+def _meanwhile(monkeypatch: pytest.MonkeyPatch, db: Any, action: Callable[[sqlite3.Connection], None]) -> None:
+    """Run ``action`` on another connection after ``enqueue`` has read and checked its
+    input but before it writes: a concurrent writer, at the worst moment."""
+    real = queue._dependency_order
+
+    def then_meanwhile(specs):  # type: ignore[no-untyped-def]
+        found = real(specs)
+        monkeypatch.setattr(queue, "_dependency_order", real)  # once
+        other = ledger.connect(db)
+        try:
+            action(other)
+        finally:
+            other.close()
+        return found
+
+    monkeypatch.setattr(queue, "_dependency_order", then_meanwhile)
+
+
+def test_a_file_is_written_whole_or_not_at_all(run, conn, db, tmp_path, monkeypatch):
+    """A duplicate id that appears while a big file is being written refuses the whole file
+    (it used to commit every batch before the clash)."""
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"j{n}", "command": "true"}) + "\n"
+                            for n in range(6000)))
+    _meanwhile(monkeypatch, db, lambda other: queue.enqueue(
+        other, [queue.JobSpec(command="echo elsewhere", id="j5999")]))
+    one_error(run("enqueue", "--file", str(path)), "Job with ID 'j5999' already exists")
+    assert conn.execute("SELECT id FROM jobs").fetchall() == [("j5999",)]
+
+
+def test_a_dependency_cancelled_while_a_file_is_read_refuses_the_file(
+        run, conn, db, tmp_path, monkeypatch):
+    added(run, "--id", "parent", "-c", "true")
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"c{n}", "command": "true", "after": ["parent"]})
+                            + "\n" for n in range(3000)))
+    _meanwhile(monkeypatch, db, lambda other: queue.cancel(other, "parent"))
+    one_error(run("enqueue", "--file", str(path)), "dependency 'parent' is cancelled")
+    assert conn.execute("SELECT id, state FROM jobs").fetchall() == [("parent", "cancelled")]
+
+
+def test_a_dependency_in_the_same_file_cancelled_later_cancels_its_dependents(
+        run, conn, tmp_path):
+    """Jobs of one file that depend on each other are written together, so no cancel can
+    fall between them; cancelling the parent afterwards cancels every dependent."""
+    path = tmp_path / "jobs.jsonl"
+    lines = [{"id": "parent", "command": "true", "delay": 3600}]
+    lines += [{"id": f"c{n}", "command": "true", "after": ["parent"]} for n in range(4500)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert ok(run, "enqueue", "--file", str(path)) == "4501 jobs added successfully.\n"
+    assert ok(run, "cancel", "parent") == "Job parent cancelled.\n"
+    assert dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")) == {
+        "cancelled": 4501}
+
+
 # -- cancel -----------------------------------------------------------------------------------
 
 
@@ -800,7 +855,7 @@ def _stats_ledger(conn: sqlite3.Connection, run, fake: FakeClock) -> None:  # ty
     added(run, "--id", "to", "--max-retries", "0", "--timeout", "4", "-c", "sleep 9")
     added(run, "--id", "x", "-c", "sleep 9")
     added(run, "--id", "p", "-c", "true")
-    queue.worker_started(conn, "w", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w")
     for i in range(1, 21):
         fake.set(i)
         c = claim(conn, "w", f"c{i:02d}")

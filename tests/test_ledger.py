@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import subprocess
 import threading
 from collections import Counter
 from datetime import timedelta
 
 import msgspec
 import pytest
-from conftest import events_of
+from conftest import events_of, queuectl_cmd
 
 import projections.config
 import projections.jobs
 import projections.workers
 from queuectl import clock, ledger, queue
 from queuectl import events as ev
+from queuectl.errors import Conflict
 
 
 def _add(conn: sqlite3.Connection, *ids: str, command: str = "true", retries: int = 3) -> None:
@@ -38,7 +40,7 @@ def _mixed_workload(conn: sqlite3.Connection) -> None:
     _add(conn, "ok", "retry")
     _add(conn, "dies", retries=0)
     _add(conn, "busy", "waiting")
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     common = {"worker_id": "w1", "attempt": 1}
     for job_id, result in (
         ("ok", ev.Completed(job_id="ok", **common)),
@@ -257,36 +259,52 @@ def test_check_is_clean_then_names_altered_row(conn):
 # -- queue decisions ------------------------------------------------------------------------
 
 
-def test_made_ids_sort_in_the_order_they_were_made():
-    ids = [queue.new_id() for _ in range(150_000)]  # over 65,536: the counter carries
+def test_made_ids_spell_the_seq_in_sorting_order():
+    seqs = [*range(1, 70_000, 7), *range(2**30 - 5, 2**30 + 5), 2**40 - 1]
+    ids = [queue.spell(seq) for seq in seqs]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
-    assert all(re.fullmatch(r"[a-z2-7]{8}", i) for i in ids[:: 997])
+    assert all(re.fullmatch(r"[a-z2-7]{8}", i) for i in ids)
 
 
-def test_a_made_id_that_clashes_is_drawn_again_from_a_new_start(conn, monkeypatch):
-    _add(conn, "aaaaaaaa")
-    made = iter(["aaaaaaaa", "bbbbbbbb"])  # one clashes with the table, one with the request
-    real = queue.new_id
-    reseeds = []
+def test_ids_made_by_separate_processes_sort_in_the_order_they_were_made(db):
+    """Each ``queuectl enqueue`` is its own process; their ids still sort as made."""
+    made = []
+    for _ in range(6):
+        done = subprocess.run(queuectl_cmd("enqueue", "-c", "true"), capture_output=True,
+                              text=True, timeout=60, check=True)
+        made.append(done.stdout.rsplit(" ", 1)[-1].strip())
+    assert made == sorted(made) and len(set(made)) == 6
+    conn = ledger.connect(db)
+    try:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM events WHERE type = 'enqueued' "
+                                           "ORDER BY seq")]
+    finally:
+        conn.close()
+    assert made == [queue.spell(seq) for seq in seqs]
 
-    def clashing(reseed: bool = False) -> str:
-        reseeds.append(reseed)
-        return real(reseed) if reseed else next(made)
 
-    monkeypatch.setattr(queue, "new_id", clashing)
-    ids = queue.enqueue(conn, [queue.JobSpec(command="true"), queue.JobSpec(command="true"),
-                               queue.JobSpec(command="true", id="bbbbbbbb")])
-    assert ids[2] == "bbbbbbbb" and len(set(ids)) == 3 and "aaaaaaaa" not in ids
-    assert reseeds.count(True) == 2  # each clash drew from a new random start
-    assert {r[0] for r in conn.execute("SELECT id FROM jobs")} == {"aaaaaaaa", *ids}
+def test_a_made_id_that_a_user_already_chose_gets_a_suffix(conn):
+    taken = queue.spell(ledger.next_seq(conn) + 1)  # what the next job would be called
+    _add(conn, taken)  # the user takes it (seq n); the next made id would be spelled n+1
+    ids = queue.enqueue(conn, [queue.JobSpec(command="true"), queue.JobSpec(command="true")])
+    assert ids[0] == f"{taken}.1" and ids[1] == queue.spell(ledger.next_seq(conn) - 1)
+    assert ids == sorted(ids)
+
+
+def test_worker_ids_never_collide(conn):
+    made = {queue.worker_started(conn, n, "host") for n in range(200)}
+    assert len(made) == 200
+    with pytest.raises(Conflict, match="Worker with ID 'w1' already exists"):
+        queue.worker_started(conn, 1, "host", worker_id="w1")
+        queue.worker_started(conn, 1, "host", worker_id="w1")
 
 
 def test_claim_takes_oldest_first(conn):
     _add(conn, "first")
     _add(conn, "second")
     _add(conn, "third")
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     claimed = [queue.claim(conn, "w1") for _ in range(4)]
     assert [c.job_id if c else None for c in claimed] == ["first", "second", "third", None]
     assert [c.attempt for c in claimed if c] == [1, 1, 1]
@@ -294,7 +312,7 @@ def test_claim_takes_oldest_first(conn):
 
 def test_claim_skips_jobs_waiting_out_their_backoff(conn):
     _add(conn, "a", "b")
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     job = queue.claim(conn, "w1")
     assert job is not None and job.job_id == "a"
     failed = ev.Failed(job_id="a", worker_id="w1", attempt=1, exit_code=1, error="exit status 1")
@@ -315,7 +333,7 @@ def test_concurrent_claims_never_share_a_job(db, conn):
         try:
             c = ledger.connect(db)
             try:
-                queue.worker_started(c, worker_id, 1, "host")
+                queue.worker_started(c, 1, "host", worker_id=worker_id)
                 start.wait()
                 while (job := queue.claim(c, worker_id)) is not None:
                     mine.append(job.job_id)
@@ -365,7 +383,7 @@ def test_retry_rule(base, max_retries, delays):
 
 def test_job_runs_at_most_one_plus_max_retries_times(conn):
     _add(conn, "f", command="false", retries=2)
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     runs = 0
     while True:
         job = queue.claim(conn, "w1")
@@ -399,13 +417,13 @@ def test_job_runs_at_most_one_plus_max_retries_times(conn):
 
 def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch):
     _add(conn, "j")
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     job = queue.claim(conn, "w1")
     assert job is not None
 
     later = clock.iso(clock.parse(clock.now()) + timedelta(hours=1))
     monkeypatch.setattr(clock, "now", lambda: later)
-    queue.worker_started(conn, "w2", 2, "host")  # a live worker, heartbeating "now"
+    queue.worker_started(conn, 2, "host", worker_id="w2")  # a live worker, heartbeating "now"
     rescued = queue.rescue(conn, lease_timeout=30)
     assert [e.type for e in rescued] == ["lease-expired", "scheduled-retry"]
     retry_at = queue.get_job(conn, "j")["run_at"]
@@ -430,8 +448,8 @@ def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch
 
 def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
     _add(conn, "held", retries=3)
-    queue.worker_started(conn, "busy", 1, "host")
-    queue.worker_started(conn, "idle", 2, "host")
+    queue.worker_started(conn, 1, "host", worker_id="busy")
+    queue.worker_started(conn, 2, "host", worker_id="idle")
     job = queue.claim(conn, "busy")
     assert job is not None and job.job_id == "held"
     assert queue.rescue(conn, lease_timeout=30) == []  # nobody is stale yet
@@ -460,7 +478,7 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
 
 def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
     _add(conn, "last", retries=0)
-    queue.worker_started(conn, "w1", 1, "host")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
     assert queue.claim(conn, "w1") is not None
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
     assert [e.type for e in queue.rescue(conn, 30)] == ["lease-expired", "dead"]

@@ -446,7 +446,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _start_worker(self) -> None:
         wid = self._name("w")
-        queue.worker_started(self.conn, wid, 1000 + self.serial, "test-host")
+        queue.worker_started(self.conn, 1000 + self.serial, "test-host", worker_id=wid)
         self.workers[wid] = Worker(last_beat=CLOCK.now())
 
     @initialize(
@@ -998,7 +998,7 @@ class QueueMachine(RuleBasedStateMachine):
         """Every worker dies; a new one must take back every job and run each to the end.
         Jobs waiting on a dead one run once a DLQ retry of it has succeeded."""
         CLOCK.t += timedelta(seconds=self._lease() + 1)
-        queue.worker_started(self.conn, "drainer", 1, "test-host")
+        queue.worker_started(self.conn, 1, "test-host", worker_id="drainer")
         queue.rescue(self.conn, self._lease())
         for _ in range(3):
             self._drain_once()
@@ -1048,8 +1048,8 @@ def test_a_worker_declared_lost_is_given_no_job(
     test so that it fails on every run rather than on the runs that happen to find it."""
     monkeypatch.setattr(clock, "now", CLOCK.now)
     CLOCK.t = START
-    queue.worker_started(conn, "w1", 1, "test-host")
-    queue.worker_started(conn, "w2", 2, "test-host")
+    queue.worker_started(conn, 1, "test-host", worker_id="w1")
+    queue.worker_started(conn, 2, "test-host", worker_id="w2")
     queue.enqueue(conn, [queue.JobSpec(command="true", id="j1")])
     CLOCK.t += timedelta(seconds=31)  # the machine was suspended: both workers fell silent
     queue.heartbeat(conn, "w2")  # w2 wakes first ...
@@ -1071,7 +1071,7 @@ def test_a_cancel_requested_while_the_job_runs_is_not_lost(
     retried, and not go back to pending still flagged, to be started and killed again."""
     monkeypatch.setattr(clock, "now", CLOCK.now)
     CLOCK.t = START
-    queue.worker_started(conn, "w1", 1, "test-host")
+    queue.worker_started(conn, 1, "test-host", worker_id="w1")
     queue.enqueue(conn, [queue.JobSpec(command="true", id="j", max_retries=1),
                          queue.JobSpec(command="true", id="d", after=["j"])])
     held = queue.claim(conn, "w1")
@@ -1080,7 +1080,7 @@ def test_a_cancel_requested_while_the_job_runs_is_not_lost(
     common = {"job_id": "j", "worker_id": "w1", "attempt": 1}
     if ending == "lease expired":
         CLOCK.t += timedelta(seconds=31)
-        queue.worker_started(conn, "w2", 2, "test-host")
+        queue.worker_started(conn, 2, "test-host", worker_id="w2")
         assert [e.type for e in queue.rescue(conn, 30)][0] == "lease-expired"
     elif ending == "run failed":
         queue.finish(conn, held, ev.Failed(**common, exit_code=1, error="exit 1"))

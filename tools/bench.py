@@ -490,8 +490,7 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
         conn = worker_connect(db) if worker_connect else ledger.connect(db, durable=False)
         waker = Waker(Path(db)) if Waker else None
         try:
-            wid = queue.new_id()
-            queue.worker_started(conn, wid, os.getpid(), socket.gethostname())
+            wid = queue.worker_started(conn, os.getpid(), socket.gethostname())
             t_claim = t_finish = 0.0
             done = 0
             start = time.perf_counter()
