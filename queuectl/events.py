@@ -81,6 +81,7 @@ class LeaseExpired(_Event, tag="lease-expired", frozen=True):
     worker_id: str
     attempt: int
     last_heartbeat: str  # the holder's last sign of life, ISO-8601 UTC
+    killed: int = 0  # processes of the run the rescuer found on its host and stopped
 
 
 class Released(_Event, tag="released", frozen=True):

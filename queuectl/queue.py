@@ -6,8 +6,11 @@ Nothing here prints; the CLI renders what these functions return.
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -521,20 +524,77 @@ def cancel_requested(conn: sqlite3.Connection, job_id: str) -> bool:
     return bool(row and row[0])
 
 
-def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
-    """Take back jobs of workers silent for longer than the lease timeout.
+class Silence:
+    """How long each active worker has been silent, as this process has watched it.
 
-    Each held job gets a ``lease-expired`` event and then the normal retry rule (it counts as
+    Silence is time this watcher has itself spent looking, counted on its monotonic clock
+    from the moment it saw a worker's ``last_heartbeat`` take its current value, with each
+    gap between two looks counted as at most ``longest_gap`` seconds. A step of the wall
+    clock (NTP, faketime), a jump of the monotonic clock, or the watcher's own pause (a
+    suspended laptop or VM) then counts as one short gap, not as everyone else's silence,
+    and hosts with skewed clocks cannot expire each other's jobs. The price: a watcher that
+    has just started waits a whole lease before it takes anything back, however old the
+    heartbeats it finds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, tuple[str, float]] = {}  # worker -> (heartbeat, watched then)
+        self._last_look: float | None = None
+        self._watched = 0.0  # seconds of looking so far, gaps capped
+        self._lock = threading.Lock()  # the worker threads of a process share one
+
+    def silent(self, rows: Iterable[tuple[str, str, str]], lease: float,
+               longest_gap: float = math.inf) -> list[tuple[str, str, str]]:
+        """Record what ``rows`` (worker id, last heartbeat, host) say; return those whose
+        heartbeat has not changed for more than ``lease`` seconds of watching."""
+        stale = []
+        with self._lock:
+            now = self._clock()
+            if self._last_look is not None:
+                self._watched += min(max(now - self._last_look, 0.0), longest_gap)
+            self._last_look = now
+            seen = {}
+            for worker_id, beat, host in rows:
+                value, since = self._seen.get(worker_id, (beat, self._watched))
+                since = since if value == beat else self._watched
+                seen[worker_id] = (beat, since)
+                if self._watched - since > lease:
+                    stale.append((worker_id, beat, host))
+            self._seen = seen  # workers no longer active are forgotten
+        return stale
+
+
+def silent_workers(conn: sqlite3.Connection, lease_timeout: float, silence: Silence,
+                   longest_gap: float = math.inf) -> list[tuple[str, str, str]]:
+    """Active workers (id, last heartbeat, host) that ``silence`` has watched stay silent for
+    longer than the lease timeout. Reads only: the caller may stop what they left running
+    on this host before ``rescue`` lets their jobs run again."""
+    rows = conn.execute(
+        "SELECT id, last_heartbeat, host FROM workers WHERE state = 'active'").fetchall()
+    return silence.silent(rows, lease_timeout, longest_gap)
+
+
+def rescue(conn: sqlite3.Connection, silent: Iterable[tuple[str, str, str]],
+           killed: dict[str, int] | None = None) -> list[ev.Event]:
+    """Take back the jobs of workers found silent (``silent_workers``), unless they spoke,
+    stopped or were taken back since.
+
+    Each held job gets a ``lease-expired`` event (with ``killed``: how many of the run's
+    processes the caller stopped on its host) and then the normal retry rule (it counts as
     a failed run); a silent worker holding nothing is recorded as ``worker-lost``.
     """
-    cutoff = clock.after(clock.now(), -lease_timeout)
-    stale_sql = "SELECT id, last_heartbeat FROM workers WHERE state = 'active' AND last_heartbeat < ?"
-    if conn.execute(stale_sql, (cutoff,)).fetchone() is None:
+    silent = list(silent)
+    if not silent:
         return []
     at = clock.now()
     events: list[ev.Event] = []
     with write(conn):
-        for worker_id, last_beat in conn.execute(stale_sql, (cutoff,)).fetchall():
+        for worker_id, last_beat, _ in silent:
+            now_row = conn.execute("SELECT state, last_heartbeat FROM workers WHERE id = ?",
+                                   (worker_id,)).fetchone()
+            if now_row != ("active", last_beat):
+                continue
             held = conn.execute(
                 f"""SELECT {_CLAIM_FIELDS}, cancel_requested FROM jobs
                 WHERE state = 'processing' AND {INDEXED_STATES} AND worker_id = ?""",
@@ -547,7 +607,7 @@ def rescue(conn: sqlite3.Connection, lease_timeout: float) -> list[ev.Event]:
                 events.append(
                     ev.LeaseExpired(
                         job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
-                        last_heartbeat=last_beat,
+                        last_heartbeat=last_beat, killed=(killed or {}).get(worker_id, 0),
                     )
                 )
                 if row[-1]:  # a cancel was waiting for that worker

@@ -186,16 +186,68 @@ def event_details(event: ev.Event) -> str:
             return f"attempt {a}: {e} after {d:.3f}s" + (f"; output: {o.strip()}" if o else "")
         case ev.TimedOut(attempt=a, timeout=t):
             return f"attempt {a} killed after its {t:g}s timeout"
-        case ev.LeaseExpired(attempt=a, worker_id=w, last_heartbeat=h):
-            return f"attempt {a}: worker {w} silent since {clock.human(h)}"
+        case ev.LeaseExpired(attempt=a, worker_id=w, last_heartbeat=h, killed=k):
+            stopped = f"; {_count(k, 'process')} of its run stopped on this host" if k else ""
+            return f"attempt {a}: worker {w} silent since {clock.human(h)}{stopped}"
         case ev.Released(attempt=a, reason=r):
             return f"attempt {a} abandoned: {r}"
         case ev.ScheduledRetry(delay=d, run_at=r):
             return f"retry in {d:g}s, at {clock.human(r)}"
         case ev.Dead(attempts=a, reason=r):
-            return f"moved to the DLQ after {a} attempts: {r}"
+            return f"moved to the DLQ after {_count(a, 'attempt')}: {r}"
         case ev.Requeued(max_retries=m):
             return f"requeued from the DLQ with max_retries {m}"
+    return ""
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 attempt``, ``3 attempts``, ``2 processes``."""
+    plural = noun + ("es" if noun.endswith("s") else "s")
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line of text: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# -- the worker's log (worker -v) ---------------------------------------------------------
+
+
+def worker_started_job(job: Any) -> list[str]:
+    """What ``worker -v`` says as a run starts (the seed's wording)."""
+    if job.attempt == 1:
+        first = f"Picked up NEW job: {job.job_id} (Command: {safe(job.command)})"
+    else:
+        first = f"RETRYING job {job.job_id} (Attempt {job.attempt})"
+    return [first, f"Job {job.job_id} state: processing"]
+
+
+def worker_line(event: ev.Event, total: int | None = None) -> str:
+    """What ``worker -v`` says of an event it appended; ``total`` is the runs allowed."""
+    match event:
+        case ev.Completed(job_id=j):
+            return f"Job {j} state: completed"
+        case ev.Failed(job_id=j, attempt=a, error=error):
+            return f"Job {j} FAILED (Attempt {a}/{total}): {error}"
+        case ev.TimedOut(job_id=j, attempt=a, timeout=t):
+            return f"Job {j} FAILED (Attempt {a}/{total}): timed out after {t:g}s"
+        case ev.LeaseExpired(job_id=j, worker_id=w, killed=k):
+            stopped = f" ({_count(k, 'process')} of its run stopped)" if k else ""
+            return f"Job {j} taken back: worker {w} stopped heartbeating{stopped}"
+        case ev.WorkerLost(worker_id=w):
+            return f"Worker {w} is gone: no heartbeat"
+        case ev.Released(job_id=j):
+            return f"Job {j} released back to the queue"
+        case ev.Cancelled(job_id=j, reason=r):
+            return f"Job {j} state: cancelled ({r})"
+        case ev.Unblocked(job_id=j):
+            return f"Job {j} unblocked: its dependencies completed"
+        case ev.ScheduledRetry(job_id=j, delay=d):
+            return f"Job {j} state: failed - Will retry in {d:g}s"
+        case ev.Dead(job_id=j):
+            return f"Job {j} state: DEAD"
     return ""
 
 

@@ -9,23 +9,19 @@ pick up new work within milliseconds instead of waiting out their poll interval.
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import os
 import select
-import shutil
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from queuectl import clock, ledger, queue, settings
+from queuectl import clock, ledger, queue, render, runner, settings
 from queuectl import events as ev
-from queuectl.render import safe
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker (without inotify)
 LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a short window
@@ -36,7 +32,6 @@ WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), jus
 WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
 T = TypeVar("T")
 
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a job's process group
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 
 
@@ -50,11 +45,18 @@ class Options:
 
 
 class Shutdown:
-    """What a signal asked for: ``soft`` finishes the current job, ``hard`` abandons it."""
+    """Why the process's workers stop: ``soft`` lets each finish its current job, ``hard``
+    abandons it; ``reason`` is what each records in its ``worker-stopped`` event."""
 
     def __init__(self) -> None:
         self.soft = threading.Event()
         self.hard = threading.Event()
+        self.reason = "signal"
+
+    def stop(self, reason: str) -> None:
+        if not self.soft.is_set():
+            self.reason = reason
+        self.soft.set()
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -104,7 +106,10 @@ class Waker:
     pay for setting inotify up (ctypes) or for taking it down (about 13 ms in close()).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_crash: Callable[[BaseException], None] | None = None
+                 ) -> None:
+        self._on_crash = on_crash
+        self.error: BaseException | None = None
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA data_version").fetchone()  # the WAL file exists from here
         lock = threading.Lock()
@@ -116,8 +121,18 @@ class Waker:
         self._wal = Path(f"{path}-wal")
         self._next_locked = 0.0  # monotonic time of the next locked checkpoint pass
         self._watch_fd: WalWatch | None = None
-        self._thread = threading.Thread(target=self._watch, name="waker", daemon=True)
+        self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
         self._thread.start()
+
+    def _supervised(self) -> None:
+        """The waker's thread. If it dies, the process stops as if a worker had crashed:
+        its workers would otherwise go on with wake-ups and checkpoints silently gone."""
+        try:
+            self._watch()
+        except BaseException as exc:
+            self.error = exc
+            if self._on_crash is not None:
+                self._on_crash(exc)
 
     def _watch(self) -> None:
         last = None
@@ -229,202 +244,15 @@ class Waker:
         self._conn.close()
 
 
-@dataclass
-class RunResult:
-    exit_code: int | None
-    duration: float
-    output: str
-    truncated: bool
-    timed_out: bool = False
-    abandoned: bool = False
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-# Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default actions, as
-# subprocess's restore_signals would give it (else `yes | head` never ends).
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
-
-
-@functools.cache
-def _shell() -> str:
-    """``sh`` as PATH finds it, looked up once per process: posix_spawnp would search PATH
-    on every spawn, failing exec after exec in the child while the worker waits for it."""
-    return shutil.which("sh") or "/bin/sh"
-
-
-def _spawn(command: str, env: Mapping[str, str]) -> tuple[int, int]:
-    """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
-    stdout and stderr into one pipe; returns its pid and the pipe's read end.
-
-    os.posix_spawn (vfork and exec inside libc) costs the worker about 70 us of CPU per
-    job, subprocess.Popen about 170 us, most of it Popen's own set-up in Python.
-    Descriptors the job must not see are close-on-exec (see ``_close_on_exec``), which is
-    what Popen's close_fds would otherwise do in the child.
-    """
-    read_end, write_end = os.pipe()
-    if write_end < 3:  # the worker runs with stdout or stderr closed: keep off 0-2
-        low, write_end = write_end, fcntl.fcntl(write_end, fcntl.F_DUPFD_CLOEXEC, 3)
-        os.close(low)
-    try:
-        pid = os.posix_spawn(
-            _shell(),
-            ["sh", "-c", command],
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, write_end, 1),
-                (os.POSIX_SPAWN_DUP2, write_end, 2),
-            ],
-            setsid=True,
-            setsigdef=_DEFAULT_SIGNALS,
-        )
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    return pid, read_end
-
-
-def _close_on_exec() -> None:
-    """Mark every descriptor above stderr close-on-exec, once per worker process: Python
-    and SQLite open theirs that way, so only those the worker inherited could leak into
-    jobs started by posix_spawn."""
-    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
-        if int(name) > 2:
-            try:
-                os.set_inheritable(int(name), False)
-            except OSError:  # the directory listing's own descriptor, closed by now
-                pass
-
-
-def _reap(pid: int) -> int | None:
-    """The exit code of ``pid`` (negative for a signal) once it has exited, else None."""
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # reaped behind our back (SIGCHLD ignored), as subprocess says
-        return 0
-    return os.waitstatus_to_exitcode(status) if done else None
-
-
-def _wait(pid: int, timeout: float) -> int | None:
-    """``_reap`` until ``pid`` exits or ``timeout`` passes, in growing sleeps as Popen.wait."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while (code := _reap(pid)) is None and time.monotonic() < deadline:
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.05)
-    return code
-
-
-def run_command(
-    command: str,
-    *,
-    timeout: float,
-    output_limit: int,
-    tick: Callable[[], bool],
-    env: Mapping[str, str] | None = None,
-) -> RunResult:
-    """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
-
-    ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
-    returns True the group is killed at once. On timeout the group gets SIGTERM, then
-    SIGKILL after a grace. ``env`` defaults to the worker's own environment. A shell that
-    cannot be started (a command over the kernel's 128 KiB argument limit, no processes
-    left) is a run that failed with status 126, not the worker's end.
-    """
-    start = time.monotonic()
-    try:
-        pid, fd = _spawn(command, os.environ if env is None else env)
-    except OSError as exc:
-        why = f"queuectl: cannot start sh: {exc.strerror or exc}"
-        return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
-                         output=why[-output_limit:] if output_limit else "", truncated=False)
-    tail = bytearray()
-    total = 0
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLHUP)
-    pipe_open = True
-    # A pidfd turns readable when the shell exits, so one poll() waits for output, end of
-    # output and exit alike, with no sleeping in between (Linux >= 5.3; else we poll).
-    pidfd: int | None
-    try:
-        pidfd = os.pidfd_open(pid)
-        poller.register(pidfd, select.POLLIN)
-    except (AttributeError, OSError):
-        pidfd = None
-
-    def read() -> bool:
-        nonlocal total, pipe_open
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            pipe_open = False
-            poller.unregister(fd)
-            return False
-        total += len(chunk)
-        tail.extend(chunk)
-        if len(tail) > output_limit + 65536:  # memory stays bounded, whatever the job prints
-            del tail[: len(tail) - output_limit]
-        return True
-
-    timed_out = abandoned = False
-    code: int | None = None
-    try:
-        while True:
-            ready = poller.poll(50)
-            if pipe_open and any(f == fd for f, _ in ready):
-                read()
-            code = _wait(pid, 0.05) if pidfd is None and not pipe_open else _reap(pid)
-            if code is not None:
-                # The shell is done. A background grandchild may still hold the pipe
-                # open: take what is already there and stop reading.
-                for _ in range(64):
-                    if not (pipe_open and poller.poll(0) and read()):
-                        break
-                _kill_group(pid, signal.SIGTERM)  # leftovers of a finished job go too
-                break
-            abandoned = tick()
-            timed_out = bool(timeout) and time.monotonic() - start > timeout
-            if abandoned or timed_out:
-                _kill_group(pid, signal.SIGTERM)
-                code = _wait(pid, 0 if abandoned else KILL_GRACE)
-                _kill_group(pid, signal.SIGKILL)  # and any grandchild that ignored TERM
-                if code is None:
-                    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                break
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-        os.close(fd)
-    kept = bytes(tail[-output_limit:]) if output_limit else b""
-    return RunResult(
-        exit_code=code,
-        duration=round(time.monotonic() - start, 6),
-        output=kept.decode("utf-8", "replace"),
-        truncated=total > len(kept),
-        timed_out=timed_out,
-        abandoned=abandoned,
-    )
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    note = {126: " (command not executable)", 127: " (command not found)"}.get(code, "")
-    return f"exit status {code}{note}"
-
-
 class Worker:
-    """One worker: its own id, one job at a time, on its process's shared connection."""
+    """One worker: its own id, one job at a time, on its process's shared connection.
+
+    Supervision, the one rule for every worker thread: whatever ends the thread (a stop, a
+    signal, a database error, a bug), the job it holds is released (a released run is not
+    counted as an attempt), its run's processes are killed, and ``worker-stopped`` records
+    why. A crash also asks the process's other workers to finish their jobs and stop, so
+    that the process exits 1 and a supervisor (systemd, say) can start it afresh.
+    """
 
     def __init__(
         self,
@@ -433,17 +261,19 @@ class Worker:
         shutdown: Shutdown,
         waker: Waker,
         echo: Callable[[str], None],
+        silence: queue.Silence,
     ) -> None:
         self.conn = conn
         self.options = options
         self.shutdown = shutdown
         self.waker = waker
         self.echo = echo
+        self.silence = silence
         self.id = ""  # given by the ledger when the worker starts (see run)
+        self.host = os.uname().nodename
         self.done = 0
-        # Jobs get the environment the worker started with; os.environ itself would be
-        # re-encoded, variable by variable, at every spawn (about 40 us).
-        self.env = dict(os.environ)
+        self.holding: queue.Claim | None = None  # claimed and not yet finished
+        self.env = runner.base_env()
         self._next_beat = 0.0
         self._next_rescue = 0.0
         self._next_cancel_check = 0.0
@@ -461,16 +291,38 @@ class Worker:
             self.echo(f"[{self.id}] {text}")
 
     def run(self) -> None:
+        reason = "crashed"
         try:
             self.config = self.db(settings.load)
-            self.id = self.db(queue.worker_started, os.getpid(), os.uname().nodename)
+            self.id = self.db(queue.worker_started, os.getpid(), self.host)
             self.echo(f"Worker started: {self.id}")
             self._beat_done()
             reason = self._loop()
-            self.db(queue.worker_stopped, self.id, reason)
-            self.log(f"stopped ({reason})")
         except BaseException as exc:  # reported by the pool as one line
             self.error = exc
+            reason = f"crashed: {render.one_line(exc)}"
+            self.shutdown.stop(f"worker {self.id or '(starting)'} of this process crashed")
+        finally:
+            if self.id:
+                self._settle(reason)
+
+    def _settle(self, reason: str) -> None:
+        """Release the held job and record the stop, trying a few times: the database may
+        be what failed (a full disk, a lock held too long)."""
+        job = self.holding
+        for attempt in range(3):
+            try:
+                if job is not None:
+                    self.db(queue.finish, job, ev.Released(
+                        job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
+                        reason=f"worker stopped while holding it: {reason}"))
+                    job = self.holding = None
+                self.db(queue.worker_stopped, self.id, reason)
+                self.log(f"stopped ({reason})")
+                return
+            except Exception as exc:  # the first error is the one reported
+                self.error = self.error or exc
+                time.sleep(0.5 * (attempt + 1))
 
     def _beat_done(self) -> None:
         interval = float(self.config["heartbeat-interval"])
@@ -493,18 +345,34 @@ class Worker:
         return self._kill_reason is not None
 
     def _housekeeping(self, now: float) -> None:
+        runner.LEFTOVERS.sweep()
         if now >= self._next_beat:
             self.config = self.db(settings.load)
             self.db(queue.heartbeat, self.id)
             self._beat_done()
         if now >= self._next_rescue:
             self._next_rescue = now + float(self.config["heartbeat-interval"])
-            for event in self.db(queue.rescue, float(self.config["lease-timeout"])):
-                self._report(event)
+            self._rescue()
+
+    def _rescue(self) -> None:
+        """Take back the jobs of workers this process has watched fall silent. Their runs
+        still alive on this host are stopped first, so no job runs twice here at once."""
+        lease = float(self.config["lease-timeout"])
+        # This process looks every heartbeat interval; a longer gap between two looks is a
+        # clock that jumped or a process that was paused, and counts as twice the interval.
+        gap = 2 * float(self.config["heartbeat-interval"])
+        silent = [w for w in self.db(queue.silent_workers, lease, self.silence, gap)
+                  if w[0] != self.id]
+        if not silent:
+            return
+        killed = {w: runner.stop_marked(runner.worker_mark(w))
+                  for w, _, host in silent if host == self.host}
+        for event in self.db(queue.rescue, silent, killed):
+            self._report(event)
 
     def _stop_reason(self) -> str | None:
         if self.shutdown.soft.is_set():
-            return "signal"
+            return self.shutdown.reason
         if self.options.limit and self.done >= self.options.limit:
             return "job limit reached"
         state, stop = self.db(queue.worker_state, self.id)
@@ -515,24 +383,24 @@ class Worker:
         return None
 
     def _loop(self) -> str:
-        job: queue.Claim | None = None
         while True:
-            if job is not None:
+            if self.holding is not None:
                 if self.shutdown.soft.is_set():  # claimed with the last result, not started
+                    job, self.holding = self.holding, None
                     self.db(queue.finish, job, ev.Released(
                         job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
                         reason="worker shut down before the job started"))
-                    return "signal"
+                    return self.shutdown.reason
                 self._tick()  # a streak of instant jobs still heartbeats and rescues
-                job = self._work(job)
+                self.holding = self._work(self.holding)
                 continue
             reason = self._stop_reason()
             if reason:
                 return reason
             self._tick()
             seen = self.waker.generation
-            job = self.db(queue.claim, self.id)
-            if job is None:
+            self.holding = self.db(queue.claim, self.id)
+            if self.holding is None:
                 if self.options.burst and self.db(queue.unfinished) == 0:
                     return "burst: queue empty"
                 self.waker.wait(seen, self._idle_timeout())
@@ -548,20 +416,17 @@ class Worker:
         """Run one job and record its result; returns the next job when the same
         transaction could claim one (a busy queue pays one commit per job, not two)."""
         verbose = self.options.verbose  # build no log line nobody will see
-        if verbose and job.attempt == 1:
-            self.log(f"Picked up NEW job: {job.job_id} (Command: {safe(job.command)})")
-        elif verbose:
-            self.log(f"RETRYING job {job.job_id} (Attempt {job.attempt})")
         if verbose:
-            self.log(f"Job {job.job_id} state: processing")
+            for line in render.worker_started_job(job):
+                self.log(line)
         self._kill_reason = None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
-        result = run_command(
+        result = runner.run_command(
             job.command,
             timeout=job.timeout,
             output_limit=int(self.config["output-limit"]) * 1024,
             tick=lambda: self._running_tick(job),
-            env=self.env,
+            env=runner.run_env(self.env, job.job_id, job.attempt, self.id),
         )
         self.done += 1
         go_on = not self.shutdown.soft.is_set() and not (
@@ -570,12 +435,13 @@ class Worker:
         events, following = self.db(
             queue.finish_and_claim, job, self._event(job, result), self.id if go_on else None
         )
+        self.holding = following
         if verbose:
             for event in events:
                 self._report(event, job)
         return following
 
-    def _event(self, job: queue.Claim, r: RunResult) -> ev.Event:
+    def _event(self, job: queue.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""
         j, w, a = job.job_id, self.id, job.attempt
         out, cut, took = r.output, r.truncated, r.duration
@@ -593,31 +459,28 @@ class Worker:
                                 duration=took)
         code = r.exit_code if r.exit_code is not None else -1
         return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
-                         duration=took, exit_code=code, error=describe_exit(code))
+                         duration=took, exit_code=code, error=runner.describe_exit(code))
 
     def _report(self, event: ev.Event, job: queue.Claim | None = None) -> None:
-        total = 1 + job.max_retries if job else None
-        match event:
-            case ev.Completed(job_id=j):
-                self.log(f"Job {j} state: completed")
-            case ev.Failed(job_id=j, attempt=a, error=error):
-                self.log(f"Job {j} FAILED (Attempt {a}/{total}): {error}")
-            case ev.TimedOut(job_id=j, attempt=a, timeout=t):
-                self.log(f"Job {j} FAILED (Attempt {a}/{total}): timed out after {t:g}s")
-            case ev.LeaseExpired(job_id=j, worker_id=w):
-                self.log(f"Job {j} taken back: worker {w} stopped heartbeating")
-            case ev.WorkerLost(worker_id=w):
-                self.log(f"Worker {w} is gone: no heartbeat")
-            case ev.Released(job_id=j):
-                self.log(f"Job {j} released back to the queue")
-            case ev.Cancelled(job_id=j, reason=r):
-                self.log(f"Job {j} state: cancelled ({r})")
-            case ev.Unblocked(job_id=j):
-                self.log(f"Job {j} unblocked: its dependencies completed")
-            case ev.ScheduledRetry(job_id=j, delay=d):
-                self.log(f"Job {j} state: failed - Will retry in {d:g}s")
-            case ev.Dead(job_id=j):
-                self.log(f"Job {j} state: DEAD")
+        line = render.worker_line(event, 1 + job.max_retries if job else None)
+        if line:
+            self.log(line)
+
+
+def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """``echo``, made safe for worker threads: once output cannot be written (a closed pipe,
+    as in ``worker -v | head``, or a full disk) it is dropped, and the workers go on."""
+    broken = threading.Event()
+
+    def safe_echo(line: str) -> None:
+        if broken.is_set():
+            return
+        try:
+            echo(line)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            broken.set()
+
+    return safe_echo
 
 
 def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> list[str]:
@@ -627,18 +490,24 @@ def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> li
     kills running jobs' process groups and releases them back to the queue.
     """
     shutdown = Shutdown()
+    echo = output_that_never_fails(echo)
 
     def on_signal(signum: int, frame: object) -> None:
         if shutdown.soft.is_set() and signum == signal.SIGINT:
             shutdown.hard.set()
-        shutdown.soft.set()
+        shutdown.stop("signal")
         waker.poke()
 
+    def on_waker_crash(exc: BaseException) -> None:
+        shutdown.stop("the process's waker thread crashed")  # the join loop below pokes
+
     ledger.connect(path).close()  # create or migrate once, before the threads race to
-    _close_on_exec()
-    waker = Waker(path)
+    runner.close_on_exec()
+    waker = Waker(path, on_waker_crash)
     conn = connect(path)
-    workers = [Worker(conn, options, shutdown, waker, echo) for _ in range(options.concurrency)]
+    silence = queue.Silence()
+    workers = [Worker(conn, options, shutdown, waker, echo, silence)
+               for _ in range(options.concurrency)]
     previous = {
         sig: signal.signal(sig, on_signal)
         for sig in (signal.SIGINT, signal.SIGTERM)
@@ -651,9 +520,15 @@ def run_workers(path: Path, options: Options, echo: Callable[[str], None]) -> li
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
+                if shutdown.soft.is_set():
+                    waker.poke()  # idle workers see the stop at once
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        runner.LEFTOVERS.sweep(everything=True)
         waker.close()
         conn.close()
-    return [f"worker {w.id}: {w.error}" for w in workers if w.error is not None]
+    errors = [f"worker {w.id}: {render.one_line(w.error)}" for w in workers if w.error is not None]
+    if waker.error is not None:
+        errors.append(f"waker: {render.one_line(waker.error)}")
+    return errors

@@ -127,3 +127,30 @@ def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "corrupt_ledger: the test corrupts the ledger on purpose")
+
+
+def rescued(conn: sqlite3.Connection, lease: float = 30, watched: float | None = None,
+            meanwhile: Any = None) -> list[Any]:
+    """What a rescuer takes back after watching the workers for ``watched`` seconds of its
+    own clock (a little over the lease, unless given), while ``meanwhile`` ran: silence is
+    judged by the watcher's own observation, never by heartbeat times against the wall
+    clock."""
+    from queuectl import queue
+
+    t = [0.0]
+    silence = queue.Silence(clock=lambda: t[0])
+    queue.silent_workers(conn, lease, silence)
+    if meanwhile is not None:
+        meanwhile()
+    t[0] = lease + 0.001 if watched is None else watched
+    return queue.rescue(conn, queue.silent_workers(conn, lease, silence))
+
+
+def needs(path: str, install: str) -> None:
+    """Skip, saying why, when a system tool a test drives is missing; in CI (QUEUECTL_CI set
+    by .ci/run, which installs them) a missing tool fails the test instead."""
+    if Path(path).exists():
+        return
+    if os.environ.get("QUEUECTL_CI"):
+        pytest.fail(f"{path} is missing in CI; .ci/run should have run: {install}")
+    pytest.skip(f"{path} is not installed ({install})")

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import msgspec
 import pytest
-from conftest import events_of, queuectl_cmd
+from conftest import events_of, queuectl_cmd, rescued
 
 import projections.config
 import projections.jobs
@@ -423,9 +423,14 @@ def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch
 
     later = clock.iso(clock.parse(clock.now()) + timedelta(hours=1))
     monkeypatch.setattr(clock, "now", lambda: later)
-    queue.worker_started(conn, 2, "host", worker_id="w2")  # a live worker, heartbeating "now"
-    rescued = queue.rescue(conn, lease_timeout=30)
-    assert [e.type for e in rescued] == ["lease-expired", "scheduled-retry"]
+    queue.worker_started(conn, 2, "host", worker_id="w2")
+
+    def w2_lives() -> None:
+        monkeypatch.setattr(clock, "now", lambda: clock.after(later, 10))
+        queue.heartbeat(conn, "w2")
+
+    taken = rescued(conn, 30, meanwhile=w2_lives)
+    assert [e.type for e in taken] == ["lease-expired", "scheduled-retry"]
     retry_at = queue.get_job(conn, "j")["run_at"]
     monkeypatch.setattr(clock, "now", lambda: retry_at)
     again = queue.claim(conn, "w2")
@@ -452,11 +457,11 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
     queue.worker_started(conn, 2, "host", worker_id="idle")
     job = queue.claim(conn, "busy")
     assert job is not None and job.job_id == "held"
-    assert queue.rescue(conn, lease_timeout=30) == []  # nobody is stale yet
+    assert rescued(conn, 30, watched=30) == []  # nobody is silent for over 30 s yet
 
     far = "2099-01-01T00:00:00.000000Z"
     monkeypatch.setattr("queuectl.clock.now", lambda: far)
-    events = queue.rescue(conn, lease_timeout=30)
+    events = rescued(conn, 30)
     by_type = {e.type: e for e in events}
     assert sorted(by_type) == ["lease-expired", "scheduled-retry", "worker-lost"]
     assert len(events) == 3
@@ -473,7 +478,7 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
     assert (row["state"], row["worker_id"], row["run_at"]) == ("failed", None, retry.run_at)
     states = dict(conn.execute("SELECT id, state FROM workers"))
     assert states == {"busy": "gone", "idle": "gone"}
-    assert queue.rescue(conn, lease_timeout=30) == []  # recorded once, not again
+    assert rescued(conn, 30) == []  # recorded once, not again
 
 
 def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
@@ -481,5 +486,76 @@ def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
     queue.worker_started(conn, 1, "host", worker_id="w1")
     assert queue.claim(conn, "w1") is not None
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
-    assert [e.type for e in queue.rescue(conn, 30)] == ["lease-expired", "dead"]
+    assert [e.type for e in rescued(conn, 30)] == ["lease-expired", "dead"]
     assert queue.get_job(conn, "last")["state"] == "dead"
+
+
+# -- silence: how a rescuer decides a worker is gone ------------------------------------------
+
+
+class Watch:
+    """A rescuer's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.silence = queue.Silence(clock=lambda: self.t)
+
+    def look(self, conn: sqlite3.Connection, after: float, lease: float = 30,
+             gap: float = float("inf")) -> list[str]:
+        self.t += after
+        return [w for w, _, _ in queue.silent_workers(conn, lease, self.silence, gap)]
+
+
+def test_silence_is_what_the_rescuer_watched_not_the_wall_clock(conn, monkeypatch):
+    queue.worker_started(conn, 1, "host", worker_id="w1")
+    watch = Watch()
+    assert watch.look(conn, 0) == []
+    # The wall clock steps a year ahead; the rescuer's own clock does not.
+    monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
+    assert watch.look(conn, 10) == []
+    assert watch.look(conn, 10) == []
+    assert watch.look(conn, 10.5) == ["w1"]  # 30.5 s watched without a heartbeat
+
+
+def test_a_jump_or_a_pause_of_the_rescuer_counts_as_one_short_gap(conn):
+    queue.worker_started(conn, 1, "host", worker_id="w1")
+    watch = Watch()
+    watch.look(conn, 0)
+    assert watch.look(conn, 3600, gap=20) == []  # an hour's jump counts as 20 s
+    assert watch.look(conn, 5, gap=20) == []  # 25 s
+    assert watch.look(conn, 6, gap=20) == ["w1"]  # 31 s
+
+
+def test_a_heartbeat_starts_the_silence_over(conn, monkeypatch):
+    queue.worker_started(conn, 1, "host", worker_id="w1")
+    watch = Watch()
+    watch.look(conn, 0)
+    watch.look(conn, 20)
+    monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
+    queue.heartbeat(conn, "w1")
+    assert watch.look(conn, 20) == []  # 40 s since the start, but only 0 since the beat
+    assert watch.look(conn, 31) == ["w1"]
+
+
+def test_a_new_rescuer_waits_a_whole_lease_however_old_the_heartbeat(conn, monkeypatch):
+    queue.worker_started(conn, 1, "host", worker_id="w1")
+    monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
+    watch = Watch()
+    assert watch.look(conn, 0) == []
+    assert watch.look(conn, 29) == []
+    assert watch.look(conn, 2) == ["w1"]
+
+
+def test_rescue_leaves_a_worker_that_spoke_after_it_was_found_silent(conn, monkeypatch):
+    _add(conn, "j")
+    queue.worker_started(conn, 1, "host", worker_id="w1")
+    assert queue.claim(conn, "w1") is not None
+    watch = Watch()
+    watch.look(conn, 0)
+    watch.t += 31
+    silent = queue.silent_workers(conn, 30, watch.silence)
+    assert [w for w, _, _ in silent] == ["w1"]
+    monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
+    queue.heartbeat(conn, "w1")  # it was slow, not dead
+    assert queue.rescue(conn, silent) == []
+    assert queue.get_job(conn, "j")["state"] == "processing"

@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import check_both_ways
+from conftest import check_both_ways, rescued
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -191,6 +191,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.serial = 0
         self.draws = 0  # random numbers the model expects the current step to draw
         self.rescue_may_act = True
+        # The rescuer's own clock is the fake one, and it watches after every step, so the
+        # silence it measures is exactly the time since each worker's last sign of life.
+        self.silence = queue.Silence(clock=lambda: CLOCK.t.timestamp())
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -726,7 +729,7 @@ class QueueMachine(RuleBasedStateMachine):
         current = ""
         before = self._last_seq()
         RANDOM.draws = 0
-        events = queue.rescue(self.conn, lease)
+        events = queue.rescue(self.conn, queue.silent_workers(self.conn, lease, self.silence))
         assert self._since(before) == events
         for event in events:
             if isinstance(event, ev.LeaseExpired | ev.WorkerLost):
@@ -855,6 +858,10 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _rows(self) -> dict[str, dict[str, object]]:
         return {j["id"]: j for j in queue.list_jobs(self.conn)}
+
+    @invariant()
+    def rescuer_watches(self) -> None:
+        queue.silent_workers(self.conn, float("inf"), self.silence)
 
     @invariant()
     def job_rows_are_legal(self) -> None:
@@ -999,7 +1006,7 @@ class QueueMachine(RuleBasedStateMachine):
         Jobs waiting on a dead one run once a DLQ retry of it has succeeded."""
         CLOCK.t += timedelta(seconds=self._lease() + 1)
         queue.worker_started(self.conn, 1, "test-host", worker_id="drainer")
-        queue.rescue(self.conn, self._lease())
+        queue.rescue(self.conn, queue.silent_workers(self.conn, self._lease(), self.silence))
         for _ in range(3):
             self._drain_once()
             dead = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'dead'")]
@@ -1051,9 +1058,14 @@ def test_a_worker_declared_lost_is_given_no_job(
     queue.worker_started(conn, 1, "test-host", worker_id="w1")
     queue.worker_started(conn, 2, "test-host", worker_id="w2")
     queue.enqueue(conn, [queue.JobSpec(command="true", id="j1")])
+    watched = [0.0]
+    silence = queue.Silence(clock=lambda: watched[0])
+    queue.silent_workers(conn, 30, silence)
     CLOCK.t += timedelta(seconds=31)  # the machine was suspended: both workers fell silent
+    watched[0] = 31
     queue.heartbeat(conn, "w2")  # w2 wakes first ...
-    assert [e.type for e in queue.rescue(conn, 30)] == ["worker-lost"]  # ... and loses w1
+    lost = queue.rescue(conn, queue.silent_workers(conn, 30, silence))
+    assert [e.type for e in lost] == ["worker-lost"]  # ... and loses w1
     # w1 had read its own state ("active") just before that rescue, and now claims:
     assert queue.claim(conn, "w1") is None
     claimed = queue.claim(conn, "w2")
@@ -1081,7 +1093,7 @@ def test_a_cancel_requested_while_the_job_runs_is_not_lost(
     if ending == "lease expired":
         CLOCK.t += timedelta(seconds=31)
         queue.worker_started(conn, 2, "test-host", worker_id="w2")
-        assert [e.type for e in queue.rescue(conn, 30)][0] == "lease-expired"
+        assert [e.type for e in rescued(conn, 30)][0] == "lease-expired"
     elif ending == "run failed":
         queue.finish(conn, held, ev.Failed(**common, exit_code=1, error="exit 1"))
     else:

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import events_of, spawn, wait_for
+from conftest import events_of, needs, spawn, wait_for
 
 from queuectl import ledger, queue
 from queuectl import worker as worker_module
@@ -567,3 +567,105 @@ def test_double_sigint_abandons_job_and_releases_it(run, conn):
     assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal"]
     wait_for(lambda: not alive_in_group(pgid), timeout=5, what="the job's process group to go")
 
+
+
+# -- supervision: whatever ends a worker thread ------------------------------------------------
+
+
+def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, monkeypatch):
+    """A failure inside the worker's own code (here: recording a result) used to kill the
+    thread holding its job, under a worker still listed active, costing the job an attempt
+    when its lease expired. Now the job is released (no attempt counted), worker-stopped
+    says why, and the process's other worker finishes and stops too."""
+    enqueue(run, "true", "true", "true")
+    real = queue.finish_and_claim
+    calls = []
+
+    def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "finish_and_claim", fails_once)
+    errors = worker_module.run_workers(db, worker_module.Options(concurrency=2), echo=lambda _: None)
+    assert len(errors) == 1 and errors[0].endswith(": boom"), errors
+    crashed = errors[0].split()[1].rstrip(":")
+    stopped = dict(conn.execute(
+        "SELECT worker_id, json_extract(body, '$.reason') FROM events WHERE type = 'worker-stopped'"))
+    assert stopped.pop(crashed) == "crashed: boom"
+    assert list(stopped.values()) == [f"worker {crashed} of this process crashed"]
+    assert conn.execute("SELECT count(*) FROM workers WHERE state = 'active'").fetchone() == (0,)
+    (released,) = bodies(conn, "released")
+    assert released["reason"] == "worker stopped while holding it: crashed: boom"
+    job = queue.get_job(conn, released["job_id"])
+    assert (job["state"], job["attempts"]) == ("pending", 0)
+
+
+def test_a_waker_that_dies_stops_the_process(run, conn, db, monkeypatch):
+    enqueue(run, "sleep 0.5")
+
+    def broken(self):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(worker_module.Waker, "_watch", broken)
+    errors = worker_module.run_workers(db, worker_module.Options(), echo=lambda _: None)
+    assert errors == ["waker: [Errno 5] Input/output error"]
+    reasons = [b["reason"] for b in bodies(conn, "worker-stopped")]
+    assert reasons == ["the process's waker thread crashed"]
+    assert conn.execute("SELECT state FROM jobs").fetchall() in ([("completed",)], [("pending",)])
+
+
+def test_output_that_cannot_be_written_never_stops_the_workers(run, conn):
+    """``worker -v --burst | head -2``: the pipe closes after two lines; the workers go on
+    silently to the end of the queue and exit 0."""
+    ids = enqueue(run, *["true"] * 20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "queuectl", "worker", "-v", "--burst"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its two lines
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err
+    assert err == b""
+    assert [state(conn, job_id) for job_id in ids] == ["completed"] * 20
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["burst: queue empty"]
+
+
+# -- clocks ------------------------------------------------------------------------------------
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+@pytest.mark.slow
+def test_a_clock_step_does_not_expire_a_live_workers_lease(run, conn, tmp_path):
+    """libfaketime steps the worker process's clocks (wall and monotonic alike) 20 s ahead
+    while one of its two workers runs a job: the other must not take it for silent (with
+    a 3 s lease it did: the job then ran twice)."""
+    needs(FAKETIME, "apt-get install faketime")
+    run("config", "set", "heartbeat-interval", "0.5")
+    run("config", "set", "lease-timeout", "3")
+    (job_id,) = enqueue(run, "sleep 6")
+    offset = tmp_path / "offset"
+    offset.write_text("+0\n")
+    proc = spawn("worker", "-c", "2", "--burst", env={
+        "LD_PRELOAD": FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_CACHE_DURATION": "1"})
+    try:
+        wait_for(lambda: "claimed" in events_of(conn, job_id), WAIT)
+        time.sleep(1.5)
+        offset.write_text("+20\n")
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert events_of(conn, job_id) == ["enqueued", "claimed", "completed"]
+    kinds = {r[0] for r in conn.execute("SELECT type FROM events")}
+    assert not kinds & {"lease-expired", "worker-lost"}
+    stamps = [r[0] for r in conn.execute("SELECT at FROM events ORDER BY seq")]
+    assert (when(stamps[-1]) - when(stamps[0])).total_seconds() > 20  # the step did happen

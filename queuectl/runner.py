@@ -1,0 +1,425 @@
+"""Running one job: ``sh -c COMMAND`` as the leader of a new session, its output kept as a
+bounded tail, its end decided by the shell's exit, a timeout or a kill request.
+
+Rules this module keeps:
+
+- A run ends when its shell exits, whatever the shell left running: the worker never waits
+  on a pipe a background process still holds open. What the shell left in its process
+  group then gets SIGTERM at once and, if still there ``KILL_GRACE`` seconds later,
+  SIGKILL. A job that means to leave a daemon behind starts it in a session of its own
+  (``setsid``).
+- Every process of a run carries ``QUEUECTL_JOB_ID``, ``QUEUECTL_ATTEMPT`` and
+  ``QUEUECTL_WORKER_ID`` in its environment. That marks it as the run's wherever it goes,
+  and cannot be mistaken for anything else after a pid is reused (this machine wraps its
+  pids every 32,768 processes: seconds, on a busy queue). A rescuer on the same host finds
+  a dead worker's runs by that mark and stops them before their jobs run again.
+- A process group is signalled by number only while its leader is an unreaped zombie of
+  ours, which keeps the number from being reused; later, processes are found by their mark
+  and signalled through a pidfd, which names one process and never another.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import select
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+TICK = 0.05  # seconds between calls of a run's tick (heartbeats, cancel checks)
+
+# Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default actions, as
+# subprocess's restore_signals would give it (else `yes | head` never ends).
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+@dataclass
+class RunResult:
+    exit_code: int | None
+    duration: float
+    output: str
+    truncated: bool
+    timed_out: bool = False
+    abandoned: bool = False
+
+
+# -- the environment a run gets -----------------------------------------------------------
+
+
+def base_env(environ: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
+    """The worker's environment as bytes, encoded once: posix_spawn would otherwise encode
+    every variable again at every spawn."""
+    source = os.environ if environ is None else environ
+    return {os.fsencode(k): os.fsencode(v) for k, v in source.items()}
+
+
+def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str
+            ) -> dict[bytes, bytes]:
+    env = base.copy()
+    env[b"QUEUECTL_JOB_ID"] = job_id.encode()
+    env[b"QUEUECTL_ATTEMPT"] = str(attempt).encode()
+    env[b"QUEUECTL_WORKER_ID"] = worker_id.encode()
+    return env
+
+
+# -- starting ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _shell() -> str:
+    """``sh`` as PATH finds it, looked up once per process: posix_spawnp would search PATH
+    on every spawn, failing exec after exec in the child while the worker waits for it."""
+    return shutil.which("sh") or "/bin/sh"
+
+
+def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str]) -> tuple[int, int]:
+    """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
+    stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
+
+    os.posix_spawn (vfork and exec inside libc) costs the worker about 70 us of CPU per
+    job, subprocess.Popen about 170 us, most of it Popen's own set-up in Python.
+    Descriptors the job must not see are close-on-exec (see ``close_on_exec``), which is
+    what Popen's close_fds would otherwise do in the child.
+    """
+    read_end, write_end = os.pipe()
+    if write_end < 3:  # the worker runs with stdout or stderr closed: keep off 0-2
+        low, write_end = write_end, fcntl.fcntl(write_end, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(low)
+    os.set_blocking(read_end, False)
+    try:
+        pid = os.posix_spawn(
+            _shell(),
+            ["sh", "-c", command],
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, write_end, 1),
+                (os.POSIX_SPAWN_DUP2, write_end, 2),
+            ],
+            setsid=True,
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return pid, read_end
+
+
+def close_on_exec() -> None:
+    """Mark every descriptor above stderr close-on-exec, once per worker process: Python
+    and SQLite open theirs that way, so only those the worker inherited could leak into
+    jobs started by posix_spawn."""
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
+        if int(name) > 2:
+            try:
+                os.set_inheritable(int(name), False)
+            except OSError:  # the directory listing's own descriptor, closed by now
+                pass
+
+
+# -- waiting ----------------------------------------------------------------------------
+
+
+def _exit_code(pid: int, block: bool = False) -> int | None:
+    """The shell's exit code (negative for a signal) once it has exited, else None. The
+    shell is left unreaped: as a zombie it keeps its process group's number ours."""
+    flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
+    try:
+        info = os.waitid(os.P_PID, pid, flags)
+    except ChildProcessError:  # reaped behind our back (SIGCHLD ignored), as subprocess says
+        return 0
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _wait(pid: int, timeout: float) -> int | None:
+    """``_exit_code`` until the shell exits or ``timeout`` passes, in growing sleeps."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while (code := _exit_code(pid)) is None and time.monotonic() < deadline:
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)
+    return code
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed user: it is there, and not ours to signal
+        return True
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+class _Tail:
+    """The last ``limit`` bytes a run wrote, read from a non-blocking pipe."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd, self.limit = fd, limit
+        self.data = bytearray()
+        self.total = 0
+        self.open = True
+
+    def read(self) -> bool:
+        """Take what the pipe holds now; False once every writer has closed it."""
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            self.open = False
+            return False
+        self.total += len(chunk)
+        self.data.extend(chunk)
+        if len(self.data) > self.limit + 65536:  # bounded, whatever the job prints
+            del self.data[: len(self.data) - self.limit]
+        return True
+
+    def drain(self) -> None:
+        """What is in the pipe already, never waiting for more: a background process may
+        hold it open for hours."""
+        for _ in range(64):
+            if not self.open:
+                return
+            before = self.total
+            if not self.read() or self.total == before:
+                return
+
+    def text(self) -> tuple[str, bool]:
+        kept = bytes(self.data[-self.limit:]) if self.limit else b""
+        return kept.decode("utf-8", "replace"), self.total > len(kept)
+
+
+# -- one run ----------------------------------------------------------------------------
+
+
+def run_command(
+    command: str,
+    *,
+    timeout: float,
+    output_limit: int,
+    tick: Callable[[], bool],
+    env: Mapping[bytes, bytes] | Mapping[str, str] | None = None,
+    leftovers: Leftovers | None = None,
+) -> RunResult:
+    """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
+
+    ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
+    returns True the group is killed at once. On timeout the group gets SIGTERM, then
+    SIGKILL after a grace. ``env`` defaults to the worker's own environment. A shell that
+    cannot be started (a command over the kernel's 128 KiB argument limit, no processes
+    left) is a run that failed with status 126, not the worker's end. If anything raises
+    (``tick`` writing to a database that fails, say), the run's group is killed first.
+    """
+    start = time.monotonic()
+    try:
+        pid, fd = _spawn(command, os.environ if env is None else env)
+    except OSError as exc:
+        why = f"queuectl: cannot start sh: {exc.strerror or exc}"
+        return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
+                         output=why[-output_limit:] if output_limit else "", truncated=False)
+    tail = _Tail(fd, output_limit)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    # A pidfd turns readable when the shell exits, so one poll() waits for output, end of
+    # output and exit alike (Linux >= 5.3; elsewhere we look every TICK).
+    pidfd: int | None
+    try:
+        pidfd = os.pidfd_open(pid)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):
+        pidfd = None
+    timed_out = abandoned = False
+    code: int | None = None
+    try:
+        while True:
+            for ready, _ in poller.poll(TICK * 1000):
+                if ready == fd and not tail.read():
+                    poller.unregister(fd)
+            code = _exit_code(pid) if pidfd is not None or tail.open else _wait(pid, TICK)
+            if code is not None:
+                tail.drain()
+                break
+            abandoned = tick()
+            timed_out = bool(timeout) and time.monotonic() - start > timeout
+            if abandoned or timed_out:
+                kill_group(pid, signal.SIGTERM)
+                code = _wait(pid, 0 if abandoned else KILL_GRACE)
+                kill_group(pid, signal.SIGKILL)  # and any grandchild that ignored TERM
+                if code is None:
+                    code = _exit_code(pid, block=True)
+                tail.drain()
+                break
+    except BaseException:
+        kill_group(pid, signal.SIGKILL)  # the shell is unreaped: the group is still ours
+        _reap(pid)
+        raise
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        os.close(fd)
+    _end(pid, env, leftovers)
+    output, truncated = tail.text()
+    return RunResult(
+        exit_code=code,
+        duration=round(time.monotonic() - start, 6),
+        output=output,
+        truncated=truncated,
+        timed_out=timed_out,
+        abandoned=abandoned,
+    )
+
+
+def _end(pid: int, env: Mapping[bytes, bytes] | Mapping[str, str] | None,
+         leftovers: Leftovers | None) -> None:
+    """The shell has exited (and is still a zombie): SIGTERM what it left in its group,
+    reap it, and if anything of the group is still alive, have it killed after the grace."""
+    kill_group(pid, signal.SIGTERM)
+    _reap(pid)
+    if _group_alive(pid):
+        mark = _mark_of(env)
+        if mark is not None:
+            (leftovers or LEFTOVERS).add(mark)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    note = {126: " (command not executable)", 127: " (command not found)"}.get(code, "")
+    return f"exit status {code}{note}"
+
+
+# -- processes found by their mark ------------------------------------------------------
+
+_MARKS = (b"QUEUECTL_WORKER_ID", b"QUEUECTL_JOB_ID", b"QUEUECTL_ATTEMPT")
+
+
+def _mark_of(env: Mapping[bytes, bytes] | Mapping[str, str] | None) -> tuple[bytes, ...] | None:
+    """The environment entries that name a run, or None for a run without them."""
+    if env is None:
+        return None
+    as_bytes = {os.fsencode(k): os.fsencode(v) for k, v in env.items() if os.fsencode(k) in _MARKS}
+    if len(as_bytes) != len(_MARKS):
+        return None
+    return tuple(key + b"=" + as_bytes[key] for key in _MARKS)
+
+
+def worker_mark(worker_id: str) -> tuple[bytes, ...]:
+    """The mark every run of one worker carries."""
+    return (b"QUEUECTL_WORKER_ID=" + worker_id.encode(),)
+
+
+def _marked(environ: bytes, mark: tuple[bytes, ...]) -> bool:
+    entries = set(environ.split(b"\0"))
+    return all(entry in entries for entry in mark)
+
+
+def _environ(pid: int | str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:  # gone, or another user's
+        return b""
+
+
+def marked_processes(mark: tuple[bytes, ...]) -> list[int]:
+    """Pids of the processes on this host whose environment carries ``mark`` (Linux: read
+    from /proc; elsewhere none are found)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    me = os.getpid()
+    return [int(n) for n in names
+            if n.isdigit() and int(n) != me and _marked(_environ(n), mark)]
+
+
+def _signal_marked(pid: int, mark: tuple[bytes, ...], sig: int) -> bool:
+    """Send ``sig`` to ``pid`` if it is (still) a marked process: through a pidfd opened
+    before the mark is checked, so a reused pid can never be hit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False  # gone, or no pidfds here: never signal a bare pid that may be reused
+    try:
+        if not _marked(_environ(pid), mark):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def stop_marked(mark: tuple[bytes, ...], grace: float = KILL_GRACE) -> int:
+    """Stop every process carrying ``mark``: SIGTERM, then SIGKILL to what is left after
+    ``grace`` seconds (waiting here until they are gone or the grace is over). Returns how
+    many processes were found."""
+    pids = [p for p in marked_processes(mark) if _signal_marked(p, mark, signal.SIGTERM)]
+    if not pids:
+        return 0
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and marked_processes(mark):
+        time.sleep(0.02)
+    for pid in marked_processes(mark):
+        _signal_marked(pid, mark, signal.SIGKILL)
+    return len(pids)
+
+
+class Leftovers:
+    """Runs that left processes behind when their shell exited: each got SIGTERM then, and
+    whatever of it is still there after the grace gets SIGKILL from ``sweep``."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, tuple[bytes, ...]]] = []
+        self._lock = threading.Lock()
+
+    def add(self, mark: tuple[bytes, ...]) -> None:
+        with self._lock:
+            self._due.append((time.monotonic() + KILL_GRACE, mark))
+
+    def sweep(self, everything: bool = False) -> None:
+        """SIGKILL the leftovers whose grace is over (all of them with ``everything``)."""
+        if not self._due:
+            return
+        now = time.monotonic()
+        with self._lock:
+            due = [m for t, m in self._due if everything or t <= now]
+            self._due = [(t, m) for t, m in self._due if not (everything or t <= now)]
+        for mark in due:
+            for pid in marked_processes(mark):
+                _signal_marked(pid, mark, signal.SIGKILL)
+
+
+LEFTOVERS = Leftovers()  # one per process: worker threads share it
