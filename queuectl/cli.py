@@ -150,18 +150,21 @@ def config() -> None:
     """Show or change settings (defaults for new jobs, worker timings)."""
 
 
-@config.command("set", context_settings={"ignore_unknown_options": True})
+def _config_help() -> str:
+    """``config set``'s help, listing every key with what it takes, from ``settings``."""
+    width = max(map(len, settings.SETTINGS))
+    keys = "\n".join(f"  {key:<{width}}  {limits.describe(s.bound)} (default {s.default})"
+                     for key, s in settings.SETTINGS.items())
+    return ("Set KEY to VALUE. New jobs take the retry settings and timeout in force when they\n"
+            "are enqueued; workers reread the others at each heartbeat.\n\n"
+            f"\b\nKeys:\n{keys}\n\n\b\nExample:\n    queuectl config set max-retries 5")
+
+
+@config.command("set", context_settings={"ignore_unknown_options": True}, help=_config_help())
 @click.argument("key", type=click.Choice(list(settings.SETTINGS)), metavar="KEY")
 @click.argument("value")
 @click.pass_context
 def config_set(ctx: click.Context, key: str, value: str) -> None:
-    """Set KEY to VALUE. Keys: max-retries, backoff-base, job-timeout, heartbeat-interval,
-    lease-timeout, output-limit.
-
-    \b
-    Example:
-        queuectl config set max-retries 5
-    """
     stored = queue.set_config(_db(ctx, create=True), key, value)
     click.echo(f"Configuration updated: {key} = {stored}")
     click.echo(settings.SETTINGS[key].updated(stored))
@@ -303,19 +306,25 @@ def list_(ctx: click.Context, state: str | None, limit: int | None, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Job counts per state and the workers that are running."""
+    """Job counts per state, and the workers still running (active, or silent for longer
+    than lease-timeout); workers that stopped or were declared gone are only counted."""
     from queuectl import clock, render
 
     conn = _db(ctx)
     counts = queue.counts(conn)
-    workers = queue.workers(conn, ("active", "gone"))
+    workers = queue.workers(conn, ("active",))
     lease = float(settings.load(conn)["lease-timeout"])
     stale_before = clock.after(clock.now(), -lease)
     for w in workers:
         w["state"] = render.worker_state(w, stale_before)
+    ended = queue.worker_counts(conn)
+    tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
+             "gone": ended.get("gone", 0)}
+    for w in workers:
+        tally[w["state"]] += 1
     if as_json:
-        return _json({"jobs": counts, "workers": workers})
-    render.status(counts, workers, stale_before)
+        return _json({"jobs": counts, "workers": workers, "worker_counts": tally})
+    render.status(counts, workers, tally)
 
 
 @cli.command()
@@ -510,7 +519,7 @@ def _run(ctx: click.Context, **options: Any) -> None:
 @click.option("--check", is_flag=True, help="Rebuild aside and compare; exit 1 on any drift.")
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
-    """Replay the ledger into fresh projections (jobs, workers, config)."""
+    """Replay the ledger into fresh projections (jobs, runs, workers, config)."""
     conn = _db(ctx)
     if check:
         problems = ledger.check(conn)

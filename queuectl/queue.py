@@ -683,6 +683,11 @@ def workers(conn: sqlite3.Connection, states: Iterable[str] = ("active",)) -> li
     )
 
 
+def worker_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Workers per projected state (active, stopped, gone)."""
+    return dict(conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
+
+
 def history(conn: sqlite3.Connection, job_id: str) -> list[tuple[int, str, ev.Event]]:
     """Every event of one job, in order; NotFound when the ledger never saw it."""
     rows = list(read_events(conn, "WHERE job_id = ?", (job_id,)))

@@ -41,10 +41,12 @@ def _console():  # type: ignore[no-untyped-def]
 
 
 def _table(
-    title: str, columns: list[str], rows: list[list[Any]], wide: frozenset[str] = frozenset()
+    title: str | None, columns: list[str], rows: list[list[Any]], wide: frozenset[str] = frozenset()
 ) -> None:
     """A table of user text. On a narrow terminal the ``wide`` columns (commands, errors)
     and then the others wrap; the first column (the id) never does."""
+    if len(rows) > RICH_ROWS:
+        return _long_table(title, columns, rows, wide)
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -62,6 +64,46 @@ def _table(
 
 
 LONGEST_CELL = 300  # characters of one table cell; `show ID` and --json give the whole text
+# rich lays out a table whole, about 450 us a row: a 10,000-event history took 4.5 s.
+# Longer tables are drawn row by row in the same layout, about 20 us a row.
+RICH_ROWS = 500
+
+
+def _long_table(title: str | None, columns: list[str], rows: list[list[Any]],
+                wide: frozenset[str]) -> None:
+    """``_table``'s layout, written as it goes: columns as wide as their longest cell,
+    the ``wide`` ones (then the others, never the first) folded to fit the width."""
+    import sys
+    import textwrap
+
+    cells = [[_cut(safe(str(cell))) for cell in row] for row in rows]
+    widths = [max([len(name)] + [len(row[n]) for row in cells]) for n, name in enumerate(columns)]
+    floor = [max(len(name), 12) if name in wide else len(name) for name in columns]
+    room = _console().width
+    order = [n for n, name in enumerate(columns) if name in wide]
+    order += [n for n in range(1, len(columns)) if n not in order]
+    for n in order:  # shrink the foldable columns, wide ones first, until the row fits
+        excess = 1 + sum(w + 3 for w in widths) - room
+        if excess <= 0:
+            break
+        widths[n] = max(floor[n], widths[n] - excess)
+
+    def lines(values: list[str]) -> list[str]:
+        parts = [textwrap.wrap(v, w, break_long_words=True, break_on_hyphens=False,
+                               drop_whitespace=True) or [""] if len(v) > w else [v]
+                 for v, w in zip(values, widths, strict=True)]
+        return [" " + "".join(f" {(p[i] if i < len(p) else ''):<{w}}  "
+                              for p, w in zip(parts, widths, strict=True)).rstrip()
+                for i in range(max(map(len, parts)))]
+
+    out = sys.stdout
+    if title:
+        out.write(f"{title}\n")
+    out.write("\n" + "\n".join(lines(columns)) + "\n")
+    out.write(" " + "─" * (sum(w + 3 for w in widths) - 1) + "\n")
+    for row in cells:
+        out.write("\n".join(lines(row)) + "\n")
+    out.write("\n")
 
 
 def _cut(text: str) -> str:
@@ -129,27 +171,26 @@ def dlq_table(jobs: list[dict[str, Any]]) -> None:
     _table("Dead letter queue", columns, rows, wide=frozenset({"Command", "Last error"}))
 
 
-def status(counts: dict[str, int], workers: list[dict[str, Any]], stale_before: str) -> None:
+def status(counts: dict[str, int], workers: list[dict[str, Any]], tally: dict[str, int]) -> None:
+    """Job counts, then the running workers (``state`` already active or silent); the
+    workers that stopped or are gone are counted on one line, never listed."""
     from rich.text import Text
 
     console = _console()
     line = "  ".join(f"{state}: {n}" for state, n in counts.items())
     console.print(Text(f"Jobs  {line}  (total: {sum(counts.values())})"))
+    ended = ", ".join(f"{tally[k]} {k}" for k in ("stopped", "gone") if tally[k])
     if not workers:
-        print("Workers: none active")
+        print("Workers: none active" + (f" ({ended}, not shown)" if ended else ""))
         return
     rows = [
-        [
-            w["id"],
-            worker_state(w, stale_before),
-            w["pid"],
-            w["current_job"] or "-",
-            w["jobs_done"],
-            clock.short(w["last_heartbeat"]),
-        ]
+        [w["id"], w["state"], w["host"], w["pid"], w["current_job"] or "-", w["jobs_done"],
+         clock.short(w["last_heartbeat"])]
         for w in workers
     ]
-    _table("Workers", ["Worker", "State", "PID", "Job", "Done", "Heartbeat"], rows)
+    summary = f"Workers: {tally['active']} active, {tally['silent']} silent"
+    print(summary + (f" ({ended}, not shown)" if ended else ""))
+    _table(None, ["Worker", "State", "Host", "PID", "Job", "Done", "Heartbeat"], rows)
 
 
 def worker_state(worker: dict[str, Any], stale_before: str) -> str:
@@ -291,7 +332,7 @@ def show_json(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, An
     data.update(
         backoff_max=job["backoff_max"], backoff_jitter=job["backoff_jitter"],
         worker_id=job["worker_id"], cancel_requested=bool(job["cancel_requested"]),
-        after={dep: state for dep, state in deps.items()},
+        dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
         next_run=_next_run(job), runs=len(runs),
     )
     return data

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import events_of, queuectl_cmd
+from conftest import events_of, queuectl_cmd, rescued
 
+import projections
 from queuectl import events as ev
-from queuectl import ledger, queue
+from queuectl import ledger, limits, queue, render, settings
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 ISO_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3,}Z$")
@@ -391,9 +392,30 @@ def test_status_shows_active_worker(run, conn):
     assert (w["id"], w["state"], w["pid"], w["host"]) == ("wk000001", "active", 4242, "build-01")
     assert ISO_UTC.match(w["last_heartbeat"])
     row = next(line for line in ok(run("status")).splitlines() if "wk000001" in line)
-    assert row.split()[:4] == ["wk000001", "active", "4242", "-"]
+    assert row.split()[:5] == ["wk000001", "active", "build-01", "4242", "-"]
     queue.worker_stopped(conn, "wk000001", "test over")
-    assert json.loads(ok(run("status", "--json")))["workers"] == []
+    data = json.loads(ok(run("status", "--json")))
+    assert data["workers"] == []
+    assert data["worker_counts"] == {"active": 0, "silent": 0, "stopped": 1, "gone": 0}
+
+
+def test_status_lists_running_workers_and_only_counts_the_rest(run, conn):
+    """After a long life the workers table holds hundreds that stopped or were declared
+    gone; status shows the running ones and a count of the others."""
+    for n in range(240):
+        queue.worker_started(conn, n, "old-host", worker_id=f"old{n}")
+        if n % 3:
+            queue.worker_stopped(conn, f"old{n}", "done")
+    silent = [f"old{n}" for n in range(0, 240, 3)]
+    taken = rescued(conn, 30)
+    assert len(taken) == len(silent)
+    queue.worker_started(conn, 1, "here", worker_id="live1")
+    out = ok(run("status"))
+    assert "Workers: 1 active, 0 silent (160 stopped, 80 gone, not shown)\n" in out
+    assert "live1" in out and "old1" not in out
+    data = json.loads(ok(run("status", "--json")))
+    assert [w["id"] for w in data["workers"]] == ["live1"]
+    assert data["worker_counts"] == {"active": 1, "silent": 0, "stopped": 160, "gone": 80}
 
 
 # -- dlq -----------------------------------------------------------------------------------
@@ -717,3 +739,42 @@ def test_flags_beside_a_file_apply_to_every_job(run, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == "Error: --id names one job; it cannot go with --file\n"
     assert len(json.loads(ok(run("list", "--json")))) == 2
+
+
+def test_config_set_help_names_every_key_and_its_range(run):
+    out = ok(run("config", "set", "--help"))
+    for key, setting in settings.SETTINGS.items():
+        line = next(x for x in out.splitlines() if x.strip().startswith(key + " "))
+        assert limits.describe(setting.bound) in line and f"(default {setting.default})" in line
+
+
+def test_rebuild_help_names_every_projection(run):
+    out = " ".join(ok(run("rebuild", "--help")).split())
+    assert "(jobs, runs, workers, config)" in out
+    assert {p.NAME for p in projections.REGISTRY} == {"jobs", "runs", "workers", "config"}
+
+
+def test_a_history_longer_than_rich_draws_is_drawn_whole(run, conn, monkeypatch):
+    """Past ``RICH_ROWS`` rows a table is written row by row (rich took 4.5 s for 10,000)."""
+    queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="big", max_retries=1000)])
+    wid = queue.worker_started(conn, 1, "h")
+    with ledger.write(conn):
+        for attempt in range(1, 201):
+            ledger.append(conn, ev.Claimed(job_id="big", worker_id=wid, attempt=attempt))
+            ledger.append(conn, ev.Failed(job_id="big", worker_id=wid, attempt=attempt,
+                                          exit_code=1, error="exit status 1", output="x" * 90),
+                          ev.ScheduledRetry(job_id="big", attempt=attempt, delay=1.0,
+                                            run_at="2026-01-01T00:00:00.000000Z"))
+    assert render.RICH_ROWS < 601
+    monkeypatch.setenv("COLUMNS", "100")
+    lines = ok(run("history", "big")).splitlines()
+    assert lines[0] == "History of job big" and lines[1] == ""
+    assert lines[2].split() == ["Seq", "Time", "(UTC)", "Event", "Worker", "Details"]
+    assert set(lines[3].strip()) == {"─"}
+    assert max(map(len, lines)) <= 100
+    seqs = [int(x.split()[0]) for x in lines[4:] if x[:8].strip().isdigit()]
+    expected = [r[0] for r in conn.execute("SELECT seq FROM events WHERE job_id = 'big' ORDER BY seq")]
+    assert seqs == expected and len(seqs) == 601
+    details = lines[2].index("Details")
+    first_failed = next(x for x in lines if " failed " in x)
+    assert first_failed[details:].startswith("attempt 1: exit status 1")

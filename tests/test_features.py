@@ -359,7 +359,8 @@ def test_dead_dependency_holds_its_dependents_until_a_dlq_retry_succeeds(run, co
         burst(start)  # A dies; the burst worker must not wait for B forever
         assert [state(conn, j) for j in "ABC"] == ["dead", "waiting", "waiting"]
         assert events_of(conn, "B") == ["enqueued"] and events_of(conn, "C") == ["enqueued"]
-        assert json.loads(ok(run, "show", "B", "--json"))["after"] == {"A": "dead"}
+        shown = json.loads(ok(run, "show", "B", "--json"))
+        assert (shown["after"], shown["dependencies"]) == (["A"], [{"id": "A", "state": "dead"}])
 
         marker.touch()
         assert ok(run, "dlq", "retry", "A") == "Job A has been requeued with max_retries = 0\n"
@@ -794,7 +795,8 @@ def test_show_text_and_json(run, conn, monkeypatch):
     assert data == {
         "id": "J", "command": "make report", "state": "waiting", "priority": 7, "attempts": 0,
         "max_retries": 2, "backoff_base": 3.0, "backoff_max": 30.0, "backoff_jitter": 0.25,
-        "timeout": 4.0, "run_at": None, "after": {"dep1": "completed", "dep2": "pending"},
+        "timeout": 4.0, "run_at": None, "after": ["dep1", "dep2"],
+        "dependencies": [{"id": "dep1", "state": "completed"}, {"id": "dep2", "state": "pending"}],
         "exit_code": None, "last_error": None, "created_at": T(0), "updated_at": T(0),
         "worker_id": None, "cancel_requested": False,
         "next_run": "after its dependencies complete", "runs": 0,
@@ -814,7 +816,9 @@ def test_show_text_and_json(run, conn, monkeypatch):
 
     data = json.loads(ok(run, "show", "J", "--json"))
     assert data["state"] == "failed"
-    assert data["after"] == {"dep1": "completed", "dep2": "completed"}
+    assert data["after"] == ["dep1", "dep2"]  # a list, as in list --json
+    assert data["dependencies"] == [{"id": "dep1", "state": "completed"},
+                                    {"id": "dep2", "state": "completed"}]
     assert (data["last_error"], data["exit_code"]) == ("exit status 3", 3)
     assert data["run_at"] == data["next_run"] == retry["run_at"]
     assert (data["attempts"], data["runs"], data["worker_id"]) == (1, 1, None)
