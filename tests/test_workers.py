@@ -3,6 +3,7 @@ surviving restarts, stopping on request or on signals, and waking for new work a
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import signal
@@ -637,7 +638,8 @@ def test_output_that_cannot_be_written_never_stops_the_workers(run, conn):
 
 # -- clocks ------------------------------------------------------------------------------------
 
-FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))),
+                "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 
 @pytest.mark.slow
