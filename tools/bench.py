@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -691,8 +692,49 @@ def bench_bulk(ctx: Context, result: ScenarioResult) -> list[Row]:
             ctx.log(f"bulk run {r + 1}/{ctx.runs}: {rates[-1]:.0f} jobs/s ({seconds:.2f} s)")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+    pauses = bulk_pauses(ctx, n)
     return [make_row("bulk", "bulk_enqueue", f"bulk enqueue, {n:,} JSON lines, end to end",
-                     rates, "jobs/s", Target(">= 50,000 jobs/s", "value", ">=", 50_000))]
+                     rates, "jobs/s", Target(">= 50,000 jobs/s", "value", ">=", 50_000)),
+            make_row("bulk", "bulk_worker_pause",
+                     f"longest pause of 2 busy workers while {n:,} jobs are enqueued from a "
+                     "file (one transaction)", pauses, "ms", None,
+                     note="the gap between two claims, read from the ledger")]
+
+
+def bulk_pauses(ctx: Context, n: int) -> list[float]:
+    """Milliseconds of the longest gap between two claims of a busy ``worker -c 2`` while a
+    file of ``n`` jobs is enqueued beside it: a file is one transaction, so the workers wait
+    for its write lock."""
+    directory = ctx.fresh_dir("bulk-pause-input")
+    jobs_file = directory / "jobs.jsonl"
+    jobs_file.write_text('{"command":"true","priority":-1}\n' * n)
+    pauses = []
+    try:
+        for r in range(ctx.runs):
+            with ctx.fresh_db("bulk-pause") as db:
+                enqueue_true(db, max(4_000, n // 5))  # work enough to stay busy throughout
+                worker = ctx.popen(ctx.queuectl(db, "worker", "-c", "2"), env=ctx.env_for(db))
+                time.sleep(1.0)
+                started = _iso(time.time())
+                run_timed(ctx, ctx.queuectl(db, "enqueue", "--file", str(jobs_file)), db)
+                ended = _iso(time.time() + 0.5)  # the first claims after the commit count too
+                time.sleep(0.5)
+                ctx.stop(worker)
+                with sqlite3.connect(db) as conn:
+                    claims = [_parse_at(at) for (at,) in conn.execute(
+                        "SELECT at FROM events WHERE type = 'claimed' AND at BETWEEN ? AND ? "
+                        "ORDER BY seq", (started, ended))]
+            if len(claims) < 2:
+                raise RuntimeError("the workers claimed nothing while the file was written")
+            pauses.append(max(b - a for a, b in itertools.pairwise(claims)) * 1000)
+            ctx.log(f"bulk pause run {r + 1}/{ctx.runs}: {pauses[-1]:.0f} ms")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return pauses
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # -- 6. replay ----------------------------------------------------------------------------
@@ -840,6 +882,7 @@ def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
         floor.append(measure_floor(ctx))
         status.append(run_timed(ctx, status_cmd, db) * 1000)
         listing.append(run_timed(ctx, list_cmd, db) * 1000)
+    history_ms = history_times(ctx)
     counts = job_counts(db)
     ctx.log(f"reads on {sum(counts.values()):,} jobs: status {median(status):.1f} ms, list "
             f"{median(listing):.1f} ms, floor {median(floor):.1f} ms")
@@ -857,7 +900,38 @@ def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
                  over_list, "ms", None, baseline_samples=floor, baseline_label=label,
                  ratio=paired_ratio(listing, floor),
                  note=f"wall {median(listing):.1f} ms; no target of its own"),
+        make_row("reads", "history_10k", "`history` of a job with 10,000 events, wall",
+                 history_ms, "ms", None,
+                 note="over 500 rows a table is written row by row instead of by rich"),
     ]
+
+
+def history_times(ctx: Context, events: int = 10_000) -> list[float]:
+    """Wall milliseconds of ``queuectl history`` for one job retried until it has
+    ``events`` events (enqueued, then claimed, failed, scheduled-retry over and over)."""
+    samples = []
+    with ctx.fresh_db("history") as db:
+        conn = ledger.connect(db)
+        try:
+            queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="big", max_retries=10**6)])
+            wid = queue.worker_started(conn, os.getpid(), socket.gethostname())
+            with ledger.write(conn):
+                for attempt in range(1, (events - 1) // 3 + 1):
+                    ledger.append(conn, ev.Claimed(job_id="big", worker_id=wid, attempt=attempt))
+                    ledger.append(
+                        conn,
+                        ev.Failed(job_id="big", worker_id=wid, attempt=attempt, exit_code=1,
+                                  error="exit status 1", output="some output\n"),
+                        ev.ScheduledRetry(job_id="big", attempt=attempt, delay=1.0,
+                                          run_at="2030-01-01T00:00:00.000000Z"))
+        finally:
+            conn.close()
+        cmd = ctx.queuectl(db, "history", "big")
+        run_timed(ctx, cmd, db)
+        for _ in range(ctx.runs):
+            samples.append(run_timed(ctx, cmd, db) * 1000)
+    ctx.log(f"history of a {events:,}-event job: {median(samples):.0f} ms")
+    return samples
 
 
 # -- 8. memory ----------------------------------------------------------------------------
