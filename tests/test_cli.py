@@ -47,6 +47,8 @@ KiB of output (its tail) kept per run
 =========================
 """
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def ok(result) -> str:
     """The stdout of a command that must have succeeded quietly on stderr."""
@@ -531,6 +533,7 @@ def test_history_table(run, conn):
     assert types == ["enqueued", "claimed", "failed", "dead"]
     claimed = next(line for line in lines if " claimed " in line)
     assert "w-test" in claimed and "attempt 1" in claimed
+    assert "moved to the DLQ after 1 attempt: exit status 1" in " ".join(" ".join(lines).split())
 
 
 # -- workers -------------------------------------------------------------------------------
@@ -639,6 +642,25 @@ def test_default_path_and_permissions(run, tmp_path, monkeypatch):
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert [j["id"] for j in jobs_json(run)] == ["d1"]
+
+
+def test_every_new_directory_of_a_db_path_is_private(run, tmp_path):
+    (tmp_path / "a").mkdir()
+    os.chmod(tmp_path / "a", 0o755)
+    path = tmp_path / "a" / "b" / "c" / "d" / "queue.db"
+    ok(run("--db", str(path), "enqueue", "-c", "true"))
+    for directory in (path.parent, path.parent.parent, path.parent.parent.parent):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o755  # what existed is left alone
+
+
+def test_replay_tool_refuses_a_database_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nothere.db"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "replay.py"), "--db", str(missing),
+                           "--check"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == f"Error: no queuectl database at {missing} (commands that write, such as enqueue, create it)\n"
+    assert not missing.exists()
 
 
 def test_no_chatter_on_first_use(run):
