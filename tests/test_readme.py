@@ -1,0 +1,86 @@
+"""README.md's samples stay real: every ``$`` command in them still runs, in one session as
+``tools/readme_samples.py`` runs them, exits as its sample says and prints output of the same
+shape (timestamps, durations, made ids and numbers aside)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _load_tool() -> ModuleType:
+    # tools/ is not a package: load the script from its path.
+    path = Path(__file__).resolve().parent.parent / "tools" / "readme_samples.py"
+    spec = importlib.util.spec_from_file_location("readme_samples", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+samples = _load_tool()
+
+
+@pytest.mark.slow
+def test_every_sample_runs_with_the_shape_the_readme_shows(tmp_path: Path) -> None:
+    # In tmp_path, so the conftest checks that the session's database replays.
+    blocks = samples.find_blocks(samples.README.read_text(encoding="utf-8"))
+    results = samples.run_session(samples.commands(blocks), tmp_path)
+    changed = samples.report(blocks, results, "README.md")
+    if changed:
+        pytest.fail("\n\n".join(changed) + "\n\n(python tools/readme_samples.py rewrites them)",
+                    pytrace=False)
+
+
+def sample(command: str, output: str) -> object:
+    return samples.Sample(command, output, 1)
+
+
+def result(output: str, status: int = 0) -> object:
+    return samples.Result("", output, status, 0.0)
+
+
+def test_times_durations_ids_numbers_and_wrapping_are_not_shape() -> None:
+    readme = """  18   2026-11-27 21:58:10.349   failed   2222222l   attempt 1: exit status 1 after
+                                                    0.001s; output: trying
+ ──────────────
+=== attempt 1 on worker 2222222m at 2026-11-30 03:39:51: timed-out after 5.022s ==="""
+    real = """  117   2027-01-02 09:01:59.1   failed   2222223k   attempt 1: exit status 1
+                                                     after 12.5s; output: trying
+ ────────────────────────
+=== attempt 1 on worker 2222224a at 2027-01-02 10:00:00: timed-out after 5s ==="""
+    assert samples.problems(sample("queuectl history", readme), result(real)) == []
+
+
+def test_a_changed_word_or_a_lost_line_is_a_changed_shape() -> None:
+    readme = "Jobs  pending: 0  scheduled: 2\nWorkers: none active"
+    for real in ("Jobs  pending: 0  scheduled: 2", "Jobs  pending: 0  waiting: 2\nWorkers: none active"):
+        assert samples.problems(sample("queuectl status", readme), result(real))
+
+
+def test_interleaved_workers_are_compared_line_by_line_in_any_order() -> None:
+    readme = "Worker started: 2222222l\nWorker started: 2222222m\n[2222222l] stopped (signal)"
+    real = "Worker started: 2222223a\n[2222223a] stopped (signal)\nWorker started: 2222223b"
+    assert samples.problems(sample("queuectl worker -v -c 2", readme), result(real)) == []
+    assert samples.problems(sample("queuectl worker -v -c 1", readme), result(real))
+
+
+def test_a_sample_that_shows_an_error_must_fail_and_every_other_must_not() -> None:
+    error = "Error: Job job1 is completed"
+    assert samples.problems(sample("queuectl cancel job1", error), result(error, 1)) == []
+    assert samples.problems(sample("queuectl cancel job1", error), result(error, 0))
+    assert samples.problems(sample("queuectl list", "Jobs"), result("Jobs", 1))
+
+
+def test_rewriting_fills_in_outputs_and_leaves_other_blocks_alone() -> None:
+    text = "```sh\n$ not a sample, no prompt first\n```\n\n```\n$ echo a   # why\nold\n$ true\n```\n"
+    text = text.replace("```sh\n$", "```sh\nmake\n$")
+    blocks = samples.find_blocks(text)
+    assert [s.command for b in blocks for s in b.samples] == ["echo a   # why", "true"]
+    written = samples.rewrite(text, blocks, [result("a\nb"), result("")])
+    assert written == text.replace("old\n", "a\nb\n")
