@@ -3,7 +3,8 @@
 A projection module exposes ``NAME``, ``VERSION``, ``TABLES`` (the tables it owns, each with
 its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
 ``apply(tx, seq, at, event)``, the live path: the projection's rows after one more event.
-It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in),
+It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in; triggers
+per store, ``{"sqlite": (...), "postgres": (...)}``: each writes them in its own language),
 ``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
 ``Replay(tx, find)``, whose ``handler(type)`` gives what to call for each event of that type,
 doing what ``apply`` does to empty tables but holding rows in memory, written back by
@@ -19,10 +20,12 @@ on its database.
 from __future__ import annotations
 
 import operator
-import sqlite3
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from queuectl.store import Db
 
 
 class Plus(int):
@@ -66,7 +69,7 @@ class Rows:
     LIMIT = 20_000  # rows held per table: more was slower (a 1M-job replay: 20.2 s at
     # 100,000 against 18.7 s here; the held rows then outgrow the CPU caches)
 
-    def __init__(self, tx: sqlite3.Connection, table: str, columns: Iterable[str], key: str,
+    def __init__(self, tx: Db, table: str, columns: Iterable[str], key: str,
                  rowid: str | None = None, locate: Callable[[Any], Any] | None = None):
         self.tx, self.table, self.key, self.locate = tx, table, key, locate
         self.columns = tuple(columns)
@@ -100,7 +103,7 @@ class Rows:
     def add(self, row: dict[str, Any]) -> None:
         key = row[self.key]
         if key in self.new or key in self.read:  # a clash with the table fails later
-            raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {self.table}.{self.key}")
+            raise ValueError(f"UNIQUE constraint failed: {self.table}.{self.key}")
         self.new[key] = row
 
     def flush(self) -> None:

@@ -7,9 +7,8 @@ rewriting history.
 
 from __future__ import annotations
 
-import sqlite3
-
 from queuectl import events as ev
+from queuectl.store import Db
 
 NAME = "config"
 VERSION = 1
@@ -27,7 +26,7 @@ DDL = (
 HANDLES = frozenset({ev.ConfigChanged})
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, event: ev.Event) -> None:
+def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
     if isinstance(event, ev.ConfigChanged):
         tx.execute(
             """INSERT INTO config (key, value, updated_at) VALUES (?, ?, ?)

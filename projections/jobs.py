@@ -12,7 +12,6 @@ started (a released run is given back). ``job_counts`` always equals
 from __future__ import annotations
 
 import operator
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -20,23 +19,21 @@ from typing import Any
 
 import projections
 from queuectl import events as ev
+from queuectl.states import CLAIMABLE, TIMED, State, any_of
+from queuectl.store import Db
 
 NAME = "jobs"
 VERSION = 6
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
 
-# Partial-index predicates are written as OR chains, not ``IN (...)``: SQLite builds an
-# ephemeral table for an IN list each time it evaluates one, which made every UPDATE of a
-# job's state several times slower. A query uses such an index only when it repeats the
-# predicate word for word, so queries take these constants too.
-CLAIMABLE = "(state = 'pending' OR state = 'scheduled' OR state = 'failed')"
-WAITING = "(state = 'scheduled' OR state = 'failed')"
+# Partial-index predicates are OR chains (``states.any_of``), and a query uses such an index
+# only when it repeats the predicate word for word, so queries take these constants too.
+CLAIMABLE_SQL = any_of(*CLAIMABLE)
+TIMED_SQL = any_of(*TIMED)
 # Jobs in the rarer states (list -s, rescue). Pending jobs are in jobs_ready and completed
-# ones lie in rowid order: leaving both out spares each run several index pages.
-INDEXED_STATES = (
-    "(state = 'processing' OR state = 'failed' OR state = 'scheduled' OR state = 'waiting'"
-    " OR state = 'dead' OR state = 'cancelled')"
-)
+# ones lie in seq order: leaving both out spares each run several index pages.
+INDEXED_STATES = any_of(State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING,
+                        State.DEAD, State.CANCELLED)
 
 DDL = (
     # seq (the enqueued event's) is the rowid: rows lie oldest first, so listing in
@@ -67,9 +64,7 @@ DDL = (
         PRIMARY KEY (job_id, depends_on)
     )""",
     "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL)",
-    """INSERT INTO job_counts (state, n) VALUES ('pending', 0), ('scheduled', 0),
-        ('waiting', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0),
-        ('cancelled', 0)""",
+    "INSERT INTO job_counts (state, n) VALUES " + ", ".join(f"('{s}', 0)" for s in State),
 )
 
 # Indexes the readers and the queue's decisions use; the projector itself only needs the
@@ -78,9 +73,9 @@ INDEXES = (
     # Sorted once at the end of a replay, not grown row by row in random id order.
     "CREATE UNIQUE INDEX jobs_id ON jobs (id)",
     # The claim query walks this index in order: highest priority first, then oldest.
-    f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE}",
+    f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE_SQL}",
     # When the next scheduled job or retry is due (pending jobs are due already).
-    f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {WAITING}",
+    f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {TIMED_SQL}",
     f"CREATE INDEX jobs_state ON jobs (state, seq) WHERE {INDEXED_STATES}",
     "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
 )
@@ -95,32 +90,45 @@ _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "exit_code": 
           "last_error": None}
 _INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
 _COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
-    ON CONFLICT (state) DO UPDATE SET n = n + excluded.n"""
+    ON CONFLICT (state) DO UPDATE SET n = job_counts.n + excluded.n"""
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
-    WHERE d.job_id = ? AND j.state != 'completed'"""
+    WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
 
-# job_counts follows every change of state through this trigger, inside SQLite: cheaper than
-# a statement from Python per move. A replay creates it (with INDEXES) after its last row,
-# having counted in memory instead; inserts are counted by the enqueue handlers, per batch.
-TRIGGERS = (
-    """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
-    WHEN old.state <> new.state BEGIN
-        UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
-        WHERE state = new.state OR state = old.state;
-    END""",
-)
+# job_counts follows every change of state through a trigger, inside the database: cheaper
+# than a statement from Python per move. A replay creates it (with INDEXES) after its last
+# row, having counted in memory instead; inserts are counted by the enqueue handlers, per
+# batch. Each store writes the same trigger in its own language.
+TRIGGERS = {
+    "sqlite": (
+        """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
+        WHEN old.state <> new.state BEGIN
+            UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
+            WHERE state = new.state OR state = old.state;
+        END""",
+    ),
+    "postgres": (
+        """CREATE OR REPLACE FUNCTION job_counts_move() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE job_counts SET n = n + CASE state WHEN NEW.state THEN 1 ELSE -1 END
+            WHERE state = NEW.state OR state = OLD.state;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
+        FOR EACH ROW WHEN (OLD.state <> NEW.state) EXECUTE FUNCTION job_counts_move()""",
+    ),
+}
 
 
 def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[Any, ...]:
     """The new job's row: its ``_ENQUEUED`` columns, in that order."""
     run_at = e.run_at if e.run_at and e.run_at > at else at
-    state = "waiting" if blocked else _ready_state(run_at, at)
+    state = State.WAITING if blocked else _ready_state(run_at, at)
     return (seq, e.job_id, e.command, state, e.priority, e.max_retries, e.backoff_base,
             e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
 
 
-def _ready_state(run_at: str, at: str) -> str:
-    return "scheduled" if run_at > at else "pending"
+def _ready_state(run_at: str, at: str) -> State:
+    return State.SCHEDULED if run_at > at else State.PENDING
 
 
 # -- how each event changes its job's row ------------------------------------------------
@@ -132,12 +140,12 @@ Row = Mapping[str, Any]
 
 
 def _claimed(e: ev.Claimed, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "processing", "attempts": e.attempt, "worker_id": e.worker_id,
+    return {"state": State.PROCESSING, "attempts": e.attempt, "worker_id": e.worker_id,
             "run_at": None}
 
 
 def _completed(e: ev.Completed, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "completed", "worker_id": None, "exit_code": 0, "last_error": None,
+    return {"state": State.COMPLETED, "worker_id": None, "exit_code": 0, "last_error": None,
             "cancel_requested": 0}
 
 
@@ -157,19 +165,19 @@ def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> dict[str, Any]:
 
 
 def _released(e: ev.Released, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "pending", "attempts": e.attempt - 1, "worker_id": None, "run_at": at}
+    return {"state": State.PENDING, "attempts": e.attempt - 1, "worker_id": None, "run_at": at}
 
 
 def _scheduled_retry(e: ev.ScheduledRetry, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "failed", "run_at": e.run_at, "cancel_requested": 0}
+    return {"state": State.FAILED, "run_at": e.run_at, "cancel_requested": 0}
 
 
 def _dead(e: ev.Dead, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "dead", "run_at": None, "cancel_requested": 0}
+    return {"state": State.DEAD, "run_at": None, "cancel_requested": 0}
 
 
 def _requeued(e: ev.Requeued, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "pending", "attempts": 0, "max_retries": e.max_retries, "run_at": at}
+    return {"state": State.PENDING, "attempts": 0, "max_retries": e.max_retries, "run_at": at}
 
 
 def _unblocked(e: ev.Unblocked, at: str, row: Row) -> dict[str, Any]:
@@ -182,7 +190,7 @@ def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> dict[str, Any
 
 
 def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
-    return {"state": "cancelled", "worker_id": None, "run_at": None, "cancel_requested": 0,
+    return {"state": State.CANCELLED, "worker_id": None, "run_at": None, "cancel_requested": 0,
             "last_error": e.reason}
 
 
@@ -211,7 +219,7 @@ def _unknown(job_id: str) -> LookupError:
     return LookupError(f"event for unknown job {job_id!r}")
 
 
-def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None:
+def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
     for dep in e.after:
         tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
@@ -220,7 +228,7 @@ def _enqueued(tx: sqlite3.Connection, seq: int, at: str, e: ev.Enqueued) -> None
     tx.execute(_COUNT, (row[3], 1))
 
 
-def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
+def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
     rows = [_values(seq, at, e) for seq, at, e in batch]
     tx.executemany(_INSERT, rows)
@@ -231,7 +239,7 @@ def _enqueued_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Enqueu
 class _Current(Mapping[str, Any]):
     """A job's row in the table, read column by column only if a rule asks."""
 
-    def __init__(self, tx: sqlite3.Connection, job_id: str) -> None:
+    def __init__(self, tx: Db, job_id: str) -> None:
         self.tx, self.job_id = tx, job_id
 
     def __getitem__(self, column: str) -> Any:
@@ -248,7 +256,7 @@ class _Current(Mapping[str, Any]):
         return len(COLUMNS)
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     if type(e) is ev.Enqueued:
         _enqueued(tx, seq, at, e)
         return
@@ -260,7 +268,7 @@ def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of H
         raise _unknown(job_id)
 
 
-def apply_many(tx: sqlite3.Connection, batch: list[tuple[int, str, ev.Event]]) -> None:
+def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
     """``apply`` over events in ledger order, with runs of plain enqueues inserted together
     (bulk enqueue). The rows are exactly those ``apply`` would write."""
     plain: list[tuple[int, str, ev.Enqueued]] = []
@@ -283,7 +291,7 @@ class Replay:
     """``apply`` for a replay into empty tables: the same rules on rows held in memory
     (``projections.Rows``); counts and triggers come after the last event."""
 
-    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
+    def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx = tx
         self.counts: Counter[str] = Counter()  # jobs per state, over the rows written
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
@@ -309,7 +317,7 @@ class Replay:
                                 [(e.job_id, dep) for dep in e.after])
             for dep in e.after:  # as _UNFINISHED_DEPS: an unknown dependency holds nothing
                 row = self.rows.get(dep)
-                blocked = blocked or (row is not None and row["state"] != "completed")
+                blocked = blocked or (row is not None and row["state"] != State.COMPLETED)
         row = _UNSET.copy()
         row.update(zip(_ENQUEUED, _values(seq, at, e, blocked), strict=True))
         self.rows.add(row)

@@ -12,7 +12,6 @@ run that exhausted the job's retries. ``run_counts`` keeps all-time totals so th
 from __future__ import annotations
 
 import operator
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -21,6 +20,7 @@ from typing import Any
 
 import projections
 from queuectl import events as ev
+from queuectl.store import Db
 
 NAME = "runs"
 VERSION = 5
@@ -60,19 +60,37 @@ _CLOSE = """UPDATE runs SET finished_at = ?, outcome = ?, exit_code = ?, duratio
 fromisoformat = datetime.fromisoformat
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 
-# run_counts follows the rows through these triggers, inside SQLite. A replay creates them
-# after its last row, having counted in memory instead.
-_UPSERT = "INSERT INTO run_counts (outcome, n) VALUES ({}, 1) ON CONFLICT (outcome) DO UPDATE SET n = n + 1"
-TRIGGERS = (
-    f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
-        {_UPSERT.format("'claimed'")}; END""",
-    f"""CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
-    WHEN old.outcome IS NULL AND new.outcome IS NOT NULL BEGIN
-        {_UPSERT.format("new.outcome")}; END""",
-    f"""CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
-    WHEN new.dead = 1 AND old.dead = 0 BEGIN
-        {_UPSERT.format("'dead'")}; END""",
-)
+# run_counts follows the rows through these triggers, inside the database. A replay creates
+# them after its last row, having counted in memory instead.
+_UPSERT = ("INSERT INTO run_counts (outcome, n) VALUES ({}, 1) "
+           "ON CONFLICT (outcome) DO UPDATE SET n = run_counts.n + 1")
+TRIGGERS = {
+    "sqlite": (
+        f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
+            {_UPSERT.format("'claimed'")}; END""",
+        f"""CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
+        WHEN old.outcome IS NULL AND new.outcome IS NOT NULL BEGIN
+            {_UPSERT.format("new.outcome")}; END""",
+        f"""CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
+        WHEN new.dead = 1 AND old.dead = 0 BEGIN
+            {_UPSERT.format("'dead'")}; END""",
+    ),
+    "postgres": (
+        f"""CREATE OR REPLACE FUNCTION run_counts_claimed() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN {_UPSERT.format("'claimed'")}; RETURN NULL; END $$""",
+        """CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs
+        FOR EACH ROW EXECUTE FUNCTION run_counts_claimed()""",
+        f"""CREATE OR REPLACE FUNCTION run_counts_closed() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN {_UPSERT.format("NEW.outcome")}; RETURN NULL; END $$""",
+        """CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
+        FOR EACH ROW WHEN (OLD.outcome IS NULL AND NEW.outcome IS NOT NULL)
+        EXECUTE FUNCTION run_counts_closed()""",
+        f"""CREATE OR REPLACE FUNCTION run_counts_dead() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN {_UPSERT.format("'dead'")}; RETURN NULL; END $$""",
+        """CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
+        FOR EACH ROW WHEN (NEW.dead = 1 AND OLD.dead = 0) EXECUTE FUNCTION run_counts_dead()""",
+    ),
+}
 
 
 def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
@@ -100,7 +118,7 @@ _OUTCOMES: dict[type, Callable[..., tuple[str, int | None, float | None] | None]
 HANDLES = frozenset({ev.Claimed, ev.Dead, *_OUTCOMES})  # the rest pass by
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
         tx.execute(_INSERT, list(_run(seq, at, e).values()))
@@ -117,7 +135,7 @@ class Replay:
     """``apply`` for a replay into empty tables, on rows held in memory (a job has at most
     one open run, its latest, so closing "the open runs" is closing the latest if open)."""
 
-    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
+    def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx, self.find = tx, find
         self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
         self._held = self.rows.new.get  # the usual case, without a call to rows.get

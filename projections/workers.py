@@ -8,13 +8,14 @@ started later are not affected.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import projections
 from queuectl import events as ev
+from queuectl.states import WorkerState
+from queuectl.store import Db
 
 NAME = "workers"
 VERSION = 2
@@ -51,9 +52,9 @@ _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
     ev.Cancelled: lambda e, at: (
         {"current_job": None, "last_heartbeat": at} if e.worker_id is not None else None),
     ev.Released: lambda e, at: {"current_job": None},
-    ev.LeaseExpired: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
-    ev.WorkerLost: lambda e, at: {"state": "gone", "current_job": None, "stopped_at": at},
-    ev.WorkerStopped: lambda e, at: {"state": "stopped", "current_job": None,
+    ev.LeaseExpired: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
+    ev.WorkerLost: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
+    ev.WorkerStopped: lambda e, at: {"state": WorkerState.STOPPED, "current_job": None,
                                      "stopped_at": at, "last_heartbeat": at},
 }
 # Runs a worker finished (when the change above applies): each adds one to its jobs_done.
@@ -61,18 +62,18 @@ _DONE = frozenset({ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled})
 
 
 def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
-    return {"id": e.worker_id, "pid": e.pid, "host": e.host, "state": "active",
+    return {"id": e.worker_id, "pid": e.pid, "host": e.host, "state": WorkerState.ACTIVE,
             "started_at": at, "last_heartbeat": at, "stopped_at": None, "stop_requested": 0,
             "current_job": None, "jobs_done": 0}
 
 
 # A stop request flags every worker active at that moment.
-_STOP = "UPDATE workers SET stop_requested = 1 WHERE state = 'active'"
+_STOP = f"UPDATE workers SET stop_requested = 1 WHERE state = '{WorkerState.ACTIVE}'"
 
 HANDLES = frozenset({ev.WorkerStarted, ev.StopRequested, *_CHANGES})  # the rest pass by
 
 
-def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.WorkerStarted:
         row = _row(at, e)
@@ -92,7 +93,7 @@ def apply(tx: sqlite3.Connection, seq: int, at: str, e: Any) -> None:  # e: of H
 class Replay:
     """``apply`` for a replay into empty tables, on rows held in memory."""
 
-    def __init__(self, tx: sqlite3.Connection, find: projections.Find) -> None:
+    def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx = tx
         self.rows = projections.Rows(tx, "workers", COLUMNS, "id")
         self._held = self.rows.new.get  # the usual case, without a call to rows.get

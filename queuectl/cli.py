@@ -7,16 +7,16 @@ that need them, so ``queuectl enqueue`` stays quick.
 from __future__ import annotations
 
 import os
-import sqlite3
+import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from queuectl import ledger, limits, queue, settings
+from queuectl import decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
+from queuectl.states import STATES, WorkerState
 
 
 class QueuectlGroup(click.Group):
@@ -27,8 +27,8 @@ class QueuectlGroup(click.Group):
             return super().invoke(ctx)
         except QueueError as exc:
             raise click.ClickException(str(exc)) from exc
-        except sqlite3.Error as exc:
-            raise click.ClickException(f"database error: {exc}") from exc
+        except store.driver_errors() as exc:
+            raise click.ClickException(f"database error: {_scrubbed(str(exc))}") from exc
         except BrokenPipeError:
             sys.stderr.close()  # `queuectl list | head`: not an error worth a traceback
             raise click.exceptions.Exit(0) from None
@@ -102,7 +102,12 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _db(ctx: click.Context, create: bool = False) -> sqlite3.Connection:
+def _scrubbed(text: str) -> str:
+    """A driver's message with any connection URL in it shown without its password."""
+    return re.sub(r"postgres(?:ql)?://\S+", lambda m: store.shown(m.group(0)), text)
+
+
+def _db(ctx: click.Context, create: bool = False) -> store.Db:
     """A connection for this command, closed when the command ends (see ``main``). Only
     commands that record something new pass ``create``: a read of a database that does
     not exist (a typo in ``--db``) is an error, not a new empty queue."""
@@ -120,15 +125,14 @@ def _json(data: Any) -> None:
 @click.group(cls=QueuectlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
     envvar="QUEUECTL_DB",
-    default=Path("data") / "queue.db",
+    default=store.DEFAULT,
     show_default=True,
-    help="Database file (also QUEUECTL_DB); created on first use.",
+    help="A SQLite file (created on first use), or a postgresql:// URL; also QUEUECTL_DB.",
 )
 @click.version_option(package_name="queuectl")
 @click.pass_context
-def cli(ctx: click.Context, db: Path) -> None:
+def cli(ctx: click.Context, db: str) -> None:
     """queuectl: a background job queue for shell commands, stored as an event ledger.
 
     \b
@@ -165,7 +169,7 @@ def _config_help() -> str:
 @click.argument("value")
 @click.pass_context
 def config_set(ctx: click.Context, key: str, value: str) -> None:
-    stored = queue.set_config(_db(ctx, create=True), key, value)
+    stored = decisions.set_config(_db(ctx, create=True), key, value)
     click.echo(f"Configuration updated: {key} = {stored}")
     click.echo(settings.SETTINGS[key].updated(stored))
 
@@ -235,7 +239,7 @@ def enqueue(
         raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
     if jobs_file is not None:
         specs = [
-            queue.parse_spec(text, f" on line {n}")
+            decisions.parse_spec(text, f" on line {n}")
             for n, text in _lines(jobs_file)
             if text.strip()
         ]
@@ -246,10 +250,10 @@ def enqueue(
         if flags:  # flags beside a file apply to every job in it
             specs = [_override(spec, flags) for spec in specs]
     elif job_json is not None:
-        specs = [_override(queue.parse_spec(job_json), {"id": job_id, **flags})]
+        specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
-        specs = [queue.check_spec(queue.JobSpec(command=command or "", id=job_id, **flags))]
-    ids = queue.enqueue(_db(ctx, create=True), specs)
+        specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
+    ids = decisions.enqueue(_db(ctx, create=True), specs)
     if len(ids) == 1 and jobs_file is None:
         click.echo(f"Job added successfully with ID: {ids[0]}")
     else:
@@ -268,21 +272,21 @@ def _lines(stream: Any) -> Iterator[tuple[int, str]]:
                 f"{exc.start + 1}); queuectl reads job files as UTF-8") from None
 
 
-def _override(spec: queue.JobSpec, flags: dict[str, Any]) -> queue.JobSpec:
+def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSpec:
     """Flags given beside a JSON job win over its fields."""
     import msgspec
 
     given = {k: v for k, v in flags.items() if v is not None}
     if "run_at" in given or "delay" in given:  # a flag's time replaces the JSON's
         spec = msgspec.structs.replace(spec, run_at=None, delay=None)
-    return queue.check_spec(msgspec.structs.replace(spec, **given)) if given else spec
+    return decisions.check_spec(msgspec.structs.replace(spec, **given)) if given else spec
 
 
 # -- reading ------------------------------------------------------------------------------
 
 
 @cli.command("list")
-@click.option("-s", "--state", type=click.Choice(queue.STATES), help="Only jobs in this state.")
+@click.option("-s", "--state", type=click.Choice([s.value for s in STATES]), help="Only jobs in this state.")
 @click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
@@ -296,7 +300,7 @@ def list_(ctx: click.Context, state: str | None, limit: int | None, as_json: boo
     """
     from queuectl import render
 
-    jobs = queue.list_jobs(_db(ctx), state, limit)
+    jobs = reads.list_jobs(_db(ctx), state, limit)
     if as_json:
         return _json([render.job_json(j) for j in jobs])
     render.jobs_table(jobs, f"Jobs ({state})" if state else "Jobs")
@@ -311,13 +315,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from queuectl import clock, render
 
     conn = _db(ctx)
-    counts = queue.counts(conn)
-    workers = queue.workers(conn, ("active",))
+    counts = reads.counts(conn)
+    workers = reads.workers(conn, (WorkerState.ACTIVE,))
     lease = float(settings.load(conn)["lease-timeout"])
     stale_before = clock.after(clock.now(), -lease)
     for w in workers:
         w["state"] = render.worker_state(w, stale_before)
-    ended = queue.worker_counts(conn)
+    ended = reads.worker_counts(conn)
     tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
              "gone": ended.get("gone", 0)}
     for w in workers:
@@ -335,7 +339,7 @@ def history(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Every event of one job, in order: its whole life."""
     from queuectl import render
 
-    rows = queue.history(_db(ctx), job_id)
+    rows = reads.history(_db(ctx), job_id)
     if as_json:
         return _json(render.history_json(rows))
     render.history_table(job_id, rows)
@@ -350,9 +354,9 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     from queuectl import render
 
     conn = _db(ctx)
-    job = queue.get_job(conn, job_id)
-    deps = {dep: queue.get_job(conn, dep)["state"] for dep in job["after"]}
-    runs = queue.runs_of(conn, job_id)
+    job = reads.get_job(conn, job_id)
+    deps = {dep: reads.get_job(conn, dep)["state"] for dep in job["after"]}
+    runs = reads.runs_of(conn, job_id)
     if as_json:
         return _json(render.show_json(job, deps, runs))
     render.show(job, deps, runs)
@@ -367,7 +371,7 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
     """Each run of a job: exit code, duration and the tail of its output."""
     from queuectl import render
 
-    runs = queue.runs_of(_db(ctx), job_id)
+    runs = reads.runs_of(_db(ctx), job_id)
     if attempt is not None:
         runs = [r for r in runs if r["attempt"] == attempt]
         if not runs:
@@ -385,7 +389,7 @@ def cancel(ctx: click.Context, job_id: str) -> None:
 
     Jobs waiting on a cancelled job are cancelled too.
     """
-    if queue.cancel(_db(ctx), job_id) == "requested":
+    if decisions.cancel(_db(ctx), job_id) == "requested":
         click.echo(f"Cancel requested for running job {job_id}; its worker will stop it.")
     else:
         click.echo(f"Job {job_id} cancelled.")
@@ -399,8 +403,8 @@ def stats(ctx: click.Context, since: str | None, as_json: bool) -> None:
     """Throughput, success rate, run time and queue wait, from the ledger's runs."""
     from queuectl import render
 
-    seconds = queue.parse_since(since) if since else None
-    figures = queue.stats(_db(ctx), seconds)
+    seconds = reads.parse_since(since) if since else None
+    figures = reads.stats(_db(ctx), seconds)
     if as_json:
         return _json(figures)
     render.stats(figures, since)
@@ -421,7 +425,7 @@ def dlq_list(ctx: click.Context, as_json: bool) -> None:
     """List dead jobs."""
     from queuectl import render
 
-    jobs = queue.list_jobs(_db(ctx), "dead")
+    jobs = reads.list_jobs(_db(ctx), "dead")
     if as_json:
         return _json([render.job_json(j) for j in jobs])
     render.dlq_table(jobs)
@@ -432,7 +436,7 @@ def dlq_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def dlq_retry(ctx: click.Context, job_id: str) -> None:
     """Send a dead job back to pending, attempts 0, with a fresh retry budget."""
-    max_retries = queue.dlq_retry(_db(ctx), job_id)
+    max_retries = decisions.dlq_retry(_db(ctx), job_id)
     click.echo(f"Job {job_id} has been requeued with max_retries = {max_retries}")
 
 
@@ -492,7 +496,7 @@ def worker_stop(ctx: click.Context) -> None:
 
 
 def _stop(ctx: click.Context) -> None:
-    queue.request_stop(_db(ctx, create=True))
+    decisions.request_stop(_db(ctx, create=True))
     click.echo("Stop signal sent to all workers.")
 
 

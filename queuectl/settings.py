@@ -6,12 +6,12 @@ shows every key and a better default needs no event.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from queuectl import limits
 from queuectl.errors import InvalidInput
+from queuectl.store import Db
 
 
 def canonical(value: float) -> str:
@@ -137,7 +137,7 @@ def typed(key: str, value: str) -> int | float:
     return int(number) if number.is_integer() and abs(number) < 1e16 else number
 
 
-def load(conn: sqlite3.Connection) -> dict[str, str]:
+def load(conn: Db) -> dict[str, str]:
     """Every setting: the stored value where one was set, else the default."""
     values = {key: s.default for key, s in SETTINGS.items()}
     for key, value in conn.execute("SELECT key, value FROM config").fetchall():

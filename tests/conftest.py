@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import projections
-from queuectl import ledger
+from queuectl import claims, ledger
 from queuectl.cli import cli
 from queuectl.errors import StoreError
 
@@ -135,15 +135,14 @@ def rescued(conn: sqlite3.Connection, lease: float = 30, watched: float | None =
     own clock (a little over the lease, unless given), while ``meanwhile`` ran: silence is
     judged by the watcher's own observation, never by heartbeat times against the wall
     clock."""
-    from queuectl import queue
 
     t = [0.0]
-    silence = queue.Silence(clock=lambda: t[0])
-    queue.silent_workers(conn, lease, silence)
+    silence = claims.Silence(clock=lambda: t[0])
+    claims.silent_workers(conn, lease, silence)
     if meanwhile is not None:
         meanwhile()
     t[0] = lease + 0.001 if watched is None else watched
-    return queue.rescue(conn, queue.silent_workers(conn, lease, silence))
+    return claims.rescue(conn, claims.silent_workers(conn, lease, silence))
 
 
 def needs(path: str, install: str) -> None:

@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import pytest
 
+from queuectl import claims, decisions, ledger
 from queuectl import events as ev
-from queuectl import ledger, queue
 
 
 class Case(NamedTuple):
@@ -184,17 +184,17 @@ def seeded(db: Path) -> Path:
     """A database holding a pending job ``p1`` and a dead job ``d1``."""
     conn = ledger.connect(db)
     try:
-        queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="d1", max_retries=0)])
-        claim = queue.claim(conn, "w-test")
+        decisions.enqueue(conn, [decisions.JobSpec(command="exit 1", id="d1", max_retries=0)])
+        claim = claims.claim(conn, "w-test")
         assert claim is not None
-        queue.finish(
+        claims.finish(
             conn,
             claim,
             ev.Failed(
                 job_id="d1", worker_id="w-test", attempt=1, exit_code=1, error="exit status 1"
             ),
         )
-        queue.enqueue(conn, [queue.JobSpec(command="echo hi", id="p1")])
+        decisions.enqueue(conn, [decisions.JobSpec(command="echo hi", id="p1")])
     finally:
         conn.close()
     return db

@@ -19,8 +19,8 @@ import pytest
 from conftest import events_of, queuectl_cmd, rescued
 
 import projections
+from queuectl import claims, decisions, ledger, limits, render, settings
 from queuectl import events as ev
-from queuectl import ledger, limits, queue, render, settings
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 ISO_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3,}Z$")
@@ -72,13 +72,13 @@ def count_events(conn: sqlite3.Connection) -> int:
 
 def make_dead(conn: sqlite3.Connection, job_id: str, command: str = "exit 1") -> None:
     """A job that failed its only allowed run, through the queue's own decisions."""
-    queue.enqueue(conn, [queue.JobSpec(command=command, id=job_id, max_retries=0)])
-    claim = queue.claim(conn, "w-test")
+    decisions.enqueue(conn, [decisions.JobSpec(command=command, id=job_id, max_retries=0)])
+    claim = claims.claim(conn, "w-test")
     assert claim is not None and claim.job_id == job_id
     failed = ev.Failed(
         job_id=job_id, worker_id="w-test", attempt=claim.attempt, exit_code=1, error="exit status 1"
     )
-    queue.finish(conn, claim, failed)
+    claims.finish(conn, claim, failed)
 
 
 # -- config --------------------------------------------------------------------------------
@@ -168,9 +168,9 @@ def test_config_set_changes_new_jobs_only(run, conn):
 
     # The old job's first failure still waits 2 ** 1 s, the new one's 3 ** 1 s.
     for job_id in ("old", "new"):
-        claim = queue.claim(conn, "w-test")
+        claim = claims.claim(conn, "w-test")
         assert claim is not None and claim.job_id == job_id
-        queue.finish(
+        claims.finish(
             conn,
             claim,
             ev.Failed(
@@ -388,14 +388,14 @@ def test_status_json(run, conn):
 
 
 def test_status_shows_active_worker(run, conn):
-    queue.worker_started(conn, 4242, "build-01", worker_id="wk000001")
+    claims.worker_started(conn, 4242, "build-01", worker_id="wk000001")
     data = json.loads(ok(run("status", "--json")))
     (w,) = data["workers"]
     assert (w["id"], w["state"], w["pid"], w["host"]) == ("wk000001", "active", 4242, "build-01")
     assert ISO_UTC.match(w["last_heartbeat"])
     row = next(line for line in ok(run("status")).splitlines() if "wk000001" in line)
     assert row.split()[:5] == ["wk000001", "active", "build-01", "4242", "-"]
-    queue.worker_stopped(conn, "wk000001", "test over")
+    claims.worker_stopped(conn, "wk000001", "test over")
     data = json.loads(ok(run("status", "--json")))
     assert data["workers"] == []
     assert data["worker_counts"] == {"active": 0, "silent": 0, "stopped": 1, "gone": 0}
@@ -405,13 +405,13 @@ def test_status_lists_running_workers_and_only_counts_the_rest(run, conn):
     """After a long life the workers table holds hundreds that stopped or were declared
     gone; status shows the running ones and a count of the others."""
     for n in range(240):
-        queue.worker_started(conn, n, "old-host", worker_id=f"old{n}")
+        claims.worker_started(conn, n, "old-host", worker_id=f"old{n}")
         if n % 3:
-            queue.worker_stopped(conn, f"old{n}", "done")
+            claims.worker_stopped(conn, f"old{n}", "done")
     silent = [f"old{n}" for n in range(0, 240, 3)]
     taken = rescued(conn, 30)
     assert len(taken) == len(silent)
-    queue.worker_started(conn, 1, "here", worker_id="live1")
+    claims.worker_started(conn, 1, "here", worker_id="live1")
     out = ok(run("status"))
     assert "Workers: 1 active, 0 silent (160 stopped, 80 gone, not shown)\n" in out
     assert "live1" in out and "old1" not in out
@@ -778,8 +778,8 @@ def test_rebuild_help_names_every_projection(run):
 
 def test_a_history_longer_than_rich_draws_is_drawn_whole(run, conn, monkeypatch):
     """Past ``RICH_ROWS`` rows a table is written row by row (rich took 4.5 s for 10,000)."""
-    queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="big", max_retries=1000)])
-    wid = queue.worker_started(conn, 1, "h")
+    decisions.enqueue(conn, [decisions.JobSpec(command="exit 1", id="big", max_retries=1000)])
+    wid = claims.worker_started(conn, 1, "h")
     with ledger.write(conn):
         for attempt in range(1, 201):
             ledger.append(conn, ev.Claimed(job_id="big", worker_id=wid, attempt=attempt))

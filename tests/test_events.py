@@ -10,8 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from queuectl import decisions, ledger
 from queuectl import events as ev
-from queuectl import ledger, queue
 from queuectl.errors import CorruptLedger
 
 # One file per event version: rows written by every earlier version must keep decoding.
@@ -105,8 +105,8 @@ def test_ledger_row_columns_match_the_event(run, conn) -> None:
 
 @pytest.fixture
 def seeded(conn: sqlite3.Connection) -> sqlite3.Connection:
-    queue.enqueue(
-        conn, [queue.JobSpec(command="echo a", id="a"), queue.JobSpec(command="echo b", id="b")]
+    decisions.enqueue(
+        conn, [decisions.JobSpec(command="echo a", id="a"), decisions.JobSpec(command="echo b", id="b")]
     )
     return conn
 

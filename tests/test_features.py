@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import events_of, spawn, wait_for
 
-from queuectl import clock, ledger, queue
+from queuectl import claims, clock, decisions, ledger, reads
 from queuectl import events as ev
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
@@ -110,7 +110,7 @@ def rows(conn: sqlite3.Connection, type_: str, job_id: str | None = None) -> lis
 
 
 def job(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
-    return queue.get_job(conn, job_id)
+    return reads.get_job(conn, job_id)
 
 
 def state(conn: sqlite3.Connection, job_id: str) -> str:
@@ -158,21 +158,21 @@ def added(run, *args: str) -> str:  # type: ignore[no-untyped-def]
 # Library-level runs (no process): claim as a named worker and record an outcome.
 
 
-def claim(conn: sqlite3.Connection, worker_id: str, expect: str | None) -> queue.Claim | None:
-    got = queue.claim(conn, worker_id)
+def claim(conn: sqlite3.Connection, worker_id: str, expect: str | None) -> claims.Claim | None:
+    got = claims.claim(conn, worker_id)
     assert (got.job_id if got else None) == expect
     return got
 
 
-def complete(conn: sqlite3.Connection, c: queue.Claim, worker_id: str, duration: float,
+def complete(conn: sqlite3.Connection, c: claims.Claim, worker_id: str, duration: float,
              output: str = "") -> list[ev.Event]:
-    return queue.finish(conn, c, ev.Completed(
+    return claims.finish(conn, c, ev.Completed(
         job_id=c.job_id, worker_id=worker_id, attempt=c.attempt, duration=duration, output=output))
 
 
-def fail(conn: sqlite3.Connection, c: queue.Claim, worker_id: str, duration: float = 0.1,
+def fail(conn: sqlite3.Connection, c: claims.Claim, worker_id: str, duration: float = 0.1,
          code: int = 1) -> list[ev.Event]:
-    return queue.finish(conn, c, ev.Failed(
+    return claims.finish(conn, c, ev.Failed(
         job_id=c.job_id, worker_id=worker_id, attempt=c.attempt, exit_code=code,
         error=f"exit status {code}", duration=duration))
 
@@ -446,11 +446,11 @@ def test_bad_dependencies_in_a_file_refuse_the_whole_file(run, conn, tmp_path, l
 def _meanwhile(monkeypatch: pytest.MonkeyPatch, db: Any, action: Callable[[sqlite3.Connection], None]) -> None:
     """Run ``action`` on another connection after ``enqueue`` has read and checked its
     input but before it writes: a concurrent writer, at the worst moment."""
-    real = queue._dependency_order
+    real = decisions._dependency_order
 
     def then_meanwhile(specs):  # type: ignore[no-untyped-def]
         found = real(specs)
-        monkeypatch.setattr(queue, "_dependency_order", real)  # once
+        monkeypatch.setattr(decisions, "_dependency_order", real)  # once
         other = ledger.connect(db)
         try:
             action(other)
@@ -458,7 +458,7 @@ def _meanwhile(monkeypatch: pytest.MonkeyPatch, db: Any, action: Callable[[sqlit
             other.close()
         return found
 
-    monkeypatch.setattr(queue, "_dependency_order", then_meanwhile)
+    monkeypatch.setattr(decisions, "_dependency_order", then_meanwhile)
 
 
 def test_a_file_is_written_whole_or_not_at_all(run, conn, db, tmp_path, monkeypatch):
@@ -467,8 +467,8 @@ def test_a_file_is_written_whole_or_not_at_all(run, conn, db, tmp_path, monkeypa
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"id": f"j{n}", "command": "true"}) + "\n"
                             for n in range(6000)))
-    _meanwhile(monkeypatch, db, lambda other: queue.enqueue(
-        other, [queue.JobSpec(command="echo elsewhere", id="j5999")]))
+    _meanwhile(monkeypatch, db, lambda other: decisions.enqueue(
+        other, [decisions.JobSpec(command="echo elsewhere", id="j5999")]))
     one_error(run("enqueue", "--file", str(path)), "Job with ID 'j5999' already exists")
     assert conn.execute("SELECT id FROM jobs").fetchall() == [("j5999",)]
 
@@ -479,7 +479,7 @@ def test_a_dependency_cancelled_while_a_file_is_read_refuses_the_file(
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"id": f"c{n}", "command": "true", "after": ["parent"]})
                             + "\n" for n in range(3000)))
-    _meanwhile(monkeypatch, db, lambda other: queue.cancel(other, "parent"))
+    _meanwhile(monkeypatch, db, lambda other: decisions.cancel(other, "parent"))
     one_error(run("enqueue", "--file", str(path)), "dependency 'parent' is cancelled")
     assert conn.execute("SELECT id, state FROM jobs").fetchall() == [("parent", "cancelled")]
 
@@ -859,7 +859,7 @@ def _stats_ledger(conn: sqlite3.Connection, run, fake: FakeClock) -> None:  # ty
     added(run, "--id", "to", "--max-retries", "0", "--timeout", "4", "-c", "sleep 9")
     added(run, "--id", "x", "-c", "sleep 9")
     added(run, "--id", "p", "-c", "true")
-    queue.worker_started(conn, 1, "host", worker_id="w")
+    claims.worker_started(conn, 1, "host", worker_id="w")
     for i in range(1, 21):
         fake.set(i)
         c = claim(conn, "w", f"c{i:02d}")
@@ -874,7 +874,7 @@ def _stats_ledger(conn: sqlite3.Connection, run, fake: FakeClock) -> None:  # ty
     fake.set(25)
     c = claim(conn, "w", "to")
     fake.set(29)
-    queue.finish(conn, c, ev.TimedOut(job_id="to", worker_id="w", attempt=1, timeout=4,
+    claims.finish(conn, c, ev.TimedOut(job_id="to", worker_id="w", attempt=1, timeout=4,
                                       duration=4.0))
     fake.set(30)
     c = claim(conn, "w", "f")
@@ -883,9 +883,9 @@ def _stats_ledger(conn: sqlite3.Connection, run, fake: FakeClock) -> None:  # ty
     fake.set(31)
     c = claim(conn, "w", "x")
     fake.set(31.5)
-    assert queue.cancel(conn, "x") == "requested"
+    assert decisions.cancel(conn, "x") == "requested"
     fake.set(32)
-    queue.finish(conn, c, ev.Cancelled(job_id="x", worker_id="w", attempt=1,
+    claims.finish(conn, c, ev.Cancelled(job_id="x", worker_id="w", attempt=1,
                                        reason="cancelled by user while running", duration=1.0))
     assert [state(conn, j) for j in ("c20", "f", "to", "x", "p")] == \
         ["completed", "dead", "dead", "cancelled", "pending"]

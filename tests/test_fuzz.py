@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from queuectl import events, ledger, queue
+from queuectl import decisions, events, ledger
 from queuectl.cli import cli
 
 numbers = st.one_of(
@@ -99,8 +99,8 @@ def _ledger_rows(db: Path) -> list[tuple[int, str]]:
 def seeded(db: Path) -> Path:
     conn = ledger.connect(db)
     try:
-        queue.enqueue(conn, [queue.JobSpec(command="true", id="j1"),
-                             queue.JobSpec(command="true", id="j2", after=["j1"])])
+        decisions.enqueue(conn, [decisions.JobSpec(command="true", id="j1"),
+                             decisions.JobSpec(command="true", id="j2", after=["j1"])])
     finally:
         conn.close()
     return db

@@ -17,13 +17,14 @@ from conftest import events_of, queuectl_cmd, rescued
 import projections.config
 import projections.jobs
 import projections.workers
-from queuectl import clock, ledger, queue
+from queuectl import claims, clock, decisions, ledger, reads
 from queuectl import events as ev
 from queuectl.errors import Conflict
+from queuectl.store import sqlite as sqlite_store
 
 
 def _add(conn: sqlite3.Connection, *ids: str, command: str = "true", retries: int = 3) -> None:
-    queue.enqueue(conn, [queue.JobSpec(command=command, id=i, max_retries=retries) for i in ids])
+    decisions.enqueue(conn, [decisions.JobSpec(command=command, id=i, max_retries=retries) for i in ids])
 
 
 def _rows(conn: sqlite3.Connection, table: str) -> list[tuple[object, ...]]:
@@ -36,21 +37,21 @@ def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
 
 def _mixed_workload(conn: sqlite3.Connection) -> None:
     """Jobs in every state: completed, failed (waiting), dead, processing, pending."""
-    queue.set_config(conn, "backoff-base", "3")
+    decisions.set_config(conn, "backoff-base", "3")
     _add(conn, "ok", "retry")
     _add(conn, "dies", retries=0)
     _add(conn, "busy", "waiting")
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     common = {"worker_id": "w1", "attempt": 1}
     for job_id, result in (
         ("ok", ev.Completed(job_id="ok", **common)),
         ("retry", ev.Failed(job_id="retry", exit_code=1, error="exit status 1", **common)),
         ("dies", ev.Failed(job_id="dies", exit_code=2, error="exit status 2", **common)),
     ):
-        job = queue.claim(conn, "w1")
+        job = claims.claim(conn, "w1")
         assert job is not None and job.job_id == job_id
-        queue.finish(conn, job, result)
-    assert queue.claim(conn, "w1").job_id == "busy"  # type: ignore[union-attr]
+        claims.finish(conn, job, result)
+    assert claims.claim(conn, "w1").job_id == "busy"  # type: ignore[union-attr]
 
 
 # -- the write path -------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def _mixed_workload(conn: sqlite3.Connection) -> None:
 
 def test_a_new_database_has_small_pages_and_wal(conn, tmp_path):
     # Each commit writes whole pages to the WAL: 2 KiB pages made the ledger cycle 11% faster.
-    assert conn.execute("PRAGMA page_size").fetchone() == (ledger.PAGE_SIZE,) == (2048,)
+    assert conn.execute("PRAGMA page_size").fetchone() == (sqlite_store.PAGE_SIZE,) == (2048,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -69,9 +70,9 @@ def test_an_old_database_keeps_its_page_size(tmp_path):
     raw.execute("PRAGMA journal_mode = WAL")
     raw.close()
     conn = ledger.connect(path)  # an empty file made by hand: adopted, pages as they were
-    queue.enqueue(conn, [queue.JobSpec(command="true", id="a")])
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="a")])
     assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
-    assert queue.get_job(conn, "a")["state"] == "pending"
+    assert reads.get_job(conn, "a")["state"] == "pending"
     conn.close()
 
 
@@ -135,7 +136,7 @@ def test_an_older_ledger_gains_the_replace_guard_when_opened(db, conn):
     conn.close()
     again = ledger.connect(db)
     try:
-        assert again.execute("PRAGMA user_version").fetchone() == (ledger.LEDGER_VERSION,)
+        assert again.execute("PRAGMA user_version").fetchone() == (sqlite_store.LEDGER_VERSION,)
         names = {r[0] for r in again.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         assert "events_no_replace" in names
     finally:
@@ -163,7 +164,7 @@ def test_job_counts_match_jobs_after_mixed_workload(conn):
     counts = dict(conn.execute("SELECT state, n FROM job_counts WHERE n != 0").fetchall())
     assert counts == by_state
     assert counts == {"completed": 1, "failed": 1, "dead": 1, "processing": 1, "pending": 1}
-    assert {s: n for s, n in queue.counts(conn).items() if n} == counts
+    assert {s: n for s, n in reads.counts(conn).items() if n} == counts
 
 
 # -- projections and replay -----------------------------------------------------------------
@@ -261,7 +262,7 @@ def test_check_is_clean_then_names_altered_row(conn):
 
 def test_made_ids_spell_the_seq_in_sorting_order():
     seqs = [*range(1, 70_000, 7), *range(2**30 - 5, 2**30 + 5), 2**40 - 1]
-    ids = [queue.spell(seq) for seq in seqs]
+    ids = [decisions.spell(seq) for seq in seqs]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[a-z2-7]{8}", i) for i in ids)
@@ -281,44 +282,44 @@ def test_ids_made_by_separate_processes_sort_in_the_order_they_were_made(db):
                                            "ORDER BY seq")]
     finally:
         conn.close()
-    assert made == [queue.spell(seq) for seq in seqs]
+    assert made == [decisions.spell(seq) for seq in seqs]
 
 
 def test_a_made_id_that_a_user_already_chose_gets_a_suffix(conn):
-    taken = queue.spell(ledger.next_seq(conn) + 1)  # what the next job would be called
+    taken = decisions.spell(ledger.next_seq(conn) + 1)  # what the next job would be called
     _add(conn, taken)  # the user takes it (seq n); the next made id would be spelled n+1
-    ids = queue.enqueue(conn, [queue.JobSpec(command="true"), queue.JobSpec(command="true")])
-    assert ids[0] == f"{taken}.1" and ids[1] == queue.spell(ledger.next_seq(conn) - 1)
+    ids = decisions.enqueue(conn, [decisions.JobSpec(command="true"), decisions.JobSpec(command="true")])
+    assert ids[0] == f"{taken}.1" and ids[1] == decisions.spell(ledger.next_seq(conn) - 1)
     assert ids == sorted(ids)
 
 
 def test_worker_ids_never_collide(conn):
-    made = {queue.worker_started(conn, n, "host") for n in range(200)}
+    made = {claims.worker_started(conn, n, "host") for n in range(200)}
     assert len(made) == 200
     with pytest.raises(Conflict, match="Worker with ID 'w1' already exists"):
-        queue.worker_started(conn, 1, "host", worker_id="w1")
-        queue.worker_started(conn, 1, "host", worker_id="w1")
+        claims.worker_started(conn, 1, "host", worker_id="w1")
+        claims.worker_started(conn, 1, "host", worker_id="w1")
 
 
 def test_claim_takes_oldest_first(conn):
     _add(conn, "first")
     _add(conn, "second")
     _add(conn, "third")
-    queue.worker_started(conn, 1, "host", worker_id="w1")
-    claimed = [queue.claim(conn, "w1") for _ in range(4)]
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    claimed = [claims.claim(conn, "w1") for _ in range(4)]
     assert [c.job_id if c else None for c in claimed] == ["first", "second", "third", None]
     assert [c.attempt for c in claimed if c] == [1, 1, 1]
 
 
 def test_claim_skips_jobs_waiting_out_their_backoff(conn):
     _add(conn, "a", "b")
-    queue.worker_started(conn, 1, "host", worker_id="w1")
-    job = queue.claim(conn, "w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    job = claims.claim(conn, "w1")
     assert job is not None and job.job_id == "a"
     failed = ev.Failed(job_id="a", worker_id="w1", attempt=1, exit_code=1, error="exit status 1")
-    queue.finish(conn, job, failed)
-    assert queue.claim(conn, "w1").job_id == "b"  # type: ignore[union-attr]
-    assert queue.claim(conn, "w1") is None  # "a" waits 2 s
+    claims.finish(conn, job, failed)
+    assert claims.claim(conn, "w1").job_id == "b"  # type: ignore[union-attr]
+    assert claims.claim(conn, "w1") is None  # "a" waits 2 s
 
 
 def test_concurrent_claims_never_share_a_job(db, conn):
@@ -333,9 +334,9 @@ def test_concurrent_claims_never_share_a_job(db, conn):
         try:
             c = ledger.connect(db)
             try:
-                queue.worker_started(c, 1, "host", worker_id=worker_id)
+                claims.worker_started(c, 1, "host", worker_id=worker_id)
                 start.wait()
-                while (job := queue.claim(c, worker_id)) is not None:
+                while (job := claims.claim(c, worker_id)) is not None:
                     mine.append(job.job_id)
             finally:
                 c.close()
@@ -360,8 +361,8 @@ def test_concurrent_claims_never_share_a_job(db, conn):
     assert holders == {job: w for w, jobs in got.items() for job in jobs}
 
 
-def _claim(attempt: int, max_retries: int = 3, base: float = 2) -> queue.Claim:
-    return queue.Claim("j", "false", attempt, max_retries, base, 0.0)
+def _claim(attempt: int, max_retries: int = 3, base: float = 2) -> claims.Claim:
+    return claims.Claim("j", "false", attempt, max_retries, base, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +372,7 @@ def _claim(attempt: int, max_retries: int = 3, base: float = 2) -> queue.Claim:
 def test_retry_rule(base, max_retries, delays):
     at = "2026-11-27T10:30:00.000000Z"
     for k in range(1, 2 + max_retries):
-        event = queue.retry_or_dead(_claim(k, max_retries, base), at, "exit status 1")
+        event = claims.retry_or_dead(_claim(k, max_retries, base), at, "exit status 1")
         if k <= max_retries:
             assert event == ev.ScheduledRetry(
                 job_id="j", attempt=k, delay=base**k, run_at=clock.after(at, base**k)
@@ -383,10 +384,10 @@ def test_retry_rule(base, max_retries, delays):
 
 def test_job_runs_at_most_one_plus_max_retries_times(conn):
     _add(conn, "f", command="false", retries=2)
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     runs = 0
     while True:
-        job = queue.claim(conn, "w1")
+        job = claims.claim(conn, "w1")
         if job is None:  # waiting out its backoff, or dead: claim it when its run_at comes
             state, run_at = conn.execute("SELECT state, run_at FROM jobs WHERE id = 'f'").fetchone()
             if state == "dead":
@@ -394,13 +395,13 @@ def test_job_runs_at_most_one_plus_max_retries_times(conn):
             assert state == "failed"
             with pytest.MonkeyPatch.context() as m:
                 m.setattr(clock, "now", lambda: run_at)  # noqa: B023
-                job = queue.claim(conn, "w1")
+                job = claims.claim(conn, "w1")
             assert job is not None
         runs += 1
         result = ev.Failed(
             job_id="f", worker_id="w1", attempt=job.attempt, exit_code=1, error="exit status 1"
         )
-        queue.finish(conn, job, result)
+        claims.finish(conn, job, result)
     assert runs == 3
     assert events_of(conn, "f") == [
         "enqueued",
@@ -412,50 +413,50 @@ def test_job_runs_at_most_one_plus_max_retries_times(conn):
         for (b,) in conn.execute("SELECT body FROM events WHERE type = 'scheduled-retry'")
     ]
     assert delays == [2, 4]
-    assert queue.get_job(conn, "f")["attempts"] == 3
+    assert reads.get_job(conn, "f")["attempts"] == 3
 
 
 def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch):
     _add(conn, "j")
-    queue.worker_started(conn, 1, "host", worker_id="w1")
-    job = queue.claim(conn, "w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    job = claims.claim(conn, "w1")
     assert job is not None
 
     later = clock.iso(clock.parse(clock.now()) + timedelta(hours=1))
     monkeypatch.setattr(clock, "now", lambda: later)
-    queue.worker_started(conn, 2, "host", worker_id="w2")
+    claims.worker_started(conn, 2, "host", worker_id="w2")
 
     def w2_lives() -> None:
         monkeypatch.setattr(clock, "now", lambda: clock.after(later, 10))
-        queue.heartbeat(conn, "w2")
+        claims.heartbeat(conn, "w2")
 
     taken = rescued(conn, 30, meanwhile=w2_lives)
     assert [e.type for e in taken] == ["lease-expired", "scheduled-retry"]
-    retry_at = queue.get_job(conn, "j")["run_at"]
+    retry_at = reads.get_job(conn, "j")["run_at"]
     monkeypatch.setattr(clock, "now", lambda: retry_at)
-    again = queue.claim(conn, "w2")
+    again = claims.claim(conn, "w2")
     assert again is not None and again.attempt == 2
     (seq_before,) = conn.execute("SELECT max(seq) FROM events").fetchone()
     before = _snapshot(conn)
 
     # w1 comes back from the dead and reports its (long lost) run.
-    assert queue.finish(conn, job, ev.Completed(job_id="j", worker_id="w1", attempt=1)) == []
+    assert claims.finish(conn, job, ev.Completed(job_id="j", worker_id="w1", attempt=1)) == []
     failed = ev.Failed(job_id="j", worker_id="w1", attempt=1, exit_code=1, error="x")
-    assert queue.finish(conn, job, failed) == []
+    assert claims.finish(conn, job, failed) == []
     assert conn.execute("SELECT max(seq) FROM events").fetchone() == (seq_before,)
     assert _snapshot(conn) == before
 
     # The holder's result is still recorded.
     done = ev.Completed(job_id="j", worker_id="w2", attempt=2)
-    assert queue.finish(conn, again, done) == [done]
-    assert queue.get_job(conn, "j")["state"] == "completed"
+    assert claims.finish(conn, again, done) == [done]
+    assert reads.get_job(conn, "j")["state"] == "completed"
 
 
 def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
     _add(conn, "held", retries=3)
-    queue.worker_started(conn, 1, "host", worker_id="busy")
-    queue.worker_started(conn, 2, "host", worker_id="idle")
-    job = queue.claim(conn, "busy")
+    claims.worker_started(conn, 1, "host", worker_id="busy")
+    claims.worker_started(conn, 2, "host", worker_id="idle")
+    job = claims.claim(conn, "busy")
     assert job is not None and job.job_id == "held"
     assert rescued(conn, 30, watched=30) == []  # nobody is silent for over 30 s yet
 
@@ -474,7 +475,7 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
     assert retry.run_at == clock.after(far, 2)
 
     assert events_of(conn, "held") == ["enqueued", "claimed", "lease-expired", "scheduled-retry"]
-    row = queue.get_job(conn, "held")
+    row = reads.get_job(conn, "held")
     assert (row["state"], row["worker_id"], row["run_at"]) == ("failed", None, retry.run_at)
     states = dict(conn.execute("SELECT id, state FROM workers"))
     assert states == {"busy": "gone", "idle": "gone"}
@@ -483,11 +484,11 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
 
 def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
     _add(conn, "last", retries=0)
-    queue.worker_started(conn, 1, "host", worker_id="w1")
-    assert queue.claim(conn, "w1") is not None
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    assert claims.claim(conn, "w1") is not None
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
     assert [e.type for e in rescued(conn, 30)] == ["lease-expired", "dead"]
-    assert queue.get_job(conn, "last")["state"] == "dead"
+    assert reads.get_job(conn, "last")["state"] == "dead"
 
 
 # -- silence: how a rescuer decides a worker is gone ------------------------------------------
@@ -498,16 +499,16 @@ class Watch:
 
     def __init__(self) -> None:
         self.t = 0.0
-        self.silence = queue.Silence(clock=lambda: self.t)
+        self.silence = claims.Silence(clock=lambda: self.t)
 
     def look(self, conn: sqlite3.Connection, after: float, lease: float = 30,
              gap: float = float("inf")) -> list[str]:
         self.t += after
-        return [w for w, _, _ in queue.silent_workers(conn, lease, self.silence, gap)]
+        return [w for w, _, _ in claims.silent_workers(conn, lease, self.silence, gap)]
 
 
 def test_silence_is_what_the_rescuer_watched_not_the_wall_clock(conn, monkeypatch):
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     watch = Watch()
     assert watch.look(conn, 0) == []
     # The wall clock steps a year ahead; the rescuer's own clock does not.
@@ -518,7 +519,7 @@ def test_silence_is_what_the_rescuer_watched_not_the_wall_clock(conn, monkeypatc
 
 
 def test_a_jump_or_a_pause_of_the_rescuer_counts_as_one_short_gap(conn):
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     watch = Watch()
     watch.look(conn, 0)
     assert watch.look(conn, 3600, gap=20) == []  # an hour's jump counts as 20 s
@@ -527,18 +528,18 @@ def test_a_jump_or_a_pause_of_the_rescuer_counts_as_one_short_gap(conn):
 
 
 def test_a_heartbeat_starts_the_silence_over(conn, monkeypatch):
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     watch = Watch()
     watch.look(conn, 0)
     watch.look(conn, 20)
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
-    queue.heartbeat(conn, "w1")
+    claims.heartbeat(conn, "w1")
     assert watch.look(conn, 20) == []  # 40 s since the start, but only 0 since the beat
     assert watch.look(conn, 31) == ["w1"]
 
 
 def test_a_new_rescuer_waits_a_whole_lease_however_old_the_heartbeat(conn, monkeypatch):
-    queue.worker_started(conn, 1, "host", worker_id="w1")
+    claims.worker_started(conn, 1, "host", worker_id="w1")
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
     watch = Watch()
     assert watch.look(conn, 0) == []
@@ -548,14 +549,14 @@ def test_a_new_rescuer_waits_a_whole_lease_however_old_the_heartbeat(conn, monke
 
 def test_rescue_leaves_a_worker_that_spoke_after_it_was_found_silent(conn, monkeypatch):
     _add(conn, "j")
-    queue.worker_started(conn, 1, "host", worker_id="w1")
-    assert queue.claim(conn, "w1") is not None
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    assert claims.claim(conn, "w1") is not None
     watch = Watch()
     watch.look(conn, 0)
     watch.t += 31
-    silent = queue.silent_workers(conn, 30, watch.silence)
+    silent = claims.silent_workers(conn, 30, watch.silence)
     assert [w for w, _, _ in silent] == ["w1"]
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
-    queue.heartbeat(conn, "w1")  # it was slow, not dead
-    assert queue.rescue(conn, silent) == []
-    assert queue.get_job(conn, "j")["state"] == "processing"
+    claims.heartbeat(conn, "w1")  # it was slow, not dead
+    assert claims.rescue(conn, silent) == []
+    assert reads.get_job(conn, "j")["state"] == "processing"

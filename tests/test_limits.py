@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from queuectl import clock, events, ledger, limits, queue
+from queuectl import claims, clock, events, ledger, limits
 from queuectl import events as ev
 from queuectl.errors import InvalidInput
 
@@ -149,8 +149,8 @@ def test_huge_backoff_saturates_and_the_worker_goes_on(run, conn):
         "SELECT body FROM events WHERE type = 'scheduled-retry' AND job_id = 'huge'").fetchone()
     retry = json.loads(body)
     assert retry["delay"] == 1_000_000
-    claim = queue.Claim("huge", "exit 3", 7, 7, 1e6, 0.0)
-    late = queue.retry_or_dead(claim, clock.now(), "exit status 3")
+    claim = claims.Claim("huge", "exit 3", 7, 7, 1e6, 0.0)
+    late = claims.retry_or_dead(claim, clock.now(), "exit status 3")
     assert isinstance(late, ev.ScheduledRetry) and late.delay == limits.LONGEST
     assert late.run_at > clock.now() and len(late.run_at) == 27
 

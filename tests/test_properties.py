@@ -42,13 +42,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from queuectl import clock, ledger, queue
+from queuectl import claims, clock, decisions, ledger, reads, states
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.settings import SETTINGS
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
-STATES = set(queue.STATES)  # all eight
+STATES = set(states.STATES)  # all eight
 FINAL = ("completed", "dead", "cancelled")
 HAS_RUN_AT = ("pending", "scheduled", "waiting", "failed")
 
@@ -175,7 +175,7 @@ class Worker:
     state: str = "active"  # what the workers table must say: active, stopped or gone
     alive: bool = True  # the process still runs (a worker declared gone may not know it yet)
     stop_requested: bool = False
-    claim: queue.Claim | None = None  # the job the process believes it holds
+    claim: claims.Claim | None = None  # the job the process believes it holds
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -193,7 +193,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.rescue_may_act = True
         # The rescuer's own clock is the fake one, and it watches after every step, so the
         # silence it measures is exactly the time since each worker's last sign of life.
-        self.silence = queue.Silence(clock=lambda: CLOCK.t.timestamp())
+        self.silence = claims.Silence(clock=lambda: CLOCK.t.timestamp())
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -320,7 +320,7 @@ class QueueMachine(RuleBasedStateMachine):
         stop and was told its worker would stop it: it must not run again. It is cancelled,
         with the jobs waiting on it (or dead, if that run was its last by the retry rule)."""
         job = self.jobs[job_id]
-        row = queue.get_job(self.conn, job_id)
+        row = reads.get_job(self.conn, job_id)
         allowed = {"cancelled", "dead"} if held_attempt >= 1 + job.max_retries else {"cancelled"}
         assert row["state"] in allowed, (
             f"job {job_id}: its cancel was requested while it ran and the run then ended "
@@ -372,7 +372,7 @@ class QueueMachine(RuleBasedStateMachine):
             if w.alive and (w.state == "active" or w.claim is not None)
         ]
 
-    def _spec(self, data: st.DataObject, pool: list[str]) -> queue.JobSpec:
+    def _spec(self, data: st.DataObject, pool: list[str]) -> decisions.JobSpec:
         """A well-formed new job, as the CLI hands it to the core (through check_spec)."""
         after: list[str] = []
         if pool and data.draw(st.booleans(), label="after existing jobs"):
@@ -393,7 +393,7 @@ class QueueMachine(RuleBasedStateMachine):
                 "naive run_at": moment.replace(tzinfo=None).isoformat(),
                 "offset run_at": moment.astimezone(timezone(timedelta(hours=2))).isoformat(),
             }.get(timing, clock.iso(moment))
-        spec = queue.JobSpec(
+        spec = decisions.JobSpec(
             command="true",
             id=self._name("j"),
             priority=data.draw(st.integers(-2, 2), label="priority"),
@@ -404,15 +404,15 @@ class QueueMachine(RuleBasedStateMachine):
             after=after,
         )
         if run_at is not None:  # every form names the same instant, stored canonically
-            canonical = queue.check_spec(spec).run_at
+            canonical = decisions.check_spec(spec).run_at
             assert canonical == clock.iso(clock.parse(run_at)) and canonical.endswith("Z")
         return spec
 
-    def _enqueued(self, specs: list[queue.JobSpec]) -> None:
-        specs = [queue.check_spec(s) for s in specs]
+    def _enqueued(self, specs: list[decisions.JobSpec]) -> None:
+        specs = [decisions.check_spec(s) for s in specs]
         now = CLOCK.now()
         before = self._event_count()
-        assert queue.enqueue(self.conn, specs) == [s.id for s in specs]
+        assert decisions.enqueue(self.conn, specs) == [s.id for s in specs]
         assert self._event_count() == before + len(specs)
         new = {s.id: s for s in specs}
         marks = ",".join("?" * len(new))
@@ -449,7 +449,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _start_worker(self) -> None:
         wid = self._name("w")
-        queue.worker_started(self.conn, 1000 + self.serial, "test-host", worker_id=wid)
+        claims.worker_started(self.conn, 1000 + self.serial, "test-host", worker_id=wid)
         self.workers[wid] = Worker(last_beat=CLOCK.now())
 
     @initialize(
@@ -502,11 +502,11 @@ class QueueMachine(RuleBasedStateMachine):
             self._enqueued(specs)
             return
         if fault == "duplicate within":
-            specs.append(queue.JobSpec(command="true", id=specs[0].id))
+            specs.append(decisions.JobSpec(command="true", id=specs[0].id))
             error: type[Exception] = Conflict
         elif fault == "duplicate stored":
             stored = data.draw(st.sampled_from(list(self.jobs)), label="stored id")
-            specs[i] = queue.JobSpec(command="true", id=stored)
+            specs[i] = decisions.JobSpec(command="true", id=stored)
             error = Conflict
         elif fault == "self dependency":
             specs[i].after.append(specs[i].id)  # type: ignore[arg-type]
@@ -522,9 +522,9 @@ class QueueMachine(RuleBasedStateMachine):
             for k in range(n):
                 specs[k].after.append(specs[(k + 1) % n].id)  # type: ignore[arg-type]
             error = InvalidInput
-        self._refused(error, queue.enqueue, [queue.check_spec(s) for s in specs])
+        self._refused(error, decisions.enqueue, [decisions.check_spec(s) for s in specs])
 
-    def _expect_claim(self, wid: str, got: queue.Claim | None) -> None:
+    def _expect_claim(self, wid: str, got: claims.Claim | None) -> None:
         """``got`` is what ``wid`` was given by a claim made now: the model's next eligible
         job, or nothing for a worker that is not active or was asked to stop."""
         worker = self.workers[wid]
@@ -539,7 +539,7 @@ class QueueMachine(RuleBasedStateMachine):
             f"{ {i: (j.state, j.priority, j.run_at) for i, j in self.jobs.items()} }"
         )
         job, now = self.jobs[expected], CLOCK.now()
-        assert got == queue.Claim(
+        assert got == claims.Claim(
             expected, "true", job.attempts + 1, job.max_retries, job.backoff_base, job.timeout,
             job.backoff_max, job.backoff_jitter,
         )
@@ -557,7 +557,7 @@ class QueueMachine(RuleBasedStateMachine):
             self._claim_refused(wid)
             return
         before = self._last_seq()
-        got = queue.claim(self.conn, wid)
+        got = claims.claim(self.conn, wid)
         self._expect_claim(wid, got)
         assert len(self._since(before)) == (got is not None)
 
@@ -568,7 +568,7 @@ class QueueMachine(RuleBasedStateMachine):
         one would stay ``processing`` forever if it then died, and one asked to stop must
         not start anything new: the claim itself must refuse, and write nothing."""
         before = self._event_count()
-        got = queue.claim(self.conn, wid)
+        got = claims.claim(self.conn, wid)
         worker = self.workers[wid]
         assert got is None, (
             f"worker {wid} ({worker.state}, stop requested: {worker.stop_requested}) was "
@@ -620,9 +620,9 @@ class QueueMachine(RuleBasedStateMachine):
         before = self._last_seq()
         RANDOM.draws = 0
         if chained:
-            got, following = queue.finish_and_claim(self.conn, held, result, wid)
+            got, following = claims.finish_and_claim(self.conn, held, result, wid)
         else:
-            got, following = queue.finish(self.conn, held, result), None
+            got, following = claims.finish(self.conn, held, result), None
         written = self._since(before)
         assert written == got + ([written[-1]] if following else [])  # what it says it wrote
         if outlived:
@@ -683,7 +683,7 @@ class QueueMachine(RuleBasedStateMachine):
     def heartbeat(self, data: st.DataObject, every: bool) -> None:
         beating = self._beating()
         for wid in beating if every else [data.draw(st.sampled_from(beating), label="worker")]:
-            queue.heartbeat(self.conn, wid)
+            claims.heartbeat(self.conn, wid)
             self.workers[wid].last_beat = CLOCK.now()
 
     @rule(
@@ -729,7 +729,7 @@ class QueueMachine(RuleBasedStateMachine):
         current = ""
         before = self._last_seq()
         RANDOM.draws = 0
-        events = queue.rescue(self.conn, queue.silent_workers(self.conn, lease, self.silence))
+        events = claims.rescue(self.conn, claims.silent_workers(self.conn, lease, self.silence))
         assert self._since(before) == events
         for event in events:
             if isinstance(event, ev.LeaseExpired | ev.WorkerLost):
@@ -771,7 +771,7 @@ class QueueMachine(RuleBasedStateMachine):
                 self._stop(wid, "declared lost by another worker")
 
     def _stop(self, wid: str, reason: str) -> None:
-        queue.worker_stopped(self.conn, wid, reason)
+        claims.worker_stopped(self.conn, wid, reason)
         worker = self.workers[wid]
         worker.state, worker.alive, worker.last_beat = "stopped", False, CLOCK.now()
 
@@ -802,20 +802,20 @@ class QueueMachine(RuleBasedStateMachine):
         }.get(which, [])
         job_id = data.draw(st.sampled_from(choices or [*self.jobs, "no-such-job"]), label="job")
         if job_id not in self.jobs:
-            self._refused(NotFound, queue.cancel, job_id)
+            self._refused(NotFound, decisions.cancel, job_id)
             return
         job = self.jobs[job_id]
         if job.state in FINAL:
-            self._refused(Conflict, queue.cancel, job_id)
+            self._refused(Conflict, decisions.cancel, job_id)
             return
         before = self._last_seq()
         if job.state == "processing":
-            assert queue.cancel(self.conn, job_id) == "requested"
+            assert decisions.cancel(self.conn, job_id) == "requested"
             written = self._since(before)
             assert written == ([] if job.cancel_requested else [ev.CancelRequested(job_id=job_id)])
             job.cancel_requested = True
             return
-        assert queue.cancel(self.conn, job_id) == "cancelled"
+        assert decisions.cancel(self.conn, job_id) == "cancelled"
         cascaded = self._cancel(job_id)
         written = self._since(before)
         assert written[:1] == [ev.Cancelled(job_id=job_id, reason="cancelled by user")]
@@ -827,9 +827,9 @@ class QueueMachine(RuleBasedStateMachine):
             if float(after["lease-timeout"]) <= float(after["heartbeat-interval"]):
                 canonical = None
         if canonical is None:
-            self._refused(InvalidInput, queue.set_config, key, text)
+            self._refused(InvalidInput, decisions.set_config, key, text)
             return
-        assert queue.set_config(self.conn, key, text) == canonical
+        assert decisions.set_config(self.conn, key, text) == canonical
         self.config[key] = canonical
         self.rescue_may_act = True
 
@@ -838,16 +838,16 @@ class QueueMachine(RuleBasedStateMachine):
         if dead and data.draw(st.booleans(), label="retry a dead job"):
             job_id = data.draw(st.sampled_from(dead), label="dead job")
             job = self.jobs[job_id]
-            assert queue.dlq_retry(self.conn, job_id) == job.max_retries
+            assert decisions.dlq_retry(self.conn, job_id) == job.max_retries
             job.state, job.attempts, job.run_at = "pending", 0, CLOCK.now()
             return
         others = [i for i, j in self.jobs.items() if j.state != "dead"]
         job_id = data.draw(st.sampled_from([*others, "no-such-job"]), label="job")
-        self._refused(NotFound if job_id == "no-such-job" else Conflict, queue.dlq_retry, job_id)
+        self._refused(NotFound if job_id == "no-such-job" else Conflict, decisions.dlq_retry, job_id)
 
     def _request_stop(self, data: st.DataObject) -> None:
         active = [wid for wid, w in self.workers.items() if w.state == "active"]
-        assert queue.request_stop(self.conn) == len(active)
+        assert decisions.request_stop(self.conn) == len(active)
         noticed = data.draw(st.booleans(), label="idle workers notice at once")
         for wid in active:
             self.workers[wid].stop_requested = True
@@ -857,11 +857,11 @@ class QueueMachine(RuleBasedStateMachine):
     # -- invariants ------------------------------------------------------------------------
 
     def _rows(self) -> dict[str, dict[str, object]]:
-        return {j["id"]: j for j in queue.list_jobs(self.conn)}
+        return {j["id"]: j for j in reads.list_jobs(self.conn)}
 
     @invariant()
     def rescuer_watches(self) -> None:
-        queue.silent_workers(self.conn, float("inf"), self.silence)
+        claims.silent_workers(self.conn, float("inf"), self.silence)
 
     @invariant()
     def job_rows_are_legal(self) -> None:
@@ -881,7 +881,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert all(n == 1 for n in holders.values()), holders
         # No job is processing without an active holder: rescue only looks at active
         # workers, so a job held by any other would never come back.
-        active = {r["id"] for r in queue.workers(self.conn)}
+        active = {r["id"] for r in reads.workers(self.conn)}
         assert set(holders) <= active, (holders, active)
 
     @invariant()
@@ -909,8 +909,8 @@ class QueueMachine(RuleBasedStateMachine):
             self.conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         )
         assert set(actual) <= STATES, actual
-        assert kept == {s: actual.get(s, 0) for s in queue.STATES}
-        assert queue.counts(self.conn) == kept
+        assert kept == {s: actual.get(s, 0) for s in states.STATES}
+        assert reads.counts(self.conn) == kept
 
     @invariant()
     def runs_match(self) -> None:
@@ -962,17 +962,17 @@ class QueueMachine(RuleBasedStateMachine):
                 job.backoff_base, job.timeout, job.backoff_max, job.backoff_jitter), job_id
         # Each state's listing: pending jobs in the order they will be claimed, others
         # oldest first; the next due time is the earliest run_at of a scheduled or failed job.
-        for state in queue.STATES:
-            listed = [j["id"] for j in queue.list_jobs(self.conn, state)]
+        for state in states.STATES:
+            listed = [j["id"] for j in reads.list_jobs(self.conn, state)]
             expected = [i for i, j in self.jobs.items() if j.state == state]
             if state == "pending":
                 expected.sort(key=lambda i: -self.jobs[i].priority)  # stable: then oldest
             assert listed == expected, state
         due = [j.run_at for j in self.jobs.values() if j.state in ("scheduled", "failed")]
-        assert queue.next_run_at(self.conn) == min(due, default=None)  # type: ignore[type-var]
-        assert queue.unfinished(self.conn) == sum(
+        assert claims.next_run_at(self.conn) == min(due, default=None)  # type: ignore[type-var]
+        assert claims.unfinished(self.conn) == sum(
             j.state in ("pending", "processing", "failed") for j in self.jobs.values())
-        workers = {r["id"]: r for r in queue.workers(self.conn, ("active", "stopped", "gone"))}
+        workers = {r["id"]: r for r in reads.workers(self.conn, ("active", "stopped", "gone"))}
         stops = dict(self.conn.execute("SELECT id, stop_requested FROM workers").fetchall())
         assert set(workers) == set(self.workers)
         for wid, worker in self.workers.items():
@@ -990,30 +990,30 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _drain_once(self) -> None:
         for _ in range(10 * len(self.jobs) + 10):  # each job: a few runs, a few backoffs
-            got = queue.claim(self.conn, "drainer")
+            got = claims.claim(self.conn, "drainer")
             if got is not None:
                 done = ev.Completed(job_id=got.job_id, worker_id="drainer", attempt=got.attempt)
-                queue.finish(self.conn, got, done)
+                claims.finish(self.conn, got, done)
                 continue
-            next_run = queue.next_run_at(self.conn)
+            next_run = claims.next_run_at(self.conn)
             if next_run is None:
                 break
             CLOCK.t = max(CLOCK.t, clock.parse(next_run))
-            queue.heartbeat(self.conn, "drainer")
+            claims.heartbeat(self.conn, "drainer")
 
     def _drain(self) -> None:
         """Every worker dies; a new one must take back every job and run each to the end.
         Jobs waiting on a dead one run once a DLQ retry of it has succeeded."""
         CLOCK.t += timedelta(seconds=self._lease() + 1)
-        queue.worker_started(self.conn, 1, "test-host", worker_id="drainer")
-        queue.rescue(self.conn, queue.silent_workers(self.conn, self._lease(), self.silence))
+        claims.worker_started(self.conn, 1, "test-host", worker_id="drainer")
+        claims.rescue(self.conn, claims.silent_workers(self.conn, self._lease(), self.silence))
         for _ in range(3):
             self._drain_once()
             dead = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'dead'")]
             if not dead:
                 break
             for job_id in dead:
-                queue.dlq_retry(self.conn, job_id)
+                decisions.dlq_retry(self.conn, job_id)
         left = self.conn.execute(
             "SELECT id, state FROM jobs WHERE state NOT IN ('completed', 'cancelled')"
         ).fetchall()
@@ -1055,20 +1055,20 @@ def test_a_worker_declared_lost_is_given_no_job(
     test so that it fails on every run rather than on the runs that happen to find it."""
     monkeypatch.setattr(clock, "now", CLOCK.now)
     CLOCK.t = START
-    queue.worker_started(conn, 1, "test-host", worker_id="w1")
-    queue.worker_started(conn, 2, "test-host", worker_id="w2")
-    queue.enqueue(conn, [queue.JobSpec(command="true", id="j1")])
+    claims.worker_started(conn, 1, "test-host", worker_id="w1")
+    claims.worker_started(conn, 2, "test-host", worker_id="w2")
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="j1")])
     watched = [0.0]
-    silence = queue.Silence(clock=lambda: watched[0])
-    queue.silent_workers(conn, 30, silence)
+    silence = claims.Silence(clock=lambda: watched[0])
+    claims.silent_workers(conn, 30, silence)
     CLOCK.t += timedelta(seconds=31)  # the machine was suspended: both workers fell silent
     watched[0] = 31
-    queue.heartbeat(conn, "w2")  # w2 wakes first ...
-    lost = queue.rescue(conn, queue.silent_workers(conn, 30, silence))
+    claims.heartbeat(conn, "w2")  # w2 wakes first ...
+    lost = claims.rescue(conn, claims.silent_workers(conn, 30, silence))
     assert [e.type for e in lost] == ["worker-lost"]  # ... and loses w1
     # w1 had read its own state ("active") just before that rescue, and now claims:
-    assert queue.claim(conn, "w1") is None
-    claimed = queue.claim(conn, "w2")
+    assert claims.claim(conn, "w1") is None
+    claimed = claims.claim(conn, "w2")
     assert claimed is not None and claimed.job_id == "j1"
 
 
@@ -1083,20 +1083,20 @@ def test_a_cancel_requested_while_the_job_runs_is_not_lost(
     retried, and not go back to pending still flagged, to be started and killed again."""
     monkeypatch.setattr(clock, "now", CLOCK.now)
     CLOCK.t = START
-    queue.worker_started(conn, 1, "test-host", worker_id="w1")
-    queue.enqueue(conn, [queue.JobSpec(command="true", id="j", max_retries=1),
-                         queue.JobSpec(command="true", id="d", after=["j"])])
-    held = queue.claim(conn, "w1")
+    claims.worker_started(conn, 1, "test-host", worker_id="w1")
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="j", max_retries=1),
+                         decisions.JobSpec(command="true", id="d", after=["j"])])
+    held = claims.claim(conn, "w1")
     assert held is not None
-    assert queue.cancel(conn, "j") == "requested"
+    assert decisions.cancel(conn, "j") == "requested"
     common = {"job_id": "j", "worker_id": "w1", "attempt": 1}
     if ending == "lease expired":
         CLOCK.t += timedelta(seconds=31)
-        queue.worker_started(conn, 2, "test-host", worker_id="w2")
+        claims.worker_started(conn, 2, "test-host", worker_id="w2")
         assert [e.type for e in rescued(conn, 30)][0] == "lease-expired"
     elif ending == "run failed":
-        queue.finish(conn, held, ev.Failed(**common, exit_code=1, error="exit 1"))
+        claims.finish(conn, held, ev.Failed(**common, exit_code=1, error="exit 1"))
     else:
-        queue.finish(conn, held, ev.Released(**common, reason="hard shutdown"))
-    assert [(j["id"], j["state"], bool(j["cancel_requested"])) for j in queue.list_jobs(conn)] \
+        claims.finish(conn, held, ev.Released(**common, reason="hard shutdown"))
+    assert [(j["id"], j["state"], bool(j["cancel_requested"])) for j in reads.list_jobs(conn)] \
         == [("j", "cancelled", False), ("d", "cancelled", False)]

@@ -148,10 +148,10 @@ def test_undecodable_events_stop_replay_and_history(run, db, type_, body, messag
 
 ENQUEUER = """
 import sys
-from queuectl import ledger, queue
+from queuectl import decisions, ledger
 conn = ledger.connect(sys.argv[1])
 for i in range(int(sys.argv[3])):
-    queue.enqueue(conn, [queue.JobSpec(id=f"{sys.argv[2]}-{i}", command="true")])
+    decisions.enqueue(conn, [decisions.JobSpec(id=f"{sys.argv[2]}-{i}", command="true")])
 """
 
 

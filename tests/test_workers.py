@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import events_of, needs, spawn, wait_for
 
-from queuectl import ledger, queue
+from queuectl import claims, decisions, ledger, reads
 from queuectl import worker as worker_module
+from queuectl.store import sqlite as sqlite_store
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
 
@@ -426,8 +427,8 @@ def test_idle_worker_picks_up_new_job_at_once(run, conn):
 
 
 def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, monkeypatch):
-    monkeypatch.setattr(worker_module, "WATCH_AFTER", 0.2)
-    waker = worker_module.Waker(db)
+    monkeypatch.setattr(sqlite_store, "WATCH_AFTER", 0.2)
+    waker = sqlite_store.Waker(db)
     try:
         waker.wait(waker.generation, 0.05)  # a short wait, as at the end of a burst
         assert not waker.watching
@@ -441,7 +442,7 @@ def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, m
         # Watching or not, a commit by another connection wakes a waiting worker.
         def commit() -> None:
             other = ledger.connect(db)
-            queue.enqueue(other, [queue.JobSpec(command="true")])
+            decisions.enqueue(other, [decisions.JobSpec(command="true")])
             other.close()
 
         seen = waker.generation
@@ -460,18 +461,18 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     """The waker's checkpoints catch up with busy workers, so the WAL starts over instead of
     growing by every page that every job writes."""
     n = 600
-    queue.enqueue(conn, [queue.JobSpec(command="true") for _ in range(n)])
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(n)])
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    monkeypatch.setattr(worker_module, "CHECKPOINT_EVERY", 0.02)
-    monkeypatch.setattr(worker_module, "LOCKED_SHARE", 0.5)  # each checkpoint ends locked
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(sqlite_store, "LOCKED_SHARE", 0.5)  # each checkpoint ends locked
     wal_at_close = []
-    close = worker_module.Waker.close
+    close = sqlite_store.Waker.close
 
-    def measured_close(self: worker_module.Waker) -> None:
+    def measured_close(self: sqlite_store.Waker) -> None:
         wal_at_close.append(Path(f"{db}-wal").stat().st_size)
         close(self)
 
-    monkeypatch.setattr(worker_module.Waker, "close", measured_close)
+    monkeypatch.setattr(sqlite_store.Waker, "close", measured_close)
     options = worker_module.Options(concurrency=2, burst=True)
     assert worker_module.run_workers(db, options, echo=lambda text: None) == []
 
@@ -483,8 +484,8 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
 
 def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn, db,
                                                                           monkeypatch):
-    monkeypatch.setattr(worker_module, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
-    monkeypatch.setattr(worker_module, "LOCKED_SHARE", 0.01)
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
+    monkeypatch.setattr(sqlite_store, "LOCKED_SHARE", 0.01)
     taken = []
 
     class CountingLock:
@@ -512,8 +513,8 @@ def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn,
         def close(self) -> None:
             self.conn.close()
 
-    monkeypatch.setattr(ledger, "PROCESS_LOCK", CountingLock())
-    waker = worker_module.Waker(db)
+    monkeypatch.setattr(sqlite_store, "PROCESS_LOCK", CountingLock())
+    waker = sqlite_store.Waker(db)
     try:
         waker._conn = SlowSync(waker._conn)  # type: ignore[assignment]
         waker._checkpoint()
@@ -579,7 +580,7 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     when its lease expired. Now the job is released (no attempt counted), worker-stopped
     says why, and the process's other worker finishes and stops too."""
     enqueue(run, "true", "true", "true")
-    real = queue.finish_and_claim
+    real = claims.finish_and_claim
     calls = []
 
     def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -588,7 +589,7 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(queue, "finish_and_claim", fails_once)
+    monkeypatch.setattr(claims, "finish_and_claim", fails_once)
     errors = worker_module.run_workers(db, worker_module.Options(concurrency=2), echo=lambda _: None)
     assert len(errors) == 1 and errors[0].endswith(": boom"), errors
     crashed = errors[0].split()[1].rstrip(":")
@@ -599,7 +600,7 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     assert conn.execute("SELECT count(*) FROM workers WHERE state = 'active'").fetchone() == (0,)
     (released,) = bodies(conn, "released")
     assert released["reason"] == "worker stopped while holding it: crashed: boom"
-    job = queue.get_job(conn, released["job_id"])
+    job = reads.get_job(conn, released["job_id"])
     assert (job["state"], job["attempts"]) == ("pending", 0)
 
 
@@ -609,7 +610,7 @@ def test_a_waker_that_dies_stops_the_process(run, conn, db, monkeypatch):
     def broken(self):  # type: ignore[no-untyped-def]
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(worker_module.Waker, "_watch", broken)
+    monkeypatch.setattr(sqlite_store.Waker, "_watch", broken)
     errors = worker_module.run_workers(db, worker_module.Options(), echo=lambda _: None)
     assert errors == ["waker: [Errno 5] Input/output error"]
     reasons = [b["reason"] for b in bodies(conn, "worker-stopped")]

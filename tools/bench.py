@@ -62,14 +62,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # bench the checkout this file lives in
 
+from queuectl import claims, decisions, ledger  # noqa: E402
 from queuectl import events as ev  # noqa: E402
-from queuectl import ledger, queue  # noqa: E402
+from queuectl.store import sqlite as sqlite_store  # noqa: E402
 
 try:  # the worker's own connection setup and waker thread, where this version has them
-    from queuectl.worker import Waker  # noqa: E402
-    from queuectl.worker import connect as worker_connect  # noqa: E402
+    from queuectl.store.sqlite import Waker  # noqa: E402
 except ImportError:
-    Waker = worker_connect = None  # type: ignore[assignment,misc]
+    Waker = None  # type: ignore[assignment,misc]
 
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory")
 FLOOR_CODE = "import click, msgspec, sqlite3"
@@ -336,7 +336,7 @@ def peak_rss(ctx: Context, cmd: list[str], db: Path | None = None) -> tuple[int,
 def enqueue_true(db: Path, n: int, command: str = "true") -> None:
     conn = ledger.connect(db)
     try:
-        queue.enqueue(conn, [queue.JobSpec(command=command) for _ in range(n)])
+        decisions.enqueue(conn, [decisions.JobSpec(command=command) for _ in range(n)])
     finally:
         conn.close()
 
@@ -488,27 +488,28 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
         enqueue_true(db, n)
         # As a worker runs: its connection, and its process's waker thread beside it
         # (which watches for new work and checkpoints the WAL).
-        conn = worker_connect(db) if worker_connect else ledger.connect(db, durable=False)
+        conn = ledger.connect(db, durable=False)
+        conn.for_worker()
         waker = Waker(Path(db)) if Waker else None
         try:
-            wid = queue.worker_started(conn, os.getpid(), socket.gethostname())
+            wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
             t_claim = t_finish = 0.0
             done = 0
             start = time.perf_counter()
-            claim = queue.claim(conn, wid)
+            claim = claims.claim(conn, wid)
             t_claim += time.perf_counter() - start
             while claim is not None:
                 done += 1
                 t0 = time.perf_counter()
                 result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
                 if combined:
-                    _, claim = queue.finish_and_claim(conn, claim, result, wid)
+                    _, claim = claims.finish_and_claim(conn, claim, result, wid)
                     t_finish += time.perf_counter() - t0
                 else:
-                    queue.finish(conn, claim, result)
+                    claims.finish(conn, claim, result)
                     t1 = time.perf_counter()
                     t_finish += t1 - t0
-                    claim = queue.claim(conn, wid)
+                    claim = claims.claim(conn, wid)
                     t_claim += time.perf_counter() - t1
             seconds = time.perf_counter() - start
         finally:
@@ -522,7 +523,7 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
 
 def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.cycle_jobs
-    combined = hasattr(queue, "finish_and_claim")
+    combined = hasattr(claims, "finish_and_claim")
     split, split_claim, split_finish, joined = [], [], [], []
     for r in range(ctx.runs):
         rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
@@ -577,7 +578,7 @@ def latency_samples(ctx: Context, idle: float, count: int) -> tuple[list[float],
                 time.sleep(idle)
                 mark = db.parent / f"start-{i}"
                 command = f"date +%s.%N > {shlex.quote(str(mark))}"
-                (job_id,) = queue.enqueue(conn, [queue.JobSpec(command=command)])
+                (job_id,) = decisions.enqueue(conn, [decisions.JobSpec(command=command)])
                 committed = time.time()
                 deadline = time.monotonic() + 30
                 while True:
@@ -748,7 +749,7 @@ def _cache_key(jobs: int) -> str:
     versions = repr([(p.NAME, p.VERSION) for p in REGISTRY])
     digest = hashlib.sha256()
     page_size = repr(getattr(ledger, "PAGE_SIZE", None))  # fixed when a database is made
-    for part in (CACHE_FORMAT, inspect.getsource(ev), repr(ledger.LEDGER_DDL), versions,
+    for part in (CACHE_FORMAT, inspect.getsource(ev), repr(sqlite_store.LEDGER_DDL), versions,
                  page_size):
         digest.update(part.encode())
     return f"ledger-{jobs}-{digest.hexdigest()[:12]}.db"
@@ -913,8 +914,8 @@ def history_times(ctx: Context, events: int = 10_000) -> list[float]:
     with ctx.fresh_db("history") as db:
         conn = ledger.connect(db)
         try:
-            queue.enqueue(conn, [queue.JobSpec(command="exit 1", id="big", max_retries=10**6)])
-            wid = queue.worker_started(conn, os.getpid(), socket.gethostname())
+            decisions.enqueue(conn, [decisions.JobSpec(command="exit 1", id="big", max_retries=10**6)])
+            wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
             with ledger.write(conn):
                 for attempt in range(1, (events - 1) // 3 + 1):
                     ledger.append(conn, ev.Claimed(job_id="big", worker_id=wid, attempt=attempt))

@@ -1,0 +1,343 @@
+"""The queue's decisions for people: enqueue, cancel, retry from the DLQ, settings, stop.
+
+Each public function reads projections inside one write transaction, decides, and appends
+the events that record the decision. Nothing here prints; the CLI renders what they return.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from queuectl import clock, limits, settings
+from queuectl import events as ev
+from queuectl.errors import Conflict, InvalidInput, NotFound
+from queuectl.ledger import append, next_seq, write
+from queuectl.reads import get_job
+from queuectl.states import CANCELLABLE, State, WorkerState
+from queuectl.store import Db
+
+BATCH = 2000  # ids per IN (...) query
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
+
+
+# In ASCII order, so that ids sort as the numbers they spell.
+_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
+def spell(seq: int) -> str:
+    """The id made for the record a ledger event creates: 8 characters (2-7, a-z) spelling
+    the event's seq, so that made ids sort exactly in the order the ledger committed them,
+    whichever process made them, and never repeat within a database.
+
+    Ids made one after another sit side by side in every index on job ids (the ledger's,
+    the jobs' and the runs'): a bulk enqueue writes a few new index pages instead of
+    touching pages all over the index, and a worker's result and next claim, usually jobs
+    enqueued together, share pages.
+    """
+    return (_PAIRS[(seq >> 30) & 1023] + _PAIRS[(seq >> 20) & 1023]
+            + _PAIRS[(seq >> 10) & 1023] + _PAIRS[seq & 1023])
+
+
+def _made_id(seq: int, taken: Callable[[str], bool]) -> str:
+    """``spell(seq)``, or after a clash with an id a user chose, the first free
+    ``spell(seq).N``, which still sorts right after it."""
+    made = spell(seq)
+    n = 1
+    while taken(made):
+        made, n = f"{spell(seq)}.{n}", n + 1
+    return made
+
+
+# -- enqueue ------------------------------------------------------------------------------
+
+
+class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A job as the user describes it: the ``enqueue`` flags, or one JSON object. Every
+    number is held to its range in ``limits`` while it is decoded."""
+
+    command: str
+    id: str | None = None
+    max_retries: limits.MaxRetries | None = None
+    backoff_base: limits.BackoffBase | None = None
+    timeout: limits.Seconds | None = None
+    priority: limits.Priority = 0
+    run_at: str | None = None  # ISO-8601; no zone means UTC
+    delay: limits.Seconds | None = None  # seconds from now
+    after: list[str] = []
+
+
+_spec_decoder = msgspec.json.Decoder(JobSpec)
+
+
+def parse_spec(text: str, where: str = "") -> JobSpec:
+    """Decode one JSON job object, or raise InvalidInput naming what is wrong."""
+    try:
+        spec = _spec_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid job{where}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"malformed JSON{where}: {exc}") from None
+    return check_spec(spec, where)
+
+
+def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
+    if not spec.command.strip():
+        raise InvalidInput(f"invalid job{where}: command is empty")
+    if "\0" in spec.command:  # no shell can be given one: exec would refuse it every time
+        raise InvalidInput(f"invalid job{where}: command contains a NUL character")
+    if spec.run_at is not None and spec.delay is not None:
+        raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
+    for name in ("max_retries", "backoff_base", "timeout", "priority", "delay"):
+        value = getattr(spec, name)  # checked again: flags build a JobSpec without decoding
+        if value is not None:
+            try:
+                limits.check(name, value)
+            except InvalidInput as exc:
+                raise InvalidInput(f"invalid job{where}: {name}: {exc}") from None
+    if spec.run_at is not None:
+        try:
+            moment = clock.parse(spec.run_at)
+        except ValueError:
+            raise InvalidInput(
+                f"invalid job{where}: run_at {spec.run_at!r} is not an ISO-8601 time"
+            ) from None
+        try:
+            spec.run_at = clock.iso(clock.within_range(moment))
+        except ValueError as exc:
+            raise InvalidInput(f"invalid job{where}: run_at {spec.run_at!r} {exc}") from None
+    if spec.after:
+        spec.after = list(dict.fromkeys(spec.after))
+    for dep in spec.after:
+        if not _ID.fullmatch(dep):
+            raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
+    if spec.id is not None and not _ID.fullmatch(spec.id):
+        raise InvalidInput(
+            f"invalid job{where}: id {spec.id!r} must be 1-128 letters, digits or ._:@/+- "
+            "and start with a letter or digit"
+        )
+    return spec
+
+
+def enqueue(conn: Db, specs: Sequence[JobSpec]) -> list[str]:
+    """Add jobs in one transaction, all or none; returns their ids. A duplicate id, an
+    unknown or cancelled dependency or a dependency cycle refuses the whole request.
+
+    Jobs are written dependencies first. Made ids spell the seq of each job's ``enqueued``
+    event, known under the write lock. Everything that needs no lock (decoding, checks,
+    ordering) is done before it is taken, so running workers wait only for the writes.
+    """
+    given = [spec.id for spec in specs if spec.id]
+    if len(set(given)) != len(given):
+        seen: set[str] = set()
+        twice = next(i for i in given if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise Conflict(f"Job ID '{twice}' appears more than once")
+    order, outside = _dependency_order(specs)
+    ids = [spec.id or "" for spec in specs]
+    with write(conn):
+        _refuse_existing(conn, given)
+        _refuse_bad_deps(conn, outside)
+        defaults = _defaults(settings.load(conn))
+        now = conn.now()
+        first = next_seq(conn)
+        made = [i for i in order if not ids[i]]
+        if made:
+            seq_of = {i: first + position for position, i in enumerate(order)}
+            clashes = _existing(conn, [spell(seq_of[i]) for i in made])
+            for i in made:
+                ids[i] = spell(seq_of[i])
+                if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
+                    ids[i] = _made_id(seq_of[i], lambda job_id: bool(_existing(conn, [job_id])))
+        append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
+    return ids
+
+
+def _dependency_order(specs: Sequence[JobSpec]) -> tuple[list[int], set[str]]:
+    """Indexes of ``specs`` with every job after the jobs of this request it depends on,
+    and the ids it depends on outside the request."""
+    if not any(spec.after for spec in specs):
+        return list(range(len(specs))), set()
+    position = {spec.id: i for i, spec in enumerate(specs) if spec.id}
+    outside: set[str] = set()
+    for spec in specs:
+        for dep in spec.after:
+            if dep == spec.id:
+                raise InvalidInput(f"job {dep} cannot depend on itself")
+            if dep not in position:
+                outside.add(dep)
+    order: list[int] = []
+    state: dict[int, str] = {}  # "visiting" or "done"
+
+    def visit(i: int, path: list[str]) -> None:
+        if state.get(i) == "done":
+            return
+        name = specs[i].id or f"#{i + 1}"
+        if state.get(i) == "visiting":
+            cycle = path[path.index(name) :] + [name]
+            raise InvalidInput(f"dependency cycle: {' -> '.join(cycle)}")
+        state[i] = "visiting"
+        for dep in specs[i].after:
+            if dep in position:
+                visit(position[dep], path + [name])
+        state[i] = "done"
+        order.append(i)
+
+    for i in range(len(specs)):
+        visit(i, [])
+    return order, outside
+
+
+def _refuse_bad_deps(conn: Db, deps: set[str]) -> None:
+    for dep in sorted(deps):
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (dep,)).fetchone()
+        if row is None:
+            raise NotFound(f"dependency '{dep}' is not a known job")
+        if row[0] == State.CANCELLED:
+            raise Conflict(f"dependency '{dep}' is cancelled")
+
+
+def _defaults(config: dict[str, str]) -> dict[str, Any]:
+    """The settings a new job takes when its spec leaves them out."""
+    return {
+        "max_retries": int(config["max-retries"]),
+        "backoff_base": float(config["backoff-base"]),
+        "timeout": float(config["job-timeout"]),
+        "backoff_max": float(config["backoff-max"]),
+        "backoff_jitter": float(config["backoff-jitter"]),
+    }
+
+
+def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) -> ev.Enqueued:
+    return ev.Enqueued(
+        job_id=job_id,
+        command=spec.command,
+        max_retries=defaults["max_retries"] if spec.max_retries is None else spec.max_retries,
+        backoff_base=defaults["backoff_base"] if spec.backoff_base is None else spec.backoff_base,
+        timeout=defaults["timeout"] if spec.timeout is None else spec.timeout,
+        priority=spec.priority,
+        run_at=clock.after(now, spec.delay) if spec.delay else spec.run_at,
+        after=tuple(spec.after),
+        backoff_max=defaults["backoff_max"],
+        backoff_jitter=defaults["backoff_jitter"],
+    )
+
+
+def _existing(conn: Db, ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start : start + BATCH]
+        marks = ",".join("?" * len(chunk))
+        found.update(r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
+    return found
+
+
+def _refuse_existing(conn: Db, ids: Sequence[str]) -> None:
+    found = _existing(conn, ids)
+    if found:
+        first = next(job_id for job_id in ids if job_id in found)
+        raise Conflict(f"Job with ID '{first}' already exists")
+
+
+# -- config and control -------------------------------------------------------------------
+
+
+def set_config(conn: Db, key: str, text: str) -> str:
+    """Validate and record a setting; returns the canonical value stored."""
+    value = settings.parse(key, text)
+    with write(conn):
+        config = settings.load(conn) | {key: value}
+        if float(config["lease-timeout"]) <= float(config["heartbeat-interval"]):
+            raise InvalidInput(
+                f"invalid value for {key}: lease-timeout ({config['lease-timeout']}) must be "
+                f"longer than heartbeat-interval ({config['heartbeat-interval']})"
+            )
+        append(conn, ev.ConfigChanged(key=key, value=value))
+    return value
+
+
+def request_stop(conn: Db) -> int:
+    """Ask every running worker to finish its current job and exit; returns how many."""
+    with write(conn):
+        (active,) = conn.execute("SELECT count(*) FROM workers WHERE state = ?",
+                                 (WorkerState.ACTIVE,)).fetchone()
+        append(conn, ev.StopRequested())
+    return int(active)
+
+
+def dlq_retry(conn: Db, job_id: str) -> int:
+    """Send a dead job back to pending with attempts 0; returns its max_retries."""
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job["state"] != State.DEAD:
+            raise Conflict(
+                f"Job {job_id} is not in the dead letter queue (state: {job['state']})"
+            )
+        append(conn, ev.Requeued(job_id=job_id, max_retries=job["max_retries"]))
+    return int(job["max_retries"])
+
+
+def cancel(conn: Db, job_id: str) -> str:
+    """Cancel a job. Returns ``cancelled``, or ``requested`` for a running job, which its
+    worker stops (killing its process group) within a moment."""
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job["state"] not in CANCELLABLE:
+            raise Conflict(
+                f"Job {job_id} is {job['state']}; only pending, scheduled, waiting, failed "
+                "or running jobs can be cancelled"
+            )
+        if job["state"] == State.PROCESSING:
+            if not job["cancel_requested"]:
+                append(conn, ev.CancelRequested(job_id=job_id))
+            return "requested"
+        cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user")
+        append(conn, cancelled, *_cancel_dependents(conn, job_id))
+    return "cancelled"
+
+
+# -- what follows from a job's end (also used by the worker's side) -----------------------
+
+
+def _cancelled_after_run(conn: Db, job_id: str) -> list[ev.Event]:
+    cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user while running")
+    return [cancelled, *_cancel_dependents(conn, job_id)]
+
+
+def _unblocked_by(conn: Db, job_id: str) -> list[ev.Event]:
+    """Waiting jobs whose last unfinished dependency is ``job_id`` (about to complete)."""
+    rows = conn.execute(
+        f"""SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
+        WHERE d.depends_on = ? AND j.state = '{State.WAITING}'
+        AND NOT EXISTS (
+            SELECT 1 FROM job_deps o JOIN jobs oj ON oj.id = o.depends_on
+            WHERE o.job_id = d.job_id AND o.depends_on != ? AND oj.state != '{State.COMPLETED}')
+        ORDER BY j.seq""",
+        (job_id, job_id),
+    ).fetchall()
+    return [ev.Unblocked(job_id=r[0], completed=job_id) for r in rows]
+
+
+def _cancel_dependents(conn: Db, job_id: str) -> list[ev.Event]:
+    """Cancel every waiting job that depends, directly or not, on a cancelled job."""
+    events: list[ev.Event] = []
+    queue_, done = [job_id], {job_id}
+    while queue_:
+        current = queue_.pop(0)
+        for (dependent,) in conn.execute(
+            f"""SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
+            WHERE d.depends_on = ? AND j.state = '{State.WAITING}' ORDER BY j.seq""",
+            (current,),
+        ).fetchall():
+            if dependent not in done:
+                done.add(dependent)
+                queue_.append(dependent)
+                events.append(ev.Cancelled(
+                    job_id=dependent, reason=f"dependency {current} was cancelled"))
+    return events
+
+

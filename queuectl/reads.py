@@ -1,0 +1,212 @@
+"""Reads of the projections, for the CLI and the tools: jobs, counts, workers, a job's
+history and runs, and the figures of ``stats``. Nothing here writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES
+from queuectl import clock, limits
+from queuectl import events as ev
+from queuectl.errors import InvalidInput, NotFound
+from queuectl.ledger import read_events
+from queuectl.states import STATES, State
+from queuectl.store import Cursor, Db
+
+EVERY = 2**62  # a LIMIT that every store reads as "no limit"
+INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State.DEAD,
+           State.CANCELLED)  # the states jobs_state holds
+
+JOB_FIELDS = (
+    "id, command, state, priority, attempts, max_retries, backoff_base, backoff_max, "
+    "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
+    "created_at, updated_at, "
+    "{dependencies} AS after"  # a JSON array of ids, each store's own way (store.Dialect)
+)
+
+
+def _dicts(cursor: Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def _dicts_jobs(cursor: Cursor) -> list[dict[str, Any]]:
+    rows = _dicts(cursor)
+    for row in rows:
+        row["after"] = msgspec.json.decode(row["after"])
+    return rows
+
+
+def get_job(conn: Db, job_id: str) -> dict[str, Any]:
+    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?")
+    rows = _dicts_jobs(conn.execute(sql, (job_id,)))
+    if not rows:
+        raise NotFound(f"Job '{job_id}' not found")
+    return rows[0]
+
+
+def list_jobs(
+    conn: Db, state: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Jobs oldest first, optionally of one state; pending jobs in the order they will run
+    (highest priority first, then oldest)."""
+    if state == State.PENDING:
+        where, order = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", \
+            "priority DESC, seq"
+    elif state in INDEXED:
+        where, order = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}", "seq"
+    else:  # all jobs, or completed ones: rows are stored oldest first
+        where, order = ("WHERE state = ?" if state else ""), "seq"
+    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY {order} LIMIT ?")
+    params = (state,) if state else ()
+    return _dicts_jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
+
+
+def counts(conn: Db) -> dict[str, int]:
+    """Jobs per state, every state present (from the ``job_counts`` projection: O(1))."""
+    found = dict(conn.execute("SELECT state, n FROM job_counts").fetchall())
+    return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def workers(conn: Db, states: Iterable[str] = ("active",)) -> list[dict[str, Any]]:
+    states = tuple(states)
+    marks = ",".join("?" * len(states))
+    return _dicts(
+        conn.execute(
+            f"""SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done
+            FROM workers WHERE state IN ({marks}) ORDER BY started_at, id""",
+            states,
+        )
+    )
+
+
+def worker_counts(conn: Db) -> dict[str, int]:
+    """Workers per projected state (active, stopped, gone)."""
+    return dict(conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
+
+
+def history(conn: Db, job_id: str) -> list[tuple[int, str, ev.Event]]:
+    """Every event of one job, in order; NotFound when the ledger never saw it."""
+    rows = list(read_events(conn, "WHERE job_id = ?", (job_id,)))
+    if not rows:
+        raise NotFound(f"Job '{job_id}' not found")
+    return rows
+
+
+def runs_of(conn: Db, job_id: str) -> list[dict[str, Any]]:
+    """Each run of a job, from its events: when, by whom, how it ended, and its output."""
+    runs: list[dict[str, Any]] = []
+    for _, at, event in history(conn, job_id):
+        match event:
+            case ev.Claimed(attempt=a, worker_id=w):
+                runs.append({"run": len(runs) + 1, "attempt": a, "worker_id": w,
+                             "started_at": at, "finished_at": None, "outcome": "running",
+                             "exit_code": None, "duration": None, "output": "",
+                             "truncated": False, "error": None})
+            case ev.Completed() | ev.Failed() | ev.TimedOut() | ev.Cancelled() | \
+                    ev.Released() | ev.LeaseExpired() if runs and runs[-1]["finished_at"] is None:
+                run = runs[-1]
+                run["finished_at"] = at
+                run["outcome"] = event.type
+                run["exit_code"] = getattr(event, "exit_code", 0 if event.type == "completed"
+                                           else None)
+                run["duration"] = getattr(event, "duration", None)
+                run["output"] = getattr(event, "output", "")
+                run["truncated"] = getattr(event, "truncated", False)
+                run["error"] = getattr(event, "error", None) or getattr(event, "reason", None)
+                if isinstance(event, ev.TimedOut):
+                    run["error"] = f"killed after its {event.timeout:g}s timeout"
+                elif isinstance(event, ev.LeaseExpired):
+                    run["error"] = f"worker {event.worker_id} stopped heartbeating"
+    return runs
+
+
+def parse_since(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+        return limits.check("since", value)
+    except (ValueError, InvalidInput):
+        raise InvalidInput(
+            f"--since {text!r}: expected a duration like 90s, 15m, 2h or 1d, from 1ms to "
+            "100 years") from None
+
+
+def _percentile(conn: Db, column: str, where: str, params: tuple[Any, ...],
+                n: int, p: float) -> float | None:
+    """Nearest-rank percentile, walked along the column's index (no sort in Python)."""
+    if n == 0:
+        return None
+    rank = max(0, -(-int(p * 1000) * n // 1000) - 1)  # ceil(p * n) - 1
+    row = conn.execute(
+        f"SELECT {column} FROM runs WHERE {column} IS NOT NULL {where} "
+        f"ORDER BY {column} LIMIT 1 OFFSET ?",
+        (*params, rank),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
+    """Completed / failed / dead, success rate, throughput, run time and queue wait
+    percentiles, from the ``runs`` projection (all time, or the last ``since_seconds``)."""
+    now = conn.now()
+    with conn.snapshot():  # one snapshot for every figure
+        if since_seconds is None:
+            found = dict(conn.execute("SELECT outcome, n FROM run_counts").fetchall())
+            first = conn.execute("SELECT claimed_at FROM runs ORDER BY seq LIMIT 1").fetchone()
+            last = conn.execute(
+                "SELECT max(finished_at) FROM runs WHERE finished_at IS NOT NULL").fetchone()
+            span = (first[0] if first else None, last[0])
+            fin_where, fin_params = "", ()  # type: tuple[str, tuple[str, ...]]
+            wait_where, wait_params = "", ()  # type: tuple[str, tuple[str, ...]]
+        else:
+            since = clock.after(now, -since_seconds)
+            found = dict(conn.execute(
+                "SELECT outcome, count(*) FROM runs WHERE finished_at >= ? GROUP BY outcome",
+                (since,)).fetchall())
+            found["dead"] = conn.execute(
+                "SELECT count(*) FROM runs WHERE dead = 1 AND finished_at >= ?", (since,)
+            ).fetchone()[0]
+            # Within a window, queue wait is taken over the runs that finished in it.
+            found["claimed"] = sum(found.values()) - found["dead"]
+            span = (since, now)
+            fin_where, fin_params = "AND finished_at >= ?", (since,)
+            wait_where, wait_params = fin_where, fin_params
+        completed = int(found.get("completed", 0))
+        failed = sum(int(found.get(k, 0)) for k in ("failed", "timed-out", "lease-expired"))
+        timed = completed + int(found.get("failed", 0)) + int(found.get("timed-out", 0))
+        claims = int(found.get("claimed", 0))
+        minutes = (clock.seconds_between(span[0], span[1]) / 60) if span[0] and span[1] else 0
+        # Within a window, walk the window's runs: the planner would rather walk runs_duration
+        # down from its top, which passes every run when the window holds none.
+        within = "{runs_finished}" if fin_where else ""
+        max_run = conn.execute(conn.dialect.sql(
+            f"SELECT max(duration) FROM runs {within} WHERE duration IS NOT NULL {fin_where}"),
+            fin_params,
+        ).fetchone()[0]
+        result = {
+            "since": None if since_seconds is None else span[0],
+            "completed": completed,
+            "failed": failed,
+            "dead": int(found.get("dead", 0)),
+            "success_rate": round(completed / (completed + failed), 4)
+            if completed + failed else None,
+            "throughput_per_min": round(completed / minutes, 2) if minutes > 0 else None,
+            "run_time": {
+                "p50": _percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
+                "p95": _percentile(conn, "duration", fin_where, fin_params, timed, 0.95),
+                "max": max_run,
+            },
+            "queue_wait": {
+                "p50": _percentile(conn, "wait", wait_where, wait_params, claims, 0.50),
+                "p95": _percentile(conn, "wait", wait_where, wait_params, claims, 0.95),
+            },
+        }
+    return result

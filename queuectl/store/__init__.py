@@ -1,0 +1,169 @@
+"""Where a ledger lives: one SQLite file, or one PostgreSQL database shared by many hosts.
+
+Everything above this package (the queue's decisions, the projectors, replay, the worker)
+talks to a ``Db``: one connection, with ``?`` placeholders and portable SQL, which also opens
+the write transaction, appends ledger rows, tells the time and makes the waker that wakes
+idle workers. What differs between the stores lives behind it, one module each:
+``sqlite.py`` and ``postgres.py``. SQL that cannot be portable (index hints, column types,
+trigger bodies) is declared per dialect beside the code that owns it, and the store's
+``Dialect`` turns it into its own.
+
+A *target* names a store: a ``postgresql://`` (or ``postgres://``) URL picks PostgreSQL;
+anything else is the path of a SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT = str(Path("data") / "queue.db")
+
+# The worker threads of one process share one connection and take turns on this lock; the
+# SQLite store also queues the process's writers on it (see sqlite.py).
+PROCESS_LOCK = threading.RLock()
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    @property
+    def description(self) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchmany(self, size: int = ...) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Waker(Protocol):
+    """Wakes a process's idle workers when another connection commits new work."""
+
+    error: BaseException | None
+
+    @property
+    def generation(self) -> int: ...
+    def wait(self, seen: int, timeout: float) -> None: ...
+    def poke(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Db(Protocol):
+    """One connection to a store."""
+
+    @property
+    def kind(self) -> str:
+        """``sqlite`` or ``postgres``."""
+    @property
+    def target(self) -> str:
+        """What messages call it: the path, or the URL without its password."""
+    @property
+    def dialect(self) -> Dialect: ...
+    @property
+    def in_transaction(self) -> bool: ...
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+    def executemany(self, sql: str, rows: Any, /) -> Any: ...
+    def transaction(self) -> AbstractContextManager[Any]:
+        """One write transaction: commit on success, roll back on any exception."""
+    def snapshot(self) -> AbstractContextManager[Any]:
+        """One consistent read of the whole database."""
+    def now(self) -> str:
+        """The store's clock, as the ledger writes time."""
+    def next_seq(self) -> int:
+        """The seq the next appended event will get (inside a write transaction)."""
+    def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
+                      ) -> int:
+        """Add ledger rows (type, job id, worker id, body) at ``at``; returns the first seq."""
+    def bulk(self) -> AbstractContextManager[Any]:
+        """Settings for a long replay (a bigger cache)."""
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker: ...
+    def for_worker(self) -> None:
+        """Tune this connection for a worker's many small commits."""
+    def close(self) -> None: ...
+
+
+class Dialect:
+    """The SQL of one store, where it cannot be portable.
+
+    Queries are written once with ``{name}`` marks: an index name where SQLite needs a hint
+    (``INDEXED BY name``), or one of the ``terms`` each store spells its own way (the
+    ``{dependencies}`` of a job, as a JSON array). ``sql`` fills them in for this store,
+    once per query text.
+    """
+
+    name = ""
+    terms: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        self._cache: dict[str, str] = {}
+
+    def hint(self, index: str) -> str:
+        return ""
+
+    def term(self, name: str) -> str:
+        return self.terms[name] if name in self.terms else self.hint(name)
+
+    def sql(self, template: str) -> str:
+        found = self._cache.get(template)
+        if found is None:
+            found = self._cache[template] = template.format_map(_Hints(self))
+        return found
+
+    def ddl(self, statement: str) -> str:
+        """A CREATE statement written for SQLite, in this store's own types."""
+        return statement
+
+
+class _Hints(dict):  # type: ignore[type-arg]
+    def __init__(self, dialect: Dialect) -> None:
+        super().__init__()
+        self.dialect = dialect
+
+    def __missing__(self, name: str) -> str:
+        return self.dialect.term(name)
+
+
+def default_target() -> str:
+    return os.environ.get("QUEUECTL_DB") or DEFAULT
+
+
+def is_postgres(target: str | Path) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def connect(target: str | Path | None = None, *, durable: bool = True, create: bool = True
+            ) -> Db:
+    """Open the store ``target`` names (creating a SQLite file on first use when ``create``),
+    with its schema and projections brought up to date."""
+    target = default_target() if target is None else str(target)
+    if is_postgres(target):
+        from queuectl.store import postgres
+
+        return postgres.connect(target, durable=durable, create=create)
+    from queuectl.store import sqlite
+
+    return sqlite.connect(Path(target), durable=durable, create=create)
+
+
+def shown(target: str | Path) -> str:
+    """A target as messages may print it: a URL without its password."""
+    if not is_postgres(target):
+        return str(target)
+    from queuectl.store.postgres import without_password
+
+    return without_password(str(target))
+
+
+def driver_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of the database drivers loaded so far (the CLI reports them)."""
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
+        errors.append(psycopg.Error)
+    return tuple(errors)

@@ -1,0 +1,452 @@
+"""The SQLite store: one file, WAL mode, the default.
+
+A ``SqliteDb`` is a ``sqlite3.Connection`` (a subclass, so every ``execute`` is still the C
+method) with the store's part of the ledger added: the write transaction (``BEGIN
+IMMEDIATE``), the ledger's own schema, the append's inserts, and the waker that watches
+``PRAGMA data_version`` (and inotify on the WAL) for idle workers.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from queuectl import clock, limits
+from queuectl.errors import StoreError
+from queuectl.store import PROCESS_LOCK, Dialect
+
+LEDGER_DDL = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        type TEXT NOT NULL,
+        job_id TEXT,
+        worker_id TEXT,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
+    # Append-only is the database's rule, not only a convention of this code.
+    """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    # INSERT OR REPLACE deletes the row it replaces without firing the DELETE trigger
+    # (recursive_triggers is off by default in every client), so refuse the insert itself.
+    """CREATE TRIGGER IF NOT EXISTS events_no_replace BEFORE INSERT ON events
+        WHEN EXISTS (SELECT 1 FROM events WHERE seq = NEW.seq)
+        BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
+    # What each projection was last built from: its code version and the ledger seq its
+    # replay reached. Live appends keep every projection at the ledger's head in the same
+    # transaction, so position is not rewritten on each append (a page per commit saved).
+    """CREATE TABLE IF NOT EXISTS projection_meta (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        position INTEGER NOT NULL
+    )""",
+)
+
+# The ledger's own schema (the events table and its triggers), in ``PRAGMA user_version``;
+# an older database gets what was added since when it is next opened.
+LEDGER_VERSION = 1
+
+# A worker's commit dirties about 16 pages (the ledger row and its indexes, the job, its run
+# and their indexes, the worker, the counts); the WAL writes and checksums each whole page.
+# 2 KiB pages cut the ledger cycle from 146 to 130 us a job; 1 KiB pages cut it further but
+# slow a 1M-job replay by 16% (deeper trees), and 8 KiB pages cost 24%. Databases created
+# before keep their page size: SQLite cannot change it in WAL mode.
+PAGE_SIZE = 2048
+
+_INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
+
+WAKE_POLL = 0.002  # seconds between data_version reads in the waker (without inotify)
+LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a short window
+WATCH_AFTER = 1.0  # seconds of workers waiting before the waker sets up inotify
+CHECKPOINT_EVERY = 0.25  # seconds between the waker's WAL checkpoints
+LOCKED_SHARE = 0.02  # at most this share of the time may the waker hold the process lock
+WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
+WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for the write lock, in all, before it gives up."""
+    return limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    terms = {
+        # The primary key (job_id, depends_on) is walked in order: the ids come sorted.
+        "dependencies": "(SELECT json_group_array(depends_on) FROM job_deps "
+                        "WHERE job_deps.job_id = jobs.id)",
+    }
+
+    def hint(self, index: str) -> str:
+        # Without statistics SQLite may pick another index and sort every row it finds.
+        return f"INDEXED BY {index}"
+
+
+DIALECT = SqliteDialect()
+
+
+class SqliteDb(sqlite3.Connection):
+    """A queuectl connection to a SQLite file."""
+
+    kind = "sqlite"
+    dialect = DIALECT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.path = Path(args[0]) if args else Path(kwargs["database"])
+        self.target = str(self.path)
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqliteDb]:
+        """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on any exception.
+
+        Writers of one process (the worker threads of ``worker -c N``) queue on the process
+        lock instead of on SQLite's busy handler, which sleeps 1 ms, then 2, 5, 10... while
+        it waits: with two busy workers that sleeping, not the work, set the pace. Other
+        processes still meet at the database lock.
+        """
+        with PROCESS_LOCK:
+            _retry_locked(lambda: self.execute("BEGIN IMMEDIATE"))
+            try:
+                yield self
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            _retry_locked(lambda: self.execute("COMMIT"))
+
+    @contextmanager
+    def snapshot(self) -> Iterator[SqliteDb]:
+        """One read transaction: every query inside sees the same database."""
+        self.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.execute("COMMIT")
+
+    def now(self) -> str:
+        return clock.now()
+
+    def next_seq(self) -> int:
+        (last,) = self.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        return int(last) + 1
+
+    def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
+                      ) -> int:
+        if len(rows) == 1:  # the common case: SQLite numbers the row itself
+            return self.execute(_INSERT_ONE, (at, *rows[0])).lastrowid or 0
+        # The write lock is held, so the next seqs are ours: rows go in with one executemany.
+        first = self.next_seq()
+        self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
+        return first
+
+    @contextmanager
+    def bulk(self) -> Iterator[SqliteDb]:
+        (cache,) = self.execute("PRAGMA cache_size").fetchone()
+        self.execute("PRAGMA cache_size = -262144")  # 256 MiB: a big replay stays in memory
+        try:
+            yield self
+        finally:
+            self.execute(f"PRAGMA cache_size = {int(cache)}")
+
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
+        return Waker(self.path, on_crash)
+
+    def for_worker(self) -> None:
+        """Progress is written with synchronous=NORMAL (a lost result only means the job
+        runs again) and checkpoints are left to the process's Waker."""
+        self.execute("PRAGMA synchronous = NORMAL")
+        self.execute("PRAGMA wal_autocheckpoint = 0")
+
+
+def memory() -> SqliteDb:
+    """An in-memory database, for a replay set aside (``ledger.check``)."""
+    return sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)  # type: ignore[return-value]
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _prepare_file(path: Path, create: bool) -> None:
+    """Create the data directories (0700) and the database file (0600) on first use; a
+    command that only reads refuses a database that does not exist."""
+    if str(path) == ":memory:":
+        raise StoreError("an in-memory database (:memory:) would lose every job when the "
+                         "command ends; give a file path")
+    if not path.exists() and not create:
+        raise StoreError(f"no queuectl database at {path} (commands that write, such as "
+                         "enqueue, create it)")
+    directory = path.parent
+    if not directory.exists():
+        missing = [p for p in (directory, *directory.parents) if not p.exists()]
+        for part in reversed(missing):  # each new directory 0700, not only the last
+            try:
+                part.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create data directory {part}: {exc.strerror}") from exc
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise StoreError(f"cannot create database {path}: {exc.strerror}") from exc
+    elif path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file")
+    if not os.access(path, os.W_OK) or not os.access(directory, os.W_OK):
+        raise StoreError(f"database {path} is not writable (check its directory's permissions)")
+
+
+def connect(path: Path, *, durable: bool = True, create: bool = True) -> SqliteDb:
+    """Open (creating when ``create``) a queuectl database file with the ledger's schema.
+
+    ``durable`` picks ``synchronous=FULL``: an acknowledged write survives power loss.
+    """
+    _prepare_file(path, create)
+    # SQLite's busy handler does the waiting; _retry_locked covers the SQLITE_BUSY cases
+    # where SQLite returns at once instead of waiting (e.g. during WAL recovery).
+    db: SqliteDb = sqlite3.connect(  # type: ignore[assignment]
+        str(path), isolation_level=None, check_same_thread=False, timeout=lock_timeout(),
+        factory=SqliteDb,
+    )
+    try:
+        db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        db.execute("PRAGMA foreign_keys = ON")
+        _ensure_ledger(db)  # refuses a foreign database before anything is written
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            _retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if "not a database" in str(exc):
+            raise StoreError(f"{path} is not a SQLite database") from exc
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _ensure_ledger(db: SqliteDb) -> None:
+    """The ledger's own tables and triggers, created on first use and brought up to
+    ``LEDGER_VERSION``; a database that holds other tables and not queuectl's is refused."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "projection_meta" not in tables:
+        if tables - {"events", "projection_meta"} or (tables and "events" not in tables):
+            raise StoreError(f"{db.path} is not a queuectl database")
+        if not tables:  # a page size holds only if set before the first table
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    if "projection_meta" not in tables or \
+            db.execute("PRAGMA user_version").fetchone()[0] < LEDGER_VERSION:
+        with db.transaction():  # IF NOT EXISTS: another process may have just done it
+            for statement in LEDGER_DDL:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
+
+
+def _retry_locked(action):  # type: ignore[no-untyped-def]
+    """Run ``action``; while the database is locked, wait and retry, up to the lock timeout."""
+    start = time.monotonic()  # the timeout itself is read only on a failure (runs per write)
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            message = str(exc)
+            if "locked" not in message and "busy" not in message:
+                raise
+            if time.monotonic() >= start + lock_timeout():
+                raise StoreError(
+                    f"database is locked: another process held it for over "
+                    f"{lock_timeout():g}s; try again"
+                ) from exc
+            time.sleep(0.05)
+
+
+# -- waking idle workers ------------------------------------------------------------------
+
+
+class WalWatch:
+    """Linux inotify on the database's ``-wal`` file: its descriptor turns readable as soon
+    as any connection, in any process, writes a commit there. Idle workers then sleep in
+    poll() instead of waking every 2 ms to look (about 5% of a core per process)."""
+
+    IN_MODIFY = 0x2
+
+    def __init__(self, wal: Path) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(fd, os.fsencode(wal), self.IN_MODIFY) < 0:
+            os.close(fd)
+            raise OSError(ctypes.get_errno(), f"cannot watch {wal}")
+        self.fd = fd
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Waker:
+    """Wakes idle workers whenever another connection commits to the database.
+
+    ``PRAGMA data_version`` says whether anything changed. The waker looks every 2 ms while
+    a worker waits; once workers have waited a second in all, inotify on the WAL file (where
+    available) says when to look instead. Short waits, such as the end of a burst, never
+    pay for setting inotify up (ctypes) or for taking it down (about 13 ms in close()).
+    """
+
+    def __init__(self, path: Path, on_crash: Callable[[BaseException], None] | None = None
+                 ) -> None:
+        self._on_crash = on_crash
+        self.error: BaseException | None = None
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA data_version").fetchone()  # the WAL file exists from here
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # workers wait here for a new generation
+        self._wanted = threading.Condition(lock)  # the waker waits here for a waiting worker
+        self._waiting = 0
+        self._generation = 0
+        self._closed = False
+        self._wal = Path(f"{path}-wal")
+        self._next_locked = 0.0  # monotonic time of the next locked checkpoint pass
+        self._watch_fd: WalWatch | None = None
+        self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
+        self._thread.start()
+
+    def _supervised(self) -> None:
+        """The waker's thread. If it dies, the process stops as if a worker had crashed:
+        its workers would otherwise go on with wake-ups and checkpoints silently gone."""
+        try:
+            self._watch()
+        except BaseException as exc:
+            self.error = exc
+            if self._on_crash is not None:
+                self._on_crash(exc)
+
+    def _watch(self) -> None:
+        last = None
+        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        look_until = 0.0
+        polled = 0.0  # seconds of looking every WAKE_POLL, up to WATCH_AFTER
+        poller = select.poll()
+        while not self._closed:
+            self._until_wanted(next_checkpoint)
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != last:
+                last = version
+                self.poke()
+            if time.monotonic() >= next_checkpoint:
+                self._checkpoint()
+                next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+            if self._watch_fd is None:
+                slept = time.monotonic()
+                time.sleep(WAKE_POLL)
+                polled += time.monotonic() - slept if self._waiting else 0.0
+                if polled >= WATCH_AFTER:
+                    polled = float("-inf")  # one try: without inotify, go on looking
+                    self._start_watching(poller)
+            elif time.monotonic() < look_until:
+                time.sleep(LOOK_POLL)
+            elif poller.poll(WATCH_SAFETY_MS):  # the WAL is being written to
+                # The first page of a commit reaches the WAL before the commit is visible:
+                # look again and again for a while (a loaded machine may pause the writer),
+                # rather than once.
+                look_until = time.monotonic() + WATCH_LOOK
+            if self._watch_fd is not None:
+                self._watch_fd.drain()
+
+    def _start_watching(self, poller: select.poll) -> None:
+        try:
+            self._watch_fd = WalWatch(self._wal)
+        except (OSError, AttributeError):  # not Linux, or no inotify watches left
+            return
+        poller.register(self._watch_fd.fd, select.POLLIN)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database, all of it, so that the next commit writes the WAL
+        from its start again.
+
+        Workers turn automatic checkpoints off (they ran inside a worker's COMMIT, holding
+        the write lock while pages were copied and synced). This thread copies beside the
+        workers, then what they committed meanwhile while holding the process lock (about
+        2 ms in 250 here). A checkpoint that never catches up cannot restart the WAL: under
+        busy workers it grew by some 50 MB a second, and the last close had to checkpoint
+        and delete it all (about 40 ms). Where syncing is slow (a disk, not a VM's cache),
+        the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
+        the time: the WAL then grows for longer instead of the workers stalling.
+        """
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if time.monotonic() < self._next_locked:
+            return
+        with PROCESS_LOCK:
+            start = time.monotonic()
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            held = time.monotonic() - start
+        self._next_locked = time.monotonic() + held / LOCKED_SHARE
+
+    def _until_wanted(self, deadline: float) -> None:
+        """Sleep while no worker waits, until ``deadline`` at the latest (the checkpoint).
+
+        Busy workers claim their next job as they record a result, so on a busy queue
+        nobody needs waking: looking every 2 ms and waking at every commit then only took
+        the GIL and CPU from the workers. A worker that starts to wait wakes this thread,
+        whose first look sees any commit made while it slept (``data_version`` moved).
+        """
+        with self._wanted:
+            self._wanted.wait_for(
+                lambda: self._waiting or self._closed, max(0.0, deadline - time.monotonic())
+            )
+
+    @property
+    def watching(self) -> bool:
+        """Whether inotify tells this waker when to look (else it looks every 2 ms)."""
+        return self._watch_fd is not None
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def poke(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Sleep until the database changes after generation ``seen``, or ``timeout``."""
+        with self._cond:
+            self._waiting += 1
+            self._wanted.notify()
+            try:
+                self._cond.wait_for(lambda: self._generation != seen or self._closed, timeout)
+            finally:
+                self._waiting -= 1
+
+    def close(self) -> None:
+        self._closed = True
+        self.poke()
+        with self._wanted:
+            self._wanted.notify()
+        self._thread.join()
+        if self._watch_fd is not None:
+            self._watch_fd.close()
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._conn.close()
