@@ -1,0 +1,405 @@
+"""The PostgreSQL store: one database shared by workers on many hosts.
+
+A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
+
+- **One order of events.** Every write transaction first locks the single row of
+  ``queuectl_head`` and reads from it the next seq (and the server's clock): writers take
+  turns there, so seqs are gapless (a rollback takes its numbers back with it) and in commit
+  order (a later transaction cannot read the head until an earlier one has committed).
+  Taking that lock first in every transaction also means no two transactions ever wait on
+  each other's rows in opposite orders, so there are no deadlocks. A bigserial would be
+  neither gapless nor in commit order.
+- **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
+  server, so hosts with skewed clocks agree. Outside a transaction the server's clock is
+  tracked locally (an offset measured at connect and again every minute).
+- **Append-only by the database**: triggers refuse UPDATE, DELETE and TRUNCATE of events.
+- **Timeouts**: ``lock_timeout`` bounds a wait for the head (``QUEUECTL_LOCK_TIMEOUT``) and
+  ``idle_in_transaction_session_timeout`` ends the session of a client that died holding it.
+- **Wake-ups**: a transaction that makes work claimable sends ``NOTIFY queuectl``; each worker
+  process listens on a connection of its own (``Waker``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from queuectl import clock, limits
+from queuectl.errors import StoreError
+from queuectl.store import PROCESS_LOCK, Dialect
+
+CHANNEL = "queuectl"
+SCHEMA_VERSION = 1
+# Events whose appending may give an idle worker something to do.
+WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unblocked",
+                    "lease-expired", "stop-requested", "cancel-requested"})
+_NOW = "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+_CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
+
+LEDGER_DDL = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq BIGINT PRIMARY KEY,
+        at TEXT COLLATE "C" NOT NULL,
+        type TEXT COLLATE "C" NOT NULL,
+        job_id TEXT COLLATE "C",
+        worker_id TEXT COLLATE "C",
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
+    # Append-only is the database's rule, not only a convention of this code.
+    """CREATE OR REPLACE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'the events ledger is append-only'; END $$""",
+    """DROP TRIGGER IF EXISTS events_no_change ON events""",
+    """CREATE TRIGGER events_no_change BEFORE UPDATE OR DELETE ON events
+        FOR EACH ROW EXECUTE FUNCTION events_append_only()""",
+    """DROP TRIGGER IF EXISTS events_no_truncate ON events""",
+    """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+        FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()""",
+    # The ledger's head: the last seq appended, locked first by every write transaction.
+    """CREATE TABLE IF NOT EXISTS queuectl_head (
+        one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+        seq BIGINT NOT NULL,
+        version INTEGER NOT NULL
+    )""",
+    f"""INSERT INTO queuectl_head (one, seq, version) VALUES (TRUE, 0, {SCHEMA_VERSION})
+        ON CONFLICT (one) DO NOTHING""",
+    """CREATE TABLE IF NOT EXISTS projection_meta (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        version BIGINT NOT NULL,
+        position BIGINT NOT NULL
+    )""",
+)
+OURS = {"events", "queuectl_head", "projection_meta"}
+
+
+class PgDialect(Dialect):
+    name = "postgres"
+    terms = {
+        "dependencies": "(SELECT coalesce(json_agg(depends_on ORDER BY depends_on), '[]')::text "
+                        "FROM job_deps WHERE job_deps.job_id = jobs.id)",
+    }
+    _TYPES = re.compile(r"\b(INTEGER|REAL|TEXT)\b")
+
+    def ddl(self, statement: str) -> str:
+        """SQLite's column types as PostgreSQL's: 64-bit integers, double precision, and
+        text compared byte by byte (ids and ISO times sort as they do in SQLite)."""
+        if not statement.lstrip().upper().startswith("CREATE TABLE"):
+            return statement
+        return self._TYPES.sub(lambda m: {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION",
+                                          "TEXT": 'TEXT COLLATE "C"'}[m.group(1)], statement)
+
+
+DIALECT = PgDialect()
+
+
+def without_password(url: str) -> str:
+    """``postgresql://app@db:5432/q``: the URL with any password left out."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(unreadable URL)"
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    user = f"{parts.username}@" if parts.username else ""
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, user + host, parts.path, query, ""))
+
+
+_PLACEHOLDERS: dict[str, str] = {}
+
+
+def _translated(sql: str) -> str:
+    """``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
+    found = _PLACEHOLDERS.get(sql)
+    if found is None:
+        found = _PLACEHOLDERS[sql] = sql.replace("%", "%%").replace("?", "%s")
+    return found
+
+
+class PgDb:
+    """A queuectl connection to a PostgreSQL database."""
+
+    kind = "postgres"
+    dialect = DIALECT
+
+    def __init__(self, conn: Any, url: str) -> None:
+        self.conn = conn
+        self.url = url
+        self.target = without_password(url)
+        self._head: int | None = None  # inside a write transaction: the seq last appended
+        self._tx_now: str | None = None
+        self._wakes = False
+        self._offset = 0.0  # server clock minus local monotonic clock, seconds
+        self._measured = -_CLOCK_EVERY
+
+    # -- what every Db does ---------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.conn.info.transaction_status != 0)  # 0: idle, outside any
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
+        if parameters:
+            return self.conn.execute(_translated(sql), parameters)
+        return self.conn.execute(sql)
+
+    def executemany(self, sql: str, rows: Any, /) -> Any:
+        rows = list(rows)
+        if rows:
+            cursor = self.conn.cursor()
+            cursor.executemany(_translated(sql), rows)
+            return cursor
+        return None
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgDb]:
+        """BEGIN, then the head row locked first: every writer of the ledger takes turns here,
+        which makes seqs gapless and in commit order. A transaction that appended moves the
+        head and, if it made work claimable, wakes the listening workers."""
+        with PROCESS_LOCK:
+            self.conn.execute("BEGIN")
+            try:
+                self._head, self._tx_now = self.conn.execute(
+                    f"SELECT seq, {_NOW} FROM queuectl_head FOR UPDATE").fetchone()
+                start = self._head
+                self._wakes = False
+                yield self
+                if self._head != start:
+                    self.conn.execute("UPDATE queuectl_head SET seq = %s", (self._head,))
+                    if self._wakes:
+                        self.conn.execute(f"NOTIFY {CHANNEL}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            finally:
+                self._head = self._tx_now = None
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except Exception:  # the connection itself is what failed: nothing to roll back
+            pass
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PgDb]:
+        with PROCESS_LOCK:
+            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield self
+            finally:
+                self._rollback()
+
+    def now(self) -> str:
+        if self._tx_now is not None:
+            return self._tx_now
+        if time.monotonic() - self._measured > _CLOCK_EVERY:
+            self._measure_clock()
+        return clock.iso(datetime.fromtimestamp(time.monotonic() + self._offset, UTC))
+
+    def _measure_clock(self) -> None:
+        """The server's clock against this host's monotonic one, taken halfway through a
+        round trip."""
+        before = time.monotonic()
+        (server,) = self.conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp())::double precision").fetchone()
+        after = time.monotonic()
+        self._offset = float(server) - (before + after) / 2
+        self._measured = after
+
+    def next_seq(self) -> int:
+        if self._head is None:
+            raise RuntimeError("next_seq() needs a write transaction")
+        return self._head + 1
+
+    def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
+                      ) -> int:
+        if self._head is None:
+            raise RuntimeError("insert_events() needs a write transaction")
+        first = self._head + 1
+        if len(rows) > 100:  # a bulk enqueue: COPY writes rows at a fraction of the cost
+            with self.conn.cursor().copy(
+                    "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
+                for n, row in enumerate(rows):
+                    copy.write_row((first + n, at, *row))
+        else:
+            self.conn.cursor().executemany(
+                "INSERT INTO events (seq, at, type, job_id, worker_id, body) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [(first + n, at, *row) for n, row in enumerate(rows)])
+        self._head = first + len(rows) - 1
+        self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
+        return first
+
+    @contextmanager
+    def bulk(self) -> Iterator[PgDb]:
+        yield self
+
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
+        return Waker(self.url, on_crash)
+
+    def for_worker(self) -> None:
+        """A worker's results are written without waiting for the flush to disk: a crash of
+        the server may forget the last ones, and those jobs run again (at-least-once)."""
+        self.conn.execute("SET synchronous_commit = off")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _driver() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("PostgreSQL support needs: pip install 'queuectl[postgres]'") from None
+    return psycopg
+
+
+def connect(url: str, *, durable: bool = True, create: bool = True) -> PgDb:
+    """Connect to ``url`` and create (or bring up to date) the ledger's own tables. ``create``
+    does not apply: a database is made by its administrator, not by queuectl."""
+    psycopg = _driver()
+    shown = without_password(url)
+    timeout = limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                               application_name="queuectl")
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to {shown}: {_reason(exc, url)}") from None
+    db = PgDb(conn, url)
+    try:
+        conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
+        conn.execute("SET idle_in_transaction_session_timeout = 60000")
+        conn.execute("SET synchronous_commit = " + ("on" if durable else "off"))
+        conn.execute("SET TIME ZONE 'UTC'")
+        _ensure_ledger(db, shown)
+    except psycopg.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot open {shown}: {_reason(exc, url)}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """A driver's message on one line, with the URL's password (should it appear) hidden."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def _ensure_ledger(db: PgDb, shown: str) -> None:
+    """The ledger's tables, created on first use (under an advisory lock, so that two hosts
+    starting at once do not race); a database holding other tables but not queuectl's is
+    refused, as on SQLite."""
+    tables = {r[0] for r in db.conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+    if "queuectl_head" in tables:
+        (version,) = db.conn.execute("SELECT version FROM queuectl_head").fetchone()
+        if version >= SCHEMA_VERSION:
+            return
+    elif tables - OURS:
+        raise StoreError(f"{shown} is not a queuectl database (it holds other tables)")
+    db.conn.execute("BEGIN")
+    try:
+        db.conn.execute("SELECT pg_advisory_xact_lock(hashtext('queuectl schema'))")
+        for statement in LEDGER_DDL:
+            db.conn.execute(statement)
+        db.conn.execute("UPDATE queuectl_head SET version = %s", (SCHEMA_VERSION,))
+        db.conn.execute("COMMIT")
+    except BaseException:
+        db._rollback()
+        raise
+
+
+# -- waking idle workers ------------------------------------------------------------------
+
+
+class Waker:
+    """Wakes a process's idle workers when a transaction sends ``NOTIFY queuectl``.
+
+    It listens on a connection of its own. A lost connection is reopened with back-off; the
+    notifications sent meanwhile are lost, so every reconnection wakes the workers once, to
+    look for themselves. Their poll interval stays as a fallback.
+    """
+
+    def __init__(self, url: str, on_crash: Callable[[BaseException], None] | None = None
+                 ) -> None:
+        self._url = url
+        self._on_crash = on_crash
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._conn: Any = None
+        self._listen()  # before the first claim: nothing sent after this is missed
+        self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        psycopg = _driver()
+        self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10,
+                                     application_name="queuectl-waker")
+        self._conn.execute(f"LISTEN {CHANNEL}")
+
+    def _supervised(self) -> None:
+        try:
+            self._watch()
+        except BaseException as exc:
+            self.error = exc
+            if self._on_crash is not None:
+                self._on_crash(exc)
+
+    def _watch(self) -> None:
+        psycopg = _driver()
+        backoff = 0.1
+        while not self._closed:
+            try:
+                if self._conn is None:
+                    self._listen()
+                    backoff = 0.1
+                    self.poke()  # what was sent while we were away is lost: look once
+                for _ in self._conn.notifies(timeout=0.5):
+                    self.poke()
+            except psycopg.Error:
+                if self._closed:
+                    return
+                try:
+                    self._conn.close()
+                except Exception:
+                    pass
+                self._conn = None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def poke(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != seen or self._closed, timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self.poke()
+        self._thread.join()
+        if self._conn is not None:
+            self._conn.close()
