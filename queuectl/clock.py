@@ -24,6 +24,11 @@ def now() -> str:
     return iso(datetime.now(UTC))
 
 
+# ``now`` as this module defines it: a store that has a clock of its own (PostgreSQL's
+# server) uses that one unless ``now`` was replaced, as tests replace it with a fake clock.
+system_now = now
+
+
 def parse(text: str) -> datetime:
     """Read an ISO-8601 time; one without a zone is taken as UTC."""
     moment = datetime.fromisoformat(text)  # Python 3.11 reads the trailing Z itself

@@ -9,7 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,10 @@ from queuectl.cli import cli
 from queuectl.errors import StoreError
 
 
-def replay_problems(path: Path) -> list[str] | None:
+def replay_problems(target: Path | str) -> list[str] | None:
     """Drift between a database's ledger and its projections; None if it isn't queuectl's."""
     try:
-        conn = ledger.connect(path)
+        conn = ledger.connect(target, create=False)
     except StoreError:
         return None
     try:
@@ -34,7 +36,7 @@ def replay_problems(path: Path) -> list[str] | None:
         conn.close()
 
 
-def check_both_ways(conn: sqlite3.Connection) -> list[str]:
+def check_both_ways(conn: Any) -> list[str]:
     """``ledger.check`` as a replay runs on a small ledger (rows held in memory to the end),
     then again writing rows back after every event, as a big replay does now and then: every
     row is then read back from the table for its next event."""
@@ -61,22 +63,79 @@ def _queuectl_databases(root: Path) -> list[Path]:
     return found
 
 
+# -- the stores every test runs on -----------------------------------------------------------
+
+# The PostgreSQL server the tests use: each test gets a database of its own on it, dropped
+# afterwards. QUEUECTL_TEST_PG points elsewhere; .ci/run starts the local server if it is
+# down and sets QUEUECTL_CI, which turns "no server" into a failure instead of a skip.
+PG_ADMIN = os.environ.get("QUEUECTL_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
+STORES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs once on each store, unless ``@pytest.mark.stores(...)`` names some."""
+    if "db" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("stores")
+        metafunc.parametrize("db", marker.args if marker else STORES, indirect=True)
+
+
+def _pg_admin() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        reason = "psycopg is not installed (pip install -e '.[test]')"
+    else:
+        try:
+            return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+        except psycopg.Error as exc:
+            reason = f"no PostgreSQL at {PG_ADMIN}: {' '.join(str(exc).split())}"
+    if os.environ.get("QUEUECTL_CI"):
+        pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards: its URL."""
+    admin = _pg_admin()
+    name = f"queuectl_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin.execute(f"CREATE DATABASE {name}")
+        url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+        yield url
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
 @pytest.fixture(autouse=True)
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """This test's database path (also in QUEUECTL_DB); checked for replay drift afterwards."""
-    path = tmp_path / "queue.db"
-    monkeypatch.setenv("QUEUECTL_DB", str(path))
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """This test's database (also in QUEUECTL_DB): a SQLite path, or a PostgreSQL URL, by
+    the test's store. Every queuectl database it leaves behind is checked for replay drift."""
     monkeypatch.chdir(tmp_path)
-    yield path
+    store = getattr(request, "param", "sqlite")
+    if store == "sqlite":
+        path = tmp_path / "queue.db"
+        monkeypatch.setenv("QUEUECTL_DB", str(path))
+        yield path
+        _check_replay(request, tmp_path)
+        return
+    with pg_database() as url:
+        monkeypatch.setenv("QUEUECTL_DB", url)
+        yield url
+        _check_replay(request, tmp_path, url)
+
+
+def _check_replay(request: pytest.FixtureRequest, tmp_path: Path, url: str | None = None) -> None:
     if request.node.get_closest_marker("corrupt_ledger"):
         return  # the test broke the ledger on purpose and asserts on that itself
-    for found in _queuectl_databases(tmp_path):
+    for found in [*_queuectl_databases(tmp_path), *([url] if url else [])]:
         problems = replay_problems(found)
         assert not problems, f"{found} does not replay to its projections: {problems}"
 
 
 @pytest.fixture
-def conn(db: Path) -> Iterator[sqlite3.Connection]:
+def conn(db: Any) -> Iterator[Any]:
     connection = ledger.connect(db)
     yield connection
     connection.close()
@@ -127,6 +186,7 @@ def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "corrupt_ledger: the test corrupts the ledger on purpose")
+    config.addinivalue_line("markers", "stores(*names): run only on these stores (sqlite, postgres)")
 
 
 def rescued(conn: sqlite3.Connection, lease: float = 30, watched: float | None = None,
@@ -153,3 +213,14 @@ def needs(path: str, install: str) -> None:
     if os.environ.get("QUEUECTL_CI"):
         pytest.fail(f"{path} is missing in CI; .ci/run should have run: {install}")
     pytest.skip(f"{path} is not installed ({install})")
+
+
+@contextmanager
+def by_hand(target: Any) -> Iterator[Any]:
+    """A plain connection to the test's database, for SQL a test runs by hand (``?``
+    placeholders, each statement committed on its own), whichever store holds it."""
+    conn = ledger.connect(target, create=False)
+    try:
+        yield conn
+    finally:
+        conn.close()

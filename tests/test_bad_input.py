@@ -6,9 +6,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
+from conftest import by_hand
 
 from queuectl import claims, decisions, ledger
 from queuectl import events as ev
@@ -153,20 +154,14 @@ CASES: dict[str, Case] = {
 }
 
 
-def _count(path: Path) -> int:
-    raw = sqlite3.connect(path)
-    try:
-        return raw.execute("SELECT count(*) FROM events").fetchone()[0]
-    finally:
-        raw.close()
+def _count(target: Any) -> int:
+    with by_hand(target) as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
 
 
-def _jobs(path: Path) -> list[tuple[object, ...]]:
-    raw = sqlite3.connect(path)
-    try:
-        return raw.execute("SELECT * FROM jobs ORDER BY id").fetchall()
-    finally:
-        raw.close()
+def _jobs(target: Any) -> list[tuple[object, ...]]:
+    with by_hand(target) as conn:
+        return [tuple(row) for row in conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()]
 
 
 def _assert_one_error_line(result, message: str) -> None:
@@ -283,6 +278,7 @@ def _tables(path: Path) -> list[str] | None:
     ids=["enqueue", "list", "status"],
 )
 @pytest.mark.parametrize("kind", BAD_DBS.keys())
+@pytest.mark.stores("sqlite")  # files that are not queuectl databases
 def test_unusable_db(run, seeded: Path, tmp_path: Path, kind: str, command: list[str]) -> None:
     make, message = BAD_DBS[kind]
     (tmp_path / "bad").mkdir()
@@ -296,6 +292,7 @@ def test_unusable_db(run, seeded: Path, tmp_path: Path, kind: str, command: list
 
 
 @pytest.mark.parametrize("kind", BAD_DBS.keys())
+@pytest.mark.stores("sqlite")  # files that are not queuectl databases
 def test_unusable_db_is_left_byte_for_byte(run, tmp_path: Path, kind: str) -> None:
     """Refusing a file must not write to it: no journal-mode switch, no -wal/-shm beside it."""
     make, message = BAD_DBS[kind]
@@ -325,6 +322,7 @@ def test_bad_environment_values(run, seeded, monkeypatch, variable, value, messa
     assert (_count(seeded), _jobs(seeded)) == before
 
 
+@pytest.mark.stores("sqlite")  # files that are not queuectl databases
 def test_unusable_db_from_environment(run, tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "bad").mkdir()
     path = _garbage(tmp_path / "bad")
@@ -335,6 +333,7 @@ def test_unusable_db_from_environment(run, tmp_path: Path, monkeypatch) -> None:
     assert _snapshot(path) == snapshot
 
 
+@pytest.mark.stores("sqlite")  # files that are not queuectl databases
 def test_bad_input_on_a_fresh_database_creates_nothing(run, db: Path) -> None:
     result = run("enqueue", '{"command":')
     _assert_one_error_line(result, "malformed JSON")

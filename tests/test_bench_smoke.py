@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test
+
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory"}
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import events_of, queuectl_cmd, rescued
+from conftest import by_hand, events_of, queuectl_cmd, rescued
 
 import projections
 from queuectl import claims, decisions, ledger, limits, render, settings
@@ -586,8 +586,8 @@ def test_rebuild(run, conn):
 def test_rebuild_check_finds_drift(run, db, sql, expected):
     ok(run("enqueue", "-c", "echo 1", "--id", "j1"))
     ok(run("enqueue", "-c", "echo 2", "--id", "j2"))
-    with sqlite3.connect(db) as raw:
-        raw.execute(sql)
+    with by_hand(db) as conn:
+        conn.execute(sql)
     result = run("rebuild", "--check")
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -600,8 +600,8 @@ def test_rebuild_check_finds_drift(run, db, sql, expected):
 
 def test_rebuild_check_names_the_changed_column(run, db):
     ok(run("enqueue", "-c", "echo 1", "--id", "j1"))
-    with sqlite3.connect(db) as raw:
-        raw.execute("UPDATE jobs SET attempts = 5 WHERE id = 'j1'")
+    with by_hand(db) as conn:
+        conn.execute("UPDATE jobs SET attempts = 5 WHERE id = 'j1'")
     result = run("rebuild", "--check")
     assert result.exit_code == 1
     assert "jobs: row 'j1' differs (attempts: live 5, replayed 0)" in result.stderr
@@ -611,6 +611,7 @@ def test_rebuild_check_names_the_changed_column(run, db):
 # -- where the database lives --------------------------------------------------------------
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_db_option(run, db, tmp_path):
     other = tmp_path / "elsewhere" / "other.db"
     ok(run("--db", str(other), "enqueue", "-c", "echo hi", "--id", "x1"))
@@ -620,6 +621,7 @@ def test_db_option(run, db, tmp_path):
     assert not db.exists()  # QUEUECTL_DB's database is a different one, still not made
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_queuectl_db_env(run, tmp_path, monkeypatch):
     path = tmp_path / "env.db"
     monkeypatch.setenv("QUEUECTL_DB", str(path))
@@ -634,6 +636,7 @@ def test_queuectl_db_env(run, tmp_path, monkeypatch):
     assert [j["id"] for j in jobs_json(run)] == ["e1"]
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_default_path_and_permissions(run, tmp_path, monkeypatch):
     monkeypatch.delenv("QUEUECTL_DB")
     ok(run("enqueue", "-c", "echo hi", "--id", "d1"))
@@ -644,6 +647,7 @@ def test_default_path_and_permissions(run, tmp_path, monkeypatch):
     assert [j["id"] for j in jobs_json(run)] == ["d1"]
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_every_new_directory_of_a_db_path_is_private(run, tmp_path):
     (tmp_path / "a").mkdir()
     os.chmod(tmp_path / "a", 0o755)
@@ -654,6 +658,7 @@ def test_every_new_directory_of_a_db_path_is_private(run, tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o755  # what existed is left alone
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_replay_tool_refuses_a_database_that_does_not_exist(tmp_path):
     missing = tmp_path / "nothere.db"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "replay.py"), "--db", str(missing),
@@ -673,6 +678,7 @@ READS = [["list"], ["status"], ["show", "a"], ["logs", "a"], ["history", "a"], [
 
 
 @pytest.mark.parametrize("args", READS, ids=[" ".join(a) for a in READS])
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_a_read_never_creates_a_database(run, tmp_path, args):
     """A typo in --db must not quietly give an empty queue: only writers create one."""
     typo = tmp_path / "typo" / "q.db"
@@ -685,18 +691,21 @@ def test_a_read_never_creates_a_database(run, tmp_path, args):
 
 @pytest.mark.parametrize("args", [["enqueue", "-c", "true"], ["config", "set", "max-retries", "2"],
                                   ["worker", "--stop"]])
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_writers_create_the_database(run, tmp_path, args):
     path = tmp_path / "new" / "q.db"
     ok(run("--db", str(path), *args))
     assert path.exists()
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_an_in_memory_database_is_refused(run):
     result = run("--db", ":memory:", "enqueue", "-c", "true")
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr.startswith("Error: an in-memory database (:memory:) would lose every job")
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_python_m_queuectl_help(tmp_path):
     result = subprocess.run(queuectl_cmd("--help"), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -763,6 +772,7 @@ def test_flags_beside_a_file_apply_to_every_job(run, tmp_path):
     assert len(json.loads(ok(run("list", "--json")))) == 2
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_config_set_help_names_every_key_and_its_range(run):
     out = ok(run("config", "set", "--help"))
     for key, setting in settings.SETTINGS.items():
@@ -770,6 +780,7 @@ def test_config_set_help_names_every_key_and_its_range(run):
         assert limits.describe(setting.bound) in line and f"(default {setting.default})" in line
 
 
+@pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_rebuild_help_names_every_projection(run):
     out = " ".join(ok(run("rebuild", "--help")).split())
     assert "(jobs, runs, workers, config)" in out

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from queuectl import decisions, ledger
+from queuectl import decisions, ledger, store
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger
 
@@ -32,6 +32,7 @@ def _count(conn: sqlite3.Connection) -> int:
 
 
 @pytest.mark.parametrize("line", LINES, ids=[f"line{n}" for n in range(1, len(LINES) + 1)])
+@pytest.mark.stores("sqlite")  # no store involved
 def test_sample_decodes_and_round_trips(line: str) -> None:
     event = ev.decode(line)
     assert isinstance(event, tuple(ev.TAGS.values()))
@@ -39,12 +40,14 @@ def test_sample_decodes_and_round_trips(line: str) -> None:
     assert ev.encode(event) == line
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_every_event_type_has_a_sample() -> None:
     tags = {msgspec.json.decode(line)["type"] for line in LINES}
     assert set(ev.TAGS) <= tags
     assert len(ev.TAGS) >= 12  # the card's floor: enqueued ... stop-requested
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_the_cards_event_names_exist() -> None:
     floor = {
         "enqueued",
@@ -63,6 +66,7 @@ def test_the_cards_event_names_exist() -> None:
     assert floor <= set(ev.TAGS)
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_sample_without_optional_fields_gets_defaults() -> None:
     minimal = ev.decode(
         '{"type":"enqueued","job_id":"job1","command":"sleep 2","max_retries":3,"backoff_base":2.0}'
@@ -74,6 +78,7 @@ def test_sample_without_optional_fields_gets_defaults() -> None:
     assert (done.duration, done.output, done.truncated) == (0.0, "", False)
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_unknown_event_type_is_refused_not_skipped() -> None:
     with pytest.raises(msgspec.ValidationError):
         ev.decode('{"type":"teleported","job_id":"job1"}')
@@ -82,6 +87,7 @@ def test_unknown_event_type_is_refused_not_skipped() -> None:
 
 
 @pytest.mark.parametrize("line", LINES[:1] + LINES[2:3] + LINES[-2:-1])
+@pytest.mark.stores("sqlite")  # no store involved
 def test_events_are_frozen(line: str) -> None:
     event = ev.decode(line)
     field = event.__struct_fields__[0]
@@ -123,7 +129,7 @@ def seeded(conn: sqlite3.Connection) -> sqlite3.Connection:
 def test_ledger_refuses_update_and_delete(seeded, sql: str) -> None:
     before = seeded.execute("SELECT * FROM events ORDER BY seq").fetchall()
     assert len(before) == 2
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(store.driver_errors(), match="append-only"):
         seeded.execute(sql)
     assert seeded.execute("SELECT * FROM events ORDER BY seq").fetchall() == before
 
@@ -154,7 +160,7 @@ def test_failed_projector_rolls_back_earlier_events_of_the_transaction(seeded) -
 
 def test_duplicate_enqueued_event_rolls_back(seeded) -> None:
     before = _count(seeded)
-    with pytest.raises(sqlite3.IntegrityError), ledger.write(seeded):
+    with pytest.raises(store.driver_errors()), ledger.write(seeded):
         ledger.append(seeded, ev.Enqueued(job_id="a", command="x", max_retries=0, backoff_base=2.0))
     assert _count(seeded) == before
     assert seeded.execute("SELECT command FROM jobs WHERE id = 'a'").fetchone() == ("echo a",)

@@ -11,11 +11,11 @@ no reader could decode), ``--run-at 0999-06-01`` (a time stored as ``999-...``),
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import by_hand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -88,11 +88,8 @@ environments = st.one_of(
 
 
 def _ledger_rows(db: Path) -> list[tuple[int, str]]:
-    raw = sqlite3.connect(db)
-    try:
-        return raw.execute("SELECT seq, body FROM events ORDER BY seq").fetchall()
-    finally:
-        raw.close()
+    with by_hand(db) as conn:
+        return [tuple(r) for r in conn.execute("SELECT seq, body FROM events ORDER BY seq")]
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ works everywhere (stored, decoded, replayed, added to a time) without a tracebac
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime
 
 import pytest
+from conftest import by_hand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,12 +20,14 @@ from queuectl.errors import InvalidInput
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "infinity", "1e400"])
 @pytest.mark.parametrize("name", [n for n, b in limits.BOUNDS.items() if not b.integer])
+@pytest.mark.stores("sqlite")  # no store involved
 def test_no_bound_accepts_a_non_finite_number(name, text):
     with pytest.raises(InvalidInput, match="expected a number from"):
         limits.parse(name, text)
 
 
 @pytest.mark.parametrize("name", limits.BOUNDS)
+@pytest.mark.stores("sqlite")  # no store involved
 def test_each_bound_takes_its_ends_and_refuses_beyond(name):
     b = limits.BOUNDS[name]
     assert limits.parse(name, str(int(b.low) if b.integer else b.low)) == b.low
@@ -35,12 +37,14 @@ def test_each_bound_takes_its_ends_and_refuses_beyond(name):
             limits.parse(name, str(int(outside) if b.integer else outside))
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_whole_numbers_refuse_fractions_and_exponents():
     for text in ("1.5", "1e3", "abc", "", "99999999999999999999"):
         with pytest.raises(InvalidInput, match="a whole number from 0 to 1000000"):
             limits.parse("max_retries", text)
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_retry_delays_saturate_instead_of_overflowing():
     assert limits.backoff_delay(2, 3) == 8
     assert limits.backoff_delay(1, 50) == 1
@@ -53,6 +57,7 @@ def test_retry_delays_saturate_instead_of_overflowing():
 # -- times -------------------------------------------------------------------------------
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_times_are_fixed_width_and_round_trip():
     for moment in (datetime(1970, 1, 1, tzinfo=UTC), datetime(999, 6, 1, tzinfo=UTC),
                    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)):
@@ -61,6 +66,7 @@ def test_times_are_fixed_width_and_round_trip():
         assert clock.parse(text) == moment
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_adding_to_a_time_saturates_at_the_ends():
     assert clock.after("2026-01-01T00:00:00.000000Z", 1e300) == "9999-12-31T23:59:59.999999Z"
     assert clock.after("2026-01-01T00:00:00.000000Z", -1e300) == "1970-01-01T00:00:00.000000Z"
@@ -177,11 +183,9 @@ def test_any_number_on_enqueue_is_stored_exactly_or_refused(run, db, flag, text)
     result = run("enqueue", "-c", "true", flag, text)
     if result.exit_code == 0:
         job_id = result.stdout.rsplit(" ", 1)[-1].strip()
-        raw = sqlite3.connect(db)
-        try:
-            (body,) = raw.execute("SELECT body FROM events WHERE job_id = ?", (job_id,)).fetchone()
-        finally:
-            raw.close()
+        with by_hand(db) as conn:
+            (body,) = conn.execute("SELECT body FROM events WHERE job_id = ?", (job_id,)
+                                   ).fetchone()
         stored = events.decode(body)  # every accepted value reads back from the ledger
         assert isinstance(stored, ev.Enqueued)
         if flag != "--delay":

@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import check_both_ways, rescued
+from conftest import check_both_ways, pg_database, rescued
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -183,7 +183,12 @@ class QueueMachine(RuleBasedStateMachine):
         super().__init__()
         CLOCK.t = START
         self.dir = tempfile.mkdtemp(prefix="queuectl-properties-")
-        self.conn = ledger.connect(Path(self.dir) / "queue.db", durable=False)
+        self.database = None
+        if STORE == "postgres":  # a fresh database per example, as the SQLite file is
+            self.database = pg_database()
+            self.conn = ledger.connect(self.database.__enter__(), durable=False)
+        else:
+            self.conn = ledger.connect(Path(self.dir) / "queue.db", durable=False)
         self.jobs: dict[str, Job] = {}  # insertion order is enqueue (seq) order
         self.workers: dict[str, Worker] = {}
         self.runs: list[Run] = []
@@ -1030,17 +1035,28 @@ class QueueMachine(RuleBasedStateMachine):
             assert check_both_ways(self.conn) == []
         finally:
             self.conn.close()
+            if self.database is not None:
+                self.database.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_queue_state_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+STORE = "sqlite"  # the store the machine's examples run on; set by the test
+
+
+def test_queue_state_machine(monkeypatch: pytest.MonkeyPatch, db: object) -> None:
     monkeypatch.setattr(clock, "now", CLOCK.now)
     monkeypatch.setattr(random, "random", RANDOM.random)
+    monkeypatch.setattr(sys.modules[__name__], "STORE",
+                        "postgres" if str(db).startswith("postgresql://") else "sqlite")
+    # QUEUECTL_PROPERTY_EXAMPLES=2000 for a long hunt; the default keeps CI fast. A
+    # PostgreSQL example costs a database of its own (about 0.3 s) before its first step.
+    examples = int(os.environ.get("QUEUECTL_PROPERTY_EXAMPLES", "200"))
+    if STORE == "postgres":
+        examples = max(1, examples // 4)
     run_state_machine_as_test(
         QueueMachine,
         settings=settings(
-            # QUEUECTL_PROPERTY_EXAMPLES=2000 for a long hunt; the default keeps CI fast.
-            max_examples=int(os.environ.get("QUEUECTL_PROPERTY_EXAMPLES", "200")),
+            max_examples=examples,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],

@@ -11,6 +11,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test
+
 
 def _load_tool() -> ModuleType:
     # tools/ is not a package: load the script from its path.

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import events_of, spawn, wait_for
+from conftest import by_hand, events_of, spawn, wait_for
 
 from queuectl import ledger
 
@@ -131,11 +131,10 @@ def test_user_text_is_never_markup_or_raw_control_codes(run):
 )
 def test_undecodable_events_stop_replay_and_history(run, db, type_, body, message):
     run("enqueue", "--id", "a", "-c", "true")
-    with sqlite3.connect(db) as raw:
-        raw.execute(
-            "INSERT INTO events (at, type, job_id, body) VALUES ('2026-01-01T00:00:00.000000Z', ?, 'a', ?)",
-            (type_, body),
-        )
+    with by_hand(db) as conn:  # a row no version of queuectl would write
+        conn.execute(
+            "INSERT INTO events (seq, at, type, job_id, body) "
+            "VALUES (2, '2026-01-01T00:00:00.000000Z', ?, 'a', ?)", (type_, body))
     for args in (("rebuild",), ("rebuild", "--check"), ("history", "a")):
         result = run(*args)
         assert result.exit_code == 1, args
@@ -189,6 +188,7 @@ def test_contention_never_reaches_the_user(run, conn, db, tmp_path):
     assert claims == total
 
 
+@pytest.mark.stores("sqlite")  # SQLite's write lock
 def test_a_held_write_lock_gives_one_clear_line(run, db, monkeypatch):
     run("config", "get")
     monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")

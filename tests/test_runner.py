@@ -137,6 +137,7 @@ def test_a_killed_workers_run_is_stopped_before_its_job_runs_again(run, conn):
     assert "of its run stopped on this host" in " ".join(history.split())
 
 
+@pytest.mark.stores("sqlite")  # no store involved
 def test_stop_marked_never_touches_an_unmarked_process(tmp_path):
     plain = subprocess.Popen(["sleep", "30.9991"])
     marked = subprocess.Popen(["sleep", "30.9992"], env={**os.environ, "QUEUECTL_WORKER_ID": "zz"})

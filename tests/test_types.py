@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

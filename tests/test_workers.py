@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -426,6 +426,7 @@ def test_idle_worker_picks_up_new_job_at_once(run, conn):
 # -- the waker ------------------------------------------------------------------------------
 
 
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
 def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, monkeypatch):
     monkeypatch.setattr(sqlite_store, "WATCH_AFTER", 0.2)
     waker = sqlite_store.Waker(db)
@@ -457,6 +458,7 @@ def test_waker_sets_up_inotify_only_once_workers_have_waited_a_while(conn, db, m
         waker.close()
 
 
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
 def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     """The waker's checkpoints catch up with busy workers, so the WAL starts over instead of
     growing by every page that every job writes."""
@@ -482,6 +484,7 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     assert 0 < wal_at_close[0] < n * 4 * page, wal_at_close
 
 
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
 def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn, db,
                                                                           monkeypatch):
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
@@ -593,8 +596,7 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     errors = worker_module.run_workers(db, worker_module.Options(concurrency=2), echo=lambda _: None)
     assert len(errors) == 1 and errors[0].endswith(": boom"), errors
     crashed = errors[0].split()[1].rstrip(":")
-    stopped = dict(conn.execute(
-        "SELECT worker_id, json_extract(body, '$.reason') FROM events WHERE type = 'worker-stopped'"))
+    stopped = {b["worker_id"]: b["reason"] for b in bodies(conn, "worker-stopped")}
     assert stopped.pop(crashed) == "crashed: boom"
     assert list(stopped.values()) == [f"worker {crashed} of this process crashed"]
     assert conn.execute("SELECT count(*) FROM workers WHERE state = 'active'").fetchone() == (0,)
@@ -610,7 +612,10 @@ def test_a_waker_that_dies_stops_the_process(run, conn, db, monkeypatch):
     def broken(self):  # type: ignore[no-untyped-def]
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sqlite_store.Waker, "_watch", broken)
+    from queuectl.store import postgres as postgres_store
+
+    for waker in (sqlite_store.Waker, postgres_store.Waker):
+        monkeypatch.setattr(waker, "_watch", broken)
     errors = worker_module.run_workers(db, worker_module.Options(), echo=lambda _: None)
     assert errors == ["waker: [Errno 5] Input/output error"]
     reasons = [b["reason"] for b in bodies(conn, "worker-stopped")]
@@ -643,6 +648,10 @@ FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
                 "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 
+# On PostgreSQL times come from the server, and libfaketime's step of CLOCK_MONOTONIC (which
+# a real step of the clock never moves) stalls Python's timed waits there: the PostgreSQL
+# waker, unlike SQLite's, has no 2 ms loop to end them. Its test is the skewed host below.
+@pytest.mark.stores("sqlite")
 @pytest.mark.slow
 def test_a_clock_step_does_not_expire_a_live_workers_lease(run, conn, tmp_path):
     """libfaketime steps the worker process's clocks (wall and monotonic alike) 20 s ahead
@@ -686,3 +695,38 @@ def test_worker_ids_are_unique_when_many_processes_start_at_once(run, conn):
     ids = started_workers(conn)
     assert len(ids) == 96 and len(set(ids)) == 96
     assert ids == sorted(ids)  # in the order the ledger committed them
+
+
+@pytest.mark.stores("postgres")
+@pytest.mark.slow
+def test_a_host_whose_clock_is_minutes_off_keeps_to_the_servers_clock(run, conn, tmp_path):
+    """One clock: a worker whose own clock runs 10 minutes ahead neither starts a job
+    scheduled 20 s from now early, nor takes the job of a live worker whose heartbeats look
+    10 minutes old to it; the times it writes are the server's."""
+    needs(FAKETIME, "apt-get install faketime")
+    run("config", "set", "heartbeat-interval", "0.3")
+    run("config", "set", "lease-timeout", "1.5")
+    (later,) = enqueue(run, "echo later", delay="20")
+    (busy,) = enqueue(run, "sleep 4")
+    with processes() as procs:
+        honest = worker(procs, "-s", "0.2")
+        wait_for(lambda: "claimed" in events_of(conn, busy), WAIT)
+        # Its wall clock is off, not its monotonic one (no real clock error moves that; and
+        # libfaketime's offset monotonic clock stalls Python's timed waits).
+        ahead = spawn("worker", "-s", "0.2", env={
+            "LD_PRELOAD": FAKETIME, "FAKETIME": "+10m", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "PYTHONUNBUFFERED": "1"})
+        procs.append(ahead)
+        wait_for(lambda: "completed" in events_of(conn, busy), WAIT)
+        time.sleep(2)  # the skewed worker has had time to misjudge, were it going to
+        assert events_of(conn, busy) == ["enqueued", "claimed", "completed"]
+        assert events_of(conn, later) == ["enqueued"]  # not run 10 minutes early
+        for proc in (honest, ahead):
+            proc.send_signal(signal.SIGTERM)
+        assert [finish(proc)[0] for proc in (honest, ahead)] == [0, 0]
+    kinds = {r[0] for r in conn.execute("SELECT type FROM events")}
+    assert not kinds & {"lease-expired", "worker-lost"}
+    (started_at,) = conn.execute(
+        "SELECT max(at) FROM events WHERE type = 'worker-started'").fetchone()
+    skew = abs((datetime.now(UTC) - when(started_at)).total_seconds())
+    assert skew < 30  # the server's time, not the worker's 10 minutes ahead
