@@ -1,0 +1,150 @@
+"""What only the PostgreSQL store has to prove: one gapless order of events with many
+writers, append-only enforced by the server, clear errors for servers and databases that
+cannot be used, and no password ever printed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import by_hand, pg_database, queuectl_cmd
+
+from queuectl import claims, decisions, ledger, store
+from queuectl import events as ev
+from queuectl.errors import Conflict
+
+pytestmark = pytest.mark.stores("postgres")
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def queuectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(queuectl_cmd(*args), capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+# -- one order of events -------------------------------------------------------------------
+
+
+def test_seq_stays_gapless_and_in_commit_order_with_many_writers(db, conn):
+    """24 writers append at once (some transactions roll back), while a reader watches: in
+    every snapshot it takes, the ledger holds exactly seqs 1..max, so no later seq ever
+    committed before an earlier one, and no rollback left a hole."""
+    stop = threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def watch() -> None:
+        with by_hand(db) as reader:
+            while not stop.is_set():
+                with reader.snapshot():
+                    seen.append(tuple(reader.execute(
+                        "SELECT count(*), coalesce(max(seq), 0) FROM events").fetchone()))
+
+    def write(n: int) -> None:
+        writer = ledger.connect(db)
+        try:
+            for i in range(15):
+                decisions.enqueue(writer, [decisions.JobSpec(command="true", id=f"w{n}-{i}")])
+                try:  # a duplicate: the transaction rolls back, its seq must not be lost
+                    decisions.enqueue(writer, [decisions.JobSpec(command="true", id=f"w{n}-{i}")])
+                except Conflict:
+                    pass
+                wid = claims.worker_started(writer, n, f"host-{n}")
+                job = claims.claim(writer, wid)
+                if job is not None:
+                    claims.finish(writer, job, ev.Completed(job_id=job.job_id, worker_id=wid,
+                                                            attempt=job.attempt))
+        finally:
+            writer.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(24)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    watcher.join()
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert len(seqs) >= 24 * 15 * 2
+    assert conn.execute("SELECT seq FROM queuectl_head").fetchone() == (len(seqs),)
+    assert len(seen) > 10 and all(count == last for count, last in seen)
+    assert ledger.check(conn) == []
+
+
+# -- append-only, by the database ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE events SET body = '{}'",
+    "DELETE FROM events",
+    "TRUNCATE events",
+    "INSERT INTO events (seq, at, type, body) VALUES (1, 'x', 'enqueued', '{}') "
+    "ON CONFLICT (seq) DO UPDATE SET body = excluded.body",
+])
+def test_the_server_refuses_to_rewrite_the_ledger(db, conn, sql):
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="a")])
+    before = conn.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    with pytest.raises(store.driver_errors(), match="append-only"):
+        conn.execute(sql)
+    assert conn.execute("SELECT * FROM events ORDER BY seq").fetchall() == before
+
+
+# -- servers and databases that cannot be used ----------------------------------------------
+
+
+def test_an_unreachable_server_is_one_line_without_the_password():
+    url = "postgresql://app:s3cret@127.0.0.1:1/q"
+    line = one_error_line(queuectl("--db", url, "list"))
+    assert line.startswith("Error: cannot connect to postgresql://app@127.0.0.1:1/q: ")
+    assert "s3cret" not in line
+
+
+def test_a_database_that_does_not_exist_is_one_line(db):
+    missing = db.rsplit("/", 1)[0] + "/no_such_database_here"
+    line = one_error_line(queuectl("--db", missing, "enqueue", "-c", "true"))
+    assert "cannot connect to" in line and "no_such_database_here" in line
+
+
+def test_a_database_of_someone_elses_is_refused_and_left_alone():
+    with pg_database() as url:
+        with __import__("psycopg").connect(url, autocommit=True) as other:
+            other.execute("CREATE TABLE invoices (id serial PRIMARY KEY, total numeric)")
+        line = one_error_line(queuectl("--db", url, "enqueue", "-c", "true"))
+        assert line == f"Error: {url} is not a queuectl database (it holds other tables)"
+        with __import__("psycopg").connect(url, autocommit=True) as other:
+            tables = {r[0] for r in other.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()")}
+        assert tables == {"invoices"}
+
+
+def test_a_password_in_the_url_is_never_printed(db):
+    with_password = db.replace("://root@", "://root:hunter2@")  # trust auth ignores it
+    for args in (["enqueue", "--id", "p", "-c", "true"], ["status"], ["list"],
+                 ["worker", "--burst", "-v"], ["show", "nope"], ["history", "p"]):
+        result = queuectl("--db", with_password, *args)
+        assert "hunter2" not in result.stdout + result.stderr, args
+    assert store.shown(with_password) == db
+
+
+def test_without_psycopg_the_extra_is_named(db):
+    code = ("import sys; sys.modules['psycopg'] = None; "
+            "from queuectl.cli import main; sys.argv = ['queuectl', 'list']; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parent.parent)
+    assert one_error_line(result) == (
+        "Error: PostgreSQL support needs: pip install 'queuectl[postgres]'")
