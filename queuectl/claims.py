@@ -195,6 +195,24 @@ def finish_and_claim(
     return events, following
 
 
+def release_strays(conn: Db, worker_id: str, keep: str | None) -> list[ev.Event]:
+    """Release the jobs held under ``worker_id`` that its worker does not know it holds
+    (all but ``keep``): after a lost connection, a commit that claimed one may have
+    succeeded unseen. A released run is not counted as an attempt."""
+    with write(conn):
+        rows = conn.execute(
+            f"""SELECT id, attempts FROM jobs
+            WHERE state = '{State.PROCESSING}' AND {INDEXED_STATES} AND worker_id = ?""",
+            (worker_id,)).fetchall()
+        events: list[ev.Event] = [
+            ev.Released(job_id=job_id, worker_id=worker_id, attempt=attempts,
+                        reason="claimed while its worker lost the database connection")
+            for job_id, attempts in rows if job_id != keep]
+        if events:
+            append(conn, *events)
+    return events
+
+
 def cancel_requested(conn: Db, job_id: str) -> bool:
     row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return bool(row and row[0])

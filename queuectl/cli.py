@@ -443,6 +443,12 @@ def dlq_retry(ctx: click.Context, job_id: str) -> None:
 # -- workers ------------------------------------------------------------------------------
 
 
+def _host_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", value):
+        raise click.BadParameter(f"{value!r} is not a host name (letters, digits, . _ -)")
+    return value
+
+
 def worker_options(f: Any) -> Any:
     for option in reversed(
         (
@@ -457,6 +463,11 @@ def worker_options(f: Any) -> Any:
                          help="Jobs per worker before it exits (0 = no limit)."),
             click.option("--burst", is_flag=True,
                          help="Exit once nothing is pending, running or waiting to retry."),
+            click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
+                         callback=_host_name,
+                         help="The host these workers say they run on (also QUEUECTL_HOST; "
+                              "default: this machine's name). A worker stops the runs of a "
+                              "dead worker only on its own host."),
         )
     ):
         f = option(f)

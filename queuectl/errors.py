@@ -23,5 +23,10 @@ class StoreError(QueueError):
     """The database cannot be opened, is not queuectl's, or stayed locked."""
 
 
+class StoreUnavailable(StoreError):
+    """The connection to the store was lost (a server restarted, a connection killed); a
+    new one may work."""
+
+
 class CorruptLedger(StoreError):
     """An event row cannot be decoded by this version of queuectl."""

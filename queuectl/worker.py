@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from queuectl import claims, clock, ledger, render, runner, settings, store
 from queuectl import events as ev
+from queuectl.errors import StoreUnavailable
 from queuectl.store import Db
 
 T = TypeVar("T")
@@ -34,6 +35,7 @@ class Options:
     poll: float = 3.0  # fallback check interval; new work wakes workers at once anyway
     limit: int = 0  # jobs per worker, 0 = no limit
     burst: bool = False
+    host_name: str | None = None  # the host the workers say they run on; None: this one
 
 
 class Shutdown:
@@ -77,7 +79,7 @@ class Worker:
         self.echo = echo
         self.silence = silence
         self.id = ""  # given by the ledger when the worker starts (see run)
-        self.host = os.uname().nodename
+        self.host = options.host_name or os.uname().nodename
         self.done = 0
         self.holding: claims.Claim | None = None  # claimed and not yet finished
         self.env = runner.base_env()
@@ -85,13 +87,54 @@ class Worker:
         self._next_rescue = 0.0
         self._next_cancel_check = 0.0
         self._kill_reason: str | None = None
+        self._connection = 0  # the connection generation this worker last reconciled
+        self._next_try = 0.0  # while the store is away: the next time a run's tick tries it
         self.error: BaseException | None = None
 
     def db(self, call: Callable[..., T], *args: Any) -> T:
         """``call(conn, *args)`` on the shared connection, no other thread using it: every
-        read and write transaction, and every fetch, happens inside."""
+        read and write transaction, and every fetch, happens inside.
+
+        A lost connection (PostgreSQL restarted, the session killed) is opened again and the
+        call made once more: every call is a read or one transaction, and a transaction that
+        did not commit wrote nothing. One whose commit did succeed unseen may have claimed a
+        job this worker does not know about: ``_reconcile`` releases such jobs first.
+        StoreUnavailable means the server is still away; ``persist`` waits for it."""
         with store.PROCESS_LOCK:
-            return call(self.conn, *args)
+            try:
+                self._reconcile()
+                return call(self.conn, *args)
+            except StoreUnavailable:
+                self.conn.reconnect()  # type: ignore[attr-defined]
+                self._reconcile()
+                return call(self.conn, *args)
+
+    def _reconcile(self) -> None:
+        generation = getattr(self.conn, "generation", 0)
+        if generation != self._connection and self.id:
+            keep = self.holding.job_id if self.holding else None
+            for event in claims.release_strays(self.conn, self.id, keep):
+                self._report(event)
+        self._connection = generation
+
+    def persist(self, call: Callable[..., T], *args: Any) -> T:
+        """``db``, waiting out an unavailable store: workers outlive a restart of the server."""
+        return self._patiently(lambda: self.db(call, *args))
+
+    def _patiently(self, action: Callable[[], T]) -> T:
+        """``action()``, tried again with back-off (0.1 s to 5 s) while the store is
+        unavailable, as long as no hard stop is asked for."""
+        delay = 0.1
+        while True:
+            try:
+                return action()
+            except StoreUnavailable as exc:
+                if self.shutdown.hard.is_set():
+                    raise
+                self.echo(f"[{self.id or 'starting'}] waiting {delay:g}s for the database: "
+                          f"{render.one_line(exc)}")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def log(self, text: str) -> None:
         if self.options.verbose:
@@ -100,8 +143,8 @@ class Worker:
     def run(self) -> None:
         reason = "crashed"
         try:
-            self.config = self.db(settings.load)
-            self.id = self.db(claims.worker_started, os.getpid(), self.host)
+            self.config = self.persist(settings.load)
+            self.id = self.persist(claims.worker_started, os.getpid(), self.host)
             self.echo(f"Worker started: {self.id}")
             self._beat_done()
             reason = self._loop()
@@ -136,19 +179,25 @@ class Worker:
         self._next_beat = time.monotonic() + interval
 
     def _tick(self) -> None:
-        """Housekeeping while running or idle: heartbeat, and rescue silent workers' jobs."""
-        self._housekeeping(time.monotonic())
+        """Housekeeping between jobs: heartbeat, and rescue silent workers' jobs."""
+        self._patiently(lambda: self._housekeeping(time.monotonic()))
 
     def _running_tick(self, job: claims.Claim) -> bool:
-        """Housekeeping while a job runs; True when the run must be killed now."""
+        """Housekeeping while a job runs; True when the run must be killed now. While the
+        store is away the run goes on (its timeout still counts), and the store is tried
+        again every second, not on every tick."""
         now = time.monotonic()
-        self._housekeeping(now)
         if self.shutdown.hard.is_set():
             self._kill_reason = "shutdown"
-        elif now >= self._next_cancel_check:
-            self._next_cancel_check = now + CANCEL_CHECK
-            if self.db(claims.cancel_requested, job.job_id):
-                self._kill_reason = "cancel"
+        elif now >= self._next_try:
+            try:
+                self._housekeeping(now)
+                if now >= self._next_cancel_check:
+                    self._next_cancel_check = now + CANCEL_CHECK
+                    if self.db(claims.cancel_requested, job.job_id):
+                        self._kill_reason = "cancel"
+            except StoreUnavailable:
+                self._next_try = now + 1.0
         return self._kill_reason is not None
 
     def _housekeeping(self, now: float) -> None:
@@ -182,7 +231,7 @@ class Worker:
             return self.shutdown.reason
         if self.options.limit and self.done >= self.options.limit:
             return "job limit reached"
-        state, stop = self.db(claims.worker_state, self.id)
+        state, stop = self.persist(claims.worker_state, self.id)
         if stop:
             return "stop requested"
         if state == "gone":
@@ -194,7 +243,7 @@ class Worker:
             if self.holding is not None:
                 if self.shutdown.soft.is_set():  # claimed with the last result, not started
                     job, self.holding = self.holding, None
-                    self.db(claims.finish, job, ev.Released(
+                    self.persist(claims.finish, job, ev.Released(
                         job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
                         reason="worker shut down before the job started"))
                     return self.shutdown.reason
@@ -206,15 +255,15 @@ class Worker:
                 return reason
             self._tick()
             seen = self.waker.generation
-            self.holding = self.db(claims.claim, self.id)
+            self.holding = self.persist(claims.claim, self.id)
             if self.holding is None:
-                if self.options.burst and self.db(claims.unfinished) == 0:
+                if self.options.burst and self.persist(claims.unfinished) == 0:
                     return "burst: queue empty"
                 self.waker.wait(seen, self._idle_timeout())
 
     def _idle_timeout(self) -> float:
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
-        run_at = self.db(claims.next_run_at)
+        run_at = self.persist(claims.next_run_at)
         if run_at is not None:
             timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
         return timeout
@@ -239,7 +288,7 @@ class Worker:
         go_on = not self.shutdown.soft.is_set() and not (
             self.options.limit and self.done >= self.options.limit
         )
-        events, following = self.db(
+        events, following = self.persist(
             claims.finish_and_claim, job, self._event(job, result), self.id if go_on else None
         )
         self.holding = following

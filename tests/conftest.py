@@ -97,15 +97,26 @@ def _pg_admin() -> Any:
 @contextmanager
 def pg_database() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards: its URL."""
-    admin = _pg_admin()
     name = f"queuectl_test_{uuid.uuid4().hex[:12]}"
-    try:
+    with _pg_admin() as admin:
         admin.execute(f"CREATE DATABASE {name}")
-        url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-        yield url
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
     finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+        # A new connection: the test may have restarted the server meanwhile.
+        wait_for(_pg_answers, 60, "the PostgreSQL server to answer")
+        with _pg_admin() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _pg_answers() -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=2).close()
+    except psycopg.Error:
+        return False
+    return True
 
 
 @pytest.fixture(autouse=True)

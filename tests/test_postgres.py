@@ -4,17 +4,22 @@ cannot be used, and no password ever printed."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import by_hand, pg_database, queuectl_cmd
+from conftest import by_hand, needs, pg_database, queuectl_cmd, spawn, wait_for
 
 from queuectl import claims, decisions, ledger, store
 from queuectl import events as ev
-from queuectl.errors import Conflict
+from queuectl.errors import Conflict, StoreError
 
 pytestmark = pytest.mark.stores("postgres")
 
@@ -28,8 +33,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def queuectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
     return subprocess.run(queuectl_cmd(*args), capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
 
@@ -148,3 +151,133 @@ def test_without_psycopg_the_extra_is_named(db):
                             timeout=60, cwd=Path(__file__).parent.parent)
     assert one_error_line(result) == (
         "Error: PostgreSQL support needs: pip install 'queuectl[postgres]'")
+
+
+# -- faults: workers survive and lose nothing ---------------------------------------------
+
+
+def _cluster() -> list[str]:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+
+def _jobs_run_through(db: str, disturb: Callable[[], None], n: int = 300) -> None:
+    """``n`` short jobs, two worker processes of two workers each; ``disturb`` strikes when
+    a third of the jobs are done. Every job must complete exactly once, and the workers
+    outlive it."""
+    with by_hand(db) as conn:
+        decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.02", id=f"j{i}")
+                                 for i in range(n)])
+    workers = [spawn("worker", "-c", "2", "-s", "0.2", start_new_session=True)
+               for _ in range(2)]
+    try:
+        def completed() -> int:
+            with by_hand(db) as conn:
+                return int(conn.execute(
+                    "SELECT n FROM job_counts WHERE state = 'completed'").fetchone()[0])
+
+        wait_for(lambda: completed() >= n // 3, 120, "a third of the jobs")
+        disturb()
+        wait_for(lambda: _answers(db) and completed() == n, 180, "every job completed")
+        assert [w.poll() for w in workers] == [None, None]  # the workers lived through it
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        results = [w.communicate(timeout=60) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], results
+    with by_hand(db) as conn:
+        done = dict(conn.execute("SELECT job_id, count(*) FROM events WHERE type = 'completed' "
+                                 "GROUP BY job_id").fetchall())
+        expired = {r[0] for r in conn.execute(
+            "SELECT job_id FROM events WHERE type = 'lease-expired'")}
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")]
+    assert len(done) == n
+    assert all(count == 1 or job in expired for job, count in done.items())
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def _answers(db: str) -> bool:
+    try:
+        with by_hand(db):
+            return True
+    except store.driver_errors() + (StoreError,):
+        return False
+
+
+@pytest.mark.slow
+def test_workers_survive_a_restart_of_the_server(db):
+    if not os.path.isdir("/etc/postgresql") or not shutil.which("pg_ctlcluster"):
+        needs("/usr/bin/pg_ctlcluster", "the local PostgreSQL server's tools")
+
+    def restart() -> None:
+        subprocess.run([*_cluster(), "restart"], check=True, capture_output=True, timeout=120)
+
+    _jobs_run_through(db, restart)
+
+
+@pytest.mark.slow
+def test_workers_survive_their_connections_being_killed(db):
+    def kill_connections() -> None:
+        for _ in range(3):
+            with by_hand(db) as conn:
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'queuectl%' AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+            assert killed >= 2
+            time.sleep(0.5)
+
+    _jobs_run_through(db, kill_connections)
+
+
+@pytest.mark.slow
+def test_many_hosts_share_one_queue_through_kill_9s(db):
+    """Three worker processes presenting three hosts, -c 4 each, on 2,000 jobs while some
+    are killed with kill -9 and others start: every job completes, none twice but through a
+    recorded lease expiry, the ledger is contiguous and replays exactly (the fixture)."""
+    n = 2000
+    with by_hand(db) as conn:
+        decisions.set_config(conn, "heartbeat-interval", "0.3")
+        decisions.set_config(conn, "lease-timeout", "1.5")
+        decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.005", id=f"m{i:04d}")
+                                 for i in range(n)])
+
+    def start(host: str) -> subprocess.Popen[str]:
+        return spawn("worker", "-c", "4", "-s", "0.2", "--host-name", host,
+                     start_new_session=True)
+
+    def completed() -> int:
+        with by_hand(db) as conn:
+            return int(conn.execute(
+                "SELECT n FROM job_counts WHERE state = 'completed'").fetchone()[0])
+
+    running = {host: start(host) for host in ("alpha", "beta", "gamma")}
+    killed = 0
+    try:
+        for share, victim, newcomer in ((3, "alpha", "delta"), (2, "beta", "epsilon")):
+            wait_for(lambda s=share: completed() >= n // s, 180, f"1/{share} of the jobs")
+            os.kill(running[victim].pid, signal.SIGKILL)
+            running.pop(victim).wait()
+            killed += 1
+            running[newcomer] = start(newcomer)
+        wait_for(lambda: completed() == n, 240, "every job completed")
+    finally:
+        for proc in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        outcomes = [(proc.communicate(timeout=60), proc.returncode) for proc in running.values()]
+    assert [code for _, code in outcomes] == [0, 0, 0], outcomes
+    with by_hand(db) as conn:
+        done = dict(conn.execute("SELECT job_id, count(*) FROM events WHERE type = 'completed' "
+                                 "GROUP BY job_id").fetchall())
+        expired = {r[0] for r in conn.execute(
+            "SELECT job_id FROM events WHERE type = 'lease-expired'")}
+        hosts = {r[0] for r in conn.execute("SELECT DISTINCT host FROM workers")}
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")]
+        lost = conn.execute("SELECT count(*) FROM workers WHERE state = 'gone'").fetchone()[0]
+    assert len(done) == n
+    assert all(count == 1 or job in expired for job, count in done.items())
+    assert hosts == {"alpha", "beta", "gamma", "delta", "epsilon"}
+    assert lost == killed * 4  # every worker thread of each killed process was declared lost
+    assert seqs == list(range(1, len(seqs) + 1))

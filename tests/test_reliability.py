@@ -251,3 +251,42 @@ def test_chaos_sigkill_workers_loses_nothing(run, conn, tmp_path):
     assert len(per_job) == 520 and {n for _, n in per_job} == {1}
     assert run("rebuild", "--check").exit_code == 0
     assert ledger.check(conn) == []
+
+
+@pytest.mark.slow
+def test_a_late_result_from_a_worker_taken_for_dead_is_refused(run, conn):
+    """Fencing: a worker paused past its lease (SIGSTOP, as a partition or a long GC would
+    hold it) comes back and reports its run; its job was taken back meanwhile by a worker
+    on another host, and the late result must not change it: the rescued run stands."""
+    fast_leases(run)
+    run("enqueue", "--id", "late", "--max-retries", "1", "-c",
+        'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep 3; fi; echo "run $QUEUECTL_ATTEMPT"')
+    first = spawn("worker", "--host-name", "host-a", "-s", "0.2", start_new_session=True)
+    second = None
+    try:
+        wait_for(lambda: "claimed" in events_of(conn, "late"), 20)
+        first.send_signal(signal.SIGSTOP)
+        second = spawn("worker", "--host-name", "host-b", "-s", "0.2", "--burst",
+                       start_new_session=True)
+        wait_for(lambda: "completed" in events_of(conn, "late"), 30)
+        _, err = second.communicate(timeout=30)
+        assert second.returncode == 0, err
+        time.sleep(1.5)  # the first run has long ended in its own session, unreported
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=30)
+        assert first.returncode == 0, err
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop(proc)
+    assert events_of(conn, "late") == [
+        "enqueued", "claimed", "lease-expired", "scheduled-retry", "claimed", "completed"]
+    rows = conn.execute("SELECT type, worker_id, body FROM events WHERE job_id = 'late' "
+                        "ORDER BY seq").fetchall()
+    first_id, second_id = rows[1][1], rows[4][1]
+    assert first_id != second_id and rows[5][1] == second_id
+    assert json.loads(rows[5][2])["output"] == "run 2\n"  # the rescued run stands
+    assert "killed" not in json.loads(rows[2][2])  # 0, left out: on another host, not found
+    (stopped,) = conn.execute("SELECT body FROM events WHERE type = 'worker-stopped' AND "
+                              "worker_id = ?", (first_id,)).fetchone()
+    assert json.loads(stopped)["reason"] == "declared lost by another worker"

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
-from queuectl.errors import StoreError
+from queuectl.errors import StoreError, StoreUnavailable
 from queuectl.store import PROCESS_LOCK, Dialect
 
 CHANNEL = "queuectl"
@@ -130,15 +130,17 @@ class PgDb:
     kind = "postgres"
     dialect = DIALECT
 
-    def __init__(self, conn: Any, url: str) -> None:
+    def __init__(self, conn: Any, url: str, durable: bool = True) -> None:
         self.conn = conn
         self.url = url
+        self.durable = durable
         self.target = without_password(url)
         self._head: int | None = None  # inside a write transaction: the seq last appended
         self._tx_now: str | None = None
         self._wakes = False
         self._offset = 0.0  # server clock minus local monotonic clock, seconds
         self._measured = -_CLOCK_EVERY
+        self.generation = 0  # reconnections so far
 
     # -- what every Db does ---------------------------------------------------------------
 
@@ -147,17 +149,52 @@ class PgDb:
         return bool(self.conn.info.transaction_status != 0)  # 0: idle, outside any
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
-        if parameters:
-            return self.conn.execute(_translated(sql), parameters)
-        return self.conn.execute(sql)
+        try:
+            if parameters:
+                return self.conn.execute(_translated(sql), parameters)
+            return self.conn.execute(sql)
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
 
     def executemany(self, sql: str, rows: Any, /) -> Any:
         rows = list(rows)
-        if rows:
+        if not rows:
+            return None
+        try:
             cursor = self.conn.cursor()
             cursor.executemany(_translated(sql), rows)
             return cursor
-        return None
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What a driver's operational error means to queuectl: a lost connection (a new one
+        may do), the head held longer than the lock timeout, or a plain error."""
+        psycopg = _driver()
+        if self.conn.closed or self.conn.broken:
+            return StoreUnavailable(f"lost the connection to {self.target}: "
+                                    f"{_reason(exc, self.url)}")
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return StoreError("database is locked: another process held it for over "
+                              f"{_lock_timeout():g}s; try again")
+        return exc
+
+    def reconnect(self) -> None:
+        """A new connection in place of a lost one; StoreUnavailable while the server is
+        still away. ``generation`` counts the connections made, so that users of this one
+        can tell they may have missed the outcome of a commit."""
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        try:
+            fresh = connect(self.url, durable=self.durable, timeout=3)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        self.conn = fresh.conn
+        self._head = self._tx_now = None
+        self._measured = -_CLOCK_EVERY
+        self.generation += 1
 
     @contextmanager
     def transaction(self) -> Iterator[PgDb]:
@@ -165,9 +202,9 @@ class PgDb:
         which makes seqs gapless and in commit order. A transaction that appended moves the
         head and, if it made work claimable, wakes the listening workers."""
         with PROCESS_LOCK:
-            self.conn.execute("BEGIN")
+            self.execute("BEGIN")
             try:
-                self._head, self._tx_now = self.conn.execute(
+                self._head, self._tx_now = self.execute(
                     f"SELECT seq, {_NOW} FROM queuectl_head FOR UPDATE").fetchone()
                 if clock.now is not clock.system_now:  # a fake clock (tests) is taken at its word
                     self._tx_now = clock.now()
@@ -175,10 +212,10 @@ class PgDb:
                 self._wakes = False
                 yield self
                 if self._head != start:
-                    self.conn.execute("UPDATE queuectl_head SET seq = %s", (self._head,))
+                    self.execute("UPDATE queuectl_head SET seq = ?", (self._head,))
                     if self._wakes:
-                        self.conn.execute(f"NOTIFY {CHANNEL}")
-                self.conn.execute("COMMIT")
+                        self.execute(f"NOTIFY {CHANNEL}")
+                self.execute("COMMIT")
             except BaseException:
                 self._rollback()
                 raise
@@ -194,7 +231,7 @@ class PgDb:
     @contextmanager
     def snapshot(self) -> Iterator[PgDb]:
         with PROCESS_LOCK:
-            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            self.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
                 yield self
             finally:
@@ -229,16 +266,19 @@ class PgDb:
         if self._head is None:
             raise RuntimeError("insert_events() needs a write transaction")
         first = self._head + 1
-        if len(rows) > 100:  # a bulk enqueue: COPY writes rows at a fraction of the cost
-            with self.conn.cursor().copy(
-                    "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
-                for n, row in enumerate(rows):
-                    copy.write_row((first + n, at, *row))
-        else:
-            self.conn.cursor().executemany(
-                "INSERT INTO events (seq, at, type, job_id, worker_id, body) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                [(first + n, at, *row) for n, row in enumerate(rows)])
+        try:
+            if len(rows) > 100:  # a bulk enqueue: COPY writes rows at a fraction of the cost
+                with self.conn.cursor().copy(
+                        "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
+                    for n, row in enumerate(rows):
+                        copy.write_row((first + n, at, *row))
+            else:
+                self.conn.cursor().executemany(
+                    "INSERT INTO events (seq, at, type, job_id, worker_id, body) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    [(first + n, at, *row) for n, row in enumerate(rows)])
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
         self._head = first + len(rows) - 1
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
         return first
@@ -253,7 +293,8 @@ class PgDb:
     def for_worker(self) -> None:
         """A worker's results are written without waiting for the flush to disk: a crash of
         the server may forget the last ones, and those jobs run again (at-least-once)."""
-        self.conn.execute("SET synchronous_commit = off")
+        self.durable = False
+        self.execute("SET synchronous_commit = off")
 
     def close(self) -> None:
         self.conn.close()
@@ -270,20 +311,21 @@ def _driver() -> Any:
     return psycopg
 
 
-def connect(url: str, *, durable: bool = True, create: bool = True) -> PgDb:
+def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int = 10
+            ) -> PgDb:
     """Connect to ``url`` and create (or bring up to date) the ledger's own tables. ``create``
     does not apply: a database is made by its administrator, not by queuectl."""
     psycopg = _driver()
     shown = without_password(url)
-    timeout = limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
+    lock_timeout = _lock_timeout()
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10,
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=timeout,
                                application_name="queuectl")
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to {shown}: {_reason(exc, url)}") from None
-    db = PgDb(conn, url)
+    db = PgDb(conn, url, durable)
     try:
-        conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
+        conn.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
         conn.execute("SET idle_in_transaction_session_timeout = 60000")
         conn.execute("SET synchronous_commit = " + ("on" if durable else "off"))
         conn.execute("SET TIME ZONE 'UTC'")
@@ -295,6 +337,10 @@ def connect(url: str, *, durable: bool = True, create: bool = True) -> PgDb:
         conn.close()
         raise
     return db
+
+
+def _lock_timeout() -> float:
+    return limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
 
 
 def _reason(exc: BaseException, url: str) -> str:
