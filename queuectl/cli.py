@@ -549,6 +549,37 @@ def rebuild(ctx: click.Context, check: bool) -> None:
     click.echo(f"Projections rebuilt from {position} events.")
 
 
+@cli.group("ledger")
+def ledger_group() -> None:
+    """The ledger itself, as JSON lines: the portable truth of a queue, between stores."""
+
+
+@ledger_group.command("export")
+@click.option("--since", type=Number("seq"), default=0, metavar="SEQ",
+              help="Only the events after this seq (for an export that continues another).")
+@click.pass_context
+def ledger_export(ctx: click.Context, since: int) -> None:
+    """Write every event of the ledger to stdout, one JSON object a line.
+
+    \b
+    Example:
+        queuectl ledger export > ledger.jsonl
+        queuectl --db postgresql://app@db/queue ledger import ledger.jsonl
+    """
+    for line in ledger.export(_db(ctx), since):
+        click.echo(line)
+
+
+@ledger_group.command("import")
+@click.argument("source", type=click.File("rb"), metavar="FILE")
+@click.pass_context
+def ledger_import(ctx: click.Context, source: Any) -> None:
+    """Append an exported ledger (FILE, or - for stdin) to an empty store and build its
+    projections, in one transaction: all of it, or nothing."""
+    count = ledger.import_(_db(ctx, create=True), _lines(source))
+    click.echo(f"Imported {count} events; projections rebuilt.")
+
+
 def main() -> None:
     """The ``queuectl`` program: run the command, then leave without tearing Python down.
 

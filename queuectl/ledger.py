@@ -19,7 +19,7 @@ import msgspec
 
 from projections import REGISTRY, appliers
 from queuectl import store
-from queuectl.errors import CorruptLedger
+from queuectl.errors import CorruptLedger, InvalidInput
 from queuectl.events import TAGS, Event, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
 from queuectl.store import sqlite as sqlite_store
@@ -138,6 +138,63 @@ def read_events(
     sql = f"SELECT seq, at, type, body FROM events {where} ORDER BY seq"
     for seq, at, type_, body in conn.execute(sql, params):
         yield seq, at, decode_row(seq, type_, body)
+
+
+# -- moving a ledger between stores ------------------------------------------------------
+
+EXPORT_PAGE = 5000  # events read at a time: an export holds no more than this in memory
+
+
+def export(db: Db, since: int = 0) -> Iterator[str]:
+    """The ledger after seq ``since`` as JSON lines, ``{"seq": .., "at": .., "event": ..}``:
+    the portable truth of a queue, which ``import_`` turns back into a store of either kind."""
+    last = since
+    while True:
+        rows = db.execute("SELECT seq, at, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (last, EXPORT_PAGE)).fetchall()
+        for seq, at, body in rows:
+            yield f'{{"seq":{seq},"at":{msgspec.json.encode(at).decode()},"event":{body}}}'
+        if len(rows) < EXPORT_PAGE:
+            return
+        last = rows[-1][0]
+
+
+class _Exported(msgspec.Struct, forbid_unknown_fields=True):
+    seq: int
+    at: str
+    event: msgspec.Raw
+
+
+_exported = msgspec.json.Decoder(_Exported)
+
+
+def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
+    """Append an exported ledger (numbered lines) to an empty store and build its
+    projections, all in one transaction; returns the number of events. Every event is
+    decoded first; seqs must run 1, 2, 3... without a gap."""
+    with db.transaction():
+        if db.execute("SELECT count(*) FROM events").fetchone()[0]:
+            raise InvalidInput(f"{db.target} already holds a ledger: import into an empty one")
+        count = 0
+        batch: list[tuple[int, str, str, str | None, str | None, str]] = []
+        for n, text in lines:
+            try:
+                row = _exported.decode(text)
+                event = decode(row.event)
+            except msgspec.DecodeError as exc:
+                raise InvalidInput(f"line {n}: {exc}") from None
+            if row.seq != count + 1:
+                raise InvalidInput(f"line {n}: seq {row.seq} where {count + 1} was due")
+            body = bytes(row.event).decode()
+            batch.append((row.seq, row.at, event.type, getattr(event, "job_id", None),
+                          getattr(event, "worker_id", None), body))
+            count += 1
+            if len(batch) >= EXPORT_PAGE:
+                db.copy_events(batch)
+                batch = []
+        db.copy_events(batch)
+        _rebuild(db, REGISTRY)
+    return count
 
 
 # -- replay -------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ BOUNDS: dict[str, Bound] = {
     "concurrency": Bound(True, 1, 1024),
     "jobs_per_worker": Bound(True, 0, INT32),
     # reads
+    "seq": Bound(True, 0, 2**62),
     "limit": Bound(True, 1, 1_000_000_000),
     "attempt": Bound(True, 1, 1_000_001),
     "since": Bound(False, 0.001, 100 * YEAR, "seconds"),

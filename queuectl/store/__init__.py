@@ -78,6 +78,9 @@ class Db(Protocol):
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
                       ) -> int:
         """Add ledger rows (type, job id, worker id, body) at ``at``; returns the first seq."""
+    def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
+        """Add ledger rows that carry their own seq and time (a ledger imported into an empty
+        store), inside a write transaction; the seqs must follow the ledger's last."""
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a long replay (a bigger cache)."""
     def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker: ...

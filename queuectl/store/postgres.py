@@ -283,6 +283,21 @@ class PgDb:
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
         return first
 
+    def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
+        if self._head is None:
+            raise RuntimeError("copy_events() needs a write transaction")
+        if rows and rows[0][0] != self._head + 1:
+            raise StoreError(f"seq {rows[0][0]} does not follow the ledger's last, {self._head}")
+        try:
+            with self.conn.cursor().copy(
+                    "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
+        if rows:
+            self._head = rows[-1][0]
+
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:
         yield self

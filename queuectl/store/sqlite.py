@@ -151,6 +151,9 @@ class SqliteDb(sqlite3.Connection):
         self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
         return first
 
+    def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
+        self.executemany(_INSERT, rows)
+
     @contextmanager
     def bulk(self) -> Iterator[SqliteDb]:
         (cache,) = self.execute("PRAGMA cache_size").fetchone()
