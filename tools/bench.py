@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """queuectl's benchmark suite: every figure of the performance issue, against its target.
 
-    python tools/bench.py [--quick] [--runs N] [--json] [--only NAME,...] [--save FILE] [--strict]
+    python tools/bench.py [--backend sqlite|postgres] [--quick] [--runs N] [--json]
+                          [--only NAME,...] [--save FILE] [--strict]
 
 Scenarios (``--only`` takes these names):
 
@@ -25,6 +26,13 @@ uses its own fresh temporary database; the big replay ledger is built once and c
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
 event/ledger code that shapes its rows.
 
+``--backend postgres`` runs worker, cycle, latency, bulk and reads on PostgreSQL instead
+(startup, replay and memory give one n/a row each): each run gets a fresh database
+``queuectl_bench_<random>`` on the server ``--pg-admin`` (or ``$QUEUECTL_BENCH_PG``) names,
+dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
+procrastinate (a PostgreSQL job queue, ``pip install .[bench]``). The reads ledger is the replay
+ledger imported once and kept on the server as a template database, keyed like the SQLite one.
+
 Output: a markdown table on stdout (``--json``: one JSON document instead); progress on stderr.
 Exit status 1 when a scenario could not run (or, with ``--strict``, when a target is missed).
 """
@@ -40,6 +48,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -53,10 +62,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -64,7 +75,9 @@ if str(ROOT) not in sys.path:
 
 from queuectl import claims, decisions, ledger  # noqa: E402
 from queuectl import events as ev  # noqa: E402
+from queuectl.store import is_postgres  # noqa: E402
 from queuectl.store import sqlite as sqlite_store  # noqa: E402
+from queuectl.store.postgres import without_password  # noqa: E402
 
 try:  # the worker's own connection setup and waker thread, where this version has them
     from queuectl.store.sqlite import Waker  # noqa: E402
@@ -74,6 +87,17 @@ except ImportError:
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory")
 FLOOR_CODE = "import click, msgspec, sqlite3"
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
+BACKENDS = ("sqlite", "postgres")
+PG_ADMIN = "postgresql://root@127.0.0.1:5432/postgres"
+PG_PREFIX = "queuectl_bench_"
+# A replay ledger this big takes over a minute to import: keep it on the server, copy it.
+PG_CACHE_MIN_JOBS = 100_000
+# What a postgres run leaves out, and why: one n/a row each.
+PG_SKIPPED = {
+    "startup": "`enqueue -c true` start-up against the import floor",
+    "replay": "`ledger.rebuild` of the replay ledger",
+    "memory": "worker peak RSS, `-c 4`",
+}
 
 
 # -- sizes --------------------------------------------------------------------------------
@@ -218,11 +242,15 @@ def make_row(
 
 
 class Context:
-    def __init__(self, sizes: Sizes, runs: int, cache_dir: Path, quiet: bool) -> None:
+    def __init__(self, sizes: Sizes, runs: int, cache_dir: Path, quiet: bool,
+                 backend: str = "sqlite", pg_admin: str = PG_ADMIN) -> None:
         self.sizes = sizes
         self.runs = runs
         self.cache_dir = cache_dir
         self.quiet = quiet
+        self.backend = backend
+        self.pg_admin = pg_admin
+        self.pg_databases: list[str] = []  # made by this run and not dropped yet
         self.tmp = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
         self.started = time.monotonic()
         self.children: list[subprocess.Popen[bytes]] = []
@@ -255,14 +283,46 @@ class Context:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def env_for(self, db: Path | None = None, **extra: str) -> dict[str, str]:
+    def fresh_target(self, label: str, store: str | None = None
+                     ) -> AbstractContextManager[Path | str]:
+        """A brand-new database of ``store`` (default: this run's backend), removed
+        afterwards: a SQLite path, or a PostgreSQL URL."""
+        if (store or self.backend) == "postgres":
+            return self.fresh_pg()
+        return self.fresh_db(label)
+
+    @contextmanager
+    def fresh_pg(self, template: str | None = None) -> Iterator[str]:
+        """The URL of a brand-new PostgreSQL database (a copy of ``template``, if given),
+        dropped afterwards."""
+        name = self.create_pg(template)
+        try:
+            yield pg_url(self.pg_admin, name)
+        finally:
+            self.drop_pg(name)
+
+    def create_pg(self, template: str | None = None) -> str:
+        name = f"{PG_PREFIX}{secrets.token_hex(6)}"
+        # FILE_COPY: a big template is copied file by file, without writing it all to the WAL.
+        copy = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+        self.pg_databases.append(name)
+        pg_execute(self.pg_admin, f"CREATE DATABASE {name}{copy}")
+        return name
+
+    def drop_pg(self, name: str) -> None:
+        # FORCE: a worker this run started (or killed) may still hold a session there.
+        pg_execute(self.pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        if name in self.pg_databases:
+            self.pg_databases.remove(name)
+
+    def env_for(self, db: Path | str | None = None, **extra: str) -> dict[str, str]:
         env = dict(self.env)
         if db is not None:
             env["QUEUECTL_DB"] = str(db)
         env.update(extra)
         return env
 
-    def queuectl(self, db: Path, *args: str) -> list[str]:
+    def queuectl(self, db: Path | str, *args: str) -> list[str]:
         return [sys.executable, "-m", "queuectl", "--db", str(db), *args]
 
     def popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
@@ -289,15 +349,22 @@ class Context:
     def close(self, keep: bool = False) -> None:
         for proc in list(self.children):
             self.stop(proc)
+        for name in list(self.pg_databases):  # left by an interrupted scenario
+            try:
+                self.drop_pg(name)
+            except Exception as exc:
+                self.log(f"could not drop database {name}: {exc}")
         if not keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_timed(ctx: Context, cmd: list[str], db: Path | None = None, **kwargs: object) -> float:
+def run_timed(ctx: Context, cmd: list[str], db: Path | str | None = None,
+              env: dict[str, str] | None = None, **kwargs: object) -> float:
     """Wall seconds of one command, which must succeed."""
     start = time.perf_counter()
     proc = subprocess.run(
-        cmd, env=ctx.env_for(db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs
+        cmd, env=env or ctx.env_for(db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        **kwargs,
     )  # type: ignore[call-overload]
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -333,7 +400,32 @@ def peak_rss(ctx: Context, cmd: list[str], db: Path | None = None) -> tuple[int,
     return int(code), int(kib) / 1024  # Linux reports KiB
 
 
-def enqueue_true(db: Path, n: int, command: str = "true") -> None:
+def pg_url(admin: str, name: str) -> str:
+    """The admin URL with its database replaced by ``name``."""
+    return urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
+
+
+def pg_execute(url: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
+    """One statement on the database ``url`` names, outside any transaction (as CREATE
+    DATABASE must be); its rows, if any."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+@contextmanager
+def reading(db: Path | str) -> Iterator[Any]:
+    """A plain connection for the bench's own queries (``?`` placeholders) on either store."""
+    conn: Any = ledger.connect(db, create=False) if is_postgres(db) else sqlite3.connect(db)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def enqueue_true(db: Path | str, n: int, command: str = "true") -> None:
     conn = ledger.connect(db)
     try:
         decisions.enqueue(conn, [decisions.JobSpec(command=command) for _ in range(n)])
@@ -341,8 +433,8 @@ def enqueue_true(db: Path, n: int, command: str = "true") -> None:
         conn.close()
 
 
-def job_counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
+def job_counts(db: Path | str) -> dict[str, int]:
+    with reading(db) as conn:
         return dict(conn.execute("SELECT state, n FROM job_counts WHERE n != 0").fetchall())
 
 
@@ -370,21 +462,33 @@ def spawn_baseline(n: int, threads: int = 2) -> float:
     return n / (time.perf_counter() - start)
 
 
-def queuectl_worker_rate(ctx: Context, n: int, concurrency: int) -> tuple[float, float]:
+def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "sqlite"
+                         ) -> tuple[float, float]:
     """Jobs/s of the whole ``worker --burst`` command, and between its first claim and its
     last result by the ledger's own times (no interpreter start-up, no closing checkpoint)."""
-    with ctx.fresh_db("worker") as db:
+    with ctx.fresh_target("worker", store) as db:
         enqueue_true(db, n)
         seconds = run_timed(ctx, ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst"), db)
         counts = job_counts(db)
         if counts.get("completed") != n:
             raise RuntimeError(f"worker left {counts} (expected {n} completed)")
-        with sqlite3.connect(db) as conn:
+        with reading(db) as conn:
             first, last = conn.execute(
                 "SELECT min(at), max(at) FROM events WHERE type IN ('claimed', 'completed')"
             ).fetchone()
         steady = _parse_at(last) - _parse_at(first)
         return n / seconds, n / steady
+
+
+def load_app(directory: Path, module_name: str, source: str) -> Any:
+    """Write a peer queue's app module into ``directory`` and import it here too."""
+    app = directory / f"{module_name}.py"
+    app.write_text(source)
+    spec = importlib.util.spec_from_file_location(module_name, app)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 HUEY_APP = '''\
@@ -406,12 +510,8 @@ def huey_rate(ctx: Context, n: int, workers: int = 2) -> float:
     directory = ctx.fresh_dir("huey")
     try:
         module_name = f"qbench_huey_{directory.name.replace('-', '_')}"
-        app = directory / f"{module_name}.py"
-        app.write_text(HUEY_APP.format(filename=str(directory / "huey.db")))
-        spec = importlib.util.spec_from_file_location(module_name, app)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_app(directory, module_name,
+                          HUEY_APP.format(filename=str(directory / "huey.db")))
         for _ in range(n):
             module.run("true")
         cmd = [
@@ -477,6 +577,106 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     return rows
 
 
+PROCRASTINATE_APP = '''\
+import subprocess
+
+import procrastinate
+
+app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo={url!r}))
+
+
+@app.task(name="run")
+def run(command):
+    subprocess.run(["sh", "-c", command])
+'''
+
+
+def procrastinate_rate(ctx: Context, n: int, concurrency: int = 2) -> tuple[float, float]:
+    """Jobs/s of procrastinate's whole ``worker --one-shot`` command on ``n`` jobs deferred
+    before it starts, and between its first start and its last success by its own event
+    times. Its tasks are sync, so it runs them in threads, ``concurrency`` at a time."""
+    directory = ctx.fresh_dir("procrastinate")
+    try:
+        with ctx.fresh_pg() as url:
+            module_name = f"qbench_procrastinate_{directory.name.replace('-', '_')}"
+            module = load_app(directory, module_name, PROCRASTINATE_APP.format(url=url))
+            with module.app.open():  # its own schema tooling, then all the jobs in one batch
+                module.app.schema_manager.apply_schema()
+                module.run.batch_defer(*[{"command": "true"}] * n)
+            cmd = [sys.executable, "-m", "procrastinate", f"--app={module_name}.app",
+                   "--log-level", "warning",  # its default logs two lines a job
+                   "worker", "--concurrency", str(concurrency), "--one-shot"]
+            env = ctx.env_for(PYTHONPATH=os.pathsep.join([str(directory), ctx.env["PYTHONPATH"]]))
+            seconds = run_timed(ctx, cmd, env=env, cwd=directory)
+            done = dict(pg_execute(
+                url, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1"))
+            if done != {"succeeded": n}:
+                raise RuntimeError(f"procrastinate left {done} (expected {n} succeeded)")
+            ((steady,),) = pg_execute(url, """
+                SELECT extract(epoch FROM max(at) FILTER (WHERE type = 'succeeded')
+                                          - min(at) FILTER (WHERE type = 'started'))::float
+                FROM procrastinate_events""")
+        return n / seconds, n / steady
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
+    """The PostgreSQL worker against the SQLite one and procrastinate, each run in turn."""
+    n = ctx.sizes.worker_jobs
+    peer_version = installed_version("procrastinate")
+    lite, lite_steady, mine, steady, peer, peer_steady = [], [], [], [], [], []
+    for r in range(ctx.runs):
+        whole, between = queuectl_worker_rate(ctx, n, 2, "sqlite")
+        lite.append(whole)
+        lite_steady.append(between)
+        whole, between = queuectl_worker_rate(ctx, n, 2, "postgres")
+        mine.append(whole)
+        steady.append(between)
+        if peer_version:
+            whole, between = procrastinate_rate(ctx, n)
+            peer.append(whole)
+            peer_steady.append(between)
+        ctx.log(f"worker run {r + 1}/{ctx.runs}: PostgreSQL {mine[-1]:.0f}/s (first claim to "
+                f"last result {steady[-1]:.0f}/s), SQLite {lite[-1]:.0f}/s ({lite_steady[-1]:.0f}"
+                "/s)" + (f", procrastinate {peer[-1]:.0f}/s ({peer_steady[-1]:.0f}/s)"
+                         if peer_version else ""))
+    result.details["procrastinate"] = peer_version
+    sqlite_label = "SQLite `worker -c 2 --burst`"
+    rows = [
+        make_row("worker", "pg_worker_vs_sqlite",
+                 f"PostgreSQL worker throughput, {n:,} `true` jobs, `-c 2`", mine, "jobs/s",
+                 Target(">= 0.8 x SQLite worker", "ratio", ">=", 0.8),
+                 baseline_samples=lite, baseline_label=sqlite_label),
+        make_row("worker", "pg_worker_steady_vs_sqlite",
+                 f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
+                 "jobs/s", None, baseline_samples=lite_steady,
+                 baseline_label="SQLite, first claim to last result"),
+    ]
+    figure = f"PostgreSQL worker throughput vs procrastinate, {n:,} jobs"
+    target = Target(">= 1.5 x procrastinate", "ratio", ">=", 1.5)
+    if not peer_version:
+        row = make_row("worker", "pg_worker_vs_procrastinate", figure, mine, "jobs/s", None,
+                       note="n/a (pip install .[bench])")
+        row.status, row.target = "n/a", target.text
+        row.baseline_label = "procrastinate not installed"
+        return [*rows, row]
+    return [*rows, make_row(
+        "worker", "pg_worker_vs_procrastinate", figure, mine, "jobs/s", target,
+        baseline_samples=peer,
+        baseline_label=f"procrastinate {peer_version}, `worker --concurrency 2 --one-shot`",
+        note=f"procrastinate first start to last success {median(peer_steady):.0f} jobs/s")]
+
+
+def installed_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 # -- 2. ledger cycle ----------------------------------------------------------------------
 
 
@@ -484,13 +684,16 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
     """Jobs/s of claiming and completing ``n`` no-op jobs in one process, and the mean
     microseconds spent in the claim and finish calls. ``combined``: the worker's own path,
     ``finish_and_claim`` (each result committed with the next claim), where the queue has it."""
-    with ctx.fresh_db("cycle") as db:
+    with ctx.fresh_target("cycle") as db:
         enqueue_true(db, n)
         # As a worker runs: its connection, and its process's waker thread beside it
-        # (which watches for new work and checkpoints the WAL).
+        # (which watches for new work, and on SQLite checkpoints the WAL).
         conn = ledger.connect(db, durable=False)
         conn.for_worker()
-        waker = Waker(Path(db)) if Waker else None
+        if is_postgres(db):
+            waker = conn.waker()
+        else:
+            waker = Waker(Path(db)) if Waker else None
         try:
             wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
             t_claim = t_finish = 0.0
@@ -537,7 +740,8 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
                 + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else ""))
     result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
                           finish_and_claim=combined)
-    target = Target(">= 8,000 jobs/s", "value", ">=", 8000)
+    target = (Target(">= 3,000 jobs/s", "value", ">=", 3000) if ctx.backend == "postgres"
+              else Target(">= 8,000 jobs/s", "value", ">=", 8000))
     split_note = (f"claim {median(split_claim):.0f} us + finish {median(split_finish):.0f} us "
                   "per job")
     if not combined:
@@ -565,7 +769,8 @@ def latency_samples(ctx: Context, idle: float, count: int) -> tuple[list[float],
     """Enqueue-commit -> process-start (ms) and enqueue-commit -> claimed event (ms)."""
     starts: list[float] = []
     claims: list[float] = []
-    with ctx.fresh_db("latency") as db:
+    with ctx.fresh_target("latency") as db:
+        marks = ctx.fresh_dir("latency-marks")
         conn = ledger.connect(db)
         proc = ctx.popen(ctx.queuectl(db, "worker"), env=ctx.env_for(db))
         try:
@@ -576,7 +781,7 @@ def latency_samples(ctx: Context, idle: float, count: int) -> tuple[list[float],
                 time.sleep(0.01)
             for i in range(count):
                 time.sleep(idle)
-                mark = db.parent / f"start-{i}"
+                mark = marks / f"start-{i}"
                 command = f"date +%s.%N > {shlex.quote(str(mark))}"
                 (job_id,) = decisions.enqueue(conn, [decisions.JobSpec(command=command)])
                 committed = time.time()
@@ -684,7 +889,7 @@ def bench_bulk(ctx: Context, result: ScenarioResult) -> list[Row]:
     rates = []
     try:
         for r in range(ctx.runs):
-            with ctx.fresh_db("bulk") as db:
+            with ctx.fresh_target("bulk") as db:
                 seconds = run_timed(ctx, ctx.queuectl(db, "enqueue", "--file", str(jobs_file)), db)
                 counts = job_counts(db)
                 if counts.get("pending") != n:
@@ -694,8 +899,10 @@ def bench_bulk(ctx: Context, result: ScenarioResult) -> list[Row]:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     pauses = bulk_pauses(ctx, n)
+    target = (Target(">= 30,000 jobs/s", "value", ">=", 30_000) if ctx.backend == "postgres"
+              else Target(">= 50,000 jobs/s", "value", ">=", 50_000))
     return [make_row("bulk", "bulk_enqueue", f"bulk enqueue, {n:,} JSON lines, end to end",
-                     rates, "jobs/s", Target(">= 50,000 jobs/s", "value", ">=", 50_000)),
+                     rates, "jobs/s", target),
             make_row("bulk", "bulk_worker_pause",
                      f"longest pause of 2 busy workers while {n:,} jobs are enqueued from a "
                      "file (one transaction)", pauses, "ms", None,
@@ -712,7 +919,7 @@ def bulk_pauses(ctx: Context, n: int) -> list[float]:
     pauses = []
     try:
         for r in range(ctx.runs):
-            with ctx.fresh_db("bulk-pause") as db:
+            with ctx.fresh_target("bulk-pause") as db:
                 enqueue_true(db, max(4_000, n // 5))  # work enough to stay busy throughout
                 worker = ctx.popen(ctx.queuectl(db, "worker", "-c", "2"), env=ctx.env_for(db))
                 time.sleep(1.0)
@@ -721,7 +928,7 @@ def bulk_pauses(ctx: Context, n: int) -> list[float]:
                 ended = _iso(time.time() + 0.5)  # the first claims after the commit count too
                 time.sleep(0.5)
                 ctx.stop(worker)
-                with sqlite3.connect(db) as conn:
+                with reading(db) as conn:
                     claims = [_parse_at(at) for (at,) in conn.execute(
                         "SELECT at FROM events WHERE type = 'claimed' AND at BETWEEN ? AND ? "
                         "ORDER BY seq", (started, ended))]
@@ -845,6 +1052,78 @@ def copy_of_replay_ledger(ctx: Context) -> Path:
     return target
 
 
+def _pg_cache_name(jobs: int) -> str:
+    """The replay ledger kept on the PostgreSQL server: keyed as the SQLite one, and by what
+    shapes its tables there (the store's schema, the projections' DDL, indexes, triggers)."""
+    from projections import REGISTRY
+    from queuectl.store import postgres as pg_store
+
+    tables = [(p.NAME, p.VERSION, p.DDL, getattr(p, "INDEXES", ()), getattr(p, "TRIGGERS", {}))
+              for p in REGISTRY]
+    digest = hashlib.sha256()
+    for part in (_cache_key(jobs), repr(pg_store.LEDGER_DDL), repr(pg_store.SCHEMA_VERSION),
+                 repr(tables), inspect.getsource(pg_store.PgDialect)):
+        digest.update(part.encode())
+    return f"{PG_PREFIX}cache_{jobs}_{digest.hexdigest()[:12]}"
+
+
+def import_replay_ledger(ctx: Context, url: str, jobs: int) -> int:
+    """The replay ledger of ``jobs`` jobs exported from its SQLite cache and imported into
+    the empty database at ``url``, as ``ledger export`` / ``ledger import`` would move it."""
+    source = cached_ledger(ctx, jobs)
+    ctx.log(f"reads: importing the {jobs:,}-job ledger into PostgreSQL")
+    return copy_ledger(source, url)
+
+
+def copy_ledger(source: Path, url: str) -> int:
+    """The ledger of the SQLite file ``source`` exported and imported into the empty store
+    at ``url``, as ``ledger export`` and ``ledger import`` move it; its event count."""
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)  # the source stays untouched
+    try:
+        db = ledger.connect(url)
+        try:
+            return ledger.import_(db, enumerate(ledger.export(reader), 1))  # type: ignore[arg-type]
+        finally:
+            db.close()
+    finally:
+        reader.close()
+
+
+def cached_pg_ledger(ctx: Context, jobs: int) -> str:
+    """The name of the server's copy of the replay ledger, imported on first use."""
+    name = _pg_cache_name(jobs)
+    kept = [row[0] for row in pg_execute(
+        ctx.pg_admin, "SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+        (f"{PG_PREFIX}cache_{jobs}_",))]
+    if name in kept:
+        ctx.log(f"reads: using the cached PostgreSQL ledger {name}")
+        return name
+    for stale in kept:
+        ctx.drop_pg(stale)
+    building = ctx.create_pg()  # dropped by this run if it is interrupted
+    try:
+        import_replay_ledger(ctx, pg_url(ctx.pg_admin, building), jobs)
+        pg_execute(ctx.pg_admin, f"ALTER DATABASE {building} RENAME TO {name}")
+        ctx.log(f"reads: kept as {name} for later runs")
+    finally:
+        ctx.drop_pg(building)  # once renamed, nothing is left to drop
+    return name
+
+
+@contextmanager
+def pg_replay_ledger(ctx: Context) -> Iterator[str]:
+    """A fresh PostgreSQL database holding the replay ledger: a copy of the server's cached
+    one, or (small ledgers, which import in seconds) imported anew."""
+    jobs = ctx.sizes.replay_jobs
+    if jobs < PG_CACHE_MIN_JOBS:
+        with ctx.fresh_pg() as url:
+            import_replay_ledger(ctx, url, jobs)
+            yield url
+        return
+    with ctx.fresh_pg(template=cached_pg_ledger(ctx, jobs)) as url:
+        yield url
+
+
 def bench_replay(ctx: Context, result: ScenarioResult) -> list[Row]:
     db = copy_of_replay_ledger(ctx)
     ctx.replay_db = db
@@ -873,7 +1152,13 @@ def bench_replay(ctx: Context, result: ScenarioResult) -> list[Row]:
 
 
 def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
-    db = ctx.replay_db or copy_of_replay_ledger(ctx)
+    if ctx.backend == "postgres":
+        with pg_replay_ledger(ctx) as url:
+            return reads_rows(ctx, result, url)
+    return reads_rows(ctx, result, ctx.replay_db or copy_of_replay_ledger(ctx))
+
+
+def reads_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list[Row]:
     status_cmd = ctx.queuectl(db, "status", "--json")
     list_cmd = ctx.queuectl(db, "list", "-s", "pending", "--limit", "20")
     for cmd in (status_cmd, list_cmd):
@@ -892,15 +1177,16 @@ def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
     over = [s - f for s, f in zip(status, floor, strict=True)]
     over_list = [s - f for s, f in zip(listing, floor, strict=True)]
     jobs = f"{ctx.sizes.replay_jobs:,} jobs"
+    driver = "; psycopg's import counts, the floor has none" if is_postgres(db) else ""
     return [
         make_row("reads", "status_over_floor", f"`status --json` at {jobs}, over floor", over,
                  "ms", Target("<= 100 ms over floor", "value", "<=", 100),
                  baseline_samples=floor, baseline_label=label,
-                 ratio=paired_ratio(status, floor), note=f"wall {median(status):.1f} ms"),
+                 ratio=paired_ratio(status, floor), note=f"wall {median(status):.1f} ms{driver}"),
         make_row("reads", "list_over_floor", f"`list -s pending --limit 20` at {jobs}, over floor",
                  over_list, "ms", None, baseline_samples=floor, baseline_label=label,
                  ratio=paired_ratio(listing, floor),
-                 note=f"wall {median(listing):.1f} ms; no target of its own"),
+                 note=f"wall {median(listing):.1f} ms; no target of its own{driver}"),
         make_row("reads", "history_10k", "`history` of a job with 10,000 events, wall",
                  history_ms, "ms", None,
                  note="over 500 rows a table is written row by row instead of by rich"),
@@ -910,7 +1196,6 @@ def bench_reads(ctx: Context, result: ScenarioResult) -> list[Row]:
 def history_times(ctx: Context, events: int = 10_000) -> list[float]:
     """Wall milliseconds of ``queuectl history`` for one job retried until it has
     ``events`` events (enqueued, then claimed, failed, scheduled-retry over and over)."""
-    samples = []
     with ctx.fresh_db("history") as db:
         conn = ledger.connect(db)
         try:
@@ -927,12 +1212,20 @@ def history_times(ctx: Context, events: int = 10_000) -> list[float]:
                                           run_at="2030-01-01T00:00:00.000000Z"))
         finally:
             conn.close()
-        cmd = ctx.queuectl(db, "history", "big")
-        run_timed(ctx, cmd, db)
-        for _ in range(ctx.runs):
-            samples.append(run_timed(ctx, cmd, db) * 1000)
+        if ctx.backend != "postgres":
+            samples = time_history(ctx, db)
+        else:  # written in SQLite and imported: appended one by one it would take seconds
+            with ctx.fresh_pg() as url:
+                copy_ledger(db, url)
+                samples = time_history(ctx, url)
     ctx.log(f"history of a {events:,}-event job: {median(samples):.0f} ms")
     return samples
+
+
+def time_history(ctx: Context, db: Path | str) -> list[float]:
+    cmd = ctx.queuectl(db, "history", "big")
+    run_timed(ctx, cmd, db)
+    return [run_timed(ctx, cmd, db) * 1000 for _ in range(ctx.runs)]
 
 
 # -- 8. memory ----------------------------------------------------------------------------
@@ -958,6 +1251,14 @@ def bench_memory(ctx: Context, result: ScenarioResult) -> list[Row]:
         baseline_samples=floor, baseline_label="python + click, msgspec, sqlite3")]
 
 
+def skipped_on_pg(name: str) -> Callable[[Context, ScenarioResult], list[Row]]:
+    def bench(ctx: Context, result: ScenarioResult) -> list[Row]:
+        return [Row(scenario=name, key=f"{name}_skipped", figure=PG_SKIPPED[name], value=None,
+                    unit="", status="n/a", note="n/a: measured on SQLite only")]
+
+    return bench
+
+
 BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "worker": bench_worker,
     "cycle": bench_cycle,
@@ -968,6 +1269,9 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "reads": bench_reads,
     "memory": bench_memory,
 }
+# cycle, latency, bulk and reads run the same code on either store (``ctx.backend``).
+PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
+              **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
 
 
 # -- output -------------------------------------------------------------------------------
@@ -1051,6 +1355,18 @@ def git_describe() -> str:
     return f"{head}{' (uncommitted changes)' if dirty else ''}"
 
 
+def pg_server(admin: str) -> str:
+    """The server's version, or ``error: ...`` saying why it cannot be used."""
+    shown = without_password(admin)
+    try:
+        ((version,),) = pg_execute(admin, "SHOW server_version")
+    except ImportError:
+        return "error: --backend postgres needs psycopg (pip install -e '.[postgres]')"
+    except Exception as exc:
+        return f"error: cannot reach PostgreSQL at {shown}: {' '.join(str(exc).split())}"
+    return str(version).split()[0]
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwind, so temporary databases and children are cleaned up
 
@@ -1058,6 +1374,12 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=BACKENDS, default="sqlite",
+                        help="the store the scenarios run on (default sqlite)")
+    parser.add_argument("--pg-admin", metavar="URL",
+                        default=os.environ.get("QUEUECTL_BENCH_PG", PG_ADMIN),
+                        help="--backend postgres: a URL of the server, whose user may create "
+                             "databases (default $QUEUECTL_BENCH_PG, else %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and 2 runs: a smoke run under a minute")
     parser.add_argument("--runs", type=int, help="runs per figure (default 5, quick 2)")
@@ -1084,11 +1406,15 @@ def main(argv: list[str] | None = None) -> int:
     if runs < 1:
         parser.error("--runs must be at least 1")
     sizes = QUICK if args.quick else FULL
+    server = pg_server(args.pg_admin) if args.backend == "postgres" else None
+    if server and server.startswith("error: "):
+        parser.exit(2, f"bench: {server[len('error: '):]}\n")
     signal.signal(signal.SIGTERM, _terminate)
     if not args.no_compile:
         ensure_bytecode()
     fingerprint = code_fingerprint()
-    ctx = Context(sizes, runs, args.cache_dir, args.quiet)
+    ctx = Context(sizes, runs, args.cache_dir, args.quiet, args.backend, args.pg_admin)
+    benches = PG_BENCHES if args.backend == "postgres" else BENCHES
     rows: list[Row] = []
     results: dict[str, ScenarioResult] = {}
     started = time.perf_counter()
@@ -1100,7 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(f"scenario {name} ...")
             t0 = time.perf_counter()
             try:
-                rows += BENCHES[name](ctx, result)
+                rows += benches[name](ctx, result)
                 result.ok = True
             except Exception as exc:  # one broken scenario must not hide the others
                 result.error = f"{type(exc).__name__}: {exc}"
@@ -1118,6 +1444,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {
         "command": command,
+        "backend": args.backend,
         "code": {"root": str(ROOT), "git": git_describe(), "fingerprint": fingerprint,
                  "changed_during_run": changed},
         "bytecode": "cold (--no-compile)" if args.no_compile else "precompiled",
@@ -1127,6 +1454,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(elapsed, 1),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
+        "postgresql": server,
         "cpus": os.cpu_count(),
         "machine": platform.platform(),
         "when": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -1141,14 +1469,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(document)
     else:
+        if server:
+            print(f"Backend: PostgreSQL {server} (a fresh database per run on "
+                  f"{without_password(args.pg_admin)}).")
+            print()
         print(markdown(rows, results))
         print()
+        stores = (f"PostgreSQL {server} (SQLite {meta['sqlite']} beside it)" if server
+                  else f"SQLite {meta['sqlite']}")
         print(f"Medians of {runs} runs (latency: percentiles over all samples; start-up and "
               f"reads: {sizes.cli_reps_per_run} invocations per run); ratios are medians of "
               f"per-run ratios against the baseline run beside them. `{command}` took "
-              f"{elapsed:.0f} s on {os.cpu_count()} CPUs, Python {meta['python']}, SQLite "
-              f"{meta['sqlite']}; code {meta['code']['git']}, sources {fingerprint}, bytecode "
-              f"{meta['bytecode']}.")
+              f"{elapsed:.0f} s on {os.cpu_count()} CPUs, Python {meta['python']}, {stores}; "
+              f"code {meta['code']['git']}, sources {fingerprint}, bytecode {meta['bytecode']}.")
         if changed:
             print("WARNING: queuectl's sources changed during this run: the figures mix code "
                   "versions; run again on a quiet tree.")
