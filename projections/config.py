@@ -28,7 +28,7 @@ HANDLES = frozenset({ev.ConfigChanged})
 
 def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
     if isinstance(event, ev.ConfigChanged):
-        tx.execute(
+        tx.change(
             """INSERT INTO config (key, value, updated_at) VALUES (?, ?, ?)
             ON CONFLICT (key) DO UPDATE SET value = excluded.value,
                 updated_at = excluded.updated_at""",

@@ -221,11 +221,11 @@ def _unknown(job_id: str) -> LookupError:
 
 def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
     for dep in e.after:
-        tx.execute("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
+        tx.change("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
     row = _values(seq, at, e, blocked)
-    tx.execute(_INSERT, row)
-    tx.execute(_COUNT, (row[3], 1))
+    tx.change(_INSERT, row)
+    tx.change(_COUNT, (row[3], 1))
 
 
 def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
@@ -233,7 +233,7 @@ def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     rows = [_values(seq, at, e) for seq, at, e in batch]
     tx.executemany(_INSERT, rows)
     for state in {row[3] for row in rows}:
-        tx.execute(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
+        tx.change(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
 
 
 class _Current(Mapping[str, Any]):
@@ -264,8 +264,7 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
     changes["updated_at"] = at
     sql, values = projections.update_sql("jobs", "id", changes)
-    if tx.execute(sql, (*values, job_id)).rowcount != 1:
-        raise _unknown(job_id)
+    tx.change(sql, (*values, job_id), expect=1, otherwise=_unknown(job_id))
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:

@@ -121,14 +121,14 @@ HANDLES = frozenset({ev.Claimed, ev.Dead, *_OUTCOMES})  # the rest pass by
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
-        tx.execute(_INSERT, list(_run(seq, at, e).values()))
+        tx.change(_INSERT, list(_run(seq, at, e).values()))
     elif kind is ev.Dead:
         # A dead event always follows the event that closed the job's latest run.
-        tx.execute(f"UPDATE runs SET dead = 1 WHERE seq = ({_LATEST})", (e.job_id,))
+        tx.change(f"UPDATE runs SET dead = 1 WHERE seq = ({_LATEST})", (e.job_id,))
     elif kind in _OUTCOMES:
         closed = _OUTCOMES[kind](e)
         if closed is not None:
-            tx.execute(_CLOSE, (at, *closed, e.job_id))
+            tx.change(_CLOSE, (at, *closed, e.job_id))
 
 
 class Replay:

@@ -77,17 +77,17 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.WorkerStarted:
         row = _row(at, e)
-        tx.execute(f"INSERT INTO workers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        tx.change(f"INSERT INTO workers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                    list(row.values()))
     elif kind is ev.StopRequested:
-        tx.execute(_STOP)
+        tx.change(_STOP)
     else:
         changes = _CHANGES[kind](e, at)
         if changes is not None:
             if kind in _DONE:
                 changes["jobs_done"] = projections.Plus(1)
             sql, values = projections.update_sql("workers", "id", changes)
-            tx.execute(sql, (*values, e.worker_id))
+            tx.change(sql, (*values, e.worker_id))
 
 
 class Replay:

@@ -67,6 +67,11 @@ class Db(Protocol):
     def in_transaction(self) -> bool: ...
     def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
     def executemany(self, sql: str, rows: Any, /) -> Any: ...
+    def change(self, sql: str, parameters: Any = (), expect: int | None = None,
+               otherwise: Exception | None = None) -> None:
+        """A write whose result no one reads (a projector's INSERT or UPDATE). A store may
+        send it later, with the next read or the commit; if ``expect`` rows were not
+        changed, ``otherwise`` is raised then, inside the same transaction."""
     def transaction(self) -> AbstractContextManager[Any]:
         """One write transaction: commit on success, roll back on any exception."""
     def snapshot(self) -> AbstractContextManager[Any]:

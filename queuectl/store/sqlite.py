@@ -126,6 +126,12 @@ class SqliteDb(sqlite3.Connection):
                 raise
             _retry_locked(lambda: self.execute("COMMIT"))
 
+    def change(self, sql: str, parameters: Any = (), expect: int | None = None,
+               otherwise: Exception | None = None) -> None:
+        changed = self.execute(sql, parameters).rowcount
+        if expect is not None and changed != expect and otherwise is not None:
+            raise otherwise
+
     @contextmanager
     def snapshot(self) -> Iterator[SqliteDb]:
         """One read transaction: every query inside sees the same database."""
