@@ -231,7 +231,7 @@ def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
 def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
     rows = [_values(seq, at, e) for seq, at, e in batch]
-    tx.executemany(_INSERT, rows)
+    tx.bulk_insert("jobs", _ENQUEUED, rows)
     for state in {row[3] for row in rows}:
         tx.change(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,6 +83,8 @@ class Db(Protocol):
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
                       ) -> int:
         """Add ledger rows (type, job id, worker id, body) at ``at``; returns the first seq."""
+    def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Many new rows of one table at once (a bulk enqueue), as fast as the store can."""
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         """Add ledger rows that carry their own seq and time (a ledger imported into an empty
         store), inside a write transaction; the seqs must follow the ledger's last."""

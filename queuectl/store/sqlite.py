@@ -13,7 +13,7 @@ import select
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,10 @@ class SqliteDb(sqlite3.Connection):
         first = self.next_seq()
         self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
         return first
+
+    def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        marks = ", ".join("?" * len(columns))
+        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         self.executemany(_INSERT, rows)
