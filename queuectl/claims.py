@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -43,11 +44,7 @@ _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, back
 # sorts every pending job on each claim); the partial index holds them in claim order.
 _READY = f"""SELECT {_CLAIM_FIELDS}, run_at FROM jobs {{jobs_ready}}
     WHERE {CLAIMABLE_SQL} AND run_at <= ?
-    ORDER BY priority DESC, seq LIMIT 1"""
-# The same, for a worker: nothing for one declared lost (no live worker would ever take its
-# job back) or asked to stop. One statement; the store looks at the worker once, not per job.
-_READY_FOR = _READY.replace("ORDER BY", f"""AND NOT EXISTS (SELECT 1 FROM workers
-        WHERE id = ? AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)) ORDER BY""")
+    ORDER BY priority DESC, seq LIMIT ?"""
 
 
 def worker_started(
@@ -93,25 +90,9 @@ def claim(conn: Db, worker_id: str) -> Claim | None:
 
     A lock-free peek comes first, so idle workers never queue up for the write lock.
     """
-    if conn.execute(conn.dialect.sql(_READY), (conn.now(),)).fetchone() is None:
+    if conn.execute(conn.dialect.sql(_READY), (conn.now(), 1)).fetchone() is None:
         return None
-    with write(conn):
-        return _claim(conn, worker_id, conn.now())
-
-
-def _claim(tx: Db, worker_id: str, now: str) -> Claim | None:
-    row = tx.execute(tx.dialect.sql(_READY_FOR), (now, worker_id)).fetchone()
-    if row is None:
-        return None
-    job = Claim(*row[:-1])
-    job = msgspec.structs.replace(job, attempt=job.attempt + 1)
-    append(
-        tx,
-        ev.Claimed(job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
-                   eligible_at=row[-1]),
-        at=now,
-    )
-    return job
+    return finish_and_claim_many(conn, [], [worker_id])[1][0]
 
 
 def next_run_at(conn: Db) -> str | None:
@@ -162,37 +143,118 @@ def finish(conn: Db, job: Claim, result: ev.Event) -> list[ev.Event]:
     return finish_and_claim(conn, job, result, None)[0]
 
 
-# Whether the worker still holds the job, and (for a completion) whether any job depends
-# on it: most jobs have no dependents, and then finding the ones it unblocks is skipped.
-_HELD = """SELECT state, worker_id, attempts, cancel_requested,
-    EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) FROM jobs WHERE id = ?"""
-
-
 def finish_and_claim(
     conn: Db, job: Claim, result: ev.Event, worker_id: str | None
 ) -> tuple[list[ev.Event], Claim | None]:
     """``finish``, then (when ``worker_id`` is given) claim that worker's next job in the
     same transaction: one commit per job instead of two on a busy queue."""
+    outcomes, following = finish_and_claim_many(conn, [(job, result)],
+                                                [worker_id] if worker_id else [])
+    return outcomes[0], following[0] if following else None
+
+
+def finish_and_claim_many(
+    conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str]
+) -> tuple[list[list[ev.Event]], list[Claim | None]]:
+    """Record the outcome of several runs, then claim a job for each of ``claimers``, all in
+    one write transaction: the workers of a process whose results arrive together share
+    one commit. Returns the events each result gave, and each claimer's job (or None).
+
+    The rules are those of one result at a time, applied in order: a result counts only
+    while its worker still holds the job (a worker whose lease was taken back is not
+    heard); a job that ran its last allowed run is dead; what one result changes (a
+    dependent unblocked) is seen by the next, and by the claims. A claimer lost or asked
+    to stop gets nothing. Everything the transaction needs to know is read in one query,
+    with the jobs the claims would take; only results that free jobs to run (a dependent
+    unblocked, a run released) make the claims look again.
+    """
     with write(conn):
         at = conn.now()
-        row = conn.execute(_HELD, (job.job_id,)).fetchone()
-        events: list[ev.Event] = []
-        if row and row[:3] == (State.PROCESSING, result.worker_id, job.attempt):  # type: ignore[union-attr]
-            events.append(result)
-            if row[3] and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
-                # Cancelled while it ran, but the run ended before its worker saw that:
-                # the cancel still wins over a retry.
-                events += _cancelled_after_run(conn, job.job_id)
-            elif isinstance(result, ev.Failed | ev.TimedOut):
-                reason = result.error if isinstance(result, ev.Failed) else "timed out"
-                events.append(retry_or_dead(job, at, reason))
-            elif isinstance(result, ev.Completed) and row[4]:
-                events += _unblocked_by(conn, job.job_id)
-            elif isinstance(result, ev.Cancelled):
-                events += _cancel_dependents(conn, job.job_id)
-            append(conn, *events, at=at)
-        following = _claim(conn, worker_id, at) if worker_id else None
-    return events, following
+        known = _known(conn, [job.job_id for job, _ in finished], claimers, at)
+        outcomes = [_outcome(conn, job, result, known.held.get(job.job_id), at)
+                    for job, result in finished]
+        able = [w for w in claimers if w not in known.refused]
+        ready = known.ready
+        if able and any(isinstance(e, ev.Unblocked | ev.Released) for o in outcomes for e in o):
+            ready = conn.execute(conn.dialect.sql(_READY), (at, len(able))).fetchall()
+        following: dict[str, Claim] = {}
+        claimed = []
+        for worker_id, row in zip(able, ready, strict=False):
+            job = Claim(*row[:-1])
+            following[worker_id] = msgspec.structs.replace(job, attempt=job.attempt + 1)
+            claimed.append(ev.Claimed(job_id=job.job_id, worker_id=worker_id,
+                                      attempt=job.attempt + 1, eligible_at=row[-1]))
+        if claimed:
+            append(conn, *claimed, at=at)
+    return outcomes, [following.get(w) for w in claimers]
+
+
+class _Known(msgspec.Struct):
+    held: dict[str, tuple[Any, ...]]  # job id -> (state, worker, attempts, cancel, has deps)
+    refused: set[str]  # claimers declared lost or stopped, or asked to stop
+    ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (_READY rows)
+
+
+# One query, three kinds of rows in the same columns (kind, id, then what each kind has):
+# the jobs whose results are recorded, the claimers that may not claim, and the best
+# eligible jobs (their priority and seq kept to sort them, since a UNION keeps no order).
+_KNOWN_JOBS = """SELECT 'j', id, state, worker_id, attempts, cancel_requested,
+    CASE WHEN EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) THEN 1 ELSE 0 END,
+    NULL, NULL, NULL, NULL, NULL FROM jobs WHERE id IN ({marks})"""
+_KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    FROM workers WHERE id IN ({{marks}}) AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
+_KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
+    backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs {{jobs_ready}}
+    WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) AS best"""
+
+
+def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str) -> _Known:
+    parts: list[str] = []
+    params: list[Any] = []
+    if claimers:  # first: its typed columns give the NULLs of the others a type
+        parts.append(_KNOWN_READY)
+        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(claimers))))
+        params += [at, len(claimers), *claimers]
+    if job_ids:
+        parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(job_ids))))
+        params += job_ids
+    known = _Known(held={}, refused=set(), ready=[])
+    if not parts:
+        return known
+    best = []
+    for row in conn.execute(conn.dialect.sql(" UNION ALL ".join(parts)), params).fetchall():
+        if row[0] == "j":
+            known.held[row[1]] = tuple(row[2:7])
+        elif row[0] == "w":
+            known.refused.add(row[1])
+        else:
+            kind, id_, command, run_at, attempts, retries, priority, seq, *policy = row
+            best.append(((-priority, seq), (id_, command, attempts, retries, *policy, run_at)))
+    known.ready = [claim for _, claim in sorted(best)]
+    return known
+
+
+def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | None,
+             at: str) -> list[ev.Event]:
+    """The events one run's result gives (appended here), or none if its worker no longer
+    holds the job."""
+    if held is None or held[:3] != (State.PROCESSING, getattr(result, "worker_id", None),
+                                    job.attempt):
+        return []
+    events: list[ev.Event] = [result]
+    if held[3] and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
+        # Cancelled while it ran, but the run ended before its worker saw that:
+        # the cancel still wins over a retry.
+        events += _cancelled_after_run(conn, job.job_id)
+    elif isinstance(result, ev.Failed | ev.TimedOut):
+        reason = result.error if isinstance(result, ev.Failed) else "timed out"
+        events.append(retry_or_dead(job, at, reason))
+    elif isinstance(result, ev.Completed) and held[4]:
+        events += _unblocked_by(conn, job.job_id)
+    elif isinstance(result, ev.Cancelled):
+        events += _cancel_dependents(conn, job.job_id)
+    append(conn, *events, at=at)
+    return events
 
 
 def release_strays(conn: Db, worker_id: str, keep: str | None) -> list[ev.Event]:

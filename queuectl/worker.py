@@ -71,8 +71,10 @@ class Worker:
         waker: store.Waker,
         echo: Callable[[str], None],
         silence: claims.Silence,
+        results: GroupCommit | None = None,
     ) -> None:
         self.conn = conn
+        self.results = results or GroupCommit()
         self.options = options
         self.shutdown = shutdown
         self.waker = waker
@@ -288,9 +290,8 @@ class Worker:
         go_on = not self.shutdown.soft.is_set() and not (
             self.options.limit and self.done >= self.options.limit
         )
-        events, following = self.persist(
-            claims.finish_and_claim, job, self._event(job, result), self.id if go_on else None
-        )
+        events, following = self.results.record(
+            self, job, self._event(job, result), self.id if go_on else None)
         self.holding = following
         if verbose:
             for event in events:
@@ -321,6 +322,69 @@ class Worker:
         line = render.worker_line(event, 1 + job.max_retries if job else None)
         if line:
             self.log(line)
+
+
+class GroupCommit:
+    """The results of one process's workers, recorded together.
+
+    While one worker writes a transaction, the results that other workers bring meanwhile
+    wait; the next of them to go writes all of them in one transaction, each with the next
+    job its worker asked for (``claims.finish_and_claim_many``). Nobody waits for a batch
+    to fill: a lone result is written at once. On a store where a transaction costs round
+    trips (PostgreSQL) this is what lets several workers share one; every rule is still
+    that of one result at a time, in the order they arrived.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: list[_Result] = []
+        self._writing = False
+
+    def record(self, worker: Worker, job: claims.Claim, event: ev.Event, claimer: str | None
+               ) -> tuple[list[ev.Event], claims.Claim | None]:
+        mine = _Result(job, event, claimer)
+        with self._cond:
+            self._waiting.append(mine)
+            while not mine.done and self._writing:
+                self._cond.wait()
+            if mine.done:
+                return mine.outcome()
+            self._writing = True
+            batch, self._waiting = self._waiting, []
+        try:
+            outcomes, following = worker.persist(
+                claims.finish_and_claim_many, [(r.job, r.event) for r in batch],
+                [r.claimer for r in batch if r.claimer])
+            claimed = iter(following)
+            for result, events in zip(batch, outcomes, strict=True):
+                result.events = events
+                result.following = next(claimed) if result.claimer else None
+        except BaseException as exc:
+            for result in batch:
+                result.error = exc
+        finally:
+            with self._cond:
+                for result in batch:
+                    result.done = True
+                self._writing = False
+                self._cond.notify_all()
+        return mine.outcome()
+
+
+@dataclass
+class _Result:
+    job: claims.Claim
+    event: ev.Event
+    claimer: str | None
+    done: bool = False
+    events: list[ev.Event] | None = None
+    following: claims.Claim | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> tuple[list[ev.Event], claims.Claim | None]:
+        if self.error is not None:
+            raise self.error
+        return self.events or [], self.following
 
 
 def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -364,7 +428,8 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
-    workers = [Worker(conn, options, shutdown, waker, echo, silence)
+    results = GroupCommit()
+    workers = [Worker(conn, options, shutdown, waker, echo, silence, results)
                for _ in range(options.concurrency)]
     previous = {
         sig: signal.signal(sig, on_signal)

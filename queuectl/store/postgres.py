@@ -10,8 +10,9 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
   each other's rows in opposite orders, so there are no deadlocks. A bigserial would be
   neither gapless nor in commit order.
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
-  server, so hosts with skewed clocks agree. Outside a transaction the server's clock is
-  tracked locally (an offset measured at connect and again every minute).
+  server's clock, so hosts with skewed clocks agree: each connection measures the server's
+  clock against its host's monotonic clock (at connect and every minute) and tracks it
+  from there, which costs no round trip and ignores steps of the host's own clock.
 - **Append-only by the database**: triggers refuse UPDATE, DELETE and TRUNCATE of events.
 - **Timeouts**: ``lock_timeout`` bounds a wait for the head (``QUEUECTL_LOCK_TIMEOUT``) and
   ``idle_in_transaction_session_timeout`` ends the session of a client that died holding it.
@@ -33,15 +34,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
-from queuectl.errors import StoreError, StoreUnavailable
+from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
 from queuectl.store import PROCESS_LOCK, Dialect
 
 CHANNEL = "queuectl"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Events whose appending may give an idle worker something to do.
 WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unblocked",
                     "lease-expired", "stop-requested", "cancel-requested"})
-_NOW = "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 _CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
 
 LEDGER_DDL = (
@@ -77,6 +77,13 @@ LEDGER_DDL = (
         version BIGINT NOT NULL,
         position BIGINT NOT NULL
     )""",
+    # A write that must change so many rows says so to the server, which refuses the rest of
+    # the transaction (its COMMIT included) if it did not: see PgDb.change.
+    """CREATE OR REPLACE FUNCTION queuectl_expect(changed BIGINT, wanted BIGINT, token TEXT)
+        RETURNS VOID LANGUAGE plpgsql AS $$
+    BEGIN
+        IF changed <> wanted THEN RAISE EXCEPTION USING ERRCODE = 'QE001', MESSAGE = token; END IF;
+    END $$""",
 )
 OURS = {"events", "queuectl_head", "projection_meta"}
 
@@ -118,6 +125,84 @@ def without_password(url: str) -> str:
 _PLACEHOLDERS: dict[str, str] = {}
 
 
+def _quoted(text: str) -> str:
+    if "\x00" in text:
+        # Nothing stored can hold one (SQLite's side refuses them on the way in), so this
+        # is input to refuse, such as an id typed with one.
+        raise InvalidInput("text with a NUL character: PostgreSQL text cannot hold one")
+    return "'" + text.replace("'", "''") + "'"
+
+
+_LITERALS: dict[type, Callable[[Any], str]] = {
+    str: _quoted, int: repr, float: repr, type(None): lambda _: "NULL", bool: lambda b: str(b),
+}
+
+
+def _literal(value: Any) -> str:
+    """A value written into SQL, for the types queuectl stores: text, whole numbers, finite
+    floats, NULL. Strings are quoted as standard SQL (the connection sets
+    standard_conforming_strings, so a backslash is only a backslash); a NUL, which no
+    PostgreSQL text can hold, is refused."""
+    write = _LITERALS.get(type(value))
+    if write is not None:
+        return write(value)
+    if isinstance(value, str):  # a StrEnum: its value
+        return _quoted(str(value))
+    if isinstance(value, int | float):
+        return repr(float(value)) if isinstance(value, float) else repr(int(value))
+    raise TypeError(f"cannot write {type(value).__name__} into SQL")
+
+
+_CONNECTION_OK = 0  # libpq's CONNECTION_OK
+_FATAL_ERROR = 7  # libpq's PGRES_FATAL_ERROR
+# How the text of a column of these types (by OID) is read; anything else stays text.
+_LOADERS: dict[int, Callable[[bytes], Any]] = {
+    20: int, 21: int, 23: int, 26: int,  # int8, int2, int4, oid
+    700: float, 701: float,  # float4, float8
+    1700: lambda b: int(b) if b"." not in b else float(b),  # numeric (sum of integers)
+    16: lambda b: b == b"t",  # bool
+}
+
+
+class _Rows:
+    """A result read straight from libpq, with the cursor methods queuectl uses."""
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+        self._next = 0
+        fields = range(result.nfields)
+        self.description = [(result.fname(i).decode(), result.ftype(i)) for i in fields]
+        self._loaders = [_LOADERS.get(result.ftype(i)) for i in fields]
+        tuples = result.command_tuples
+        self.rowcount = result.ntuples if result.nfields else (tuples if tuples is not None
+                                                                else -1)
+
+    def _row(self, n: int) -> tuple[Any, ...]:
+        row = []
+        for i, load in enumerate(self._loaders):
+            value = self._result.get_value(n, i)
+            row.append(None if value is None else load(value) if load else value.decode())
+        return tuple(row)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if self._next >= self._result.ntuples:
+            return None
+        self._next += 1
+        return self._row(self._next - 1)
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        end = min(self._next + size, self._result.ntuples)
+        rows = [self._row(n) for n in range(self._next, end)]
+        self._next = end
+        return rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.fetchmany(self._result.ntuples)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.fetchall())
+
+
 def _translated(sql: str) -> str:
     """``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
     found = _PLACEHOLDERS.get(sql)
@@ -140,21 +225,23 @@ class PgDb:
         self._head: int | None = None  # inside a write transaction: the seq last appended
         self._tx_now: str | None = None
         self._wakes = False
+        self._appended = False
         self._offset = 0.0  # server clock minus local monotonic clock, seconds
         self._measured = -_CLOCK_EVERY
         self.generation = 0  # reconnections so far
         # Writes no one reads the result of, waiting to go with the next statement that
-        # must be answered (a read, or the commit): (their SQL, with the values in it; the
-        # rows each must change, or None; what to raise if it does not).
-        self._pending: list[tuple[str, int | None, Exception | None]] = []
-        self._client = _driver().ClientCursor(conn)
+        # must be answered (a read, or the commit): their SQL, with the values in it, and
+        # what to give their result to, if anything.
+        self._pending: list[tuple[str, Callable[[Any], None] | None]] = []
+        self._expected: dict[str, Exception] = {}  # what to raise for a failed expectation
         self._prepared: dict[str, str] = {}  # SQL -> the name this connection prepared it as
 
     # -- what every Db does ---------------------------------------------------------------
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self.conn.info.transaction_status != 0)  # 0: idle, outside any
+        # 0: idle, outside any; a write transaction whose BEGIN waits to be sent counts too
+        return self.conn.info.transaction_status != 0 or self.in_transaction_pending()
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """One statement, with the writes waiting (``change``) sent first in the same round
@@ -179,11 +266,21 @@ class PgDb:
             raise self._failure(exc) from exc
 
     def change(self, sql: str, parameters: Sequence[Any] = (), expect: int | None = None,
-               otherwise: Exception | None = None) -> None:
+               otherwise: Exception | None = None,
+               consume: Callable[[Any], None] | None = None) -> None:
         """Held until the next statement that must be answered, and then sent with it as
-        one query: a projector's writes for one event cost no round trip of their own (a
-        claim with its result became four round trips instead of fourteen)."""
-        self._pending.append((self._inline(sql, parameters), expect, otherwise))
+        one query: a projector's writes for one event cost no round trip of their own.
+        ``expect`` is checked by the server (``queuectl_expect``): a write that changed
+        other rows fails the statement, and with it the rest of the transaction, before any
+        COMMIT sent in the same query can run. ``consume`` is given the statement's result."""
+        if expect is None:
+            self._pending.append((self._inline(sql, parameters), consume))
+            return
+        token = f"queuectl-expect-{len(self._expected)}"
+        self._expected[token] = otherwise or LookupError(f"{sql}: {expect} rows expected")
+        checked = (f"WITH changed AS ({sql} RETURNING 1) "
+                   "SELECT queuectl_expect(count(*), ?, ?) FROM changed")
+        self._pending.append((self._inline(checked, (*parameters, expect, token)), consume))
 
     def _inline(self, sql: str, parameters: Sequence[Any]) -> str:
         """``sql`` as text to send with others in one query: ``EXECUTE`` of a statement this
@@ -201,23 +298,42 @@ class PgDb:
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
             self._prepared[sql] = name
-        return self._client.mogrify(f"EXECUTE {name}({', '.join(['%s'] * len(parameters))})",
-                                    parameters)
+        return f"EXECUTE {name}({', '.join(map(_literal, parameters))})"
 
     def _send(self, last: str) -> Any:
-        """The pending writes and ``last`` as one query; the cursor is left on ``last``'s
-        result. A write that changed other than the rows it expected raises now."""
+        """The pending writes and ``last`` as one query, sent through libpq itself (psycopg's
+        cursors cost more than the round trip on a busy worker); returns ``last``'s rows.
+        A write that changed other than the rows it expected fails its statement, and the
+        rest of the query with it."""
         pending, self._pending = self._pending, []
+        psycopg = _driver()
+        pgconn = self.conn.pgconn
         try:
-            cursor = _driver().ClientCursor(self.conn)
-            cursor.execute(";\n".join([*(text for text, _, _ in pending), last]))
-            for _, expect, otherwise in pending:
-                if expect is not None and cursor.rowcount != expect and otherwise is not None:
-                    raise otherwise
-                cursor.nextset()
-            return cursor
-        except _driver().OperationalError as exc:
+            pgconn.send_query(";\n".join([*(text for text, _ in pending), last]).encode())
+            while pgconn.flush():
+                pass
+            results = []
+            while (result := pgconn.get_result()) is not None:
+                results.append(result)
+        except psycopg.OperationalError as exc:
             raise self._failure(exc) from exc
+        if pgconn.status != _CONNECTION_OK:
+            raise self._failure(psycopg.OperationalError(pgconn.error_message.decode(
+                errors="replace")))
+        if results and results[-1].status == _FATAL_ERROR:
+            error = psycopg.errors.error_from_result(results[-1], encoding="utf-8")
+            token = error.diag.message_primary
+            if error.sqlstate == "QE001" and token in self._expected:
+                raise self._expected[token] from None
+            if isinstance(error, psycopg.OperationalError):
+                raise self._failure(error) from error
+            raise error
+        if not self.in_transaction:
+            self._expected.clear()
+        for (_, consume), result in zip(pending, results, strict=False):
+            if consume is not None:
+                consume(_Rows(result))
+        return _Rows(results[-1])
 
     def _flush(self) -> None:
         if self._pending:
@@ -248,7 +364,6 @@ class PgDb:
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         self.conn = fresh.conn
-        self._client = fresh._client
         self._prepared = {}
         self._pending = []
         self._head = self._tx_now = None
@@ -258,23 +373,18 @@ class PgDb:
     @contextmanager
     def transaction(self) -> Iterator[PgDb]:
         """BEGIN, then the head row locked first: every writer of the ledger takes turns here,
-        which makes seqs gapless and in commit order. A transaction that appended moves the
-        head and, if it made work claimable, wakes the listening workers."""
+        which makes seqs gapless and in commit order. Both go with the transaction's first
+        read (or its commit). A transaction that appended moves the head and, if it made
+        work claimable, wakes the listening workers."""
         with PROCESS_LOCK:
             self._pending = []
+            self._appended = self._wakes = False
             try:
                 self.change("BEGIN")
-                self._head, self._tx_now = self.execute(
-                    f"SELECT seq, {_NOW} FROM queuectl_head FOR UPDATE").fetchone()
-                if clock.now is not clock.system_now:  # a fake clock (tests) is taken at its word
-                    self._tx_now = clock.now()
-                start = self._head
-                self._wakes = False
+                self.change("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
                 yield self
-                if any(expect is not None for _, expect, _ in self._pending):
-                    self._flush()  # their rows are counted before the commit, not after
-                if self._head != start:
-                    self.change("UPDATE queuectl_head SET seq = ?", (self._head,))
+                if self._appended:
+                    self.change("UPDATE queuectl_head SET seq = ?", (self._last(),))
                     if self._wakes:
                         self.change(f"NOTIFY {CHANNEL}")
                 self.execute("COMMIT")
@@ -284,6 +394,16 @@ class PgDb:
                 raise
             finally:
                 self._head = self._tx_now = None
+
+    def _took_head(self, cursor: Any) -> None:
+        (self._head,) = cursor.fetchone()
+
+    def _last(self) -> int:
+        """The seq last appended in this transaction (the head, read if not yet)."""
+        if self._head is None:
+            self._flush()
+        assert self._head is not None
+        return self._head
 
     def _rollback(self) -> None:
         try:
@@ -301,13 +421,20 @@ class PgDb:
                 self._rollback()
 
     def now(self) -> str:
+        """The server's clock, tracked on this host's monotonic clock (measured against the
+        server at connect and every minute): no round trip. Inside a write transaction, the
+        time it first asked for, so that all its events share it."""
         if self._tx_now is not None:
             return self._tx_now
-        if clock.now is not clock.system_now:
-            return clock.now()
-        if time.monotonic() - self._measured > _CLOCK_EVERY:
-            self._measure_clock()
-        return clock.iso(datetime.fromtimestamp(time.monotonic() + self._offset, UTC))
+        if clock.now is not clock.system_now:  # a fake clock (tests) is taken at its word
+            now = clock.now()
+        else:
+            if time.monotonic() - self._measured > _CLOCK_EVERY:
+                self._measure_clock()
+            now = clock.iso(datetime.fromtimestamp(time.monotonic() + self._offset, UTC))
+        if self.in_transaction:
+            self._tx_now = now
+        return now
 
     def _measure_clock(self) -> None:
         """The server's clock against this host's monotonic one, taken halfway through a
@@ -319,13 +446,21 @@ class PgDb:
         self._offset = float(server) - (before + after) / 2
         self._measured = after
 
+    def in_transaction_pending(self) -> bool:
+        """Inside a write transaction whose BEGIN has not been sent yet."""
+        return bool(self._pending) and self._pending[0][0] == "BEGIN"
+
     def next_seq(self) -> int:
+        if self._head is None and self.in_transaction_pending():
+            self._flush()
         if self._head is None:  # outside a write transaction: only a guess
             return int(self.conn.execute("SELECT seq FROM queuectl_head").fetchone()[0]) + 1
         return self._head + 1
 
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
                       ) -> int:
+        if self._head is None and self.in_transaction_pending():
+            self._flush()
         if self._head is None:
             raise RuntimeError("insert_events() needs a write transaction")
         first = self._head + 1
@@ -344,6 +479,7 @@ class PgDb:
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
         self._head = first + len(rows) - 1
+        self._appended = True
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
         return first
 
@@ -359,11 +495,12 @@ class PgDb:
             raise self._failure(exc) from exc
 
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
-        if self._head is None:
+        if not self.in_transaction and not self.in_transaction_pending():
             raise RuntimeError("copy_events() needs a write transaction")
+        self._flush()
+        assert self._head is not None
         if rows and rows[0][0] != self._head + 1:
             raise StoreError(f"seq {rows[0][0]} does not follow the ledger's last, {self._head}")
-        self._flush()
         try:
             with self.conn.cursor().copy(
                     "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
@@ -373,6 +510,7 @@ class PgDb:
             raise self._failure(exc) from exc
         if rows:
             self._head = rows[-1][0]
+            self._appended = True
 
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:
@@ -423,6 +561,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
         conn.execute("SET idle_in_transaction_session_timeout = 60000")
         conn.execute("SET synchronous_commit = " + ("on" if durable else "off"))
         conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("SET standard_conforming_strings = on")  # see _literal
         _ensure_ledger(db, shown)
     except psycopg.Error as exc:
         conn.close()
