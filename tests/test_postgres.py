@@ -37,6 +37,29 @@ def queuectl(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           env={**os.environ, **(env or {})})
 
 
+# -- a round trip lets the worker's other threads run -----------------------------------
+
+
+def test_waiting_for_the_server_lets_other_threads_run(db, conn):
+    """A worker's threads share one interpreter: while one waits for the server, the others
+    must go on starting jobs and reading their output. libpq's own wait holds the GIL
+    (another thread could not even wake from a sleep); the store waits on the socket."""
+    ticks: list[float] = []
+
+    def other_thread() -> None:
+        for _ in range(20):
+            time.sleep(0.005)
+            ticks.append(time.monotonic())
+
+    conn.execute("SELECT 1 WHERE ? = 1", (1,))  # prepared, sent through the store's own path
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    conn.execute("SELECT pg_sleep(?)", (0.6,))
+    returned = time.monotonic()
+    thread.join()
+    assert len(ticks) == 20 and ticks[-1] < returned, "the other thread stood still"
+
+
 # -- one order of events -------------------------------------------------------------------
 
 

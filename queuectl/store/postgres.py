@@ -311,9 +311,17 @@ class PgDb:
         try:
             pgconn.send_query(";\n".join([*(text for text, _ in pending), last]).encode())
             while pgconn.flush():
-                pass
+                select.select([], [pgconn.socket], [])
             results = []
-            while (result := pgconn.get_result()) is not None:
+            while True:
+                # libpq's PQgetResult waits for the server holding the GIL: every other
+                # thread of the worker (the jobs it is starting, their output) would stop
+                # for the round trip. Wait on the socket instead, which releases it.
+                while pgconn.is_busy():
+                    select.select([pgconn.socket], [], [])
+                    pgconn.consume_input()
+                if (result := pgconn.get_result()) is None:
+                    break
                 results.append(result)
         except psycopg.OperationalError as exc:
             raise self._failure(exc) from exc
