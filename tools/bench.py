@@ -462,13 +462,60 @@ def spawn_baseline(n: int, threads: int = 2) -> float:
     return n / (time.perf_counter() - start)
 
 
-def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "sqlite"
-                         ) -> tuple[float, float]:
+class CpuUse:
+    """The CPU a command used, read around it: its own and its children's (the worker and
+    its shells), the PostgreSQL server's (its live processes, and those it reaped), and how
+    busy the whole machine was. Says whether a run was bound by CPU or by waiting."""
+
+    def __init__(self) -> None:
+        self.client = self.server = self.busy = 0.0
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]
+        return sum(ticks[:8]) - idle, idle
+
+    @staticmethod
+    def _server() -> float:
+        """CPU seconds of every process named postgres, with what its children used."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    name, _, rest = f.read().partition(" (")[2].partition(") ")
+            except OSError:
+                continue
+            if name == "postgres":
+                fields = rest.split()
+                total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    @contextmanager
+    def measuring(self) -> Iterator[CpuUse]:
+        machine, server = self._machine(), self._server()
+        own = os.times()
+        yield self
+        after = os.times()
+        self.client = (after.children_user + after.children_system
+                       - own.children_user - own.children_system)
+        self.server = self._server() - server
+        busy, idle = (b - a for a, b in zip(machine, self._machine(), strict=True))
+        self.busy = busy / max(1, busy + idle)
+
+
+def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "sqlite",
+                         cpu: CpuUse | None = None) -> tuple[float, float]:
     """Jobs/s of the whole ``worker --burst`` command, and between its first claim and its
     last result by the ledger's own times (no interpreter start-up, no closing checkpoint)."""
     with ctx.fresh_target("worker", store) as db:
         enqueue_true(db, n)
-        seconds = run_timed(ctx, ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst"), db)
+        with (cpu or CpuUse()).measuring():
+            seconds = run_timed(
+                ctx, ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst"), db)
         counts = job_counts(db)
         if counts.get("completed") != n:
             raise RuntimeError(f"worker left {counts} (expected {n} completed)")
@@ -626,11 +673,14 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     peer_version = installed_version("procrastinate")
     lite, lite_steady, mine, steady, peer, peer_steady = [], [], [], [], [], []
+    use: dict[str, list[CpuUse]] = {"sqlite": [], "postgres": []}
     for r in range(ctx.runs):
-        whole, between = queuectl_worker_rate(ctx, n, 2, "sqlite")
+        use["sqlite"].append(CpuUse())
+        whole, between = queuectl_worker_rate(ctx, n, 2, "sqlite", use["sqlite"][-1])
         lite.append(whole)
         lite_steady.append(between)
-        whole, between = queuectl_worker_rate(ctx, n, 2, "postgres")
+        use["postgres"].append(CpuUse())
+        whole, between = queuectl_worker_rate(ctx, n, 2, "postgres", use["postgres"][-1])
         mine.append(whole)
         steady.append(between)
         if peer_version:
@@ -643,6 +693,15 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                          if peer_version else ""))
     result.details["procrastinate"] = peer_version
     sqlite_label = "SQLite `worker -c 2 --burst`"
+    cpu = {store: {"client_ms": median([u.client / n * 1000 for u in uses]),
+                   "server_ms": median([u.server / n * 1000 for u in uses]),
+                   "busy": median([u.busy for u in uses])} for store, uses in use.items()}
+    result.details["cpu_per_job"] = cpu
+    cores = os.cpu_count() or 1
+    ceiling = {store: cores / (c["client_ms"] + c["server_ms"]) * 1000 for store, c in cpu.items()}
+    ctx.log("CPU a job: " + "; ".join(
+        f"{store} {c['client_ms']:.2f} ms worker and shells + {c['server_ms']:.2f} ms server, "
+        f"machine {c['busy']:.0%} busy" for store, c in cpu.items()))
     rows = [
         make_row("worker", "pg_worker_vs_sqlite",
                  f"PostgreSQL worker throughput, {n:,} `true` jobs, `-c 2`", mine, "jobs/s",
@@ -652,6 +711,15 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=lite_steady,
                  baseline_label="SQLite, first claim to last result"),
+        make_row("worker", "pg_worker_cpu",
+                 "CPU a job, PostgreSQL worker (worker + shells + server), `-c 2`",
+                 [(u.client + u.server) / n * 1000 for u in use["postgres"]], "ms", None,
+                 baseline_samples=[(u.client + u.server) / n * 1000 for u in use["sqlite"]],
+                 baseline_label="SQLite worker + shells",
+                 note=(f"server {cpu['postgres']['server_ms']:.2f} ms; machine busy "
+                       f"{cpu['postgres']['busy']:.0%} (SQLite {cpu['sqlite']['busy']:.0%}); "
+                       f"CPU-bound ceiling on {cores} cores: PostgreSQL "
+                       f"{ceiling['postgres']:.0f} jobs/s, SQLite {ceiling['sqlite']:.0f}")),
     ]
     figure = f"PostgreSQL worker throughput vs procrastinate, {n:,} jobs"
     target = Target(">= 1.5 x procrastinate", "ratio", ">=", 1.5)
@@ -724,10 +792,42 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
     return n / seconds, t_claim / n * 1e6, t_finish / n * 1e6
 
 
+def batched_cycle_rate(ctx: Context, n: int, slots: int) -> float:
+    """Jobs/s of ``slots`` workers whose results always arrive together: each transaction
+    records ``slots`` results and claims the next job for each (``finish_and_claim_many``,
+    what a worker process's GroupCommit writes at best)."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        conn = ledger.connect(db, durable=False)
+        conn.for_worker()
+        try:
+            ids = [claims.worker_started(conn, os.getpid(), socket.gethostname())
+                   for _ in range(slots)]
+            start = time.perf_counter()
+            held = [(w, c) for w in ids if (c := claims.claim(conn, w)) is not None]
+            done = 0
+            while held:
+                finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt))
+                            for w, c in held]
+                _, following = claims.finish_and_claim_many(conn, finished, [w for w, _ in held])
+                done += len(held)
+                held = [(w, c) for (w, _), c in zip(held, following, strict=True) if c]
+            seconds = time.perf_counter() - start
+        finally:
+            conn.close()
+    if done != n:
+        raise RuntimeError(f"cycled {done} jobs, expected {n}")
+    return n / seconds
+
+
+BATCH = 16  # results a transaction records in the batched cycle
+
+
 def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.cycle_jobs
     combined = hasattr(claims, "finish_and_claim")
-    split, split_claim, split_finish, joined = [], [], [], []
+    batched = hasattr(claims, "finish_and_claim_many")
+    split, split_claim, split_finish, joined, many = [], [], [], [], []
     for r in range(ctx.runs):
         rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
         split.append(rate)
@@ -735,9 +835,12 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         split_finish.append(f_us)
         if combined:
             joined.append(cycle_rate(ctx, n, combined=True)[0])
+        if batched:
+            many.append(batched_cycle_rate(ctx, n, BATCH))
         ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
                 f"{c_us:.0f} us, finish {f_us:.0f} us)"
-                + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else ""))
+                + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else "")
+                + (f"; {BATCH} results a transaction {many[-1]:.0f} jobs/s" if batched else ""))
     result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
                           finish_and_claim=combined)
     target = (Target(">= 3,000 jobs/s", "value", ">=", 3000) if ctx.backend == "postgres"
@@ -748,7 +851,13 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         return [make_row("cycle", "ledger_cycle",
                          f"ledger cycle (claim + finish, no spawn), {n:,} jobs", split,
                          "jobs/s", target, note=split_note)]
+    rows = [] if not batched else [make_row(
+        "cycle", "ledger_cycle_batched",
+        f"ledger cycle, {BATCH} workers' results a transaction (`finish_and_claim_many`), "
+        f"{n:,} jobs", many, "jobs/s", None,
+        note="a process's workers share a commit when their results arrive together")]
     return [
+        *rows,
         make_row("cycle", "ledger_cycle",
                  f"ledger cycle, worker path (`finish_and_claim`, no spawn), {n:,} jobs",
                  joined, "jobs/s", target, note="one commit per job, as the worker runs"),
