@@ -267,6 +267,24 @@ def test_enqueue_file(run, tmp_path):
     assert jobs[1]["max_retries"] == 0
 
 
+def test_a_big_file_keeps_every_character_of_every_field(run, tmp_path):
+    """Over 100 jobs go in by PostgreSQL's COPY, written as its text format: tabs, newlines,
+    carriage returns, backslashes and a literal \\N must come back exactly as given."""
+    awkward = ["tab\there", "two\nlines", "cr\rhere", "back\\slash", "\\N", "\\", "ünï 漢",
+               "plain"]
+    lines = [json.dumps({"id": f"k{n}", "command": awkward[n % len(awkward)],
+                         "timeout": 0.1 * n, "priority": n % 7, "backoff_base": 1.5})
+             for n in range(160)]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert ok(run("enqueue", "--file", str(path))) == "160 jobs added successfully.\n"
+    for n in (0, 1, 2, 3, 4, 5, 6, 7, 99, 159):
+        shown = job(run, f"k{n}")
+        assert shown["command"] == awkward[n % len(awkward)]
+        assert shown["timeout"] == 0.1 * n and shown["priority"] == n % 7
+        assert shown["backoff_base"] == 1.5
+
+
 def test_enqueue_file_from_stdin(run, conn):
     lines = "".join(f'{{"id":"s{n}","command":"echo {n}"}}\n' for n in range(5))
     assert ok(run("enqueue", "--file", "-", input=lines)) == "5 jobs added successfully.\n"

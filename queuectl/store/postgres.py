@@ -22,14 +22,16 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -136,6 +138,66 @@ def _quoted(text: str) -> str:
 _LITERALS: dict[type, Callable[[Any], str]] = {
     str: _quoted, int: repr, float: repr, type(None): lambda _: "NULL", bool: lambda b: str(b),
 }
+
+
+EVENT_COLUMNS = ("seq", "at", "type", "job_id", "worker_id", "body")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _copy_field(value: Any) -> str:
+    """One value in COPY's text format: NULL is \\N; a backslash, tab, newline or carriage
+    return in text is escaped (NUL never gets here: text with one is refused as input)."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        text = str.__str__(value)  # a State is a str: its text, not its name
+        if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+            return text.translate(_COPY_ESCAPES)
+        return text
+    if type(value) is bool:
+        return "t" if value else "f"
+    return repr(value)  # int, and float as its shortest exact form
+
+
+class _Texts(dict[Any, str]):
+    """Values written before, and their text: a bulk insert repeats a few floats and states
+    on every row, and float's repr is the slowest step of a row."""
+
+    def __missing__(self, value: Any) -> str:
+        if len(self) > 4096:
+            self.clear()
+        text = self[value] = _copy_field(value)
+        return text
+
+
+# How a value that is not plain text is written: the common kinds without a detour.
+_COPY_TEXT: dict[type, Callable[[Any], str]] = {
+    int: repr, float: _Texts().__getitem__, type(None): _copy_field}
+
+
+def _texter(value: Any) -> Callable[[Any], str]:
+    """How values of ``value``'s kind are written, learnt on first sight: the members of an
+    enum (a job's State) are remembered like floats."""
+    kind = type(value)
+    _COPY_TEXT[kind] = _Texts().__getitem__ if isinstance(value, Enum) else _copy_field
+    return _COPY_TEXT[kind]
+
+
+def _copy_line(row: Sequence[Any]) -> str:
+    """A row in COPY's text format. Most rows need no escaping, which one look at the
+    joined line tells: its only tabs are the separators, its only backslashes the NULLs."""
+    line = "\t".join([v if v.__class__ is str else (_COPY_TEXT.get(v.__class__) or _texter(v))(v)
+                       for v in row])
+    if (line.count("\t") == len(row) - 1 and line.count("\\") == list(row).count(None)
+            and "\n" not in line and "\r" not in line):
+        return line
+    return "\t".join(map(_copy_field, row))
+
+
+def _chunks(rows: Iterable[Sequence[Any]], size: int) -> Iterator[list[Sequence[Any]]]:
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _literal(value: Any) -> str:
@@ -478,14 +540,8 @@ class PgDb:
                         f"VALUES {values}",
                         [x for n, row in enumerate(rows) for x in (first + n, at, *row)])
         else:  # a bulk enqueue: COPY writes rows at a fraction of the cost
-            self._flush()
-            try:
-                with self.conn.cursor().copy(
-                        "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
-                    for n, row in enumerate(rows):
-                        copy.write_row((first + n, at, *row))
-            except _driver().OperationalError as exc:
-                raise self._failure(exc) from exc
+            self._copy("events", EVENT_COLUMNS,
+                       ((first + n, at, *row) for n, row in enumerate(rows)))
         self._head = first + len(rows) - 1
         self._appended = True
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
@@ -493,12 +549,17 @@ class PgDb:
 
     def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Many new rows of one table (a bulk enqueue's jobs): COPY, not one INSERT each."""
+        self._copy(table, columns, rows)
+
+    def _copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """COPY ``rows`` into ``table``, written as COPY's text format here: a row costs
+        about 1 us, where psycopg's ``write_row`` took 5."""
         self._flush()
         try:
             with self.conn.cursor().copy(
                     f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+                for chunk in _chunks(rows, 5_000):
+                    copy.write(("\n".join(map(_copy_line, chunk)) + "\n").encode())
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
@@ -509,13 +570,7 @@ class PgDb:
         assert self._head is not None
         if rows and rows[0][0] != self._head + 1:
             raise StoreError(f"seq {rows[0][0]} does not follow the ledger's last, {self._head}")
-        try:
-            with self.conn.cursor().copy(
-                    "COPY events (seq, at, type, job_id, worker_id, body) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        except _driver().OperationalError as exc:
-            raise self._failure(exc) from exc
+        self._copy("events", EVENT_COLUMNS, rows)
         if rows:
             self._head = rows[-1][0]
             self._appended = True
