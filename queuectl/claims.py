@@ -153,6 +153,11 @@ def finish_and_claim(
     return outcomes[0], following[0] if following else None
 
 
+# What a result can give that other claims may take at once: a dependent unblocked, a run
+# released, a retry due now (a zero delay). The claims look again after any of them.
+_FREES = (ev.Unblocked, ev.Released, ev.ScheduledRetry)
+
+
 def finish_and_claim_many(
     conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str]
 ) -> tuple[list[list[ev.Event]], list[Claim | None]]:
@@ -166,7 +171,7 @@ def finish_and_claim_many(
     dependent unblocked) is seen by the next, and by the claims. A claimer lost or asked
     to stop gets nothing. Everything the transaction needs to know is read in one query,
     with the jobs the claims would take; only results that free jobs to run (a dependent
-    unblocked, a run released) make the claims look again.
+    unblocked, a run released, a retry due at once) make the claims look again.
     """
     with write(conn):
         at = conn.now()
@@ -175,7 +180,7 @@ def finish_and_claim_many(
                     for job, result in finished]
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
-        if able and any(isinstance(e, ev.Unblocked | ev.Released) for o in outcomes for e in o):
+        if able and any(isinstance(e, _FREES) for o in outcomes for e in o):
             ready = conn.execute(conn.dialect.sql(_READY), (at, len(able))).fetchall()
         following: dict[str, Claim] = {}
         claimed = []

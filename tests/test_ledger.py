@@ -327,6 +327,23 @@ def test_claim_skips_jobs_waiting_out_their_backoff(conn):
     assert claims.claim(conn, "w1") is None  # "a" waits 2 s
 
 
+def test_a_retry_due_at_once_is_claimed_with_the_result_that_made_it(conn, monkeypatch):
+    """Found by the state machine: a failure whose retry is due at once (full jitter drew
+    a zero delay) frees the job in the same transaction that claims the next one, and
+    that claim must see it."""
+    decisions.set_config(conn, "backoff-jitter", "1")
+    decisions.enqueue(conn, [decisions.JobSpec(command="false", id="r", max_retries=1)])
+    claims.worker_started(conn, 1, "host", worker_id="w1")
+    job = claims.claim(conn, "w1")
+    assert job is not None and job.attempt == 1
+    monkeypatch.setattr("random.random", lambda: 0.9999)  # 2 s * (1 - 0.9999): 0.0 s
+    failed = ev.Failed(job_id="r", worker_id="w1", attempt=1, exit_code=1, error="exit status 1")
+    events, again = claims.finish_and_claim(conn, job, failed, "w1")
+    assert [type(e) for e in events] == [ev.Failed, ev.ScheduledRetry]
+    assert events[1].delay == 0.0  # type: ignore[attr-defined]
+    assert again is not None and (again.job_id, again.attempt) == ("r", 2)
+
+
 def test_concurrent_claims_never_share_a_job(db, conn):
     ids = [f"job{i:03d}" for i in range(200)]
     _add(conn, *ids)
