@@ -1,4 +1,4 @@
-"""The benchmark suite runs: every scenario of ``tools/bench.py --quick`` produces numbers, on
+"""The benchmark suite runs: every scenario of ``tools/bench.py --quick --runs 1`` produces numbers, on
 SQLite and on PostgreSQL.
 
 Speed is not asserted here (CI machines vary); only that each figure was measured.
@@ -25,7 +25,7 @@ PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
 
 def quick_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", "--quiet",
+        [sys.executable, str(BENCH), "--quick", "--runs", "1", "--json", "--quiet",
          "--cache-dir", str(tmp_path / "bench-cache"), *args],
         capture_output=True, text=True, timeout=600,
     )

@@ -475,27 +475,29 @@ def test_a_file_is_written_whole_or_not_at_all(run, conn, db, tmp_path, monkeypa
 
 def test_a_dependency_cancelled_while_a_file_is_read_refuses_the_file(
         run, conn, db, tmp_path, monkeypatch):
+    monkeypatch.setattr(decisions, "BATCH", 100)  # the file spans several id queries
     added(run, "--id", "parent", "-c", "true")
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"id": f"c{n}", "command": "true", "after": ["parent"]})
-                            + "\n" for n in range(3000)))
+                            + "\n" for n in range(300)))
     _meanwhile(monkeypatch, db, lambda other: decisions.cancel(other, "parent"))
     one_error(run("enqueue", "--file", str(path)), "dependency 'parent' is cancelled")
     assert conn.execute("SELECT id, state FROM jobs").fetchall() == [("parent", "cancelled")]
 
 
 def test_a_dependency_in_the_same_file_cancelled_later_cancels_its_dependents(
-        run, conn, tmp_path):
+        run, conn, tmp_path, monkeypatch):
     """Jobs of one file that depend on each other are written together, so no cancel can
     fall between them; cancelling the parent afterwards cancels every dependent."""
+    monkeypatch.setattr(decisions, "BATCH", 100)  # the file spans several id queries
     path = tmp_path / "jobs.jsonl"
     lines = [{"id": "parent", "command": "true", "delay": 3600}]
-    lines += [{"id": f"c{n}", "command": "true", "after": ["parent"]} for n in range(4500)]
+    lines += [{"id": f"c{n}", "command": "true", "after": ["parent"]} for n in range(450)]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert ok(run, "enqueue", "--file", str(path)) == "4501 jobs added successfully.\n"
+    assert ok(run, "enqueue", "--file", str(path)) == "451 jobs added successfully.\n"
     assert ok(run, "cancel", "parent") == "Job parent cancelled.\n"
     assert dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")) == {
-        "cancelled": 4501}
+        "cancelled": 451}
 
 
 # -- cancel -----------------------------------------------------------------------------------
