@@ -76,7 +76,6 @@ class Rows:
         where = rowid or key
         names = ", ".join(self.columns)
         self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
-        self._insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(self.columns))})"
         others = [c for c in self.columns if c != where]
         self._update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in others)} "
                         f"WHERE {where} = ?")
@@ -107,7 +106,9 @@ class Rows:
         self.new[key] = row
 
     def flush(self) -> None:
-        self.tx.executemany(self._insert, map(self._values, self.new.values()))
+        # New rows through the store's bulk path (COPY on PostgreSQL, where an INSERT each
+        # made a replay five times slower than on SQLite).
+        self.tx.bulk_insert(self.table, self.columns, list(map(self._values, self.new.values())))
         self.tx.executemany(self._update, map(self._update_values, self.read.values()))
         self.new.clear()  # cleared, not replaced: callers may hold their get methods
         self.read.clear()
