@@ -23,7 +23,7 @@ from queuectl import events as ev
 from queuectl.store import Db
 
 NAME = "runs"
-VERSION = 5
+VERSION = 6
 TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
 
 DDL = (
@@ -64,6 +64,13 @@ _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 # them after its last row, having counted in memory instead.
 _UPSERT = ("INSERT INTO run_counts (outcome, n) VALUES ({}, 1) "
            "ON CONFLICT (outcome) DO UPDATE SET n = run_counts.n + 1")
+_ADD = ("INSERT INTO run_counts (outcome, n) {} "
+        "ON CONFLICT (outcome) DO UPDATE SET n = run_counts.n + excluded.n")
+_OPENED_ROWS = "SELECT 'claimed', count(*) FROM opened HAVING count(*) > 0"
+_CLOSED_ROWS = """SELECT now.outcome, count(*) FROM now JOIN was USING (seq)
+    WHERE was.outcome IS NULL AND now.outcome IS NOT NULL GROUP BY now.outcome"""
+_DEAD_ROWS = """SELECT 'dead', count(*) FROM now JOIN was USING (seq)
+    WHERE now.dead = 1 AND was.dead = 0 HAVING count(*) > 0"""
 TRIGGERS = {
     "sqlite": (
         f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
@@ -75,20 +82,18 @@ TRIGGERS = {
         WHEN new.dead = 1 AND old.dead = 0 BEGIN
             {_UPSERT.format("'dead'")}; END""",
     ),
+    # Once a statement, from its transition tables (see job_counts_move): a batch's runs
+    # are one INSERT, and their closings one UPDATE.
     "postgres": (
-        f"""CREATE OR REPLACE FUNCTION run_counts_claimed() RETURNS trigger LANGUAGE plpgsql
-        AS $$ BEGIN {_UPSERT.format("'claimed'")}; RETURN NULL; END $$""",
-        """CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs
-        FOR EACH ROW EXECUTE FUNCTION run_counts_claimed()""",
-        f"""CREATE OR REPLACE FUNCTION run_counts_closed() RETURNS trigger LANGUAGE plpgsql
-        AS $$ BEGIN {_UPSERT.format("NEW.outcome")}; RETURN NULL; END $$""",
-        """CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
-        FOR EACH ROW WHEN (OLD.outcome IS NULL AND NEW.outcome IS NOT NULL)
-        EXECUTE FUNCTION run_counts_closed()""",
-        f"""CREATE OR REPLACE FUNCTION run_counts_dead() RETURNS trigger LANGUAGE plpgsql
-        AS $$ BEGIN {_UPSERT.format("'dead'")}; RETURN NULL; END $$""",
-        """CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
-        FOR EACH ROW WHEN (NEW.dead = 1 AND OLD.dead = 0) EXECUTE FUNCTION run_counts_dead()""",
+        f"""CREATE OR REPLACE FUNCTION run_counts_opened() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN {_ADD.format(_OPENED_ROWS)}; RETURN NULL; END $$""",
+        """CREATE TRIGGER run_counts_opened AFTER INSERT ON runs REFERENCING NEW TABLE AS opened
+        FOR EACH STATEMENT EXECUTE FUNCTION run_counts_opened()""",
+        f"""CREATE OR REPLACE FUNCTION run_counts_changed() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN {_ADD.format(_CLOSED_ROWS)}; {_ADD.format(_DEAD_ROWS)}; RETURN NULL; END $$""",
+        """CREATE TRIGGER run_counts_changed AFTER UPDATE ON runs
+        REFERENCING OLD TABLE AS was NEW TABLE AS now
+        FOR EACH STATEMENT EXECUTE FUNCTION run_counts_changed()""",
     ),
 }
 

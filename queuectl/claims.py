@@ -161,7 +161,8 @@ _FREES = (ev.Unblocked, ev.Released, ev.ScheduledRetry)
 def finish_and_claim_many(
     conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str]
 ) -> tuple[list[list[ev.Event]], list[Claim | None]]:
-    """Record the outcome of several runs, then claim a job for each of ``claimers``, all in
+    """Record the outcome of several runs, then claim a job for each of ``claimers`` (a
+    worker named twice is given two, one held ahead of the other), all in
     one write transaction: the workers of a process whose results arrive together share
     one commit. Returns the events each result gave, and each claimer's job (or None).
 
@@ -176,22 +177,32 @@ def finish_and_claim_many(
     with write(conn):
         at = conn.now()
         known = _known(conn, [job.job_id for job, _ in finished], claimers, at)
-        outcomes = [_outcome(conn, job, result, known.held.get(job.job_id), at)
+        # Events wait here and go in one append (one statement per table on PostgreSQL),
+        # until a rule must read what the events before it changed.
+        held_back: list[ev.Event] = []
+
+        def settled() -> None:
+            if held_back:
+                append(conn, *held_back, at=at)
+                held_back.clear()
+
+        outcomes = [_outcome(conn, job, result, known.held.get(job.job_id), at, held_back,
+                             settled)
                     for job, result in finished]
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
         if able and any(isinstance(e, _FREES) for o in outcomes for e in o):
+            settled()
             ready = conn.execute(conn.dialect.sql(_READY), (at, len(able))).fetchall()
-        following: dict[str, Claim] = {}
-        claimed = []
-        for worker_id, row in zip(able, ready, strict=False):
+        following: list[Claim | None] = [None] * len(claimers)
+        slots = [n for n, w in enumerate(claimers) if w not in known.refused]
+        for n, row in zip(slots, ready, strict=False):
             job = Claim(*row[:-1])
-            following[worker_id] = msgspec.structs.replace(job, attempt=job.attempt + 1)
-            claimed.append(ev.Claimed(job_id=job.job_id, worker_id=worker_id,
-                                      attempt=job.attempt + 1, eligible_at=row[-1]))
-        if claimed:
-            append(conn, *claimed, at=at)
-    return outcomes, [following.get(w) for w in claimers]
+            following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
+            held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
+                                        attempt=job.attempt + 1, eligible_at=row[-1]))
+        settled()
+    return outcomes, following
 
 
 class _Known(msgspec.Struct):
@@ -240,9 +251,11 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str) -
 
 
 def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | None,
-             at: str) -> list[ev.Event]:
-    """The events one run's result gives (appended here), or none if its worker no longer
-    holds the job."""
+             at: str, held_back: list[ev.Event], settled: Callable[[], None]
+             ) -> list[ev.Event]:
+    """The events one run's result gives (added to ``held_back``, which ``settled()``
+    appends before any rule reads the tables), or none if its worker no longer holds the
+    job."""
     if held is None or held[:3] != (State.PROCESSING, getattr(result, "worker_id", None),
                                     job.attempt):
         return []
@@ -250,15 +263,18 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | Non
     if held[3] and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
         # Cancelled while it ran, but the run ended before its worker saw that:
         # the cancel still wins over a retry.
+        settled()
         events += _cancelled_after_run(conn, job.job_id)
     elif isinstance(result, ev.Failed | ev.TimedOut):
         reason = result.error if isinstance(result, ev.Failed) else "timed out"
         events.append(retry_or_dead(job, at, reason))
     elif isinstance(result, ev.Completed) and held[4]:
+        settled()
         events += _unblocked_by(conn, job.job_id)
     elif isinstance(result, ev.Cancelled):
+        settled()
         events += _cancel_dependents(conn, job.job_id)
-    append(conn, *events, at=at)
+    held_back.extend(events)
     return events
 
 

@@ -111,6 +111,74 @@ def test_seq_stays_gapless_and_in_commit_order_with_many_writers(db, conn):
     assert ledger.check(conn) == []
 
 
+# -- a batch's one-row writes travel as one statement ------------------------------------
+
+
+def _rows_written_together(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of rows of each held write the store sends, as it sends it."""
+    from queuectl.store import postgres
+
+    sizes: list[int] = []
+    render = postgres.PgDb._render
+
+    def counting(self: postgres.PgDb, write: postgres._Write) -> str:
+        sizes.append(len(write.rows))
+        return render(self, write)
+
+    monkeypatch.setattr(postgres.PgDb, "_render", counting)
+    return sizes
+
+
+def test_a_batch_of_claims_and_results_goes_as_one_statement_a_table(db, conn, monkeypatch):
+    """Four workers' results and their next claims in one transaction: each table's
+    one-row writes of one kind go as one statement of four rows, and the rows are those
+    one write at a time gives (the fixture replays the ledger against them)."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(8)])
+    workers = [claims.worker_started(conn, 1, "h") for _ in range(4)]
+    held = [claims.claim(conn, w) for w in workers]
+    sizes = _rows_written_together(monkeypatch)
+    results = [(job, ev.Completed(job_id=job.job_id, worker_id=w, attempt=1))
+               for w, job in zip(workers, held, strict=True) if job is not None]
+    outcomes, following = claims.finish_and_claim_many(conn, results, workers)
+    assert [len(o) for o in outcomes] == [1, 1, 1, 1]
+    assert all(job is not None for job in following)
+    # jobs (completed, then claimed), runs (closed, then opened), workers (twice each):
+    # six writes of four rows; the events go as one INSERT of eight rows already.
+    assert sorted(n for n in sizes if n > 1) == [4] * 6
+    counts = dict(conn.execute("SELECT state, n FROM job_counts").fetchall())
+    assert (counts["completed"], counts["processing"], counts["pending"]) == (4, 4, 0)
+    assert conn.execute("SELECT jobs_done FROM workers ORDER BY id").fetchall() == [(1,)] * 4
+
+
+def test_writes_to_the_same_row_never_join(db, conn, monkeypatch):
+    """Two changes of one row in one batch go one after the other: the second sees the
+    first (a worker's finished run and its next claim, twice over)."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(4)])
+    worker = claims.worker_started(conn, 1, "h")
+    first = claims.claim(conn, worker)
+    second = claims.finish_and_claim_many(conn, [], [worker])[1][0]
+    assert first is not None and second is not None
+    sizes = _rows_written_together(monkeypatch)
+    claims.finish_and_claim_many(conn, [
+        (first, ev.Completed(job_id=first.job_id, worker_id=worker, attempt=1)),
+        (second, ev.Completed(job_id=second.job_id, worker_id=worker, attempt=1)),
+    ], [worker, worker])
+    assert conn.execute("SELECT jobs_done FROM workers").fetchone() == (2,)
+    assert max(sizes) == 2  # the jobs' rows and the runs' joined; the worker's did not
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'processing'").fetchone() == (2,)
+
+
+def test_a_joined_write_that_misses_a_row_fails_the_whole_transaction(db, conn):
+    """A write that expects its row (an event for a job) still fails, and writes nothing,
+    when it travels with others and its job does not exist."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"j{n}") for n in range(3)])
+    before = conn.execute("SELECT count(*) FROM events").fetchone()
+    with pytest.raises(LookupError, match="unknown job"), ledger.write(conn):
+        ledger.append(conn, *[ev.CancelRequested(job_id=j) for j in ("j0", "j1", "nope", "j2")])
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == before
+    assert conn.execute("SELECT count(*) FROM jobs WHERE cancel_requested = 1").fetchone() == (0,)
+
+
 # -- append-only, by the database ----------------------------------------------------------
 
 
