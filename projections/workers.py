@@ -18,7 +18,7 @@ from queuectl.states import WorkerState
 from queuectl.store import Db
 
 NAME = "workers"
-VERSION = 2
+VERSION = 3
 TABLES = {"workers": ("id",)}
 
 DDL = (
@@ -44,14 +44,17 @@ COLUMNS = ("id", "pid", "host", "state", "started_at", "last_heartbeat", "stoppe
 # applies it to rows held in memory (``Replay``).
 _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
     ev.WorkerHeartbeat: lambda e, at: {"last_heartbeat": at},
-    ev.Claimed: lambda e, at: {"current_job": e.job_id, "last_heartbeat": at},
+    # A job claimed ahead is its worker's current job once it has started.
+    ev.Claimed: lambda e, at: ({"last_heartbeat": at} if e.ahead
+                               else {"current_job": e.job_id, "last_heartbeat": at}),
+    ev.Started: lambda e, at: {"current_job": e.job_id, "last_heartbeat": at},
     ev.Completed: lambda e, at: {"current_job": None, "last_heartbeat": at},
     ev.Failed: lambda e, at: {"current_job": None, "last_heartbeat": at},
     ev.TimedOut: lambda e, at: {"current_job": None, "last_heartbeat": at},
     # A running job stopped by its worker; a job cancelled before it ran had no worker.
     ev.Cancelled: lambda e, at: (
         {"current_job": None, "last_heartbeat": at} if e.worker_id is not None else None),
-    ev.Released: lambda e, at: {"current_job": None},
+    ev.Released: lambda e, at: None if e.ahead else {"current_job": None},
     ev.LeaseExpired: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
     ev.WorkerLost: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
     ev.WorkerStopped: lambda e, at: {"state": WorkerState.STOPPED, "current_job": None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -159,7 +159,8 @@ _FREES = (ev.Unblocked, ev.Released, ev.ScheduledRetry)
 
 
 def finish_and_claim_many(
-    conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str]
+    conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str],
+    ahead: bool = False,
 ) -> tuple[list[list[ev.Event]], list[Claim | None]]:
     """Record the outcome of several runs, then claim a job for each of ``claimers`` (a
     worker named twice is given two, one held ahead of the other), all in
@@ -173,6 +174,9 @@ def finish_and_claim_many(
     to stop gets nothing. Everything the transaction needs to know is read in one query,
     with the jobs the claims would take; only results that free jobs to run (a dependent
     unblocked, a run released, a retry due at once) make the claims look again.
+
+    ``ahead``: the jobs are claimed to run after their workers' current ones, and each
+    worker records ``started`` (given here as the "result" of that job) as one begins.
     """
     with write(conn):
         at = conn.now()
@@ -200,7 +204,8 @@ def finish_and_claim_many(
             job = Claim(*row[:-1])
             following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
             held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
-                                        attempt=job.attempt + 1, eligible_at=row[-1]))
+                                        attempt=job.attempt + 1, eligible_at=row[-1],
+                                        ahead=ahead))
         settled()
     return outcomes, following
 
@@ -278,9 +283,9 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | Non
     return events
 
 
-def release_strays(conn: Db, worker_id: str, keep: str | None) -> list[ev.Event]:
+def release_strays(conn: Db, worker_id: str, keep: Collection[str]) -> list[ev.Event]:
     """Release the jobs held under ``worker_id`` that its worker does not know it holds
-    (all but ``keep``): after a lost connection, a commit that claimed one may have
+    (all but those in ``keep``): after a lost connection, a commit that claimed one may have
     succeeded unseen. A released run is not counted as an attempt."""
     with write(conn):
         rows = conn.execute(
@@ -290,7 +295,7 @@ def release_strays(conn: Db, worker_id: str, keep: str | None) -> list[ev.Event]
         events: list[ev.Event] = [
             ev.Released(job_id=job_id, worker_id=worker_id, attempt=attempts,
                         reason="claimed while its worker lost the database connection")
-            for job_id, attempts in rows if job_id != keep]
+            for job_id, attempts in rows if job_id not in keep]
         if events:
             append(conn, *events)
     return events

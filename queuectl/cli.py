@@ -463,6 +463,11 @@ def worker_options(f: Any) -> Any:
                          help="Jobs per worker before it exits (0 = no limit)."),
             click.option("--burst", is_flag=True,
                          help="Exit once nothing is pending, running or waiting to retry."),
+            click.option("--ahead", type=Number("ahead"), default=None, metavar="N",
+                         help="Jobs each worker holds claimed beyond the one it runs, after "
+                              "a quick job, so that one commit serves several (default: 4 "
+                              "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
+                              "them back."),
             click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
                          callback=_host_name,
                          help="The host these workers say they run on (also QUEUECTL_HOST; "

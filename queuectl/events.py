@@ -44,6 +44,15 @@ class Claimed(_Event, tag="claimed", frozen=True):
     worker_id: str
     attempt: int  # the run number this claim starts, 1-based
     eligible_at: str | None = None  # since when the job could run: its queue wait starts here
+    ahead: bool = False  # held to run after its worker's current job: ``started`` follows
+
+
+class Started(_Event, tag="started", frozen=True):
+    """A job claimed ahead begins to run on the worker holding it."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
 
 
 class Completed(_Event, tag="completed", frozen=True):
@@ -91,6 +100,7 @@ class Released(_Event, tag="released", frozen=True):
     worker_id: str
     attempt: int
     reason: str
+    ahead: bool = False  # claimed ahead and given back before it started
 
 
 class Unblocked(_Event, tag="unblocked", frozen=True):
@@ -176,6 +186,7 @@ class ConfigChanged(_Event, tag="config-changed", frozen=True):
 Event = (
     Enqueued
     | Claimed
+    | Started
     | Completed
     | Failed
     | TimedOut

@@ -219,7 +219,9 @@ def event_details(event: ev.Event) -> str:
             return "cancel requested while running"
         case ev.Cancelled(reason=r, attempt=a, worker_id=w):
             return f"attempt {a} stopped: {r}" if w else r
-        case ev.Claimed(attempt=a):
+        case ev.Claimed(attempt=a, ahead=True):
+            return f"attempt {a}, to run after its worker's current job"
+        case ev.Claimed(attempt=a) | ev.Started(attempt=a):
             return f"attempt {a}"
         case ev.Completed(attempt=a, duration=d, output=o):
             return f"attempt {a} succeeded in {d:.3f}s" + (f"; output: {o.strip()}" if o else "")
@@ -230,6 +232,8 @@ def event_details(event: ev.Event) -> str:
         case ev.LeaseExpired(attempt=a, worker_id=w, last_heartbeat=h, killed=k):
             stopped = f"; {_count(k, 'process')} of its run stopped on this host" if k else ""
             return f"attempt {a}: worker {w} silent since {clock.human(h)}{stopped}"
+        case ev.Released(attempt=a, reason=r, ahead=True):
+            return f"attempt {a} given back before it started: {r}"
         case ev.Released(attempt=a, reason=r):
             return f"attempt {a} abandoned: {r}"
         case ev.ScheduledRetry(delay=d, run_at=r):

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class Options:
     limit: int = 0  # jobs per worker, 0 = no limit
     burst: bool = False
     host_name: str | None = None  # the host the workers say they run on; None: this one
+    ahead: int | None = None  # jobs claimed for each worker beyond its running one;
+    # None: what the store suits (Db.claim_ahead)
 
 
 class Shutdown:
@@ -57,9 +60,10 @@ class Worker:
     """One worker: its own id, one job at a time, on its process's shared connection.
 
     Supervision, the one rule for every worker thread: whatever ends the thread (a stop, a
-    signal, a database error, a bug), the job it holds is released (a released run is not
-    counted as an attempt), its run's processes are killed, and ``worker-stopped`` records
-    why. A crash also asks the process's other workers to finish their jobs and stop, so
+    signal, a database error, a bug), the jobs it holds (the one it runs, those claimed
+    ahead for it, those whose result could not be written) are released (a released run is
+    not counted as an attempt), its run's processes are killed, and ``worker-stopped``
+    records why. A crash also asks the process's other workers to finish their jobs and stop, so
     that the process exits 1 and a supervisor (systemd, say) can start it afresh.
     """
 
@@ -71,10 +75,10 @@ class Worker:
         waker: store.Waker,
         echo: Callable[[str], None],
         silence: claims.Silence,
-        results: GroupCommit | None = None,
+        results: Pipeline,
     ) -> None:
         self.conn = conn
-        self.results = results or GroupCommit()
+        self.results = results
         self.options = options
         self.shutdown = shutdown
         self.waker = waker
@@ -83,11 +87,19 @@ class Worker:
         self.id = ""  # given by the ledger when the worker starts (see run)
         self.host = options.host_name or os.uname().nodename
         self.done = 0
-        self.holding: claims.Claim | None = None  # claimed and not yet finished
+        self.running: claims.Claim | None = None  # the job its shell runs now
+        # What the results thread changes, under its lock (results.cond):
+        self.ahead: deque[claims.Claim] = deque()  # claimed for it, not yet started
+        self.unsettled: dict[str, claims.Claim] = {}  # held, with no outcome written yet
+        self.asked = 0  # jobs asked for ahead and not yet answered
+        self.in_flight = 0  # handed in and not yet written
+        self.quick = False  # its last job ran under Pipeline.QUICK seconds
+        self.failure: BaseException | None = None  # why what it handed in was not written
         self.env = runner.base_env()
         self._next_beat = 0.0
         self._next_rescue = 0.0
         self._next_cancel_check = 0.0
+        self._started = 0.0  # when the running job started, on the monotonic clock
         self._kill_reason: str | None = None
         self._connection = 0  # the connection generation this worker last reconciled
         self._next_try = 0.0  # while the store is away: the next time a run's tick tries it
@@ -114,9 +126,8 @@ class Worker:
     def _reconcile(self) -> None:
         generation = getattr(self.conn, "generation", 0)
         if generation != self._connection and self.id:
-            keep = self.holding.job_id if self.holding else None
-            for event in claims.release_strays(self.conn, self.id, keep):
-                self._report(event)
+            for event in claims.release_strays(self.conn, self.id, set(self.unsettled)):
+                self.report(event)
         self._connection = generation
 
     def persist(self, call: Callable[..., T], *args: Any) -> T:
@@ -159,16 +170,20 @@ class Worker:
                 self._settle(reason)
 
     def _settle(self, reason: str) -> None:
-        """Release the held job and record the stop, trying a few times: the database may
-        be what failed (a full disk, a lock held too long)."""
-        job = self.holding
+        """Release the jobs it holds (the one it ran, those claimed ahead, those whose
+        result could not be written) and record the stop, trying a few times: the database
+        may be what failed (a full disk, a lock held too long)."""
+        self.results.drain(self)
+        jobs = list(self.unsettled.values())
         for attempt in range(3):
             try:
-                if job is not None:
-                    self.db(claims.finish, job, ev.Released(
+                if jobs:
+                    self.db(claims.finish_and_claim_many, [(job, ev.Released(
                         job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
                         reason=f"worker stopped while holding it: {reason}"))
-                    job = self.holding = None
+                        for job in jobs], [])
+                    jobs = []
+                    self.unsettled.clear()
                 self.db(claims.worker_stopped, self.id, reason)
                 self.log(f"stopped ({reason})")
                 return
@@ -194,6 +209,9 @@ class Worker:
         elif now >= self._next_try:
             try:
                 self._housekeeping(now)
+                if self.ahead and now - self._started > Pipeline.HOLD:
+                    self.quick = False
+                    self._release_ahead(self.db, f"the job before it ran over {Pipeline.HOLD:g}s")
                 if now >= self._next_cancel_check:
                     self._next_cancel_check = now + CANCEL_CHECK
                     if self.db(claims.cancel_requested, job.job_id):
@@ -226,7 +244,7 @@ class Worker:
         killed = {w: runner.stop_marked(runner.worker_mark(w))
                   for w, _, host in silent if host == self.host}
         for event in self.db(claims.rescue, silent, killed):
-            self._report(event)
+            self.report(event)
 
     def _stop_reason(self) -> str | None:
         if self.shutdown.soft.is_set():
@@ -242,26 +260,68 @@ class Worker:
 
     def _loop(self) -> str:
         while True:
-            if self.holding is not None:
-                if self.shutdown.soft.is_set():  # claimed with the last result, not started
-                    job, self.holding = self.holding, None
-                    self.persist(claims.finish, job, ev.Released(
-                        job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
-                        reason="worker shut down before the job started"))
-                    return self.shutdown.reason
-                self._tick()  # a streak of instant jobs still heartbeats and rescues
-                self.holding = self._work(self.holding)
-                continue
-            reason = self._stop_reason()
-            if reason:
-                return reason
-            self._tick()
-            seen = self.waker.generation
-            self.holding = self.persist(claims.claim, self.id)
-            if self.holding is None:
-                if self.options.burst and self.persist(claims.unfinished) == 0:
-                    return "burst: queue empty"
-                self.waker.wait(seen, self._idle_timeout())
+            job = self.results.next_job(self)
+            if job is None:
+                reason = self._stop_reason()
+                if reason:
+                    return reason
+                self._tick()
+                seen = self.waker.generation
+                job = self.persist(claims.claim, self.id)
+                if job is None:
+                    if self.options.burst and self.persist(claims.unfinished) == 0:
+                        return "burst: queue empty"
+                    self.waker.wait(seen, self._idle_timeout())
+                    continue
+                self.unsettled[job.job_id] = job
+                started = None  # claimed to start now: no started event
+            elif self.results.ahead:  # claimed ahead: its start is recorded
+                started = ev.Started(job_id=job.job_id, worker_id=self.id, attempt=job.attempt)
+            else:  # claimed with its worker's last result, to start now
+                started = None
+            if self.shutdown.soft.is_set():
+                self._give_back(job)
+                return self.shutdown.reason
+            self._tick()  # a streak of instant jobs still heartbeats and rescues
+            self._work(job, started)
+
+    def _give_back(self, job: claims.Claim) -> None:
+        """Release ``job`` and every job claimed ahead, none of them started: the
+        process is shutting down."""
+        self.results.drain(self)  # the claims on their way come back too
+        self._release_ahead(self.persist, "worker shut down before the job started", job)
+
+    def _release_ahead(self, call: Callable[..., Any], reason: str,
+                       *first: claims.Claim) -> None:
+        """Release the jobs claimed ahead for this worker (and ``first``), through ``call``
+        (``db`` or ``persist``); if that fails, they stay held."""
+        with self.results.cond:
+            jobs = [*first, *self.ahead]
+            self.ahead.clear()
+        if not jobs:
+            return
+        try:
+            call(claims.finish_and_claim_many, [(j, ev.Released(
+                job_id=j.job_id, worker_id=self.id, attempt=j.attempt, reason=reason,
+                ahead=bool(self.results.ahead))) for j in jobs], [])
+        except BaseException:
+            with self.results.cond:
+                self.ahead.extendleft(reversed(jobs[len(first):]))
+            raise
+        for j in jobs:
+            self.unsettled.pop(j.job_id, None)
+
+    def wanted(self) -> int:
+        """How many jobs to claim for this worker now (under ``results.cond``): enough to
+        hold one to run next and, after a quick job, ``ahead`` more, within ``--limit``;
+        none once stopping."""
+        if self.shutdown.soft.is_set():
+            return 0
+        held = (self.running is not None) + len(self.ahead) + self.asked
+        want = 1 + (self.results.ahead if self.quick else 0) - held
+        if self.options.limit:
+            want = min(want, self.options.limit - self.done - held)
+        return max(0, want)
 
     def _idle_timeout(self) -> float:
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
@@ -270,15 +330,19 @@ class Worker:
             timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
         return timeout
 
-    def _work(self, job: claims.Claim) -> claims.Claim | None:
-        """Run one job and record its result; returns the next job when the same
-        transaction could claim one (a busy queue pays one commit per job, not two)."""
-        verbose = self.options.verbose  # build no log line nobody will see
-        if verbose:
+    def _work(self, job: claims.Claim, started: ev.Started | None) -> None:
+        """Run one job and hand its result in, with the ask for the jobs after it; the
+        write happens on the results thread while this worker goes on. A job claimed ahead
+        hands in its ``started`` as it begins."""
+        if self.options.verbose:  # build no log line nobody will see
             for line in render.worker_started_job(job):
                 self.log(line)
         self._kill_reason = None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
+        self.running = job
+        self._started = time.monotonic()
+        # Its start, if it was claimed ahead, and the jobs ahead, claimed while this runs.
+        self.results.submit(self, job if started else None, started)
         result = runner.run_command(
             job.command,
             timeout=job.timeout,
@@ -287,16 +351,9 @@ class Worker:
             env=runner.run_env(self.env, job.job_id, job.attempt, self.id),
         )
         self.done += 1
-        go_on = not self.shutdown.soft.is_set() and not (
-            self.options.limit and self.done >= self.options.limit
-        )
-        events, following = self.results.record(
-            self, job, self._event(job, result), self.id if go_on else None)
-        self.holding = following
-        if verbose:
-            for event in events:
-                self._report(event, job)
-        return following
+        self.running = None
+        self.quick = result.duration < Pipeline.QUICK
+        self.results.submit(self, job, self._event(job, result))
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""
@@ -318,73 +375,190 @@ class Worker:
         return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
                          duration=took, exit_code=code, error=runner.describe_exit(code))
 
-    def _report(self, event: ev.Event, job: claims.Claim | None = None) -> None:
+    def report(self, event: ev.Event, job: claims.Claim | None = None) -> None:
         line = render.worker_line(event, 1 + job.max_retries if job else None)
         if line:
             self.log(line)
 
 
-class GroupCommit:
-    """The results of one process's workers, recorded together.
+class Pipeline:
+    """How a process's workers record their results and get their next jobs, in one of
+    two ways; the store says which suits it (``Db.claim_ahead``).
 
-    While one worker writes a transaction, the results that other workers bring meanwhile
-    wait; the next of them to go writes all of them in one transaction, each with the next
-    job its worker asked for (``claims.finish_and_claim_many``). Nobody waits for a batch
-    to fill: a lone result is written at once. On a store where a transaction costs round
-    trips (PostgreSQL) this is what lets several workers share one; every rule is still
-    that of one result at a time, in the order they arrived.
+    Without jobs ahead (``ahead`` 0, SQLite, whose commits take microseconds in-process),
+    a result claims its worker's next job in the same transaction, which the worker
+    writes itself and waits for, taking along the results other workers handed in
+    meanwhile (a group commit).
+
+    With jobs ahead (PostgreSQL, where a transaction costs round trips and the server's
+    work), each worker holds up to ``ahead`` jobs claimed beyond the one it runs, and a
+    thread of the process's own writes: a worker hands in its result (``submit``) and goes
+    straight on to its next job, and the thread writes whatever was handed in meanwhile as
+    one transaction (``claims.finish_and_claim_many``), with the claims of the jobs each
+    worker asked for. One commit then serves several jobs. Jobs are claimed ahead only
+    for a worker whose last job was quick (under ``QUICK`` seconds), and a job that runs
+    longer than ``HOLD`` seconds gives them back, so that a long job never keeps others
+    from idle workers for long. The price: a job claimed ahead waits behind the running
+    one, and counts an attempt if its process dies with ``kill -9``.
+
+    Either way the rules are those of one result at a time, in the order handed in, and
+    nobody waits for a batch to fill (holding results back a few milliseconds to gather
+    more made the PostgreSQL worker slower, not faster).
     """
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._waiting: list[_Result] = []
-        self._writing = False
+    QUICK = 0.1  # a job that ran less than this (seconds) lets its worker claim ahead
+    HOLD = 1.0  # a job running longer than this gives back the jobs claimed behind it
+    BATCH = 64  # results a transaction writes at most
 
-    def record(self, worker: Worker, job: claims.Claim, event: ev.Event, claimer: str | None
-               ) -> tuple[list[ev.Event], claims.Claim | None]:
-        mine = _Result(job, event, claimer)
-        with self._cond:
-            self._waiting.append(mine)
-            while not mine.done and self._writing:
-                self._cond.wait()
-            if mine.done:
-                return mine.outcome()
-            self._writing = True
-            batch, self._waiting = self._waiting, []
+    def __init__(self, ahead: int = 0) -> None:
+        self.ahead = ahead
+        self.cond = threading.Condition()
+        self._queue: list[_Handed] = []
+        self._closed = False
+        self._writing = False  # without a thread: a worker is writing
+        self._thread = threading.Thread(target=self._supervised, name="results", daemon=True)
+        self.error: BaseException | None = None  # what ended this thread, if not close()
+
+    def start(self) -> None:
+        if self.ahead:
+            self._thread.start()
+
+    def close(self) -> None:
+        """Write what is still handed in, then end the thread."""
+        with self.cond:
+            self._closed = True
+            self.cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- what workers call ----------------------------------------------------------------
+
+    def submit(self, worker: Worker, job: claims.Claim | None, event: ev.Event | None
+               ) -> None:
+        """Hand in ``worker``'s result of ``job`` (or its ``started``; None: only ask for
+        jobs ahead), with the jobs it wants claimed next; returns at once."""
+        with self.cond:
+            self._alive()
+            want = worker.wanted()
+            if job is None and not want:
+                return
+            worker.asked += want
+            worker.in_flight += 1
+            self._queue.append(_Handed(worker, job, event, want))
+            self.cond.notify_all()
+
+    def next_job(self, worker: Worker) -> claims.Claim | None:
+        """The next job claimed for ``worker``, waiting for the claims it asked for; None
+        when none is held or coming."""
+        with self.cond:
+            self._wait(worker, lambda: not worker.ahead and worker.asked)
+            if worker.failure is not None:
+                raise worker.failure
+            return worker.ahead.popleft() if worker.ahead else None
+
+    def drain(self, worker: Worker) -> None:
+        """Until nothing ``worker`` handed in is waiting to be written (unless the thread
+        is gone, and with it anything still waiting)."""
+        with self.cond:
+            self._wait(worker, lambda: worker.in_flight)
+
+    def _wait(self, worker: Worker, waiting: Callable[[], Any]) -> None:
+        """(Under ``cond``.) Until ``waiting()`` is false or what the worker handed in
+        failed; without a thread, the worker writes the batch when nobody else is."""
+        while waiting() and worker.failure is None:
+            if not self.ahead:
+                if self._writing:
+                    self.cond.wait()
+                    continue
+                self._writing = True
+                batch = self._take()
+                self.cond.release()
+                try:
+                    self._write(batch)
+                finally:
+                    self.cond.acquire()
+                    self._writing = False
+                    self.cond.notify_all()
+                continue
+            if not self._thread.is_alive():
+                self._alive()
+                return
+            self.cond.wait(0.5)
+
+    def _take(self) -> list[_Handed]:
+        batch, self._queue = self._queue[:self.BATCH], self._queue[self.BATCH:]
+        return batch
+
+    def _alive(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the results thread crashed: {render.one_line(self.error)}")
+
+    # -- this thread ------------------------------------------------------------------------
+
+    def _supervised(self) -> None:
         try:
-            outcomes, following = worker.persist(
-                claims.finish_and_claim_many, [(r.job, r.event) for r in batch],
-                [r.claimer for r in batch if r.claimer])
-            claimed = iter(following)
-            for result, events in zip(batch, outcomes, strict=True):
-                result.events = events
-                result.following = next(claimed) if result.claimer else None
+            self._run()
+        except BaseException as exc:  # a bug here: every worker hears of it and stops
+            with self.cond:
+                self.error = exc
+                for handed in self._queue:
+                    handed.worker.failure = handed.worker.failure or exc
+                self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self._queue and not self._closed:
+                    self.cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            self._write(batch)
+
+    def _write(self, batch: list[_Handed]) -> None:
+        if not batch:
+            return
+        finished = [h for h in batch if h.job is not None]
+        claimers = [h.worker.id for h in batch for _ in range(h.want)]
+        try:
+            outcomes, following = batch[0].worker.persist(
+                claims.finish_and_claim_many,
+                [(h.job, h.event) for h in finished], claimers, bool(self.ahead))
         except BaseException as exc:
-            for result in batch:
-                result.error = exc
-        finally:
-            with self._cond:
-                for result in batch:
-                    result.done = True
-                self._writing = False
-                self._cond.notify_all()
-        return mine.outcome()
+            with self.cond:
+                for handed in batch:
+                    worker = handed.worker
+                    worker.failure = worker.failure or exc
+                    worker.asked -= handed.want
+                    worker.in_flight -= 1
+                self.cond.notify_all()
+            return
+        claimed = iter(following)
+        with self.cond:
+            for handed in batch:
+                worker = handed.worker
+                if handed.job is not None and not isinstance(handed.event, ev.Started):
+                    worker.unsettled.pop(handed.job.job_id, None)
+                for _ in range(handed.want):
+                    job = next(claimed)
+                    if job is not None:
+                        worker.ahead.append(job)
+                        worker.unsettled[job.job_id] = job
+                worker.asked -= handed.want
+                worker.in_flight -= 1
+            self.cond.notify_all()
+        for handed, events in zip(finished, outcomes, strict=True):
+            if handed.worker.options.verbose:
+                for event in events:
+                    handed.worker.report(event, handed.job)
 
 
 @dataclass
-class _Result:
-    job: claims.Claim
-    event: ev.Event
-    claimer: str | None
-    done: bool = False
-    events: list[ev.Event] | None = None
-    following: claims.Claim | None = None
-    error: BaseException | None = None
-
-    def outcome(self) -> tuple[list[ev.Event], claims.Claim | None]:
-        if self.error is not None:
-            raise self.error
-        return self.events or [], self.following
+class _Handed:
+    worker: Worker
+    job: claims.Claim | None
+    event: ev.Event | None
+    want: int
 
 
 def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -428,7 +602,8 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
-    results = GroupCommit()
+    ahead = conn.claim_ahead if options.ahead is None else options.ahead
+    results = Pipeline(ahead)
     workers = [Worker(conn, options, shutdown, waker, echo, silence, results)
                for _ in range(options.concurrency)]
     previous = {
@@ -438,6 +613,7 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     }
     threads = [threading.Thread(target=w.run, name=f"worker-{n}") for n, w in enumerate(workers)]
     try:
+        results.start()
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -448,6 +624,7 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        results.close()
         runner.LEFTOVERS.sweep(everything=True)
         waker.close()
         conn.close()

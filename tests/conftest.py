@@ -192,7 +192,11 @@ def wait_for(condition: Any, timeout: float = 60.0, what: str = "", interval: fl
 
 
 def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:
-    return [r[0] for r in conn.execute("SELECT type FROM events WHERE job_id = ? ORDER BY seq", (job_id,))]
+    """The types of a job's events, in order, without ``started``: whether a job was
+    claimed ahead of its worker's current one (and so records its start) is the store's
+    choice (PostgreSQL's, not SQLite's), not part of a job's life."""
+    return [r[0] for r in conn.execute(
+        "SELECT type FROM events WHERE job_id = ? AND type != 'started' ORDER BY seq", (job_id,))]
 
 
 def pytest_configure(config: pytest.Config) -> None:

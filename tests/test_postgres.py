@@ -4,6 +4,7 @@ cannot be used, and no password ever printed."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -177,6 +178,63 @@ def test_a_joined_write_that_misses_a_row_fails_the_whole_transaction(db, conn):
         ledger.append(conn, *[ev.CancelRequested(job_id=j) for j in ("j0", "j1", "nope", "j2")])
     assert conn.execute("SELECT count(*) FROM events").fetchone() == before
     assert conn.execute("SELECT count(*) FROM jobs WHERE cancel_requested = 1").fetchone() == (0,)
+
+
+# -- jobs claimed ahead ------------------------------------------------------------------
+
+
+def _events(conn, *types: str) -> list[tuple[int, str, str | None, dict]]:
+    marks = ", ".join("?" * len(types))
+    return [(seq, type_, job_id, json.loads(body)) for seq, type_, job_id, body in conn.execute(
+        f"SELECT seq, type, job_id, body FROM events WHERE type IN ({marks}) ORDER BY seq",
+        types)]
+
+
+def test_quick_jobs_are_claimed_ahead_and_each_start_is_recorded(db, conn):
+    """After a quick job a worker holds jobs claimed ahead of the one it runs (one commit
+    then serves several). Each such claim says so, and the job's ``started`` event comes
+    after the previous run ended and before its own did: one run at a time."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"q{n}") for n in range(8)])
+    result = queuectl("worker", "--burst")
+    assert result.returncode == 0, result.stderr
+    events = _events(conn, "claimed", "started", "completed")
+    ahead = [job for _, kind, job, body in events if kind == "claimed" and body.get("ahead")]
+    assert len(ahead) >= 4
+    assert sorted(job for _, kind, job, _ in events if kind == "started") == sorted(ahead)
+    # A run begins at its claim, or at its start if it was claimed ahead.
+    runs = ["end" if kind == "completed" else "start" for _, kind, job, _ in events
+            if kind != "claimed" or job not in ahead]
+    assert runs == ["start", "end"] * 8
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'completed' AND attempts = 1"
+                        ).fetchone() == (8,)
+    assert "started" in queuectl("history", ahead[0]).stdout
+
+
+def test_a_long_job_gives_back_the_jobs_claimed_behind_it(db, conn):
+    """A job claimed ahead waits behind the running one; once that has run past a second,
+    its worker gives them back (released, no attempt counted) so that other workers may
+    take them, and shows the long job as its current one throughout."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="quick")])
+    decisions.enqueue(conn, [decisions.JobSpec(command="sleep 3", id="long")])
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"x{n}") for n in range(2)])
+    worker = spawn("worker", "--burst")
+    try:
+        wait_for(lambda: _events(conn, "started"), what="the long job's start", timeout=30)
+        assert conn.execute("SELECT current_job FROM workers").fetchone() == ("long",)
+        wait_for(lambda: len(_events(conn, "released")) == 2, what="the jobs given back",
+                 timeout=30)
+        assert conn.execute("SELECT current_job FROM workers").fetchone() == ("long",)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    released = _events(conn, "released")
+    assert sorted(job for _, _, job, _ in released) == ["x0", "x1"]
+    assert all(body["ahead"] and "ran over 1s" in body["reason"] for *_, body in released)
+    assert conn.execute("SELECT id, state, attempts FROM jobs ORDER BY id").fetchall() == [
+        ("long", "completed", 1), ("quick", "completed", 1), ("x0", "completed", 1),
+        ("x1", "completed", 1)]
+    assert "given back before it started" in queuectl("history", "x0").stdout
 
 
 # -- append-only, by the database ----------------------------------------------------------

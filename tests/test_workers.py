@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import events_of, needs, spawn, wait_for
+from conftest import events_of, needs, queuectl_cmd, spawn, wait_for
 
 from queuectl import claims, decisions, ledger, reads
 from queuectl import worker as worker_module
@@ -587,12 +587,12 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     real = claims.finish_and_claim_many
     calls = []
 
-    def fails_once(conn, finished, claimers):  # type: ignore[no-untyped-def]
+    def fails_once(conn, finished, claimers, *ahead):  # type: ignore[no-untyped-def]
         if finished:  # the first time a result is recorded
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("boom")
-        return real(conn, finished, claimers)
+        return real(conn, finished, claimers, *ahead)
 
     monkeypatch.setattr(claims, "finish_and_claim_many", fails_once)
     errors = worker_module.run_workers(db, worker_module.Options(concurrency=2), echo=lambda _: None)
@@ -611,6 +611,26 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     for released in releases:
         job = reads.get_job(conn, released["job_id"])
         assert (job["state"], job["attempts"]) == ("pending", 0)  # no attempt counted
+
+
+@pytest.mark.parametrize("ahead", [None, "0", "2"])
+def test_the_store_decides_whether_jobs_are_claimed_ahead(conn, ahead):
+    """PostgreSQL workers claim quick jobs ahead (a commit serves several), SQLite's do not
+    (a commit costs microseconds); ``--ahead`` says otherwise on either."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(6)])
+    flags = ["--ahead", ahead] if ahead else []
+    result = subprocess.run(queuectl_cmd("worker", "--burst", *flags), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    claims_ahead = conn.execute("SELECT count(*) FROM events WHERE type = 'claimed' "
+                                """AND body LIKE '%"ahead":true%'""").fetchone()[0]
+    started = conn.execute("SELECT count(*) FROM events WHERE type = 'started'").fetchone()[0]
+    assert claims_ahead == started
+    if ahead == "0" or (ahead is None and conn.kind == "sqlite"):
+        assert claims_ahead == 0
+    else:
+        assert claims_ahead >= 2
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'completed'").fetchone() == (6,)
 
 
 def test_a_waker_that_dies_stops_the_process(run, conn, db, monkeypatch):
