@@ -290,15 +290,14 @@ class _Write:
 class _Shape:
     """What several one-row writes of the same statement become as one: an INSERT of one
     row, as one INSERT of many; an UPDATE of one row by its key (``projections.update_sql``
-    writes them), as one ``UPDATE ... FROM (VALUES ...)``. One statement in place of n
+    writes them), as one UPDATE of the rows' keys (see ``many``). One statement in place of n
     saves the server n - 1 executor start-ups; the rows and their triggers are the same.
     Two UPDATEs of the same row never join: the second must see the first."""
 
     def __init__(self, table: str, columns: tuple[str, ...], adds: tuple[bool, ...] = (),
-                 key: str | None = None, where: str = "") -> None:
-        self.table, self.columns, self.adds, self.key, self.where = (table, columns, adds,
-                                                                     key, where)
-        self._many: dict[int, str] = {}
+                 key: str | None = None) -> None:
+        self.table, self.columns, self.adds, self.key = table, columns, adds, key
+        self._many: dict[int, tuple[str, list[tuple[int, int]]]] = {}
 
     def joins(self, write: _Write, row: Sequence[Any]) -> bool:
         """Whether ``row`` may go in the same statement as ``write``'s rows."""
@@ -311,35 +310,45 @@ class _Shape:
         write.keys.add(row[-1])
         return True
 
-    def many(self, n: int, casts: dict[str, str]) -> str:
-        """The statement for ``n`` rows, with ``?`` for each value, row after row."""
-        sql = self._many.get(n)
-        if sql is not None:
-            return sql
+    def many(self, n: int, casts: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
+        """The statement for ``n`` rows, and for each of its ``?`` in turn, which row's
+        value (row, position in the one-row statement's values) it takes.
+
+        An UPDATE sets each column by a CASE on the key and finds its rows with ``key IN
+        (...)``: no join for the planner to get wrong (a join to a VALUES list was planned
+        as a hash join over the whole table while it was young, and a prepared statement
+        keeps its plan)."""
+        found = self._many.get(n)
+        if found is not None:
+            return found
         if self.key is None:
             row = f"({', '.join('?' * len(self.columns))})"
             sql = (f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
                    f"VALUES {', '.join([row] * n)}")
+            order = [(r, c) for r in range(n) for c in range(len(self.columns))]
         else:
-            # Each value cast to its column's type: VALUES alone would make them text.
-            names = (*self.columns, self.key)
-            first = ", ".join(casts[c] for c in names)
-            rest = f"({', '.join('?' * len(names))})"
-            assigns = ", ".join(f"{c} = {c} + v.q{i}" if add else f"{c} = v.q{i}"
-                                for i, (c, add) in enumerate(zip(self.columns, self.adds,
-                                                                 strict=True)))
-            aliases = ", ".join(f"q{i}" for i in range(len(names)))
-            sql = (f"UPDATE {self.table} SET {assigns} "
-                   f"FROM (VALUES ({first}){''.join(', ' + rest for _ in range(n - 1))}) "
-                   f"AS v({aliases}) WHERE {self.table}.{self.key} = v.q{len(names) - 1}"
-                   f"{self.where}")
+            key = len(self.columns)  # the key's value comes last in the one-row statement
+            assigns, order = [], []
+            for c, (column, add) in enumerate(zip(self.columns, self.adds, strict=True)):
+                # Each value cast to its column's type: a CASE alone would make it text.
+                whens = " ".join(f"WHEN ? THEN {casts[column]}" for _ in range(n))
+                order += [pair for r in range(n) for pair in ((r, key), (r, c))]
+                value = f"CASE {self.key} {whens} END"
+                assigns.append(f"{column} = {column} + {value}" if add
+                               else f"{column} = {value}")
+            order += [(r, key) for r in range(n)]
+            sql = (f"UPDATE {self.table} SET {', '.join(assigns)} "
+                   f"WHERE {self.key} IN ({', '.join('?' * n)})")
         if len(self._many) < 64:
-            self._many[n] = sql
-        return sql
+            self._many[n] = sql, order
+        return sql, order
 
 
 _INSERT_ONE = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \(\?(?:, \?)*\)")
-_UPDATE_ONE = re.compile(r"UPDATE (\w+) SET ([\w ,=+?]+?) WHERE (\w+) = \?((?: AND [\w ]+)?)")
+# Only an UPDATE whose key alone names its row: with a further condition (the runs of a
+# job, the open one) the key is not unique, and an IN list of them was planned as a scan of
+# the whole table while it was young, a plan a prepared statement then kept.
+_UPDATE_ONE = re.compile(r"UPDATE (\w+) SET ([\w ,=+?]+?) WHERE (\w+) = \?")
 _ASSIGN = re.compile(r"(\w+) = (?:(\w+) \+ )?\?")
 _SHAPES: dict[str, _Shape | None] = {}
 
@@ -358,7 +367,7 @@ def _shape(sql: str) -> _Shape | None:
         assigns = [_ASSIGN.fullmatch(part.strip()) for part in match[2].split(",")]
         if all(a is not None and a[2] in (None, a[1]) for a in assigns):
             shape = _Shape(match[1], tuple(a[1] for a in assigns if a),
-                           tuple(a[2] is not None for a in assigns if a), match[3], match[4])
+                           tuple(a[2] is not None for a in assigns if a), match[3])
     if len(_SHAPES) < 1024:
         _SHAPES[sql] = shape
     return shape
@@ -452,8 +461,8 @@ class PgDb:
         parameters: Sequence[Any] = rows[0]
         if len(rows) > 1:
             assert write.shape is not None
-            sql = write.shape.many(len(rows), self._column_types(write.shape.table))
-            parameters = [value for row in rows for value in row]
+            sql, order = write.shape.many(len(rows), self._column_types(write.shape.table))
+            parameters = [rows[r][c] for r, c in order]
         if write.expect is None:
             return self._inline(sql, parameters)
         token = f"queuectl-expect-{len(self._expected)}"
