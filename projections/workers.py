@@ -85,12 +85,48 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     elif kind is ev.StopRequested:
         tx.change(_STOP)
     else:
-        changes = _CHANGES[kind](e, at)
+        changes = _changes(kind, e, at)
         if changes is not None:
-            if kind in _DONE:
-                changes["jobs_done"] = projections.Plus(1)
             sql, values = projections.update_sql("workers", "id", changes)
             tx.change(sql, (*values, e.worker_id))
+
+
+def _changes(kind: type, e: Any, at: str) -> dict[str, Any] | None:
+    changes = _CHANGES[kind](e, at)
+    if changes is not None and kind in _DONE:
+        changes["jobs_done"] = projections.Plus(1)
+    return changes
+
+
+def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
+    """``apply`` over events in ledger order, with the changes of each worker's row merged
+    into one UPDATE (a batch's result, claim and start of one worker). Merging is exact:
+    a change depends on its event alone, a later value replaces an earlier one, and
+    additions add up. A start or a stop request writes what is merged first."""
+    merged: dict[str, dict[str, Any]] = {}
+
+    def write() -> None:
+        for worker_id, changes in merged.items():
+            sql, values = projections.update_sql("workers", "id", changes)
+            tx.change(sql, (*values, worker_id))
+        merged.clear()
+
+    for seq, at, event in batch:
+        kind = type(event)
+        e: Any = event  # of HANDLES: each but these two names its worker
+        if kind is ev.WorkerStarted or kind is ev.StopRequested:
+            write()
+            apply(tx, seq, at, event)
+            continue
+        changes = _changes(kind, e, at)
+        if changes is None:
+            continue
+        row = merged.setdefault(e.worker_id, {})
+        for column, value in changes.items():
+            if type(value) is projections.Plus and column in row:
+                value = projections.Plus(row[column] + value)
+            row[column] = value
+    write()
 
 
 class Replay:

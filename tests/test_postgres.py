@@ -143,10 +143,10 @@ def test_a_batch_of_claims_and_results_goes_as_one_statement_a_table(db, conn, m
     outcomes, following = claims.finish_and_claim_many(conn, results, workers)
     assert [len(o) for o in outcomes] == [1, 1, 1, 1]
     assert all(job is not None for job in following)
-    # jobs (completed, then claimed), runs (opened), workers (twice each): five writes of
-    # four rows. A run is closed by job id, no row's key: those stay one a row. The events
-    # go as one INSERT of eight rows already.
-    assert sorted(n for n in sizes if n > 1) == [4] * 5
+    # jobs (completed, then claimed), runs (opened), workers (each worker's result and
+    # claim merged into one change first): four writes of four rows. A run is closed by
+    # job id, no row's key: those stay one a row. The events go as one INSERT already.
+    assert sorted(n for n in sizes if n > 1) == [4] * 4
     counts = dict(conn.execute("SELECT state, n FROM job_counts").fetchall())
     assert (counts["completed"], counts["processing"], counts["pending"]) == (4, 4, 0)
     assert conn.execute("SELECT jobs_done FROM workers ORDER BY id").fetchall() == [(1,)] * 4
@@ -166,7 +166,8 @@ def test_writes_to_the_same_row_never_join(db, conn, monkeypatch):
         (second, ev.Completed(job_id=second.job_id, worker_id=worker, attempt=1)),
     ], [worker, worker])
     assert conn.execute("SELECT jobs_done FROM workers").fetchone() == (2,)
-    assert max(sizes) == 2  # the jobs' rows and the runs opened joined; the worker's did not
+    assert max(sizes) == 2  # the jobs' rows and the runs opened joined; the worker's row
+    # took its four changes merged into one
     assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'processing'").fetchone() == (2,)
 
 
