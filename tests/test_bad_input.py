@@ -116,6 +116,10 @@ CASES: dict[str, Case] = {
     "worker-start-zero-concurrency": Case(["worker", "start", "-c", "0"], "--concurrency"),
     "worker-zero-poll": Case(["worker", "-s", "0"], "--poll"),
     "worker-negative-limit": Case(["worker", "-l", "-1"], "-1"),
+    "worker-negative-ahead": Case(["worker", "--ahead", "-1"], "--ahead"),
+    "worker-huge-ahead": Case(["worker", "--ahead", "65"], "--ahead"),
+    "worker-nan-ahead": Case(["worker", "--ahead", "nan"], "--ahead"),
+    "worker-fractional-ahead": Case(["worker", "--ahead", "1.5"], "--ahead"),
     "unknown-command": Case(["frobnicate"], "frobnicate"),
     # numbers: every one is finite and in range, wherever it comes from
     "delay-inf": Case(["enqueue", "-c", "ls", "--delay", "inf"], "--delay"),
