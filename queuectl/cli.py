@@ -465,7 +465,7 @@ def worker_options(f: Any) -> Any:
                          help="Exit once nothing is pending, running or waiting to retry."),
             click.option("--ahead", type=Number("ahead"), default=None, metavar="N",
                          help="Jobs each worker holds claimed beyond the one it runs, after "
-                              "a quick job, so that one commit serves several (default: 4 "
+                              "a quick job, so that one commit serves several (default: 16 "
                               "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
                               "them back."),
             click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
