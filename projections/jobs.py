@@ -1,12 +1,13 @@
 """The ``jobs`` projection: one row per job, ``job_deps`` (its dependencies) and
-``job_counts`` (jobs per state).
+``job_counts`` (jobs per queue and state).
 
 Rules it enforces: a job's state follows only from its events. It starts ``waiting`` while a
 job it depends on has not completed, ``scheduled`` while its ``run_at`` lies ahead, else
 ``pending``; a claim makes it ``processing``; then ``completed``, ``failed`` (waiting out its
 backoff until ``run_at``), ``dead`` or ``cancelled``. ``attempts`` is the number of runs
 started (a released run is given back). ``job_counts`` always equals
-``SELECT state, count(*) FROM jobs GROUP BY state``, so ``status`` is O(1).
+``SELECT queue, state, count(*) FROM jobs GROUP BY queue, state`` (with a row for every
+state of every queue ever used), so ``status`` and ``queues`` are O(1).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from queuectl.states import CLAIMABLE, TIMED, State, any_of
 from queuectl.store import Db
 
 NAME = "jobs"
-VERSION = 7
-TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"), "job_counts": ("state",)}
+VERSION = 8
+TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
+          "job_counts": ("queue", "state")}
+DEFAULT_QUEUE = "default"
 
 # Partial-index predicates are OR chains (``states.any_of``), and a query uses such an index
 # only when it repeats the predicate word for word, so queries take these constants too.
@@ -42,6 +45,7 @@ DDL = (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL,
         command TEXT NOT NULL,
+        queue TEXT NOT NULL DEFAULT 'default',
         state TEXT NOT NULL,
         priority INTEGER NOT NULL DEFAULT 0,
         attempts INTEGER NOT NULL DEFAULT 0,
@@ -63,8 +67,14 @@ DDL = (
         depends_on TEXT NOT NULL,
         PRIMARY KEY (job_id, depends_on)
     )""",
-    "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL)",
-    "INSERT INTO job_counts (state, n) VALUES " + ", ".join(f"('{s}', 0)" for s in State),
+    """CREATE TABLE job_counts (
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (queue, state)
+    )""",
+    "INSERT INTO job_counts (queue, state, n) VALUES "
+    + ", ".join(f"('{DEFAULT_QUEUE}', '{s}', 0)" for s in State),
 )
 
 # Indexes the readers and the queue's decisions use; the projector itself only needs the
@@ -74,23 +84,29 @@ INDEXES = (
     "CREATE UNIQUE INDEX jobs_id ON jobs (id)",
     # The claim query walks this index in order: highest priority first, then oldest.
     f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE_SQL}",
+    # A worker given queues (worker -q) walks each one's ready jobs in the same order.
+    f"CREATE INDEX jobs_queue_ready ON jobs (queue, priority DESC, seq) WHERE {CLAIMABLE_SQL}",
     # When the next scheduled job or retry is due (pending jobs are due already).
     f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {TIMED_SQL}",
     f"CREATE INDEX jobs_state ON jobs (state, seq) WHERE {INDEXED_STATES}",
     "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
 )
 
-COLUMNS = ("seq", "id", "command", "state", "priority", "attempts", "max_retries",
+COLUMNS = ("seq", "id", "command", "queue", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
            "cancel_requested", "exit_code", "last_error", "created_at", "updated_at")
 # What an enqueued event sets; the other columns start at their defaults (_UNSET).
-_ENQUEUED = ("seq", "id", "command", "state", "priority", "max_retries", "backoff_base",
+_ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries", "backoff_base",
              "backoff_max", "backoff_jitter", "timeout", "run_at", "created_at", "updated_at")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "exit_code": None,
           "last_error": None}
 _INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
-_COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
-    ON CONFLICT (state) DO UPDATE SET n = job_counts.n + excluded.n"""
+_COUNT = """INSERT INTO job_counts (queue, state, n) VALUES (?, ?, ?)
+    ON CONFLICT (queue, state) DO UPDATE SET n = job_counts.n + excluded.n"""
+# A queue's first job gives it a row for every state (the default queue has them from the
+# start), so that the counts' triggers only ever update rows.
+_QUEUE_ROWS = ("INSERT INTO job_counts (queue, state, n) VALUES "
+               + ", ".join("(?, ?, 0)" for _ in State) + " ON CONFLICT (queue, state) DO NOTHING")
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
 
@@ -103,7 +119,7 @@ TRIGGERS = {
         """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
         WHEN old.state <> new.state BEGIN
             UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
-            WHERE state = new.state OR state = old.state;
+            WHERE queue = new.queue AND (state = new.state OR state = old.state);
         END""",
     ),
     # Once a statement, from its transition tables: a batch's claims are one UPDATE of
@@ -114,11 +130,11 @@ TRIGGERS = {
         """CREATE OR REPLACE FUNCTION job_counts_move() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             UPDATE job_counts SET n = job_counts.n + moved.delta FROM (
-                SELECT state, sum(delta) AS delta FROM (
-                    SELECT state, 1 AS delta FROM moved_to
-                    UNION ALL SELECT state, -1 FROM moved_from) AS each
-                GROUP BY state HAVING sum(delta) <> 0) AS moved
-            WHERE job_counts.state = moved.state;
+                SELECT queue, state, sum(delta) AS delta FROM (
+                    SELECT queue, state, 1 AS delta FROM moved_to
+                    UNION ALL SELECT queue, state, -1 FROM moved_from) AS each
+                GROUP BY queue, state HAVING sum(delta) <> 0) AS moved
+            WHERE job_counts.queue = moved.queue AND job_counts.state = moved.state;
             RETURN NULL;
         END $$""",
         """CREATE TRIGGER job_counts_move AFTER UPDATE ON jobs
@@ -132,7 +148,7 @@ def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[A
     """The new job's row: its ``_ENQUEUED`` columns, in that order."""
     run_at = e.run_at if e.run_at and e.run_at > at else at
     state = State.WAITING if blocked else _ready_state(run_at, at)
-    return (seq, e.job_id, e.command, state, e.priority, e.max_retries, e.backoff_base,
+    return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
             e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
 
 
@@ -234,15 +250,21 @@ def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
     row = _values(seq, at, e, blocked)
     tx.change(_INSERT, row)
-    tx.change(_COUNT, (row[3], 1))
+    _count(tx, e.queue, row[4], 1)
+
+
+def _count(tx: Db, queue: str, state: str, n: int) -> None:
+    if queue != DEFAULT_QUEUE:
+        tx.change(_QUEUE_ROWS, [v for s in State for v in (queue, s.value)])
+    tx.change(_COUNT, (queue, state, n))
 
 
 def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
     rows = [_values(seq, at, e) for seq, at, e in batch]
     tx.bulk_insert("jobs", _ENQUEUED, rows)
-    for state in {row[3] for row in rows}:
-        tx.change(_COUNT, (state, sum(1 for row in rows if row[3] == state)))
+    for (queue, state), n in Counter((row[3], row[4]) for row in rows).items():
+        _count(tx, queue, state, n)
 
 
 class _Current(Mapping[str, Any]):
@@ -301,7 +323,7 @@ class Replay:
 
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx = tx
-        self.counts: Counter[str] = Counter()  # jobs per state, over the rows written
+        self.counts: Counter[tuple[str, str]] = Counter()  # jobs per (queue, state) written
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
                                      locate=lambda job_id: find(job_id, "enqueued"))
@@ -332,17 +354,19 @@ class Replay:
 
     def flush(self) -> None:
         rows = self.rows
-        self.counts.update(map(_STATE, rows.new.values()))
-        self.counts.update(map(_STATE, rows.read.values()))
-        self.counts.subtract(map(_STATE, rows.before))
+        self.counts.update(map(_QUEUE_STATE, rows.new.values()))
+        self.counts.update(map(_QUEUE_STATE, rows.read.values()))
+        self.counts.subtract(map(_QUEUE_STATE, rows.before))
         rows.flush()
 
     def close(self) -> None:
         """Write what is held, then ``job_counts``, counted once instead of per event."""
         self.flush()
-        self.tx.executemany(_SET_COUNT, self.counts.items())
+        queues = {DEFAULT_QUEUE} | {queue for queue, _ in self.counts}
+        self.tx.executemany(_SET_COUNT, [(queue, state.value, self.counts[queue, state.value])
+                                         for queue in sorted(queues) for state in State])
 
 
-_STATE = operator.itemgetter("state")
-_SET_COUNT = """INSERT INTO job_counts (state, n) VALUES (?, ?)
-    ON CONFLICT (state) DO UPDATE SET n = excluded.n"""
+_QUEUE_STATE = operator.itemgetter("queue", "state")
+_SET_COUNT = """INSERT INTO job_counts (queue, state, n) VALUES (?, ?, ?)
+    ON CONFLICT (queue, state) DO UPDATE SET n = excluded.n"""

@@ -40,11 +40,6 @@ class Claim(msgspec.Struct, frozen=True):
 
 _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, backoff_max, " \
     "backoff_jitter"
-# {jobs_ready}: the index hint SQLite needs (without statistics it prefers jobs_state and
-# sorts every pending job on each claim); the partial index holds them in claim order.
-_READY = f"""SELECT {_CLAIM_FIELDS}, run_at FROM jobs {{jobs_ready}}
-    WHERE {CLAIMABLE_SQL} AND run_at <= ?
-    ORDER BY priority DESC, seq LIMIT ?"""
 
 
 def worker_started(
@@ -84,34 +79,47 @@ def worker_state(conn: Db, worker_id: str) -> tuple[str, bool]:
     return (row[0], bool(row[1])) if row else ("unknown", False)
 
 
-def claim(conn: Db, worker_id: str) -> Claim | None:
-    """Take the best eligible job (highest priority, then oldest), in one write transaction;
-    None when there is none.
+Queues = Sequence[str] | None  # a worker's queues in the order it takes them; None: all
+
+
+def claim(conn: Db, worker_id: str, queues: Queues = None) -> Claim | None:
+    """Take the best eligible job (highest priority, then oldest; of the first of
+    ``queues`` that has one, when given), in one write transaction; None when there is none.
 
     A lock-free peek comes first, so idle workers never queue up for the write lock.
     """
-    if conn.execute(conn.dialect.sql(_READY), (conn.now(), 1)).fetchone() is None:
+    sql, params = _ready_query(conn.now(), 1, queues)
+    if conn.execute(conn.dialect.sql(sql), params).fetchone() is None:
         return None
-    return finish_and_claim_many(conn, [], [worker_id])[1][0]
+    return finish_and_claim_many(conn, [], [worker_id], queues=queues)[1][0]
 
 
-def next_run_at(conn: Db) -> str | None:
+def _in(queues: Queues) -> tuple[str, list[str]]:
+    """`` AND queue IN (...)`` for a worker's queues, and its values ("" for all queues)."""
+    if not queues:
+        return "", []
+    return f" AND queue IN ({', '.join('?' * len(queues))})", list(queues)
+
+
+def next_run_at(conn: Db, queues: Queues = None) -> str | None:
     """When the earliest scheduled or failed job becomes eligible (None when none waits);
     pending jobs are eligible already."""
-    return conn.execute(
-        conn.dialect.sql(f"SELECT min(run_at) FROM jobs {{jobs_run_at}} WHERE {TIMED_SQL}")
+    where, params = _in(queues)
+    return conn.execute(conn.dialect.sql(
+        f"SELECT min(run_at) FROM jobs {{jobs_run_at}} WHERE {TIMED_SQL}{where}"), params
     ).fetchone()[0]
 
 
-def unfinished(conn: Db) -> int:
+def unfinished(conn: Db, queues: Queues = None) -> int:
     """Jobs pending, processing or waiting to retry: what ``--burst`` waits for.
 
     Scheduled jobs and jobs waiting on dependencies are not counted: their time may be far
     off, and a dead dependency may hold a job forever.
     """
+    where, params = _in(queues)
     (n,) = conn.execute(
-        "SELECT coalesce(sum(n), 0) FROM job_counts WHERE " + any_of(*UNFINISHED)
-    ).fetchone()
+        f"SELECT coalesce(sum(n), 0) FROM job_counts WHERE ({any_of(*UNFINISHED)}){where}",
+        params).fetchone()
     return int(n)
 
 
@@ -144,12 +152,13 @@ def finish(conn: Db, job: Claim, result: ev.Event) -> list[ev.Event]:
 
 
 def finish_and_claim(
-    conn: Db, job: Claim, result: ev.Event, worker_id: str | None
+    conn: Db, job: Claim, result: ev.Event, worker_id: str | None, queues: Queues = None
 ) -> tuple[list[ev.Event], Claim | None]:
     """``finish``, then (when ``worker_id`` is given) claim that worker's next job in the
     same transaction: one commit per job instead of two on a busy queue."""
     outcomes, following = finish_and_claim_many(conn, [(job, result)],
-                                                [worker_id] if worker_id else [])
+                                                [worker_id] if worker_id else [],
+                                                queues=queues)
     return outcomes[0], following[0] if following else None
 
 
@@ -160,7 +169,7 @@ _FREES = (ev.Unblocked, ev.Released, ev.ScheduledRetry)
 
 def finish_and_claim_many(
     conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str],
-    ahead: bool = False,
+    ahead: bool = False, queues: Queues = None,
 ) -> tuple[list[list[ev.Event]], list[Claim | None]]:
     """Record the outcome of several runs, then claim a job for each of ``claimers`` (a
     worker named twice is given two, one held ahead of the other), all in
@@ -177,10 +186,12 @@ def finish_and_claim_many(
 
     ``ahead``: the jobs are claimed to run after their workers' current ones, and each
     worker records ``started`` (given here as the "result" of that job) as one begins.
+    ``queues``: the claimers take jobs only of these queues, all of the first before any of
+    the second (None: of every queue).
     """
     with write(conn):
         at = conn.now()
-        known = _known(conn, [job.job_id for job, _ in finished], claimers, at)
+        known = _known(conn, [job.job_id for job, _ in finished], claimers, at, queues)
         # Events wait here and go in one append (one statement per table on PostgreSQL),
         # until a rule must read what the events before it changed.
         held_back: list[ev.Event] = []
@@ -197,7 +208,8 @@ def finish_and_claim_many(
         ready = known.ready
         if able and any(isinstance(e, _FREES) for o in outcomes for e in o):
             settled()
-            ready = conn.execute(conn.dialect.sql(_READY), (at, len(able))).fetchall()
+            sql, params = _ready_query(at, len(able), queues)
+            ready = _best(conn.execute(conn.dialect.sql(sql), params).fetchall())
         following: list[Claim | None] = [None] * len(claimers)
         slots = [n for n, w in enumerate(claimers) if w not in known.refused]
         for n, row in zip(slots, ready, strict=False):
@@ -213,7 +225,7 @@ def finish_and_claim_many(
 class _Known(msgspec.Struct):
     held: dict[str, tuple[Any, ...]]  # job id -> (state, worker, attempts, cancel, has deps)
     refused: set[str]  # claimers declared lost or stopped, or asked to stop
-    ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (_READY rows)
+    ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (``_best`` rows)
 
 
 # One query, three kinds of rows in the same columns (kind, id, then what each kind has):
@@ -224,34 +236,59 @@ _KNOWN_JOBS = """SELECT 'j', id, state, worker_id, attempts, cancel_requested,
     NULL, NULL, NULL, NULL, NULL FROM jobs WHERE id IN ({marks})"""
 _KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
     FROM workers WHERE id IN ({{marks}}) AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
+# The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs {{jobs_ready}}
     WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) AS best"""
+_KNOWN_READY_IN = f"""SELECT 'r{{n}}', id, command, run_at, attempts, max_retries, priority,
+    seq, backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs
+    {{{{jobs_queue_ready}}}} WHERE queue = ? AND {CLAIMABLE_SQL} AND run_at <= ?
+    ORDER BY priority DESC, seq LIMIT ?) AS best{{n}}"""
 
 
-def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str) -> _Known:
+def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
+    """The query of the ``n`` best eligible jobs for a worker of ``queues`` (its rows, of
+    ``_KNOWN_READY``'s columns, sorted by ``_best``)."""
+    if not queues:
+        return _KNOWN_READY, [at, n]
+    parts = [_KNOWN_READY_IN.format(n=i) for i in range(len(queues))]
+    return " UNION ALL ".join(parts), [v for q in queues for v in (q, at, n)]
+
+
+def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Ready rows of ``_ready_query``, best first, as ``Claim`` fields and the job's run_at."""
+    best = []
+    for kind, id_, command, run_at, attempts, retries, priority, seq, *policy in rows:
+        queue = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
+        best.append(((queue, -priority, seq),
+                     (id_, command, attempts, retries, *policy, run_at)))
+    return [claim for _, claim in sorted(best)]
+
+
+def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
+           queues: Queues = None) -> _Known:
     parts: list[str] = []
     params: list[Any] = []
     if claimers:  # first: its typed columns give the NULLs of the others a type
-        parts.append(_KNOWN_READY)
+        ready_sql, ready_params = _ready_query(at, len(claimers), queues)
+        parts.append(ready_sql)
         parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(claimers))))
-        params += [at, len(claimers), *claimers]
+        params += [*ready_params, *claimers]
     if job_ids:
         parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(job_ids))))
         params += job_ids
     known = _Known(held={}, refused=set(), ready=[])
     if not parts:
         return known
-    best = []
+    ready: list[Any] = []
     for row in conn.execute(conn.dialect.sql(" UNION ALL ".join(parts)), params).fetchall():
         if row[0] == "j":
             known.held[row[1]] = tuple(row[2:7])
         elif row[0] == "w":
             known.refused.add(row[1])
         else:
-            kind, id_, command, run_at, attempts, retries, priority, seq, *policy = row
-            best.append(((-priority, seq), (id_, command, attempts, retries, *policy, run_at)))
-    known.ready = [claim for _, claim in sorted(best)]
+            ready.append(row)
+    known.ready = _best(ready)
     return known
 
 

@@ -116,6 +116,16 @@ def _db(ctx: click.Context, create: bool = False) -> store.Db:
     return conn
 
 
+def _queue_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A queue name, or each of several (the job-id rules), checked before anything runs."""
+    for name in (value,) if isinstance(value, str) else value or ():
+        try:
+            decisions.check_queue_name(name)
+        except QueueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _json(data: Any) -> None:
     from queuectl.render import to_json
 
@@ -206,6 +216,8 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("-p", "--priority", type=Number("priority"), help="Higher runs first (default 0).")
 @click.option("--delay", type=Number("delay"), help="Seconds from now before it may run.")
 @click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              help="The queue it waits in (default: default).")
 @click.option("--after", multiple=True, metavar="ID",
               help="Run only after job ID completed (repeatable).")
 @click.option(
@@ -229,6 +241,7 @@ def enqueue(
         queuectl enqueue '{"id":"job1","command":"sleep 2"}'
         queuectl enqueue -c "make report" --after build --priority 5
         queuectl enqueue -c "backup.sh" --run-at 2026-12-01T02:00:00
+        queuectl enqueue -c "convert video.mp4" --queue media
         queuectl enqueue --file jobs.jsonl
     """
     flags = {k: v for k, v in flags.items() if v is not None and v != ()}
@@ -287,23 +300,28 @@ def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSp
 
 @cli.command("list")
 @click.option("-s", "--state", type=click.Choice([s.value for s in STATES]), help="Only jobs in this state.")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              help="Only jobs of this queue.")
 @click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
-def list_(ctx: click.Context, state: str | None, limit: int | None, as_json: bool) -> None:
+def list_(ctx: click.Context, state: str | None, queue: str | None, limit: int | None,
+          as_json: bool) -> None:
     """List jobs, oldest first.
 
     \b
     Example:
         queuectl list -s failed
+        queuectl list -q media -s pending
         queuectl list --json --limit 10
     """
     from queuectl import render
 
-    jobs = reads.list_jobs(_db(ctx), state, limit)
+    jobs = reads.list_jobs(_db(ctx), state, limit, queue)
     if as_json:
         return _json([render.job_json(j) for j in jobs])
-    render.jobs_table(jobs, f"Jobs ({state})" if state else "Jobs")
+    title = ", ".join(filter(None, (state, queue and f"queue {queue}")))
+    render.jobs_table(jobs, f"Jobs ({title})" if title else "Jobs")
 
 
 @cli.command()
@@ -316,6 +334,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     conn = _db(ctx)
     counts = reads.counts(conn)
+    queues = reads.queue_counts(conn)
     workers = reads.workers(conn, (WorkerState.ACTIVE,))
     lease = float(settings.load(conn)["lease-timeout"])
     stale_before = clock.after(clock.now(), -lease)
@@ -327,8 +346,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for w in workers:
         tally[w["state"]] += 1
     if as_json:
-        return _json({"jobs": counts, "workers": workers, "worker_counts": tally})
-    render.status(counts, workers, tally)
+        return _json({"jobs": counts, "queues": queues, "workers": workers,
+                      "worker_counts": tally})
+    render.status(counts, queues, workers, tally)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def queues(ctx: click.Context, as_json: bool) -> None:
+    """Every queue: its jobs per state and how long its oldest pending job has waited."""
+    from queuectl import render
+
+    found = reads.queues(_db(ctx))
+    if as_json:
+        return _json(found)
+    render.queues_table(found)
 
 
 @cli.command()
@@ -468,6 +501,10 @@ def worker_options(f: Any) -> Any:
                               "a quick job, so that one commit serves several (default: 16 "
                               "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
                               "them back."),
+            click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
+                         callback=_queue_name,
+                         help="Take jobs only of this queue (repeatable: all of the first "
+                              "before any of the next; default: every queue, by priority)."),
             click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
                          callback=_host_name,
                          help="The host these workers say they run on (also QUEUECTL_HOST; "

@@ -21,6 +21,7 @@ from queuectl.states import CANCELLABLE, State, WorkerState
 from queuectl.store import Db
 
 BATCH = 2000  # ids per IN (...) query
+DEFAULT_QUEUE = "default"
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 
@@ -42,6 +43,18 @@ def spell(seq: int) -> str:
     """
     return (_PAIRS[(seq >> 30) & 1023] + _PAIRS[(seq >> 20) & 1023]
             + _PAIRS[(seq >> 10) & 1023] + _PAIRS[seq & 1023])
+
+
+def queue_name_problem(name: str) -> str:
+    """Why ``name`` is no queue name (queue names follow the job-id rules)."""
+    return (f"queue {name!r} must be 1-128 letters, digits or ._:@/+- "
+            "and start with a letter or digit")
+
+
+def check_queue_name(name: str) -> str:
+    if not _ID.fullmatch(name):
+        raise InvalidInput(queue_name_problem(name))
+    return name
 
 
 def _made_id(seq: int, taken: Callable[[str], bool]) -> str:
@@ -70,6 +83,7 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     run_at: str | None = None  # ISO-8601; no zone means UTC
     delay: limits.Seconds | None = None  # seconds from now
     after: list[str] = []
+    queue: str = DEFAULT_QUEUE
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -116,6 +130,8 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
     for dep in spec.after:
         if not _ID.fullmatch(dep):
             raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
+    if not _ID.fullmatch(spec.queue):
+        raise InvalidInput(f"invalid job{where}: {queue_name_problem(spec.queue)}")
     if spec.id is not None and not _ID.fullmatch(spec.id):
         raise InvalidInput(
             f"invalid job{where}: id {spec.id!r} must be 1-128 letters, digits or ._:@/+- "
@@ -224,6 +240,7 @@ def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) ->
         after=tuple(spec.after),
         backoff_max=defaults["backoff_max"],
         backoff_jitter=defaults["backoff_jitter"],
+        queue=spec.queue,
     )
 
 

@@ -37,6 +37,7 @@ class Enqueued(_Event, tag="enqueued", frozen=True):
     after: tuple[str, ...] = ()  # jobs that must complete first
     backoff_max: float = 0.0  # cap on one retry delay; 0 means none
     backoff_jitter: float = 0.0  # 0..1: a delay may be shortened by up to this fraction
+    queue: str = "default"  # the named queue it waits in
 
 
 class Claimed(_Event, tag="claimed", frozen=True):

@@ -21,7 +21,7 @@ INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State
            State.CANCELLED)  # the states jobs_state holds
 
 JOB_FIELDS = (
-    "id, command, state, priority, attempts, max_retries, backoff_base, backoff_max, "
+    "id, command, queue, state, priority, attempts, max_retries, backoff_base, backoff_max, "
     "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
     "created_at, updated_at, "
     "{dependencies} AS after"  # a JSON array of ids, each store's own way (store.Dialect)
@@ -49,26 +49,58 @@ def get_job(conn: Db, job_id: str) -> dict[str, Any]:
 
 
 def list_jobs(
-    conn: Db, state: str | None = None, limit: int | None = None
+    conn: Db, state: str | None = None, limit: int | None = None, queue: str | None = None
 ) -> list[dict[str, Any]]:
-    """Jobs oldest first, optionally of one state; pending jobs in the order they will run
-    (highest priority first, then oldest)."""
+    """Jobs oldest first, optionally of one state and one queue; pending jobs in the order
+    they will run (highest priority first, then oldest)."""
     if state == State.PENDING:
-        where, order = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", \
-            "priority DESC, seq"
+        index = "{jobs_queue_ready}" if queue else "{jobs_ready}"
+        where, order = f"{index} WHERE state = ? AND {CLAIMABLE_SQL}", "priority DESC, seq"
     elif state in INDEXED:
         where, order = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}", "seq"
     else:  # all jobs, or completed ones: rows are stored oldest first
-        where, order = ("WHERE state = ?" if state else ""), "seq"
+        where, order = ("WHERE state = ?" if state else "WHERE 1 = 1"), "seq"
+    params: tuple[Any, ...] = (state,) if state else ()
+    if queue:
+        where, params = f"{where} AND queue = ?", (*params, queue)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY {order} LIMIT ?")
-    params = (state,) if state else ()
     return _dicts_jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
 
 
 def counts(conn: Db) -> dict[str, int]:
     """Jobs per state, every state present (from the ``job_counts`` projection: O(1))."""
-    found = dict(conn.execute("SELECT state, n FROM job_counts").fetchall())
+    found = dict(conn.execute(
+        "SELECT state, sum(n) FROM job_counts GROUP BY state").fetchall())
     return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def queue_counts(conn: Db) -> dict[str, dict[str, int]]:
+    """Jobs per state of each queue that holds or held a job, by name (the default queue
+    always); from ``job_counts``, O(queues)."""
+    found: dict[str, dict[str, int]] = {}
+    for queue, state, n in conn.execute(
+            "SELECT queue, state, n FROM job_counts ORDER BY queue").fetchall():
+        found.setdefault(queue, {s: 0 for s in STATES})[state] = int(n)
+    return found
+
+
+def queues(conn: Db) -> list[dict[str, Any]]:
+    """Every queue: its jobs per state and how long its oldest pending job has waited
+    (seconds, None when nothing is pending)."""
+    now = conn.now()
+    oldest = conn.dialect.sql(
+        f"""SELECT min(run_at) FROM jobs {{jobs_queue_ready}}
+        WHERE queue = ? AND {CLAIMABLE_SQL} AND state = '{State.PENDING}'""")
+    found = []
+    for name, per_state in queue_counts(conn).items():
+        wait = None
+        if per_state[State.PENDING]:
+            since = conn.execute(oldest, (name,)).fetchone()[0]
+            if since is not None:
+                wait = round(max(0.0, clock.seconds_between(since, now)), 3)
+        found.append({"queue": name, "jobs": per_state, "total": sum(per_state.values()),
+                      "oldest_pending_wait": wait})
+    return found
 
 
 def workers(conn: Db, states: Iterable[str] = ("active",)) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def _cut(text: str) -> str:
 # -- jobs ---------------------------------------------------------------------------------
 
 JOB_JSON_FIELDS = (
-    "id", "command", "state", "priority", "attempts", "max_retries", "backoff_base",
+    "id", "command", "queue", "state", "priority", "attempts", "max_retries", "backoff_base",
     "backoff_max", "backoff_jitter", "timeout", "run_at", "after", "exit_code", "last_error",
     "created_at", "updated_at",
 )
@@ -147,11 +147,14 @@ def jobs_table(jobs: list[dict[str, Any]], title: str) -> None:
         return
     waiting = any(j["state"] in ("scheduled", "failed", "waiting") for j in jobs)
     prioritised = any(j["priority"] for j in jobs)
-    columns = ["ID", "State", "Attempts"] + ["Pri"] * prioritised + ["Command"]
+    queued = any(j["queue"] != "default" for j in jobs)
+    columns = ["ID"] + ["Queue"] * queued + ["State", "Attempts"] + ["Pri"] * prioritised
+    columns += ["Command"]
     columns += ["Waits for"] * waiting + ["Updated (UTC)"]
     rows = []
     for j in jobs:
-        row: list[Any] = [j["id"], j["state"], f"{j['attempts']}/{1 + j['max_retries']}"]
+        row: list[Any] = [j["id"], *[j["queue"]] * queued, j["state"],
+                          f"{j['attempts']}/{1 + j['max_retries']}"]
         row += [j["priority"]] * prioritised + [j["command"]]
         row += [_waits_for(j)] * waiting + [clock.short(j["updated_at"])]
         rows.append(row)
@@ -171,14 +174,21 @@ def dlq_table(jobs: list[dict[str, Any]]) -> None:
     _table("Dead letter queue", columns, rows, wide=frozenset({"Command", "Last error"}))
 
 
-def status(counts: dict[str, int], workers: list[dict[str, Any]], tally: dict[str, int]) -> None:
-    """Job counts, then the running workers (``state`` already active or silent); the
-    workers that stopped or are gone are counted on one line, never listed."""
+def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
+           workers: list[dict[str, Any]], tally: dict[str, int]) -> None:
+    """Job counts (and each queue's, when there is more than the default one), then the
+    running workers (``state`` already active or silent); the workers that stopped or are
+    gone are counted on one line, never listed."""
     from rich.text import Text
 
     console = _console()
     line = "  ".join(f"{state}: {n}" for state, n in counts.items())
     console.print(Text(f"Jobs  {line}  (total: {sum(counts.values())})"))
+    used = {name: per for name, per in queues.items() if any(per.values())}
+    if set(used) - {"default"}:
+        for name, per in used.items():
+            shown = "  ".join(f"{state}: {n}" for state, n in per.items() if n)
+            console.print(Text(f"  queue {name}  {shown}"))
     ended = ", ".join(f"{tally[k]} {k}" for k in ("stopped", "gone") if tally[k])
     if not workers:
         print("Workers: none active" + (f" ({ended}, not shown)" if ended else ""))
@@ -191,6 +201,19 @@ def status(counts: dict[str, int], workers: list[dict[str, Any]], tally: dict[st
     summary = f"Workers: {tally['active']} active, {tally['silent']} silent"
     print(summary + (f" ({ended}, not shown)" if ended else ""))
     _table(None, ["Worker", "State", "Host", "PID", "Job", "Done", "Heartbeat"], rows)
+
+
+def queues_table(queues: list[dict[str, Any]]) -> None:
+    """One row per queue: its jobs per state, and its oldest pending job's wait."""
+    if not queues:
+        print("Queues: none")
+        return
+    states = [s for s in queues[0]["jobs"] if any(q["jobs"][s] for q in queues)] or ["pending"]
+    rows = [[q["queue"], *(q["jobs"][s] for s in states), q["total"],
+             "-" if q["oldest_pending_wait"] is None else f"{q['oldest_pending_wait']:.1f}s"]
+            for q in queues]
+    _table("Queues", ["Queue", *(s.capitalize() for s in states), "Total",
+                      "Oldest pending"], rows)
 
 
 def worker_state(worker: dict[str, Any], stale_before: str) -> str:
@@ -210,6 +233,7 @@ def event_details(event: ev.Event) -> str:
             extras = [f"max_retries {m}", f"backoff_base {b:g}"]
             extras += [f"timeout {t:g}s"] * bool(t)
             extras += [f"priority {event.priority}"] * bool(event.priority)
+            extras += [f"queue {event.queue}"] * (event.queue != "default")
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
             return f"command: {c} ({', '.join(extras)})"
@@ -351,6 +375,7 @@ def show(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) 
     lines = [
         ("ID", job["id"]),
         ("Command", job["command"]),
+        ("Queue", job["queue"]),
         ("State", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
         ("Priority", job["priority"]),
         ("Attempts", f"{job['attempts']} of {1 + job['max_retries']} allowed runs"),

@@ -39,6 +39,7 @@ class Options:
     host_name: str | None = None  # the host the workers say they run on; None: this one
     ahead: int | None = None  # jobs claimed for each worker beyond its running one;
     # None: what the store suits (Db.claim_ahead)
+    queues: tuple[str, ...] = ()  # the queues it takes jobs from, in order; (): every queue
 
 
 class Shutdown:
@@ -267,9 +268,9 @@ class Worker:
                     return reason
                 self._tick()
                 seen = self.waker.generation
-                job = self.persist(claims.claim, self.id)
+                job = self.persist(claims.claim, self.id, self.options.queues)
                 if job is None:
-                    if self.options.burst and self.persist(claims.unfinished) == 0:
+                    if self.options.burst and self.persist(claims.unfinished, self.options.queues) == 0:
                         return "burst: queue empty"
                     self.waker.wait(seen, self._idle_timeout())
                     continue
@@ -325,7 +326,7 @@ class Worker:
 
     def _idle_timeout(self) -> float:
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
-        run_at = self.persist(claims.next_run_at)
+        run_at = self.persist(claims.next_run_at, self.options.queues)
         if run_at is not None:
             timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
         return timeout
@@ -523,7 +524,8 @@ class Pipeline:
         try:
             outcomes, following = batch[0].worker.persist(
                 claims.finish_and_claim_many,
-                [(h.job, h.event) for h in finished], claimers, bool(self.ahead))
+                [(h.job, h.event) for h in finished], claimers, bool(self.ahead),
+                batch[0].worker.options.queues)
         except BaseException as exc:
             with self.cond:
                 for handed in batch:

@@ -120,6 +120,17 @@ CASES: dict[str, Case] = {
     "worker-huge-ahead": Case(["worker", "--ahead", "65"], "--ahead"),
     "worker-nan-ahead": Case(["worker", "--ahead", "nan"], "--ahead"),
     "worker-fractional-ahead": Case(["worker", "--ahead", "1.5"], "--ahead"),
+    # named queues: names follow the job-id rules
+    "enqueue-queue-with-space": Case(["enqueue", "-c", "ls", "--queue", "my queue"], "queue"),
+    "enqueue-queue-empty": Case(["enqueue", "-c", "ls", "-q", ""], "queue"),
+    "enqueue-queue-leading-dot": Case(["enqueue", "-c", "ls", "-q", ".hidden"], "queue"),
+    "json-queue-bad-name": Case(["enqueue", '{"command":"ls","queue":"a b"}'], "queue"),
+    "json-queue-not-string": Case(["enqueue", '{"command":"ls","queue":7}'], "queue"),
+    "json-queue-null": Case(["enqueue", '{"command":"ls","queue":null}'], "queue"),
+    "file-queue-bad-name": Case(_file(GOOD + '{"command":"ls","queue":"x/../ y"}\n'), "line 2"),
+    "list-queue-bad-name": Case(["list", "-q", "no such"], "queue"),
+    "worker-queue-bad-name": Case(["worker", "-q", "ok", "-q", "not ok"], "queue"),
+    "worker-queue-too-long": Case(["worker", "-q", "q" * 129], "queue"),
     "unknown-command": Case(["frobnicate"], "frobnicate"),
     # numbers: every one is finite and in range, wherever it comes from
     "delay-inf": Case(["enqueue", "-c", "ls", "--delay", "inf"], "--delay"),

@@ -593,7 +593,7 @@ def test_rebuild(run, conn):
         ("DELETE FROM jobs WHERE id = 'j1'", "jobs: row 'j1' is in the replay but not live"),
         (
             "UPDATE job_counts SET n = 7 WHERE state = 'pending'",
-            "job_counts: row 'pending' differs",
+            "job_counts: row ('default', 'pending') differs",
         ),
         (
             "INSERT INTO config (key, value, updated_at) VALUES ('max-retries', '9', 'x')",

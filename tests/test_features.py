@@ -803,7 +803,8 @@ def test_show_text_and_json(run, conn, monkeypatch):
 
     data = json.loads(ok(run, "show", "J", "--json"))
     assert data == {
-        "id": "J", "command": "make report", "state": "waiting", "priority": 7, "attempts": 0,
+        "id": "J", "command": "make report", "queue": "default", "state": "waiting",
+        "priority": 7, "attempts": 0,
         "max_retries": 2, "backoff_base": 3.0, "backoff_max": 30.0, "backoff_jitter": 0.25,
         "timeout": 4.0, "run_at": None, "after": ["dep1", "dep2"],
         "dependencies": [{"id": "dep1", "state": "completed"}, {"id": "dep2", "state": "pending"}],

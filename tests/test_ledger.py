@@ -28,7 +28,7 @@ def _add(conn: sqlite3.Connection, *ids: str, command: str = "true", retries: in
 
 
 def _rows(conn: sqlite3.Connection, table: str) -> list[tuple[object, ...]]:
-    return conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    return conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
 
 
 def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:

@@ -587,12 +587,12 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
     real = claims.finish_and_claim_many
     calls = []
 
-    def fails_once(conn, finished, claimers, *ahead):  # type: ignore[no-untyped-def]
+    def fails_once(conn, finished, claimers, *args, **kwargs):  # type: ignore[no-untyped-def]
         if finished:  # the first time a result is recorded
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("boom")
-        return real(conn, finished, claimers, *ahead)
+        return real(conn, finished, claimers, *args, **kwargs)
 
     monkeypatch.setattr(claims, "finish_and_claim_many", fails_once)
     errors = worker_module.run_workers(db, worker_module.Options(concurrency=2), echo=lambda _: None)
