@@ -115,10 +115,10 @@ class Rows:
         self.before.clear()
 
 
-from projections import config, jobs, runs, workers  # noqa: E402
+from projections import config, jobs, queues, runs, workers  # noqa: E402
 
 # A projector reads only its own tables, so each can be rebuilt alone.
-REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config)
+REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config, queues)
 
 
 def appliers(projections: tuple[ModuleType, ...], event_type: type) -> tuple:  # type: ignore[type-arg]

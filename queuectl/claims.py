@@ -101,24 +101,29 @@ def _in(queues: Queues) -> tuple[str, list[str]]:
     return f" AND queue IN ({', '.join('?' * len(queues))})", list(queues)
 
 
+_PAUSED = "SELECT name FROM queues WHERE paused != 0"
+
+
 def next_run_at(conn: Db, queues: Queues = None) -> str | None:
     """When the earliest scheduled or failed job becomes eligible (None when none waits);
-    pending jobs are eligible already."""
+    pending jobs are eligible already, and a paused queue's never are."""
     where, params = _in(queues)
     return conn.execute(conn.dialect.sql(
-        f"SELECT min(run_at) FROM jobs {{jobs_run_at}} WHERE {TIMED_SQL}{where}"), params
-    ).fetchone()[0]
+        f"""SELECT min(run_at) FROM jobs {{jobs_run_at}} WHERE {TIMED_SQL}{where}
+        AND queue NOT IN ({_PAUSED})"""), params).fetchone()[0]
 
 
 def unfinished(conn: Db, queues: Queues = None) -> int:
     """Jobs pending, processing or waiting to retry: what ``--burst`` waits for.
 
     Scheduled jobs and jobs waiting on dependencies are not counted: their time may be far
-    off, and a dead dependency may hold a job forever.
+    off, and a dead dependency may hold a job forever; nor are the jobs of a paused queue
+    that are not running.
     """
     where, params = _in(queues)
     (n,) = conn.execute(
-        f"SELECT coalesce(sum(n), 0) FROM job_counts WHERE ({any_of(*UNFINISHED)}){where}",
+        f"""SELECT coalesce(sum(n), 0) FROM job_counts WHERE ({any_of(*UNFINISHED)}){where}
+        AND (state = '{State.PROCESSING}' OR queue NOT IN ({_PAUSED}))""",
         params).fetchone()
     return int(n)
 
@@ -206,7 +211,10 @@ def finish_and_claim_many(
                     for job, result in finished]
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
-        if able and any(isinstance(e, _FREES) for o in outcomes for e in o):
+        if able and known.queues:  # a queue paused or limited: claims keep to its rules
+            settled()
+            ready = _ready_within(conn, at, len(able), queues, known.queues)
+        elif able and any(isinstance(e, _FREES) for o in outcomes for e in o):
             settled()
             sql, params = _ready_query(at, len(able), queues)
             ready = _best(conn.execute(conn.dialect.sql(sql), params).fetchall())
@@ -226,6 +234,7 @@ class _Known(msgspec.Struct):
     held: dict[str, tuple[Any, ...]]  # job id -> (state, worker, attempts, cancel, has deps)
     refused: set[str]  # claimers declared lost or stopped, or asked to stop
     ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (``_best`` rows)
+    queues: dict[str, tuple[bool, int]]  # queues paused or limited: (paused, limit)
 
 
 # One query, three kinds of rows in the same columns (kind, id, then what each kind has):
@@ -236,6 +245,9 @@ _KNOWN_JOBS = """SELECT 'j', id, state, worker_id, attempts, cancel_requested,
     NULL, NULL, NULL, NULL, NULL FROM jobs WHERE id IN ({marks})"""
 _KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
     FROM workers WHERE id IN ({{marks}}) AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
+# The queues whose rules a claim must keep (usually none: a read of an empty table).
+_KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, NULL, NULL,
+    NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
 # The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs {{jobs_ready}}
@@ -265,6 +277,61 @@ def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return [claim for _, claim in sorted(best)]
 
 
+# The best eligible jobs of every queue but some, with their queue (for _ready_within).
+_READY_OPEN = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
+    backoff_base, timeout, backoff_max, backoff_jitter, queue FROM jobs {{{{jobs_ready}}}}
+    WHERE {CLAIMABLE_SQL} AND run_at <= ?{{closed}} ORDER BY priority DESC, seq LIMIT ?"""
+
+
+def _ready_within(conn: Db, at: str, n: int, queues: Queues,
+                  rules: dict[str, tuple[bool, int]]) -> list[tuple[Any, ...]]:
+    """The ``n`` best eligible jobs for a worker of ``queues`` that keep every queue's
+    rules: none of a paused queue, and no more of a limited one than its limit leaves room
+    for beside the jobs of it processing now. Exact, since claims are written one
+    transaction at a time (the ledger's lock), and this one's results are in already."""
+    closed = {q for q, (paused, _) in rules.items() if paused}
+    limited = {q: limit for q, (paused, limit) in rules.items() if limit and not paused}
+    room: dict[str, int] = {}
+    if limited:
+        marks = ", ".join("?" * len(limited))
+        running = dict(conn.execute(
+            f"SELECT queue, n FROM job_counts WHERE state = '{State.PROCESSING}' "
+            f"AND queue IN ({marks})", list(limited)).fetchall())
+        room = {q: max(0, limit - int(running.get(q, 0))) for q, limit in limited.items()}
+        closed |= {q for q, left in room.items() if left == 0}
+    taken: list[tuple[Any, ...]] = []
+    if queues:  # each queue in turn, as many of it as there is room for
+        for queue in queues:
+            want = min(n - len(taken), room.get(queue, n))
+            if queue in closed or want <= 0:
+                continue
+            sql, params = _ready_query(at, want, [queue])
+            taken += _best(conn.execute(conn.dialect.sql(sql), params).fetchall())
+        return taken[:n]
+    # Every queue by priority: walk past the closed ones; a limited queue that fills up
+    # on the way is closed, and the walk goes on from there.
+    while len(taken) < n:
+        skip = [q for q in closed]
+        ids = [row[0] for row in taken]
+        where = "".join([f" AND queue NOT IN ({', '.join('?' * len(skip))})"] * bool(skip)
+                        + [f" AND id NOT IN ({', '.join('?' * len(ids))})"] * bool(ids))
+        found = conn.execute(conn.dialect.sql(_READY_OPEN.format(closed=where)),
+                             [at, *skip, *ids, n - len(taken)]).fetchall()
+        filled = False
+        for *row, queue in found:
+            if queue in closed:
+                filled = True  # it filled up on this walk: the rows after it may be others'
+                continue
+            taken += _best([row])
+            if queue in room:
+                room[queue] -= 1
+                if room[queue] == 0:
+                    closed.add(queue)
+        if not filled:
+            break
+    return taken
+
+
 def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
            queues: Queues = None) -> _Known:
     parts: list[str] = []
@@ -273,11 +340,12 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
         ready_sql, ready_params = _ready_query(at, len(claimers), queues)
         parts.append(ready_sql)
         parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(claimers))))
+        parts.append(_KNOWN_QUEUES)
         params += [*ready_params, *claimers]
     if job_ids:
         parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(job_ids))))
         params += job_ids
-    known = _Known(held={}, refused=set(), ready=[])
+    known = _Known(held={}, refused=set(), ready=[], queues={})
     if not parts:
         return known
     ready: list[Any] = []
@@ -286,6 +354,8 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
             known.held[row[1]] = tuple(row[2:7])
         elif row[0] == "w":
             known.refused.add(row[1])
+        elif row[0] == "q":
+            known.queues[row[1]] = (bool(row[4]), int(row[5]))
         else:
             ready.append(row)
     known.ready = _best(ready)

@@ -355,7 +355,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
 def queues(ctx: click.Context, as_json: bool) -> None:
-    """Every queue: its jobs per state and how long its oldest pending job has waited."""
+    """Every queue: paused or running, its limit, its jobs per state and how long its
+    oldest pending job has waited."""
     from queuectl import render
 
     found = reads.queues(_db(ctx))
@@ -444,6 +445,47 @@ def stats(ctx: click.Context, since: str | None, as_json: bool) -> None:
 
 
 # -- dlq ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def queue() -> None:
+    """Pause, resume or limit a named queue (jobs go to one with enqueue --queue)."""
+
+
+@queue.command("pause")
+@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.pass_context
+def queue_pause(ctx: click.Context, name: str) -> None:
+    """Stop workers everywhere from starting jobs of NAME; it still takes jobs, and running
+    jobs finish."""
+    changed = decisions.pause_queue(_db(ctx, create=True), name)
+    click.echo(f"Queue '{name}' paused." if changed else f"Queue '{name}' was paused already.")
+
+
+@queue.command("resume")
+@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.pass_context
+def queue_resume(ctx: click.Context, name: str) -> None:
+    """Let workers start jobs of NAME again."""
+    changed = decisions.pause_queue(_db(ctx, create=True), name, pause=False)
+    click.echo(f"Queue '{name}' resumed." if changed else f"Queue '{name}' was not paused.")
+
+
+@queue.command("limit")
+@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("n", metavar="N", type=Number("queue_limit"))
+@click.pass_context
+def queue_limit(ctx: click.Context, name: str, n: int) -> None:
+    """At most N jobs of NAME running at once, across every worker on every host
+    (0: no limit).
+
+    \b
+    Example:
+        queuectl queue limit media 2
+    """
+    changed = decisions.limit_queue(_db(ctx, create=True), name, n)
+    shown = f"at most {n} jobs at once" if n else "no limit"
+    click.echo(f"Queue '{name}': {shown}." if changed else f"Queue '{name}' had {shown} already.")
 
 
 @cli.group()
@@ -576,7 +618,7 @@ def _run(ctx: click.Context, **options: Any) -> None:
 @click.option("--check", is_flag=True, help="Rebuild aside and compare; exit 1 on any drift.")
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
-    """Replay the ledger into fresh projections (jobs, runs, workers, config)."""
+    """Replay the ledger into fresh projections (jobs, runs, workers, config, queues)."""
     conn = _db(ctx)
     if check:
         problems = ledger.check(conn)

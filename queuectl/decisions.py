@@ -277,6 +277,38 @@ def set_config(conn: Db, key: str, text: str) -> str:
     return value
 
 
+# -- queues -----------------------------------------------------------------------------
+
+
+def _queue_rules(conn: Db, name: str) -> tuple[bool, int]:
+    row = conn.execute("SELECT paused, job_limit FROM queues WHERE name = ?", (name,)).fetchone()
+    return (bool(row[0]), int(row[1])) if row else (False, 0)
+
+
+def pause_queue(conn: Db, name: str, pause: bool = True) -> bool:
+    """Pause a queue (or resume it): no worker starts a job of a paused queue; it still takes
+    jobs, and jobs running finish. Returns False, writing nothing, when it already was."""
+    check_queue_name(name)
+    with write(conn):
+        if _queue_rules(conn, name)[0] == pause:
+            return False
+        append(conn, ev.QueuePaused(queue=name) if pause else ev.QueueResumed(queue=name))
+    return True
+
+
+def limit_queue(conn: Db, name: str, limit: int) -> bool:
+    """At most ``limit`` jobs of a queue processing at once, across every worker on every
+    host (0: no limit). Jobs running over a new, lower limit finish; no more start until
+    the queue is under it. Returns False, writing nothing, when the limit already was so."""
+    check_queue_name(name)
+    limits.check("queue_limit", limit)
+    with write(conn):
+        if _queue_rules(conn, name)[1] == limit:
+            return False
+        append(conn, ev.QueueLimited(queue=name, limit=limit))
+    return True
+
+
 def request_stop(conn: Db) -> int:
     """Ask every running worker to finish its current job and exit; returns how many."""
     with write(conn):

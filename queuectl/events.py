@@ -184,6 +184,26 @@ class ConfigChanged(_Event, tag="config-changed", frozen=True):
     value: str  # canonical text, already validated
 
 
+# -- queues -----------------------------------------------------------------------------
+
+
+class QueuePaused(_Event, tag="queue-paused", frozen=True):
+    """No worker starts a job of this queue until it is resumed; it still takes jobs."""
+
+    queue: str
+
+
+class QueueResumed(_Event, tag="queue-resumed", frozen=True):
+    queue: str
+
+
+class QueueLimited(_Event, tag="queue-limited", frozen=True):
+    """At most ``limit`` jobs of this queue processing at once, across every worker."""
+
+    queue: str
+    limit: int  # 0: no limit
+
+
 Event = (
     Enqueued
     | Claimed
@@ -205,6 +225,9 @@ Event = (
     | WorkerLost
     | StopRequested
     | ConfigChanged
+    | QueuePaused
+    | QueueResumed
+    | QueueLimited
 )
 
 TAGS: dict[str, type] = {

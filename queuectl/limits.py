@@ -49,6 +49,7 @@ BOUNDS: dict[str, Bound] = {
     "concurrency": Bound(True, 1, 1024),
     "jobs_per_worker": Bound(True, 0, INT32),
     "ahead": Bound(True, 0, 64),
+    "queue_limit": Bound(True, 0, 1_000_000),
     # reads
     "seq": Bound(True, 0, 2**62),
     "limit": Bound(True, 1, 1_000_000_000),

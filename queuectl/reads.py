@@ -85,21 +85,27 @@ def queue_counts(conn: Db) -> dict[str, dict[str, int]]:
 
 
 def queues(conn: Db) -> list[dict[str, Any]]:
-    """Every queue: its jobs per state and how long its oldest pending job has waited
-    (seconds, None when nothing is pending)."""
+    """Every queue: paused or not, its limit (0: none), its jobs per state and how long its
+    oldest pending job has waited (seconds, None when nothing is pending)."""
     now = conn.now()
     oldest = conn.dialect.sql(
         f"""SELECT min(run_at) FROM jobs {{jobs_queue_ready}}
         WHERE queue = ? AND {CLAIMABLE_SQL} AND state = '{State.PENDING}'""")
+    rules = {name: (bool(paused), int(limit)) for name, paused, limit in conn.execute(
+        "SELECT name, paused, job_limit FROM queues").fetchall()}
+    counted = queue_counts(conn)
+    for name in rules.keys() - counted.keys():  # paused or limited before its first job
+        counted[name] = {s: 0 for s in STATES}
     found = []
-    for name, per_state in queue_counts(conn).items():
+    for name, per_state in sorted(counted.items()):
+        paused, limit = rules.get(name, (False, 0))
         wait = None
         if per_state[State.PENDING]:
             since = conn.execute(oldest, (name,)).fetchone()[0]
             if since is not None:
                 wait = round(max(0.0, clock.seconds_between(since, now)), 3)
-        found.append({"queue": name, "jobs": per_state, "total": sum(per_state.values()),
-                      "oldest_pending_wait": wait})
+        found.append({"queue": name, "paused": paused, "limit": limit, "jobs": per_state,
+                      "total": sum(per_state.values()), "oldest_pending_wait": wait})
     return found
 
 

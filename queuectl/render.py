@@ -204,16 +204,17 @@ def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
 
 
 def queues_table(queues: list[dict[str, Any]]) -> None:
-    """One row per queue: its jobs per state, and its oldest pending job's wait."""
+    """One row per queue: running or paused, its limit, its jobs (the states it has any
+    in), and its oldest pending job's wait."""
     if not queues:
         print("Queues: none")
         return
-    states = [s for s in queues[0]["jobs"] if any(q["jobs"][s] for q in queues)] or ["pending"]
-    rows = [[q["queue"], *(q["jobs"][s] for s in states), q["total"],
+    rows = [[q["queue"], "paused" if q["paused"] else "running", q["limit"] or "-",
+             ", ".join(f"{n} {state}" for state, n in q["jobs"].items() if n) or "-",
              "-" if q["oldest_pending_wait"] is None else f"{q['oldest_pending_wait']:.1f}s"]
             for q in queues]
-    _table("Queues", ["Queue", *(s.capitalize() for s in states), "Total",
-                      "Oldest pending"], rows)
+    _table("Queues", ["Queue", "State", "Limit", "Jobs", "Oldest pending"], rows,
+           wide=frozenset({"Jobs"}))
 
 
 def worker_state(worker: dict[str, Any], stale_before: str) -> str:

@@ -42,6 +42,12 @@ class Options:
     queues: tuple[str, ...] = ()  # the queues it takes jobs from, in order; (): every queue
 
 
+
+def _now(conn: store.Db) -> str:
+    """The store's clock (the server's, on PostgreSQL), which ``run_at`` times are on."""
+    return conn.now()
+
+
 class Shutdown:
     """Why the process's workers stop: ``soft`` lets each finish its current job, ``hard``
     abandons it; ``reason`` is what each records in its ``worker-stopped`` event."""
@@ -268,11 +274,12 @@ class Worker:
                     return reason
                 self._tick()
                 seen = self.waker.generation
+                tried = self.persist(_now)
                 job = self.persist(claims.claim, self.id, self.options.queues)
                 if job is None:
                     if self.options.burst and self.persist(claims.unfinished, self.options.queues) == 0:
                         return "burst: queue empty"
-                    self.waker.wait(seen, self._idle_timeout())
+                    self.waker.wait(seen, self._idle_timeout(tried))
                     continue
                 self.unsettled[job.job_id] = job
                 started = None  # claimed to start now: no started event
@@ -324,11 +331,15 @@ class Worker:
             want = min(want, self.options.limit - self.done - held)
         return max(0, want)
 
-    def _idle_timeout(self) -> float:
+    def _idle_timeout(self, tried: str) -> float:
+        """How long to wait for work: until the next heartbeat, the fallback poll, or the
+        next job coming due. A job due before the claim that just found nothing was left
+        for a reason (its queue at its limit): it is not waited for, or the worker would
+        spin; the wake-up of the run that frees a place brings it back."""
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
         run_at = self.persist(claims.next_run_at, self.options.queues)
-        if run_at is not None:
-            timeout = min(timeout, max(0.0, clock.seconds_between(clock.now(), run_at)))
+        if run_at is not None and run_at > tried:
+            timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), run_at)))
         return timeout
 
     def _work(self, job: claims.Claim, started: ev.Started | None) -> None:

@@ -4,8 +4,10 @@ in strict order, and ``queuectl queues``. Every test runs on both stores."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+from conftest import wait_for
 from test_features import burst, rows, workers
 
 from queuectl import decisions, reads
@@ -105,6 +107,7 @@ def test_queues_lists_every_queue_with_counts_and_oldest_wait(run, conn):
     assert found["media"]["jobs"]["dead"] == 1 and found["media"]["jobs"]["completed"] == 1
     table = run("queues").output
     assert "media" in table and "mail" in table and "Oldest pending" in table
+    assert "1 completed, 1 dead" in table
 
 
 def test_queue_counts_replay_exactly_after_jobs_move(run, conn):
@@ -117,3 +120,108 @@ def test_queue_counts_replay_exactly_after_jobs_move(run, conn):
     assert run("rebuild", "--check").exit_code == 0
     assert conn.execute("SELECT count(*) FROM job_counts WHERE queue = 'q1'").fetchone()[0] \
         == len(reads.STATES)
+
+
+# -- pause, resume, limits -----------------------------------------------------------------
+
+_ENDS_A_RUN = ("completed", "failed", "timed-out", "lease-expired", "released", "cancelled")
+
+
+def most_at_once(conn: Any, queue: str) -> int:
+    """The most jobs of ``queue`` processing at any moment, read from the ledger: a claim
+    starts holding a job, the event that ends its run stops it."""
+    ours = {j["id"] for j in reads.list_jobs(conn, queue=queue)}
+    holding: set[str] = set()
+    most = 0
+    for kind, job_id in conn.execute(
+            "SELECT type, job_id FROM events WHERE job_id IS NOT NULL ORDER BY seq"):
+        if job_id not in ours:
+            continue
+        if kind == "claimed":
+            holding.add(job_id)
+            most = max(most, len(holding))
+        elif kind in _ENDS_A_RUN:
+            holding.discard(job_id)
+    return most
+
+
+def test_a_paused_queue_takes_jobs_but_no_worker_starts_them(run, conn):
+    added(run, "--id", "m1", "-c", "true", "-q", "media")
+    assert run("queue", "pause", "media").output == "Queue 'media' paused.\n"
+    assert run("queue", "pause", "media").output == "Queue 'media' was paused already.\n"
+    assert [r["queue"] for r in rows(conn, "queue-paused")] == ["media"]  # one event only
+    added(run, "--id", "m2", "-c", "true", "-q", "media")  # still accepts jobs
+    added(run, "--id", "d1", "-c", "true")
+
+    with workers() as start:
+        burst(start, "-c", "2")  # ends: a paused queue's pending jobs are not waited for
+    assert [r["job_id"] for r in rows(conn, "claimed")] == ["d1"]
+    found = {q["queue"]: q for q in json.loads(run("queues", "--json").output)}
+    assert found["media"]["paused"] is True and found["media"]["jobs"]["pending"] == 2
+    assert found["default"]["paused"] is False
+    assert "paused" in run("queues").output
+
+    with workers() as start:
+        burst(start, "-q", "media")  # a worker given only the paused queue ends too
+    assert reads.get_job(conn, "m1")["state"] == "pending"
+
+    assert run("queue", "resume", "media").output == "Queue 'media' resumed.\n"
+    assert run("queue", "resume", "media").output == "Queue 'media' was not paused.\n"
+    with workers() as start:
+        burst(start)
+    assert [r["job_id"] for r in rows(conn, "claimed")] == ["d1", "m1", "m2"]
+    assert [r["queue"] for r in rows(conn, "queue-resumed")] == ["media"]
+
+
+def test_pausing_lets_running_jobs_finish(run, conn, tmp_path):
+    gate = tmp_path / "gate"
+    added(run, "--id", "slow", "-q", "media", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    added(run, "--id", "next", "-q", "media", "-c", "true")
+    with workers() as start:
+        proc = start("-s", "0.2")
+        wait_for(lambda: reads.get_job(conn, "slow")["state"] == "processing", what="slow runs")
+        assert run("queue", "pause", "media").exit_code == 0
+        gate.touch()
+        wait_for(lambda: reads.get_job(conn, "slow")["state"] == "completed", what="slow ends")
+        # The queue is paused: the next job stays pending while the worker idles.
+        time.sleep(0.5)
+        assert reads.get_job(conn, "next")["state"] == "pending"
+        assert run("queue", "resume", "media").exit_code == 0
+        wait_for(lambda: reads.get_job(conn, "next")["state"] == "completed", what="next runs")
+        proc.terminate()
+
+
+def test_a_queue_limit_holds_across_worker_processes(run, conn):
+    """Three worker processes of -c 4 on a queue limited to 2: never more than 2 of its
+    jobs processing at once (read from the ledger), while another queue's jobs run freely."""
+    assert run("queue", "limit", "media", "2").output == "Queue 'media': at most 2 jobs at once.\n"
+    assert run("queue", "limit", "media", "2").output == \
+        "Queue 'media' had at most 2 jobs at once already.\n"
+    decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.1", queue="media")
+                             for _ in range(24)]
+                      + [decisions.JobSpec(command="sleep 0.1") for _ in range(24)])
+    with workers() as start:
+        procs = [start("--burst", "-s", "0.2", "-c", "4") for _ in range(3)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+    counts = reads.queue_counts(conn)
+    assert counts["media"]["completed"] == 24 and counts["default"]["completed"] == 24
+    assert most_at_once(conn, "media") == 2
+    assert most_at_once(conn, "default") > 2
+    found = {q["queue"]: q for q in json.loads(run("queues", "--json").output)}
+    assert found["media"]["limit"] == 2 and found["default"]["limit"] == 0
+
+
+def test_a_limit_holds_for_a_worker_given_its_queues(run, conn):
+    assert run("queue", "limit", "media", "1").exit_code == 0
+    decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.05", queue="media")
+                             for _ in range(6)]
+                      + [decisions.JobSpec(command="sleep 0.05", queue="low") for _ in range(6)])
+    with workers() as start:
+        burst(start, "-c", "3", "-q", "media", "-q", "low")
+    assert most_at_once(conn, "media") == 1
+    assert reads.queue_counts(conn)["low"]["completed"] == 6
+    # 0 lifts the limit.
+    assert run("queue", "limit", "media", "0").output == "Queue 'media': no limit.\n"
+    assert [r["limit"] for r in rows(conn, "queue-limited")] == [1, 0]

@@ -435,7 +435,8 @@ def enqueue_true(db: Path | str, n: int, command: str = "true") -> None:
 
 def job_counts(db: Path | str) -> dict[str, int]:
     with reading(db) as conn:
-        return dict(conn.execute("SELECT state, n FROM job_counts WHERE n != 0").fetchall())
+        return dict(conn.execute(
+            "SELECT state, sum(n) FROM job_counts GROUP BY state HAVING sum(n) != 0").fetchall())
 
 
 # -- 1. worker throughput -----------------------------------------------------------------

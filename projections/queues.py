@@ -1,0 +1,40 @@
+"""The ``queues`` projection: the settings of each named queue someone paused or limited.
+
+Rules it enforces: a queue is paused from its latest ``queue-paused`` until a
+``queue-resumed``; its limit (jobs of it processing at once, across every worker on every
+host; 0 is none) is the one in its latest ``queue-limited``. Queues never paused or limited
+have no row: their jobs alone make them exist (``job_counts``).
+"""
+
+from __future__ import annotations
+
+from queuectl import events as ev
+from queuectl.store import Db
+
+NAME = "queues"
+VERSION = 1
+TABLES = {"queues": ("name",)}
+
+DDL = (
+    """CREATE TABLE queues (
+        name TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0,
+        job_limit INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL
+    )""",
+)
+
+HANDLES = frozenset({ev.QueuePaused, ev.QueueResumed, ev.QueueLimited})
+
+_SET = """INSERT INTO queues (name, {column}, updated_at) VALUES (?, ?, ?)
+    ON CONFLICT (name) DO UPDATE SET {column} = excluded.{column},
+        updated_at = excluded.updated_at"""
+_PAUSED = _SET.format(column="paused")
+_LIMITED = _SET.format(column="job_limit")
+
+
+def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
+    if isinstance(event, ev.QueueLimited):
+        tx.change(_LIMITED, (event.queue, event.limit, at))
+    elif isinstance(event, ev.QueuePaused | ev.QueueResumed):
+        tx.change(_PAUSED, (event.queue, int(isinstance(event, ev.QueuePaused)), at))
