@@ -209,6 +209,8 @@ def finish_and_claim_many(
         outcomes = [_outcome(conn, job, result, known.held.get(job.job_id), at, held_back,
                              settled)
                     for job, result in finished]
+        if any(limit for _, limit in known.queues.values()) and any(outcomes):
+            conn.wake()  # a run that ended may leave a place under its queue's limit
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
         if able and known.queues:  # a queue paused or limited: claims keep to its rules
@@ -340,11 +342,12 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
         ready_sql, ready_params = _ready_query(at, len(claimers), queues)
         parts.append(ready_sql)
         parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(claimers))))
-        parts.append(_KNOWN_QUEUES)
         params += [*ready_params, *claimers]
     if job_ids:
         parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(job_ids))))
         params += job_ids
+    if parts:
+        parts.append(_KNOWN_QUEUES)
     known = _Known(held={}, refused=set(), ready=[], queues={})
     if not parts:
         return known

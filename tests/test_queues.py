@@ -7,10 +7,12 @@ import json
 import time
 from typing import Any
 
+import pytest
 from conftest import wait_for
 from test_features import burst, rows, workers
 
-from queuectl import decisions, reads
+from queuectl import claims, decisions, reads
+from queuectl import events as ev
 
 
 def added(run: Any, *args: str) -> str:
@@ -225,3 +227,22 @@ def test_a_limit_holds_for_a_worker_given_its_queues(run, conn):
     # 0 lifts the limit.
     assert run("queue", "limit", "media", "0").output == "Queue 'media': no limit.\n"
     assert [r["limit"] for r in rows(conn, "queue-limited")] == [1, 0]
+
+
+@pytest.mark.stores("postgres")  # SQLite's workers wake at every commit already
+def test_a_run_ending_under_a_limit_wakes_idle_workers(conn, db):
+    """A result in a limited queue may leave a place for a job other workers could not
+    take: its commit notifies them, as an enqueue does (PostgreSQL)."""
+    import psycopg
+
+    decisions.limit_queue(conn, "media", 1)
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", queue="media", id=f"m{n}")
+                             for n in range(2)])
+    claims.worker_started(conn, 1, "h", worker_id="w")
+    job = claims.claim(conn, "w")
+    assert job is not None and claims.claim(conn, "w") is None  # the limit holds
+    with psycopg.connect(db, autocommit=True) as listener:
+        listener.execute("LISTEN queuectl")
+        claims.finish(conn, job, ev.Completed(job_id=job.job_id, worker_id="w",
+                                              attempt=job.attempt))
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == ["queuectl"]

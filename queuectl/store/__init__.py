@@ -95,6 +95,9 @@ class Db(Protocol):
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a long replay (a bigger cache)."""
     def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker: ...
+    def wake(self) -> None:
+        """The write transaction under way frees work that its events alone do not say is
+        claimable (a place under a queue's limit): idle workers are woken at its commit."""
     def for_worker(self) -> None:
         """Tune this connection for a worker's many small commits."""
     def close(self) -> None: ...

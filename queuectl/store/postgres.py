@@ -43,7 +43,8 @@ CHANNEL = "queuectl"
 SCHEMA_VERSION = 2
 # Events whose appending may give an idle worker something to do.
 WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unblocked",
-                    "lease-expired", "stop-requested", "cancel-requested"})
+                    "lease-expired", "stop-requested", "cancel-requested", "queue-resumed",
+                    "queue-limited"})
 _CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
 
 LEDGER_DDL = (
@@ -727,6 +728,9 @@ class PgDb:
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:
         yield self
+
+    def wake(self) -> None:
+        self._wakes = True
 
     def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
         return Waker(self.url, on_crash)

@@ -179,6 +179,10 @@ class SqliteDb(sqlite3.Connection):
     def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
         return Waker(self.path, on_crash)
 
+    def wake(self) -> None:
+        """Every commit wakes the workers of a SQLite database already (its Waker watches
+        the file)."""
+
     def for_worker(self) -> None:
         """Progress is written with synchronous=NORMAL (a lost result only means the job
         runs again) and checkpoints are left to the process's Waker."""
