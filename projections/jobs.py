@@ -20,11 +20,11 @@ from typing import Any
 
 import projections
 from queuectl import events as ev
-from queuectl.states import CLAIMABLE, TIMED, State, any_of
+from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db
 
 NAME = "jobs"
-VERSION = 8
+VERSION = 9
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -33,6 +33,8 @@ DEFAULT_QUEUE = "default"
 # only when it repeats the predicate word for word, so queries take these constants too.
 CLAIMABLE_SQL = any_of(*CLAIMABLE)
 TIMED_SQL = any_of(*TIMED)
+# Unfinished jobs hold their unique keys: the predicate of the jobs_unique_key index.
+UNIQUE_HELD = f"unique_key IS NOT NULL AND ({any_of(*HOLDS_KEY)})"
 # Jobs in the rarer states (list -s, rescue). Pending jobs are in jobs_ready and completed
 # ones lie in seq order: leaving both out spares each run several index pages.
 INDEXED_STATES = any_of(State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING,
@@ -59,6 +61,7 @@ DDL = (
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         exit_code INTEGER,
         last_error TEXT,
+        unique_key TEXT,
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL
     )""",
@@ -89,15 +92,19 @@ INDEXES = (
     # When the next scheduled job or retry is due (pending jobs are due already).
     f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {TIMED_SQL}",
     f"CREATE INDEX jobs_state ON jobs (state, seq) WHERE {INDEXED_STATES}",
+    # At most one unfinished job per unique key: the database holds to it too.
+    f"CREATE UNIQUE INDEX jobs_unique_key ON jobs (unique_key) WHERE {UNIQUE_HELD}",
     "CREATE INDEX job_deps_depends_on ON job_deps (depends_on)",
 )
 
 COLUMNS = ("seq", "id", "command", "queue", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
-           "cancel_requested", "exit_code", "last_error", "created_at", "updated_at")
+           "cancel_requested", "exit_code", "last_error", "unique_key", "created_at",
+           "updated_at")
 # What an enqueued event sets; the other columns start at their defaults (_UNSET).
 _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries", "backoff_base",
-             "backoff_max", "backoff_jitter", "timeout", "run_at", "created_at", "updated_at")
+             "backoff_max", "backoff_jitter", "timeout", "run_at", "unique_key", "created_at",
+             "updated_at")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "exit_code": None,
           "last_error": None}
 _INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
@@ -149,7 +156,7 @@ def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[A
     run_at = e.run_at if e.run_at and e.run_at > at else at
     state = State.WAITING if blocked else _ready_state(run_at, at)
     return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
-            e.backoff_max, e.backoff_jitter, e.timeout, run_at, at, at)
+            e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at)
 
 
 def _ready_state(run_at: str, at: str) -> State:

@@ -16,7 +16,7 @@ import click
 
 from queuectl import decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
-from queuectl.states import STATES, WorkerState
+from queuectl.states import CANCELLABLE, STATES, State, WorkerState
 
 
 class QueuectlGroup(click.Group):
@@ -218,6 +218,10 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
               help="The queue it waits in (default: default).")
+@click.option("--unique-key", metavar="KEY",
+              help="Add no job while an unfinished job holds KEY; print that job's id.")
+@click.option("--on-duplicate", type=click.Choice(["skip", "error"]), default="skip",
+              show_default=True, help="For a held --unique-key: exit 0, or exit 1.")
 @click.option("--after", multiple=True, metavar="ID",
               help="Run only after job ID completed (repeatable).")
 @click.option(
@@ -242,8 +246,10 @@ def enqueue(
         queuectl enqueue -c "make report" --after build --priority 5
         queuectl enqueue -c "backup.sh" --run-at 2026-12-01T02:00:00
         queuectl enqueue -c "convert video.mp4" --queue media
+        queuectl enqueue -c "make report" --unique-key report:2026-12-01
         queuectl enqueue --file jobs.jsonl
     """
+    on_duplicate = flags.pop("on_duplicate")
     flags = {k: v for k, v in flags.items() if v is not None and v != ()}
     if "after" in flags:
         flags["after"] = list(flags["after"])
@@ -266,11 +272,17 @@ def enqueue(
         specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
-    ids = decisions.enqueue(_db(ctx, create=True), specs)
+    ids, duplicate = decisions.enqueue_unique(_db(ctx, create=True), specs, on_duplicate)
     if len(ids) == 1 and jobs_file is None:
-        click.echo(f"Job added successfully with ID: {ids[0]}")
-    else:
-        click.echo(f"{len(ids)} job{'s' if len(ids) != 1 else ''} added successfully.")
+        if duplicate[0]:
+            click.echo(f"Job already queued with ID: {ids[0]} "
+                       f"(unique key '{specs[0].unique_key}')")
+        else:
+            click.echo(f"Job added successfully with ID: {ids[0]}")
+        return
+    added = len(ids) - sum(duplicate)
+    held = f"; {sum(duplicate)} already queued (unique keys held)" if any(duplicate) else ""
+    click.echo(f"{added} job{'s' if added != 1 else ''} added successfully{held}.")
 
 
 def _lines(stream: Any) -> Iterator[tuple[int, str]]:
@@ -416,17 +428,51 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="[ID]", required=False)
+@click.option("--state", type=click.Choice([s.value for s in CANCELLABLE]),
+              help="Cancel every job in this state instead of one.")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              help="With --state: only jobs of this queue.")
+@click.option("--dry-run", is_flag=True, help="With --state: print how many, change nothing.")
 @click.pass_context
-def cancel(ctx: click.Context, job_id: str) -> None:
-    """Cancel a job; a running one is killed (its whole process group) by its worker.
+def cancel(ctx: click.Context, job_id: str | None, state: str | None, queue: str | None,
+           dry_run: bool) -> None:
+    """Cancel a job, or every job in a state; a running one is killed (its whole process
+    group) by its worker.
 
     Jobs waiting on a cancelled job are cancelled too.
+
+    \b
+    Example:
+        queuectl cancel nightly
+        queuectl cancel --state pending -q media --dry-run
     """
-    if decisions.cancel(_db(ctx), job_id) == "requested":
-        click.echo(f"Cancel requested for running job {job_id}; its worker will stop it.")
+    if (job_id is None) == (state is None):
+        raise click.UsageError("give a job ID or --state STATE")
+    if job_id is not None:
+        if queue or dry_run:
+            raise click.UsageError("-q and --dry-run go with --state")
+        if decisions.cancel(_db(ctx), job_id) == "requested":
+            click.echo(f"Cancel requested for running job {job_id}; its worker will stop it.")
+        else:
+            click.echo(f"Job {job_id} cancelled.")
+        return
+    assert state is not None
+    conn = _db(ctx)
+    if dry_run:
+        n = decisions.bulk_count(conn, state, queue)
+        click.echo(f"Would cancel {_jobs(n)} (dry run: nothing written).")
+        return
+    cancelled, requested = decisions.cancel_all(conn, state, queue)
+    if state == State.PROCESSING:
+        click.echo(f"Cancel requested for {_jobs(requested, 'running job')}; their workers "
+                   "will stop them.")
     else:
-        click.echo(f"Job {job_id} cancelled.")
+        click.echo(f"Cancelled {_jobs(cancelled)}.")
+
+
+def _jobs(n: int, noun: str = "job") -> str:
+    return f"{n:,} {noun}{'s' if n != 1 else ''}"
 
 
 @cli.command()
@@ -507,12 +553,38 @@ def dlq_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @dlq.command("retry")
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="[ID]", required=False)
+@click.option("--all", "every", is_flag=True, help="Every dead job instead of one.")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              help="With --all: only dead jobs of this queue.")
+@click.option("--dry-run", is_flag=True, help="With --all: print how many, change nothing.")
 @click.pass_context
-def dlq_retry(ctx: click.Context, job_id: str) -> None:
-    """Send a dead job back to pending, attempts 0, with a fresh retry budget."""
-    max_retries = decisions.dlq_retry(_db(ctx), job_id)
-    click.echo(f"Job {job_id} has been requeued with max_retries = {max_retries}")
+def dlq_retry(ctx: click.Context, job_id: str | None, every: bool, queue: str | None,
+              dry_run: bool) -> None:
+    """Send a dead job (or every one) back to pending, attempts 0, with a fresh retry
+    budget.
+
+    \b
+    Example:
+        queuectl dlq retry flaky
+        queuectl dlq retry --all -q media
+    """
+    if (job_id is None) != every:
+        raise click.UsageError("give a job ID or --all")
+    if job_id is not None:
+        if queue or dry_run:
+            raise click.UsageError("-q and --dry-run go with --all")
+        max_retries = decisions.dlq_retry(_db(ctx), job_id)
+        click.echo(f"Job {job_id} has been requeued with max_retries = {max_retries}")
+        return
+    conn = _db(ctx)
+    if dry_run:
+        n = decisions.bulk_count(conn, State.DEAD, queue)
+        click.echo(f"Would requeue {_jobs(n)} (dry run: nothing written).")
+        return
+    requeued, skipped = decisions.dlq_retry_all(conn, queue)
+    held = f"; {_jobs(skipped)} left dead (unique key held)" if skipped else ""
+    click.echo(f"Requeued {_jobs(requeued)} from the dead letter queue{held}.")
 
 
 # -- workers ------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from typing import Any
 
 import msgspec
 
+from projections.jobs import INDEXED_STATES, UNIQUE_HELD
 from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, next_seq, write
-from queuectl.reads import get_job
+from queuectl.reads import INDEXED, get_job
 from queuectl.states import CANCELLABLE, State, WorkerState
 from queuectl.store import Db
 
@@ -24,6 +25,7 @@ BATCH = 2000  # ids per IN (...) query
 DEFAULT_QUEUE = "default"
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
+_UNIQUE_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
 
 
 # In ASCII order, so that ids sort as the numbers they spell.
@@ -84,6 +86,7 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delay: limits.Seconds | None = None  # seconds from now
     after: list[str] = []
     queue: str = DEFAULT_QUEUE
+    unique_key: str | None = None
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -130,6 +133,9 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
     for dep in spec.after:
         if not _ID.fullmatch(dep):
             raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
+    if spec.unique_key is not None and not _UNIQUE_KEY.fullmatch(spec.unique_key):
+        raise InvalidInput(f"invalid job{where}: unique_key must be 1-255 characters, "
+                           "none of them a control character")
     if not _ID.fullmatch(spec.queue):
         raise InvalidInput(f"invalid job{where}: {queue_name_problem(spec.queue)}")
     if spec.id is not None and not _ID.fullmatch(spec.id):
@@ -141,8 +147,21 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
 
 
 def enqueue(conn: Db, specs: Sequence[JobSpec]) -> list[str]:
-    """Add jobs in one transaction, all or none; returns their ids. A duplicate id, an
-    unknown or cancelled dependency or a dependency cycle refuses the whole request.
+    """Add jobs in one transaction, all or none; returns their ids (for a job whose unique
+    key an unfinished job holds, that job's id: see ``enqueue_unique``)."""
+    return enqueue_unique(conn, specs)[0]
+
+
+def enqueue_unique(conn: Db, specs: Sequence[JobSpec], on_duplicate: str = "skip"
+                   ) -> tuple[list[str], list[bool]]:
+    """Add jobs in one transaction, all or none; returns each one's id and whether it was
+    a duplicate. A duplicate id, an unknown or cancelled dependency or a dependency cycle
+    refuses the whole request.
+
+    A job whose ``unique_key`` an unfinished job (pending, scheduled, waiting, processing,
+    or failed and waiting to retry) holds, or an earlier job of the same request, is not
+    added: its id is the holder's, and with ``on_duplicate="error"`` the whole request is
+    refused. The keys are read under the write lock, so concurrent enqueuers make one job.
 
     Jobs are written dependencies first. Made ids spell the seq of each job's ``enqueued``
     event, known under the write lock. Everything that needs no lock (decoding, checks,
@@ -153,23 +172,57 @@ def enqueue(conn: Db, specs: Sequence[JobSpec]) -> list[str]:
         seen: set[str] = set()
         twice = next(i for i in given if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise Conflict(f"Job ID '{twice}' appears more than once")
-    order, outside = _dependency_order(specs)
-    ids = [spec.id or "" for spec in specs]
+    keys = [spec.unique_key for spec in specs if spec.unique_key is not None]
+    if keys:
+        with write(conn):
+            holders = _holders(conn, keys)
+            duplicate = [False] * len(specs)
+            first_of: dict[str, int] = {}
+            for i, spec in enumerate(specs):
+                key = spec.unique_key
+                if key is None:
+                    continue
+                if key in holders or key in first_of:
+                    if on_duplicate == "error":
+                        holder = holders.get(key) or specs[first_of[key]].id or "another job"
+                        raise Conflict(f"unique key '{key}' is held by unfinished job "
+                                       f"'{holder}'")
+                    duplicate[i] = True
+                else:
+                    first_of[key] = i
+            kept = [spec for spec, dup in zip(specs, duplicate, strict=True) if not dup]
+            made = iter(_enqueue(conn, kept) if kept else [])
+            ids = [next(made) if not dup else "" for dup in duplicate]
+            for i, spec in enumerate(specs):
+                if duplicate[i]:
+                    key = spec.unique_key or ""
+                    ids[i] = holders.get(key) or ids[first_of[key]]
+            return ids, duplicate
+    ordered = _dependency_order(specs)
     with write(conn):
-        _refuse_existing(conn, given)
-        _refuse_bad_deps(conn, outside)
-        defaults = _defaults(settings.load(conn))
-        now = conn.now()
-        first = next_seq(conn)
-        made = [i for i in order if not ids[i]]
-        if made:
-            seq_of = {i: first + position for position, i in enumerate(order)}
-            clashes = _existing(conn, [spell(seq_of[i]) for i in made])
-            for i in made:
-                ids[i] = spell(seq_of[i])
-                if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
-                    ids[i] = _made_id(seq_of[i], lambda job_id: bool(_existing(conn, [job_id])))
-        append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
+        return _enqueue(conn, specs, ordered), [False] * len(specs)
+
+
+def _enqueue(conn: Db, specs: Sequence[JobSpec],
+             ordered: tuple[list[int], set[str]] | None = None) -> list[str]:
+    """Write ``specs`` (none a duplicate) in the caller's write transaction; ``ordered``:
+    their ``_dependency_order``, if worked out before the lock was taken."""
+    order, outside = ordered or _dependency_order(specs)
+    ids = [spec.id or "" for spec in specs]
+    _refuse_existing(conn, [spec.id for spec in specs if spec.id])
+    _refuse_bad_deps(conn, outside)
+    defaults = _defaults(settings.load(conn))
+    now = conn.now()
+    first = next_seq(conn)
+    made = [i for i in order if not ids[i]]
+    if made:
+        seq_of = {i: first + position for position, i in enumerate(order)}
+        clashes = _existing(conn, [spell(seq_of[i]) for i in made])
+        for i in made:
+            ids[i] = spell(seq_of[i])
+            if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
+                ids[i] = _made_id(seq_of[i], lambda job_id: bool(_existing(conn, [job_id])))
+    append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
     return ids
 
 
@@ -238,6 +291,7 @@ def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) ->
         priority=spec.priority,
         run_at=clock.after(now, spec.delay) if spec.delay else spec.run_at,
         after=tuple(spec.after),
+        unique_key=spec.unique_key,
         backoff_max=defaults["backoff_max"],
         backoff_jitter=defaults["backoff_jitter"],
         queue=spec.queue,
@@ -250,6 +304,19 @@ def _existing(conn: Db, ids: Sequence[str]) -> set[str]:
         chunk = ids[start : start + BATCH]
         marks = ",".join("?" * len(chunk))
         found.update(r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
+    return found
+
+
+def _holders(conn: Db, keys: Sequence[str]) -> dict[str, str]:
+    """The unfinished job holding each of ``keys`` that one holds."""
+    found: dict[str, str] = {}
+    distinct = list(dict.fromkeys(keys))
+    for start in range(0, len(distinct), BATCH):
+        chunk = distinct[start : start + BATCH]
+        marks = ",".join("?" * len(chunk))
+        found.update(conn.execute(conn.dialect.sql(
+            f"SELECT unique_key, id FROM jobs {{jobs_unique_key}} "
+            f"WHERE unique_key IN ({marks}) AND {UNIQUE_HELD}"), chunk).fetchall())
     return found
 
 
@@ -326,6 +393,11 @@ def dlq_retry(conn: Db, job_id: str) -> int:
             raise Conflict(
                 f"Job {job_id} is not in the dead letter queue (state: {job['state']})"
             )
+        key = job["unique_key"]
+        holder = _holders(conn, [key]).get(key) if key is not None else None
+        if holder is not None:
+            raise Conflict(f"Job {job_id} cannot be retried: unique key '{key}' is held by "
+                           f"unfinished job '{holder}'")
         append(conn, ev.Requeued(job_id=job_id, max_retries=job["max_retries"]))
     return int(job["max_retries"])
 
@@ -347,6 +419,87 @@ def cancel(conn: Db, job_id: str) -> str:
         cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user")
         append(conn, cancelled, *_cancel_dependents(conn, job_id))
     return "cancelled"
+
+
+# -- bulk actions -------------------------------------------------------------------------
+
+BULK_BATCH = 500  # jobs a transaction in a bulk action: workers wait for one batch at most
+
+
+def _bulk_rows(conn: Db, state: str, queue: str | None, after: int, limit: int | None,
+               columns: str = "seq, id", count: bool = False) -> list[tuple[Any, ...]]:
+    """Jobs in ``state`` (of ``queue``) after seq ``after``, oldest first; a running job
+    whose cancel was asked for already is not one to ask again."""
+    where = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}" if state in INDEXED \
+        else "WHERE state = ?"
+    where += " AND seq > ?"
+    params: list[Any] = [state, after]
+    if state == State.PROCESSING:
+        where += " AND cancel_requested = 0"
+    if queue:
+        where += " AND queue = ?"
+        params.append(queue)
+    if count:
+        return conn.execute(conn.dialect.sql(f"SELECT count(*) FROM jobs {where}"),
+                            params).fetchall()
+    return conn.execute(conn.dialect.sql(
+        f"SELECT {columns} FROM jobs {where} ORDER BY seq LIMIT ?"), [*params, limit]).fetchall()
+
+
+def bulk_count(conn: Db, state: str, queue: str | None = None) -> int:
+    """How many jobs a bulk action on ``state`` (of ``queue``) would take: a dry run."""
+    return int(_bulk_rows(conn, state, queue, 0, None, count=True)[0][0])
+
+
+def cancel_all(conn: Db, state: str, queue: str | None = None,
+               batch: int = BULK_BATCH) -> tuple[int, int]:
+    """Cancel every job in ``state`` (of ``queue``), ``batch`` jobs a transaction so that
+    workers keep getting the lock between them; running jobs get a cancel request, which
+    their workers carry out. Jobs waiting on a cancelled job are cancelled too. Returns
+    (jobs cancelled, running jobs asked to stop)."""
+    if state not in CANCELLABLE:
+        raise InvalidInput(f"{state} jobs cannot be cancelled; only pending, scheduled, "
+                           "waiting, failed or processing ones")
+    cancelled = requested = after = 0
+    while True:
+        with write(conn):
+            rows = _bulk_rows(conn, state, queue, after, batch)
+            if not rows:
+                return cancelled, requested
+            after = rows[-1][0]
+            done: set[str] = set()
+            for _, job_id in rows:
+                if job_id in done:  # cancelled already, waiting on one before it
+                    continue
+                if state == State.PROCESSING:
+                    append(conn, ev.CancelRequested(job_id=job_id))
+                    requested += 1
+                    continue
+                events = [ev.Cancelled(job_id=job_id, reason="cancelled by user"),
+                          *_cancel_dependents(conn, job_id)]
+                append(conn, *events)
+                done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
+                cancelled += len(events)
+
+
+def dlq_retry_all(conn: Db, queue: str | None = None,
+                  batch: int = BULK_BATCH) -> tuple[int, int]:
+    """``dlq_retry`` for every dead job (of ``queue``), ``batch`` a transaction. A job whose
+    unique key an unfinished job holds stays dead. Returns (requeued, left dead)."""
+    requeued = skipped = after = 0
+    while True:
+        with write(conn):
+            rows = _bulk_rows(conn, State.DEAD, queue, after, batch,
+                              "seq, id, max_retries, unique_key")
+            if not rows:
+                return requeued, skipped
+            after = rows[-1][0]
+            for _, job_id, max_retries, key in rows:
+                if key is not None and _holders(conn, [key]):
+                    skipped += 1
+                    continue
+                append(conn, ev.Requeued(job_id=job_id, max_retries=max_retries))
+                requeued += 1
 
 
 # -- what follows from a job's end (also used by the worker's side) -----------------------

@@ -38,6 +38,7 @@ class Enqueued(_Event, tag="enqueued", frozen=True):
     backoff_max: float = 0.0  # cap on one retry delay; 0 means none
     backoff_jitter: float = 0.0  # 0..1: a delay may be shortened by up to this fraction
     queue: str = "default"  # the named queue it waits in
+    unique_key: str | None = None  # no other unfinished job may hold the same key
 
 
 class Claimed(_Event, tag="claimed", frozen=True):

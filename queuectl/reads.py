@@ -23,7 +23,7 @@ INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State
 JOB_FIELDS = (
     "id, command, queue, state, priority, attempts, max_retries, backoff_base, backoff_max, "
     "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
-    "created_at, updated_at, "
+    "unique_key, created_at, updated_at, "
     "{dependencies} AS after"  # a JSON array of ids, each store's own way (store.Dialect)
 )
 

@@ -117,8 +117,8 @@ def _cut(text: str) -> str:
 
 JOB_JSON_FIELDS = (
     "id", "command", "queue", "state", "priority", "attempts", "max_retries", "backoff_base",
-    "backoff_max", "backoff_jitter", "timeout", "run_at", "after", "exit_code", "last_error",
-    "created_at", "updated_at",
+    "backoff_max", "backoff_jitter", "timeout", "run_at", "after", "unique_key", "exit_code",
+    "last_error", "created_at", "updated_at",
 )
 _TIMED = ("scheduled", "failed", "pending")
 
@@ -235,6 +235,7 @@ def event_details(event: ev.Event) -> str:
             extras += [f"timeout {t:g}s"] * bool(t)
             extras += [f"priority {event.priority}"] * bool(event.priority)
             extras += [f"queue {event.queue}"] * (event.queue != "default")
+            extras += [f"unique key {event.unique_key}"] * (event.unique_key is not None)
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
             return f"command: {c} ({', '.join(extras)})"
@@ -377,6 +378,7 @@ def show(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) 
         ("ID", job["id"]),
         ("Command", job["command"]),
         ("Queue", job["queue"]),
+        ("Unique key", job["unique_key"] or "-"),
         ("State", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
         ("Priority", job["priority"]),
         ("Attempts", f"{job['attempts']} of {1 + job['max_retries']} allowed runs"),

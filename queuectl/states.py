@@ -34,6 +34,8 @@ TIMED = (State.SCHEDULED, State.FAILED)
 FINAL = (State.COMPLETED, State.DEAD, State.CANCELLED)
 # What ``worker --burst`` waits for: jobs that will run without anyone's doing.
 UNFINISHED = (State.PENDING, State.PROCESSING, State.FAILED)
+# The states in which a job holds its unique key: every one before it is finished.
+HOLDS_KEY = (State.PENDING, State.SCHEDULED, State.WAITING, State.PROCESSING, State.FAILED)
 
 
 def any_of(*states: State) -> str:

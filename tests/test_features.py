@@ -806,7 +806,7 @@ def test_show_text_and_json(run, conn, monkeypatch):
         "id": "J", "command": "make report", "queue": "default", "state": "waiting",
         "priority": 7, "attempts": 0,
         "max_retries": 2, "backoff_base": 3.0, "backoff_max": 30.0, "backoff_jitter": 0.25,
-        "timeout": 4.0, "run_at": None, "after": ["dep1", "dep2"],
+        "timeout": 4.0, "run_at": None, "after": ["dep1", "dep2"], "unique_key": None,
         "dependencies": [{"id": "dep1", "state": "completed"}, {"id": "dep2", "state": "pending"}],
         "exit_code": None, "last_error": None, "created_at": T(0), "updated_at": T(0),
         "worker_id": None, "cancel_requested": False,

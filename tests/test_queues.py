@@ -1,5 +1,7 @@
-"""Named queues (issue 13): ``enqueue --queue``, ``list -q``, ``status`` per queue, ``worker -q``
-in strict order, and ``queuectl queues``. Every test runs on both stores."""
+"""Named queues, pause and limits, unique jobs (issue 13): ``enqueue --queue``, ``list -q``,
+``status`` per queue, ``worker -q`` in strict order, ``queuectl queues``, ``queue
+pause|resume|limit`` and ``enqueue --unique-key``. Every test runs on both stores unless
+it says otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import spawn, wait_for
 from test_features import burst, rows, workers
 
 from queuectl import claims, decisions, reads
@@ -246,3 +248,137 @@ def test_a_run_ending_under_a_limit_wakes_idle_workers(conn, db):
         claims.finish(conn, job, ev.Completed(job_id=job.job_id, worker_id="w",
                                               attempt=job.attempt))
         assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == ["queuectl"]
+# -- unique jobs -----------------------------------------------------------------------------
+
+
+def test_a_unique_key_keeps_one_unfinished_job(run, conn):
+    first = run("enqueue", "-c", "make report", "--unique-key", "report:today", "--id", "r1")
+    assert first.output == "Job added successfully with ID: r1\n"
+    again = run("enqueue", "-c", "make report", "--unique-key", "report:today")
+    assert again.exit_code == 0
+    assert again.output == "Job already queued with ID: r1 (unique key 'report:today')\n"
+    refused = run("enqueue", "-c", "make report", "--unique-key", "report:today",
+                  "--on-duplicate", "error")
+    assert refused.exit_code == 1
+    assert refused.stderr == ("Error: unique key 'report:today' is held by unfinished job "
+                              "'r1'\n")
+    assert [r["job_id"] for r in rows(conn, "enqueued")] == ["r1"]  # nothing else written
+    assert reads.get_job(conn, "r1")["unique_key"] == "report:today"
+    # JSON and files say the same: the key is held, whichever way a job comes.
+    assert run("enqueue", '{"command": "x", "unique_key": "report:today"}').output == \
+        "Job already queued with ID: r1 (unique key 'report:today')\n"
+    lines = '{"command": "a", "unique_key": "k2"}\n{"command": "b", "unique_key": "k2"}\n' \
+            '{"command": "c", "unique_key": "report:today"}\n{"command": "d"}\n'
+    out = run("enqueue", "--file", "-", input=lines).output
+    assert out == "2 jobs added successfully; 2 already queued (unique keys held).\n"
+
+    # Once the job is finished, the key is free again.
+    with workers() as start:
+        burst(start)
+    assert run("enqueue", "-c", "make report", "--unique-key", "report:today",
+               "--id", "r2").output == "Job added successfully with ID: r2\n"
+
+
+def test_a_failed_job_waiting_to_retry_still_holds_its_key(run, conn):
+    added(run, "--id", "f", "-c", "exit 1", "--unique-key", "k", "--max-retries", "1",
+          "--backoff-base", "1000")
+    with workers() as start:
+        burst(start, "-l", "1")  # one run, then it waits 1,000 s to retry
+    assert reads.get_job(conn, "f")["state"] == "failed"
+    assert "Job already queued with ID: f" in run("enqueue", "-c", "x", "--unique-key", "k").output
+
+
+def test_a_dead_job_whose_key_was_taken_cannot_be_retried(run, conn):
+    added(run, "--id", "d", "-c", "exit 1", "--unique-key", "k", "--max-retries", "0")
+    with workers() as start:
+        burst(start)
+    assert reads.get_job(conn, "d")["state"] == "dead"
+    added(run, "--id", "n", "-c", "sleep 60", "--unique-key", "k", "--delay", "600")
+    refused = run("dlq", "retry", "d")
+    assert refused.exit_code == 1
+    assert "unique key 'k' is held by unfinished job 'n'" in refused.stderr
+    assert reads.get_job(conn, "d")["state"] == "dead"
+
+
+def test_concurrent_enqueuers_of_one_key_make_one_job(conn, tmp_path):
+    """Eight processes enqueue the same unique key at once: exactly one job is made, and
+    every process prints its id."""
+    procs = [spawn("enqueue", "-c", "true", "--unique-key", "only-once") for _ in range(8)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outs.append(out.strip().split(": ")[1].split()[0])
+    made = [r["job_id"] for r in rows(conn, "enqueued")]
+    assert len(made) == 1
+    assert set(outs) == set(made)
+
+
+# -- bulk actions ----------------------------------------------------------------------------
+
+
+def test_cancel_by_state_and_queue_with_a_dry_run_first(run, conn):
+    for n in range(3):
+        added(run, "--id", f"m{n}", "-c", "true", "-q", "media")
+    added(run, "--id", "d0", "-c", "true")
+    added(run, "--id", "after-m0", "-c", "true", "-q", "other", "--after", "m0")
+    before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    dry = run("cancel", "--state", "pending", "-q", "media", "--dry-run")
+    assert dry.output == "Would cancel 3 jobs (dry run: nothing written).\n"
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
+    # The job waiting on m0 is cancelled with it, and counted.
+    assert run("cancel", "--state", "pending", "-q", "media").output == "Cancelled 4 jobs.\n"
+    assert [reads.get_job(conn, j)["state"] for j in ("m0", "m1", "m2", "after-m0", "d0")] \
+        == ["cancelled"] * 4 + ["pending"]
+    assert run("cancel", "--state", "pending", "-q", "media").output == "Cancelled 0 jobs.\n"
+
+
+def test_a_bulk_cancel_goes_in_batches(conn, monkeypatch):
+    """1,200 jobs in batches of 500: three transactions that cancel, each short enough
+    that workers get the lock between them, and one that finds none left."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(1200)])
+    transactions = []
+    real = decisions.write
+
+    def counted(db: Any) -> Any:
+        transactions.append(1)
+        return real(db)
+
+    monkeypatch.setattr(decisions, "write", counted)
+    assert decisions.cancel_all(conn, "pending", batch=500) == (1200, 0)
+    assert len(transactions) == 4
+    assert reads.counts(conn)["cancelled"] == 1200
+
+
+def test_cancel_every_running_job_asks_their_workers(run, conn):
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"r{n}") for n in range(3)])
+    claims.worker_started(conn, 1, "h", worker_id="w")
+    held = [claims.claim(conn, "w") for _ in range(2)]
+    assert all(held)
+    out = run("cancel", "--state", "processing").output
+    assert out == "Cancel requested for 2 running jobs; their workers will stop them.\n"
+    assert sorted(r["job_id"] for r in rows(conn, "cancel-requested")) == ["r0", "r1"]
+    # Asked once: a second run finds none left to ask.
+    assert run("cancel", "--state", "processing").output.startswith(
+        "Cancel requested for 0 running jobs")
+
+
+def test_dlq_retry_all_of_a_queue(run, conn):
+    for job_id, queue in (("a", "media"), ("b", "media"), ("c", "default")):
+        added(run, "--id", job_id, "-c", "exit 1", "-q", queue, "--max-retries", "0")
+    added(run, "--id", "k1", "-c", "exit 1", "-q", "media", "--max-retries", "0",
+          "--unique-key", "k")
+    with workers() as start:
+        burst(start)
+    assert reads.counts(conn)["dead"] == 4
+    added(run, "--id", "k2", "-c", "true", "--unique-key", "k", "--delay", "600")
+    assert run("dlq", "retry", "--all", "-q", "media", "--dry-run").output == \
+        "Would requeue 3 jobs (dry run: nothing written).\n"
+    out = run("dlq", "retry", "--all", "-q", "media").output
+    assert out == ("Requeued 2 jobs from the dead letter queue; 1 job left dead "
+                   "(unique key held).\n")
+    assert {j: reads.get_job(conn, j)["state"] for j in ("a", "b", "c", "k1")} == \
+        {"a": "pending", "b": "pending", "c": "dead", "k1": "dead"}
+    assert [r["job_id"] for r in rows(conn, "requeued")] == ["a", "b"]
+    assert run("dlq", "retry", "--all").output == "Requeued 1 job from the dead letter queue; " \
+        "1 job left dead (unique key held).\n"
