@@ -115,10 +115,10 @@ class Rows:
         self.before.clear()
 
 
-from projections import config, jobs, queues, runs, workers  # noqa: E402
+from projections import config, jobs, queues, runs, schedules, workers  # noqa: E402
 
 # A projector reads only its own tables, so each can be rebuilt alone.
-REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config, queues)
+REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config, queues, schedules)
 
 
 def appliers(projections: tuple[ModuleType, ...], event_type: type) -> tuple:  # type: ignore[type-arg]

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from queuectl import decisions, ledger, limits, reads, settings, store
+from queuectl import clock, decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State, WorkerState
 
@@ -342,7 +342,7 @@ def list_(ctx: click.Context, state: str | None, queue: str | None, limit: int |
 def status(ctx: click.Context, as_json: bool) -> None:
     """Job counts per state, and the workers still running (active, or silent for longer
     than lease-timeout); workers that stopped or were declared gone are only counted."""
-    from queuectl import clock, render
+    from queuectl import render
 
     conn = _db(ctx)
     counts = reads.counts(conn)
@@ -535,6 +535,91 @@ def queue_limit(ctx: click.Context, name: str, n: int) -> None:
 
 
 @cli.group()
+def schedule() -> None:
+    """Periodic jobs: a command enqueued at each tick of a cron expression."""
+
+
+@schedule.command("add")
+@click.argument("name", metavar="NAME")
+@click.option("--cron", "cron", required=True, metavar="EXPR",
+              help='Standard 5-field cron ("*/5 * * * *") or an alias (@hourly, @daily, '
+                   "@weekly, @monthly, @yearly).")
+@click.option("-c", "--command", required=True, help="Shell command each tick enqueues.")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name, default="default",
+              help="The queue its jobs wait in (default: default).")
+@click.option("--timezone", default="UTC", show_default=True, metavar="TZ",
+              help="The time zone the expression is read in (an IANA name).")
+@click.option("--max-retries", type=Number("max_retries"), help="Each job's retries.")
+@click.option("--backoff-base", type=Number("backoff_base"), help="Each job's retry base.")
+@click.option("--timeout", type=Number("timeout"), help="Seconds before a job is killed.")
+@click.option("-p", "--priority", type=Number("priority"), default=0, help="Each job's priority.")
+@click.pass_context
+def schedule_add(ctx: click.Context, name: str, cron: str, command: str, queue: str,
+                 timezone: str, **options: Any) -> None:
+    """Enqueue COMMAND at each tick of --cron, from running workers (each tick once,
+    however many workers and hosts there are).
+
+    \b
+    Example:
+        queuectl schedule add backup --cron "0 2 * * *" -c backup.sh --timezone Europe/Paris
+        queuectl schedule add poll --cron "*/5 * * * *" -c "curl -fsS example.com" -q web
+    """
+    from queuectl import schedules
+
+    spec = decisions.JobSpec(command=command, queue=queue, **options)
+    first = schedules.add(_db(ctx, create=True), name, cron, spec, timezone)
+    click.echo(f"Schedule '{name}' added; its first job at {clock.human(first)} UTC.")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """Every schedule, with its next tick and the job its last tick made."""
+    from queuectl import render, schedules
+
+    found = schedules.listed(_db(ctx))
+    for row in found:
+        row["paused"] = bool(row["paused"])
+    if as_json:
+        return _json(found)
+    render.schedules_table(found)
+
+
+@schedule.command("remove")
+@click.argument("name", metavar="NAME")
+@click.pass_context
+def schedule_remove(ctx: click.Context, name: str) -> None:
+    """Remove a schedule (the jobs it made stay)."""
+    from queuectl import schedules
+
+    schedules.remove(_db(ctx), name)
+    click.echo(f"Schedule '{name}' removed.")
+
+
+@schedule.command("pause")
+@click.argument("name", metavar="NAME")
+@click.pass_context
+def schedule_pause(ctx: click.Context, name: str) -> None:
+    """Make no more jobs until resumed (ticks while paused are not caught up)."""
+    from queuectl import schedules
+
+    changed = schedules.pause(_db(ctx), name)
+    click.echo(f"Schedule '{name}' paused." if changed else f"Schedule '{name}' was paused already.")
+
+
+@schedule.command("resume")
+@click.argument("name", metavar="NAME")
+@click.pass_context
+def schedule_resume(ctx: click.Context, name: str) -> None:
+    """Make jobs again, from the next tick after now."""
+    from queuectl import schedules
+
+    changed = schedules.pause(_db(ctx), name, paused=False)
+    click.echo(f"Schedule '{name}' resumed." if changed else f"Schedule '{name}' was not paused.")
+
+
+@cli.group()
 def dlq() -> None:
     """The dead letter queue: jobs that failed every allowed run."""
 
@@ -690,7 +775,8 @@ def _run(ctx: click.Context, **options: Any) -> None:
 @click.option("--check", is_flag=True, help="Rebuild aside and compare; exit 1 on any drift.")
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
-    """Replay the ledger into fresh projections (jobs, runs, workers, config, queues)."""
+    """Replay the ledger into fresh projections (jobs, runs, workers, config, queues,
+    schedules)."""
     conn = _db(ctx)
     if check:
         problems = ledger.check(conn)

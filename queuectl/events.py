@@ -205,6 +205,62 @@ class QueueLimited(_Event, tag="queue-limited", frozen=True):
     limit: int  # 0: no limit
 
 
+# -- schedules --------------------------------------------------------------------------
+
+
+class ScheduleAdded(_Event, tag="schedule-added", frozen=True):
+    """A periodic job: ``command`` enqueued at each tick of ``cron`` (in ``timezone``)."""
+
+    name: str
+    cron: str
+    command: str
+    next_at: str  # its first tick (UTC)
+    timezone: str = "UTC"
+    queue: str = "default"
+    priority: int = 0
+    max_retries: int | None = None  # None: the settings' default when a job is made
+    backoff_base: float | None = None
+    timeout: float | None = None
+
+
+class ScheduleRemoved(_Event, tag="schedule-removed", frozen=True):
+    name: str
+
+
+class SchedulePaused(_Event, tag="schedule-paused", frozen=True):
+    name: str
+
+
+class ScheduleResumed(_Event, tag="schedule-resumed", frozen=True):
+    """Ticks missed while it was paused are not caught up: it goes on from ``next_at``."""
+
+    name: str
+    next_at: str
+
+
+class ScheduleFired(_Event, tag="schedule-fired", frozen=True):
+    """A tick made a job (``job_id``, enqueued with it). ``missed``: ticks that passed
+    before it with no job made (no worker was running); this one is their catch-up."""
+
+    name: str
+    tick: str
+    job_id: str
+    next_at: str
+    missed: int = 0
+
+
+class ScheduleSkipped(_Event, tag="schedule-skipped", frozen=True):
+    """A tick made no job: the one its schedule made before was still unfinished (``held``),
+    or the id it would have had was taken."""
+
+    name: str
+    tick: str
+    reason: str
+    next_at: str
+    held: str | None = None
+    missed: int = 0
+
+
 Event = (
     Enqueued
     | Claimed
@@ -229,6 +285,12 @@ Event = (
     | QueuePaused
     | QueueResumed
     | QueueLimited
+    | ScheduleAdded
+    | ScheduleRemoved
+    | SchedulePaused
+    | ScheduleResumed
+    | ScheduleFired
+    | ScheduleSkipped
 )
 
 TAGS: dict[str, type] = {

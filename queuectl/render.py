@@ -217,6 +217,22 @@ def queues_table(queues: list[dict[str, Any]]) -> None:
            wide=frozenset({"Jobs"}))
 
 
+def schedules_table(found: list[dict[str, Any]]) -> None:
+    """One row per schedule: when it ticks (and in which zone), its next tick or that it is
+    paused, its queue and command, its last job and how many ticks made one."""
+    if not found:
+        print("Schedules: none")
+        return
+    rows = []
+    for s in found:
+        when = s["cron"] + ("" if s["timezone"] == "UTC" else f" ({s['timezone']})")
+        made = str(s["fired"]) + (f" ({s['skipped']} skipped)" if s["skipped"] else "")
+        rows.append([s["name"], when, "paused" if s["paused"] else clock.human(s["next_at"]),
+                     s["queue"], s["command"], s["last_job"] or "-", made])
+    _table("Schedules", ["Name", "Cron", "Next (UTC)", "Queue", "Command", "Last job", "Made"],
+           rows, wide=frozenset({"Command", "Cron"}))
+
+
 def worker_state(worker: dict[str, Any], stale_before: str) -> str:
     """``active`` workers whose heartbeat is older than the lease timeout show as ``silent``."""
     if worker["state"] == "active" and worker["last_heartbeat"] < stale_before:
@@ -268,6 +284,9 @@ def event_details(event: ev.Event) -> str:
             return f"moved to the DLQ after {_count(a, 'attempt')}: {r}"
         case ev.Requeued(max_retries=m):
             return f"requeued from the DLQ with max_retries {m}"
+        case ev.ScheduleFired(name=n, tick=t, missed=m):
+            caught = f", the catch-up of {_count(m, 'missed tick')} before it" if m else ""
+            return f"made by schedule {n} for its {clock.human(t)} tick{caught}"
     return ""
 
 
@@ -319,6 +338,11 @@ def worker_line(event: ev.Event, total: int | None = None) -> str:
             return f"Job {j} state: failed - Will retry in {d:g}s"
         case ev.Dead(job_id=j):
             return f"Job {j} state: DEAD"
+        case ev.ScheduleFired(name=n, job_id=j, missed=m):
+            caught = f" (catching up {_count(m, 'missed tick')})" if m else ""
+            return f"Schedule {n} enqueued job {j}{caught}"
+        case ev.ScheduleSkipped(name=n, tick=t, reason=r):
+            return f"Schedule {n} skipped its {clock.human(t)} tick: {r}"
     return ""
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from queuectl import claims, clock, ledger, render, runner, settings, store
+from queuectl import claims, clock, ledger, render, runner, schedules, settings, store
 from queuectl import events as ev
 from queuectl.errors import StoreUnavailable
 from queuectl.store import Db
@@ -27,6 +27,7 @@ from queuectl.store import Db
 T = TypeVar("T")
 
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
+SCHEDULE_LOOK = 1.0  # seconds between looks for a due schedule tick, by each worker
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Worker:
         self.env = runner.base_env()
         self._next_beat = 0.0
         self._next_rescue = 0.0
+        self._next_schedules = 0.0
         self._next_cancel_check = 0.0
         self._started = 0.0  # when the running job started, on the monotonic clock
         self._kill_reason: str | None = None
@@ -236,6 +238,10 @@ class Worker:
         if now >= self._next_rescue:
             self._next_rescue = now + float(self.config["heartbeat-interval"])
             self._rescue()
+        if now >= self._next_schedules:  # a due tick waits for this look, a second at most
+            self._next_schedules = now + SCHEDULE_LOOK
+            for event in self.db(schedules.fire_due):
+                self.report(event)
 
     def _rescue(self) -> None:
         """Take back the jobs of workers this process has watched fall silent. Their runs
@@ -340,6 +346,11 @@ class Worker:
         run_at = self.persist(claims.next_run_at, self.options.queues)
         if run_at is not None and run_at > tried:
             timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), run_at)))
+        tick = self.persist(schedules.next_due)
+        if tick is not None:  # looked for at the first housekeeping after it is due
+            until = max(clock.seconds_between(self.persist(_now), tick),
+                        self._next_schedules - time.monotonic())
+            timeout = min(timeout, max(0.0, until))
         return timeout
 
     def _work(self, job: claims.Claim, started: ev.Started | None) -> None:

@@ -1,0 +1,77 @@
+"""The ``schedules`` projection: one row per periodic job, as ``schedule list`` shows it.
+
+Rules it enforces: a schedule exists from its ``schedule-added`` until its
+``schedule-removed``; it is paused between ``schedule-paused`` and ``schedule-resumed``;
+``next_at`` is the tick the latest of its events named (every tick a worker handles says
+which comes next, so the projection never reads a clock or a cron expression); the last
+tick handled, the job it made, and how many ticks made jobs or were skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import projections
+from queuectl import events as ev
+from queuectl.store import Db
+
+NAME = "schedules"
+VERSION = 1
+TABLES = {"schedules": ("name",)}
+
+DDL = (
+    """CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        command TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        max_retries INTEGER,
+        backoff_base REAL,
+        timeout REAL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        next_at TEXT NOT NULL,
+        last_tick TEXT,
+        last_job TEXT,
+        fired INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+)
+
+HANDLES = frozenset({ev.ScheduleAdded, ev.ScheduleRemoved, ev.SchedulePaused,
+                     ev.ScheduleResumed, ev.ScheduleFired, ev.ScheduleSkipped})
+
+_ADD = """INSERT INTO schedules (name, cron, timezone, command, queue, priority, max_retries,
+    backoff_base, timeout, next_at, created_at, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+def _unknown(name: str) -> LookupError:
+    return LookupError(f"event for unknown schedule {name!r}")
+
+
+def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
+    if isinstance(e, ev.ScheduleAdded):
+        tx.change(_ADD, (e.name, e.cron, e.timezone, e.command, e.queue, e.priority,
+                         e.max_retries, e.backoff_base, e.timeout, e.next_at, at, at))
+        return
+    if isinstance(e, ev.ScheduleRemoved):
+        tx.change("DELETE FROM schedules WHERE name = ?", (e.name,), expect=1,
+                  otherwise=_unknown(e.name))
+        return
+    changes: dict[str, Any]
+    if isinstance(e, ev.SchedulePaused):
+        changes = {"paused": 1}
+    elif isinstance(e, ev.ScheduleResumed):
+        changes = {"paused": 0, "next_at": e.next_at}
+    elif isinstance(e, ev.ScheduleFired):
+        changes = {"next_at": e.next_at, "last_tick": e.tick, "last_job": e.job_id,
+                   "fired": projections.Plus(1)}
+    else:  # ScheduleSkipped
+        changes = {"next_at": e.next_at, "last_tick": e.tick, "skipped": projections.Plus(1)}
+    changes["updated_at"] = at
+    sql, values = projections.update_sql("schedules", "name", changes)
+    tx.change(sql, (*values, e.name), expect=1, otherwise=_unknown(e.name))
