@@ -24,7 +24,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db
 
 NAME = "jobs"
-VERSION = 9
+VERSION = 10
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -33,6 +33,17 @@ DEFAULT_QUEUE = "default"
 # only when it repeats the predicate word for word, so queries take these constants too.
 CLAIMABLE_SQL = any_of(*CLAIMABLE)
 TIMED_SQL = any_of(*TIMED)
+# Named queues' ready jobs. The default queue's are in jobs_ready already: a second entry
+# for each of them cost a bulk enqueue a tenth of its speed.
+NAMED_READY_SQL = f"{CLAIMABLE_SQL} AND queue != '{DEFAULT_QUEUE}'"
+
+
+def ready_of(queue: str) -> tuple[str, str]:
+    """The index mark and the condition (with one ``?``, the queue) that find one queue's
+    ready jobs through the index that holds them."""
+    if queue == DEFAULT_QUEUE:
+        return "{jobs_ready}", f"queue = ? AND {CLAIMABLE_SQL}"
+    return "{jobs_queue_ready}", f"queue = ? AND {NAMED_READY_SQL}"
 # Unfinished jobs hold their unique keys: the predicate of the jobs_unique_key index.
 UNIQUE_HELD = f"unique_key IS NOT NULL AND ({any_of(*HOLDS_KEY)})"
 # Jobs in the rarer states (list -s, rescue). Pending jobs are in jobs_ready and completed
@@ -87,8 +98,8 @@ INDEXES = (
     "CREATE UNIQUE INDEX jobs_id ON jobs (id)",
     # The claim query walks this index in order: highest priority first, then oldest.
     f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE_SQL}",
-    # A worker given queues (worker -q) walks each one's ready jobs in the same order.
-    f"CREATE INDEX jobs_queue_ready ON jobs (queue, priority DESC, seq) WHERE {CLAIMABLE_SQL}",
+    # A worker given named queues (worker -q) walks each one's ready jobs in the same order.
+    f"CREATE INDEX jobs_queue_ready ON jobs (queue, priority DESC, seq) WHERE {NAMED_READY_SQL}",
     # When the next scheduled job or retry is due (pending jobs are due already).
     f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {TIMED_SQL}",
     f"CREATE INDEX jobs_state ON jobs (state, seq) WHERE {INDEXED_STATES}",

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, TIMED_SQL
+from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, TIMED_SQL, ready_of
 from queuectl import clock, limits
 from queuectl import events as ev
 from queuectl.decisions import _cancel_dependents, _cancelled_after_run, _made_id, _unblocked_by
@@ -254,10 +254,15 @@ _KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, 
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs {{jobs_ready}}
     WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) AS best"""
-_KNOWN_READY_IN = f"""SELECT 'r{{n}}', id, command, run_at, attempts, max_retries, priority,
-    seq, backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs
-    {{{{jobs_queue_ready}}}} WHERE queue = ? AND {CLAIMABLE_SQL} AND run_at <= ?
-    ORDER BY priority DESC, seq LIMIT ?) AS best{{n}}"""
+
+
+def _ready_in(position: int, queue: str) -> str:
+    """``_KNOWN_READY`` for the ``position``-th of a worker's queues (kind ``r<position>``)."""
+    index, where = ready_of(queue)
+    return (f"SELECT 'r{position}', id, command, run_at, attempts, max_retries, priority, seq, "
+            "backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs "
+            f"{index} WHERE {where} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) "
+            f"AS best{position}")
 
 
 def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
@@ -265,7 +270,7 @@ def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
     ``_KNOWN_READY``'s columns, sorted by ``_best``)."""
     if not queues:
         return _KNOWN_READY, [at, n]
-    parts = [_KNOWN_READY_IN.format(n=i) for i in range(len(queues))]
+    parts = [_ready_in(i, queue) for i, queue in enumerate(queues)]
     return " UNION ALL ".join(parts), [v for q in queues for v in (q, at, n)]
 
 

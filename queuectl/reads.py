@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES
+from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, ready_of
 from queuectl import clock, limits
 from queuectl import events as ev
 from queuectl.errors import InvalidInput, NotFound
@@ -53,14 +53,17 @@ def list_jobs(
 ) -> list[dict[str, Any]]:
     """Jobs oldest first, optionally of one state and one queue; pending jobs in the order
     they will run (highest priority first, then oldest)."""
-    if state == State.PENDING:
-        index = "{jobs_queue_ready}" if queue else "{jobs_ready}"
-        where, order = f"{index} WHERE state = ? AND {CLAIMABLE_SQL}", "priority DESC, seq"
+    params: tuple[Any, ...] = (state,) if state else ()
+    if state == State.PENDING and queue:
+        index, ready = ready_of(queue)
+        where, order = f"{index} WHERE state = ? AND {ready}", "priority DESC, seq"
+        params, queue = (state, queue), None  # the queue is in the condition already
+    elif state == State.PENDING:
+        where, order = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", "priority DESC, seq"
     elif state in INDEXED:
         where, order = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}", "seq"
     else:  # all jobs, or completed ones: rows are stored oldest first
         where, order = ("WHERE state = ?" if state else "WHERE 1 = 1"), "seq"
-    params: tuple[Any, ...] = (state,) if state else ()
     if queue:
         where, params = f"{where} AND queue = ?", (*params, queue)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY {order} LIMIT ?")
@@ -88,9 +91,12 @@ def queues(conn: Db) -> list[dict[str, Any]]:
     """Every queue: paused or not, its limit (0: none), its jobs per state and how long its
     oldest pending job has waited (seconds, None when nothing is pending)."""
     now = conn.now()
-    oldest = conn.dialect.sql(
-        f"""SELECT min(run_at) FROM jobs {{jobs_queue_ready}}
-        WHERE queue = ? AND {CLAIMABLE_SQL} AND state = '{State.PENDING}'""")
+
+    def oldest(name: str) -> str:
+        index, ready = ready_of(name)
+        return conn.dialect.sql(f"SELECT min(run_at) FROM jobs {index} WHERE {ready} "
+                                f"AND state = '{State.PENDING}'")
+
     rules = {name: (bool(paused), int(limit)) for name, paused, limit in conn.execute(
         "SELECT name, paused, job_limit FROM queues").fetchall()}
     counted = queue_counts(conn)
@@ -101,7 +107,7 @@ def queues(conn: Db) -> list[dict[str, Any]]:
         paused, limit = rules.get(name, (False, 0))
         wait = None
         if per_state[State.PENDING]:
-            since = conn.execute(oldest, (name,)).fetchone()[0]
+            since = conn.execute(oldest(name), (name,)).fetchone()[0]
             if since is not None:
                 wait = round(max(0.0, clock.seconds_between(since, now)), 3)
         found.append({"queue": name, "paused": paused, "limit": limit, "jobs": per_state,
