@@ -24,7 +24,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db
 
 NAME = "jobs"
-VERSION = 10
+VERSION = 11
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -139,6 +139,10 @@ TRIGGERS = {
             UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
             WHERE queue = new.queue AND (state = new.state OR state = old.state);
         END""",
+        # Jobs leave the table only when pruned.
+        """CREATE TRIGGER job_counts_gone AFTER DELETE ON jobs BEGIN
+            UPDATE job_counts SET n = n - 1 WHERE queue = old.queue AND state = old.state;
+        END""",
     ),
     # Once a statement, from its transition tables: a batch's claims are one UPDATE of
     # many jobs, and their counts move in one step (a row trigger cost a third of the
@@ -158,6 +162,15 @@ TRIGGERS = {
         """CREATE TRIGGER job_counts_move AFTER UPDATE ON jobs
         REFERENCING OLD TABLE AS moved_from NEW TABLE AS moved_to
         FOR EACH STATEMENT EXECUTE FUNCTION job_counts_move()""",
+        """CREATE OR REPLACE FUNCTION job_counts_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE job_counts SET n = job_counts.n - gone.n FROM (
+                SELECT queue, state, count(*) AS n FROM pruned GROUP BY queue, state) AS gone
+            WHERE job_counts.queue = gone.queue AND job_counts.state = gone.state;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER job_counts_gone AFTER DELETE ON jobs REFERENCING OLD TABLE AS pruned
+        FOR EACH STATEMENT EXECUTE FUNCTION job_counts_gone()""",
     ),
 }
 
@@ -252,7 +265,7 @@ _CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
     ev.Cancelled: _cancelled,
 }
 
-HANDLES = frozenset({ev.Enqueued, *_CHANGES})  # event types this projection reads
+HANDLES = frozenset({ev.Enqueued, ev.Pruned, *_CHANGES})  # event types this projection reads
 
 
 # -- the live path: one statement per event ----------------------------------------------
@@ -305,9 +318,19 @@ class _Current(Mapping[str, Any]):
         return len(COLUMNS)
 
 
+def _pruned(tx: Db, e: ev.Pruned) -> None:
+    """Pruned jobs leave the tables (their counts with them, by trigger); their queues'
+    count rows stay."""
+    tx.bulk_delete("job_deps", "job_id", e.jobs)
+    tx.bulk_delete("jobs", "id", e.jobs)
+
+
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     if type(e) is ev.Enqueued:
         _enqueued(tx, seq, at, e)
+        return
+    if type(e) is ev.Pruned:
+        _pruned(tx, e)
         return
     job_id = e.job_id
     changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
@@ -342,6 +365,7 @@ class Replay:
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx = tx
         self.counts: Counter[tuple[str, str]] = Counter()  # jobs per (queue, state) written
+        self.queues: set[str] = set()  # queues whose every job may have been pruned
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
                                      locate=lambda job_id: find(job_id, "enqueued"))
@@ -349,7 +373,13 @@ class Replay:
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
+        if kind is ev.Pruned:
+            return self._pruned
         return self._enqueued if kind is ev.Enqueued else partial(self._changed, _CHANGES[kind])
+
+    def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
+        # The pruned jobs' events left the ledger with them: a replay never made their rows.
+        self.queues.update(e.queues)
 
     def _changed(self, rule: Callable[..., dict[str, Any]], seq: int, at: str, e: Any) -> None:
         row = self._held(e.job_id) or self.rows.get(e.job_id)
@@ -380,7 +410,7 @@ class Replay:
     def close(self) -> None:
         """Write what is held, then ``job_counts``, counted once instead of per event."""
         self.flush()
-        queues = {DEFAULT_QUEUE} | {queue for queue, _ in self.counts}
+        queues = {DEFAULT_QUEUE} | {queue for queue, _ in self.counts} | self.queues
         self.tx.executemany(_SET_COUNT, [(queue, state.value, self.counts[queue, state.value])
                                          for queue in sorted(queues) for state in State])
 

@@ -6,7 +6,8 @@ Rules it enforces: a claim opens a run whose ``wait`` is how long the job had be
 (claim time minus its ``run_at``); the run's outcome event (completed, failed, timed-out,
 lease-expired, released, cancelled) closes it with its duration; a ``dead`` event marks the
 run that exhausted the job's retries. ``run_counts`` keeps all-time totals so that
-``stats`` without ``--since`` reads no more than a few rows plus two index walks.
+``stats`` without ``--since`` reads no more than a few rows plus two index walks; of them,
+``pruned:<outcome>`` rows count the runs that ``queuectl prune`` took out of the table.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ _INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 _CLOSE = """UPDATE runs SET finished_at = ?, outcome = ?, exit_code = ?, duration = ?
     WHERE job_id = ? AND finished_at IS NULL"""
 fromisoformat = datetime.fromisoformat
+PRUNED = "pruned:"  # run_counts of runs pruned (queuectl prune) from the table: pruned:<outcome>
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 
 # run_counts follows the rows through these triggers, inside the database. A replay creates
@@ -122,13 +124,19 @@ _OUTCOMES: dict[type, Callable[..., tuple[str, int | None, float | None] | None]
     ev.Cancelled: lambda e: ("cancelled", None, None) if e.worker_id is not None else None,
 }
 
-HANDLES = frozenset({ev.Claimed, ev.Dead, *_OUTCOMES})  # the rest pass by
+HANDLES = frozenset({ev.Claimed, ev.Dead, ev.Pruned, *_OUTCOMES})  # the rest pass by
 
 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
         tx.change(_INSERT, list(_run(seq, at, e).values()))
+    elif kind is ev.Pruned:
+        # Their runs leave the table; run_counts keep them, as all-time totals, and count
+        # them again under pruned:<outcome>, so that stats knows which runs it still holds.
+        tx.bulk_delete("runs", "job_id", e.jobs)
+        for outcome, n in e.runs.items():
+            tx.change(_ADD.format("VALUES (?, ?)"), (PRUNED + outcome, n))
     elif kind is ev.Dead:
         # A dead event always follows the event that closed the job's latest run.
         tx.change(f"UPDATE runs SET dead = 1 WHERE seq = ({_LATEST})", (e.job_id,))
@@ -155,6 +163,8 @@ class Replay:
             return self._claimed
         if kind is ev.Dead:
             return self._dead
+        if kind is ev.Pruned:
+            return self._pruned
         return partial(self._closed, _OUTCOMES[kind])
 
     def _latest(self, job_id: str) -> dict[str, Any] | None:
@@ -169,6 +179,11 @@ class Replay:
         run = self._latest(e.job_id)
         if run is not None:
             run["dead"] = 1
+
+    def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
+        # A replay never made the pruned jobs' runs: the event gives their share of the totals.
+        self.counts.update(e.runs)
+        self.counts.update({PRUNED + outcome: n for outcome, n in e.runs.items()})
 
     def _closed(self, outcome: Callable[..., Any], seq: int, at: str, e: Any) -> None:
         run = self._latest(e.job_id)

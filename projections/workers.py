@@ -73,7 +73,18 @@ def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
 # A stop request flags every worker active at that moment.
 _STOP = f"UPDATE workers SET stop_requested = 1 WHERE state = '{WorkerState.ACTIVE}'"
 
-HANDLES = frozenset({ev.WorkerStarted, ev.StopRequested, *_CHANGES})  # the rest pass by
+HANDLES = frozenset({ev.WorkerStarted, ev.StopRequested, ev.Pruned, *_CHANGES})  # the rest pass by
+
+# A pruned event gives the rows of the workers its events named, as they stood: what a
+# replay, without those events, could not work out.
+_SNAPSHOT = ("state", "last_heartbeat", "stopped_at", "stop_requested", "current_job",
+             "jobs_done")
+
+
+def _snapshot(w: ev.PrunedWorker) -> dict[str, Any]:
+    return {"state": w.state, "last_heartbeat": w.last_heartbeat, "stopped_at": w.stopped_at,
+            "stop_requested": w.stop_requested, "current_job": w.current_job,
+            "jobs_done": w.jobs_done}
 
 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
@@ -84,6 +95,10 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
                    list(row.values()))
     elif kind is ev.StopRequested:
         tx.change(_STOP)
+    elif kind is ev.Pruned:
+        for worker in e.workers:
+            sql, values = projections.update_sql("workers", "id", _snapshot(worker))
+            tx.change(sql, (*values, worker.worker_id))
     else:
         changes = _changes(kind, e, at)
         if changes is not None:
@@ -102,7 +117,8 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
     """``apply`` over events in ledger order, with the changes of each worker's row merged
     into one UPDATE (a batch's result, claim and start of one worker). Merging is exact:
     a change depends on its event alone, a later value replaces an earlier one, and
-    additions add up. A start or a stop request writes what is merged first."""
+    additions add up. A start, a stop request or a pruned event writes what is merged
+    first."""
     merged: dict[str, dict[str, Any]] = {}
 
     def write() -> None:
@@ -113,8 +129,8 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
 
     for seq, at, event in batch:
         kind = type(event)
-        e: Any = event  # of HANDLES: each but these two names its worker
-        if kind is ev.WorkerStarted or kind is ev.StopRequested:
+        e: Any = event  # of HANDLES
+        if kind is ev.WorkerStarted or kind is ev.StopRequested or kind is ev.Pruned:
             write()
             apply(tx, seq, at, event)
             continue
@@ -143,6 +159,8 @@ class Replay:
             return lambda seq, at, e: self.rows.add(_row(at, e))
         if kind is ev.StopRequested:
             return self._stop_requested
+        if kind is ev.Pruned:
+            return self._pruned
         return partial(self._changed, _CHANGES[kind], kind in _DONE)
 
     def _changed(self, rule: Callable[..., dict[str, Any] | None], done: bool, seq: int,
@@ -154,6 +172,12 @@ class Replay:
                 row.update(changes)
                 if done:
                     row["jobs_done"] += 1
+
+    def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
+        for worker in e.workers:
+            row = self._held(worker.worker_id) or self.rows.get(worker.worker_id)
+            if row is not None:
+                row.update(_snapshot(worker))
 
     def _stop_requested(self, seq: int, at: str, e: ev.StopRequested) -> None:
         self.rows.flush()  # it reaches every active worker: let the table hold them all

@@ -379,13 +379,15 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("job_id", metavar="ID")
+@click.option("--archive", is_flag=True,
+              help="With the events pruned out of the ledger (queuectl prune).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of events.")
 @click.pass_context
-def history(ctx: click.Context, job_id: str, as_json: bool) -> None:
+def history(ctx: click.Context, job_id: str, archive: bool, as_json: bool) -> None:
     """Every event of one job, in order: its whole life."""
     from queuectl import render
 
-    rows = reads.history(_db(ctx), job_id)
+    rows = reads.history(_db(ctx), job_id, archive)
     if as_json:
         return _json(render.history_json(rows))
     render.history_table(job_id, rows)
@@ -789,6 +791,44 @@ def rebuild(ctx: click.Context, check: bool) -> None:
         return
     position = ledger.rebuild(conn)
     click.echo(f"Projections rebuilt from {position} events.")
+
+
+@cli.command()
+@click.option("--before", required=True, metavar="AGE|TIME",
+              help="What finished before this: an age (30d, 12h, 90m, 0s; w for weeks) or a "
+                   "UTC date or time (2026-11-01, 2026-11-01T12:00:00Z).")
+@click.option("--dry-run", is_flag=True, help="Print how much would go, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def prune(ctx: click.Context, before: str, dry_run: bool, as_json: bool) -> None:
+    """Move old events out of the ledger into its archive: those of jobs that finished
+    (completed, dead, cancelled) before then, and heartbeats a later one superseded.
+
+    Pruned jobs leave list and status; history ID --archive still reads them. A job that
+    an unfinished job depends on stays. The archive is a file beside the database
+    (data/queue.archive.db for data/queue.db), or a table on PostgreSQL.
+
+    
+    Example:
+        queuectl prune --before 30d --dry-run
+        queuectl prune --before 30d
+    """
+    from queuectl import retention
+
+    conn = _db(ctx)
+    report = retention.prune(conn, retention.cutoff(conn, before), dry_run=dry_run)
+    if as_json:
+        return _json({"before": report.before, "jobs": report.jobs,
+                      "job_events": report.job_events, "heartbeats": report.heartbeats,
+                      "events": report.events, "archive": conn.archive_target,
+                      "dry_run": dry_run})
+    what = (f"{_jobs(report.jobs)} finished before {clock.human(report.before)} "
+            f"({report.job_events:,} events) and {report.heartbeats:,} superseded "
+            f"heartbeat{'s' if report.heartbeats != 1 else ''}")
+    if dry_run:
+        click.echo(f"Would prune {what} (dry run: nothing written).")
+    else:
+        click.echo(f"Pruned {what}; archive: {conn.archive_target}.")
 
 
 @cli.group("ledger")

@@ -261,6 +261,37 @@ class ScheduleSkipped(_Event, tag="schedule-skipped", frozen=True):
     missed: int = 0
 
 
+# -- retention -----------------------------------------------------------------------------
+
+
+class PrunedWorker(msgspec.Struct, frozen=True, array_like=True):
+    """A worker's row as it stood when events that shaped it left the ledger."""
+
+    worker_id: str
+    state: str
+    last_heartbeat: str
+    stopped_at: str | None
+    stop_requested: int
+    current_job: str | None
+    jobs_done: int
+
+
+class Pruned(_Event, tag="pruned", frozen=True):
+    """``events`` ledger rows moved to the archive (``queuectl prune``): every event of the
+    ``jobs`` (finished before ``before``), and heartbeats superseded by a later one. It is
+    appended before they leave, so every seq they had lies below its own. What a replay can
+    no longer work out from them, it says here: the queues those jobs were in (their count
+    rows stay), their runs' share of the all-time run counts, and the rows of the workers
+    their events named, as they stood."""
+
+    before: str
+    events: int
+    jobs: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+    runs: dict[str, int] = msgspec.field(default_factory=dict)
+    workers: tuple[PrunedWorker, ...] = ()
+
+
 Event = (
     Enqueued
     | Claimed
@@ -291,6 +322,7 @@ Event = (
     | ScheduleResumed
     | ScheduleFired
     | ScheduleSkipped
+    | Pruned
 )
 
 TAGS: dict[str, type] = {

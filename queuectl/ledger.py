@@ -20,7 +20,7 @@ import msgspec
 from projections import REGISTRY, appliers
 from queuectl import store
 from queuectl.errors import CorruptLedger, InvalidInput
-from queuectl.events import TAGS, Event, decode, encode
+from queuectl.events import TAGS, Event, Pruned, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
 from queuectl.store import sqlite as sqlite_store
 
@@ -171,11 +171,13 @@ _exported = msgspec.json.Decoder(_Exported)
 def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
     """Append an exported ledger (numbered lines) to an empty store and build its
     projections, all in one transaction; returns the number of events. Every event is
-    decoded first; seqs must run 1, 2, 3... without a gap."""
+    decoded first; seqs must run 1, 2, 3... with no gap but those that ``pruned`` events
+    account for (each names how many events left, all numbered below its own)."""
     with db.transaction():
         if db.execute("SELECT count(*) FROM events").fetchone()[0]:
             raise InvalidInput(f"{db.target} already holds a ledger: import into an empty one")
-        count = 0
+        count = last = missing = pruned = 0
+        gap: tuple[int, int, int] | None = None
         batch: list[tuple[int, str, str, str | None, str | None, str]] = []
         for n, text in lines:
             try:
@@ -183,8 +185,15 @@ def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
                 event = decode(row.event)
             except msgspec.DecodeError as exc:
                 raise InvalidInput(f"line {n}: {exc}") from None
-            if row.seq != count + 1:
-                raise InvalidInput(f"line {n}: seq {row.seq} where {count + 1} was due")
+            if row.seq <= last:
+                raise InvalidInput(f"line {n}: seq {row.seq} after {last}: seqs must rise")
+            if row.seq != last + 1:
+                gap = (n, row.seq, last + 1)  # a later pruned event must account for it
+            missing += row.seq - last - 1
+            last = row.seq
+            if isinstance(event, Pruned):
+                pruned += event.events
+                gap = None
             body = bytes(row.event).decode()
             batch.append((row.seq, row.at, event.type, getattr(event, "job_id", None),
                           getattr(event, "worker_id", None), body))
@@ -193,6 +202,12 @@ def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
                 db.copy_events(batch)
                 batch = []
         db.copy_events(batch)
+        if gap is not None:
+            raise InvalidInput(f"line {gap[0]}: seq {gap[1]} where {gap[2]} was due, and no "
+                               "pruned event after it accounts for the gap")
+        if missing != pruned:
+            raise InvalidInput(f"{missing:,} events are missing where pruned events account "
+                               f"for {pruned:,}")
         _rebuild(db, REGISTRY)
     return count
 

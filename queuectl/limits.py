@@ -55,6 +55,7 @@ BOUNDS: dict[str, Bound] = {
     "limit": Bound(True, 1, 1_000_000_000),
     "attempt": Bound(True, 1, 1_000_001),
     "since": Bound(False, 0.001, 100 * YEAR, "seconds"),
+    "before": Bound(False, 0, 100 * YEAR, "seconds"),
     # environment
     "lock_timeout": Bound(False, 0, DAY, "seconds"),
     "columns": Bound(True, 20, 10_000),

@@ -9,10 +9,11 @@ from typing import Any
 import msgspec
 
 from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, ready_of
+from projections.runs import PRUNED
 from queuectl import clock, limits
 from queuectl import events as ev
 from queuectl.errors import InvalidInput, NotFound
-from queuectl.ledger import read_events
+from queuectl.ledger import decode_row, read_events
 from queuectl.states import STATES, State
 from queuectl.store import Cursor, Db
 
@@ -44,7 +45,7 @@ def get_job(conn: Db, job_id: str) -> dict[str, Any]:
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?")
     rows = _dicts_jobs(conn.execute(sql, (job_id,)))
     if not rows:
-        raise NotFound(f"Job '{job_id}' not found")
+        raise _not_found(conn, job_id)
     return rows[0]
 
 
@@ -132,12 +133,26 @@ def worker_counts(conn: Db) -> dict[str, int]:
     return dict(conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
 
 
-def history(conn: Db, job_id: str) -> list[tuple[int, str, ev.Event]]:
-    """Every event of one job, in order; NotFound when the ledger never saw it."""
+def history(conn: Db, job_id: str, archive: bool = False) -> list[tuple[int, str, ev.Event]]:
+    """Every event of one job, in order, with those pruned to the archive if ``archive``;
+    NotFound when there are none."""
     rows = list(read_events(conn, "WHERE job_id = ?", (job_id,)))
+    if archive:
+        seen = {seq for seq, _, _ in rows}  # a prune cut short may leave rows in both
+        rows += [(seq, at, decode_row(seq, type_, body))
+                 for seq, at, type_, body in conn.archived(job_id) if seq not in seen]
+        rows.sort(key=lambda row: row[0])
     if not rows:
-        raise NotFound(f"Job '{job_id}' not found")
+        raise _not_found(conn, job_id, archive)
     return rows
+
+
+def _not_found(conn: Db, job_id: str, archived: bool = False) -> NotFound:
+    """NotFound for a job id, saying so if the job was pruned to the archive."""
+    if not archived and conn.archived(job_id):
+        return NotFound(f"Job '{job_id}' was pruned: its events are in the archive "
+                        f"(queuectl history {job_id} --archive)")
+    return NotFound(f"Job '{job_id}' not found")
 
 
 def runs_of(conn: Db, job_id: str) -> list[dict[str, Any]]:
@@ -223,10 +238,13 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             span = (since, now)
             fin_where, fin_params = "AND finished_at >= ?", (since,)
             wait_where, wait_params = fin_where, fin_params
+        # Percentiles and throughput are taken over the runs the table holds: not those
+        # that were pruned (queuectl prune), which only the all-time counts keep.
+        held = {k: int(n) - int(found.get(PRUNED + k, 0)) for k, n in found.items()}
         completed = int(found.get("completed", 0))
         failed = sum(int(found.get(k, 0)) for k in ("failed", "timed-out", "lease-expired"))
-        timed = completed + int(found.get("failed", 0)) + int(found.get("timed-out", 0))
-        claims = int(found.get("claimed", 0))
+        timed = sum(held.get(k, 0) for k in ("completed", "failed", "timed-out"))
+        claims = held.get("claimed", 0)
         minutes = (clock.seconds_between(span[0], span[1]) / 60) if span[0] and span[1] else 0
         # Within a window, walk the window's runs: the planner would rather walk runs_duration
         # down from its top, which passes every run when the window holds none.
@@ -242,7 +260,8 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             "dead": int(found.get("dead", 0)),
             "success_rate": round(completed / (completed + failed), 4)
             if completed + failed else None,
-            "throughput_per_min": round(completed / minutes, 2) if minutes > 0 else None,
+            "throughput_per_min": round(held.get("completed", 0) / minutes, 2)
+            if minutes > 0 else None,
             "run_time": {
                 "p50": _percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
                 "p95": _percentile(conn, "duration", fin_where, fin_params, timed, 0.95),

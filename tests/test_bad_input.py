@@ -161,6 +161,14 @@ CASES: dict[str, Case] = {
                                 "-q", "a b"], "queue"),
     "schedule-remove-unknown": Case(["schedule", "remove", "nope"], "not found"),
     "schedule-pause-unknown": Case(["schedule", "pause", "nope"], "not found"),
+    # retention
+    "prune-no-cutoff": Case(["prune"], "--before"),
+    "prune-bad-age": Case(["prune", "--before", "soon"], "--before"),
+    "prune-negative-age": Case(["prune", "--before", "-3d"], "--before"),
+    "prune-nan-age": Case(["prune", "--before", "nand"], "--before"),
+    "prune-huge-age": Case(["prune", "--before", "1e300d"], "--before"),
+    "prune-bad-date": Case(["prune", "--before", "2026-02-30"], "--before"),
+    "history-archive-unknown": Case(["history", "nope", "--archive"], "not found"),
     # bulk actions
     "cancel-nothing": Case(["cancel"], "job ID or --state"),
     "cancel-id-and-state": Case(["cancel", "x", "--state", "pending"], "job ID or --state"),

@@ -18,6 +18,8 @@ Scenarios (``--only`` takes these names):
   reads    reads at scale: ``status --json`` and ``list -s pending --limit 20`` on that ledger,
            wall time over the CLI floor
   memory   peak RSS of ``queuectl worker -c 4 --burst`` running N ``true`` jobs
+  prune    retention: ``queuectl prune --before 0s`` on 10 x N finished jobs and a day of two
+           idle workers' heartbeats: ledger bytes a completed job before and after, and its rate
 
 Every figure is the median of several runs (``--runs``, default 5; ``--quick``: 2 runs and
 small sizes, under a minute). Ratios are taken against a baseline measured in the same run,
@@ -26,7 +28,7 @@ uses its own fresh temporary database; the big replay ledger is built once and c
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
 event/ledger code that shapes its rows.
 
-``--backend postgres`` runs worker, cycle, latency, bulk and reads on PostgreSQL instead
+``--backend postgres`` runs worker, cycle, latency, bulk, reads and prune on PostgreSQL instead
 (startup, replay and memory give one n/a row each): each run gets a fresh database
 ``queuectl_bench_<random>`` on the server ``--pg-admin`` (or ``$QUEUECTL_BENCH_PG``) names,
 dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
@@ -84,7 +86,8 @@ try:  # the worker's own connection setup and waker thread, where this version h
 except ImportError:
     Waker = None  # type: ignore[assignment,misc]
 
-SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory")
+SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory",
+             "prune")
 FLOOR_CODE = "import click, msgspec, sqlite3"
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
 BACKENDS = ("sqlite", "postgres")
@@ -1394,6 +1397,81 @@ def bench_memory(ctx: Context, result: ScenarioResult) -> list[Row]:
         baseline_samples=floor, baseline_label="python + click, msgspec, sqlite3")]
 
 
+PRUNE_HEARTBEATS = 8_640  # a day of one idle worker's heartbeats at the default 10 s
+
+
+def ledger_bytes(db: Path | str) -> tuple[int, int]:
+    """(events, bytes of their rows' values): the ledger's own size, on either store."""
+    with reading(db) as conn:
+        if is_postgres(db):
+            sql = "SELECT count(*), coalesce(sum(pg_column_size(events.*)), 0) FROM events"
+        else:
+            sql = ("SELECT count(*), coalesce(sum(length(at) + length(type) + coalesce("
+                   "length(job_id), 0) + coalesce(length(worker_id), 0) + length(body) + 8), 0) "
+                   "FROM events")
+        count, size = conn.execute(sql).fetchone()
+    return int(count), int(size)
+
+
+def build_prune_ledger(db: Path | str, n: int) -> None:
+    """``n`` jobs run to completion through the library (as a worker records them, with a
+    line of output each), and a day of heartbeats from each of two idle workers."""
+    enqueue_true(db, n)
+    conn = ledger.connect(db, durable=False)
+    try:
+        workers = [claims.worker_started(conn, os.getpid(), "bench") for _ in range(2)]
+        claim = claims.claim(conn, workers[0])
+        while claim is not None:
+            result = ev.Completed(job_id=claim.job_id, worker_id=workers[0],
+                                  attempt=claim.attempt, duration=0.002, output="ok\n")
+            _, claim = claims.finish_and_claim(conn, claim, result, workers[0])
+        for worker in workers:
+            for start in range(0, PRUNE_HEARTBEATS, 1000):
+                with ledger.write(conn):
+                    beats = min(1000, PRUNE_HEARTBEATS - start)
+                    ledger.append(conn, *[ev.WorkerHeartbeat(worker_id=worker)] * beats)
+    finally:
+        conn.close()
+
+
+def bench_prune(ctx: Context, result: ScenarioResult) -> list[Row]:
+    """``queuectl prune --before 0s`` on a ledger of finished jobs and idle heartbeats: the
+    ledger's bytes per completed job before and after, and how fast it goes."""
+    n = ctx.sizes.worker_jobs * 10
+    rates, beat_rates, before, after = [], [], [], []
+    for r in range(ctx.runs):
+        with ctx.fresh_target("prune") as db:
+            build_prune_ledger(db, n)
+            events, size = ledger_bytes(db)
+            seconds = run_timed(ctx, ctx.queuectl(db, "prune", "--before", "0s"), db)
+            left, size_after = ledger_bytes(db)
+            with reading(db) as conn:
+                (marks,) = conn.execute(
+                    "SELECT count(*) FROM events WHERE type = 'pruned'").fetchone()
+            moved = events - (left - marks)
+            if job_counts(db).get("completed", 0) or \
+                    moved != n * 3 + 2 * (PRUNE_HEARTBEATS - 1):
+                raise RuntimeError(f"prune moved {moved:,} of {events:,} events")
+        before.append(size / n)
+        after.append(size_after / n)
+        rates.append(n / seconds)
+        beat_rates.append(moved / seconds)
+        ctx.log(f"prune run {r + 1}/{ctx.runs}: {n:,} jobs in {seconds:.2f} s "
+                f"({rates[-1]:,.0f} jobs/s); ledger {events:,} events, {size / n:,.0f} B a job "
+                f"-> {left:,} events, {size_after / n:,.1f} B a job")
+    jobs = f"{n:,} completed jobs and {2 * PRUNE_HEARTBEATS:,} heartbeats"
+    return [
+        make_row("prune", "prune_bytes_before", f"ledger bytes a completed job, {jobs}",
+                 before, "B"),
+        make_row("prune", "prune_bytes_after", "the same after `prune --before 0s`", after, "B",
+                 note="left: worker starts, heartbeats' latest, one pruned event a 1,000 jobs"),
+        make_row("prune", "prune_rate", f"`queuectl prune --before 0s`, {jobs}, end to end",
+                 rates, "jobs/s"),
+        make_row("prune", "prune_event_rate", "the same, events moved to the archive",
+                 beat_rates, "events/s"),
+    ]
+
+
 def skipped_on_pg(name: str) -> Callable[[Context, ScenarioResult], list[Row]]:
     def bench(ctx: Context, result: ScenarioResult) -> list[Row]:
         return [Row(scenario=name, key=f"{name}_skipped", figure=PG_SKIPPED[name], value=None,
@@ -1411,8 +1489,9 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "replay": bench_replay,
     "reads": bench_reads,
     "memory": bench_memory,
+    "prune": bench_prune,
 }
-# cycle, latency, bulk and reads run the same code on either store (``ctx.backend``).
+# cycle, latency, bulk, reads and prune run the same code on either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
 

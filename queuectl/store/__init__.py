@@ -89,9 +89,20 @@ class Db(Protocol):
         """Add ledger rows (type, job id, worker id, body) at ``at``; returns the first seq."""
     def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Many new rows of one table at once (a bulk enqueue), as fast as the store can."""
+    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
+        """Delete the rows of ``table`` whose ``column`` is one of ``keys`` (a prune), as
+        fast as the store can."""
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         """Add ledger rows that carry their own seq and time (a ledger imported into an empty
         store), inside a write transaction; the seqs must follow the ledger's last."""
+    def archive(self, seqs: Sequence[int]) -> None:
+        """Move these ledger rows to the archive, inside a write transaction: the one way
+        events leave the ledger (``queuectl prune``); the database refuses any other."""
+    def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:
+        """A job's events in the archive, ``(seq, at, type, body)``, oldest first."""
+    @property
+    def archive_target(self) -> str:
+        """Where the archive is, as messages name it."""
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a long replay (a bigger cache)."""
     def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker: ...

@@ -40,7 +40,7 @@ from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
 from queuectl.store import PROCESS_LOCK, Dialect
 
 CHANNEL = "queuectl"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the archive, and pruning's permit
 # Events whose appending may give an idle worker something to do.
 WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unblocked",
                     "lease-expired", "stop-requested", "cancel-requested", "queue-resumed",
@@ -59,14 +59,37 @@ LEDGER_DDL = (
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
     # Append-only is the database's rule, not only a convention of this code.
+    # Pruning (PgDb.archive) is the one exception: its transaction, and no other, sets
+    # queuectl.pruning while it deletes.
     """CREATE OR REPLACE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN RAISE EXCEPTION 'the events ledger is append-only'; END $$""",
+    BEGIN
+        IF TG_OP = 'DELETE' AND current_setting('queuectl.pruning', true) = 'on' THEN
+            RETURN OLD;
+        END IF;
+        RAISE EXCEPTION 'the events ledger is append-only';
+    END $$""",
     """DROP TRIGGER IF EXISTS events_no_change ON events""",
     """CREATE TRIGGER events_no_change BEFORE UPDATE OR DELETE ON events
         FOR EACH ROW EXECUTE FUNCTION events_append_only()""",
     """DROP TRIGGER IF EXISTS events_no_truncate ON events""",
     """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
         FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()""",
+    # Where pruned events go: a table of their own, which nothing updates or deletes.
+    """CREATE TABLE IF NOT EXISTS archived_events (
+        seq BIGINT PRIMARY KEY,
+        at TEXT COLLATE "C" NOT NULL,
+        type TEXT COLLATE "C" NOT NULL,
+        job_id TEXT COLLATE "C",
+        worker_id TEXT COLLATE "C",
+        body TEXT NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS archived_events_job ON archived_events (job_id)
+        WHERE job_id IS NOT NULL""",
+    """CREATE OR REPLACE FUNCTION archived_events_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the archive is append-only'; END $$""",
+    "DROP TRIGGER IF EXISTS archived_events_no_change ON archived_events",
+    """CREATE TRIGGER archived_events_no_change BEFORE UPDATE OR DELETE ON archived_events
+        FOR EACH ROW EXECUTE FUNCTION archived_events_append_only()""",
     # The ledger's head: the last seq appended, locked first by every write transaction.
     """CREATE TABLE IF NOT EXISTS queuectl_head (
         one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
@@ -88,7 +111,7 @@ LEDGER_DDL = (
         IF changed <> wanted THEN RAISE EXCEPTION USING ERRCODE = 'QE001', MESSAGE = token; END IF;
     END $$""",
 )
-OURS = {"events", "queuectl_head", "projection_meta"}
+OURS = {"events", "queuectl_head", "projection_meta", "archived_events"}
 
 
 class PgDialect(Dialect):
@@ -713,17 +736,44 @@ class PgDb:
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
+    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
+        """One statement with the keys as an array, not one statement a key."""
+        self._with_array(f"DELETE FROM {table} WHERE {column} = ANY(%s)", keys)
+
+    def _with_array(self, sql: str, values: Sequence[Any]) -> None:
+        self._flush()
+        try:
+            self.conn.execute(sql, (list(values),))
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
+
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         if not self.in_transaction and not self.in_transaction_pending():
             raise RuntimeError("copy_events() needs a write transaction")
         self._flush()
         assert self._head is not None
-        if rows and rows[0][0] != self._head + 1:
+        if rows and rows[0][0] <= self._head:
             raise StoreError(f"seq {rows[0][0]} does not follow the ledger's last, {self._head}")
         self._copy("events", EVENT_COLUMNS, rows)
         if rows:
             self._head = rows[-1][0]
             self._appended = True
+
+    archive_target = "table archived_events"
+
+    def archive(self, seqs: Sequence[int]) -> None:
+        """Copied and deleted in this transaction: both commit, or neither."""
+        if not self.in_transaction:
+            raise RuntimeError("archive() needs a write transaction")
+        self.change("SET LOCAL queuectl.pruning = 'on'")
+        self._with_array("INSERT INTO archived_events SELECT * FROM events WHERE seq = ANY(%s) "
+                         "ON CONFLICT (seq) DO NOTHING", seqs)
+        self.bulk_delete("events", "seq", seqs)
+        self.execute("SET LOCAL queuectl.pruning = 'off'")
+
+    def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:
+        return self.execute("SELECT seq, at, type, body FROM archived_events "
+                            "WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
 
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:

@@ -36,7 +36,12 @@ LEDGER_DDL = (
     # Append-only is the database's rule, not only a convention of this code.
     """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
         BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
-    """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    # Pruning (SqliteDb.archive) is the one exception: its transaction holds a row of
+    # ledger_permit while it deletes, and no other does.
+    "CREATE TABLE IF NOT EXISTS ledger_permit (reason TEXT NOT NULL)",
+    "DROP TRIGGER IF EXISTS events_no_delete",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN NOT EXISTS (SELECT 1 FROM ledger_permit)
         BEGIN SELECT RAISE(ABORT, 'the events ledger is append-only'); END""",
     # INSERT OR REPLACE deletes the row it replaces without firing the DELETE trigger
     # (recursive_triggers is off by default in every client), so refuse the insert itself.
@@ -55,7 +60,7 @@ LEDGER_DDL = (
 
 # The ledger's own schema (the events table and its triggers), in ``PRAGMA user_version``;
 # an older database gets what was added since when it is next opened.
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: pruning's permit
 
 # A worker's commit dirties about 16 pages (the ledger row and its indexes, the job, its run
 # and their indexes, the worker, the counts); the WAL writes and checksums each whole page.
@@ -66,6 +71,28 @@ PAGE_SIZE = 2048
 
 _INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
+
+# The archive: a SQLite file beside the database, which pruned events move to. Its table
+# is not called ``events``, so that the file can never be taken for a ledger.
+ARCHIVE_DDL = (
+    """CREATE TABLE IF NOT EXISTS archived_events (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        type TEXT NOT NULL,
+        job_id TEXT,
+        worker_id TEXT,
+        body TEXT NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS archived_events_job ON archived_events (job_id)
+        WHERE job_id IS NOT NULL""",
+    """CREATE TRIGGER IF NOT EXISTS archived_events_no_change BEFORE UPDATE ON archived_events
+        BEGIN SELECT RAISE(ABORT, 'the archive is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS archived_events_no_delete BEFORE DELETE ON archived_events
+        BEGIN SELECT RAISE(ABORT, 'the archive is append-only'); END""",
+)
+_ARCHIVE = """INSERT INTO archived_events (seq, at, type, job_id, worker_id, body)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (seq) DO NOTHING"""
+_CHUNK = 500  # values in one IN (...) list
 
 WAKE_POLL = 0.002  # seconds between data_version reads in the waker (without inotify)
 LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a short window
@@ -164,8 +191,59 @@ class SqliteDb(sqlite3.Connection):
         marks = ", ".join("?" * len(columns))
         self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
+    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
+        self.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(key,) for key in keys])
+
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         self.executemany(_INSERT, rows)
+
+    @property
+    def archive_path(self) -> Path:
+        """``data/queue.db`` keeps its archive in ``data/queue.archive.db``."""
+        return self.path.with_name(f"{self.path.stem}.archive{self.path.suffix}")
+
+    @property
+    def archive_target(self) -> str:
+        return str(self.archive_path)
+
+    def archive(self, seqs: Sequence[int]) -> None:
+        """The rows go to the archive file first, committed there; only then do they leave
+        the ledger, with this transaction. The two files cannot commit as one: a crash in
+        between leaves the rows in both, and the next prune's copy is then a no-op."""
+        if not self.in_transaction:
+            raise RuntimeError("archive() needs a write transaction")
+        rows = []
+        for start in range(0, len(seqs), _CHUNK):
+            chunk = list(seqs[start:start + _CHUNK])
+            rows += self.execute(
+                "SELECT seq, at, type, job_id, worker_id, body FROM events "
+                f"WHERE seq IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+        archive = _open_archive(self.archive_path)
+        try:
+            with archive:  # one transaction, committed (synchronous=FULL) before the delete
+                archive.executemany(_ARCHIVE, rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write the archive {self.archive_path}: {exc}") from exc
+        finally:
+            archive.close()
+        self.execute("INSERT INTO ledger_permit (reason) VALUES ('prune')")
+        self.bulk_delete("events", "seq", [row[0] for row in rows])
+        self.execute("DELETE FROM ledger_permit")
+
+    def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:
+        if not self.archive_path.exists():
+            return []
+        try:
+            archive = sqlite3.connect(f"file:{self.archive_path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the archive {self.archive_path}: {exc}") from exc
+        try:
+            return archive.execute("SELECT seq, at, type, body FROM archived_events "
+                                   "WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the archive {self.archive_path}: {exc}") from exc
+        finally:
+            archive.close()
 
     @contextmanager
     def bulk(self) -> Iterator[SqliteDb]:
@@ -255,6 +333,26 @@ def connect(path: Path, *, durable: bool = True, create: bool = True) -> SqliteD
         db.close()
         raise
     return db
+
+
+def _open_archive(path: Path) -> sqlite3.Connection:
+    """The archive file beside a database, created (0600) with its table on first use."""
+    try:
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        archive = sqlite3.connect(str(path), timeout=lock_timeout())
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise StoreError(f"cannot create the archive {path}: {reason}") from exc
+    try:
+        archive.execute("PRAGMA synchronous = FULL")
+        with archive:
+            for statement in ARCHIVE_DDL:
+                archive.execute(statement)
+    except sqlite3.Error as exc:
+        archive.close()
+        raise StoreError(f"cannot open the archive {path}: {exc}") from exc
+    return archive
 
 
 def _ensure_ledger(db: SqliteDb) -> None:
