@@ -16,7 +16,7 @@ import click
 
 from queuectl import clock, decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
-from queuectl.states import CANCELLABLE, STATES, State, WorkerState
+from queuectl.states import CANCELLABLE, STATES, State
 
 
 class QueuectlGroup(click.Group):
@@ -344,23 +344,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     than lease-timeout); workers that stopped or were declared gone are only counted."""
     from queuectl import render
 
-    conn = _db(ctx)
-    counts = reads.counts(conn)
-    queues = reads.queue_counts(conn)
-    workers = reads.workers(conn, (WorkerState.ACTIVE,))
-    lease = float(settings.load(conn)["lease-timeout"])
-    stale_before = clock.after(clock.now(), -lease)
-    for w in workers:
-        w["state"] = render.worker_state(w, stale_before)
-    ended = reads.worker_counts(conn)
-    tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
-             "gone": ended.get("gone", 0)}
-    for w in workers:
-        tally[w["state"]] += 1
+    found = reads.status(_db(ctx))
     if as_json:
-        return _json({"jobs": counts, "queues": queues, "workers": workers,
-                      "worker_counts": tally})
-    render.status(counts, queues, workers, tally)
+        return _json(found)
+    render.status(found["jobs"], found["queues"], found["workers"], found["worker_counts"])
 
 
 @cli.command()

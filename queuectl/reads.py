@@ -10,11 +10,11 @@ import msgspec
 
 from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, ready_of
 from projections.runs import PRUNED
-from queuectl import clock, limits
+from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import InvalidInput, NotFound
 from queuectl.ledger import decode_row, read_events
-from queuectl.states import STATES, State
+from queuectl.states import STATES, State, WorkerState
 from queuectl.store import Cursor, Db
 
 EVERY = 2**62  # a LIMIT that every store reads as "no limit"
@@ -131,6 +131,34 @@ def workers(conn: Db, states: Iterable[str] = ("active",)) -> list[dict[str, Any
 def worker_counts(conn: Db) -> dict[str, int]:
     """Workers per projected state (active, stopped, gone)."""
     return dict(conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
+
+
+def status(conn: Db) -> dict[str, Any]:
+    """Jobs per state and per queue, the running workers (an active one whose heartbeat is
+    older than the lease timeout shows as ``silent``) and how many ended: ``status``."""
+    jobs = counts(conn)
+    per_queue = queue_counts(conn)
+    running = workers(conn, (WorkerState.ACTIVE,))
+    lease = float(settings.load(conn)["lease-timeout"])
+    stale_before = clock.after(conn.now(), -lease)
+    for worker in running:
+        if worker["last_heartbeat"] < stale_before:
+            worker["state"] = "silent"
+    ended = worker_counts(conn)
+    tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
+             "gone": ended.get("gone", 0)}
+    for worker in running:
+        tally[worker["state"]] += 1
+    return {"jobs": jobs, "queues": per_queue, "workers": running, "worker_counts": tally}
+
+
+def check_state(state: str) -> State:
+    """A job state by name, or InvalidInput listing the states."""
+    try:
+        return State(state)
+    except ValueError:
+        raise InvalidInput(f"unknown state {state!r} (known: "
+                           f"{', '.join(s.value for s in STATES)})") from None
 
 
 def history(conn: Db, job_id: str, archive: bool = False) -> list[tuple[int, str, ev.Event]]:

@@ -233,13 +233,6 @@ def schedules_table(found: list[dict[str, Any]]) -> None:
            rows, wide=frozenset({"Command", "Cron"}))
 
 
-def worker_state(worker: dict[str, Any], stale_before: str) -> str:
-    """``active`` workers whose heartbeat is older than the lease timeout show as ``silent``."""
-    if worker["state"] == "active" and worker["last_heartbeat"] < stale_before:
-        return "silent"
-    return str(worker["state"])
-
-
 # -- history ------------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ Scenarios (``--only`` takes these names):
   reads    reads at scale: ``status --json`` and ``list -s pending --limit 20`` on that ledger,
            wall time over the CLI floor
   memory   peak RSS of ``queuectl worker -c 4 --burst`` running N ``true`` jobs
+  api      ``Queue.enqueue`` from Python, one durable job a call, against huey's task enqueue
+           on SqliteHuey and a bare one-row durable commit of the same store
   prune    retention: ``queuectl prune --before 0s`` on 10 x N finished jobs and a day of two
            idle workers' heartbeats: ledger bytes a completed job before and after, and its rate
 
@@ -28,7 +30,7 @@ uses its own fresh temporary database; the big replay ledger is built once and c
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
 event/ledger code that shapes its rows.
 
-``--backend postgres`` runs worker, cycle, latency, bulk, reads and prune on PostgreSQL instead
+``--backend postgres`` runs worker, cycle, latency, bulk, reads, prune and api on PostgreSQL instead
 (startup, replay and memory give one n/a row each): each run gets a fresh database
 ``queuectl_bench_<random>`` on the server ``--pg-admin`` (or ``$QUEUECTL_BENCH_PG``) names,
 dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
@@ -87,7 +89,7 @@ except ImportError:
     Waker = None  # type: ignore[assignment,misc]
 
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory",
-             "prune")
+             "prune", "api")
 FLOOR_CODE = "import click, msgspec, sqlite3"
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
 BACKENDS = ("sqlite", "postgres")
@@ -626,6 +628,96 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
         rows.append(row)
     result.details["huey"] = have_huey
     return rows
+
+
+def huey_enqueue_rate(ctx: Context, n: int) -> float:
+    """Calls/s of a huey task's enqueue on SqliteHuey (its default: each commit synced)."""
+    directory = ctx.fresh_dir("huey-enqueue")
+    try:
+        module_name = f"qbench_huey_{directory.name.replace('-', '_')}"
+        module = load_app(directory, module_name,
+                          HUEY_APP.format(filename=str(directory / "huey.db")))
+        start = time.perf_counter()
+        for _ in range(n):
+            module.run("true")
+        seconds = time.perf_counter() - start
+        module.huey.storage.close()
+        return n / seconds
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def api_enqueue_rate(ctx: Context, n: int) -> float:
+    """Calls/s of ``Queue.enqueue`` on one ``Queue`` held open, each durable on return."""
+    from queuectl.api import Queue
+
+    with ctx.fresh_target("api") as db, Queue(db) as queue:
+        start = time.perf_counter()
+        for _ in range(n):
+            queue.enqueue("true")
+        seconds = time.perf_counter() - start
+        if queue.status()["jobs"]["pending"] != n:
+            raise RuntimeError("Queue.enqueue lost jobs")
+    return n / seconds
+
+
+def durable_commit_rate(ctx: Context, n: int) -> float:
+    """Commits/s of a one-row INSERT, each durable when it returns, on this run's store: what
+    any queue that promises that pays, whatever its own work (SQLite: WAL, synchronous=FULL,
+    as queuectl's and huey's; PostgreSQL: synchronous_commit=on)."""
+    if ctx.backend == "postgres":
+        with ctx.fresh_pg() as url:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE TABLE t (x int)")
+                start = time.perf_counter()
+                for i in range(n):
+                    conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                return n / (time.perf_counter() - start)
+    with ctx.fresh_db("commit-floor") as path:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("CREATE TABLE t (x INTEGER)")
+            start = time.perf_counter()
+            for i in range(n):
+                conn.execute("INSERT INTO t VALUES (?)", (i,))
+            return n / (time.perf_counter() - start)
+        finally:
+            conn.close()
+
+
+def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
+    """``from queuectl import Queue``: one job a call, each durable when it returns, against
+    huey's task enqueue on SqliteHuey and the store's bare durable commit, run in turn."""
+    n = ctx.sizes.worker_jobs
+    have_huey = importlib.util.find_spec("huey") is not None
+    mine, peer, floor = [], [], []
+    for r in range(ctx.runs):
+        if have_huey:
+            peer.append(huey_enqueue_rate(ctx, n))
+        mine.append(api_enqueue_rate(ctx, n))
+        floor.append(durable_commit_rate(ctx, n))
+        ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
+                f"one-row commit {floor[-1]:,.0f}/s"
+                + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
+    figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
+    target = Target(">= 1.5 x huey", "ratio", ">=", 1.5)
+    if have_huey:
+        first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", target,
+                         baseline_samples=peer, baseline_label="huey task() on SqliteHuey")
+    else:
+        first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", None,
+                         note="n/a (pip install .[bench])")
+        first.status, first.target, first.baseline_label = "n/a", target.text, "huey not installed"
+    result.details["huey"] = have_huey
+    return [first, make_row(
+        "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
+        "jobs/s", None, baseline_samples=floor,
+        baseline_label="one-row INSERT, durable commit, same store",
+        note="the bound: every durable enqueue pays at least one such commit")]
 
 
 PROCRASTINATE_APP = '''\
@@ -1490,8 +1582,9 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "reads": bench_reads,
     "memory": bench_memory,
     "prune": bench_prune,
+    "api": bench_api,
 }
-# cycle, latency, bulk, reads and prune run the same code on either store (``ctx.backend``).
+# cycle, latency, bulk, reads, prune and api run the same code on either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
 

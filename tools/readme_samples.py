@@ -112,8 +112,11 @@ def _samples(lines: list[str], first: int, end: int) -> Iterable[Sample]:
 def session_env(home: Path) -> dict[str, str]:
     """Only what the samples need, so the output does not depend on who runs them."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    return {"PATH": path, "HOME": str(home), "LC_ALL": "C.UTF-8", "TZ": "UTC",
-            "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+    env = {"PATH": path, "HOME": str(home), "LC_ALL": "C.UTF-8", "TZ": "UTC",
+           "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+    if "PYTHONPATH" in os.environ:  # which checkout's code the samples run
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
 
 
 def run_session(commands: Iterable[str], cwd: Path) -> list[Result]:
