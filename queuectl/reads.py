@@ -273,3 +273,157 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             },
         }
     return result
+
+
+# -- the dashboard's pages ----------------------------------------------------------------
+
+PAGE = 50  # jobs a page of find_jobs shows
+SCAN = 50_000  # jobs a filtered page looks through at most before it offers to go on
+ACTIVITY_RUNS = 20_000  # runs the activity charts read at most (the newest)
+LIST_FIELDS = ("seq, id, command, queue, state, priority, attempts, max_retries, run_at, "
+               "last_error, created_at, updated_at")
+
+
+def head(conn: Db) -> int:
+    """The seq of the ledger's last event. Every change appends an event, so whatever was
+    read at one head is still current while the head stays: the dashboard's ETag."""
+    return conn.next_seq() - 1
+
+
+def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
+              text: str | None = None, cursor: str | None = None, limit: int = PAGE
+              ) -> tuple[list[dict[str, Any]], str | None, int]:
+    """One page of jobs, newest first (pending ones in the order they will run), optionally
+    of one state and queue, and whose id or command contains ``text``.
+
+    Pages follow each other by keyset (``cursor``: where the last one ended), so a page
+    costs the same at any depth. A filter no index serves walks at most ``SCAN`` jobs a
+    page. Returns (jobs, the cursor of the next page or None, jobs walked when a filter
+    walked all ``SCAN`` without filling the page, else 0)."""
+    if state is not None and state not in STATES:
+        raise InvalidInput(f"unknown state {state!r}")
+    if state == State.PENDING and not text:
+        return _pending_page(conn, queue, cursor, limit)
+    params: list[Any] = [_cursor_seq(cursor)]
+    where = "seq < ?"
+    if state in INDEXED:
+        where, params = f"state = ? AND {INDEXED_STATES} AND {where}", [state, *params]
+        index = "{jobs_state}"
+    else:
+        index = ""  # every job, or pending or completed ones: rows lie in seq order
+    walk = (f"SELECT {LIST_FIELDS} FROM jobs {index} WHERE {where} "
+            f"ORDER BY seq DESC LIMIT {SCAN}")
+    found, found_params = [], []
+    if state is not None and state not in INDEXED:
+        found.append("state = ?")
+        found_params.append(state)
+    if queue:
+        found.append("queue = ?")
+        found_params.append(queue)
+    if text:
+        found.append("({position}(id, ?) > 0 OR {position}(command, ?) > 0)")
+        found_params += [text, text]
+    sql = conn.dialect.sql(f"SELECT {LIST_FIELDS} FROM ({walk}) AS walked "
+                           f"WHERE {' AND '.join(found) or '1 = 1'} ORDER BY seq DESC LIMIT ?")
+    rows = _dicts(conn.execute(sql, (*params, *found_params, limit + 1)))
+    if len(rows) > limit:
+        return rows[:limit], str(rows[limit - 1]["seq"]), 0
+    if not found:
+        return rows, None, 0
+    walked, last = conn.execute(conn.dialect.sql(
+        f"SELECT count(*), min(seq) FROM ({walk}) AS walked"), params).fetchone()
+    if walked < SCAN:
+        return rows, None, 0
+    return rows, str(last), int(walked)
+
+
+def _cursor_seq(cursor: str | None) -> int:
+    if not cursor:
+        return EVERY
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise InvalidInput(f"bad page cursor {cursor!r}")
+    return int(cursor)
+
+
+def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
+                  ) -> tuple[list[dict[str, Any]], str | None, int]:
+    """Pending jobs in run order (highest priority first, then oldest) through the index
+    the claim query walks; a cursor ``priority:seq`` starts after that job."""
+    if queue:
+        index, ready = ready_of(queue)
+        where, params = f"{index} WHERE state = ? AND {ready}", [State.PENDING, queue]
+    else:
+        where, params = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", [State.PENDING]
+
+    def page(after: str, *more: Any) -> list[dict[str, Any]]:
+        sql = f"SELECT {LIST_FIELDS} FROM jobs {where} {after} ORDER BY priority DESC, seq LIMIT ?"
+        return _dicts(conn.execute(conn.dialect.sql(sql), (*params, *more, limit + 1 - len(rows))))
+
+    rows: list[dict[str, Any]] = []
+    if cursor:
+        priority, seq = _pending_cursor(cursor)
+        # Two index ranges, each a seek: the rest of this priority, then the lower ones.
+        rows = page("AND priority = ? AND seq > ?", priority, seq)
+        if len(rows) <= limit:
+            rows += page("AND priority < ?", priority)
+    else:
+        rows = page("")
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        return rows[:limit], f"{last['priority']}:{last['seq']}", 0
+    return rows, None, 0
+
+
+def _pending_cursor(cursor: str) -> tuple[int, int]:
+    priority, _, seq = cursor.partition(":")
+    try:
+        if not seq.isdigit() or len(seq) > 18:
+            raise ValueError(seq)
+        return int(limits.check("priority", int(priority))), int(seq)
+    except (ValueError, InvalidInput):
+        raise InvalidInput(f"bad page cursor {cursor!r}") from None
+
+
+def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
+    """The last ``minutes`` in ``buckets`` slices: runs that ended in each (completed, or
+    failed, timed out or lost) and the p50 / p95 of their queue wait and run time. Reads
+    the newest ``ACTIVITY_RUNS`` runs at most; ``capped`` says when there were more."""
+    now = conn.now()
+    since = clock.after(now, -minutes * 60)
+    rows = conn.execute(conn.dialect.sql(
+        "SELECT finished_at, outcome, wait, duration FROM runs {runs_finished} "
+        "WHERE finished_at >= ? ORDER BY finished_at DESC LIMIT ?"),
+        (since, ACTIVITY_RUNS + 1)).fetchall()
+    capped = len(rows) > ACTIVITY_RUNS
+    width = minutes * 60 / buckets
+    slices: list[dict[str, Any]] = [
+        {"start": clock.after(since, i * width), "completed": 0, "failed": 0,
+         "waits": [], "durations": []} for i in range(buckets)]
+    start = clock.parse(since)
+    for finished_at, outcome, wait, duration in rows[:ACTIVITY_RUNS]:
+        i = int((clock.parse(finished_at) - start).total_seconds() // width)
+        one = slices[min(max(i, 0), buckets - 1)]
+        if outcome == "completed":
+            one["completed"] += 1
+        elif outcome in ("failed", "timed-out", "lease-expired"):
+            one["failed"] += 1
+        else:
+            continue  # released or cancelled: neither done nor failed
+        one["waits"].append(wait)
+        if duration is not None:
+            one["durations"].append(duration)
+    for one in slices:
+        one["wait"] = _nearest_ranks(one.pop("waits"))
+        one["run_time"] = _nearest_ranks(one.pop("durations"))
+    return {"since": since, "until": now, "minutes": minutes, "slices": slices,
+            "capped": capped}
+
+
+def _nearest_ranks(values: list[float]) -> dict[str, float | None]:
+    values.sort()
+    n = len(values)
+
+    def rank(p: float) -> float | None:
+        return values[max(0, -(-int(p * 1000) * n // 1000) - 1)] if n else None
+
+    return {"p50": rank(0.50), "p95": rank(0.95)}
