@@ -3,6 +3,7 @@ history and runs, and the figures of ``stats``. Nothing here writes."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from typing import Any
 
@@ -311,8 +312,6 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
         index = "{jobs_state}"
     else:
         index = ""  # every job, or pending or completed ones: rows lie in seq order
-    walk = (f"SELECT {LIST_FIELDS} FROM jobs {index} WHERE {where} "
-            f"ORDER BY seq DESC LIMIT {SCAN}")
     found, found_params = [], []
     if state is not None and state not in INDEXED:
         found.append("state = ?")
@@ -321,20 +320,32 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
         found.append("queue = ?")
         found_params.append(queue)
     if text:
-        found.append("({position}(id, ?) > 0 OR {position}(command, ?) > 0)")
+        # Case-sensitive on both stores, in SQL both speak (SQLite has no strpos, nor
+        # PostgreSQL instr).
+        found.append("(replace(id, ?, '') <> id OR replace(command, ?, '') <> command)")
         found_params += [text, text]
-    sql = conn.dialect.sql(f"SELECT {LIST_FIELDS} FROM ({walk}) AS walked "
-                           f"WHERE {' AND '.join(found) or '1 = 1'} ORDER BY seq DESC LIMIT ?")
-    rows = _dicts(conn.execute(sql, (*params, *found_params, limit + 1)))
+
+    def page(condition: str, values: list[Any]) -> list[dict[str, Any]]:
+        return _dicts(conn.execute(conn.dialect.sql(
+            f"SELECT {LIST_FIELDS} FROM jobs {index} WHERE {condition} "
+            "ORDER BY seq DESC LIMIT ?"), (*values, limit + 1)))
+
+    if not found:
+        rows = page(where, params)
+        return rows[:limit], str(rows[limit - 1]["seq"]) if len(rows) > limit else None, 0
+    # A filter no index serves: how far back SCAN jobs reach (an index walk), then only
+    # those jobs are looked at.
+    walked, floor = conn.execute(conn.dialect.sql(
+        f"SELECT count(*), min(seq) FROM (SELECT seq FROM jobs {index} WHERE {where} "
+        f"ORDER BY seq DESC LIMIT {SCAN}) AS walked"), params).fetchone()
+    if not walked:
+        return [], None, 0
+    rows = page(f"{where} AND seq >= ? AND {' AND '.join(found)}", [*params, floor, *found_params])
     if len(rows) > limit:
         return rows[:limit], str(rows[limit - 1]["seq"]), 0
-    if not found:
-        return rows, None, 0
-    walked, last = conn.execute(conn.dialect.sql(
-        f"SELECT count(*), min(seq) FROM ({walk}) AS walked"), params).fetchone()
     if walked < SCAN:
         return rows, None, 0
-    return rows, str(last), int(walked)
+    return rows, str(floor), int(walked)
 
 
 def _cursor_seq(cursor: str | None) -> int:
@@ -396,13 +407,12 @@ def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
         (since, ACTIVITY_RUNS + 1)).fetchall()
     capped = len(rows) > ACTIVITY_RUNS
     width = minutes * 60 / buckets
-    slices: list[dict[str, Any]] = [
-        {"start": clock.after(since, i * width), "completed": 0, "failed": 0,
-         "waits": [], "durations": []} for i in range(buckets)]
-    start = clock.parse(since)
+    starts = [clock.after(since, i * width) for i in range(buckets)]
+    slices: list[dict[str, Any]] = [{"start": start, "completed": 0, "failed": 0,
+                                     "waits": [], "durations": []} for start in starts]
     for finished_at, outcome, wait, duration in rows[:ACTIVITY_RUNS]:
-        i = int((clock.parse(finished_at) - start).total_seconds() // width)
-        one = slices[min(max(i, 0), buckets - 1)]
+        # ISO times in one format sort as text: no parsing per run.
+        one = slices[max(0, bisect.bisect_right(starts, finished_at) - 1)]
         if outcome == "completed":
             one["completed"] += 1
         elif outcome in ("failed", "timed-out", "lease-expired"):

@@ -119,7 +119,6 @@ class PgDialect(Dialect):
     terms = {
         "dependencies": "(SELECT coalesce(json_agg(depends_on ORDER BY depends_on), '[]')::text "
                         "FROM job_deps WHERE job_deps.job_id = jobs.id)",
-        "position": "strpos",  # position(haystack, needle): 0 when absent, case-sensitive
     }
     _TYPES = re.compile(r"\b(INTEGER|REAL|TEXT)\b")
 

@@ -114,7 +114,6 @@ class SqliteDialect(Dialect):
         # The primary key (job_id, depends_on) is walked in order: the ids come sorted.
         "dependencies": "(SELECT json_group_array(depends_on) FROM job_deps "
                         "WHERE job_deps.job_id = jobs.id)",
-        "position": "instr",  # position(haystack, needle): 0 when absent, case-sensitive
     }
 
     def hint(self, index: str) -> str:
