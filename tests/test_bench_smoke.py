@@ -19,7 +19,8 @@ from conftest import PG_ADMIN, _pg_admin
 pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test: run once
 
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
-SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory", "prune"}
+SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
+             "memory", "prune"}
 PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -176,6 +177,7 @@ def _guard(hosts: set[str], token: str | None, board: Dashboard
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), 303)
             response.set_cookie(TOKEN_COOKIE, token, path="/", httponly=True,
                                 samesite="strict")
+        started = time.perf_counter()
         if response is None:
             try:
                 response = await call_next(request)
@@ -186,6 +188,8 @@ def _guard(hosts: set[str], token: str | None, board: Dashboard
                 response = _plain(500, "Something went wrong on the server; its log has "
                                   "the details.")
         response.headers.update(HEADERS)
+        # What the server took, for the browser's network panel and tools/bench.py.
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response
     return dispatch
 
