@@ -20,12 +20,10 @@ from queuectl import reads
 
 pytest.importorskip("starlette", reason="pip install -e '.[test]' (the dashboard extra)")
 with warnings.catch_warnings():  # Starlette would rather drive httpx2: either works
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", "Using `httpx`")
     from starlette.testclient import TestClient  # noqa: E402
 
 from queuectl.dashboard.app import CSP, create_app  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 BASE = "http://127.0.0.1:8765"
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}

@@ -1371,7 +1371,7 @@ def dashboard_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list
     from queuectl.dashboard.app import create_app
 
     with warnings.catch_warnings():  # Starlette would rather drive httpx2: either works
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Using `httpx`")
         from starlette.testclient import TestClient
 
     times: dict[str, list[float]] = {key: [] for key in [*DASHBOARD_PAGES, "poll", "busy"]}
