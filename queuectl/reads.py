@@ -280,7 +280,7 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
 
 PAGE = 50  # jobs a page of find_jobs shows
 SCAN = 50_000  # jobs a filtered page looks through at most before it offers to go on
-ACTIVITY_RUNS = 20_000  # runs the activity charts read at most (the newest)
+ACTIVITY_RUNS = 10_000  # runs the activity charts read at most (the newest)
 LIST_FIELDS = ("seq, id, command, queue, state, priority, attempts, max_retries, run_at, "
                "last_error, created_at, updated_at")
 
@@ -426,7 +426,7 @@ def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
         one["wait"] = _nearest_ranks(one.pop("waits"))
         one["run_time"] = _nearest_ranks(one.pop("durations"))
     return {"since": since, "until": now, "minutes": minutes, "slices": slices,
-            "capped": capped}
+            "capped": capped, "runs": min(len(rows), ACTIVITY_RUNS)}
 
 
 def _nearest_ranks(values: list[float]) -> dict[str, float | None]:

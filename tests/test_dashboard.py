@@ -166,6 +166,20 @@ def test_a_search_walks_a_bounded_number_of_jobs(run: Any, conn: Any,
     assert [j["command"] for j in found] == ["needle"]
 
 
+def test_charts_count_the_last_hours_runs_and_say_when_they_read_only_the_newest(
+        run: Any, conn: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(3):
+        added(run, "-c", "true")
+    dead_job(run)
+    hour = reads.activity(conn)
+    assert sum(s["completed"] for s in hour["slices"]) == 3
+    assert sum(s["failed"] for s in hour["slices"]) == 1
+    assert hour["slices"][-1]["run_time"]["p95"] is not None and not hour["capped"]
+    monkeypatch.setattr(reads, "ACTIVITY_RUNS", 2)
+    assert reads.activity(conn)["capped"] and reads.activity(conn)["runs"] == 2
+    assert "The charts show the newest 2 runs of the last hour" in client.get("/").text
+
+
 def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
     added(run, "-c", "true")
     for path, status, text in (
