@@ -813,8 +813,9 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
     hosts = {*LOOPBACK, *allowed, *(() if host in ("0.0.0.0", "::") else (host,))}
     app = create_app(ctx.obj["db"], token=token, read_only=read_only, hosts=hosts)
     shown = f"[{host}]" if ":" in host else host
+    needs = "; open it once as .../?token=TOKEN" if token else ""
     click.echo(f"Dashboard of {store.shown(ctx.obj['db'])} at http://{shown}:{port}/"
-               f"{' (read-only)' if read_only else ''}; Ctrl-C to stop.")
+               f"{' (read-only)' if read_only else ''}{needs}; Ctrl-C to stop.")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

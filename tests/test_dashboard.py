@@ -216,6 +216,7 @@ def test_an_unchanged_poll_answers_304_and_a_change_the_fragment(run: Any,
     poll = {"X-Poll": "1", "If-None-Match": etag}
     unchanged = client.get("/", headers=poll)
     assert unchanged.status_code == 304 and unchanged.content == b""
+    assert client.get("/", headers={"If-None-Match": etag}).status_code == 200  # not a poll
     added(run, "-c", "true")
     changed = client.get("/", headers=poll)
     assert changed.status_code == 200 and changed.headers["etag"] != etag

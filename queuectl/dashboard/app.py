@@ -109,11 +109,14 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
     def live(build: Callable[[Request, Db], dict[str, Any]], name: str
              ) -> Callable[[Request], Awaitable[Response]]:
         """A page that polls: unchanged since the head the poller saw, it answers 304
-        after one small read, before anything else is read."""
+        after one small read, before anything else is read. (Only polls: a page a
+        browser revalidates after an action that changed nothing must still show its
+        message.)"""
         async def endpoint(request: Request) -> Response:
             conn = board.conn
             head = reads.head(conn)
-            if request.headers.get("if-none-match") == _etag(head)["ETag"]:
+            if request.headers.get("x-poll") and \
+                    request.headers.get("if-none-match") == _etag(head)["ETag"]:
                 return Response(status_code=304, headers=_etag(head))
             return page(request, name, head=head, **build(request, conn))
         return endpoint
