@@ -245,6 +245,7 @@ def test_retry_all_shows_the_count_then_requeues_the_filtered_dead(run: Any, db:
     other = dead_job(run)
     page = client.get("/dlq?queue=media")
     assert re.search(r'id="retry-all-count">2<', page.text)
+    assert re.search(r'id="retry-all-count">3<', client.get("/dlq").text)
     assert post(client, "retry-all", queue="media").status_code == 303
     assert all(types_of(db, j)[-1] == "requeued" for j in media)
     assert types_of(db, other)[-1] == "dead"
