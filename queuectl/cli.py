@@ -757,6 +757,55 @@ def _run(ctx: click.Context, **options: Any) -> None:
         raise click.ClickException("; ".join(errors))
 
 
+# -- dashboard ----------------------------------------------------------------------------
+
+DASHBOARD_NEEDS = ("starlette", "uvicorn", "jinja2")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on; beyond loopback --token is required.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--token", envvar="QUEUECTL_DASHBOARD_TOKEN", metavar="TOKEN",
+              help="Required on every request (also QUEUECTL_DASHBOARD_TOKEN).")
+@click.option("--allow-host", "allowed", multiple=True, metavar="NAME",
+              help="Another name the dashboard is reached by (the Host header; repeatable).")
+@click.option("--read-only", is_flag=True, help="No actions: pages only.")
+@click.pass_context
+def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
+              allowed: tuple[str, ...], read_only: bool) -> None:
+    """Serve a web dashboard of the queue: counts, charts, jobs, timelines, the DLQ,
+    queues, schedules and workers, with retry, cancel and pause (needs the
+    queuectl[dashboard] extra).
+
+    \b
+    Example:
+        queuectl dashboard
+        queuectl dashboard --read-only --port 9000
+        queuectl dashboard --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    try:
+        import uvicorn
+
+        from queuectl.dashboard.app import LOOPBACK, create_app, is_loopback
+    except ImportError as exc:
+        if exc.name not in DASHBOARD_NEEDS:
+            raise
+        raise click.ClickException("the dashboard needs: pip install 'queuectl[dashboard]'"
+                                   ) from None
+    if not is_loopback(host) and not token:
+        raise click.UsageError(f"--host {host} is beyond loopback: give --token TOKEN (or "
+                               "QUEUECTL_DASHBOARD_TOKEN) too")
+    ledger.connect(ctx.obj["db"], create=False).close()  # a typo in --db: an error now
+    hosts = {*LOOPBACK, *allowed, *(() if host in ("0.0.0.0", "::") else (host,))}
+    app = create_app(ctx.obj["db"], token=token, read_only=read_only, hosts=hosts)
+    shown = f"[{host}]" if ":" in host else host
+    needs = "; open it once as .../?token=TOKEN" if token else ""
+    click.echo(f"Dashboard of {store.shown(ctx.obj['db'])} at http://{shown}:{port}/"
+               f"{' (read-only)' if read_only else ''}{needs}; Ctrl-C to stop.")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 # -- maintenance --------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ history and runs, and the figures of ``stats``. Nothing here writes."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from typing import Any
 
@@ -138,18 +139,25 @@ def status(conn: Db) -> dict[str, Any]:
     older than the lease timeout shows as ``silent``) and how many ended: ``status``."""
     jobs = counts(conn)
     per_queue = queue_counts(conn)
-    running = workers(conn, (WorkerState.ACTIVE,))
-    lease = float(settings.load(conn)["lease-timeout"])
-    stale_before = clock.after(conn.now(), -lease)
-    for worker in running:
-        if worker["last_heartbeat"] < stale_before:
-            worker["state"] = "silent"
+    running = running_workers(conn)
     ended = worker_counts(conn)
     tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
              "gone": ended.get("gone", 0)}
     for worker in running:
         tally[worker["state"]] += 1
     return {"jobs": jobs, "queues": per_queue, "workers": running, "worker_counts": tally}
+
+
+def running_workers(conn: Db) -> list[dict[str, Any]]:
+    """The active workers, those whose heartbeat is older than the lease timeout marked
+    ``silent``."""
+    running = workers(conn, (WorkerState.ACTIVE,))
+    lease = float(settings.load(conn)["lease-timeout"])
+    stale_before = clock.after(conn.now(), -lease)
+    for worker in running:
+        if worker["last_heartbeat"] < stale_before:
+            worker["state"] = "silent"
+    return running
 
 
 def check_state(state: str) -> State:
@@ -301,3 +309,166 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             },
         }
     return result
+
+
+# -- the dashboard's pages ----------------------------------------------------------------
+
+PAGE = 50  # jobs a page of find_jobs shows
+SCAN = 50_000  # jobs a filtered page looks through at most before it offers to go on
+ACTIVITY_RUNS = 10_000  # runs the activity charts read at most (the newest)
+LIST_FIELDS = ("seq, id, command, queue, state, priority, attempts, max_retries, run_at, "
+               "last_error, created_at, updated_at")
+
+
+def head(conn: Db) -> int:
+    """The seq of the ledger's last event. Every change appends an event, so whatever was
+    read at one head is still current while the head stays: the dashboard's ETag."""
+    return conn.next_seq() - 1
+
+
+def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
+              text: str | None = None, cursor: str | None = None, limit: int = PAGE
+              ) -> tuple[list[dict[str, Any]], str | None, int]:
+    """One page of jobs, newest first (pending ones in the order they will run), optionally
+    of one state and queue, and whose id or command contains ``text``.
+
+    Pages follow each other by keyset (``cursor``: where the last one ended), so a page
+    costs the same at any depth. A filter no index serves walks at most ``SCAN`` jobs a
+    page. Returns (jobs, the cursor of the next page or None, jobs walked when a filter
+    walked all ``SCAN`` without filling the page, else 0)."""
+    if state is not None and state not in STATES:
+        raise InvalidInput(f"unknown state {state!r}")
+    if state == State.PENDING and not text:
+        return _pending_page(conn, queue, cursor, limit)
+    params: list[Any] = [_cursor_seq(cursor)]
+    where = "seq < ?"
+    if state in INDEXED:
+        where, params = f"state = ? AND {INDEXED_STATES} AND {where}", [state, *params]
+        index = "{jobs_state}"
+    else:
+        index = ""  # every job, or pending or completed ones: rows lie in seq order
+    found, found_params = [], []
+    if state is not None and state not in INDEXED:
+        found.append("state = ?")
+        found_params.append(state)
+    if queue:
+        found.append("queue = ?")
+        found_params.append(queue)
+    if text:
+        # Case-sensitive on both stores, in SQL both speak (SQLite has no strpos, nor
+        # PostgreSQL instr).
+        found.append("(replace(id, ?, '') <> id OR replace(command, ?, '') <> command)")
+        found_params += [text, text]
+
+    def page(condition: str, values: list[Any]) -> list[dict[str, Any]]:
+        return _dicts(conn.execute(conn.dialect.sql(
+            f"SELECT {LIST_FIELDS} FROM jobs {index} WHERE {condition} "
+            "ORDER BY seq DESC LIMIT ?"), (*values, limit + 1)))
+
+    if not found:
+        rows = page(where, params)
+        return rows[:limit], str(rows[limit - 1]["seq"]) if len(rows) > limit else None, 0
+    # A filter no index serves: how far back SCAN jobs reach (an index walk), then only
+    # those jobs are looked at.
+    walked, floor = conn.execute(conn.dialect.sql(
+        f"SELECT count(*), min(seq) FROM (SELECT seq FROM jobs {index} WHERE {where} "
+        f"ORDER BY seq DESC LIMIT {SCAN}) AS walked"), params).fetchone()
+    if not walked:
+        return [], None, 0
+    rows = page(f"{where} AND seq >= ? AND {' AND '.join(found)}", [*params, floor, *found_params])
+    if len(rows) > limit:
+        return rows[:limit], str(rows[limit - 1]["seq"]), 0
+    if walked < SCAN:
+        return rows, None, 0
+    return rows, str(floor), int(walked)
+
+
+def _cursor_seq(cursor: str | None) -> int:
+    if not cursor:
+        return EVERY
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise InvalidInput(f"bad page cursor {cursor!r}")
+    return int(cursor)
+
+
+def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
+                  ) -> tuple[list[dict[str, Any]], str | None, int]:
+    """Pending jobs in run order (highest priority first, then oldest) through the index
+    the claim query walks; a cursor ``priority:seq`` starts after that job."""
+    if queue:
+        index, ready = ready_of(queue)
+        where, params = f"{index} WHERE state = ? AND {ready}", [State.PENDING, queue]
+    else:
+        where, params = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", [State.PENDING]
+
+    def page(after: str, *more: Any) -> list[dict[str, Any]]:
+        sql = f"SELECT {LIST_FIELDS} FROM jobs {where} {after} ORDER BY priority DESC, seq LIMIT ?"
+        return _dicts(conn.execute(conn.dialect.sql(sql), (*params, *more, limit + 1 - len(rows))))
+
+    rows: list[dict[str, Any]] = []
+    if cursor:
+        priority, seq = _pending_cursor(cursor)
+        # Two index ranges, each a seek: the rest of this priority, then the lower ones.
+        rows = page("AND priority = ? AND seq > ?", priority, seq)
+        if len(rows) <= limit:
+            rows += page("AND priority < ?", priority)
+    else:
+        rows = page("")
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        return rows[:limit], f"{last['priority']}:{last['seq']}", 0
+    return rows, None, 0
+
+
+def _pending_cursor(cursor: str) -> tuple[int, int]:
+    priority, _, seq = cursor.partition(":")
+    try:
+        if not seq.isdigit() or len(seq) > 18:
+            raise ValueError(seq)
+        return int(limits.check("priority", int(priority))), int(seq)
+    except (ValueError, InvalidInput):
+        raise InvalidInput(f"bad page cursor {cursor!r}") from None
+
+
+def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
+    """The last ``minutes`` in ``buckets`` slices: runs that ended in each (completed, or
+    failed, timed out or lost) and the p50 / p95 of their queue wait and run time. Reads
+    the newest ``ACTIVITY_RUNS`` runs at most; ``capped`` says when there were more."""
+    now = conn.now()
+    since = clock.after(now, -minutes * 60)
+    rows = conn.execute(conn.dialect.sql(
+        "SELECT finished_at, outcome, wait, duration FROM runs {runs_finished} "
+        "WHERE finished_at >= ? ORDER BY finished_at DESC LIMIT ?"),
+        (since, ACTIVITY_RUNS + 1)).fetchall()
+    capped = len(rows) > ACTIVITY_RUNS
+    width = minutes * 60 / buckets
+    starts = [clock.after(since, i * width) for i in range(buckets)]
+    slices: list[dict[str, Any]] = [{"start": start, "completed": 0, "failed": 0,
+                                     "waits": [], "durations": []} for start in starts]
+    for finished_at, outcome, wait, duration in rows[:ACTIVITY_RUNS]:
+        # ISO times in one format sort as text: no parsing per run.
+        one = slices[max(0, bisect.bisect_right(starts, finished_at) - 1)]
+        if outcome == "completed":
+            one["completed"] += 1
+        elif outcome in ("failed", "timed-out", "lease-expired"):
+            one["failed"] += 1
+        else:
+            continue  # released or cancelled: neither done nor failed
+        one["waits"].append(wait)
+        if duration is not None:
+            one["durations"].append(duration)
+    for one in slices:
+        one["wait"] = _nearest_ranks(one.pop("waits"))
+        one["run_time"] = _nearest_ranks(one.pop("durations"))
+    return {"since": since, "until": now, "minutes": minutes, "slices": slices,
+            "capped": capped, "runs": min(len(rows), ACTIVITY_RUNS)}
+
+
+def _nearest_ranks(values: list[float]) -> dict[str, float | None]:
+    values.sort()
+    n = len(values)
+
+    def rank(p: float) -> float | None:
+        return values[max(0, -(-int(p * 1000) * n // 1000) - 1)] if n else None
+
+    return {"p50": rank(0.50), "p95": rank(0.95)}

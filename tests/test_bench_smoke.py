@@ -19,8 +19,8 @@ from conftest import PG_ADMIN, _pg_admin
 pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test: run once
 
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
-SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory", "prune",
-             "api"}
+SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
+             "memory", "prune", "api"}
 PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
 HUEY_ROWS = {"worker_vs_huey", "api_enqueue_vs_huey"}  # n/a where huey is not installed
 

@@ -61,6 +61,18 @@ def test_waiting_for_the_server_lets_other_threads_run(db, conn):
     assert len(ticks) == 20 and ticks[-1] < returned, "the other thread stood still"
 
 
+def test_a_read_snapshot_does_not_stop_the_connections_clock(db, conn):
+    """The time asked for inside a read snapshot is that read's only: a later read, or a
+    write's events, must not take it (a dashboard reads in snapshots all day)."""
+    with conn.snapshot():
+        during = conn.now()
+    time.sleep(0.01)
+    assert conn.now() > during
+    decisions.pause_queue(conn, "media")
+    (at,) = conn.execute("SELECT at FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    assert at > during
+
+
 # -- one order of events -------------------------------------------------------------------
 
 

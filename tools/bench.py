@@ -22,6 +22,11 @@ Scenarios (``--only`` takes these names):
            on SqliteHuey and a bare one-row durable commit of the same store
   prune    retention: ``queuectl prune --before 0s`` on 10 x N finished jobs and a day of two
            idle workers' heartbeats: ledger bytes a completed job before and after, and its rate
+  dashboard  ``queuectl dashboard`` on the replay ledger, in process: the server time
+           (its Server-Timing header) of the overview, the first jobs page, the first pending
+           page, a command search that finds nothing and an unchanged poll (304); and the
+           overview again with the clock set just after the ledger's last run, so that its
+           last hour holds every run (needs the dashboard extra and httpx)
 
 Every figure is the median of several runs (``--runs``, default 5; ``--quick``: 2 runs and
 small sizes, under a minute). Ratios are taken against a baseline measured in the same run,
@@ -30,7 +35,8 @@ uses its own fresh temporary database; the big replay ledger is built once and c
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
 event/ledger code that shapes its rows.
 
-``--backend postgres`` runs worker, cycle, latency, bulk, reads, prune and api on PostgreSQL instead
+``--backend postgres`` runs worker, cycle, latency, bulk, reads, prune, api and dashboard on
+PostgreSQL instead
 (startup, replay and memory give one n/a row each): each run gets a fresh database
 ``queuectl_bench_<random>`` on the server ``--pg-admin`` (or ``$QUEUECTL_BENCH_PG``) names,
 dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
@@ -77,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # bench the checkout this file lives in
 
-from queuectl import claims, decisions, ledger  # noqa: E402
+from queuectl import claims, decisions, ledger, reads  # noqa: E402
 from queuectl import events as ev  # noqa: E402
 from queuectl.store import is_postgres  # noqa: E402
 from queuectl.store import sqlite as sqlite_store  # noqa: E402
@@ -88,8 +94,8 @@ try:  # the worker's own connection setup and waker thread, where this version h
 except ImportError:
     Waker = None  # type: ignore[assignment,misc]
 
-SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "memory",
-             "prune", "api")
+SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
+             "memory", "prune", "api")
 FLOOR_CODE = "import click, msgspec, sqlite3"
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
 BACKENDS = ("sqlite", "postgres")
@@ -1431,6 +1437,85 @@ def reads_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list[Row
     ]
 
 
+# -- 7b. the dashboard at scale -----------------------------------------------------------
+
+
+def bench_dashboard(ctx: Context, result: ScenarioResult) -> list[Row]:
+    if ctx.backend == "postgres":
+        with pg_replay_ledger(ctx) as url:
+            return dashboard_rows(ctx, result, url)
+    return dashboard_rows(ctx, result, ctx.replay_db or copy_of_replay_ledger(ctx))
+
+
+DASHBOARD_PAGES = {"overview": "/", "jobs": "/jobs", "pending": "/jobs?state=pending",
+                   "search": "/jobs?q=no-such-command"}
+
+
+def server_ms(response: Any) -> float:
+    """The server time a dashboard response reports in its Server-Timing header."""
+    assert response.status_code in (200, 304), (response.status_code, response.text[:500])
+    return float(response.headers["server-timing"].split("dur=")[1])
+
+
+def dashboard_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list[Row]:
+    import warnings
+
+    from queuectl import clock
+    from queuectl.dashboard.app import create_app
+
+    with warnings.catch_warnings():  # Starlette would rather drive httpx2: either works
+        warnings.filterwarnings("ignore", "Using `httpx`")
+        from starlette.testclient import TestClient
+
+    times: dict[str, list[float]] = {key: [] for key in [*DASHBOARD_PAGES, "poll", "busy"]}
+    with TestClient(create_app(str(db)), base_url="http://127.0.0.1") as client:
+        for path in DASHBOARD_PAGES.values():
+            client.get(path)  # warm up: the first request opens the connection
+        etag = client.get("/").headers["etag"]
+        for _ in range(ctx.runs * ctx.sizes.reads_reps_per_run):
+            for key, path in DASHBOARD_PAGES.items():
+                times[key].append(server_ms(client.get(path)))
+            times["poll"].append(server_ms(client.get(
+                "/", headers={"X-Poll": "1", "If-None-Match": etag})))
+        # The ledger's runs ended long ago; with the clock just after the last one, the
+        # overview's last hour holds them all (its charts read the newest of them).
+        last = ledger.connect(db, create=False)
+        try:
+            (end,) = last.execute("SELECT max(finished_at) FROM runs").fetchone()
+        finally:
+            last.close()
+        saved = clock.now
+        clock.now = lambda: clock.after(end, 1)  # type: ignore[assignment]
+        try:
+            client.get("/")
+            for _ in range(ctx.runs * ctx.sizes.reads_reps_per_run):
+                times["busy"].append(server_ms(client.get("/")))
+        finally:
+            clock.now = saved  # type: ignore[assignment]
+    ctx.log("dashboard, server ms: " + ", ".join(
+        f"{key} {median(values):.1f}" for key, values in times.items()))
+    result.details["server_ms"] = {key: median(values) for key, values in times.items()}
+    jobs = f"{ctx.sizes.replay_jobs:,} jobs"
+    target = Target("<= 50 ms", "value", "<=", 50)
+    return [
+        make_row("dashboard", "overview_ms", f"overview at {jobs}, server time", times["overview"],
+                 "ms", target, note="counts, queues, workers, last-hour charts"),
+        make_row("dashboard", "jobs_ms", f"first jobs page at {jobs}, server time",
+                 times["jobs"], "ms", target, note="50 jobs, newest first"),
+        make_row("dashboard", "pending_ms", f"first pending page at {jobs}, server time",
+                 times["pending"], "ms", None, note="in run order, through jobs_ready"),
+        make_row("dashboard", "search_ms", f"command search finding nothing at {jobs}, server time",
+                 times["search"], "ms", None,
+                 note=f"walks {reads.SCAN:,} jobs, then offers to search older ones"),
+        make_row("dashboard", "poll_304_ms", "unchanged poll (304), server time", times["poll"],
+                 "ms", None, note="one read of the ledger's head"),
+        make_row("dashboard", "busy_overview_ms",
+                 f"overview, its last hour holding every run of {jobs}, server time",
+                 times["busy"], "ms", None,
+                 note=f"charts read the newest {reads.ACTIVITY_RUNS:,} runs of the hour"),
+    ]
+
+
 def history_times(ctx: Context, events: int = 10_000) -> list[float]:
     """Wall milliseconds of ``queuectl history`` for one job retried until it has
     ``events`` events (enqueued, then claimed, failed, scheduled-retry over and over)."""
@@ -1580,11 +1665,13 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "bulk": bench_bulk,
     "replay": bench_replay,
     "reads": bench_reads,
+    "dashboard": bench_dashboard,
     "memory": bench_memory,
     "prune": bench_prune,
     "api": bench_api,
 }
-# cycle, latency, bulk, reads, prune and api run the same code on either store (``ctx.backend``).
+# cycle, latency, bulk, reads, dashboard, prune and api run the same code on either store
+# (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
 

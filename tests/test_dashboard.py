@@ -1,0 +1,352 @@
+"""``queuectl dashboard``'s routes, through Starlette's TestClient, on both stores: pages,
+filters and pages of jobs, the 304 of an unchanged poll, actions as ledger events, bad
+input as clean 4xx pages, and the checks every request passes (Host, token, POST origin,
+CSP, read-only)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import by_hand
+from test_features import added, ok
+
+from queuectl import reads
+
+pytest.importorskip("starlette", reason="pip install -e '.[test]' (the dashboard extra)")
+with warnings.catch_warnings():  # Starlette would rather drive httpx2: either works
+    warnings.filterwarnings("ignore", "Using `httpx`")
+    from starlette.testclient import TestClient  # noqa: E402
+
+from queuectl.dashboard.app import CSP, create_app  # noqa: E402
+
+BASE = "http://127.0.0.1:8765"
+SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}
+
+
+@pytest.fixture
+def client(db: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(str(db)), base_url=BASE) as c:
+        yield c
+
+
+def post(client: TestClient, action: str, **form: str) -> Any:
+    return client.post(f"/actions/{action}", data=form, headers=SAME_ORIGIN,
+                       follow_redirects=False)
+
+
+def dead_job(run: Any, command: str = "exit 3", *args: str) -> str:
+    job_id = added(run, "-c", command, "--max-retries", "0", *args)
+    ok(run, "worker", "--burst")
+    return job_id
+
+
+def types_of(db: Any, job_id: str) -> list[str]:
+    with by_hand(db) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE job_id = ? ORDER BY seq", (job_id,))]
+
+
+# -- pages ------------------------------------------------------------------------------------
+
+
+def test_overview_shows_counts_queues_and_charts(run: Any, client: TestClient) -> None:
+    for n in range(3):
+        added(run, "-c", f"echo {n}")
+    added(run, "-c", "true", "-q", "media")
+    dead_job(run)
+    page = client.get("/")
+    assert page.status_code == 200
+    assert re.search(r'id="count-completed">4<', page.text)
+    assert re.search(r'id="count-dead">1<', page.text)
+    assert re.search(r'id="count-total">5<', page.text)
+    assert 'href="/jobs?queue=media"' in page.text
+    assert page.text.count("<svg") == 3
+    assert "<script>" not in page.text and 'src="/static/dashboard.js"' in page.text
+
+
+def test_every_page_answers_with_the_security_headers(run: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
+    for path in ("/", "/jobs", f"/jobs/{job_id}", "/dlq", "/queues", "/schedules", "/workers",
+                 "/static/dashboard.js", "/nowhere"):
+        page = client.get(path)
+        assert page.status_code == (404 if path == "/nowhere" else 200), path
+        assert page.headers["content-security-policy"] == CSP
+        assert "script-src 'self'" in CSP and "object-src 'none'" in CSP
+        assert "frame-ancestors 'none'" in CSP
+        assert page.headers["x-frame-options"] == "DENY"
+    assert "backup.sh" in client.get("/schedules").text
+
+
+def test_user_text_is_escaped_everywhere(run: Any, client: TestClient) -> None:
+    evil = "<script>alert(1)</script>&\"'"
+    job_id = dead_job(run, f"echo '{evil}'; exit 1")
+    for path in (f"/jobs/{job_id}", "/jobs", "/dlq", f"/jobs?q={evil[:8]}"):
+        text = client.get(path).text
+        assert "<script>alert" not in text, path
+    detail = client.get(f"/jobs/{job_id}").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&amp;" in detail  # the command and its output
+    assert detail.count("&lt;script&gt;") >= 2
+
+
+def test_job_page_shows_fields_dependencies_timeline_and_output(run: Any,
+                                                                  client: TestClient) -> None:
+    first = added(run, "-c", "echo hello-from-the-job", "--id", "first")
+    added(run, "-c", "true", "--id", "second/one", "--after", first)
+    ok(run, "worker", "--burst")
+    page = client.get("/jobs/second%2Fone")
+    assert page.status_code == 200
+    assert 'href="/jobs/first"' in page.text and "state-completed" in page.text
+    detail = client.get("/jobs/first").text
+    assert "hello-from-the-job" in detail  # the attempt's output
+    timeline = re.findall(r'<li class="event event-([a-z-]+)"', detail)
+    assert timeline[0] == "enqueued" and "claimed" in timeline and timeline[-1] == "completed"
+    assert "Cancel job" not in detail and "Retry job" not in detail  # completed: no action
+
+
+def test_jobs_filter_by_state_queue_and_text(run: Any, client: TestClient) -> None:
+    dead_job(run, "exit 5", "--id", "broken")
+    added(run, "-c", "convert a.mp4", "-q", "media", "--id", "film")
+    added(run, "-c", "echo report", "--id", "report")
+
+    def ids(query: str) -> list[str]:
+        page = client.get(f"/jobs?{query}")
+        assert page.status_code == 200, page.text
+        return re.findall(r'<tr data-job="([^"]+)"', page.text)
+
+    assert ids("") == ["report", "film", "broken"]  # newest first
+    assert ids("state=dead") == ["broken"]
+    assert ids("queue=media") == ["film"]
+    assert ids("q=convert") == ["film"]
+    assert ids("q=epor") == ["report"]  # a substring of an id
+    assert ids("q=CONVERT") == []  # case-sensitive on both stores
+    assert ids("state=pending&queue=media") == ["film"]
+    assert ids("state=dead&queue=media") == []
+    assert 'Job <a class="id" href="/jobs/report">' in client.get("/jobs?q=report").text
+
+
+def test_jobs_pages_follow_each_other_by_keyset(run: Any, conn: Any,
+                                                 client: TestClient) -> None:
+    ok(run, "enqueue", "--file", "-", input="".join(
+        f'{{"id": "j{n:03d}", "command": "true", "priority": {n % 2}}}\n' for n in range(120)))
+    seen: list[str] = []
+    query = "state=pending"
+    while query is not None:
+        page = client.get(f"/jobs?{query}")
+        seen += re.findall(r'<tr data-job="([^"]+)"', page.text)
+        older = re.search(r'<a href="\?([^"]+)" rel="next">', page.text)
+        query = older.group(1).replace("&amp;", "&") if older else None
+    assert len(seen) == 120 and len(set(seen)) == 120
+    assert seen == [j["id"] for j in reads.list_jobs(conn, "pending")]  # in run order
+    everything = []
+    query = ""
+    while query is not None:
+        page = client.get(f"/jobs?{query}")
+        everything += re.findall(r'<tr data-job="([^"]+)"', page.text)
+        older = re.search(r'<a href="\?([^"]+)" rel="next">', page.text)
+        query = older.group(1).replace("&amp;", "&") if older else None
+    assert everything == [f"j{n:03d}" for n in reversed(range(120))]
+
+
+def test_a_search_walks_a_bounded_number_of_jobs(run: Any, conn: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ok(run, "enqueue", "--file", "-", input="".join(
+        f'{{"command": "{"needle" if n == 3 else "hay"}"}}\n' for n in range(40)))
+    monkeypatch.setattr(reads, "SCAN", 10)
+    found, cursor, walked = reads.find_jobs(conn, text="needle")
+    assert (found, walked) == ([], 10) and cursor is not None  # the newest 10 hold none
+    for _ in range(3):
+        found, cursor, walked = reads.find_jobs(conn, text="needle", cursor=cursor)
+    assert [j["command"] for j in found] == ["needle"]
+
+
+def test_charts_count_the_last_hours_runs_and_say_when_they_read_only_the_newest(
+        run: Any, conn: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(3):
+        added(run, "-c", "true")
+    dead_job(run)
+    hour = reads.activity(conn)
+    assert sum(s["completed"] for s in hour["slices"]) == 3
+    assert sum(s["failed"] for s in hour["slices"]) == 1
+    assert hour["slices"][-1]["run_time"]["p95"] is not None and not hour["capped"]
+    monkeypatch.setattr(reads, "ACTIVITY_RUNS", 2)
+    assert reads.activity(conn)["capped"] and reads.activity(conn)["runs"] == 2
+    assert "The charts show the newest 2 runs of the last hour" in client.get("/").text
+
+
+def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
+    added(run, "-c", "true")
+    for path, status, text in (
+        ("/jobs?state=bogus", 400, "unknown state"),
+        ("/jobs?queue=a%20b", 400, "queue"),
+        ("/jobs?after=12x", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=1:2:3", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=99999999999:1", 400, "bad page cursor"),
+        ("/jobs?q=" + "x" * 201, 400, "at most 200"),
+        ("/jobs/no-such-job", 404, "not found"),
+        ("/dlq?queue=%00", 400, "queue"),
+    ):
+        page = client.get(path)
+        assert page.status_code == status, (path, page.text)
+        assert text in page.text, path
+        assert "Traceback" not in page.text
+    assert client.post("/actions/retry", data={}, headers=SAME_ORIGIN).status_code == 400
+    assert client.post("/actions/nothing", data={"job": "x"},
+                       headers=SAME_ORIGIN).status_code == 404
+    assert client.post("/actions/limit", data={"queue": "q", "limit": "-1"},
+                       headers=SAME_ORIGIN).status_code == 400
+
+
+# -- live updates -----------------------------------------------------------------------------
+
+
+def test_an_unchanged_poll_answers_304_and_a_change_the_fragment(run: Any,
+                                                                client: TestClient) -> None:
+    added(run, "-c", "true")
+    page = client.get("/")
+    etag = page.headers["etag"]
+    assert f'data-etag="{etag.replace(chr(34), "&#34;")}"' in page.text or \
+        f'data-etag="&quot;{etag.strip(chr(34))}&quot;"' in page.text
+    poll = {"X-Poll": "1", "If-None-Match": etag}
+    unchanged = client.get("/", headers=poll)
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert client.get("/", headers={"If-None-Match": etag}).status_code == 200  # not a poll
+    added(run, "-c", "true")
+    changed = client.get("/", headers=poll)
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert "<html" not in changed.text and re.search(r'id="count-pending">2<', changed.text)
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+
+def test_retry_a_dead_job_is_a_requeued_event(run: Any, db: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    assert "Retry job" in client.get(f"/jobs/{job_id}").text
+    done = post(client, "retry", job=job_id)
+    assert done.status_code == 303 and done.headers["location"] == f"/jobs/{job_id}"
+    assert types_of(db, job_id)[-1] == "requeued"
+    page = client.get(f"/jobs/{job_id}")
+    assert f"Job {job_id} requeued with max_retries = 0." in page.text  # the flash, once
+    assert "requeued" not in client.get(f"/jobs/{job_id}").text.split("<h1>")[0]
+    again = post(client, "retry", job=job_id)
+    assert again.status_code == 409 and "not in the dead letter queue" in again.text
+
+
+def test_retry_all_shows_the_count_then_requeues_the_filtered_dead(run: Any, db: Any,
+                                                                  client: TestClient) -> None:
+    media = [dead_job(run, "exit 1", "-q", "media") for _ in range(2)]
+    other = dead_job(run)
+    page = client.get("/dlq?queue=media")
+    assert re.search(r'id="retry-all-count">2<', page.text)
+    assert re.search(r'id="retry-all-count">3<', client.get("/dlq").text)
+    assert post(client, "retry-all", queue="media").status_code == 303
+    assert all(types_of(db, j)[-1] == "requeued" for j in media)
+    assert types_of(db, other)[-1] == "dead"
+    assert "Requeued 2 jobs from the dead letter queue." in client.get("/dlq").text
+
+
+def test_cancel_and_queue_actions_are_ledger_events(run: Any, db: Any,
+                                                   client: TestClient) -> None:
+    job_id = added(run, "-c", "true", "-q", "media")
+    assert post(client, "cancel", job=job_id).status_code == 303
+    assert types_of(db, job_id)[-1] == "cancelled"
+    assert post(client, "pause", queue="media").status_code == 303
+    assert 'data-queue="media"' in (page := client.get("/queues").text)
+    assert re.search(r'data-queue="media">.*?<td class="status">paused<', page, re.S)
+    assert post(client, "limit", queue="media", limit="3").status_code == 303
+    assert post(client, "resume", queue="media").status_code == 303
+    with by_hand(db) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE type LIKE 'queue-%' ORDER BY seq")] == \
+            ["queue-paused", "queue-limited", "queue-resumed"]
+    assert "Queue &#39;media&#39; resumed." in client.get("/queues").text  # escaped
+
+
+# -- the checks every request passes ----------------------------------------------------------
+
+
+def test_a_cross_site_post_is_refused(run: Any, db: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    for headers in ({}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"},
+                    {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:9999"}):
+        refused = client.post("/actions/retry", data={"job": job_id}, headers=headers)
+        assert refused.status_code == 403, headers
+    assert types_of(db, job_id)[-1] == "dead"
+    by_origin = client.post("/actions/retry", data={"job": job_id},
+                            headers={"Origin": BASE}, follow_redirects=False)
+    assert by_origin.status_code == 303
+
+
+def test_only_known_host_names_are_answered(run: Any, db: Any) -> None:
+    added(run, "-c", "true")
+    with TestClient(create_app(str(db)), base_url=BASE) as client:
+        assert client.get("/").status_code == 200
+        for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example"):
+            assert client.get("/", headers={"Host": host}).status_code == 400, host
+        assert client.get("/", headers={"Host": "localhost:8765"}).status_code == 200
+    app = create_app(str(db), hosts=("127.0.0.1", "queue.lan"))
+    with TestClient(app, base_url="http://queue.lan") as client:
+        assert client.get("/").status_code == 200
+
+
+def test_a_token_is_checked_on_every_request(run: Any, db: Any) -> None:
+    added(run, "-c", "true")
+    app = create_app(str(db), token="s3cret", hosts=("127.0.0.1", "10.0.0.5"))
+    with TestClient(app, base_url="http://10.0.0.5:8765") as client:
+        for path in ("/", "/jobs", "/static/dashboard.js"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        entry = client.get("/jobs?state=dead&token=s3cret", follow_redirects=False)
+        assert entry.status_code == 303 and entry.headers["location"] == "/jobs?state=dead"
+        assert "HttpOnly" in entry.headers["set-cookie"]
+        assert client.get("/jobs").status_code == 200  # the cookie
+        refused = client.post("/actions/pause", data={"queue": "q"})
+        assert refused.status_code == 403  # a token does not stand in for the origin check
+
+
+def test_read_only_shows_no_action_and_refuses_them(run: Any, db: Any) -> None:
+    job_id = dead_job(run)
+    with TestClient(create_app(str(db), read_only=True), base_url=BASE) as client:
+        for path in (f"/jobs/{job_id}", "/dlq", "/queues"):
+            assert "<form method=\"post\"" not in client.get(path).text, path
+        refused = post(client, "retry", job=job_id)
+        assert refused.status_code == 403 and "read-only" in refused.text
+    assert types_of(db, job_id)[-1] == "dead"
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@pytest.mark.stores("sqlite")
+def test_beyond_loopback_the_command_needs_a_token(run: Any) -> None:
+    added(run, "-c", "true")
+    result = run("dashboard", "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "--token" in result.stderr
+
+
+@pytest.mark.stores("sqlite")
+def test_without_the_extra_the_command_says_what_to_install(run: Any) -> None:
+    added(run, "-c", "true")
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['uvicorn'] = None; "
+         "from queuectl.cli import main; sys.argv[1:] = ['dashboard']; main()"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "Error: the dashboard needs: pip install 'queuectl[dashboard]'\n"
+
+
+@pytest.mark.stores("sqlite")
+def test_the_cli_does_not_load_the_web_stack() -> None:
+    code = ("import sys, queuectl.cli; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'jinja2') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    assert found.stdout.strip() == "[]", found.stderr
