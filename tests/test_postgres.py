@@ -61,6 +61,18 @@ def test_waiting_for_the_server_lets_other_threads_run(db, conn):
     assert len(ticks) == 20 and ticks[-1] < returned, "the other thread stood still"
 
 
+def test_a_snapshot_keeps_its_time_to_itself(db, conn):
+    """Inside a snapshot every read sees one time; the next snapshot (a frame of status
+    --watch, say) asks the clock again."""
+    with conn.snapshot():
+        first = conn.now()
+        assert conn.now() == first
+    time.sleep(0.01)
+    with conn.snapshot():
+        assert conn.now() > first
+    assert conn.now() > first
+
+
 # -- one order of events -------------------------------------------------------------------
 
 

@@ -662,6 +662,7 @@ class PgDb:
                 yield self
             finally:
                 self._rollback()
+                self._tx_now = None  # a time asked for inside is the snapshot's only
 
     def now(self) -> str:
         """The server's clock, tracked on this host's monotonic clock (measured against the
