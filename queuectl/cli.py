@@ -338,10 +338,34 @@ def list_(ctx: click.Context, state: str | None, queue: str | None, limit: int |
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--watch", is_flag=True,
+              help="A live view, redrawn every -n seconds, until Ctrl-C.")
+@click.option("-n", "--interval", type=Number("interval"), metavar="SECONDS",
+              help="With --watch: seconds between redraws (default 1).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float | None) -> None:
     """Job counts per state, and the workers still running (active, or silent for longer
-    than lease-timeout); workers that stopped or were declared gone are only counted."""
+    than lease-timeout); workers that stopped or were declared gone are only counted.
+
+    With --watch, a live view: jobs per state and queue, workers with their current job,
+    runs ended a minute over the last ten, and the newest failures.
+
+    \b
+    Example:
+        queuectl status --watch -n 2
+    """
+    if interval is not None and not watch:
+        raise click.UsageError("-n goes with --watch")
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws for people, --json prints for scripts: "
+                                   "give one")
+        if not sys.stdout.isatty():
+            raise click.UsageError("--watch needs a terminal, and standard output is not one "
+                                   "(status --json gives scripts the figures)")
+        from queuectl.watch import run as watching
+
+        return watching(_db(ctx), interval or 1.0, store.shown(ctx.obj["db"]))
     from queuectl import render
 
     conn = _db(ctx)

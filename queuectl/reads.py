@@ -273,3 +273,55 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             },
         }
     return result
+
+
+# -- the live view (status --watch) -------------------------------------------------------
+# Each read is an index range or a LIMIT: the view costs the same at ten jobs and at millions.
+
+FAILED_RUNS = ("failed", "timed-out", "lease-expired")
+RECENT_RUNS = 1000  # the newest finished runs the failure list looks among, at most
+
+
+def workers_at_work(conn: Db) -> list[dict[str, Any]]:
+    """Active workers, as ``workers`` gives them, each with ``job_since``: when its current
+    job's run was claimed (one probe of ``runs_job`` a worker)."""
+    return _dicts(conn.execute(
+        """SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done,
+            (SELECT claimed_at FROM runs WHERE runs.job_id = workers.current_job
+             ORDER BY seq DESC LIMIT 1) AS job_since
+        FROM workers WHERE state = 'active' ORDER BY started_at, id"""))
+
+
+def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
+    """Runs finished in each of the last ``minutes`` minutes, oldest first, the last one
+    ending at ``now``: one range of ``runs_finished``, read from the index alone."""
+    starts = [clock.after(now, -60.0 * k) for k in range(minutes, 0, -1)]
+    since = ", ".join(["sum(CASE WHEN finished_at >= ? THEN 1 ELSE 0 END)"] * minutes)
+    row = conn.execute(conn.dialect.sql(
+        f"SELECT {since} FROM runs {{runs_finished}} WHERE finished_at >= ? AND finished_at <= ?"),
+        (*starts, starts[0], now)).fetchone()
+    at_least = [int(n or 0) for n in row]  # runs finished since each minute's start
+    return [n - later for n, later in zip(at_least, [*at_least[1:], 0], strict=True)]
+
+
+def finished_since(conn: Db, since: str) -> dict[str, int]:
+    """Runs finished since ``since``, per outcome (a range of ``runs_finished``)."""
+    return {outcome: int(n) for outcome, n in conn.execute(conn.dialect.sql(
+        "SELECT outcome, count(*) FROM runs {runs_finished} WHERE finished_at >= ? "
+        "GROUP BY outcome"), (since,)).fetchall()}
+
+
+def newest_failures(conn: Db, limit: int = 5) -> list[dict[str, Any]]:
+    """The newest failed runs (failed, timed out, or lost with their worker), newest first,
+    with their job's queue and last error: looked for among the newest ``RECENT_RUNS``
+    finished runs only, so that a quiet error log never walks the whole table."""
+    outcomes = ", ".join(f"'{o}'" for o in FAILED_RUNS)
+    return _dicts(conn.execute(conn.dialect.sql(
+        f"""SELECT f.job_id, f.attempt, f.worker_id, f.finished_at, f.outcome, f.exit_code,
+            j.queue, j.last_error
+        FROM (SELECT * FROM (SELECT job_id, attempt, worker_id, finished_at, outcome, exit_code
+                             FROM runs {{runs_finished}} WHERE finished_at IS NOT NULL
+                             ORDER BY finished_at DESC LIMIT ?) AS recent
+              WHERE outcome IN ({outcomes}) ORDER BY finished_at DESC LIMIT ?) AS f
+        LEFT JOIN jobs AS j ON j.id = f.job_id
+        ORDER BY f.finished_at DESC"""), (RECENT_RUNS, limit)))
