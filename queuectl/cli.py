@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from queuectl import clock, decisions, ledger, limits, reads, settings, store
+from queuectl import clock, complete, decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State, WorkerState
 
@@ -217,12 +217,13 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--delay", type=Number("delay"), help="Seconds from now before it may run.")
 @click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="The queue it waits in (default: default).")
 @click.option("--unique-key", metavar="KEY",
               help="Add no job while an unfinished job holds KEY; print that job's id.")
 @click.option("--on-duplicate", type=click.Choice(["skip", "error"]), default="skip",
               show_default=True, help="For a held --unique-key: exit 0, or exit 1.")
-@click.option("--after", multiple=True, metavar="ID",
+@click.option("--after", multiple=True, metavar="ID", shell_complete=complete.job_ids,
               help="Run only after job ID completed (repeatable).")
 @click.option(
     "-f", "--file", "jobs_file", type=click.File("rb"),
@@ -313,6 +314,7 @@ def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSp
 @cli.command("list")
 @click.option("-s", "--state", type=click.Choice([s.value for s in STATES]), help="Only jobs in this state.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="Only jobs of this queue.")
 @click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
@@ -402,7 +404,7 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--archive", is_flag=True,
               help="With the events pruned out of the ledger (queuectl prune).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of events.")
@@ -418,7 +420,7 @@ def history(ctx: click.Context, job_id: str, archive: bool, as_json: bool) -> No
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
@@ -435,7 +437,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--attempt", type=Number("attempt"), help="Only this attempt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
 @click.pass_context
@@ -454,10 +456,11 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("job_id", metavar="[ID]", required=False)
+@click.argument("job_id", metavar="[ID]", required=False, shell_complete=complete.job_ids)
 @click.option("--state", type=click.Choice([s.value for s in CANCELLABLE]),
               help="Cancel every job in this state instead of one.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="With --state: only jobs of this queue.")
 @click.option("--dry-run", is_flag=True, help="With --state: print how many, change nothing.")
 @click.pass_context
@@ -525,7 +528,8 @@ def queue() -> None:
 
 
 @queue.command("pause")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.pass_context
 def queue_pause(ctx: click.Context, name: str) -> None:
     """Stop workers everywhere from starting jobs of NAME; it still takes jobs, and running
@@ -535,7 +539,8 @@ def queue_pause(ctx: click.Context, name: str) -> None:
 
 
 @queue.command("resume")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.pass_context
 def queue_resume(ctx: click.Context, name: str) -> None:
     """Let workers start jobs of NAME again."""
@@ -544,7 +549,8 @@ def queue_resume(ctx: click.Context, name: str) -> None:
 
 
 @queue.command("limit")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.argument("n", metavar="N", type=Number("queue_limit"))
 @click.pass_context
 def queue_limit(ctx: click.Context, name: str, n: int) -> None:
@@ -571,7 +577,8 @@ def schedule() -> None:
               help='Standard 5-field cron ("*/5 * * * *") or an alias (@hourly, @daily, '
                    "@weekly, @monthly, @yearly).")
 @click.option("-c", "--command", required=True, help="Shell command each tick enqueues.")
-@click.option("-q", "--queue", metavar="NAME", callback=_queue_name, default="default",
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names, default="default",
               help="The queue its jobs wait in (default: default).")
 @click.option("--timezone", default="UTC", show_default=True, metavar="TZ",
               help="The time zone the expression is read in (an IANA name).")
@@ -613,7 +620,7 @@ def schedule_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @schedule.command("remove")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_remove(ctx: click.Context, name: str) -> None:
     """Remove a schedule (the jobs it made stay)."""
@@ -624,7 +631,7 @@ def schedule_remove(ctx: click.Context, name: str) -> None:
 
 
 @schedule.command("pause")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_pause(ctx: click.Context, name: str) -> None:
     """Make no more jobs until resumed (ticks while paused are not caught up)."""
@@ -635,7 +642,7 @@ def schedule_pause(ctx: click.Context, name: str) -> None:
 
 
 @schedule.command("resume")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_resume(ctx: click.Context, name: str) -> None:
     """Make jobs again, from the next tick after now."""
@@ -664,9 +671,11 @@ def dlq_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @dlq.command("retry")
-@click.argument("job_id", metavar="[ID]", required=False)
+@click.argument("job_id", metavar="[ID]", required=False,
+                shell_complete=complete.dead_job_ids)
 @click.option("--all", "every", is_flag=True, help="Every dead job instead of one.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="With --all: only dead jobs of this queue.")
 @click.option("--dry-run", is_flag=True, help="With --all: print how many, change nothing.")
 @click.pass_context
@@ -727,7 +736,7 @@ def worker_options(f: Any) -> Any:
                               "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
                               "them back."),
             click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
-                         callback=_queue_name,
+                         callback=_queue_name, shell_complete=complete.queue_names,
                          help="Take jobs only of this queue (repeatable: all of the first "
                               "before any of the next; default: every queue, by priority)."),
             click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
