@@ -279,7 +279,7 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
 # Each read is an index range or a LIMIT: the view costs the same at ten jobs and at millions.
 
 FAILED_RUNS = ("failed", "timed-out", "lease-expired")
-RECENT_RUNS = 1000  # the newest finished runs the failure list looks among, at most
+RECENT_RUNS = 5000  # the newest finished runs the failure list looks among, at most
 
 
 def workers_at_work(conn: Db) -> list[dict[str, Any]]:
@@ -294,14 +294,15 @@ def workers_at_work(conn: Db) -> list[dict[str, Any]]:
 
 def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
     """Runs finished in each of the last ``minutes`` minutes, oldest first, the last one
-    ending at ``now``: one range of ``runs_finished``, read from the index alone."""
-    starts = [clock.after(now, -60.0 * k) for k in range(minutes, 0, -1)]
-    since = ", ".join(["sum(CASE WHEN finished_at >= ? THEN 1 ELSE 0 END)"] * minutes)
-    row = conn.execute(conn.dialect.sql(
-        f"SELECT {since} FROM runs {{runs_finished}} WHERE finished_at >= ? AND finished_at <= ?"),
-        (*starts, starts[0], now)).fetchone()
-    at_least = [int(n or 0) for n in row]  # runs finished since each minute's start
-    return [n - later for n, later in zip(at_least, [*at_least[1:], 0], strict=True)]
+    ending at ``now``: a count of one range of ``runs_finished`` a minute, read from the
+    index alone, all in one statement."""
+    ends = [clock.after(now, -60.0 * k) for k in range(minutes, -1, -1)]
+    count = ("(SELECT count(*) FROM runs {runs_finished} "
+             "WHERE finished_at >= ? AND finished_at < ?)")
+    ranges = [t for start, end in zip(ends, ends[1:], strict=False) for t in (start, end)]
+    row = conn.execute(conn.dialect.sql(f"SELECT {', '.join([count] * minutes)}"),
+                       ranges).fetchone()
+    return [int(n) for n in row]
 
 
 def finished_since(conn: Db, since: str) -> dict[str, int]:
