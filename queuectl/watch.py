@@ -73,7 +73,7 @@ def snapshot(conn: Db) -> Snapshot:
         return Snapshot(
             now=now, counts=reads.counts(conn), queues=reads.queue_counts(conn),
             workers=workers, tally=tally,
-            last_minute=reads.finished_since(conn, clock.after(now, -60)),
+            last_minute=reads.finished_since(conn, clock.after(now, -60), now),
             per_minute=reads.finished_per_minute(conn, now, MINUTES),
             failures=reads.newest_failures(conn, FAILURES),
         )
