@@ -7,6 +7,7 @@ imported only when a frame is drawn.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -161,10 +162,14 @@ def _workers(snap: Snapshot) -> list[Any]:
 
 
 def run(conn: Db, every: float, target: str) -> None:
-    """Draw a frame every ``every`` seconds until Ctrl-C, which ends it normally. Any
-    other error leaves the view first (the terminal restored), then propagates."""
+    """Draw a frame every ``every`` seconds until Ctrl-C (or SIGTERM), which ends it
+    normally. Any other error leaves the view first (the terminal restored), then
+    propagates."""
     from rich.live import Live
 
+    # Killed without a word, the view would leave its terminal on the alternate screen
+    # with the cursor hidden.
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with Live(console=render.console(), screen=True, auto_refresh=False,
                   redirect_stdout=False, redirect_stderr=False) as live:
@@ -174,3 +179,5 @@ def run(conn: Db, every: float, target: str) -> None:
                 time.sleep(max(0.0, every - (time.monotonic() - started)))
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, before)

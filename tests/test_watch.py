@@ -265,6 +265,16 @@ def test_the_live_view_follows_the_queue_and_ctrl_c_leaves_cleanly(run, conn):
     assert _restored(bytes(term.raw))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_stop_leaves_the_terminal_as_it_was(conn, sig):
+    with terminal("status", "--watch", "-n", "0.1") as term:
+        term.shows("Jobs pending: 0")
+        term.proc.send_signal(sig)
+        code, stderr = term.end()
+    assert (code, stderr) == (0, "")
+    assert _restored(bytes(term.raw))
+
+
 def test_a_database_error_while_watching_is_one_line_and_a_restored_terminal(db, conn):
     """A projection dropped by hand under the view (then rebuilt from the ledger)."""
     with terminal("status", "--watch", "-n", "0.2") as term:
