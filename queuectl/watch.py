@@ -68,8 +68,8 @@ def snapshot(conn: Db) -> Snapshot:
         stale_before = clock.after(now, -lease)
         tally = {"active": 0, "silent": 0, "stopped": ended.get(WorkerState.STOPPED, 0),
                  "gone": ended.get(WorkerState.GONE, 0)}
-        for w in workers:
-            w["state"] = render.worker_state(w, stale_before)
+        for w in workers:  # silent: heartbeat older than the lease timeout, as in status
+            w["state"] = "silent" if w["last_heartbeat"] < stale_before else "active"
             tally[w["state"]] += 1
         return Snapshot(
             now=now, counts=reads.counts(conn), queues=reads.queue_counts(conn),
