@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from queuectl import clock, decisions, ledger, limits, reads, settings, store
+from queuectl import clock, complete, decisions, ledger, limits, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State
 
@@ -217,12 +217,13 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--delay", type=Number("delay"), help="Seconds from now before it may run.")
 @click.option("--run-at", help="ISO-8601 time before which it may not run (no zone: UTC).")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="The queue it waits in (default: default).")
 @click.option("--unique-key", metavar="KEY",
               help="Add no job while an unfinished job holds KEY; print that job's id.")
 @click.option("--on-duplicate", type=click.Choice(["skip", "error"]), default="skip",
               show_default=True, help="For a held --unique-key: exit 0, or exit 1.")
-@click.option("--after", multiple=True, metavar="ID",
+@click.option("--after", multiple=True, metavar="ID", shell_complete=complete.job_ids,
               help="Run only after job ID completed (repeatable).")
 @click.option(
     "-f", "--file", "jobs_file", type=click.File("rb"),
@@ -313,6 +314,7 @@ def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSp
 @cli.command("list")
 @click.option("-s", "--state", type=click.Choice([s.value for s in STATES]), help="Only jobs in this state.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="Only jobs of this queue.")
 @click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
@@ -338,10 +340,34 @@ def list_(ctx: click.Context, state: str | None, queue: str | None, limit: int |
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--watch", is_flag=True,
+              help="A live view, redrawn every -n seconds, until Ctrl-C.")
+@click.option("-n", "--interval", type=Number("interval"), metavar="SECONDS",
+              help="With --watch: seconds between redraws (default 1).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float | None) -> None:
     """Job counts per state, and the workers still running (active, or silent for longer
-    than lease-timeout); workers that stopped or were declared gone are only counted."""
+    than lease-timeout); workers that stopped or were declared gone are only counted.
+
+    With --watch, a live view: jobs per state and queue, workers with their current job,
+    runs ended a minute over the last ten, and the newest failures.
+
+    \b
+    Example:
+        queuectl status --watch -n 2
+    """
+    if interval is not None and not watch:
+        raise click.UsageError("-n goes with --watch")
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws for people, --json prints for scripts: "
+                                   "give one")
+        if not sys.stdout.isatty():
+            raise click.UsageError("--watch needs a terminal, and standard output is not one "
+                                   "(status --json gives scripts the figures)")
+        from queuectl.watch import run as watching
+
+        return watching(_db(ctx), interval or 1.0, store.shown(ctx.obj["db"]))
     from queuectl import render
 
     found = reads.status(_db(ctx))
@@ -365,7 +391,7 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--archive", is_flag=True,
               help="With the events pruned out of the ledger (queuectl prune).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of events.")
@@ -381,7 +407,7 @@ def history(ctx: click.Context, job_id: str, archive: bool, as_json: bool) -> No
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
@@ -398,7 +424,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--attempt", type=Number("attempt"), help="Only this attempt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
 @click.pass_context
@@ -417,10 +443,11 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("job_id", metavar="[ID]", required=False)
+@click.argument("job_id", metavar="[ID]", required=False, shell_complete=complete.job_ids)
 @click.option("--state", type=click.Choice([s.value for s in CANCELLABLE]),
               help="Cancel every job in this state instead of one.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="With --state: only jobs of this queue.")
 @click.option("--dry-run", is_flag=True, help="With --state: print how many, change nothing.")
 @click.pass_context
@@ -488,7 +515,8 @@ def queue() -> None:
 
 
 @queue.command("pause")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.pass_context
 def queue_pause(ctx: click.Context, name: str) -> None:
     """Stop workers everywhere from starting jobs of NAME; it still takes jobs, and running
@@ -498,7 +526,8 @@ def queue_pause(ctx: click.Context, name: str) -> None:
 
 
 @queue.command("resume")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.pass_context
 def queue_resume(ctx: click.Context, name: str) -> None:
     """Let workers start jobs of NAME again."""
@@ -507,7 +536,8 @@ def queue_resume(ctx: click.Context, name: str) -> None:
 
 
 @queue.command("limit")
-@click.argument("name", metavar="NAME", callback=_queue_name)
+@click.argument("name", metavar="NAME", callback=_queue_name,
+                shell_complete=complete.queue_names)
 @click.argument("n", metavar="N", type=Number("queue_limit"))
 @click.pass_context
 def queue_limit(ctx: click.Context, name: str, n: int) -> None:
@@ -534,7 +564,8 @@ def schedule() -> None:
               help='Standard 5-field cron ("*/5 * * * *") or an alias (@hourly, @daily, '
                    "@weekly, @monthly, @yearly).")
 @click.option("-c", "--command", required=True, help="Shell command each tick enqueues.")
-@click.option("-q", "--queue", metavar="NAME", callback=_queue_name, default="default",
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names, default="default",
               help="The queue its jobs wait in (default: default).")
 @click.option("--timezone", default="UTC", show_default=True, metavar="TZ",
               help="The time zone the expression is read in (an IANA name).")
@@ -576,7 +607,7 @@ def schedule_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @schedule.command("remove")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_remove(ctx: click.Context, name: str) -> None:
     """Remove a schedule (the jobs it made stay)."""
@@ -587,7 +618,7 @@ def schedule_remove(ctx: click.Context, name: str) -> None:
 
 
 @schedule.command("pause")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_pause(ctx: click.Context, name: str) -> None:
     """Make no more jobs until resumed (ticks while paused are not caught up)."""
@@ -598,7 +629,7 @@ def schedule_pause(ctx: click.Context, name: str) -> None:
 
 
 @schedule.command("resume")
-@click.argument("name", metavar="NAME")
+@click.argument("name", metavar="NAME", shell_complete=complete.schedule_names)
 @click.pass_context
 def schedule_resume(ctx: click.Context, name: str) -> None:
     """Make jobs again, from the next tick after now."""
@@ -627,9 +658,11 @@ def dlq_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @dlq.command("retry")
-@click.argument("job_id", metavar="[ID]", required=False)
+@click.argument("job_id", metavar="[ID]", required=False,
+                shell_complete=complete.dead_job_ids)
 @click.option("--all", "every", is_flag=True, help="Every dead job instead of one.")
 @click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
               help="With --all: only dead jobs of this queue.")
 @click.option("--dry-run", is_flag=True, help="With --all: print how many, change nothing.")
 @click.pass_context
@@ -690,7 +723,7 @@ def worker_options(f: Any) -> Any:
                               "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
                               "them back."),
             click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
-                         callback=_queue_name,
+                         callback=_queue_name, shell_complete=complete.queue_names,
                          help="Take jobs only of this queue (repeatable: all of the first "
                               "before any of the next; default: every queue, by priority)."),
             click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",

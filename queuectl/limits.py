@@ -56,6 +56,7 @@ BOUNDS: dict[str, Bound] = {
     "attempt": Bound(True, 1, 1_000_001),
     "since": Bound(False, 0.001, 100 * YEAR, "seconds"),
     "before": Bound(False, 0, 100 * YEAR, "seconds"),
+    "interval": Bound(False, 0.1, 3600, "seconds"),  # status --watch redraws
     # environment
     "lock_timeout": Bound(False, 0, DAY, "seconds"),
     "columns": Bound(True, 20, 10_000),

@@ -137,27 +137,32 @@ def worker_counts(conn: Db) -> dict[str, int]:
 def status(conn: Db) -> dict[str, Any]:
     """Jobs per state and per queue, the running workers (an active one whose heartbeat is
     older than the lease timeout shows as ``silent``) and how many ended: ``status``."""
-    jobs = counts(conn)
-    per_queue = queue_counts(conn)
     running = running_workers(conn)
-    ended = worker_counts(conn)
-    tally = {"active": 0, "silent": 0, "stopped": ended.get("stopped", 0),
-             "gone": ended.get("gone", 0)}
-    for worker in running:
-        tally[worker["state"]] += 1
-    return {"jobs": jobs, "queues": per_queue, "workers": running, "worker_counts": tally}
+    return {"jobs": counts(conn), "queues": queue_counts(conn), "workers": running,
+            "worker_counts": worker_tally(conn, running)}
 
 
-def running_workers(conn: Db) -> list[dict[str, Any]]:
+def running_workers(conn: Db, job_since: bool = False) -> list[dict[str, Any]]:
     """The active workers, those whose heartbeat is older than the lease timeout marked
-    ``silent``."""
-    running = workers(conn, (WorkerState.ACTIVE,))
+    ``silent``; ``job_since``: with when each one's current run was claimed."""
+    running = workers_at_work(conn) if job_since else workers(conn, (WorkerState.ACTIVE,))
     lease = float(settings.load(conn)["lease-timeout"])
     stale_before = clock.after(conn.now(), -lease)
     for worker in running:
         if worker["last_heartbeat"] < stale_before:
             worker["state"] = "silent"
     return running
+
+
+def worker_tally(conn: Db, running: list[dict[str, Any]]) -> dict[str, int]:
+    """Workers per state: the running ones (``running_workers``) active or silent, and how
+    many stopped or were declared gone."""
+    ended = worker_counts(conn)
+    tally = {"active": 0, "silent": 0, "stopped": ended.get(WorkerState.STOPPED, 0),
+             "gone": ended.get(WorkerState.GONE, 0)}
+    for worker in running:
+        tally[worker["state"]] += 1
+    return tally
 
 
 def check_state(state: str) -> State:
@@ -472,3 +477,58 @@ def _nearest_ranks(values: list[float]) -> dict[str, float | None]:
         return values[max(0, -(-int(p * 1000) * n // 1000) - 1)] if n else None
 
     return {"p50": rank(0.50), "p95": rank(0.95)}
+
+
+# -- the live view (status --watch) -------------------------------------------------------
+# Each read is an index range or a LIMIT: the view costs the same at ten jobs and at millions.
+
+FAILED_RUNS = ("failed", "timed-out", "lease-expired")
+RECENT_RUNS = 5000  # the newest finished runs the failure list looks among, at most
+
+
+def workers_at_work(conn: Db) -> list[dict[str, Any]]:
+    """Active workers, as ``workers`` gives them, each with ``job_since``: when its current
+    job's run was claimed (one probe of ``runs_job`` a worker)."""
+    return _dicts(conn.execute(
+        """SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done,
+            (SELECT claimed_at FROM runs WHERE runs.job_id = workers.current_job
+             ORDER BY seq DESC LIMIT 1) AS job_since
+        FROM workers WHERE state = 'active' ORDER BY started_at, id"""))
+
+
+def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
+    """Runs finished in each of the last ``minutes`` minutes, oldest first, the last one
+    ending at ``now``: a count of one range of ``runs_finished`` a minute, read from the
+    index alone. One statement each: as one statement, PostgreSQL without statistics on
+    runs estimated it past its JIT threshold and compiled it, which took longer than the
+    counting."""
+    ends = [clock.after(now, -60.0 * k) for k in range(minutes, -1, -1)]
+    sql = conn.dialect.sql("SELECT count(*) FROM runs {runs_finished} "
+                           "WHERE finished_at >= ? AND finished_at < ?")
+    return [int(conn.execute(sql, (start, end)).fetchone()[0])
+            for start, end in zip(ends, ends[1:], strict=False)]
+
+
+def finished_since(conn: Db, since: str, now: str) -> dict[str, int]:
+    """Runs finished from ``since`` to ``now``, per outcome (a range of ``runs_finished``).
+    Both ends are given: without statistics, PostgreSQL's planner takes a range open at one
+    end for a third of the table and scans it all."""
+    return {outcome: int(n) for outcome, n in conn.execute(conn.dialect.sql(
+        "SELECT outcome, count(*) FROM runs {runs_finished} "
+        "WHERE finished_at >= ? AND finished_at <= ? GROUP BY outcome"), (since, now)).fetchall()}
+
+
+def newest_failures(conn: Db, limit: int = 5) -> list[dict[str, Any]]:
+    """The newest failed runs (failed, timed out, or lost with their worker), newest first,
+    with their job's queue and last error: looked for among the newest ``RECENT_RUNS``
+    finished runs only, so that a quiet error log never walks the whole table."""
+    outcomes = ", ".join(f"'{o}'" for o in FAILED_RUNS)
+    return _dicts(conn.execute(conn.dialect.sql(
+        f"""SELECT f.job_id, f.attempt, f.worker_id, f.finished_at, f.outcome, f.exit_code,
+            j.queue, j.last_error
+        FROM (SELECT * FROM (SELECT job_id, attempt, worker_id, finished_at, outcome, exit_code
+                             FROM runs {{runs_finished}} WHERE finished_at IS NOT NULL
+                             ORDER BY finished_at DESC LIMIT ?) AS recent
+              WHERE outcome IN ({outcomes}) ORDER BY finished_at DESC LIMIT ?) AS f
+        LEFT JOIN jobs AS j ON j.id = f.job_id
+        ORDER BY f.finished_at DESC"""), (RECENT_RUNS, limit)))

@@ -27,7 +27,7 @@ def to_json(data: Any) -> str:
     return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
 
 
-def _console():  # type: ignore[no-untyped-def]
+def console():  # type: ignore[no-untyped-def]
     import sys
 
     from rich.console import Console
@@ -47,20 +47,26 @@ def _table(
     and then the others wrap; the first column (the id) never does."""
     if len(rows) > RICH_ROWS:
         return _long_table(title, columns, rows, wide)
+    console().print(table(title, columns, rows, wide))
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]],
+          wide: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+    """The rich ``Table`` that ``_table`` prints (every cell user text, made safe)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    drawn = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for n, name in enumerate(columns):
         if n == 0:
-            table.add_column(name, no_wrap=True)
+            drawn.add_column(name, no_wrap=True)
         else:
             width = max(len(name), 12) if name in wide else None
-            table.add_column(name, overflow="fold", min_width=width)
+            drawn.add_column(name, overflow="fold", min_width=width)
     for row in rows:
-        table.add_row(*(Text(_cut(safe(str(cell)))) for cell in row))
-    _console().print(table)
+        drawn.add_row(*(Text(_cut(safe(str(cell)))) for cell in row))
+    return drawn
 
 
 LONGEST_CELL = 300  # characters of one table cell; `show ID` and --json give the whole text
@@ -79,7 +85,7 @@ def _long_table(title: str | None, columns: list[str], rows: list[list[Any]],
     cells = [[_cut(safe(str(cell))) for cell in row] for row in rows]
     widths = [max([len(name)] + [len(row[n]) for row in cells]) for n, name in enumerate(columns)]
     floor = [max(len(name), 12) if name in wide else len(name) for name in columns]
-    room = _console().width
+    room = console().width
     order = [n for n, name in enumerate(columns) if name in wide]
     order += [n for n in range(1, len(columns)) if n not in order]
     for n in order:  # shrink the foldable columns, wide ones first, until the row fits
@@ -181,14 +187,9 @@ def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
     gone are counted on one line, never listed."""
     from rich.text import Text
 
-    console = _console()
-    line = "  ".join(f"{state}: {n}" for state, n in counts.items())
-    console.print(Text(f"Jobs  {line}  (total: {sum(counts.values())})"))
-    used = {name: per for name, per in queues.items() if any(per.values())}
-    if set(used) - {"default"}:
-        for name, per in used.items():
-            shown = "  ".join(f"{state}: {n}" for state, n in per.items() if n)
-            console.print(Text(f"  queue {name}  {shown}"))
+    out = console()
+    for line in counts_lines(counts, queues):
+        out.print(Text(line))
     ended = ", ".join(f"{tally[k]} {k}" for k in ("stopped", "gone") if tally[k])
     if not workers:
         print("Workers: none active" + (f" ({ended}, not shown)" if ended else ""))
@@ -201,6 +202,19 @@ def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
     summary = f"Workers: {tally['active']} active, {tally['silent']} silent"
     print(summary + (f" ({ended}, not shown)" if ended else ""))
     _table(None, ["Worker", "State", "Host", "PID", "Job", "Done", "Heartbeat"], rows)
+
+
+def counts_lines(counts: dict[str, int], queues: dict[str, dict[str, int]]) -> list[str]:
+    """``Jobs  pending: 0  ...  (total: n)``, then a line for each queue that holds jobs when
+    there is more than the default one."""
+    line = "  ".join(f"{state}: {n}" for state, n in counts.items())
+    lines = [f"Jobs  {line}  (total: {sum(counts.values())})"]
+    used = {name: per for name, per in queues.items() if any(per.values())}
+    if set(used) - {"default"}:
+        for name, per in used.items():
+            shown = "  ".join(f"{state}: {n}" for state, n in per.items() if n)
+            lines.append(f"  queue {name}  {shown}")
+    return lines
 
 
 def queues_table(queues: list[dict[str, Any]]) -> None:

@@ -734,6 +734,19 @@ def test_python_m_queuectl_help(tmp_path):
     assert not Path(tmp_path / "data").exists()  # --help touches no database
 
 
+@pytest.mark.stores("sqlite")  # start-up is the same on every store
+def test_commands_that_do_not_draw_never_load_rich(db):
+    """rich costs start-up time: only the commands that draw tables (and status --watch)
+    import it."""
+    for args in (["--help"], ["status", "--help"], ["enqueue", "-c", "true"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", *queuectl_cmd(*args)[1:]],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        loaded = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                  for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "click" in loaded and "rich" not in loaded, args
+
+
 def test_the_program_keeps_its_output_exit_code_and_tidy_database(db):
     """``queuectl`` ends its process without tearing Python down (``cli.main``): what it
     printed still arrives whole through a pipe, the exit code is the command's, and its

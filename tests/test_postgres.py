@@ -73,6 +73,18 @@ def test_a_read_snapshot_does_not_stop_the_connections_clock(db, conn):
     assert at > during
 
 
+def test_a_snapshot_keeps_its_time_to_itself(db, conn):
+    """Inside a snapshot every read sees one time; the next snapshot (a frame of status
+    --watch, say) asks the clock again."""
+    with conn.snapshot():
+        first = conn.now()
+        assert conn.now() == first
+    time.sleep(0.01)
+    with conn.snapshot():
+        assert conn.now() > first
+    assert conn.now() > first
+
+
 # -- one order of events -------------------------------------------------------------------
 
 
