@@ -159,8 +159,10 @@ def run(conn: Db, every: float, target: str) -> None:
     from rich.live import Live
 
     # Killed without a word, the view would leave its terminal on the alternate screen
-    # with the cursor hidden.
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # with the cursor hidden. Ctrl-C is taken even where the parent ignored SIGINT (as a
+    # shell does for what it starts in the background): a live view always stops on it.
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = [signal.signal(stop, signal.default_int_handler) for stop in stops]
     try:
         with Live(console=render.console(), screen=True, auto_refresh=False,
                   redirect_stdout=False, redirect_stderr=False) as live:
@@ -171,4 +173,5 @@ def run(conn: Db, every: float, target: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for stop, handler in zip(stops, before, strict=True):
+            signal.signal(stop, handler)

@@ -47,15 +47,18 @@ WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unbl
                     "queue-limited"})
 _CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
 
-LEDGER_DDL = (
-    """CREATE TABLE IF NOT EXISTS events (
+# The ledger's columns; the archive keeps its rows in a table of the same shape.
+EVENT_TABLE = """(
         seq BIGINT PRIMARY KEY,
         at TEXT COLLATE "C" NOT NULL,
         type TEXT COLLATE "C" NOT NULL,
         job_id TEXT COLLATE "C",
         worker_id TEXT COLLATE "C",
         body TEXT NOT NULL
-    )""",
+    )"""
+
+LEDGER_DDL = (
+    f"CREATE TABLE IF NOT EXISTS events {EVENT_TABLE}",
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
     # Append-only is the database's rule, not only a convention of this code.
@@ -75,14 +78,7 @@ LEDGER_DDL = (
     """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
         FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()""",
     # Where pruned events go: a table of their own, which nothing updates or deletes.
-    """CREATE TABLE IF NOT EXISTS archived_events (
-        seq BIGINT PRIMARY KEY,
-        at TEXT COLLATE "C" NOT NULL,
-        type TEXT COLLATE "C" NOT NULL,
-        job_id TEXT COLLATE "C",
-        worker_id TEXT COLLATE "C",
-        body TEXT NOT NULL
-    )""",
+    f"CREATE TABLE IF NOT EXISTS archived_events {EVENT_TABLE}",
     """CREATE INDEX IF NOT EXISTS archived_events_job ON archived_events (job_id)
         WHERE job_id IS NOT NULL""",
     """CREATE OR REPLACE FUNCTION archived_events_append_only() RETURNS trigger

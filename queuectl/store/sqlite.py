@@ -22,15 +22,18 @@ from queuectl import clock, limits
 from queuectl.errors import StoreError
 from queuectl.store import PROCESS_LOCK, Dialect
 
-LEDGER_DDL = (
-    """CREATE TABLE IF NOT EXISTS events (
+# The ledger's columns; the archive keeps its rows in a table of the same shape.
+EVENT_TABLE = """(
         seq INTEGER PRIMARY KEY,
         at TEXT NOT NULL,
         type TEXT NOT NULL,
         job_id TEXT,
         worker_id TEXT,
         body TEXT NOT NULL
-    )""",
+    )"""
+
+LEDGER_DDL = (
+    f"CREATE TABLE IF NOT EXISTS events {EVENT_TABLE}",
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS events_worker ON events (worker_id) WHERE worker_id IS NOT NULL",
     # Append-only is the database's rule, not only a convention of this code.
@@ -75,14 +78,7 @@ _INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?,
 # The archive: a SQLite file beside the database, which pruned events move to. Its table
 # is not called ``events``, so that the file can never be taken for a ledger.
 ARCHIVE_DDL = (
-    """CREATE TABLE IF NOT EXISTS archived_events (
-        seq INTEGER PRIMARY KEY,
-        at TEXT NOT NULL,
-        type TEXT NOT NULL,
-        job_id TEXT,
-        worker_id TEXT,
-        body TEXT NOT NULL
-    )""",
+    f"CREATE TABLE IF NOT EXISTS archived_events {EVENT_TABLE}",
     """CREATE INDEX IF NOT EXISTS archived_events_job ON archived_events (job_id)
         WHERE job_id IS NOT NULL""",
     """CREATE TRIGGER IF NOT EXISTS archived_events_no_change BEFORE UPDATE ON archived_events
