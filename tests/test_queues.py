@@ -252,12 +252,12 @@ def test_a_run_ending_under_a_limit_wakes_idle_workers(conn, db):
 
 
 def test_a_unique_key_keeps_one_unfinished_job(run, conn):
-    first = run("enqueue", "-c", "make report", "--unique-key", "report:today", "--id", "r1")
+    first = run("enqueue", "-c", "echo report", "--unique-key", "report:today", "--id", "r1")
     assert first.output == "Job added successfully with ID: r1\n"
-    again = run("enqueue", "-c", "make report", "--unique-key", "report:today")
+    again = run("enqueue", "-c", "echo report", "--unique-key", "report:today")
     assert again.exit_code == 0
     assert again.output == "Job already queued with ID: r1 (unique key 'report:today')\n"
-    refused = run("enqueue", "-c", "make report", "--unique-key", "report:today",
+    refused = run("enqueue", "-c", "echo report", "--unique-key", "report:today",
                   "--on-duplicate", "error")
     assert refused.exit_code == 1
     assert refused.stderr == ("Error: unique key 'report:today' is held by unfinished job "
@@ -265,17 +265,17 @@ def test_a_unique_key_keeps_one_unfinished_job(run, conn):
     assert [r["job_id"] for r in rows(conn, "enqueued")] == ["r1"]  # nothing else written
     assert reads.get_job(conn, "r1")["unique_key"] == "report:today"
     # JSON and files say the same: the key is held, whichever way a job comes.
-    assert run("enqueue", '{"command": "x", "unique_key": "report:today"}').output == \
+    assert run("enqueue", '{"command": "true", "unique_key": "report:today"}').output == \
         "Job already queued with ID: r1 (unique key 'report:today')\n"
-    lines = '{"command": "a", "unique_key": "k2"}\n{"command": "b", "unique_key": "k2"}\n' \
-            '{"command": "c", "unique_key": "report:today"}\n{"command": "d"}\n'
+    lines = '{"command": "echo a", "unique_key": "k2"}\n{"command": "echo b", "unique_key": "k2"}\n' \
+            '{"command": "echo c", "unique_key": "report:today"}\n{"command": "echo d"}\n'
     out = run("enqueue", "--file", "-", input=lines).output
     assert out == "2 jobs added successfully; 2 already queued (unique keys held).\n"
 
     # Once the job is finished, the key is free again.
     with workers() as start:
         burst(start)
-    assert run("enqueue", "-c", "make report", "--unique-key", "report:today",
+    assert run("enqueue", "-c", "echo report", "--unique-key", "report:today",
                "--id", "r2").output == "Job added successfully with ID: r2\n"
 
 
