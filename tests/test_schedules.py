@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from test_features import FakeClock, T, claim, complete, rows, workers
@@ -125,7 +126,10 @@ def test_worker_processes_racing_for_a_due_tick_make_one_job(conn, monkeypatch, 
     """Three worker processes (two workers each) start with a tick overdue: exactly one job
     is made (the catch-up of every tick missed since the epoch's first minute) and run."""
     FakeClock(monkeypatch)  # the schedule is added in 2026-01-01; the workers run now
-    schedules.add(conn, "due", "* * * * *", spec("echo due"))
+    # Daily, half a day from now: ticks were missed since January, and none can come due
+    # while the workers run (every minute, one could, and rightly fire a second job).
+    hour = (datetime.now(UTC).hour + 12) % 24
+    schedules.add(conn, "due", f"0 {hour} * * *", spec("echo due"))
     with workers() as start:
         procs = [start("--burst", "-s", "0.2", "-c", "2") for _ in range(3)]
         for proc in procs:
