@@ -108,3 +108,22 @@ def test_the_shell_gets_the_ids_and_nothing_else(conn):
     done = _shell("queuectl --db nowhere/q.db show ")
     assert (done.returncode, done.stdout, done.stderr) == (0, "\n", "")  # click's empty answer
     assert not Path("nowhere").exists()
+
+
+@pytest.mark.stores("postgres")
+def test_postgres_completion_asks_libpq_itself_and_psycopg_where_there_is_none(
+        db, conn, monkeypatch):
+    """Importing psycopg would take most of a Tab's time: where the system has libpq, a
+    completion asks through it (ctypes) and never imports psycopg; elsewhere psycopg answers
+    the same."""
+    _jobs(conn)
+    probe = ("import sys; from queuectl import complete; "
+             f"print(complete._rows({db!r}, complete.JOBS, ('a', 'a\\U0010ffff', 50)), "
+             "'psycopg' in sys.modules)")
+    done = subprocess.run([*queuectl_cmd()[:1], "-c", probe], capture_output=True, text=True,
+                          timeout=30, check=True)
+    has_libpq = complete._libpq() is not None
+    assert done.stdout == f"[('a1', 'pending'), ('a2', 'pending')] {not has_libpq}\n"
+    monkeypatch.setattr(complete, "_libpq", lambda: None)
+    assert offered("show", incomplete="a") == ["a1", "a2"]
+    assert offered("--db", f"{db}_missing", "show") == []
