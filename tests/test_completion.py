@@ -16,6 +16,7 @@ from conftest import queuectl_cmd
 from queuectl import claims, complete, decisions
 from queuectl import events as ev
 from queuectl.cli import cli
+from queuectl.store import libpq
 
 
 def offered(*args: str, incomplete: str = "") -> list[str]:
@@ -117,13 +118,13 @@ def test_postgres_completion_asks_libpq_itself_and_psycopg_where_there_is_none(
     completion asks through it (ctypes) and never imports psycopg; elsewhere psycopg answers
     the same."""
     _jobs(conn)
-    probe = ("import sys; from queuectl import complete; "
-             f"print(complete._rows({db!r}, complete.JOBS, ('a', 'a\\U0010ffff', 50)), "
+    probe = ("import sys; from queuectl import complete, store; "
+             f"print(store.read_once({db!r}, complete.JOBS, ('a', 'a\\U0010ffff', 50)), "
              "'psycopg' in sys.modules)")
     done = subprocess.run([*queuectl_cmd()[:1], "-c", probe], capture_output=True, text=True,
                           timeout=30, check=True)
-    has_libpq = complete._libpq() is not None
+    has_libpq = libpq.load() is not None
     assert done.stdout == f"[('a1', 'pending'), ('a2', 'pending')] {not has_libpq}\n"
-    monkeypatch.setattr(complete, "_libpq", lambda: None)
+    monkeypatch.setattr(libpq, "load", lambda: None)
     assert offered("show", incomplete="a") == ["a1", "a2"]
     assert offered("--db", f"{db}_missing", "show") == []

@@ -177,6 +177,21 @@ def connect(target: str | Path | None = None, *, durable: bool = True, create: b
     return sqlite.connect(Path(target), durable=durable, create=create)
 
 
+def read_once(target: str | Path, sql: str, params: tuple[Any, ...]
+              ) -> list[tuple[Any, ...]]:
+    """One read-only query (``?`` placeholders) on a connection of its own, for a caller
+    that asks once and is gone (a shell completion): it never creates a database, never
+    brings a schema up to date, and raises on any failure."""
+    target = str(target)
+    if is_postgres(target):
+        from queuectl.store import postgres
+
+        return postgres.read_once(target, sql, params)
+    from queuectl.store import sqlite
+
+    return sqlite.read_once(Path(target), sql, params)
+
+
 def shown(target: str | Path) -> str:
     """A target as messages may print it: a URL without its password."""
     if not is_postgres(target):

@@ -795,6 +795,21 @@ class PgDb:
 # -- opening ------------------------------------------------------------------------------
 
 
+def read_once(url: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One query on a read-only connection of its own (see ``store.read_once``): through
+    the system's libpq where there is one, which spares psycopg's import."""
+    from queuectl.store import libpq
+
+    found = libpq.load()
+    if found is not None:
+        return libpq.rows(found, url, sql, params)
+    with _driver().connect(url, autocommit=True, connect_timeout=2,
+                           application_name="queuectl-read",
+                           options="-c default_transaction_read_only=on "
+                                   "-c statement_timeout=1000") as conn:
+        return [tuple(row) for row in conn.execute(_translated(sql), params).fetchall()]
+
+
 def _driver() -> Any:
     try:
         import psycopg

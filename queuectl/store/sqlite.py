@@ -264,6 +264,16 @@ class SqliteDb(sqlite3.Connection):
         self.execute("PRAGMA wal_autocheckpoint = 0")
 
 
+def read_once(path: Path, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One query on a read-only connection of its own (see ``store.read_once``)."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"  # ro: a missing file is an error
+    lite = sqlite3.connect(uri, uri=True, timeout=0.2)
+    try:
+        return lite.execute(sql, params).fetchall()
+    finally:
+        lite.close()
+
+
 def memory() -> SqliteDb:
     """An in-memory database, for a replay set aside (``ledger.check``)."""
     return sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)  # type: ignore[return-value]
