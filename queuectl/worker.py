@@ -620,9 +620,8 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     def on_waker_crash(exc: BaseException) -> None:
         shutdown.stop("the process's waker thread crashed")  # the join loop below pokes
 
-    ledger.connect(target).close()  # create or migrate once, before the threads race to
     runner.close_on_exec()
-    conn = ledger.connect(target, durable=False)
+    conn = ledger.connect(target, durable=False)  # creates or migrates, before any thread
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
