@@ -346,11 +346,14 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
     if claimers:  # first: its typed columns give the NULLs of the others a type
         ready_sql, ready_params = _ready_query(at, len(claimers), queues)
         parts.append(ready_sql)
-        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(claimers))))
-        params += [*ready_params, *claimers]
+        # Each id once: a statement of fewer shapes, which the server plans fewer times.
+        workers = list(dict.fromkeys(claimers))
+        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(workers))))
+        params += [*ready_params, *workers]
     if job_ids:
-        parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(job_ids))))
-        params += job_ids
+        jobs = list(dict.fromkeys(job_ids))
+        parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(jobs))))
+        params += jobs
     if parts:
         parts.append(_KNOWN_QUEUES)
     known = _Known(held={}, refused=set(), ready=[], queues={})
