@@ -571,6 +571,11 @@ class Pipeline:
                 worker.asked -= handed.want
                 worker.in_flight -= 1
             self.cond.notify_all()
+        if finished and batch[0].worker.options.burst:
+            # A worker of this process that found nothing to claim waits for the queue to
+            # drain; these results may be what it waits for, and they send no NOTIFY (on
+            # PostgreSQL it would sleep out its poll interval, 3 s, before it looked again).
+            batch[0].worker.waker.poke()
         for handed, events in zip(finished, outcomes, strict=True):
             if handed.worker.options.verbose:
                 for event in events:

@@ -343,6 +343,22 @@ def test_burst_on_empty_queue_exits_at_once(conn):
     assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["burst: queue empty"]
 
 
+def test_burst_sibling_exits_when_the_last_job_ends(run, conn):
+    """A burst worker that found nothing to claim while its sibling ran the last job exits
+    when that job ends, not at its next poll: results send no wake-up of their own."""
+    run("config", "set", "lease-timeout", "600")
+    run("config", "set", "heartbeat-interval", "300")
+    enqueue(run, "sleep 0.5")
+    with processes() as procs:
+        started = time.monotonic()
+        code, _, err = finish(worker(procs, "-c", "2", "--burst", "--poll", "60"))
+        elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert elapsed < 30  # before the fix: the 60 s poll
+    assert sorted(b["reason"] for b in bodies(conn, "worker-stopped")) == [
+        "burst: queue empty", "burst: queue empty"]
+
+
 def test_concurrency_starts_distinct_workers(conn):
     with processes() as procs:
         code, out, err = finish(worker(procs, "-c", "3", "--burst"))
