@@ -426,8 +426,9 @@ class PgDb:
 
     @property
     def in_transaction(self) -> bool:
-        # 0: idle, outside any; a write transaction whose BEGIN waits to be sent counts too
-        return self.conn.info.transaction_status != 0 or self.in_transaction_pending()
+        # 0: idle, outside any; a write transaction whose BEGIN waits to be sent counts too.
+        # libpq's own number: conn.info builds an object and an enum member on every look.
+        return self.conn.pgconn.transaction_status != 0 or self.in_transaction_pending()
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """One statement, with the writes waiting (``change``) sent first in the same round
