@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
 SCHEDULE_LOOK = 1.0  # seconds between looks for a due schedule tick, by each worker
+DRAIN_LOOK = 0.05  # a burst worker's first look again while others finish the last jobs
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Worker:
         self.failure: BaseException | None = None  # why what it handed in was not written
         self.env = runner.base_env()
         self._next_beat = 0.0
+        self._drain = 0.0  # burst: how long it waits before it looks again for the end
         self._next_rescue = 0.0
         self._next_schedules = 0.0
         self._next_cancel_check = 0.0
@@ -283,10 +285,18 @@ class Worker:
                 tried = self.persist(_now)
                 job = self.persist(claims.claim, self.id, self.options.queues)
                 if job is None:
-                    if self.options.burst and self.persist(claims.unfinished, self.options.queues) == 0:
-                        return "burst: queue empty"
-                    self.waker.wait(seen, self._idle_timeout(tried))
+                    timeout = self._idle_timeout(tried)
+                    if self.options.burst:
+                        if self.persist(claims.unfinished, self.options.queues) == 0:
+                            return "burst: queue empty"
+                        # Other workers run the last jobs, and their results wake no one in
+                        # another process (on PostgreSQL they send no NOTIFY): look again
+                        # soon, then less and less often, up to the poll interval.
+                        self._drain = min(max(2 * self._drain, DRAIN_LOOK), self.options.poll)
+                        timeout = min(timeout, self._drain)
+                    self.waker.wait(seen, timeout)
                     continue
+                self._drain = 0.0
                 self.unsettled[job.job_id] = job
                 started = None  # claimed to start now: no started event
             elif self.results.ahead:  # claimed ahead: its start is recorded

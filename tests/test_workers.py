@@ -359,6 +359,26 @@ def test_burst_sibling_exits_when_the_last_job_ends(run, conn):
         "burst: queue empty", "burst: queue empty"]
 
 
+def test_burst_worker_exits_soon_after_another_process_ends_the_last_job(run, conn):
+    """Two burst processes: the one that found nothing to claim exits soon after the other
+    one's last job ends, though that result wakes no one in another process."""
+    run("config", "set", "lease-timeout", "600")
+    run("config", "set", "heartbeat-interval", "300")
+    enqueue(run, "sleep 1")
+    with processes() as procs:
+        started = time.monotonic()
+        first = worker(procs, "--burst", "--poll", "60")
+        wait_for(lambda: bodies(conn, "claimed"), what="the job's claim", timeout=30)
+        code, _, err = finish(worker(procs, "--burst", "--poll", "60"))
+        assert code == 0, err
+        code, _, err = finish(first)
+        elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert elapsed < 30  # before: the second process slept out its 60 s poll
+    assert sorted(b["reason"] for b in bodies(conn, "worker-stopped")) == [
+        "burst: queue empty", "burst: queue empty"]
+
+
 def test_concurrency_starts_distinct_workers(conn):
     with processes() as procs:
         code, out, err = finish(worker(procs, "-c", "3", "--burst"))
