@@ -110,6 +110,18 @@ def test_job_page_shows_fields_dependencies_timeline_and_output(run: Any,
     assert "Cancel job" not in detail and "Retry job" not in detail  # completed: no action
 
 
+def _every_page(client: TestClient, query: str) -> list[str]:
+    """The job ids of every page of ``/jobs?query``, following each page's next link."""
+    ids: list[str] = []
+    next_query: str | None = query
+    while next_query is not None:
+        page = client.get(f"/jobs?{next_query}")
+        ids += re.findall(r'<tr data-job="([^"]+)"', page.text)
+        older = re.search(r'<a href="\?([^"]+)" rel="next">', page.text)
+        next_query = older.group(1).replace("&amp;", "&") if older else None
+    return ids
+
+
 def test_jobs_filter_by_state_queue_and_text(run: Any, client: TestClient) -> None:
     dead_job(run, "exit 5", "--id", "broken")
     added(run, "-c", "convert a.mp4", "-q", "media", "--id", "film")
@@ -135,22 +147,10 @@ def test_jobs_pages_follow_each_other_by_keyset(run: Any, conn: Any,
                                                  client: TestClient) -> None:
     ok(run, "enqueue", "--file", "-", input="".join(
         f'{{"id": "j{n:03d}", "command": "true", "priority": {n % 2}}}\n' for n in range(120)))
-    seen: list[str] = []
-    query = "state=pending"
-    while query is not None:
-        page = client.get(f"/jobs?{query}")
-        seen += re.findall(r'<tr data-job="([^"]+)"', page.text)
-        older = re.search(r'<a href="\?([^"]+)" rel="next">', page.text)
-        query = older.group(1).replace("&amp;", "&") if older else None
+    seen = _every_page(client, "state=pending")
     assert len(seen) == 120 and len(set(seen)) == 120
     assert seen == [j["id"] for j in reads.list_jobs(conn, "pending")]  # in run order
-    everything = []
-    query = ""
-    while query is not None:
-        page = client.get(f"/jobs?{query}")
-        everything += re.findall(r'<tr data-job="([^"]+)"', page.text)
-        older = re.search(r'<a href="\?([^"]+)" rel="next">', page.text)
-        query = older.group(1).replace("&amp;", "&") if older else None
+    everything = _every_page(client, "")
     assert everything == [f"j{n:03d}" for n in reversed(range(120))]
 
 
