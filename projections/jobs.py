@@ -5,7 +5,9 @@ Rules it enforces: a job's state follows only from its events. It starts ``waiti
 job it depends on has not completed, ``scheduled`` while its ``run_at`` lies ahead, else
 ``pending``; a claim makes it ``processing``; then ``completed``, ``failed`` (waiting out its
 backoff until ``run_at``), ``dead`` or ``cancelled``. ``attempts`` is the number of runs
-started (a released run is given back). ``job_counts`` always equals
+started (a released run is given back). A job claimed ahead of its worker's current one is
+``processing`` with ``ahead`` set until its ``started``: held, not running, so it counts
+against no queue's limit. ``job_counts`` always equals
 ``SELECT queue, state, count(*) FROM jobs GROUP BY queue, state`` (with a row for every
 state of every queue ever used), so ``status`` and ``queues`` are O(1).
 """
@@ -24,7 +26,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db
 
 NAME = "jobs"
-VERSION = 11
+VERSION = 12
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -70,6 +72,7 @@ DDL = (
         run_at TEXT,
         worker_id TEXT,
         cancel_requested INTEGER NOT NULL DEFAULT 0,
+        ahead INTEGER NOT NULL DEFAULT 0,
         exit_code INTEGER,
         last_error TEXT,
         unique_key TEXT,
@@ -110,14 +113,14 @@ INDEXES = (
 
 COLUMNS = ("seq", "id", "command", "queue", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
-           "cancel_requested", "exit_code", "last_error", "unique_key", "created_at",
+           "cancel_requested", "ahead", "exit_code", "last_error", "unique_key", "created_at",
            "updated_at")
 # What an enqueued event sets; the other columns start at their defaults (_UNSET).
 _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries", "backoff_base",
              "backoff_max", "backoff_jitter", "timeout", "run_at", "unique_key", "created_at",
              "updated_at")
-_UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "exit_code": None,
-          "last_error": None}
+_UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
+          "exit_code": None, "last_error": None}
 _INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
 _COUNT = """INSERT INTO job_counts (queue, state, n) VALUES (?, ?, ?)
     ON CONFLICT (queue, state) DO UPDATE SET n = job_counts.n + excluded.n"""
@@ -197,31 +200,40 @@ Row = Mapping[str, Any]
 
 def _claimed(e: ev.Claimed, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.PROCESSING, "attempts": e.attempt, "worker_id": e.worker_id,
-            "run_at": None}
+            "run_at": None, "ahead": int(e.ahead)}
+
+
+def _started(e: ev.Started, at: str, row: Row) -> dict[str, Any]:
+    return {"ahead": 0}
+
+
+# Every event that ends a run or gives a held job back clears ``ahead`` with ``worker_id``.
 
 
 def _completed(e: ev.Completed, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.COMPLETED, "worker_id": None, "exit_code": 0, "last_error": None,
-            "cancel_requested": 0}
+            "cancel_requested": 0, "ahead": 0}
 
 
 def _failed(e: ev.Failed, at: str, row: Row) -> dict[str, Any]:
     # The state moves with the scheduled-retry or dead event appended with this one.
-    return {"worker_id": None, "exit_code": e.exit_code, "last_error": e.error}
+    return {"worker_id": None, "exit_code": e.exit_code, "last_error": e.error, "ahead": 0}
 
 
 def _timed_out(e: ev.TimedOut, at: str, row: Row) -> dict[str, Any]:
     return {"worker_id": None, "exit_code": None,
-            "last_error": f"timed out after {e.timeout:g}s"}
+            "last_error": f"timed out after {e.timeout:g}s", "ahead": 0}
 
 
 def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> dict[str, Any]:
     return {"worker_id": None, "exit_code": None,
-            "last_error": f"lease expired: worker {e.worker_id} stopped heartbeating"}
+            "last_error": f"lease expired: worker {e.worker_id} stopped heartbeating",
+            "ahead": 0}
 
 
 def _released(e: ev.Released, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.PENDING, "attempts": e.attempt - 1, "worker_id": None, "run_at": at}
+    return {"state": State.PENDING, "attempts": e.attempt - 1, "worker_id": None, "run_at": at,
+            "ahead": 0}
 
 
 def _scheduled_retry(e: ev.ScheduledRetry, at: str, row: Row) -> dict[str, Any]:
@@ -247,11 +259,12 @@ def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> dict[str, Any
 
 def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.CANCELLED, "worker_id": None, "run_at": None, "cancel_requested": 0,
-            "last_error": e.reason}
+            "last_error": e.reason, "ahead": 0}
 
 
 _CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
     ev.Claimed: _claimed,
+    ev.Started: _started,
     ev.Completed: _completed,
     ev.Failed: _failed,
     ev.TimedOut: _timed_out,

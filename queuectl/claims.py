@@ -11,14 +11,20 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, TIMED_SQL, ready_of
 from queuectl import clock, limits
 from queuectl import events as ev
-from queuectl.decisions import _cancel_dependents, _cancelled_after_run, _made_id, _unblocked_by
+from queuectl.decisions import (
+    _cancel_dependents,
+    _cancel_now,
+    _cancelled_after_run,
+    _made_id,
+    _unblocked_by,
+)
 from queuectl.errors import Conflict
 from queuectl.ledger import append, next_seq, write
 from queuectl.states import UNFINISHED, State, WorkerState, any_of
@@ -189,14 +195,21 @@ def finish_and_claim_many(
     with the jobs the claims would take; only results that free jobs to run (a dependent
     unblocked, a run released, a retry due at once) make the claims look again.
 
-    ``ahead``: the jobs are claimed to run after their workers' current ones, and each
-    worker records ``started`` (given here as the "result" of that job) as one begins.
+    A ``started`` given as a result is a worker's ask to start a job held ahead: see
+    ``_start`` for what the store answers.
+
+    ``ahead``: the jobs are claimed to run after their workers' current ones; each is
+    started only once the store says so. No job of a limited queue is claimed ahead: held,
+    it could not start while its queue is full, and other workers could not take it.
     ``queues``: the claimers take jobs only of these queues, all of the first before any of
     the second (None: of every queue).
     """
     with write(conn):
         at = conn.now()
-        known = _known(conn, [job.job_id for job, _ in finished], claimers, at, queues)
+        starters = [result.worker_id for _, result in finished
+                    if isinstance(result, ev.Started)]
+        known = _known(conn, [job.job_id for job, _ in finished], claimers, at, queues,
+                       starters)
         # Events wait here and go in one append (one statement per table on PostgreSQL),
         # until a rule must read what the events before it changed.
         held_back: list[ev.Event] = []
@@ -206,8 +219,7 @@ def finish_and_claim_many(
                 append(conn, *held_back, at=at)
                 held_back.clear()
 
-        outcomes = [_outcome(conn, job, result, known.held.get(job.job_id), at, held_back,
-                             settled)
+        outcomes = [_outcome(conn, job, result, known, at, held_back, settled)
                     for job, result in finished]
         if any(limit for _, limit in known.queues.values()) and any(outcomes):
             conn.wake()  # a run that ended may leave a place under its queue's limit
@@ -215,7 +227,7 @@ def finish_and_claim_many(
         ready = known.ready
         if able and known.queues:  # a queue paused or limited: claims keep to its rules
             settled()
-            ready = _ready_within(conn, at, len(able), queues, known.queues)
+            ready = _ready_within(conn, at, len(able), queues, known.queues, ahead)
         elif able and any(isinstance(e, _FREES) for o in outcomes for e in o):
             settled()
             sql, params = _ready_query(at, len(able), queues)
@@ -232,35 +244,50 @@ def finish_and_claim_many(
     return outcomes, following
 
 
+class _Held(NamedTuple):
+    """A job whose result or start is being recorded, as the store has it now."""
+
+    state: str
+    worker_id: str | None
+    attempts: int
+    cancel_requested: bool
+    has_dependents: bool
+    ahead: bool  # claimed ahead and not started
+    queue: str
+
+
 class _Known(msgspec.Struct):
-    held: dict[str, tuple[Any, ...]]  # job id -> (state, worker, attempts, cancel, has deps)
-    refused: set[str]  # claimers declared lost or stopped, or asked to stop
+    held: dict[str, _Held]
+    refused: set[str]  # workers declared lost or stopped, or asked to stop
     ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (``_best`` rows)
     queues: dict[str, tuple[bool, int]]  # queues paused or limited: (paused, limit)
 
 
-# One query, three kinds of rows in the same columns (kind, id, then what each kind has):
-# the jobs whose results are recorded, the claimers that may not claim, and the best
-# eligible jobs (their priority and seq kept to sort them, since a UNION keeps no order).
+# One query, four kinds of rows in the same columns (kind, id, then what each kind has,
+# then a queue): the best eligible jobs (their priority and seq kept to sort them, since a
+# UNION keeps no order), the jobs whose results or starts are recorded, the workers that may
+# not claim or start, and the queues whose rules a claim or start must keep.
 _KNOWN_JOBS = """SELECT 'j', id, state, worker_id, attempts, cancel_requested,
     CASE WHEN EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) THEN 1 ELSE 0 END,
-    NULL, NULL, NULL, NULL, NULL FROM jobs WHERE id IN ({marks})"""
-_KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-    FROM workers WHERE id IN ({{marks}}) AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
-# The queues whose rules a claim must keep (usually none: a read of an empty table).
+    ahead, NULL, NULL, NULL, NULL, queue FROM jobs WHERE id IN ({marks})"""
+_KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL FROM workers WHERE id IN ({{marks}})
+    AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
+# Usually none: a read of an empty table.
 _KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, NULL, NULL,
-    NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
+    NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
 # The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
-    backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs {{jobs_ready}}
-    WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) AS best"""
+    backoff_base, timeout, backoff_max, backoff_jitter, queue FROM (SELECT * FROM jobs
+    {{jobs_ready}} WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?)
+    AS best"""
 
 
 def _ready_in(position: int, queue: str) -> str:
     """``_KNOWN_READY`` for the ``position``-th of a worker's queues (kind ``r<position>``)."""
     index, where = ready_of(queue)
     return (f"SELECT 'r{position}', id, command, run_at, attempts, max_retries, priority, seq, "
-            "backoff_base, timeout, backoff_max, backoff_jitter FROM (SELECT * FROM jobs "
+            "backoff_base, timeout, backoff_max, backoff_jitter, queue FROM (SELECT * FROM jobs "
             f"{index} WHERE {where} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) "
             f"AS best{position}")
 
@@ -277,34 +304,49 @@ def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
 def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """Ready rows of ``_ready_query``, best first, as ``Claim`` fields and the job's run_at."""
     best = []
-    for kind, id_, command, run_at, attempts, retries, priority, seq, *policy in rows:
+    for kind, id_, command, run_at, attempts, retries, priority, seq, *rest in rows:
+        policy = rest[:4]  # backoff_base, timeout, backoff_max, backoff_jitter; then queue
         queue = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
         best.append(((queue, -priority, seq),
                      (id_, command, attempts, retries, *policy, run_at)))
     return [claim for _, claim in sorted(best)]
 
 
-# The best eligible jobs of every queue but some, with their queue (for _ready_within).
+# The best eligible jobs of every queue but some (for _ready_within).
 _READY_OPEN = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter, queue FROM jobs {{{{jobs_ready}}}}
     WHERE {CLAIMABLE_SQL} AND run_at <= ?{{closed}} ORDER BY priority DESC, seq LIMIT ?"""
 
 
+def running(conn: Db, queues: Collection[str]) -> dict[str, int]:
+    """How many jobs of each of ``queues`` run now: those processing, less those held
+    ahead of their workers' current jobs, which have not started."""
+    if not queues:
+        return {}
+    marks = ", ".join("?" * len(queues))
+    found = conn.execute(conn.dialect.sql(
+        f"SELECT queue, count(*) FROM jobs {{jobs_state}} WHERE state = '{State.PROCESSING}' "
+        f"AND {INDEXED_STATES} AND ahead = 0 AND queue IN ({marks}) GROUP BY queue"),
+        list(queues)).fetchall()
+    return {queue: int(n) for queue, n in found}
+
+
 def _ready_within(conn: Db, at: str, n: int, queues: Queues,
-                  rules: dict[str, tuple[bool, int]]) -> list[tuple[Any, ...]]:
+                  rules: dict[str, tuple[bool, int]], ahead: bool = False
+                  ) -> list[tuple[Any, ...]]:
     """The ``n`` best eligible jobs for a worker of ``queues`` that keep every queue's
     rules: none of a paused queue, and no more of a limited one than its limit leaves room
-    for beside the jobs of it processing now. Exact, since claims are written one
-    transaction at a time (the ledger's lock), and this one's results are in already."""
+    for beside the jobs of it running now (none at all when claimed ``ahead``). Exact,
+    since claims are written one transaction at a time (the ledger's lock), and this one's
+    results are in already."""
     closed = {q for q, (paused, _) in rules.items() if paused}
     limited = {q: limit for q, (paused, limit) in rules.items() if limit and not paused}
     room: dict[str, int] = {}
-    if limited:
-        marks = ", ".join("?" * len(limited))
-        running = dict(conn.execute(
-            f"SELECT queue, n FROM job_counts WHERE state = '{State.PROCESSING}' "
-            f"AND queue IN ({marks})", list(limited)).fetchall())
-        room = {q: max(0, limit - int(running.get(q, 0))) for q, limit in limited.items()}
+    if ahead:
+        closed |= set(limited)
+    elif limited:
+        now_running = running(conn, limited)
+        room = {q: max(0, limit - now_running.get(q, 0)) for q, limit in limited.items()}
         closed |= {q for q, left in room.items() if left == 0}
     taken: list[tuple[Any, ...]] = []
     if queues:  # each queue in turn, as many of it as there is room for
@@ -325,7 +367,8 @@ def _ready_within(conn: Db, at: str, n: int, queues: Queues,
         found = conn.execute(conn.dialect.sql(_READY_OPEN.format(closed=where)),
                              [at, *skip, *ids, n - len(taken)]).fetchall()
         filled = False
-        for *row, queue in found:
+        for row in found:
+            queue = row[-1]
             if queue in closed:
                 filled = True  # it filled up on this walk: the rows after it may be others'
                 continue
@@ -340,20 +383,22 @@ def _ready_within(conn: Db, at: str, n: int, queues: Queues,
 
 
 def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
-           queues: Queues = None) -> _Known:
+           queues: Queues = None, starters: Sequence[str] = ()) -> _Known:
     parts: list[str] = []
     params: list[Any] = []
     if claimers:  # first: its typed columns give the NULLs of the others a type
         ready_sql, ready_params = _ready_query(at, len(claimers), queues)
         parts.append(ready_sql)
-        # Each id once: a statement of fewer shapes, which the server plans fewer times.
-        workers = list(dict.fromkeys(claimers))
-        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(workers))))
-        params += [*ready_params, *workers]
-    if job_ids:
+        params += ready_params
+    if job_ids:  # before the workers' rows, whose columns are all NULL, for the same reason
         jobs = list(dict.fromkeys(job_ids))
         parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(jobs))))
         params += jobs
+    # Each id once: a statement of fewer shapes, which the server plans fewer times.
+    workers = list(dict.fromkeys([*claimers, *starters]))
+    if workers:
+        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(workers))))
+        params += workers
     if parts:
         parts.append(_KNOWN_QUEUES)
     known = _Known(held={}, refused=set(), ready=[], queues={})
@@ -362,7 +407,8 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
     ready: list[Any] = []
     for row in conn.execute(conn.dialect.sql(" UNION ALL ".join(parts)), params).fetchall():
         if row[0] == "j":
-            known.held[row[1]] = tuple(row[2:7])
+            known.held[row[1]] = _Held(row[2], row[3], row[4], bool(row[5]), bool(row[6]),
+                                       bool(row[7]), row[12])
         elif row[0] == "w":
             known.refused.add(row[1])
         elif row[0] == "q":
@@ -373,17 +419,19 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
     return known
 
 
-def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | None,
-             at: str, held_back: list[ev.Event], settled: Callable[[], None]
-             ) -> list[ev.Event]:
+def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
+             held_back: list[ev.Event], settled: Callable[[], None]) -> list[ev.Event]:
     """The events one run's result gives (added to ``held_back``, which ``settled()``
     appends before any rule reads the tables), or none if its worker no longer holds the
     job."""
-    if held is None or held[:3] != (State.PROCESSING, getattr(result, "worker_id", None),
-                                    job.attempt):
+    held = known.held.get(job.job_id)
+    if held is None or (held.state, held.worker_id, held.attempts) != (
+            State.PROCESSING, getattr(result, "worker_id", None), job.attempt):
         return []
+    if isinstance(result, ev.Started):
+        return _start(conn, job, result, held, known, held_back, settled)
     events: list[ev.Event] = [result]
-    if held[3] and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
+    if held.cancel_requested and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
         # Cancelled while it ran, but the run ended before its worker saw that:
         # the cancel still wins over a retry.
         settled()
@@ -391,7 +439,7 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | Non
     elif isinstance(result, ev.Failed | ev.TimedOut):
         reason = result.error if isinstance(result, ev.Failed) else "timed out"
         events.append(retry_or_dead(job, at, reason))
-    elif isinstance(result, ev.Completed) and held[4]:
+    elif isinstance(result, ev.Completed) and held.has_dependents:
         settled()
         events += _unblocked_by(conn, job.job_id)
     elif isinstance(result, ev.Cancelled):
@@ -399,6 +447,44 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, held: tuple[Any, ...] | Non
         events += _cancel_dependents(conn, job.job_id)
     held_back.extend(events)
     return events
+
+
+def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known,
+           held_back: list[ev.Event], settled: Callable[[], None]) -> list[ev.Event]:
+    """What the store answers a worker that asks to start a job it holds ahead: ``started``
+    only if, now, the job is not cancelled, its queue neither paused nor at its limit, and
+    the worker not stopping; otherwise the job goes back, no attempt counted (a cancelled
+    job is then cancelled). Nothing if the job was started already. The run begins only
+    on ``started``."""
+    if not held.ahead:
+        return []
+    paused, limit = known.queues.get(held.queue, (False, 0))
+    reason = None
+    if held.cancel_requested:
+        reason = "cancelled before it started"
+    elif started.worker_id in known.refused:
+        reason = "its worker is stopping"
+    elif paused:
+        reason = f"its queue {held.queue} is paused"
+    elif limit:
+        settled()  # the starts before this one in the batch count
+        if running(conn, [held.queue]).get(held.queue, 0) >= limit:
+            reason = f"its queue {held.queue} is at its limit of {limit} running"
+    if reason is None:
+        events: list[ev.Event] = [started]
+    elif held.cancel_requested:
+        settled()
+        events = _cancel_now(conn, job.job_id)
+    else:
+        events = [_released_ahead(job, started.worker_id, reason)]
+    held_back.extend(events)
+    return events
+
+
+def _released_ahead(job: Claim, worker_id: str, reason: str) -> ev.Released:
+    """A job held ahead goes back to the queue as it was: its attempt is not counted."""
+    return ev.Released(job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
+                       reason=reason, ahead=True)
 
 
 def release_strays(conn: Db, worker_id: str, keep: Collection[str]) -> list[ev.Event]:
@@ -481,9 +567,10 @@ def rescue(conn: Db, silent: Iterable[tuple[str, str, str]],
     """Take back the jobs of workers found silent (``silent_workers``), unless they spoke,
     stopped or were taken back since.
 
-    Each held job gets a ``lease-expired`` event (with ``killed``: how many of the run's
+    A running job gets a ``lease-expired`` event (with ``killed``: how many of the run's
     processes the caller stopped on its host) and then the normal retry rule (it counts as
-    a failed run); a silent worker holding nothing is recorded as ``worker-lost``.
+    a failed run); a job held ahead, never started, goes back as it was (``released``, no
+    attempt counted). A silent worker running nothing is recorded as ``worker-lost``.
     """
     silent = list(silent)
     if not silent:
@@ -497,26 +584,34 @@ def rescue(conn: Db, silent: Iterable[tuple[str, str, str]],
             if now_row != (WorkerState.ACTIVE, last_beat):
                 continue
             held = conn.execute(
-                f"""SELECT {_CLAIM_FIELDS}, cancel_requested FROM jobs
-                WHERE state = '{State.PROCESSING}' AND {INDEXED_STATES} AND worker_id = ?""",
+                f"""SELECT {_CLAIM_FIELDS}, cancel_requested, ahead FROM jobs
+                WHERE state = '{State.PROCESSING}' AND {INDEXED_STATES} AND worker_id = ?
+                ORDER BY seq""",
                 (worker_id,),
             ).fetchall()
-            if not held:
-                events.append(ev.WorkerLost(worker_id=worker_id, last_heartbeat=last_beat))
+            ran = False
             for row in held:
-                job = Claim(*row[:-1])
+                job = Claim(*row[:-2])
+                if row[-1] and row[-2]:  # held ahead, and a cancel asked for it
+                    events += _cancel_now(conn, job.job_id)
+                    continue
+                if row[-1]:
+                    events.append(_released_ahead(
+                        job, worker_id, f"its worker {worker_id} fell silent before it started"))
+                    continue
+                ran = True
                 events.append(
                     ev.LeaseExpired(
                         job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
                         last_heartbeat=last_beat, killed=(killed or {}).get(worker_id, 0),
                     )
                 )
-                if row[-1]:  # a cancel was waiting for that worker
+                if row[-2]:  # a cancel was waiting for that worker
                     events += _cancelled_after_run(conn, job.job_id)
                 else:
                     events.append(retry_or_dead(job, at, "lease expired"))
+            if not ran:
+                events.append(ev.WorkerLost(worker_id=worker_id, last_heartbeat=last_beat))
         if events:
             append(conn, *events, at=at)
     return events
-
-

@@ -412,13 +412,33 @@ def cancel(conn: Db, job_id: str) -> str:
                 f"Job {job_id} is {job['state']}; only pending, scheduled, waiting, failed "
                 "or running jobs can be cancelled"
             )
-        if job["state"] == State.PROCESSING:
+        if job["state"] == State.PROCESSING and not _held_ahead(conn, job_id):
             if not job["cancel_requested"]:
                 append(conn, ev.CancelRequested(job_id=job_id))
             return "requested"
-        cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user")
-        append(conn, cancelled, *_cancel_dependents(conn, job_id))
+        append(conn, *_cancel_now(conn, job_id))
     return "cancelled"
+
+
+def _held_ahead(conn: Db, job_id: str) -> tuple[str, int] | None:
+    """(worker, attempt) of a job claimed ahead of its worker's current one and not yet
+    started; None for any other job."""
+    row = conn.execute("SELECT worker_id, attempts FROM jobs WHERE id = ? AND ahead != 0",
+                       (job_id,)).fetchone()
+    return (row[0], int(row[1])) if row else None
+
+
+def _cancel_now(conn: Db, job_id: str) -> list[ev.Event]:
+    """The events that cancel a job that is not running, and the jobs waiting on it. One
+    held ahead by a worker is given back first (its attempt not counted), so that it never
+    starts."""
+    events: list[ev.Event] = []
+    held = _held_ahead(conn, job_id)
+    if held is not None:
+        events.append(ev.Released(job_id=job_id, worker_id=held[0], attempt=held[1],
+                                  reason="cancelled before it started", ahead=True))
+    return [*events, ev.Cancelled(job_id=job_id, reason="cancelled by user"),
+            *_cancel_dependents(conn, job_id)]
 
 
 # -- bulk actions -------------------------------------------------------------------------

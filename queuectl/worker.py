@@ -276,6 +276,9 @@ class Worker:
     def _loop(self) -> str:
         while True:
             job = self.results.next_job(self)
+            # A job claimed ahead starts only once the store says so (``Pipeline.begin``);
+            # one claimed here, or with its worker's last result, starts with its claim.
+            held_ahead = job is not None and bool(self.results.ahead)
             if job is None:
                 reason = self._stop_reason()
                 if reason:
@@ -298,16 +301,13 @@ class Worker:
                     continue
                 self._drain = 0.0
                 self.unsettled[job.job_id] = job
-                started = None  # claimed to start now: no started event
-            elif self.results.ahead:  # claimed ahead: its start is recorded
-                started = ev.Started(job_id=job.job_id, worker_id=self.id, attempt=job.attempt)
-            else:  # claimed with its worker's last result, to start now
-                started = None
             if self.shutdown.soft.is_set():
                 self._give_back(job)
                 return self.shutdown.reason
+            if held_ahead and not self.results.begin(self, job):
+                continue  # it went back to the queue, or is no longer this worker's
             self._tick()  # a streak of instant jobs still heartbeats and rescues
-            self._work(job, started)
+            self._work(job, asked=held_ahead)
 
     def _give_back(self, job: claims.Claim) -> None:
         """Release ``job`` and every job claimed ahead, none of them started: the
@@ -363,10 +363,10 @@ class Worker:
             timeout = min(timeout, max(0.0, until))
         return timeout
 
-    def _work(self, job: claims.Claim, started: ev.Started | None) -> None:
-        """Run one job and hand its result in, with the ask for the jobs after it; the
-        write happens on the results thread while this worker goes on. A job claimed ahead
-        hands in its ``started`` as it begins."""
+    def _work(self, job: claims.Claim, asked: bool) -> None:
+        """Run one job and hand its result in; the write happens on the results thread (or
+        with the next start) while this worker goes on. ``asked``: the jobs to hold ahead
+        of this one were asked for as it began; otherwise they are asked for now."""
         if self.options.verbose:  # build no log line nobody will see
             for line in render.worker_started_job(job):
                 self.log(line)
@@ -374,8 +374,8 @@ class Worker:
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         self.running = job
         self._started = time.monotonic()
-        # Its start, if it was claimed ahead, and the jobs ahead, claimed while this runs.
-        self.results.submit(self, job if started else None, started)
+        if not asked:
+            self.results.submit(self, None, None)
         result = runner.run_command(
             job.command,
             timeout=job.timeout,
@@ -386,7 +386,8 @@ class Worker:
         self.done += 1
         self.running = None
         self.quick = result.duration < Pipeline.QUICK
-        self.results.submit(self, job, self._event(job, result))
+        # With a job held next, its start goes in the same transaction as this result.
+        self.results.submit(self, job, self._event(job, result), wake=not self.ahead)
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""
@@ -431,8 +432,13 @@ class Pipeline:
     worker asked for. One commit then serves several jobs. Jobs are claimed ahead only
     for a worker whose last job was quick (under ``QUICK`` seconds), and a job that runs
     longer than ``HOLD`` seconds gives them back, so that a long job never keeps others
-    from idle workers for long. The price: a job claimed ahead waits behind the running
-    one, and counts an attempt if its process dies with ``kill -9``.
+    from idle workers for long.
+
+    A job held ahead is not started until the store says, at that moment, that its worker
+    still holds it and may start it (``begin``): the worker hands in the start with its
+    last result and waits for that one transaction. A job cancelled, of a queue paused or
+    at its limit, or held by a worker asked to stop, goes back without running; one taken
+    back meanwhile (its worker paused past its lease) is not run twice.
 
     Either way the rules are those of one result at a time, in the order handed in, and
     nobody waits for a batch to fill (holding results back a few milliseconds to gather
@@ -466,19 +472,46 @@ class Pipeline:
 
     # -- what workers call ----------------------------------------------------------------
 
-    def submit(self, worker: Worker, job: claims.Claim | None, event: ev.Event | None
-               ) -> None:
-        """Hand in ``worker``'s result of ``job`` (or its ``started``; None: only ask for
-        jobs ahead), with the jobs it wants claimed next; returns at once."""
+    def submit(self, worker: Worker, job: claims.Claim | None, event: ev.Event | None,
+               wake: bool = True) -> _Handed | None:
+        """Hand in ``worker``'s result of ``job`` (None: only ask for jobs ahead), with the
+        jobs it wants claimed next; returns at once. ``wake=False`` leaves the writer
+        asleep: the worker's next call (a ``begin``, a wait) wakes it, so that both go in
+        one transaction."""
         with self.cond:
             self._alive()
             want = worker.wanted()
             if job is None and not want:
-                return
+                return None
             worker.asked += want
             worker.in_flight += 1
-            self._queue.append(_Handed(worker, job, event, want))
-            self.cond.notify_all()
+            handed = _Handed(worker, job, event, want)
+            self._queue.append(handed)
+            if wake:
+                self.cond.notify_all()
+            return handed
+
+    def begin(self, worker: Worker, job: claims.Claim) -> bool:
+        """Ask the store to start ``job``, held ahead for ``worker``, and wait for its
+        answer: True when ``started`` is recorded and the run may begin; False when the job
+        went back to the queue or is no longer the worker's."""
+        started = ev.Started(job_id=job.job_id, worker_id=worker.id, attempt=job.attempt)
+        with self.cond:
+            worker.running = job  # held while it is asked for: counted by wanted()
+        handed = self.submit(worker, job, started)
+        assert handed is not None
+        with self.cond:
+            try:
+                self._wait(worker, lambda: handed.verdict is None)
+                if worker.failure is not None:
+                    raise worker.failure
+                if handed.verdict is None:  # the thread is gone
+                    self._alive()
+                    raise RuntimeError("the results thread ended")
+            finally:
+                if not handed.verdict:
+                    worker.running = None
+            return bool(handed.verdict)
 
     def next_job(self, worker: Worker) -> claims.Claim | None:
         """The next job claimed for ``worker``, waiting for the claims it asked for; None
@@ -498,6 +531,8 @@ class Pipeline:
     def _wait(self, worker: Worker, waiting: Callable[[], Any]) -> None:
         """(Under ``cond``.) Until ``waiting()`` is false or what the worker handed in
         failed; without a thread, the worker writes the batch when nobody else is."""
+        if self.ahead:
+            self.cond.notify_all()  # what it handed in without waking the writer goes now
         while waiting() and worker.failure is None:
             if not self.ahead:
                 if self._writing:
@@ -569,10 +604,15 @@ class Pipeline:
             return
         claimed = iter(following)
         with self.cond:
+            for handed, events in zip(finished, outcomes, strict=True):
+                assert handed.job is not None
+                if isinstance(handed.event, ev.Started):
+                    handed.verdict = any(isinstance(e, ev.Started) for e in events)
+                    if handed.verdict:
+                        continue  # held still, and running now
+                handed.worker.unsettled.pop(handed.job.job_id, None)
             for handed in batch:
                 worker = handed.worker
-                if handed.job is not None and not isinstance(handed.event, ev.Started):
-                    worker.unsettled.pop(handed.job.job_id, None)
                 for _ in range(handed.want):
                     job = next(claimed)
                     if job is not None:
@@ -598,6 +638,7 @@ class _Handed:
     job: claims.Claim | None
     event: ev.Event | None
     want: int
+    verdict: bool | None = None  # for a start: whether the store recorded it
 
 
 def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None]:
