@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,37 @@ def test_a_database_of_someone_elses_is_refused_and_left_alone():
         assert tables == {"invoices"}
 
 
+READS = [["status"], ["list"], ["show", "a"], ["logs", "a"], ["history", "a"], ["dlq", "list"],
+         ["queues"], ["schedule", "list"], ["stats"], ["config", "get"], ["ledger", "export"],
+         ["rebuild", "--check"], ["rebuild"], ["cancel", "a"], ["dlq", "retry", "a"],
+         ["schedule", "remove", "s"], ["prune", "--before", "1d"],
+         ["dashboard", "--port", "0"]]
+
+
+def _made_by_anyone(url: str) -> tuple[int, int]:
+    """Relations and functions in the database outside the system's own schemas."""
+    with __import__("psycopg").connect(url, autocommit=True) as conn:
+        outside = ("NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg_toast%'")
+        (relations,) = conn.execute(
+            "SELECT count(*) FROM pg_class JOIN pg_namespace n ON n.oid = relnamespace "
+            f"WHERE nspname {outside}").fetchone()
+        (functions,) = conn.execute(
+            "SELECT count(*) FROM pg_proc JOIN pg_namespace n ON n.oid = pronamespace "
+            f"WHERE nspname {outside}").fetchone()
+    return relations, functions
+
+
+@pytest.mark.parametrize("args", READS, ids=[" ".join(a) for a in READS])
+def test_a_read_never_creates_the_schema(db, args):
+    """As on SQLite, where a read refuses a file that does not exist: a typo in --db (the
+    server's own ``postgres`` database, say) must not quietly give an empty queue, nor
+    leave queuectl's tables and functions in someone's database."""
+    line = one_error_line(queuectl("--db", db, *args))
+    assert line == (f"Error: no queuectl database at {db} (commands that write, such as "
+                    "enqueue, create it)")
+    assert _made_by_anyone(db) == (0, 0)
+
+
 def test_a_password_in_the_url_is_never_printed(db):
     with_password = db.replace("://root@", "://root:hunter2@")  # trust auth ignores it
     for args in (["enqueue", "--id", "p", "-c", "true"], ["status"], ["list"],
@@ -340,7 +372,7 @@ def _jobs_run_through(db: str, disturb: Callable[[], None], n: int = 300) -> Non
     """``n`` short jobs, two worker processes of two workers each; ``disturb`` strikes when
     a third of the jobs are done. Every job must complete exactly once, and the workers
     outlive it."""
-    with by_hand(db) as conn:
+    with closing(ledger.connect(db)) as conn:  # the first use: it creates the schema
         decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.02", id=f"j{i}")
                                  for i in range(n)])
     workers = [spawn("worker", "-c", "2", "-s", "0.2", start_new_session=True)
@@ -412,7 +444,7 @@ def test_many_hosts_share_one_queue_through_kill_9s(db):
     are killed with kill -9 and others start: every job completes, none twice but through a
     recorded lease expiry, the ledger is contiguous and replays exactly (the fixture)."""
     n = 2000
-    with by_hand(db) as conn:
+    with closing(ledger.connect(db)) as conn:  # the first use: it creates the schema
         decisions.set_config(conn, "heartbeat-interval", "0.3")
         decisions.set_config(conn, "lease-timeout", "1.5")
         decisions.enqueue(conn, [decisions.JobSpec(command="sleep 0.005", id=f"m{i:04d}")

@@ -829,8 +829,9 @@ def _driver() -> Any:
 
 def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int = 10
             ) -> PgDb:
-    """Connect to ``url`` and create (or bring up to date) the ledger's own tables. ``create``
-    does not apply: a database is made by its administrator, not by queuectl."""
+    """Connect to ``url`` and bring the ledger's own tables up to date, creating them in a
+    database without them only when ``create`` (the database itself is made by its
+    administrator, not by queuectl)."""
     psycopg = _driver()
     shown = without_password(url)
     lock_timeout = _lock_timeout()
@@ -851,7 +852,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
     conn.prepare_threshold = None
     db = PgDb(conn, url, durable)
     try:
-        _ensure_ledger(db, shown)
+        _ensure_ledger(db, shown, create)
     except psycopg.Error as exc:
         conn.close()
         raise StoreError(f"cannot open {shown}: {_reason(exc, url)}") from None
@@ -872,10 +873,10 @@ def _reason(exc: BaseException, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def _ensure_ledger(db: PgDb, shown: str) -> None:
+def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
     """The ledger's tables, created on first use (under an advisory lock, so that two hosts
-    starting at once do not race); a database holding other tables but not queuectl's is
-    refused, as on SQLite."""
+    starting at once do not race); as on SQLite, a database holding other tables but not
+    queuectl's is refused, and so is one without them when ``create`` is not given."""
     tables = {r[0] for r in db.conn.execute(  # information_schema.tables, at a tenth of its cost
         "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
         "AND relkind IN ('r', 'p', 'v', 'm', 'f')")}
@@ -885,6 +886,9 @@ def _ensure_ledger(db: PgDb, shown: str) -> None:
             return
     elif tables - OURS:
         raise StoreError(f"{shown} is not a queuectl database (it holds other tables)")
+    elif not create:
+        raise StoreError(f"no queuectl database at {shown} (commands that write, such as "
+                         "enqueue, create it)")
     db.conn.execute("BEGIN")
     try:
         db.conn.execute("SELECT pg_advisory_xact_lock(hashtext('queuectl schema'))")
