@@ -4,16 +4,18 @@ offered (and nothing printed or created) when there is no database to ask."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.shell_completion import ShellComplete
-from conftest import queuectl_cmd
+from conftest import queuectl_cmd, replay_problems
 
-from queuectl import claims, complete, decisions
+from queuectl import claims, complete, decisions, ledger
 from queuectl import events as ev
 from queuectl.cli import cli
 from queuectl.store import libpq
@@ -128,3 +130,26 @@ def test_postgres_completion_asks_libpq_itself_and_psycopg_where_there_is_none(
     monkeypatch.setattr(libpq, "load", lambda: None)
     assert offered("show", incomplete="a") == ["a1", "a2"]
     assert offered("--db", f"{db}_missing", "show") == []
+
+
+@pytest.mark.stores("postgres")
+def test_postgres_completion_reads_the_schema_the_url_names(db, conn, run, monkeypatch):
+    """A URL's ``options`` may name another schema (``-c search_path=other``): another
+    queue in the same database. A completion must offer what the commands read there, on
+    both of its paths (libpq itself, psycopg), never the default schema's ids."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="public1")])
+    with __import__("psycopg").connect(db, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA other")
+    other = f"{db}?options=-csearch_path%3Dother"
+    with closing(ledger.connect(other)) as elsewhere:
+        decisions.enqueue(elsewhere, [decisions.JobSpec(command="true", id="other1")])
+    assert [j["id"] for j in json.loads(run("--db", other, "list", "--json").stdout)] == [
+        "other1"]
+    for path in ("libpq", "psycopg"):
+        if path == "psycopg":
+            monkeypatch.setattr(libpq, "load", lambda: None)
+        elif libpq.load() is None:
+            continue  # no system libpq: psycopg is the only path
+        assert offered("--db", other, "show") == ["other1"], path
+        assert offered("--db", db, "show") == ["public1"], path
+    assert not replay_problems(other)

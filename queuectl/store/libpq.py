@@ -12,6 +12,16 @@ import re
 from typing import Any
 
 _OK, _TUPLES_OK = 0, 2  # libpq's CONNECTION_OK and PGRES_TUPLES_OK
+READ_ONLY = "-c default_transaction_read_only=on -c statement_timeout=1000"
+
+
+class _Option(ctypes.Structure):
+    """libpq's PQconninfoOption: one setting of a parsed connection string."""
+
+    _fields_ = [("keyword", ctypes.c_char_p), ("envvar", ctypes.c_char_p),
+                ("compiled", ctypes.c_char_p), ("val", ctypes.c_char_p),
+                ("label", ctypes.c_char_p), ("dispchar", ctypes.c_char_p),
+                ("dispsize", ctypes.c_int)]
 
 
 def load() -> Any:
@@ -23,7 +33,10 @@ def load() -> Any:
             continue
         pointer, text, number = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
         texts = ctypes.POINTER(ctypes.c_char_p)
+        options = ctypes.POINTER(_Option)
         for function, result, arguments in (
+                ("PQconninfoParse", options, [text, texts]),
+                ("PQconninfoFree", None, [options]),
                 ("PQconnectdbParams", pointer, [texts, texts, number]),
                 ("PQstatus", number, [pointer]),
                 ("PQexecParams", pointer,
@@ -48,9 +61,12 @@ def rows(lib: Any, url: str, sql: str, params: tuple[Any, ...]
         return (ctypes.c_char_p * len(values))(
             *[None if v is None else v.encode() for v in values])
 
+    # Given after the URL, "options" replaces the URL's own (a search_path naming another
+    # schema, say): ours go after them instead, as PgDb's connection adds its settings.
+    given = _given_options(lib, url)
     settings = {"dbname": url, "connect_timeout": "2", "client_encoding": "UTF8",
                 "application_name": "queuectl-complete",
-                "options": "-c default_transaction_read_only=on -c statement_timeout=1000"}
+                "options": f"{given} {READ_ONLY}".strip()}
     conn = lib.PQconnectdbParams(array([*settings, None]), array([*settings.values(), None]), 1)
     try:
         if lib.PQstatus(conn) != _OK:
@@ -70,3 +86,19 @@ def rows(lib: Any, url: str, sql: str, params: tuple[Any, ...]
             lib.PQclear(result)
     finally:
         lib.PQfinish(conn)
+
+
+def _given_options(lib: Any, url: str) -> str:
+    """The ``options`` a connection URL sets, read by libpq's own parser."""
+    parsed = lib.PQconninfoParse(url.encode(), None)
+    if not parsed:
+        raise ConnectionError("libpq cannot read the URL")
+    try:
+        n = 0
+        while (keyword := parsed[n].keyword) is not None:
+            if keyword == b"options":
+                return (parsed[n].val or b"").decode()
+            n += 1
+        return ""
+    finally:
+        lib.PQconninfoFree(parsed)

@@ -812,11 +812,18 @@ def read_once(url: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ..
     found = libpq.load()
     if found is not None:
         return libpq.rows(found, url, sql, params)
-    with _driver().connect(url, autocommit=True, connect_timeout=2,
-                           application_name="queuectl-read",
-                           options="-c default_transaction_read_only=on "
-                                   "-c statement_timeout=1000") as conn:
+    psycopg = _driver()
+    with psycopg.connect(url, autocommit=True, connect_timeout=2,
+                         application_name="queuectl-read",
+                         options=_with_given_options(psycopg, url, libpq.READ_ONLY)) as conn:
         return [tuple(row) for row in conn.execute(_translated(sql), params).fetchall()]
+
+
+def _with_given_options(psycopg: Any, url: str, ours: str) -> str:
+    """``ours`` after the ``options`` the URL gives (a search_path naming the schema of its
+    queue, say), which an ``options`` argument would otherwise replace."""
+    given = psycopg.conninfo.conninfo_to_dict(url).get("options") or ""
+    return f"{given} {ours}".strip()
 
 
 def _driver() -> Any:
@@ -841,10 +848,10 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
                 "synchronous_commit": "on" if durable else "off",
                 "TimeZone": "UTC", "standard_conforming_strings": "on"}  # see _literal
     try:
-        given = psycopg.conninfo.conninfo_to_dict(url).get("options") or ""
-        options = " ".join([str(given), *(f"-c {k}={v}" for k, v in settings.items())])
+        options = _with_given_options(
+            psycopg, url, " ".join(f"-c {k}={v}" for k, v in settings.items()))
         conn = psycopg.connect(url, autocommit=True, connect_timeout=timeout,
-                               application_name="queuectl", options=options.strip())
+                               application_name="queuectl", options=options)
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to {shown}: {_reason(exc, url)}") from None
     # queuectl prepares its statements itself (PgDb._inline); psycopg's own cache would
