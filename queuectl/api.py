@@ -12,22 +12,24 @@ calls (``decisions``, ``reads``, ``retention``), so what it does is an event in 
 like any other, and what it returns is what ``--json`` prints. Each ``enqueue`` commits
 durably before it returns, as ``queuectl enqueue`` does. Errors are ``QueueError``s
 (``InvalidInput``, ``NotFound``, ``Conflict``, ``StoreError``), each with the one line the
-CLI would print. A ``Queue`` may be shared by the threads of one process (its calls take
-turns); open one per process, not one per call.
+CLI would print, whatever the arguments and on either store: every argument is checked
+before a store sees it, as the CLI checks its flags. A ``Queue`` may be shared by the
+threads of one process (its calls take turns); open one per process, not one per call.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 import msgspec
 
-from queuectl import decisions, ledger, reads, render
-from queuectl.errors import InvalidInput
+from queuectl import decisions, ledger, limits, reads, render, store
+from queuectl.errors import InvalidInput, StoreError
 from queuectl.store import Db
 
 __all__ = ["Queue"]
@@ -40,8 +42,20 @@ class Queue:
     URL; default: ``QUEUECTL_DB``, else ``data/queue.db``, created on first use)."""
 
     def __init__(self, db: str | os.PathLike[str] | None = None) -> None:
-        self._db: Db = ledger.connect(None if db is None else os.fspath(db))
+        target = _target(db)
+        with _reported():
+            self._db: Db | None = ledger.connect(target)
+        self._shown = self._db.target
         self._lock = threading.Lock()
+
+    @contextmanager
+    def _open(self) -> Iterator[Db]:
+        """The connection, one caller at a time; a driver's error as the CLI reports it."""
+        with self._lock:
+            if self._db is None:
+                raise StoreError("the queue is closed")
+            with _reported():
+                yield self._db
 
     # -- adding work ------------------------------------------------------------------
 
@@ -51,65 +65,78 @@ class Queue:
         (seconds) or ``run_at`` (ISO-8601), ``after`` (ids), ``unique_key``. A job whose
         unique key an unfinished job holds is not added: that job's id is returned."""
         spec = _spec({**options, "command": command})
-        with self._lock:
-            return decisions.enqueue(self._db, [spec])[0]
+        with self._open() as db:
+            return decisions.enqueue(db, [spec])[0]
 
     def enqueue_many(self, specs: Iterable[Spec]) -> list[str]:
         """Add many jobs in one transaction, all or none (each a mapping of JSON job fields,
         with ``command``, or a ``JobSpec``); returns their ids in order."""
+        if isinstance(specs, str | bytes | Mapping) or not isinstance(specs, Iterable):
+            raise InvalidInput("enqueue_many: expected an iterable of jobs, got "
+                               f"{type(specs).__name__}")
         checked = [_spec(s, f" #{n}") for n, s in enumerate(specs, 1)]
-        if not checked:
-            return []
-        with self._lock:
-            return decisions.enqueue(self._db, checked)
+        with self._open() as db:
+            return decisions.enqueue(db, checked) if checked else []
 
     # -- reading ----------------------------------------------------------------------
 
     def get(self, job_id: str) -> dict[str, Any]:
         """One job's fields, as ``queuectl show --json`` gives them without its runs."""
-        with self._lock:
-            return render.job_json(reads.get_job(self._db, job_id))
+        reads.check_job_id(job_id)
+        with self._open() as db:
+            return render.job_json(reads.get_job(db, job_id))
 
     def jobs(self, state: str | None = None, queue: str | None = None,
              limit: int | None = None) -> list[dict[str, Any]]:
         """Jobs, oldest first (``queuectl list --json``)."""
         if state is not None:
             reads.check_state(state)
-        with self._lock:
-            return [render.job_json(job)
-                    for job in reads.list_jobs(self._db, state, limit, queue)]
+        if queue is not None:
+            decisions.check_queue_name(_text("queue", queue))
+        if limit is not None:
+            _whole("limit", limit)
+        with self._open() as db:
+            return [render.job_json(job) for job in reads.list_jobs(db, state, limit, queue)]
 
     def history(self, job_id: str, archive: bool = False) -> list[dict[str, Any]]:
         """Every event of one job, in order (``queuectl history --json``); ``archive``: with
         those pruned to the archive."""
-        with self._lock:
-            rows = reads.history(self._db, job_id, archive)
+        reads.check_job_id(job_id)
+        if not isinstance(archive, bool):
+            raise InvalidInput(f"archive: expected True or False, got {type(archive).__name__}")
+        with self._open() as db:
+            rows = reads.history(db, job_id, archive)
         return _as_json(render.history_json(rows))  # type: ignore[no-any-return]
 
     def status(self) -> dict[str, Any]:
         """Jobs per state and per queue, the running workers and how many ended
         (``queuectl status --json``)."""
-        with self._lock:
-            return _as_json(reads.status(self._db))  # type: ignore[no-any-return]
+        with self._open() as db:
+            return _as_json(reads.status(db))  # type: ignore[no-any-return]
 
     # -- acting on jobs ---------------------------------------------------------------
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job: ``"cancelled"``, or ``"requested"`` for a running one, which its
         worker then stops. Jobs waiting on it are cancelled too."""
-        with self._lock:
-            return decisions.cancel(self._db, job_id)
+        reads.check_job_id(job_id)
+        with self._open() as db:
+            return decisions.cancel(db, job_id)
 
     def retry(self, job_id: str) -> None:
         """Move a dead job back to pending, with its attempts reset (``dlq retry``)."""
-        with self._lock:
-            decisions.dlq_retry(self._db, job_id)
+        reads.check_job_id(job_id)
+        with self._open() as db:
+            decisions.dlq_retry(db, job_id)
 
     # -- the connection ---------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the connection; any later call raises StoreError. Closing twice is fine."""
         with self._lock:
-            self._db.close()
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
 
     def __enter__(self) -> Queue:
         return self
@@ -119,7 +146,57 @@ class Queue:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Queue({self._db.target!r})"
+        return f"Queue({self._shown!r})"
+
+
+def _target(db: object) -> str:
+    """The store ``db`` names, held to what ``--db`` and ``QUEUECTL_DB`` may hold."""
+    name = "db"
+    if db is None:
+        db, name = store.default_target(), "QUEUECTL_DB"
+    elif isinstance(db, os.PathLike):
+        db = os.fspath(db)
+    if not isinstance(db, str):
+        raise InvalidInput(f"db: expected a path or a postgresql:// URL, got {type(db).__name__}")
+    if "\0" in db:
+        raise InvalidInput(f"{name} contains a NUL character: {reads.printable(db)}")
+    _utf8(name, db)
+    return db
+
+
+def _utf8(name: str, text: str) -> None:
+    """Text that UTF-8 cannot hold (lone surrogates), refused as the CLI refuses such an
+    argument: no store holds it, and no message could print it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} is not valid UTF-8: {reads.printable(text)}") from None
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name}: expected text, got {type(value).__name__}")
+    return value
+
+
+def _whole(name: str, value: object) -> int:
+    """A whole number held to ``name``'s range in ``limits``, as the CLI's flag holds it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{name}: expected {limits.describe(name)}, got "
+                           f"{type(value).__name__}")
+    try:
+        return int(limits.check(name, value))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A driver's error as the CLI reports one: a StoreError of one line."""
+    try:
+        yield
+    except store.driver_errors() as exc:
+        raise StoreError(f"database error: {' '.join(str(exc).split())}") from exc
 
 
 def _as_json(data: Any) -> Any:
@@ -127,12 +204,22 @@ def _as_json(data: Any) -> Any:
     return msgspec.json.decode(msgspec.json.encode(data))
 
 
-def _spec(given: Spec, where: str = "") -> decisions.JobSpec:
-    """A job's fields checked as ``enqueue`` checks a JSON job."""
+def _spec(given: object, where: str = "") -> decisions.JobSpec:
+    """A job's fields checked as ``enqueue`` checks a JSON job (a ``JobSpec`` too: its
+    fields may hold anything, as it is not checked when made)."""
     if isinstance(given, decisions.JobSpec):
-        return decisions.check_spec(given, where)
+        given = msgspec.structs.asdict(given)
+    if not isinstance(given, Mapping):
+        raise InvalidInput(f"invalid job{where}: expected a mapping of job fields or a "
+                           f"JobSpec, got {type(given).__name__}")
     try:
         spec = msgspec.convert(dict(given), decisions.JobSpec)
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+    except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid job{where}: {exc}") from None
+    for name in ("command", "id", "queue", "run_at", "unique_key"):
+        value = getattr(spec, name)
+        if value is not None:
+            _utf8(f"invalid job{where}: {name}", value)
+    for dependency in spec.after:
+        _utf8(f"invalid job{where}: after", dependency)
     return decisions.check_spec(spec, where)

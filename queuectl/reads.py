@@ -42,7 +42,38 @@ def _dicts_jobs(cursor: Cursor) -> list[dict[str, Any]]:
     return rows
 
 
+def printable(text: str) -> str:
+    """Text as one line of a message: control characters and lone surrogates as escapes
+    (``\\xe9`` for one that stands for a byte that is not UTF-8, as Python reads argv)."""
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    if "\udc80" <= c <= "\udcff":
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c.encode("unicode_escape").decode("ascii")
+
+
+def check_job_id(job_id: object) -> str:
+    """A job id as every store takes it. Text that no store can hold (a NUL, a lone
+    surrogate) names no job: NotFound, before any store sees it."""
+    if not isinstance(job_id, str):
+        raise InvalidInput(f"job id: expected text, got {type(job_id).__name__}")
+    if "\0" in job_id or not _is_utf8(job_id):
+        raise NotFound(f"Job '{printable(job_id)}' not found")
+    return job_id
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def get_job(conn: Db, job_id: str) -> dict[str, Any]:
+    check_job_id(job_id)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?")
     rows = _dicts_jobs(conn.execute(sql, (job_id,)))
     if not rows:
@@ -177,6 +208,7 @@ def check_state(state: str) -> State:
 def history(conn: Db, job_id: str, archive: bool = False) -> list[tuple[int, str, ev.Event]]:
     """Every event of one job, in order, with those pruned to the archive if ``archive``;
     NotFound when there are none."""
+    check_job_id(job_id)
     rows = list(read_events(conn, "WHERE job_id = ?", (job_id,)))
     if archive:
         seen = {seq for seq, _, _ in rows}  # a prune cut short may leave rows in both
