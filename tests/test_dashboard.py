@@ -186,6 +186,14 @@ def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
         ("/jobs?state=bogus", 400, "unknown state"),
         ("/jobs?queue=a%20b", 400, "queue"),
         ("/jobs?after=12x", 400, "bad page cursor"),
+        ("/jobs?after=%C2%B2", 400, "bad page cursor"),  # ², a digit int() refuses
+        ("/jobs?after=%D9%A1%D9%A2", 400, "bad page cursor"),  # ١٢, one int() reads as 12
+        ("/jobs?after=1_0", 400, "bad page cursor"),
+        ("/dlq?after=%C2%B2", 400, "bad page cursor"),
+        ("/jobs?state=dead&after=%C2%B2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=%D9%A1:2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=1_0:2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=0:%D9%A1", 400, "bad page cursor"),
         ("/jobs?state=pending&after=1:2:3", 400, "bad page cursor"),
         ("/jobs?state=pending&after=99999999999:1", 400, "bad page cursor"),
         ("/jobs?q=" + "x" * 201, 400, "at most 200"),
