@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import by_hand
+from conftest import PG_ADMIN, by_hand
 from test_features import added, ok
 
 from queuectl import reads
@@ -209,6 +209,73 @@ def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
                        headers=SAME_ORIGIN).status_code == 404
     assert client.post("/actions/limit", data={"queue": "q", "limit": "-1"},
                        headers=SAME_ORIGIN).status_code == 400
+
+
+PAGES = ("/", "/jobs", "/jobs/{job}", "/dlq", "/queues", "/schedules", "/workers")
+
+
+def pg_admin() -> Any:
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN, autocommit=True)
+
+
+def kill_dashboard_backend(db: Any) -> None:
+    """Terminate the dashboard's connection, as a server restart would: the only client of
+    the test's database."""
+    with pg_admin() as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s", (str(db).rsplit("/", 1)[1],)).fetchone()[0]
+    assert killed == 1
+
+
+@pytest.mark.stores("postgres")
+def test_every_page_reconnects_after_its_connection_is_killed(run: Any, db: Any,
+                                                            client: TestClient) -> None:
+    job_id = dead_job(run)
+    for path in (p.format(job=job_id) for p in PAGES):
+        assert client.get(path).status_code == 200, path
+        kill_dashboard_backend(db)
+        page = client.get(path)
+        assert page.status_code == 200, (path, page.text)  # read again on a new connection
+        assert client.get(path, headers={"X-Poll": "1"}).status_code == 200, path
+    kill_dashboard_backend(db)
+    assert client.get("/", headers={"X-Poll": "1", "If-None-Match": page.headers["etag"]}
+                      ).status_code == 304
+
+
+@pytest.mark.stores("postgres")
+def test_a_store_that_stays_away_answers_503_once_then_the_page_again(
+        run: Any, db: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    name = str(db).rsplit("/", 1)[1]
+    for path in (p.format(job=job_id) for p in PAGES):
+        assert client.get(path).status_code == 200, path
+        with pg_admin() as admin:
+            admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+            try:
+                kill_dashboard_backend(db)
+                away = client.get(path)
+            finally:
+                admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        assert away.status_code == 503, (path, away.text)
+        assert "Store unavailable" in away.text and "Traceback" not in away.text
+        assert client.get(path).status_code == 200, path
+
+
+@pytest.mark.stores("postgres")
+def test_an_action_on_a_lost_connection_answers_503_and_the_next_one_works(
+        run: Any, db: Any, client: TestClient) -> None:
+    added(run, "-c", "true", "-q", "media")
+    assert client.get("/queues").status_code == 200
+    kill_dashboard_backend(db)
+    lost = post(client, "pause", queue="media")
+    assert lost.status_code == 503 and "lost the connection" in lost.text
+    assert post(client, "pause", queue="media").status_code == 303
+    with by_hand(db) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE type LIKE 'queue-%'")] == ["queue-paused"]
 
 
 # -- live updates -----------------------------------------------------------------------------
