@@ -110,6 +110,79 @@ def test_job_page_shows_fields_dependencies_timeline_and_output(run: Any,
     assert "Cancel job" not in detail and "Retry job" not in detail  # completed: no action
 
 
+def queue_table(text: str) -> dict[str, dict[str, int]]:
+    """The overview's jobs per queue and state, as its table shows them (``total`` too)."""
+    table = text.split('<table class="queue-counts">')[1].split("</table>")[0]
+    return {queue: {state: int(n.replace(",", "")) for state, n in re.findall(
+                r'data-state="([a-z]+)">([\d,]+)<', row)}
+            for queue, row in re.findall(r'<tr data-queue="([^"]+)">(.*?)</tr>', table, re.S)}
+
+
+def test_the_overviews_queue_table_counts_every_state(run: Any, conn: Any,
+                                                      client: TestClient) -> None:
+    dead_job(run, "exit 3", "-q", "other")
+    first = added(run, "-c", "true", "-q", "media")
+    added(run, "-c", "true", "--after", first, "-q", "media")  # waiting
+    added(run, "-c", "true", "--delay", "3600")  # scheduled
+    ok(run, "cancel", added(run, "-c", "true"))
+    shown = queue_table(client.get("/").text)
+    assert set(shown) == {"default", "media", "other"}
+    for queue, per_state in shown.items():
+        assert set(per_state) == {*reads.counts(conn), "total"}, queue
+        assert sum(n for state, n in per_state.items() if state != "total") == \
+            per_state["total"], queue
+    assert {state: sum(q[state] for q in shown.values()) for state in reads.counts(conn)} == \
+        reads.counts(conn)
+    assert shown["media"]["waiting"] == 1 and shown["default"]["scheduled"] == 1
+    assert shown["default"]["cancelled"] == 1
+
+
+def test_the_overview_lists_the_newest_failures(run: Any, client: TestClient) -> None:
+    added(run, "-c", "true")
+    ok(run, "worker", "--burst")
+    assert "No failed run among the newest." in client.get("/").text
+    broken = dead_job(run, "exit 3", "-q", "media")
+    failures = client.get("/").text.split('<table class="failures">')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-job="([^"]+)">(.*?)</tr>', failures, re.S)
+    assert [job for job, _ in rows] == [broken]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[0][1], re.S)
+    assert cells[1:4] == ["media", "1", '<span class="outcome outcome-failed">failed</span>']
+    assert cells[4].endswith(" ago</time>") and cells[5] == "exit status 3"
+
+
+@pytest.mark.stores("sqlite")
+def test_charts_have_a_value_scale_time_labels_and_a_line_for_one_slice() -> None:
+    from queuectl.dashboard import charts
+
+    starts = [f"2026-12-05T10:{m:02d}:00.000000Z" for m in range(0, 60, 5)]
+    quiet = {"p50": None, "p95": None}
+    slices = [{"start": s, "completed": 0, "failed": 0, "wait": quiet, "run_time": quiet}
+              for s in starts]
+    slices[4] = {**slices[4], "completed": 7, "failed": 2,
+                 "wait": {"p50": 0.4, "p95": 1.3}, "run_time": {"p50": 0.02, "p95": 0.05}}
+    hour = {"slices": slices, "until": "2026-12-05T11:00:00.000000Z"}
+    bars = charts.bars(hour)
+    assert [t["label"] for t in bars["times"]] == ["10:00", "10:15", "10:30", "10:45", "11:00"]
+    assert [v["label"] for v in bars["levels"]] == ["0", "5", "10"]
+    assert bars["levels"][0]["y"] == bars["bottom"] and bars["levels"][-1]["y"] == bars["top"]
+    wait = charts.lines(hour, "wait")
+    assert [v["label"] for v in wait["levels"]] == ["0", "500 ms", "1 s", "1.5 s"]
+    for rank in ("p50", "p95"):
+        (line,) = wait["series"][rank]
+        (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in line.split())
+        assert x1 - x0 == pytest.approx((bars["right"] - bars["left"]) / 12) and y0 == y1
+    assert [v["label"] for v in charts.lines(hour, "run_time")["levels"]] == \
+        ["0", "20 ms", "40 ms", "60 ms"]
+
+
+def test_the_overviews_charts_are_drawn_with_axes(run: Any, client: TestClient) -> None:
+    added(run, "-c", "true")
+    ok(run, "worker", "--burst")
+    page = client.get("/").text
+    assert page.count('<text class="time"') == 3 * 5 and page.count('<text class="level"') >= 6
+    assert page.count("<polyline") == 2 * 2  # p50 and p95 of wait and of run time
+
+
 def _every_page(client: TestClient, query: str) -> list[str]:
     """The job ids of every page of ``/jobs?query``, following each page's next link."""
     ids: list[str] = []

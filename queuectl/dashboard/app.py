@@ -31,7 +31,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from queuectl import clock, decisions, ledger, reads, render
+from queuectl import clock, decisions, ledger, reads, render, watch
 from queuectl.dashboard import charts
 from queuectl.errors import (
     Conflict,
@@ -322,11 +322,20 @@ def overview(request: Request, conn: Db) -> dict[str, Any]:
     active = reads.running_workers(conn)
     ended = reads.worker_counts(conn)
     activity = reads.activity(conn)
-    slices = activity["slices"]
     return {"title": "Overview", "counts": counts, "queues": per_queue, "workers": active,
-            "ended": ended, "activity": activity, "throughput": charts.bars(slices),
-            "wait": charts.lines(slices, "wait"), "run_time": charts.lines(slices, "run_time"),
-            "total": sum(counts.values())}
+            "ended": ended, "failures": _failures(conn), "activity": activity,
+            "throughput": charts.bars(activity), "wait": charts.lines(activity, "wait"),
+            "run_time": charts.lines(activity, "run_time"), "total": sum(counts.values())}
+
+
+def _failures(conn: Db) -> list[dict[str, Any]]:
+    """The newest failed runs, as ``status --watch`` lists them."""
+    now = conn.now()
+    found = reads.newest_failures(conn, watch.FAILURES)
+    for run in found:
+        run["ago"] = watch.age(clock.seconds_between(run["finished_at"], now))
+        run["error"] = watch._failure(run)  # the words the live view uses
+    return found
 
 
 def jobs(request: Request, conn: Db) -> dict[str, Any]:
