@@ -183,6 +183,17 @@ def test_the_overviews_charts_are_drawn_with_axes(run: Any, client: TestClient) 
     assert page.count("<polyline") == 2 * 2  # p50 and p95 of wait and of run time
 
 
+def test_the_job_page_marks_a_requeue_between_the_runs(run: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    assert post(client, "retry", job=job_id).status_code == 303
+    ok(run, "worker", "--burst")
+    runs = client.get(f"/jobs/{job_id}").text.split("<h2>Runs</h2>")[1]
+    shown = re.findall(r'<h3>Attempt (\d+)|<p class="requeued"[^>]*>([^<]*)', runs)
+    assert [attempt or "requeued" for attempt, _ in shown] == ["1", "requeued", "1"]
+    assert shown[1][1].startswith("Requeued from the dead letter queue at ")
+    assert "attempts count again from 1" in shown[1][1]
+
+
 def _every_page(client: TestClient, query: str) -> list[str]:
     """The job ids of every page of ``/jobs?query``, following each page's next link."""
     ids: list[str] = []

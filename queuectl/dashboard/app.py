@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from queuectl import clock, decisions, ledger, reads, render, watch
+from queuectl import events as ev
 from queuectl.dashboard import charts
 from queuectl.errors import (
     Conflict,
@@ -362,7 +363,23 @@ def job_detail(request: Request, conn: Db) -> dict[str, Any]:
                  "worker_id": getattr(event, "worker_id", None)}
                 for seq, at, event in events[-TIMELINE:]]
     return {"title": f"Job {job_id}", "job": job, "deps": deps, "timeline": timeline,
-            "events": len(events), "runs": runs}
+            "events": len(events), "runs": _with_requeues(runs, events)}
+
+
+def _with_requeues(runs: list[dict[str, Any]], events: list[tuple[int, str, ev.Event]]
+                   ) -> list[dict[str, Any]]:
+    """The runs (one a ``claimed`` event), with each requeue from the DLQ between the runs
+    before it and those after: a requeue starts the attempts again from 1."""
+    shown: list[dict[str, Any]] = []
+    taken = claims = 0
+    for _, at, event in events:
+        if isinstance(event, ev.Claimed):
+            claims += 1
+        elif isinstance(event, ev.Requeued):
+            shown += runs[taken:claims]
+            taken = claims
+            shown.append({"requeued": True, "at": at, "max_retries": event.max_retries})
+    return shown + runs[taken:]
 
 
 def dlq(request: Request, conn: Db) -> dict[str, Any]:
