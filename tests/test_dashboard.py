@@ -428,6 +428,34 @@ def test_cancel_and_queue_actions_are_ledger_events(run: Any, db: Any,
     assert "Queue &#39;media&#39; resumed." in client.get("/queues").text  # escaped
 
 
+def schedule_row(page: str, name: str) -> str:
+    return re.search(rf'<tr data-schedule="{name}">(.*?)</tr>', page, re.S).group(1)  # type: ignore[union-attr]
+
+
+def test_schedules_pause_and_resume_from_the_page(run: Any, db: Any,
+                                                  client: TestClient) -> None:
+    ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
+    row = schedule_row(client.get("/schedules").text, "nightly")
+    assert re.search(r'class="next">\d{4}-\d\d-\d\d 02:00:00<', row) and ">Pause<" in row
+    done = post(client, "schedule-pause", schedule="nightly")
+    assert done.status_code == 303 and done.headers["location"] == "/schedules"
+    page = client.get("/schedules").text
+    assert "Schedule &#39;nightly&#39; paused." in page
+    row = schedule_row(page, "nightly")
+    assert 'class="next"><span class="muted">paused</span><' in row and ">Resume<" in row
+    assert post(client, "schedule-pause", schedule="nightly").status_code == 303  # no event
+    assert "was paused already" in client.get("/schedules").text
+    assert post(client, "schedule-resume", schedule="nightly").status_code == 303
+    assert ">Pause<" in schedule_row(client.get("/schedules").text, "nightly")
+    missing = post(client, "schedule-pause", schedule="nope")
+    assert missing.status_code == 404 and "not found" in missing.text
+    assert post(client, "schedule-pause").status_code == 400
+    with by_hand(db) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE type LIKE 'schedule-%' ORDER BY seq")] == \
+            ["schedule-added", "schedule-paused", "schedule-resumed"]
+
+
 # -- the checks every request passes ----------------------------------------------------------
 
 
@@ -473,11 +501,14 @@ def test_a_token_is_checked_on_every_request(run: Any, db: Any) -> None:
 
 def test_read_only_shows_no_action_and_refuses_them(run: Any, db: Any) -> None:
     job_id = dead_job(run)
+    ok(run, "schedule", "add", "s", "--cron", "0 2 * * *", "-c", "backup.sh")
     with TestClient(create_app(str(db), read_only=True), base_url=BASE) as client:
-        for path in (f"/jobs/{job_id}", "/dlq", "/queues"):
+        for path in (f"/jobs/{job_id}", "/dlq", "/queues", "/schedules"):
             assert "<form method=\"post\"" not in client.get(path).text, path
-        refused = post(client, "retry", job=job_id)
-        assert refused.status_code == 403 and "read-only" in refused.text
+            assert "<th>Actions</th>" not in client.get(path).text, path
+        for action, form in (("retry", {"job": job_id}), ("schedule-pause", {"schedule": "s"})):
+            refused = post(client, action, **form)
+            assert refused.status_code == 403 and "read-only" in refused.text
     assert types_of(db, job_id)[-1] == "dead"
 
 

@@ -478,9 +478,28 @@ def limit(conn: Db, form: dict[str, str]) -> tuple[str, str]:
             "/queues")
 
 
+def schedule_pause(conn: Db, form: dict[str, str]) -> tuple[str, str]:
+    from queuectl import schedules
+
+    name = _field(form, "schedule")
+    changed = schedules.pause(conn, name)
+    return (f"Schedule '{name}' paused." if changed else
+            f"Schedule '{name}' was paused already.", "/schedules")
+
+
+def schedule_resume(conn: Db, form: dict[str, str]) -> tuple[str, str]:
+    from queuectl import schedules
+
+    name = _field(form, "schedule")
+    changed = schedules.pause(conn, name, paused=False)
+    return (f"Schedule '{name}' resumed." if changed else f"Schedule '{name}' was not paused.",
+            "/schedules")
+
+
 ACTIONS: dict[str, Callable[[Db, dict[str, str]], tuple[str, str]]] = {
     "retry": retry, "retry-all": retry_all, "cancel": cancel, "pause": pause,
-    "resume": resume, "limit": limit}
+    "resume": resume, "limit": limit, "schedule-pause": schedule_pause,
+    "schedule-resume": schedule_resume}
 
 
 def _field(form: dict[str, str], name: str) -> str:
