@@ -428,8 +428,14 @@ def test_cancel_and_queue_actions_are_ledger_events(run: Any, db: Any,
     assert "Queue &#39;media&#39; resumed." in client.get("/queues").text  # escaped
 
 
+def found(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.S)
+    assert match, pattern
+    return match.group(1)
+
+
 def schedule_row(page: str, name: str) -> str:
-    return re.search(rf'<tr data-schedule="{name}">(.*?)</tr>', page, re.S).group(1)  # type: ignore[union-attr]
+    return found(rf'<tr data-schedule="{name}">(.*?)</tr>', page)
 
 
 def test_schedules_pause_and_resume_from_the_page(run: Any, db: Any,
@@ -454,6 +460,18 @@ def test_schedules_pause_and_resume_from_the_page(run: Any, db: Any,
         assert [r[0] for r in conn.execute(
             "SELECT type FROM events WHERE type LIKE 'schedule-%' ORDER BY seq")] == \
             ["schedule-added", "schedule-paused", "schedule-resumed"]
+
+
+def test_every_actions_column_has_a_header(run: Any, client: TestClient) -> None:
+    dead_job(run)
+    ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
+    for path in ("/queues", "/dlq", "/schedules"):
+        page = client.get(path).text
+        heads = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+        row = found(r"<tbody>\s*<tr[^>]*>(.*?)</tr>", page)
+        cells = re.findall(r'<td( class="[^"]*")?', row)
+        assert len(heads) == len(cells), (path, heads)
+        assert heads[-1] == "Actions" and cells[-1] == ' class="actions"', path
 
 
 # -- the checks every request passes ----------------------------------------------------------
