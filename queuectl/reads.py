@@ -423,9 +423,15 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
 def _cursor_seq(cursor: str | None) -> int:
     if not cursor:
         return EVERY
-    if not cursor.isdigit() or len(cursor) > 18:
+    if not _seq_text(cursor):
         raise InvalidInput(f"bad page cursor {cursor!r}")
     return int(cursor)
+
+
+def _seq_text(text: str) -> bool:
+    """ASCII digits only: ``isdigit`` also takes ``²`` (which ``int`` refuses) and ``١``
+    (which it reads), and ``int`` alone takes ``1_0`` and spaces."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
@@ -460,7 +466,7 @@ def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
 def _pending_cursor(cursor: str) -> tuple[int, int]:
     priority, _, seq = cursor.partition(":")
     try:
-        if not seq.isdigit() or len(seq) > 18:
+        if not _seq_text(seq) or not _seq_text(priority.removeprefix("-")):
             raise ValueError(seq)
         return int(limits.check("priority", int(priority))), int(seq)
     except (ValueError, InvalidInput):

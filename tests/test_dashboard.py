@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import by_hand
+from conftest import PG_ADMIN, by_hand
 from test_features import added, ok
 
 from queuectl import reads
@@ -110,6 +110,90 @@ def test_job_page_shows_fields_dependencies_timeline_and_output(run: Any,
     assert "Cancel job" not in detail and "Retry job" not in detail  # completed: no action
 
 
+def queue_table(text: str) -> dict[str, dict[str, int]]:
+    """The overview's jobs per queue and state, as its table shows them (``total`` too)."""
+    table = text.split('<table class="queue-counts">')[1].split("</table>")[0]
+    return {queue: {state: int(n.replace(",", "")) for state, n in re.findall(
+                r'data-state="([a-z]+)">([\d,]+)<', row)}
+            for queue, row in re.findall(r'<tr data-queue="([^"]+)">(.*?)</tr>', table, re.S)}
+
+
+def test_the_overviews_queue_table_counts_every_state(run: Any, conn: Any,
+                                                      client: TestClient) -> None:
+    dead_job(run, "exit 3", "-q", "other")
+    first = added(run, "-c", "true", "-q", "media")
+    added(run, "-c", "true", "--after", first, "-q", "media")  # waiting
+    added(run, "-c", "true", "--delay", "3600")  # scheduled
+    ok(run, "cancel", added(run, "-c", "true"))
+    shown = queue_table(client.get("/").text)
+    assert set(shown) == {"default", "media", "other"}
+    for queue, per_state in shown.items():
+        assert set(per_state) == {*reads.counts(conn), "total"}, queue
+        assert sum(n for state, n in per_state.items() if state != "total") == \
+            per_state["total"], queue
+    assert {state: sum(q[state] for q in shown.values()) for state in reads.counts(conn)} == \
+        reads.counts(conn)
+    assert shown["media"]["waiting"] == 1 and shown["default"]["scheduled"] == 1
+    assert shown["default"]["cancelled"] == 1
+
+
+def test_the_overview_lists_the_newest_failures(run: Any, client: TestClient) -> None:
+    added(run, "-c", "true")
+    ok(run, "worker", "--burst")
+    assert "No failed run among the newest." in client.get("/").text
+    broken = dead_job(run, "exit 3", "-q", "media")
+    failures = client.get("/").text.split('<table class="failures">')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-job="([^"]+)">(.*?)</tr>', failures, re.S)
+    assert [job for job, _ in rows] == [broken]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[0][1], re.S)
+    assert cells[1:4] == ["media", "1", '<span class="outcome outcome-failed">failed</span>']
+    assert cells[4].endswith(" ago</time>") and cells[5] == "exit status 3"
+
+
+@pytest.mark.stores("sqlite")
+def test_charts_have_a_value_scale_time_labels_and_a_line_for_one_slice() -> None:
+    from queuectl.dashboard import charts
+
+    starts = [f"2026-12-05T10:{m:02d}:00.000000Z" for m in range(0, 60, 5)]
+    quiet = {"p50": None, "p95": None}
+    slices = [{"start": s, "completed": 0, "failed": 0, "wait": quiet, "run_time": quiet}
+              for s in starts]
+    slices[4] = {**slices[4], "completed": 7, "failed": 2,
+                 "wait": {"p50": 0.4, "p95": 1.3}, "run_time": {"p50": 0.02, "p95": 0.05}}
+    hour = {"slices": slices, "until": "2026-12-05T11:00:00.000000Z"}
+    bars = charts.bars(hour)
+    assert [t["label"] for t in bars["times"]] == ["10:00", "10:15", "10:30", "10:45", "11:00"]
+    assert [v["label"] for v in bars["levels"]] == ["0", "5", "10"]
+    assert bars["levels"][0]["y"] == bars["bottom"] and bars["levels"][-1]["y"] == bars["top"]
+    wait = charts.lines(hour, "wait")
+    assert [v["label"] for v in wait["levels"]] == ["0", "500 ms", "1 s", "1.5 s"]
+    for rank in ("p50", "p95"):
+        (line,) = wait["series"][rank]
+        (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in line.split())
+        assert x1 - x0 == pytest.approx((bars["right"] - bars["left"]) / 12) and y0 == y1
+    assert [v["label"] for v in charts.lines(hour, "run_time")["levels"]] == \
+        ["0", "20 ms", "40 ms", "60 ms"]
+
+
+def test_the_overviews_charts_are_drawn_with_axes(run: Any, client: TestClient) -> None:
+    added(run, "-c", "true")
+    ok(run, "worker", "--burst")
+    page = client.get("/").text
+    assert page.count('<text class="time"') == 3 * 5 and page.count('<text class="level"') >= 6
+    assert page.count("<polyline") == 2 * 2  # p50 and p95 of wait and of run time
+
+
+def test_the_job_page_marks_a_requeue_between_the_runs(run: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    assert post(client, "retry", job=job_id).status_code == 303
+    ok(run, "worker", "--burst")
+    runs = client.get(f"/jobs/{job_id}").text.split("<h2>Runs</h2>")[1]
+    shown = re.findall(r'<h3>Attempt (\d+)|<p class="requeued"[^>]*>([^<]*)', runs)
+    assert [attempt or "requeued" for attempt, _ in shown] == ["1", "requeued", "1"]
+    assert shown[1][1].startswith("Requeued from the dead letter queue at ")
+    assert "attempts count again from 1" in shown[1][1]
+
+
 def _every_page(client: TestClient, query: str) -> list[str]:
     """The job ids of every page of ``/jobs?query``, following each page's next link."""
     ids: list[str] = []
@@ -186,6 +270,14 @@ def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
         ("/jobs?state=bogus", 400, "unknown state"),
         ("/jobs?queue=a%20b", 400, "queue"),
         ("/jobs?after=12x", 400, "bad page cursor"),
+        ("/jobs?after=%C2%B2", 400, "bad page cursor"),  # ², a digit int() refuses
+        ("/jobs?after=%D9%A1%D9%A2", 400, "bad page cursor"),  # ١٢, one int() reads as 12
+        ("/jobs?after=1_0", 400, "bad page cursor"),
+        ("/dlq?after=%C2%B2", 400, "bad page cursor"),
+        ("/jobs?state=dead&after=%C2%B2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=%D9%A1:2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=1_0:2", 400, "bad page cursor"),
+        ("/jobs?state=pending&after=0:%D9%A1", 400, "bad page cursor"),
         ("/jobs?state=pending&after=1:2:3", 400, "bad page cursor"),
         ("/jobs?state=pending&after=99999999999:1", 400, "bad page cursor"),
         ("/jobs?q=" + "x" * 201, 400, "at most 200"),
@@ -201,6 +293,73 @@ def test_bad_input_gets_a_clean_4xx_page(client: TestClient, run: Any) -> None:
                        headers=SAME_ORIGIN).status_code == 404
     assert client.post("/actions/limit", data={"queue": "q", "limit": "-1"},
                        headers=SAME_ORIGIN).status_code == 400
+
+
+PAGES = ("/", "/jobs", "/jobs/{job}", "/dlq", "/queues", "/schedules", "/workers")
+
+
+def pg_admin() -> Any:
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN, autocommit=True)
+
+
+def kill_dashboard_backend(db: Any) -> None:
+    """Terminate the dashboard's connection, as a server restart would: the only client of
+    the test's database."""
+    with pg_admin() as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s", (str(db).rsplit("/", 1)[1],)).fetchone()[0]
+    assert killed == 1
+
+
+@pytest.mark.stores("postgres")
+def test_every_page_reconnects_after_its_connection_is_killed(run: Any, db: Any,
+                                                            client: TestClient) -> None:
+    job_id = dead_job(run)
+    for path in (p.format(job=job_id) for p in PAGES):
+        assert client.get(path).status_code == 200, path
+        kill_dashboard_backend(db)
+        page = client.get(path)
+        assert page.status_code == 200, (path, page.text)  # read again on a new connection
+        assert client.get(path, headers={"X-Poll": "1"}).status_code == 200, path
+    kill_dashboard_backend(db)
+    assert client.get("/", headers={"X-Poll": "1", "If-None-Match": page.headers["etag"]}
+                      ).status_code == 304
+
+
+@pytest.mark.stores("postgres")
+def test_a_store_that_stays_away_answers_503_once_then_the_page_again(
+        run: Any, db: Any, client: TestClient) -> None:
+    job_id = dead_job(run)
+    name = str(db).rsplit("/", 1)[1]
+    for path in (p.format(job=job_id) for p in PAGES):
+        assert client.get(path).status_code == 200, path
+        with pg_admin() as admin:
+            admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+            try:
+                kill_dashboard_backend(db)
+                away = client.get(path)
+            finally:
+                admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        assert away.status_code == 503, (path, away.text)
+        assert "Store unavailable" in away.text and "Traceback" not in away.text
+        assert client.get(path).status_code == 200, path
+
+
+@pytest.mark.stores("postgres")
+def test_an_action_on_a_lost_connection_answers_503_and_the_next_one_works(
+        run: Any, db: Any, client: TestClient) -> None:
+    added(run, "-c", "true", "-q", "media")
+    assert client.get("/queues").status_code == 200
+    kill_dashboard_backend(db)
+    lost = post(client, "pause", queue="media")
+    assert lost.status_code == 503 and "lost the connection" in lost.text
+    assert post(client, "pause", queue="media").status_code == 303
+    with by_hand(db) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE type LIKE 'queue-%'")] == ["queue-paused"]
 
 
 # -- live updates -----------------------------------------------------------------------------
@@ -269,6 +428,52 @@ def test_cancel_and_queue_actions_are_ledger_events(run: Any, db: Any,
     assert "Queue &#39;media&#39; resumed." in client.get("/queues").text  # escaped
 
 
+def found(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.S)
+    assert match, pattern
+    return match.group(1)
+
+
+def schedule_row(page: str, name: str) -> str:
+    return found(rf'<tr data-schedule="{name}">(.*?)</tr>', page)
+
+
+def test_schedules_pause_and_resume_from_the_page(run: Any, db: Any,
+                                                  client: TestClient) -> None:
+    ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
+    row = schedule_row(client.get("/schedules").text, "nightly")
+    assert re.search(r'class="next">\d{4}-\d\d-\d\d 02:00:00<', row) and ">Pause<" in row
+    done = post(client, "schedule-pause", schedule="nightly")
+    assert done.status_code == 303 and done.headers["location"] == "/schedules"
+    page = client.get("/schedules").text
+    assert "Schedule &#39;nightly&#39; paused." in page
+    row = schedule_row(page, "nightly")
+    assert 'class="next"><span class="muted">paused</span><' in row and ">Resume<" in row
+    assert post(client, "schedule-pause", schedule="nightly").status_code == 303  # no event
+    assert "was paused already" in client.get("/schedules").text
+    assert post(client, "schedule-resume", schedule="nightly").status_code == 303
+    assert ">Pause<" in schedule_row(client.get("/schedules").text, "nightly")
+    missing = post(client, "schedule-pause", schedule="nope")
+    assert missing.status_code == 404 and "not found" in missing.text
+    assert post(client, "schedule-pause").status_code == 400
+    with by_hand(db) as conn:
+        assert [r[0] for r in conn.execute(
+            "SELECT type FROM events WHERE type LIKE 'schedule-%' ORDER BY seq")] == \
+            ["schedule-added", "schedule-paused", "schedule-resumed"]
+
+
+def test_every_actions_column_has_a_header(run: Any, client: TestClient) -> None:
+    dead_job(run)
+    ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
+    for path in ("/queues", "/dlq", "/schedules"):
+        page = client.get(path).text
+        heads = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+        row = found(r"<tbody>\s*<tr[^>]*>(.*?)</tr>", page)
+        cells = re.findall(r'<td( class="[^"]*")?', row)
+        assert len(heads) == len(cells), (path, heads)
+        assert heads[-1] == "Actions" and cells[-1] == ' class="actions"', path
+
+
 # -- the checks every request passes ----------------------------------------------------------
 
 
@@ -314,11 +519,14 @@ def test_a_token_is_checked_on_every_request(run: Any, db: Any) -> None:
 
 def test_read_only_shows_no_action_and_refuses_them(run: Any, db: Any) -> None:
     job_id = dead_job(run)
+    ok(run, "schedule", "add", "s", "--cron", "0 2 * * *", "-c", "backup.sh")
     with TestClient(create_app(str(db), read_only=True), base_url=BASE) as client:
-        for path in (f"/jobs/{job_id}", "/dlq", "/queues"):
+        for path in (f"/jobs/{job_id}", "/dlq", "/queues", "/schedules"):
             assert "<form method=\"post\"" not in client.get(path).text, path
-        refused = post(client, "retry", job=job_id)
-        assert refused.status_code == 403 and "read-only" in refused.text
+            assert "<th>Actions</th>" not in client.get(path).text, path
+        for action, form in (("retry", {"job": job_id}), ("schedule-pause", {"schedule": "s"})):
+            refused = post(client, action, **form)
+            assert refused.status_code == 403 and "read-only" in refused.text
     assert types_of(db, job_id)[-1] == "dead"
 
 

@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -31,9 +31,17 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from queuectl import clock, decisions, ledger, reads, render
+from queuectl import clock, decisions, ledger, reads, render, watch
+from queuectl import events as ev
 from queuectl.dashboard import charts
-from queuectl.errors import Conflict, InvalidInput, NotFound, QueueError, StoreError
+from queuectl.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    QueueError,
+    StoreError,
+    StoreUnavailable,
+)
 from queuectl.states import CANCELLABLE, STATES, State
 from queuectl.store import Db
 
@@ -49,6 +57,7 @@ TIMELINE = 1000  # events of a job's timeline shown (the newest); history ID has
 MAX_TEXT = 200  # characters of a search
 
 STATUS_OF = {InvalidInput: 400, NotFound: 404, Conflict: 409, StoreError: 503}
+T = TypeVar("T")
 
 
 def is_loopback(host: str) -> bool:
@@ -62,7 +71,8 @@ def is_loopback(host: str) -> bool:
 
 class Dashboard:
     """One connection to the store, opened on first use and used by one request at a time
-    (the pages run on the server's event loop: a local dashboard has few readers)."""
+    (the pages run on the server's event loop: a local dashboard has few readers). Every
+    page reads through ``read``."""
 
     def __init__(self, target: str, read_only: bool) -> None:
         self.target = target
@@ -74,6 +84,24 @@ class Dashboard:
         if self._conn is None:
             self._conn = ledger.connect(self.target, create=False)
         return self._conn
+
+    def read(self, build: Callable[[Db], T]) -> T:
+        """``build`` in one read transaction, whose BEGIN is the first statement sent: a
+        lost connection shows there, as StoreUnavailable. Then the reads run once more on
+        a new connection: they change nothing, so a dashboard whose server restarted while
+        it sat idle shows its next page as if nothing happened. Lost again, or no new
+        connection (the server still away), the error stands: a 503 page, and the request
+        after it connects anew."""
+        try:
+            return self._read_once(build)
+        except StoreUnavailable:
+            self.close()
+        return self._read_once(build)
+
+    def _read_once(self, build: Callable[[Db], T]) -> T:
+        conn = self.conn
+        with conn.snapshot():
+            return build(conn)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -111,14 +139,20 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         """A page that polls: unchanged since the head the poller saw, it answers 304
         after one small read, before anything else is read. (Only polls: a page a
         browser revalidates after an action that changed nothing must still show its
-        message.)"""
-        async def endpoint(request: Request) -> Response:
-            conn = board.conn
+        message.) The head is read in the page's own snapshot: the ETag names exactly
+        what the page shows."""
+        def view(request: Request, conn: Db) -> tuple[int, dict[str, Any] | None]:
             head = reads.head(conn)
             if request.headers.get("x-poll") and \
                     request.headers.get("if-none-match") == _etag(head)["ETag"]:
+                return head, None
+            return head, build(request, conn)
+
+        async def endpoint(request: Request) -> Response:
+            head, context = board.read(lambda conn: view(request, conn))
+            if context is None:
                 return Response(status_code=304, headers=_etag(head))
-            return page(request, name, head=head, **build(request, conn))
+            return page(request, name, head=head, **context)
         return endpoint
 
     async def act(request: Request) -> Response:
@@ -284,17 +318,25 @@ def _filters(request: Request) -> dict[str, str | None]:
 
 
 def overview(request: Request, conn: Db) -> dict[str, Any]:
-    with conn.snapshot():
-        counts = reads.counts(conn)
-        per_queue = reads.queue_counts(conn)
-        active = reads.running_workers(conn)
-        ended = reads.worker_counts(conn)
-        activity = reads.activity(conn)
-    slices = activity["slices"]
+    counts = reads.counts(conn)
+    per_queue = reads.queue_counts(conn)
+    active = reads.running_workers(conn)
+    ended = reads.worker_counts(conn)
+    activity = reads.activity(conn)
     return {"title": "Overview", "counts": counts, "queues": per_queue, "workers": active,
-            "ended": ended, "activity": activity, "throughput": charts.bars(slices),
-            "wait": charts.lines(slices, "wait"), "run_time": charts.lines(slices, "run_time"),
-            "total": sum(counts.values())}
+            "ended": ended, "failures": _failures(conn), "activity": activity,
+            "throughput": charts.bars(activity), "wait": charts.lines(activity, "wait"),
+            "run_time": charts.lines(activity, "run_time"), "total": sum(counts.values())}
+
+
+def _failures(conn: Db) -> list[dict[str, Any]]:
+    """The newest failed runs, as ``status --watch`` lists them."""
+    now = conn.now()
+    found = reads.newest_failures(conn, watch.FAILURES)
+    for run in found:
+        run["ago"] = watch.age(clock.seconds_between(run["finished_at"], now))
+        run["error"] = watch._failure(run)  # the words the live view uses
+    return found
 
 
 def jobs(request: Request, conn: Db) -> dict[str, Any]:
@@ -313,16 +355,31 @@ def jobs(request: Request, conn: Db) -> dict[str, Any]:
 
 def job_detail(request: Request, conn: Db) -> dict[str, Any]:
     job_id = request.path_params["job_id"]
-    with conn.snapshot():
-        job = reads.get_job(conn, job_id)
-        deps = {dep: _state_of(conn, dep) for dep in job["after"]}
-        events = reads.history(conn, job_id)
-        runs = reads.runs_of(conn, job_id)
+    job = reads.get_job(conn, job_id)
+    deps = {dep: _state_of(conn, dep) for dep in job["after"]}
+    events = reads.history(conn, job_id)
+    runs = reads.runs_of(conn, job_id)
     timeline = [{"seq": seq, "at": at, "type": event.type, "details": render.event_details(event),
                  "worker_id": getattr(event, "worker_id", None)}
                 for seq, at, event in events[-TIMELINE:]]
     return {"title": f"Job {job_id}", "job": job, "deps": deps, "timeline": timeline,
-            "events": len(events), "runs": runs}
+            "events": len(events), "runs": _with_requeues(runs, events)}
+
+
+def _with_requeues(runs: list[dict[str, Any]], events: list[tuple[int, str, ev.Event]]
+                   ) -> list[dict[str, Any]]:
+    """The runs (one a ``claimed`` event), with each requeue from the DLQ between the runs
+    before it and those after: a requeue starts the attempts again from 1."""
+    shown: list[dict[str, Any]] = []
+    taken = claims = 0
+    for _, at, event in events:
+        if isinstance(event, ev.Claimed):
+            claims += 1
+        elif isinstance(event, ev.Requeued):
+            shown += runs[taken:claims]
+            taken = claims
+            shown.append({"requeued": True, "at": at, "max_retries": event.max_retries})
+    return shown + runs[taken:]
 
 
 def dlq(request: Request, conn: Db) -> dict[str, Any]:
@@ -349,9 +406,8 @@ def schedules_page(request: Request, conn: Db) -> dict[str, Any]:
 
 
 def workers(request: Request, conn: Db) -> dict[str, Any]:
-    with conn.snapshot():
-        return {"title": "Workers", "workers": reads.running_workers(conn),
-                "ended": reads.worker_counts(conn)}
+    return {"title": "Workers", "workers": reads.running_workers(conn),
+            "ended": reads.worker_counts(conn)}
 
 
 def _state_of(conn: Db, job_id: str) -> str:
@@ -422,9 +478,28 @@ def limit(conn: Db, form: dict[str, str]) -> tuple[str, str]:
             "/queues")
 
 
+def schedule_pause(conn: Db, form: dict[str, str]) -> tuple[str, str]:
+    from queuectl import schedules
+
+    name = _field(form, "schedule")
+    changed = schedules.pause(conn, name)
+    return (f"Schedule '{name}' paused." if changed else
+            f"Schedule '{name}' was paused already.", "/schedules")
+
+
+def schedule_resume(conn: Db, form: dict[str, str]) -> tuple[str, str]:
+    from queuectl import schedules
+
+    name = _field(form, "schedule")
+    changed = schedules.pause(conn, name, paused=False)
+    return (f"Schedule '{name}' resumed." if changed else f"Schedule '{name}' was not paused.",
+            "/schedules")
+
+
 ACTIONS: dict[str, Callable[[Db, dict[str, str]], tuple[str, str]]] = {
     "retry": retry, "retry-all": retry_all, "cancel": cancel, "pause": pause,
-    "resume": resume, "limit": limit}
+    "resume": resume, "limit": limit, "schedule-pause": schedule_pause,
+    "schedule-resume": schedule_resume}
 
 
 def _field(form: dict[str, str], name: str) -> str:
