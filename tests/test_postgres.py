@@ -21,7 +21,7 @@ from conftest import by_hand, needs, pg_database, queuectl_cmd, spawn, wait_for
 
 from queuectl import claims, decisions, ledger, store
 from queuectl import events as ev
-from queuectl.errors import Conflict, StoreError
+from queuectl.errors import Conflict, StoreError, StoreUnavailable
 
 pytestmark = pytest.mark.stores("postgres")
 
@@ -421,6 +421,29 @@ def test_workers_survive_a_restart_of_the_server(db):
         subprocess.run([*_cluster(), "restart"], check=True, capture_output=True, timeout=120)
 
     _jobs_run_through(db, restart)
+
+
+def _kill_backend_of(conn) -> None:
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with by_hand(conn.url) as other:
+        other.execute("SELECT pg_terminate_backend(?)", (pid,))
+
+
+@pytest.mark.stores("postgres")
+@pytest.mark.parametrize("ask", ["clock", "next seq"])
+def test_a_lost_connection_is_reported_as_one_whatever_asks_first(db, conn, ask):
+    """Every statement reports a lost connection as StoreUnavailable, which callers turn
+    into a reconnect (a worker) or a 503 (the dashboard), never a driver's traceback: the
+    clock's measure against the server's, and the ledger's head read outside a write."""
+    _kill_backend_of(conn)
+    with pytest.raises(StoreUnavailable, match="lost the connection"):
+        if ask == "clock":
+            conn._measured = -1e9  # due for its measure against the server's clock
+            conn.now()
+        else:
+            ledger.next_seq(conn)
+    conn.reconnect()
+    assert ledger.next_seq(conn) >= 1
 
 
 @pytest.mark.slow

@@ -435,10 +435,7 @@ class PgDb:
         trip; a statement with values runs as ``EXECUTE`` of one this connection prepared."""
         if self._pending or parameters:
             return self._send(self._inline(sql, parameters))
-        try:
-            return self.conn.execute(sql)
-        except _driver().OperationalError as exc:
-            raise self._failure(exc) from exc
+        return self._direct(sql)
 
     def executemany(self, sql: str, rows: Any, /) -> Any:
         rows = list(rows)
@@ -681,11 +678,19 @@ class PgDb:
         """The server's clock against this host's monotonic one, taken halfway through a
         round trip."""
         before = time.monotonic()
-        (server,) = self.conn.execute(
+        (server,) = self._direct(
             "SELECT extract(epoch FROM clock_timestamp())::double precision").fetchone()
         after = time.monotonic()
         self._offset = float(server) - (before + after) / 2
         self._measured = after
+
+    def _direct(self, sql: str) -> Any:
+        """A statement sent at once, outside the pipeline of changes; a lost connection is
+        reported as every other statement's is (``_failure``)."""
+        try:
+            return self.conn.execute(sql)
+        except _driver().OperationalError as exc:
+            raise self._failure(exc) from exc
 
     def in_transaction_pending(self) -> bool:
         """Inside a write transaction whose BEGIN has not been sent yet."""
@@ -695,7 +700,7 @@ class PgDb:
         if self._head is None and self.in_transaction_pending():
             self._flush()
         if self._head is None:  # outside a write transaction: only a guess
-            return int(self.conn.execute("SELECT seq FROM queuectl_head").fetchone()[0]) + 1
+            return int(self._direct("SELECT seq FROM queuectl_head").fetchone()[0]) + 1
         return self._head + 1
 
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
