@@ -474,17 +474,16 @@ def cancel(ctx: click.Context, job_id: str | None, state: str | None, queue: str
             click.echo(f"Job {job_id} cancelled.")
         return
     assert state is not None
-    conn = _db(ctx)
-    if dry_run:
-        n = decisions.bulk_count(conn, state, queue)
-        click.echo(f"Would cancel {_jobs(n)} (dry run: nothing written).")
-        return
-    cancelled, requested = decisions.cancel_all(conn, state, queue)
-    if state == State.PROCESSING:
+    cancelled, requested = decisions.cancel_all(_db(ctx), state, queue, dry_run=dry_run)
+    dry = " (dry run: nothing written)" if dry_run else ""
+    if state != State.PROCESSING or cancelled:  # running: those held ahead, not started
+        held = " held ahead, not yet started" if state == State.PROCESSING else ""
+        click.echo(f"{'Would cancel' if dry_run else 'Cancelled'} {_jobs(cancelled)}{held}{dry}.")
+    if state == State.PROCESSING and dry_run:
+        click.echo(f"Would ask {_jobs(requested, 'running job')} to stop{dry}.")
+    elif state == State.PROCESSING:
         click.echo(f"Cancel requested for {_jobs(requested, 'running job')}; their workers "
                    "will stop them.")
-    else:
-        click.echo(f"Cancelled {_jobs(cancelled)}.")
 
 
 def _jobs(n: int, noun: str = "job") -> str:
@@ -684,12 +683,11 @@ def dlq_retry(ctx: click.Context, job_id: str | None, every: bool, queue: str | 
         max_retries = decisions.dlq_retry(_db(ctx), job_id)
         click.echo(f"Job {job_id} has been requeued with max_retries = {max_retries}")
         return
-    conn = _db(ctx)
+    requeued, skipped = decisions.dlq_retry_all(_db(ctx), queue, dry_run=dry_run)
     if dry_run:
-        n = decisions.bulk_count(conn, State.DEAD, queue)
-        click.echo(f"Would requeue {_jobs(n)} (dry run: nothing written).")
+        held = f"; {_jobs(skipped)} would stay dead (unique key held)" if skipped else ""
+        click.echo(f"Would requeue {_jobs(requeued)}{held} (dry run: nothing written).")
         return
-    requeued, skipped = decisions.dlq_retry_all(conn, queue)
     held = f"; {_jobs(skipped)} left dead (unique key held)" if skipped else ""
     click.echo(f"Requeued {_jobs(requeued)} from the dead letter queue{held}.")
 

@@ -446,8 +446,31 @@ def _cancel_now(conn: Db, job_id: str) -> list[ev.Event]:
 BULK_BATCH = 500  # jobs a transaction in a bulk action: workers wait for one batch at most
 
 
+class _DryRun(Exception):
+    """Raised inside a dry run's transaction to roll it back."""
+
+
+def _in_batches(conn: Db, dry_run: bool, step: Callable[[], bool]) -> None:
+    """``step()`` (one batch; False once nothing was left) until it is done, each batch in
+    a write transaction of its own, so that workers get the lock between them. A dry run
+    makes the very same decisions in one transaction, which is then rolled back: what it
+    reports is what the real run would do."""
+    if not dry_run:
+        while True:
+            with write(conn):
+                if not step():
+                    return
+    try:
+        with write(conn):
+            while step():
+                pass
+            raise _DryRun
+    except _DryRun:
+        pass
+
+
 def _bulk_rows(conn: Db, state: str, queue: str | None, after: int, limit: int | None,
-               columns: str = "seq, id", count: bool = False) -> list[tuple[Any, ...]]:
+               columns: str = "seq, id") -> list[tuple[Any, ...]]:
     """Jobs in ``state`` (of ``queue``) after seq ``after``, oldest first; a running job
     whose cancel was asked for already is not one to ask again."""
     where = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}" if state in INDEXED \
@@ -459,67 +482,70 @@ def _bulk_rows(conn: Db, state: str, queue: str | None, after: int, limit: int |
     if queue:
         where += " AND queue = ?"
         params.append(queue)
-    if count:
-        return conn.execute(conn.dialect.sql(f"SELECT count(*) FROM jobs {where}"),
-                            params).fetchall()
     return conn.execute(conn.dialect.sql(
         f"SELECT {columns} FROM jobs {where} ORDER BY seq LIMIT ?"), [*params, limit]).fetchall()
 
 
-def bulk_count(conn: Db, state: str, queue: str | None = None) -> int:
-    """How many jobs a bulk action on ``state`` (of ``queue``) would take: a dry run."""
-    return int(_bulk_rows(conn, state, queue, 0, None, count=True)[0][0])
-
-
 def cancel_all(conn: Db, state: str, queue: str | None = None,
-               batch: int = BULK_BATCH) -> tuple[int, int]:
-    """Cancel every job in ``state`` (of ``queue``), ``batch`` jobs a transaction so that
-    workers keep getting the lock between them; running jobs get a cancel request, which
-    their workers carry out. Jobs waiting on a cancelled job are cancelled too. Returns
-    (jobs cancelled, running jobs asked to stop)."""
+               batch: int = BULK_BATCH, dry_run: bool = False) -> tuple[int, int]:
+    """Cancel every job in ``state`` (of ``queue``), ``batch`` jobs a transaction; running
+    jobs get a cancel request, which their workers carry out (a job held ahead of its
+    worker's current one is cancelled at once). Jobs waiting on a cancelled job are
+    cancelled too. Returns (jobs cancelled, running jobs asked to stop); ``dry_run``: what
+    it would return, writing nothing."""
     if state not in CANCELLABLE:
         raise InvalidInput(f"{state} jobs cannot be cancelled; only pending, scheduled, "
                            "waiting, failed or processing ones")
     cancelled = requested = after = 0
-    while True:
-        with write(conn):
-            rows = _bulk_rows(conn, state, queue, after, batch)
-            if not rows:
-                return cancelled, requested
-            after = rows[-1][0]
-            done: set[str] = set()
-            for _, job_id in rows:
-                if job_id in done:  # cancelled already, waiting on one before it
-                    continue
-                if state == State.PROCESSING:
-                    append(conn, ev.CancelRequested(job_id=job_id))
-                    requested += 1
-                    continue
-                events = [ev.Cancelled(job_id=job_id, reason="cancelled by user"),
-                          *_cancel_dependents(conn, job_id)]
-                append(conn, *events)
-                done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
-                cancelled += len(events)
+
+    def step() -> bool:
+        nonlocal cancelled, requested, after
+        rows = _bulk_rows(conn, state, queue, after, batch)
+        if not rows:
+            return False
+        after = rows[-1][0]
+        done: set[str] = set()
+        for _, job_id in rows:
+            if job_id in done:  # cancelled already, waiting on one before it
+                continue
+            if state == State.PROCESSING and not _held_ahead(conn, job_id):
+                append(conn, ev.CancelRequested(job_id=job_id))
+                requested += 1
+                continue
+            events = _cancel_now(conn, job_id)
+            append(conn, *events)
+            done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
+            cancelled += sum(isinstance(e, ev.Cancelled) for e in events)
+        return True
+
+    _in_batches(conn, dry_run, step)
+    return cancelled, requested
 
 
-def dlq_retry_all(conn: Db, queue: str | None = None,
-                  batch: int = BULK_BATCH) -> tuple[int, int]:
+def dlq_retry_all(conn: Db, queue: str | None = None, batch: int = BULK_BATCH,
+                  dry_run: bool = False) -> tuple[int, int]:
     """``dlq_retry`` for every dead job (of ``queue``), ``batch`` a transaction. A job whose
-    unique key an unfinished job holds stays dead. Returns (requeued, left dead)."""
+    unique key an unfinished job holds (one requeued before it, say) stays dead. Returns
+    (requeued, left dead); ``dry_run``: what it would return, writing nothing."""
     requeued = skipped = after = 0
-    while True:
-        with write(conn):
-            rows = _bulk_rows(conn, State.DEAD, queue, after, batch,
-                              "seq, id, max_retries, unique_key")
-            if not rows:
-                return requeued, skipped
-            after = rows[-1][0]
-            for _, job_id, max_retries, key in rows:
-                if key is not None and _holders(conn, [key]):
-                    skipped += 1
-                    continue
-                append(conn, ev.Requeued(job_id=job_id, max_retries=max_retries))
-                requeued += 1
+
+    def step() -> bool:
+        nonlocal requeued, skipped, after
+        rows = _bulk_rows(conn, State.DEAD, queue, after, batch,
+                          "seq, id, max_retries, unique_key")
+        if not rows:
+            return False
+        after = rows[-1][0]
+        for _, job_id, max_retries, key in rows:
+            if key is not None and _holders(conn, [key]):
+                skipped += 1
+                continue
+            append(conn, ev.Requeued(job_id=job_id, max_retries=max_retries))
+            requeued += 1
+        return True
+
+    _in_batches(conn, dry_run, step)
+    return requeued, skipped
 
 
 # -- what follows from a job's end (also used by the worker's side) -----------------------

@@ -323,9 +323,11 @@ def test_cancel_by_state_and_queue_with_a_dry_run_first(run, conn):
     added(run, "--id", "d0", "-c", "true")
     added(run, "--id", "after-m0", "-c", "true", "-q", "other", "--after", "m0")
     before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    # A dry run is the real decision, rolled back: the job waiting on m0 is counted too.
     dry = run("cancel", "--state", "pending", "-q", "media", "--dry-run")
-    assert dry.output == "Would cancel 3 jobs (dry run: nothing written).\n"
+    assert dry.output == "Would cancel 4 jobs (dry run: nothing written).\n"
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
+    assert reads.get_job(conn, "after-m0")["state"] == "waiting"
     # The job waiting on m0 is cancelled with it, and counted.
     assert run("cancel", "--state", "pending", "-q", "media").output == "Cancelled 4 jobs.\n"
     assert [reads.get_job(conn, j)["state"] for j in ("m0", "m1", "m2", "after-m0", "d0")] \
@@ -372,8 +374,11 @@ def test_dlq_retry_all_of_a_queue(run, conn):
         burst(start)
     assert reads.counts(conn)["dead"] == 4
     added(run, "--id", "k2", "-c", "true", "--unique-key", "k", "--delay", "600")
+    before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     assert run("dlq", "retry", "--all", "-q", "media", "--dry-run").output == \
-        "Would requeue 3 jobs (dry run: nothing written).\n"
+        "Would requeue 2 jobs; 1 job would stay dead (unique key held) (dry run: nothing " \
+        "written).\n"
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
     out = run("dlq", "retry", "--all", "-q", "media").output
     assert out == ("Requeued 2 jobs from the dead letter queue; 1 job left dead "
                    "(unique key held).\n")
@@ -382,3 +387,39 @@ def test_dlq_retry_all_of_a_queue(run, conn):
     assert [r["job_id"] for r in rows(conn, "requeued")] == ["a", "b"]
     assert run("dlq", "retry", "--all").output == "Requeued 1 job from the dead letter queue; " \
         "1 job left dead (unique key held).\n"
+
+
+def test_a_dry_run_of_dlq_retry_counts_the_keys_the_requeues_before_it_take(run, conn):
+    """Two dead jobs share a unique key: the first requeued takes it, so the second stays
+    dead, in the dry run as in the real one."""
+    for job_id, key in (("k1", "k"), ("k2", "k"), ("free", None)):
+        flags = ["--unique-key", key] if key else []
+        added(run, "--id", job_id, "-c", "exit 1", "--max-retries", "0", *flags)
+        with workers() as start:
+            burst(start)
+    assert reads.counts(conn)["dead"] == 3
+    assert run("dlq", "retry", "--all", "--dry-run").output == \
+        "Would requeue 2 jobs; 1 job would stay dead (unique key held) (dry run: nothing " \
+        "written).\n"
+    assert reads.counts(conn)["dead"] == 3
+    assert run("dlq", "retry", "--all").output == "Requeued 2 jobs from the dead letter " \
+        "queue; 1 job left dead (unique key held).\n"
+
+
+def test_cancel_every_running_job_cancels_those_held_ahead_at_once(run, conn):
+    """Of the jobs processing, those claimed ahead of their worker's current one have not
+    started: they are cancelled at once (and never run), the running one is asked to stop;
+    the dry run says the same."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"r{n}") for n in range(3)])
+    claims.worker_started(conn, 1, "h", worker_id="w")
+    assert claims.claim(conn, "w").job_id == "r0"
+    claims.finish_and_claim_many(conn, [], ["w", "w"], ahead=True)
+    said = "Cancelled 2 jobs held ahead, not yet started{}.\n{}\n"
+    assert run("cancel", "--state", "processing", "--dry-run").output == said.format(
+        " (dry run: nothing written)",
+        "Would ask 1 running job to stop (dry run: nothing written).").replace(
+        "Cancelled", "Would cancel")
+    assert run("cancel", "--state", "processing").output == said.format(
+        "", "Cancel requested for 1 running job; their workers will stop them.")
+    assert [reads.get_job(conn, j)["state"] for j in ("r0", "r1", "r2")] == \
+        ["processing", "cancelled", "cancelled"]
