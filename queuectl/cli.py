@@ -807,7 +807,7 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
               allowed: tuple[str, ...], read_only: bool) -> None:
     """Serve a web dashboard of the queue: counts, charts, jobs, timelines, the DLQ,
     queues, schedules and workers, with retry, cancel and pause (needs the
-    queuectl[dashboard] extra).
+    dashboard extra).
 
     \b
     Example:
@@ -822,7 +822,8 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
     except ImportError as exc:
         if exc.name not in DASHBOARD_NEEDS:
             raise
-        raise click.ClickException("the dashboard needs: pip install 'queuectl[dashboard]'"
+        raise click.ClickException("the dashboard needs Starlette, uvicorn and Jinja2: "
+                                   "from queuectl's clone, pip install '.[dashboard]'"
                                    ) from None
     if not is_loopback(host) and not token:
         raise click.UsageError(f"--host {host} is beyond loopback: give --token TOKEN (or "

@@ -548,7 +548,8 @@ def test_without_the_extra_the_command_says_what_to_install(run: Any) -> None:
          "from queuectl.cli import main; sys.argv[1:] = ['dashboard']; main()"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr == "Error: the dashboard needs: pip install 'queuectl[dashboard]'\n"
+    assert result.stderr == ("Error: the dashboard needs Starlette, uvicorn and "
+                             "Jinja2: from queuectl's clone, pip install '.[dashboard]'\n")
 
 
 @pytest.mark.stores("sqlite")

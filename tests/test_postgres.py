@@ -357,7 +357,8 @@ def test_without_psycopg_the_extra_is_named(db):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=Path(__file__).parent.parent)
     assert one_error_line(result) == (
-        "Error: PostgreSQL support needs: pip install 'queuectl[postgres]'")
+        "Error: PostgreSQL support needs psycopg: from queuectl's clone, "
+        "pip install '.[postgres]'")
 
 
 # -- faults: workers survive and lose nothing ---------------------------------------------

@@ -86,3 +86,45 @@ def test_rewriting_fills_in_outputs_and_leaves_other_blocks_alone() -> None:
     assert [s.command for b in blocks for s in b.samples] == ["echo a   # why", "true"]
     written = samples.rewrite(text, blocks, [result("a\nb"), result("")])
     assert written == text.replace("old\n", "a\nb\n")
+
+
+def _quick_start() -> list[str]:
+    """The two commands of the README's quick start, as written."""
+    text = samples.README.read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in section.split("```sh\n")[1:]
+            for block in [block.split("```", 1)[0]]]
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    install_and_run, install_and_test = _quick_start()
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert install_and_test in ci.splitlines()
+    # The name on the package index is another project's.
+    assert "pip install queuectl" not in samples.README.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_first_quick_start_command_runs_a_job_with_the_systems_own_python(
+        tmp_path: Path) -> None:
+    """As written, in a fresh copy of the repository, with the system's own Python first on
+    PATH (Debian's refuses ``pip install`` outside a virtual environment, PEP 668)."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    clone = tmp_path / "clone"
+    for name in filter(None, tracked):
+        if (root / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, clone / name)
+    command = _quick_start()[0]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8"}
+    done = subprocess.run(["sh", "-c", command], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Job added successfully with ID: hello" in done.stdout
+    assert "Job hello state: completed" in done.stdout
+    assert "output: Hello World" in done.stdout

@@ -835,7 +835,8 @@ def _driver() -> Any:
     try:
         import psycopg
     except ImportError:
-        raise StoreError("PostgreSQL support needs: pip install 'queuectl[postgres]'") from None
+        raise StoreError("PostgreSQL support needs psycopg: from queuectl's clone, "
+                         "pip install '.[postgres]'") from None
     return psycopg
 
 
