@@ -857,8 +857,10 @@ def rebuild(ctx: click.Context, check: bool) -> None:
                                        "differences shown above)")
         click.echo("Projections match the ledger.")
         return
-    position = ledger.rebuild(conn)
-    click.echo(f"Projections rebuilt from {position} events.")
+    replayed = ledger.rebuild(conn)
+    pruned = (f" (seq 1 to {replayed.last_seq:,}; the others were pruned to the archive)"
+              if replayed.events != replayed.last_seq else "")
+    click.echo(f"Projections rebuilt from {replayed.events:,} events{pruned}.")
 
 
 @cli.command()

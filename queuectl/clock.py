@@ -72,3 +72,18 @@ def short(text: str | None) -> str:
     if text[:10] == now()[:10]:
         return text[11:19]
     return text[:16].replace("T", " ")
+
+
+def age(seconds: float | None) -> str:
+    """``0.4s``, ``42s``, ``3m05s``, ``2h03m``, ``3d04h``: how long, for narrow columns."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.1f}s"
+    whole = int(s)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                      ("m", 60, "s", 1)):
+        if whole >= size:
+            return f"{whole // size}{unit}{whole % size // sub_size:02d}{sub}"
+    return f"{whole}s"

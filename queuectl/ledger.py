@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -234,11 +234,16 @@ _FIND = "SELECT max(seq) FROM events WHERE job_id = ? AND type = ? AND seq <= ?"
 FLUSH_CHECK = 4096  # events read at a time; between them a replay may write rows back
 
 
-def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> int:
-    """Apply every event to empty tables (no readers' indexes, no triggers yet); returns the
-    last seq. Projections with a ``Replay`` keep rows in memory and write them in bulk."""
+class Replayed(NamedTuple):
+    events: int  # how many the ledger holds (a prune moves some to the archive)
+    last_seq: int
+
+
+def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> Replayed:
+    """Apply every event to empty tables (no readers' indexes, no triggers yet). Projections
+    with a ``Replay`` keep rows in memory and write them in bulk."""
     projections = tuple(projections)
-    position = 0
+    position = events = 0
 
     def find(job_id: str, type_: str) -> int | None:
         (seq,) = source.execute(_FIND, (job_id, type_, position)).fetchone()
@@ -256,6 +261,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> i
     }
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     while rows := cursor.fetchmany(FLUSH_CHECK):
+        events += len(rows)
         for position, at, body in rows:  # read_events, with less work per row
             try:
                 event = decode(body)  # its tag is its type: an unknown one fails here
@@ -271,14 +277,15 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> i
                 replay.flush()
     for replay in replays:
         replay.close()
-    return position
+    return Replayed(events, position)
 
 
-def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> int:
+def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> Replayed:
     projections = tuple(projections)
     for projection in projections:
         _create(tx, projection)
-    position = _replay_into(tx, tx, projections)
+    replayed = _replay_into(tx, tx, projections)
+    position = replayed.last_seq
     for projection in projections:
         _index(tx, projection)  # one sorted build each, after the rows are in
         tx.execute(
@@ -287,11 +294,12 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> int:
                 position = excluded.position""",
             (projection.NAME, projection.VERSION, position),
         )
-    return position
+    return replayed
 
 
-def rebuild(db: Db) -> int:
-    """Throw every projection away and replay the ledger into fresh tables, atomically."""
+def rebuild(db: Db) -> Replayed:
+    """Throw every projection away and replay the ledger into fresh tables, atomically;
+    returns how many events that took, and the last one's seq."""
     with db.bulk(), db.transaction():
         return _rebuild(db, REGISTRY)
 

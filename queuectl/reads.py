@@ -335,6 +335,9 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             if completed + failed else None,
             "throughput_per_min": round(held.get("completed", 0) / minutes, 2)
             if minutes > 0 else None,
+            # What the throughput is taken over: the window, or all time's span of runs
+            # (the first claim to the last end), which may be minutes of a week.
+            "throughput_over_seconds": round(minutes * 60, 3) if minutes > 0 else None,
             "run_time": {
                 "p50": _percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
                 "p95": _percentile(conn, "duration", fin_where, fin_params, timed, 0.95),

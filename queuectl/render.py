@@ -35,9 +35,26 @@ def console():  # type: ignore[no-untyped-def]
     from queuectl.limits import from_env
 
     # COLUMNS wins where set (checked: rich would draw nothing at 0); else a terminal's own
-    # width, and piped output gets room for every column.
-    width = int(from_env("COLUMNS", "columns", 0)) or (None if sys.stdout.isatty() else 120)
+    # width; piped output is never wrapped: a script reads each row as one line.
+    width = int(from_env("COLUMNS", "columns", 0)) or (None if sys.stdout.isatty() else PIPED)
     return Console(highlight=False, soft_wrap=False, width=width)
+
+
+PIPED = 100_000  # the width piped output is laid out for: as wide as its longest row
+
+
+def _print(renderable: Any) -> None:
+    """``renderable`` as rich draws it; piped, without the spaces that pad each line to the
+    table's width (a terminal shows none of them; a file or a script would)."""
+    import sys
+
+    out = console()
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def _table(
@@ -47,7 +64,7 @@ def _table(
     and then the others wrap; the first column (the id) never does."""
     if len(rows) > RICH_ROWS:
         return _long_table(title, columns, rows, wide)
-    console().print(table(title, columns, rows, wide))
+    _print(table(title, columns, rows, wide))
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]],
@@ -185,11 +202,8 @@ def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
     """Job counts (and each queue's, when there is more than the default one), then the
     running workers (``state`` already active or silent); the workers that stopped or are
     gone are counted on one line, never listed."""
-    from rich.text import Text
-
-    out = console()
-    for line in counts_lines(counts, queues):
-        out.print(Text(line))
+    for line in counts_lines(counts, queues):  # never wrapped: "(total: n)" stays whole
+        print(line)
     ended = ", ".join(f"{tally[k]} {k}" for k in ("stopped", "gone") if tally[k])
     if not workers:
         print("Workers: none active" + (f" ({ended}, not shown)" if ended else ""))
@@ -461,7 +475,13 @@ def stats(figures: dict[str, Any], since: str | None) -> None:
     print(f"Failed runs:   {figures['failed']}")
     print(f"Dead:          {figures['dead']}")
     print(f"Success rate:  {'-' if rate is None else f'{rate:.1%}'}")
-    print(f"Throughput:    {'-' if throughput is None else f'{throughput:g} jobs/min'}")
+    if throughput is None:
+        print("Throughput:    -")
+    elif since:
+        print(f"Throughput:    {throughput:g} jobs/min (over the last {since})")
+    else:  # all time: over the span the runs took, which says how far to trust it
+        print(f"Throughput:    {throughput:g} jobs/min (over "
+              f"{clock.age(figures['throughput_over_seconds'])}, first claim to last end)")
     print(f"Run time:      p50 {_seconds(run['p50'])}  p95 {_seconds(run['p95'])}  "
           f"max {_seconds(run['max'])}")
     print(f"Queue wait:    p50 {_seconds(wait['p50'])}  p95 {_seconds(wait['p95'])}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from queuectl import clock, reads, render
+from queuectl.clock import age
 from queuectl.store import Db
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -26,21 +27,6 @@ def sparkline(values: list[int]) -> str:
     value above none is at least ``▂``, so that a slow minute never looks idle."""
     top = max(values, default=0)
     return "".join(BARS[0] if v <= 0 else BARS[-(-v * (len(BARS) - 1) // top)] for v in values)
-
-
-def age(seconds: float | None) -> str:
-    """``0.4s``, ``42s``, ``3m05s``, ``2h03m``, ``3d04h``: how long, for narrow columns."""
-    if seconds is None:
-        return "-"
-    s = max(0.0, seconds)
-    if s < 10:
-        return f"{s:.1f}s"
-    whole = int(s)
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
-                                      ("m", 60, "s", 1)):
-        if whole >= size:
-            return f"{whole // size}{unit}{whole % size // sub_size:02d}{sub}"
-    return f"{whole}s"
 
 
 @dataclass(frozen=True)

@@ -843,3 +843,24 @@ def test_a_history_longer_than_rich_draws_is_drawn_whole(run, conn, monkeypatch)
     details = lines[2].index("Details")
     first_failed = next(x for x in lines if " failed " in x)
     assert first_failed[details:].startswith("attempt 1: exit status 1")
+
+
+# -- piped output ----------------------------------------------------------------------------
+
+
+def test_piped_output_is_neither_padded_nor_wrapped(run, conn, monkeypatch):
+    """A script reads each row as one line: piped (no terminal, no COLUMNS), a table is as
+    wide as its longest row, and no line ends in the spaces that pad it to the table's
+    width; the job counts line keeps its total, whatever the width."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    command = "echo" + " long" * 50  # wider than any terminal, shorter than a cut cell
+    ok(run("enqueue", "--id", "wide", "-c", command))
+    for n in range(3):
+        ok(run("enqueue", "-c", "true", "-q", f"queue-with-a-long-name-{n}"))
+    for args in (["list"], ["history", "wide"], ["status"], ["queues"], ["show", "wide"]):
+        out = ok(run(*args))
+        assert [line for line in out.splitlines() if line != line.rstrip()] == [], args
+    assert any(command in line for line in ok(run("list")).splitlines())
+    monkeypatch.setenv("COLUMNS", "40")
+    jobs_line = ok(run("status")).splitlines()[0]
+    assert jobs_line.startswith("Jobs  pending: 4") and jobs_line.endswith("(total: 4)")

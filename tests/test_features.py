@@ -921,6 +921,7 @@ def test_stats_all_time_match_the_hand_computed_figures(run, conn, monkeypatch):
         "dead": 2,
         "success_rate": 0.8696,
         "throughput_per_min": 38.71,
+        "throughput_over_seconds": 31.0,
         "run_time": {"p50": 0.55, "p95": 3.0, "max": 4.0},
         "queue_wait": {"p50": 11.0, "p95": 25.0},
     }
@@ -928,7 +929,9 @@ def test_stats_all_time_match_the_hand_computed_figures(run, conn, monkeypatch):
     assert re.search(r"^Completed:\s+20$", text, re.MULTILINE), text
     assert re.search(r"^Failed runs:\s+3$", text, re.MULTILINE), text
     assert re.search(r"^Dead:\s+2$", text, re.MULTILINE), text
-    assert "87.0%" in text and "38.71" in text
+    assert "87.0%" in text
+    # All time's throughput says what it is taken over: not the last hour, not forever.
+    assert "Throughput:    38.71 jobs/min (over 31s, first claim to last end)" in text
     assert "p50 0.550s" in text and "p95 3.000s" in text and "max 4.000s" in text
     assert "p50 11.000s" in text and "p95 25.000s" in text
 
@@ -950,6 +953,7 @@ def test_stats_since_counts_only_the_window(run, conn, monkeypatch):
         "dead": 2,
         "success_rate": 0.0,
         "throughput_per_min": 0.0,
+        "throughput_over_seconds": 14.0,
         "run_time": {"p50": 0.5, "p95": 4.0, "max": 4.0},
         "queue_wait": {"p50": 25.0, "p95": 31.0},
     }
@@ -966,6 +970,7 @@ def test_stats_since_counts_only_the_window(run, conn, monkeypatch):
         "dead": 2,
         "success_rate": 0.7857,
         "throughput_per_min": 22.0,
+        "throughput_over_seconds": 30.0,
         "run_time": {"p50": 0.75, "p95": 4.0, "max": 4.0},
         "queue_wait": {"p50": 16.0, "p95": 31.0},
     }
@@ -977,12 +982,14 @@ def test_stats_since_counts_only_the_window(run, conn, monkeypatch):
     assert json.loads(ok(run, "stats", "--since", "1d", "--json"))["completed"] == 20
     assert json.loads(ok(run, "stats", "--since", "0.5m", "--json")) == half
     assert "last 30s" in ok(run, "stats", "--since", "30s")
+    assert "Throughput:    22 jobs/min (over the last 30s)" in ok(run, "stats", "--since", "30s")
 
 
 def test_stats_of_an_empty_queue(run, conn):
     assert json.loads(ok(run, "stats", "--json")) == {
         "since": None, "completed": 0, "failed": 0, "dead": 0, "success_rate": None,
-        "throughput_per_min": None, "run_time": {"p50": None, "p95": None, "max": None},
+        "throughput_per_min": None, "throughput_over_seconds": None,
+        "run_time": {"p50": None, "p95": None, "max": None},
         "queue_wait": {"p50": None, "p95": None},
     }
     assert re.search(r"^Completed:\s+0$", ok(run, "stats"), re.MULTILINE)

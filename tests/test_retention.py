@@ -213,6 +213,16 @@ def test_batches_each_append_their_own_pruned_event(conn):
     assert_seqs_accounted_for(conn)
 
 
+def test_rebuild_after_a_prune_counts_the_events_it_replayed(run, conn):
+    """Not the last seq: the pruned events are in the archive, not replayed."""
+    busy(conn)
+    ok(run("prune", "--before", "0s"))
+    held, last = conn.execute("SELECT count(*), max(seq) FROM events").fetchone()
+    assert held < last
+    assert ok(run("rebuild")) == (f"Projections rebuilt from {held} events (seq 1 to {last}; "
+                                  "the others were pruned to the archive).\n")
+
+
 def test_a_dry_run_counts_what_would_go_and_writes_nothing(run, conn):
     busy(conn)
     worker = claims.worker_started(conn, 1, "h")

@@ -34,7 +34,7 @@ def main(db: Path, check: bool) -> None:
                 sys.exit(1)
             click.echo("Projections match the ledger.")
             return
-        position = ledger.rebuild(conn)
+        position = ledger.rebuild(conn).events
     except QueueError as exc:
         raise click.ClickException(str(exc)) from exc
     seconds = time.perf_counter() - start
