@@ -29,7 +29,8 @@ _NAME_LIMIT = 96  # a job id is NAME@TICK, and ids are at most 128 characters
 
 
 def check_cron(expression: str) -> str:
-    """The expression, spaces normalised, if croniter reads it as standard cron."""
+    """The expression, spaces normalised, if croniter reads it as standard cron and it
+    names at least one time (``0 0 31 2 *`` reads well and never comes)."""
     expression = " ".join(expression.split())
     if expression.startswith("@"):
         if expression.lower() not in ALIASES:
@@ -40,10 +41,14 @@ def check_cron(expression: str) -> str:
         raise InvalidInput(f"cron expression {expression!r} must have 5 fields "
                            "(minute hour day-of-month month day-of-week) or be an alias "
                            "such as @hourly")
-    from croniter import croniter
+    from croniter import CroniterBadDateError, croniter
 
     if not croniter.is_valid(expression):
         raise InvalidInput(f"cron expression {expression!r} is not valid")
+    try:  # a date cron can name recurs within 40 years; croniter looks 50 ahead
+        croniter(expression, datetime(2000, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise InvalidInput(f"cron expression {expression!r} never fires") from None
     return expression
 
 

@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from test_features import FakeClock, T, claim, complete, rows, workers
 
 from queuectl import claims, decisions, ledger, reads, schedules
@@ -154,3 +155,21 @@ def test_schedule_cli_add_and_list(run):
     assert run("schedule", "add", "h", "--cron", "@HOURLY", "-c", "x").exit_code == 0
     assert [s["cron"] for s in json.loads(run("schedule", "list", "--json").output)] == \
         ["@hourly", "*/5 * * * *"]
+
+
+# -- expressions that never fire (issue 22, point 6) -----------------------------------------
+
+
+@pytest.mark.parametrize("expression", ["0 0 31 2 *", "0 0 30 2 *", "0 0 31 4 *"])
+def test_a_cron_expression_that_never_fires_is_refused(conn, run, expression: str) -> None:
+    result = run("schedule", "add", "x", "--cron", expression, "-c", "true")
+    assert (result.exit_code, result.stdout, result.stderr) == \
+        (1, "", f"Error: cron expression '{expression}' never fires\n")
+    assert ledger_types(conn) == [] and schedules.listed(conn) == []
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+def test_rare_cron_expressions_are_accepted() -> None:
+    # Leap days only; and February's 31st or any Monday in February (cron's either-day rule).
+    assert schedules.check_cron("0 0 29 2 *") == "0 0 29 2 *"
+    assert schedules.check_cron("0 0 31 2 1") == "0 0 31 2 1"
