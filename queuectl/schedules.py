@@ -1,7 +1,8 @@
 """Periodic jobs: a schedule enqueues its command at each tick of a cron expression.
 
 Cron expressions are read by croniter (standard 5 fields, or ``@hourly``-style aliases) in
-the schedule's time zone (``zoneinfo``). Every decision is an event: adding, pausing,
+the schedule's time zone (``zoneinfo``), with cron's rule for the clocks going back: a fixed
+time of day they repeat is one tick. Every decision is an event: adding, pausing,
 resuming and removing a schedule, and each tick a worker handles (``schedule-fired`` with
 the job it made, or ``schedule-skipped`` saying why not), each naming the tick after it.
 Any worker may handle a due tick: it does so under the ledger's write lock, reading the
@@ -11,7 +12,8 @@ job's id (``NAME@TICK``) could not be made twice anyway.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from queuectl import clock, decisions
@@ -70,15 +72,45 @@ def check_name(name: str) -> str:
     return name
 
 
+# -- ticks ------------------------------------------------------------------------------------
+
+
 def next_tick(cron: str, timezone: str, after: str) -> str:
     """The first tick of ``cron`` (in ``timezone``) strictly after ``after``, in UTC."""
+    return clock.iso(next(_ticks(cron, timezone, clock.parse(after))))
+
+
+def _ticks(cron: str, timezone: str, at: datetime) -> Iterator[datetime]:
+    """The ticks after ``at``, in UTC. A fixed time of day that comes twice when the clocks
+    go back is a tick the first time only, as cron runs it; clocks that go forward over it
+    make croniter tick right after the gap."""
     from zoneinfo import ZoneInfo
 
     from croniter import croniter
 
-    base = clock.parse(after).astimezone(ZoneInfo(timezone))
-    following = croniter(cron, base).get_next(datetime)
-    return clock.iso(following.astimezone(UTC))
+    zone = ZoneInfo(timezone)
+    ticks = croniter(cron, at.astimezone(zone))
+    once = _fixed_time(cron)
+    while True:
+        moment = ticks.get_next(datetime).astimezone(UTC)
+        if not (once and _repeated(moment, zone)):
+            yield moment
+
+
+def _fixed_time(cron: str) -> bool:
+    """Whether ``cron`` names fixed times of day. Cron (Vixie's, cronie) runs only these
+    once in a repeated hour: one with * in its minute or hour (``*/5 * * * *``,
+    ``@hourly``) runs by the clock, as it does every other hour."""
+    if cron.startswith("@"):
+        return cron != "@hourly"
+    minute, hour = cron.split()[:2]
+    return "*" not in minute + hour
+
+
+def _repeated(moment: datetime, zone: tzinfo) -> bool:
+    """Whether the local time at ``moment`` came once already (the clocks went back)."""
+    local = moment.astimezone(zone)
+    return bool(local.fold) and local.utcoffset() != local.replace(fold=0).utcoffset()
 
 
 def job_id(name: str, tick: str) -> str:

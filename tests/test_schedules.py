@@ -1,5 +1,7 @@
 """Periodic schedules (issue 13, point 3): cron ticks become jobs exactly once, missed ticks
 make one catch-up job, a tick behind an unfinished job is skipped, all recorded as events.
+Issue 22: a local time the clocks repeat fires once; an expression that never fires is
+refused.
 Rules are checked under a fake clock through the library; the race and the CLI through real
 processes. Every test runs on both stores."""
 
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from test_features import FakeClock, T, claim, complete, rows, workers
 
-from queuectl import claims, decisions, ledger, reads, schedules
+from queuectl import claims, clock, decisions, ledger, reads, schedules
 from queuectl import events as ev
 
 
@@ -155,6 +157,74 @@ def test_schedule_cli_add_and_list(run):
     assert run("schedule", "add", "h", "--cron", "@HOURLY", "-c", "x").exit_code == 0
     assert [s["cron"] for s in json.loads(run("schedule", "list", "--json").output)] == \
         ["@hourly", "*/5 * * * *"]
+
+
+# -- clock changes (issue 22, point 2) -------------------------------------------------------
+
+
+def utc(text: str) -> str:
+    """``2026-10-25T00:00`` (UTC) as the ledger writes it."""
+    return clock.iso(clock.parse(text + "Z"))
+
+
+def since_epoch(text: str) -> float:
+    return clock.seconds_between(T(0), utc(text))
+
+
+# Ticks in UTC from a little before a change of clocks to a little after it.
+CHANGES = [
+    # Clocks go back: a fixed local time that comes twice fires the first time only.
+    ("0 2 * * *", "Europe/Paris", ["2026-10-24T00:00", "2026-10-25T00:00", "2026-10-26T01:00"]),
+    ("30 1 * * *", "America/New_York",
+     ["2026-10-31T05:30", "2026-11-01T05:30", "2026-11-02T06:30"]),
+    # Clocks go forward: a local time that never comes fires right after the gap.
+    ("0 2 * * *", "Europe/Paris", ["2026-03-28T01:00", "2026-03-29T01:00", "2026-03-30T00:00"]),
+    ("30 2 * * *", "America/New_York",
+     ["2026-03-07T07:30", "2026-03-08T07:00", "2026-03-09T06:30"]),
+    ("0,30 2 * * *", "Europe/Paris",
+     ["2026-03-28T01:30", "2026-03-29T01:00", "2026-03-30T00:00"]),
+]
+# As cron does, a schedule with * in its minute or hour runs by the clock through the
+# repeated hour: an hourly job does not stop for an hour.
+WILDCARDS = [
+    ("0 * * * *", "Europe/Paris",
+     ["2026-10-24T23:00", "2026-10-25T00:00", "2026-10-25T01:00", "2026-10-25T02:00"]),
+    ("@hourly", "America/New_York",
+     ["2026-11-01T04:00", "2026-11-01T05:00", "2026-11-01T06:00", "2026-11-01T07:00"]),
+    ("*/30 * * * *", "Europe/Paris",
+     ["2026-10-25T00:30", "2026-10-25T01:00", "2026-10-25T01:30", "2026-10-25T02:00"]),
+]
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+@pytest.mark.parametrize(("cron", "zone", "ticks"), CHANGES + WILDCARDS)
+def test_ticks_across_a_change_of_clocks(cron: str, zone: str, ticks: list[str]) -> None:
+    ticks = [utc(t) for t in ticks]
+    following = [schedules.next_tick(cron, zone, t) for t in ticks[:-1]]
+    assert following == ticks[1:]
+
+
+@pytest.mark.parametrize(("cron", "zone", "ticks"), CHANGES)
+def test_a_worker_fires_each_local_time_once_across_a_change_of_clocks(
+        conn, monkeypatch, cron: str, zone: str, ticks: list[str]) -> None:
+    ticks = [utc(t) for t in ticks]
+    fake = FakeClock(monkeypatch, since_epoch(ticks[0][:16]) - 60)
+    assert schedules.add(conn, "n", cron, spec(), zone) == ticks[0]
+    claims.worker_started(conn, 1, "h", worker_id="w")
+    for tick, following in zip(ticks, ticks[1:], strict=False):
+        fake.set(since_epoch(tick[:16]) + 30)
+        (fired,) = schedules.fire_due(conn)
+        assert fired == ev.ScheduleFired(name="n", tick=tick, job_id=schedules.job_id("n", tick),
+                                         next_at=following)
+        held = claim(conn, "w", fired.job_id)
+        assert held is not None
+        complete(conn, held, "w", 0.1)
+        # Looking every quarter of an hour up to the next tick finds nothing due.
+        for quarter in range(int(clock.seconds_between(tick, following) // 900)):
+            fake.set(since_epoch(tick[:16]) + 60 + 900 * quarter)
+            assert schedules.fire_due(conn) == []
+    assert [r["job_id"] for r in rows(conn, "enqueued")] == \
+        [schedules.job_id("n", t) for t in ticks[:-1]]
 
 
 # -- expressions that never fire (issue 22, point 6) -----------------------------------------
