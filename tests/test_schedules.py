@@ -1,18 +1,30 @@
 """Periodic schedules (issue 13, point 3): cron ticks become jobs exactly once, missed ticks
 make one catch-up job, a tick behind an unfinished job is skipped, all recorded as events.
+Issue 22: a local time the clocks repeat fires once; a long outage is caught up in a few
+steps, outside the write lock; an expression that never fires is refused.
 Rules are checked under a fake clock through the library; the race and the CLI through real
 processes. Every test runs on both stores."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
-from datetime import UTC, datetime
+import zoneinfo
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import pytest
+from conftest import needs
 from test_features import FakeClock, T, claim, complete, rows, workers
 
-from queuectl import claims, decisions, ledger, reads, schedules
+from queuectl import claims, clock, decisions, ledger, reads, schedules
 from queuectl import events as ev
 
 
@@ -154,3 +166,252 @@ def test_schedule_cli_add_and_list(run):
     assert run("schedule", "add", "h", "--cron", "@HOURLY", "-c", "x").exit_code == 0
     assert [s["cron"] for s in json.loads(run("schedule", "list", "--json").output)] == \
         ["@hourly", "*/5 * * * *"]
+
+
+# -- clock changes (issue 22, point 2) -------------------------------------------------------
+
+
+def utc(text: str) -> str:
+    """``2026-10-25T00:00`` (UTC) as the ledger writes it."""
+    return clock.iso(clock.parse(text + "Z"))
+
+
+def since_epoch(text: str) -> float:
+    return clock.seconds_between(T(0), utc(text))
+
+
+# Ticks in UTC from a little before a change of clocks to a little after it.
+CHANGES = [
+    # Clocks go back: a fixed local time that comes twice fires the first time only.
+    ("0 2 * * *", "Europe/Paris", ["2026-10-24T00:00", "2026-10-25T00:00", "2026-10-26T01:00"]),
+    ("30 1 * * *", "America/New_York",
+     ["2026-10-31T05:30", "2026-11-01T05:30", "2026-11-02T06:30"]),
+    # Clocks go forward: a local time that never comes fires right after the gap.
+    ("0 2 * * *", "Europe/Paris", ["2026-03-28T01:00", "2026-03-29T01:00", "2026-03-30T00:00"]),
+    ("30 2 * * *", "America/New_York",
+     ["2026-03-07T07:30", "2026-03-08T07:00", "2026-03-09T06:30"]),
+    ("0,30 2 * * *", "Europe/Paris",
+     ["2026-03-28T01:30", "2026-03-29T01:00", "2026-03-30T00:00"]),
+]
+# As cron does, a schedule with * in its minute or hour runs by the clock through the
+# repeated hour: an hourly job does not stop for an hour.
+WILDCARDS = [
+    ("0 * * * *", "Europe/Paris",
+     ["2026-10-24T23:00", "2026-10-25T00:00", "2026-10-25T01:00", "2026-10-25T02:00"]),
+    ("@hourly", "America/New_York",
+     ["2026-11-01T04:00", "2026-11-01T05:00", "2026-11-01T06:00", "2026-11-01T07:00"]),
+    ("*/30 * * * *", "Europe/Paris",
+     ["2026-10-25T00:30", "2026-10-25T01:00", "2026-10-25T01:30", "2026-10-25T02:00"]),
+]
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+@pytest.mark.parametrize(("cron", "zone", "ticks"), CHANGES + WILDCARDS)
+def test_ticks_across_a_change_of_clocks(cron: str, zone: str, ticks: list[str]) -> None:
+    ticks = [utc(t) for t in ticks]
+    following = [schedules.next_tick(cron, zone, t) for t in ticks[:-1]]
+    assert following == ticks[1:]
+    # Looking back finds the same ticks: each is the latest at or before itself, and
+    # still the latest until the next one.
+    assert [schedules.latest_tick(cron, zone, t) for t in ticks] == ticks
+    assert [schedules.latest_tick(cron, zone, clock.after(t, -1)) for t in ticks[1:]] == \
+        ticks[:-1]
+
+
+@pytest.mark.parametrize(("cron", "zone", "ticks"), CHANGES)
+def test_a_worker_fires_each_local_time_once_across_a_change_of_clocks(
+        conn, monkeypatch, cron: str, zone: str, ticks: list[str]) -> None:
+    ticks = [utc(t) for t in ticks]
+    fake = FakeClock(monkeypatch, since_epoch(ticks[0][:16]) - 60)
+    assert schedules.add(conn, "n", cron, spec(), zone) == ticks[0]
+    claims.worker_started(conn, 1, "h", worker_id="w")
+    for tick, following in zip(ticks, ticks[1:], strict=False):
+        fake.set(since_epoch(tick[:16]) + 30)
+        (fired,) = schedules.fire_due(conn)
+        assert fired == ev.ScheduleFired(name="n", tick=tick, job_id=schedules.job_id("n", tick),
+                                         next_at=following)
+        held = claim(conn, "w", fired.job_id)
+        assert held is not None
+        complete(conn, held, "w", 0.1)
+        # Looking every quarter of an hour up to the next tick finds nothing due.
+        for quarter in range(int(clock.seconds_between(tick, following) // 900)):
+            fake.set(since_epoch(tick[:16]) + 60 + 900 * quarter)
+            assert schedules.fire_due(conn) == []
+    assert [r["job_id"] for r in rows(conn, "enqueued")] == \
+        [schedules.job_id("n", t) for t in ticks[:-1]]
+
+
+def test_a_repeated_tick_an_older_version_named_is_handled_once(conn, monkeypatch):
+    """A ledger written before the rule may name the second 02:00 as a schedule's next
+    tick: it is handled, and the next is the next day's."""
+    fake = FakeClock(monkeypatch, since_epoch("2026-10-25T00:30"))
+    with ledger.write(conn):
+        ledger.append(conn, ev.ScheduleAdded(name="n", cron="0 2 * * *", command="true",
+                                             next_at=utc("2026-10-25T01:00"),
+                                             timezone="Europe/Paris"))
+    fake.set(since_epoch("2026-10-25T01:00") + 30)
+    (fired,) = schedules.fire_due(conn)
+    assert (fired.tick, fired.missed, fired.next_at) == \
+        (utc("2026-10-25T01:00"), 0, utc("2026-10-26T01:00"))
+
+
+# -- catching up after an outage (issue 22, point 3) ------------------------------------------
+
+
+class Steps:
+    """Counts croniter's steps, and those taken while the ledger's write lock is held."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from croniter import croniter
+
+        self.taken = self.locked = 0
+        self.held = False
+        for name in ("get_next", "get_prev"):
+            monkeypatch.setattr(croniter, name, self._counted(getattr(croniter, name)))
+        write = schedules.write
+
+        @contextmanager
+        def counted_write(conn: Any) -> Iterator[None]:
+            with write(conn):
+                self.held = True
+                try:
+                    yield
+                finally:
+                    self.held = False
+
+        monkeypatch.setattr(schedules, "write", counted_write)
+
+    def _counted(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.taken += 1
+            self.locked += self.held
+            return step(*args, **kwargs)
+        return counted
+
+
+# Paris changes its clocks on 29 March: the ticks of that day are walked.
+@pytest.mark.parametrize(("zone", "most"), [("UTC", 4), ("Europe/Paris", 4 + 1440)])
+def test_a_long_outage_catches_up_in_one_fire_for_the_latest_tick(
+        conn, monkeypatch, zone: str, most: int) -> None:
+    fake = FakeClock(monkeypatch)
+    schedules.add(conn, "m", "* * * * *", spec(), zone)
+    steps = Steps(monkeypatch)
+    days = 100
+    fake.set(days * 86400 + 30)  # no worker ran for a hundred days
+    (fired,) = schedules.fire_due(conn)
+    assert fired == ev.ScheduleFired(name="m", tick=T(days * 86400),
+                                     job_id="m@2026-04-11T00:00:00Z",
+                                     next_at=T(days * 86400 + 60), missed=days * 1440 - 1)
+    assert [r["job_id"] for r in rows(conn, "enqueued")] == ["m@2026-04-11T00:00:00Z"]
+    # Steps find the latest tick and the next, and count the missed; none under the lock.
+    assert steps.taken <= most and steps.locked == 0
+
+
+def test_a_tick_that_passes_while_waiting_for_the_lock_is_the_one_handled(conn, monkeypatch):
+    fake = FakeClock(monkeypatch)
+    schedules.add(conn, "m", "*/5 * * * *", spec())
+    write = schedules.write
+
+    @contextmanager
+    def slow_write(conn: Any) -> Iterator[None]:
+        fake.set(600 + 30)  # the lock came after the next tick
+        with write(conn):
+            yield
+
+    monkeypatch.setattr(schedules, "write", slow_write)
+    fake.set(300 + 30)
+    (fired,) = schedules.fire_due(conn)
+    assert (fired.tick, fired.missed, fired.next_at) == (T(600), 1, T(900))
+
+
+# Ticks counted without walking them must be the ticks walked, from and to any time,
+# across changes of clocks (Lord Howe's are half an hour; Santiago's come at midnight;
+# Casey's went back three hours across midnight), and the latest tick found looking back
+# must be the latest.
+COUNTED = ["*/7 * * * *", "0 * * * *", "30 2 * * *", "30 23 * * *", "15,45 1-3 * * *",
+           "0 0 * * 1", "*/20 9-17 * * 1-5", "0 12 L * *", "0 0 1,15 * 0", "@daily"]
+ZONES = {"UTC": 2026, "Europe/Paris": 2026, "America/New_York": 2026,
+         "Australia/Lord_Howe": 2026, "America/Santiago": 2026, "Antarctica/Casey": 2010}
+
+
+def changes_of_clocks(zone: str, year: int) -> list[datetime]:
+    """The days (UTC midnights) before which ``zone`` changed its offset in ``year``."""
+    tz = ZoneInfo(zone)
+    days = [datetime(year, 1, 1, tzinfo=UTC) + timedelta(days=d) for d in range(366)]
+    return [b for a, b in pairwise(days) if a.astimezone(tz).utcoffset() != b.astimezone(tz).utcoffset()]
+
+
+def assert_counted(cron: str, zone: str, start: datetime, end: datetime) -> None:
+    """Counts from ``start`` to times between, and from times between to ``end``, against
+    the ticks walked; the times fall a ragged step apart, in gaps and repeats too."""
+    a, b = clock.iso(start), clock.iso(end)
+    ticks = [schedules.next_tick(cron, zone, a)]
+    while ticks[-1] <= b:
+        ticks.append(schedules.next_tick(cron, zone, ticks[-1]))
+    ticks.pop()  # the first after ``end``
+    between = [clock.iso(start + (end - start) * k / 8) for k in range(9)]
+    for t in between:
+        assert schedules.count_ticks(cron, zone, a, t) == bisect_right(ticks, t), (a, t)
+        assert schedules.count_ticks(cron, zone, t, b) == len(ticks) - bisect_right(ticks, t), (t, b)
+        latest = schedules.latest_tick(cron, zone, t)
+        assert latest <= t < schedules.next_tick(cron, zone, latest)
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+@pytest.mark.parametrize("zone", ZONES)
+@pytest.mark.parametrize("cron", COUNTED)
+def test_missed_ticks_are_counted_as_walking_them_would(cron: str, zone: str) -> None:
+    for day in changes_of_clocks(zone, ZONES[zone]):
+        assert_counted(cron, zone, day - timedelta(days=1, minutes=7, seconds=30),
+                       day + timedelta(days=1))
+    assert_counted(cron, zone, datetime(2026, 1, 1, tzinfo=UTC),
+                   datetime(2026, 1, 9, 0, 1, tzinfo=UTC))
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+def test_ticks_are_counted_from_and_to_a_time_repeated_across_midnight() -> None:
+    """Casey went back from 02:00 to 23:00 the day before: 15:30 UTC on 4 March 2010 was
+    23:30 a second time, a local date before the day it falls in."""
+    for cron in COUNTED:
+        assert_counted(cron, "Antarctica/Casey", datetime(2010, 3, 3, 15, 30, tzinfo=UTC),
+                       datetime(2010, 3, 5, 15, 30, tzinfo=UTC))
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+def test_ticks_are_counted_where_the_clocks_skip_to_or_over_midnight(tmp_path) -> None:
+    """Zones of our making: one goes forward from 23:00 to midnight (what it skipped fires
+    at the midnight of the next day); one from 23:30 to 00:30 (a day of 24 hours whose
+    local times are not its hours from midnight)."""
+    zic = shutil.which("zic") or "/usr/sbin/zic"
+    needs(zic, "apt-get install libc-bin")
+    source = tmp_path / "zones.txt"
+    source.write_text("Zone Test/Midnight 0:00 - A 2026 Mar 28 23:00\n 1:00 - B\n"
+                      "Zone Test/Straddle 0:00 - A 2026 Mar 28 23:30\n 1:00 - B\n")
+    subprocess.run([zic, "-d", str(tmp_path / "zones"), str(source)], check=True)
+    zoneinfo.reset_tzpath([str(tmp_path / "zones")])
+    try:
+        for zone in ("Test/Midnight", "Test/Straddle"):
+            for cron in COUNTED:
+                assert_counted(cron, zone, datetime(2026, 3, 27, 0, 7, 30, tzinfo=UTC),
+                               datetime(2026, 3, 30, tzinfo=UTC))
+    finally:
+        zoneinfo.reset_tzpath()
+        zoneinfo.ZoneInfo.clear_cache()
+
+
+# -- expressions that never fire (issue 22, point 6) -----------------------------------------
+
+
+@pytest.mark.parametrize("expression", ["0 0 31 2 *", "0 0 30 2 *", "0 0 31 4 *"])
+def test_a_cron_expression_that_never_fires_is_refused(conn, run, expression: str) -> None:
+    result = run("schedule", "add", "x", "--cron", expression, "-c", "true")
+    assert (result.exit_code, result.stdout, result.stderr) == \
+        (1, "", f"Error: cron expression '{expression}' never fires\n")
+    assert ledger_types(conn) == [] and schedules.listed(conn) == []
+
+
+@pytest.mark.stores("sqlite")  # no store: the cron arithmetic alone
+def test_rare_cron_expressions_are_accepted() -> None:
+    # Leap days only; and February's 31st or any Monday in February (cron's either-day rule).
+    assert schedules.check_cron("0 0 29 2 *") == "0 0 29 2 *"
+    assert schedules.check_cron("0 0 31 2 1") == "0 0 31 2 1"
