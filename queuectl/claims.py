@@ -51,7 +51,7 @@ _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, back
 def worker_started(
     conn: Db, pid: int, host: str, *, worker_id: str | None = None
 ) -> str:
-    """Record a worker's start; returns its id: spelled from its ``worker-started`` seq
+    """Record a worker's start; returns its id: ``w`` and its ``worker-started`` seq
     unless one is given, and checked against the workers table in the same transaction,
     as job ids are."""
     with write(conn):
@@ -60,7 +60,7 @@ def worker_started(
             return found.fetchone() is not None
 
         if worker_id is None:
-            worker_id = _made_id(next_seq(conn), taken)
+            worker_id = _made_id(next_seq(conn), taken, "w")
         elif taken(worker_id):
             raise Conflict(f"Worker with ID '{worker_id}' already exists")
         append(conn, ev.WorkerStarted(worker_id=worker_id, pid=pid, host=host))

@@ -28,23 +28,12 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 _UNIQUE_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
 
 
-# In ASCII order, so that ids sort as the numbers they spell.
-_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
-_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
-
-
-def spell(seq: int) -> str:
-    """The id made for the record a ledger event creates: 8 characters (2-7, a-z) spelling
-    the event's seq, so that made ids sort exactly in the order the ledger committed them,
-    whichever process made them, and never repeat within a database.
-
-    Ids made one after another sit side by side in every index on job ids (the ledger's,
-    the jobs' and the runs'): a bulk enqueue writes a few new index pages instead of
-    touching pages all over the index, and a worker's result and next claim, usually jobs
-    enqueued together, share pages.
-    """
-    return (_PAIRS[(seq >> 30) & 1023] + _PAIRS[(seq >> 20) & 1023]
-            + _PAIRS[(seq >> 10) & 1023] + _PAIRS[seq & 1023])
+def spell(seq: int, prefix: str = "") -> str:
+    """The id made for the record a ledger event creates: the event's seq in plain decimal
+    (``1042``; a worker's with a ``w``: ``w17``), short to type as every shell queue's ids
+    are, and never repeated within a database whichever process made it. Ids sort by
+    number only among ids of as many digits: listings order by seq, never by id."""
+    return f"{prefix}{seq}"
 
 
 def queue_name_problem(name: str) -> str:
@@ -59,13 +48,13 @@ def check_queue_name(name: str) -> str:
     return name
 
 
-def _made_id(seq: int, taken: Callable[[str], bool]) -> str:
+def _made_id(seq: int, taken: Callable[[str], bool], prefix: str = "") -> str:
     """``spell(seq)``, or after a clash with an id a user chose, the first free
-    ``spell(seq).N``, which still sorts right after it."""
-    made = spell(seq)
+    ``spell(seq).N``."""
+    made = spell(seq, prefix)
     n = 1
     while taken(made):
-        made, n = f"{spell(seq)}.{n}", n + 1
+        made, n = f"{spell(seq, prefix)}.{n}", n + 1
     return made
 
 

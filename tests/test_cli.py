@@ -864,3 +864,19 @@ def test_piped_output_is_neither_padded_nor_wrapped(run, conn, monkeypatch):
     monkeypatch.setenv("COLUMNS", "40")
     jobs_line = ok(run("status")).splitlines()[0]
     assert jobs_line.startswith("Jobs  pending: 4") and jobs_line.endswith("(total: 4)")
+
+
+def test_made_ids_are_short_numbers_listed_in_the_order_they_were_made(run, conn, db):
+    """A made id is its enqueued event's seq (7, 10, 1042): listings order by seq, so
+    ``10`` comes after ``9`` though it sorts before it as text."""
+    from queuectl import Queue
+
+    ids = [ok(run("enqueue", "-c", "true")).rsplit(" ", 1)[1].strip() for _ in range(12)]
+    assert ids == [str(n) for n in range(1, 13)]
+    assert [j["id"] for j in jobs_json(run)] == ids
+    assert [j["id"] for j in jobs_json(run, "-s", "pending")] == ids
+    with Queue(db) as queue:
+        assert [j["id"] for j in queue.jobs()] == ids
+    table = ok(run("list")).splitlines()
+    assert [line.split()[0] for line in table if line.split()[:1] and
+            line.split()[0].isdigit()] == ids

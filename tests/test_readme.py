@@ -48,14 +48,14 @@ def result(output: str, status: int = 0) -> object:
 
 
 def test_times_durations_ids_numbers_and_wrapping_are_not_shape() -> None:
-    readme = """  18   2026-11-27 21:58:10.349   failed   2222222l   attempt 1: exit status 1 after
+    readme = """  18   2026-11-27 21:58:10.349   failed   w3   attempt 1: exit status 1 after
                                                     0.001s; output: trying
  ──────────────
-=== attempt 1 on worker 2222222m at 2026-11-30 03:39:51: timed-out after 5.022s ==="""
-    real = """  117   2027-01-02 09:01:59.1   failed   2222223k   attempt 1: exit status 1
+=== attempt 1 on worker w4 at 2026-11-30 03:39:51: timed-out after 5.022s ==="""
+    real = """  117   2027-01-02 09:01:59.1   failed   w117   attempt 1: exit status 1
                                                      after 12.5s; output: trying
  ────────────────────────
-=== attempt 1 on worker 2222224a at 2027-01-02 10:00:00: timed-out after 5s ==="""
+=== attempt 1 on worker w2041 at 2027-01-02 10:00:00: timed-out after 5s ==="""
     assert samples.problems(sample("queuectl history", readme), result(real)) == []
 
 
@@ -66,8 +66,8 @@ def test_a_changed_word_or_a_lost_line_is_a_changed_shape() -> None:
 
 
 def test_interleaved_workers_are_compared_line_by_line_in_any_order() -> None:
-    readme = "Worker started: 2222222l\nWorker started: 2222222m\n[2222222l] stopped (signal)"
-    real = "Worker started: 2222223a\n[2222223a] stopped (signal)\nWorker started: 2222223b"
+    readme = "Worker started: w3\nWorker started: w4\n[w3] stopped (signal)"
+    real = "Worker started: w12\n[w12] stopped (signal)\nWorker started: w13"
     assert samples.problems(sample("queuectl worker -v -c 2", readme), result(real)) == []
     assert samples.problems(sample("queuectl worker -v -c 1", readme), result(real))
 

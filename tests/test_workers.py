@@ -749,7 +749,7 @@ def test_a_clock_step_does_not_expire_a_live_workers_lease(run, conn, tmp_path):
 @pytest.mark.slow
 def test_worker_ids_are_unique_when_many_processes_start_at_once(run, conn):
     """32 processes of -c 32 started in one second used to collide on workers.id (3 rounds
-    in 8): made ids now spell the seq of each worker-started event."""
+    in 8): made ids now name the seq of each worker-started event (``w`` and the seq)."""
     with processes() as procs:
         for _ in range(12):
             worker(procs, "-c", "8", "--burst")
@@ -757,7 +757,9 @@ def test_worker_ids_are_unique_when_many_processes_start_at_once(run, conn):
     assert [code for code, _, _ in results] == [0] * 12, [err for _, _, err in results]
     ids = started_workers(conn)
     assert len(ids) == 96 and len(set(ids)) == 96
-    assert ids == sorted(ids)  # in the order the ledger committed them
+    seqs = [r[0] for r in conn.execute(
+        "SELECT seq FROM events WHERE type = 'worker-started' ORDER BY seq")]
+    assert ids == [f"w{seq}" for seq in seqs]  # each its own event's seq
 
 
 @pytest.mark.stores("postgres")

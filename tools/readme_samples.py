@@ -42,12 +42,12 @@ CTRL_C = re.compile(r"#\s*stopped with Ctrl-C after (\d+(?:\.\d+)?) s\s*$")
 WORKERS = re.compile(r"queuectl worker\b.*\s(?:-c|--concurrency)[\s=]*(\d+)")
 TIMEOUT = 60.0  # no sample runs this long; a command that does is hung, not slow
 
-# Applied in this order: a timestamp holds digit runs, and a made id may be all digits.
+# Applied in this order: a timestamp holds digit runs. Made ids are digit runs too (a job's
+# 1042, a worker's w17).
 SHAPES = (
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?Z?"), "<time>"),
     (re.compile(r"\b\d\d:\d\d:\d\d\b"), "<time>"),
     (re.compile(r"\b\d+(\.\d+)?s\b"), "<duration>"),
-    (re.compile(r"\b(?=[a-z2-7]*[2-7])[a-z2-7]{8}\b"), "<id>"),
     (re.compile(r"\d+"), "<n>"),
     # Table rules (rich's and sqlite-utils') are as wide as the values they sit under.
     (re.compile(r"[─-]{2,}"), "<rule>"),
