@@ -715,11 +715,10 @@ def worker_options(f: Any) -> Any:
                          help="Jobs per worker before it exits (0 = no limit)."),
             click.option("--burst", is_flag=True,
                          help="Exit once nothing is pending, running or waiting to retry."),
-            click.option("--ahead", type=Number("ahead"), default=None, metavar="N",
+            click.option("--ahead", type=Number("ahead"), default=0, metavar="N",
                          help="Jobs each worker holds claimed beyond the one it runs, after "
-                              "a quick job, so that one commit serves several (default: 16 "
-                              "on PostgreSQL, 0 on SQLite). A job running over 1s gives "
-                              "them back."),
+                              "a quick job (default 0). Each starts only once the store "
+                              "says it may; a job running over 1s gives them back."),
             click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
                          callback=_queue_name, shell_complete=complete.queue_names,
                          help="Take jobs only of this queue (repeatable: all of the first "

@@ -39,8 +39,7 @@ class Options:
     limit: int = 0  # jobs per worker, 0 = no limit
     burst: bool = False
     host_name: str | None = None  # the host the workers say they run on; None: this one
-    ahead: int | None = None  # jobs claimed for each worker beyond its running one;
-    # None: what the store suits (Db.claim_ahead)
+    ahead: int = 0  # jobs claimed for each worker beyond its running one (Pipeline)
     queues: tuple[str, ...] = ()  # the queues it takes jobs from, in order; (): every queue
 
 
@@ -417,28 +416,25 @@ class Worker:
 
 class Pipeline:
     """How a process's workers record their results and get their next jobs, in one of
-    two ways; the store says which suits it (``Db.claim_ahead``).
+    two ways (``worker --ahead``).
 
-    Without jobs ahead (``ahead`` 0, SQLite, whose commits take microseconds in-process),
-    a result claims its worker's next job in the same transaction, which the worker
-    writes itself and waits for, taking along the results other workers handed in
-    meanwhile (a group commit).
+    Without jobs ahead (``ahead`` 0, the default), a result claims its worker's next job in
+    the same transaction, which the worker writes itself and waits for, taking along the
+    results other workers handed in meanwhile (a group commit). The claim is the start.
 
-    With jobs ahead (PostgreSQL, where a transaction costs round trips and the server's
-    work), each worker holds up to ``ahead`` jobs claimed beyond the one it runs, and a
-    thread of the process's own writes: a worker hands in its result (``submit``) and goes
-    straight on to its next job, and the thread writes whatever was handed in meanwhile as
-    one transaction (``claims.finish_and_claim_many``), with the claims of the jobs each
-    worker asked for. One commit then serves several jobs. Jobs are claimed ahead only
-    for a worker whose last job was quick (under ``QUICK`` seconds), and a job that runs
-    longer than ``HOLD`` seconds gives them back, so that a long job never keeps others
-    from idle workers for long.
-
-    A job held ahead is not started until the store says, at that moment, that its worker
-    still holds it and may start it (``begin``): the worker hands in the start with its
-    last result and waits for that one transaction. A job cancelled, of a queue paused or
-    at its limit, or held by a worker asked to stop, goes back without running; one taken
-    back meanwhile (its worker paused past its lease) is not run twice.
+    With jobs ahead, each worker holds up to ``ahead`` jobs claimed beyond the one it
+    runs, and a thread of the process's own writes what workers hand in (``submit``), with
+    the claims of the jobs each worker asked for, many in one transaction
+    (``claims.finish_and_claim_many``). Jobs are claimed ahead only for a worker whose last
+    job was quick (under ``QUICK`` seconds), and a job that runs longer than ``HOLD``
+    seconds gives them back, so that a long job never keeps others from idle workers for
+    long. A job held ahead is not started until the store says, at that moment, that its
+    worker still holds it and may start it (``begin``): the worker hands in the start with
+    its last result and waits for that one transaction. A job cancelled, of a queue paused
+    or at its limit, or held by a worker asked to stop, goes back without running; one
+    taken back meanwhile (its worker paused past its lease) is not run twice. Since every
+    start waits for a transaction either way, holding jobs ahead saves only the claims'
+    share of the work.
 
     Either way the rules are those of one result at a time, in the order handed in, and
     nobody waits for a batch to fill (holding results back a few milliseconds to gather
@@ -681,8 +677,7 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
-    ahead = conn.claim_ahead if options.ahead is None else options.ahead
-    results = Pipeline(ahead)
+    results = Pipeline(options.ahead)
     workers = [Worker(conn, options, shutdown, waker, echo, silence, results)
                for _ in range(options.concurrency)]
     previous = {

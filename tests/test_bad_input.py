@@ -145,6 +145,8 @@ CASES: dict[str, Case] = {
     "schedule-six-fields": Case(["schedule", "add", "s", "--cron", "0 * * * * *", "-c", "x"],
                                 "5 fields"),
     "schedule-reboot": Case(["schedule", "add", "s", "--cron", "@reboot", "-c", "x"], "aliases"),
+    "schedule-never-fires": Case(["schedule", "add", "s", "--cron", "0 0 31 2 *", "-c", "x"],
+                                 "never fires"),
     "schedule-empty-cron": Case(["schedule", "add", "s", "--cron", "", "-c", "x"], "5 fields"),
     "schedule-bad-timezone": Case(["schedule", "add", "s", "--cron", "@daily", "-c", "x",
                                    "--timezone", "Mars/Olympus"], "time zone"),

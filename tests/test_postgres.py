@@ -222,7 +222,7 @@ def test_quick_jobs_are_claimed_ahead_and_each_start_is_recorded(db, conn):
     then serves several). Each such claim says so, and the job's ``started`` event comes
     after the previous run ended and before its own did: one run at a time."""
     decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"q{n}") for n in range(8)])
-    result = queuectl("worker", "--burst")
+    result = queuectl("worker", "--burst", "--ahead", "16")
     assert result.returncode == 0, result.stderr
     events = _events(conn, "claimed", "started", "completed")
     ahead = [job for _, kind, job, body in events if kind == "claimed" and body.get("ahead")]
@@ -244,7 +244,7 @@ def test_a_long_job_gives_back_the_jobs_claimed_behind_it(db, conn):
     decisions.enqueue(conn, [decisions.JobSpec(command="true", id="quick")])
     decisions.enqueue(conn, [decisions.JobSpec(command="sleep 3", id="long")])
     decisions.enqueue(conn, [decisions.JobSpec(command="true", id=f"x{n}") for n in range(2)])
-    worker = spawn("worker", "--burst")
+    worker = spawn("worker", "--burst", "--ahead", "16")
     try:
         wait_for(lambda: _events(conn, "started"), what="the long job's start", timeout=30)
         assert conn.execute("SELECT current_job FROM workers").fetchone() == ("long",)

@@ -977,9 +977,10 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         "cycle", "empty_transaction", f"empty write transactions (lock, one read, commit), "
         f"{n:,}", empty, "tx/s", None,
         note="the ceiling of any cycle that commits once a job")]
-    # A PostgreSQL worker process writes its workers' results in batches (worker.Pipeline,
-    # with jobs claimed ahead): the batched cycle is its path, and what the target measures.
-    # A SQLite worker commits once a job.
+    # A worker process writes the results its workers hand in together, each with its
+    # worker's next claim, in one transaction (worker.Pipeline's group commit): on
+    # PostgreSQL, where a commit costs round trips, the batched cycle is what the target
+    # measures. A SQLite worker's commits take microseconds, one a job.
     batched_path = batched and ctx.backend == "postgres"
     rows += [] if not batched else [make_row(
         "cycle", "ledger_cycle_batched",

@@ -398,9 +398,6 @@ class PgDb:
 
     kind = "postgres"
     dialect = DIALECT
-    # Jobs claimed ahead for each worker (worker.Pipeline): at -c 2, 4000 `true` jobs ran at
-    # 670-1050 jobs/s against 400-610 with none (2 ahead: 690-990; 8: no better).
-    claim_ahead = 16
 
     def __init__(self, conn: Any, url: str, durable: bool = True) -> None:
         self.conn = conn

@@ -125,9 +125,6 @@ class SqliteDb(sqlite3.Connection):
 
     kind = "sqlite"
     dialect = DIALECT
-    # A commit takes microseconds in-process: each result claims the next job itself, in
-    # the worker's own thread. A results thread with jobs ahead cost 5-20% at -c 2.
-    claim_ahead = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
