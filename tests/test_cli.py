@@ -24,7 +24,7 @@ from queuectl import events as ev
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 ISO_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3,}Z$")
-RANDOM_ID = re.compile(r"^Job added successfully with ID: ([a-z0-9]{8})\n$")
+MADE_ID = re.compile(r"^Job added successfully with ID: ([1-9][0-9]*)\n$")
 
 DEFAULT_CONFIG = """\
 ===== CONFIGURATION =====
@@ -205,8 +205,8 @@ def test_enqueue_command_with_id(run, conn):
 
 
 def test_enqueue_random_id(run, conn):
-    first = RANDOM_ID.match(ok(run("enqueue", "-c", "echo Hello World")))
-    second = RANDOM_ID.match(ok(run("enqueue", "--command", "echo again")))
+    first = MADE_ID.match(ok(run("enqueue", "-c", "echo Hello World")))
+    second = MADE_ID.match(ok(run("enqueue", "--command", "echo again")))
     assert first and second
     assert first[1] != second[1]
     assert [j["id"] for j in jobs_json(run)] == [first[1], second[1]]
@@ -231,7 +231,7 @@ def test_enqueue_json_object(run):
 
 def test_enqueue_json_all_fields_and_random_id(run):
     out = ok(run("enqueue", '{"command":"echo x","max_retries":1,"timeout":4}'))
-    match = RANDOM_ID.match(out)
+    match = MADE_ID.match(out)
     assert match
     j = job(run, match[1])
     assert (j["command"], j["max_retries"], j["timeout"]) == ("echo x", 1, 4.0)
@@ -263,7 +263,7 @@ def test_enqueue_file(run, tmp_path):
     jobs = jobs_json(run)
     assert [j["command"] for j in jobs] == ["echo one", "echo two", "echo three"]
     assert [j["id"] for j in jobs][:2] == ["f1", "f2"]
-    assert re.fullmatch(r"[a-z0-9]{8}", jobs[2]["id"])
+    assert re.fullmatch(r"[1-9][0-9]*", jobs[2]["id"])
     assert jobs[1]["max_retries"] == 0
 
 

@@ -246,12 +246,13 @@ def test_the_live_view_follows_the_queue_and_ctrl_c_leaves_cleanly(run, conn):
             screen = term.shows(" slow ", "Workers: 1 active, 0 silent")
             row = next(line for line in screen.splitlines() if " slow " in line)
             assert row.split()[1:4] == ["active", row.split()[2], str(worker.pid)]
+            # The failure's row drawn whole too: the screen may be read mid-frame.
             screen = term.shows("completed: 4 ", "dead: 1 ",
                                 "runs ended in the last minute: 4 completed, 1 failed",
-                                "Workers: none active (1 stopped, not shown)")
+                                "Workers: none active (1 stopped, not shown)", "exit status 3")
         finally:
             worker.communicate(timeout=60)
-        # On PostgreSQL a job claimed ahead behind the slow one may be given back first.
+        # A job claimed ahead (worker --ahead) behind the slow one may be given back first.
         ended = int(re.search(r"Throughput (\d+) runs ended", screen)[1])  # type: ignore[index]
         back = re.search(r"(\d+) given back unstarted", screen)
         assert ended == 5 + (int(back[1]) if back else 0)
