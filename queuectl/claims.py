@@ -18,12 +18,12 @@ import msgspec
 from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, TIMED_SQL, ready_of
 from queuectl import clock, limits
 from queuectl import events as ev
-from queuectl.decisions import (
-    _cancel_dependents,
-    _cancel_now,
-    _cancelled_after_run,
-    _made_id,
-    _unblocked_by,
+from queuectl.cascade import (
+    cancel_dependents,
+    cancel_now,
+    cancelled_after_run,
+    made_id,
+    unblocked_by,
 )
 from queuectl.errors import Conflict
 from queuectl.ledger import append, next_seq, write
@@ -60,7 +60,7 @@ def worker_started(
             return found.fetchone() is not None
 
         if worker_id is None:
-            worker_id = _made_id(next_seq(conn), taken, "w")
+            worker_id = made_id(next_seq(conn), taken, "w")
         elif taken(worker_id):
             raise Conflict(f"Worker with ID '{worker_id}' already exists")
         append(conn, ev.WorkerStarted(worker_id=worker_id, pid=pid, host=host))
@@ -435,16 +435,16 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
         # Cancelled while it ran, but the run ended before its worker saw that:
         # the cancel still wins over a retry.
         settled()
-        events += _cancelled_after_run(conn, job.job_id)
+        events += cancelled_after_run(conn, job.job_id)
     elif isinstance(result, ev.Failed | ev.TimedOut):
         reason = result.error if isinstance(result, ev.Failed) else "timed out"
         events.append(retry_or_dead(job, at, reason))
     elif isinstance(result, ev.Completed) and held.has_dependents:
         settled()
-        events += _unblocked_by(conn, job.job_id)
+        events += unblocked_by(conn, job.job_id)
     elif isinstance(result, ev.Cancelled):
         settled()
-        events += _cancel_dependents(conn, job.job_id)
+        events += cancel_dependents(conn, job.job_id)
     held_back.extend(events)
     return events
 
@@ -474,7 +474,7 @@ def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known
         events: list[ev.Event] = [started]
     elif held.cancel_requested:
         settled()
-        events = _cancel_now(conn, job.job_id)
+        events = cancel_now(conn, job.job_id)
     else:
         events = [_released_ahead(job, started.worker_id, reason)]
     held_back.extend(events)
@@ -593,7 +593,7 @@ def rescue(conn: Db, silent: Iterable[tuple[str, str, str]],
             for row in held:
                 job = Claim(*row[:-2])
                 if row[-1] and row[-2]:  # held ahead, and a cancel asked for it
-                    events += _cancel_now(conn, job.job_id)
+                    events += cancel_now(conn, job.job_id)
                     continue
                 if row[-1]:
                     events.append(_released_ahead(
@@ -607,7 +607,7 @@ def rescue(conn: Db, silent: Iterable[tuple[str, str, str]],
                     )
                 )
                 if row[-2]:  # a cancel was waiting for that worker
-                    events += _cancelled_after_run(conn, job.job_id)
+                    events += cancelled_after_run(conn, job.job_id)
                 else:
                     events.append(retry_or_dead(job, at, "lease expired"))
             if not ran:

@@ -15,25 +15,25 @@ import msgspec
 from projections.jobs import INDEXED_STATES, UNIQUE_HELD
 from queuectl import clock, limits, settings
 from queuectl import events as ev
+from queuectl.cascade import (
+    BATCH,
+    ID,
+    cancel_now,
+    existing,
+    held_ahead,
+    made_id,
+    refuse_existing,
+    spell,
+)
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, next_seq, write
 from queuectl.reads import INDEXED, get_job
 from queuectl.states import CANCELLABLE, State, WorkerState
 from queuectl.store import Db
 
-BATCH = 2000  # ids per IN (...) query
 DEFAULT_QUEUE = "default"
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 _UNIQUE_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
-
-
-def spell(seq: int, prefix: str = "") -> str:
-    """The id made for the record a ledger event creates: the event's seq in plain decimal
-    (``1042``; a worker's with a ``w``: ``w17``), short to type as every shell queue's ids
-    are, and never repeated within a database whichever process made it. Ids sort by
-    number only among ids of as many digits: listings order by seq, never by id."""
-    return f"{prefix}{seq}"
 
 
 def queue_name_problem(name: str) -> str:
@@ -43,19 +43,9 @@ def queue_name_problem(name: str) -> str:
 
 
 def check_queue_name(name: str) -> str:
-    if not _ID.fullmatch(name):
+    if not ID.fullmatch(name):
         raise InvalidInput(queue_name_problem(name))
     return name
-
-
-def _made_id(seq: int, taken: Callable[[str], bool], prefix: str = "") -> str:
-    """``spell(seq)``, or after a clash with an id a user chose, the first free
-    ``spell(seq).N``."""
-    made = spell(seq, prefix)
-    n = 1
-    while taken(made):
-        made, n = f"{spell(seq, prefix)}.{n}", n + 1
-    return made
 
 
 # -- enqueue ------------------------------------------------------------------------------
@@ -120,14 +110,14 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
     if spec.after:
         spec.after = list(dict.fromkeys(spec.after))
     for dep in spec.after:
-        if not _ID.fullmatch(dep):
+        if not ID.fullmatch(dep):
             raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
     if spec.unique_key is not None and not _UNIQUE_KEY.fullmatch(spec.unique_key):
         raise InvalidInput(f"invalid job{where}: unique_key must be 1-255 characters, "
                            "none of them a control character")
-    if not _ID.fullmatch(spec.queue):
+    if not ID.fullmatch(spec.queue):
         raise InvalidInput(f"invalid job{where}: {queue_name_problem(spec.queue)}")
-    if spec.id is not None and not _ID.fullmatch(spec.id):
+    if spec.id is not None and not ID.fullmatch(spec.id):
         raise InvalidInput(
             f"invalid job{where}: id {spec.id!r} must be 1-128 letters, digits or ._:@/+- "
             "and start with a letter or digit"
@@ -180,7 +170,7 @@ def enqueue_unique(conn: Db, specs: Sequence[JobSpec], on_duplicate: str = "skip
                 else:
                     first_of[key] = i
             kept = [spec for spec, dup in zip(specs, duplicate, strict=True) if not dup]
-            made = iter(_enqueue(conn, kept) if kept else [])
+            made = iter(add_jobs(conn, kept) if kept else [])
             ids = [next(made) if not dup else "" for dup in duplicate]
             for i, spec in enumerate(specs):
                 if duplicate[i]:
@@ -189,16 +179,16 @@ def enqueue_unique(conn: Db, specs: Sequence[JobSpec], on_duplicate: str = "skip
             return ids, duplicate
     ordered = _dependency_order(specs)
     with write(conn):
-        return _enqueue(conn, specs, ordered), [False] * len(specs)
+        return add_jobs(conn, specs, ordered), [False] * len(specs)
 
 
-def _enqueue(conn: Db, specs: Sequence[JobSpec],
+def add_jobs(conn: Db, specs: Sequence[JobSpec],
              ordered: tuple[list[int], set[str]] | None = None) -> list[str]:
     """Write ``specs`` (none a duplicate) in the caller's write transaction; ``ordered``:
     their ``_dependency_order``, if worked out before the lock was taken."""
     order, outside = ordered or _dependency_order(specs)
     ids = [spec.id or "" for spec in specs]
-    _refuse_existing(conn, [spec.id for spec in specs if spec.id])
+    refuse_existing(conn, [spec.id for spec in specs if spec.id])
     _refuse_bad_deps(conn, outside)
     defaults = _defaults(settings.load(conn))
     now = conn.now()
@@ -206,11 +196,11 @@ def _enqueue(conn: Db, specs: Sequence[JobSpec],
     made = [i for i in order if not ids[i]]
     if made:
         seq_of = {i: first + position for position, i in enumerate(order)}
-        clashes = _existing(conn, [spell(seq_of[i]) for i in made])
+        clashes = existing(conn, [spell(seq_of[i]) for i in made])
         for i in made:
             ids[i] = spell(seq_of[i])
             if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
-                ids[i] = _made_id(seq_of[i], lambda job_id: bool(_existing(conn, [job_id])))
+                ids[i] = made_id(seq_of[i], lambda job_id: bool(existing(conn, [job_id])))
     append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
     return ids
 
@@ -287,15 +277,6 @@ def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) ->
     )
 
 
-def _existing(conn: Db, ids: Sequence[str]) -> set[str]:
-    found: set[str] = set()
-    for start in range(0, len(ids), BATCH):
-        chunk = ids[start : start + BATCH]
-        marks = ",".join("?" * len(chunk))
-        found.update(r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
-    return found
-
-
 def _holders(conn: Db, keys: Sequence[str]) -> dict[str, str]:
     """The unfinished job holding each of ``keys`` that one holds."""
     found: dict[str, str] = {}
@@ -307,13 +288,6 @@ def _holders(conn: Db, keys: Sequence[str]) -> dict[str, str]:
             f"SELECT unique_key, id FROM jobs {{jobs_unique_key}} "
             f"WHERE unique_key IN ({marks}) AND {UNIQUE_HELD}"), chunk).fetchall())
     return found
-
-
-def _refuse_existing(conn: Db, ids: Sequence[str]) -> None:
-    found = _existing(conn, ids)
-    if found:
-        first = next(job_id for job_id in ids if job_id in found)
-        raise Conflict(f"Job with ID '{first}' already exists")
 
 
 # -- config and control -------------------------------------------------------------------
@@ -401,33 +375,12 @@ def cancel(conn: Db, job_id: str) -> str:
                 f"Job {job_id} is {job['state']}; only pending, scheduled, waiting, failed "
                 "or running jobs can be cancelled"
             )
-        if job["state"] == State.PROCESSING and not _held_ahead(conn, job_id):
+        if job["state"] == State.PROCESSING and not held_ahead(conn, job_id):
             if not job["cancel_requested"]:
                 append(conn, ev.CancelRequested(job_id=job_id))
             return "requested"
-        append(conn, *_cancel_now(conn, job_id))
+        append(conn, *cancel_now(conn, job_id))
     return "cancelled"
-
-
-def _held_ahead(conn: Db, job_id: str) -> tuple[str, int] | None:
-    """(worker, attempt) of a job claimed ahead of its worker's current one and not yet
-    started; None for any other job."""
-    row = conn.execute("SELECT worker_id, attempts FROM jobs WHERE id = ? AND ahead != 0",
-                       (job_id,)).fetchone()
-    return (row[0], int(row[1])) if row else None
-
-
-def _cancel_now(conn: Db, job_id: str) -> list[ev.Event]:
-    """The events that cancel a job that is not running, and the jobs waiting on it. One
-    held ahead by a worker is given back first (its attempt not counted), so that it never
-    starts."""
-    events: list[ev.Event] = []
-    held = _held_ahead(conn, job_id)
-    if held is not None:
-        events.append(ev.Released(job_id=job_id, worker_id=held[0], attempt=held[1],
-                                  reason="cancelled before it started", ahead=True))
-    return [*events, ev.Cancelled(job_id=job_id, reason="cancelled by user"),
-            *_cancel_dependents(conn, job_id)]
 
 
 # -- bulk actions -------------------------------------------------------------------------
@@ -497,11 +450,11 @@ def cancel_all(conn: Db, state: str, queue: str | None = None,
         for _, job_id in rows:
             if job_id in done:  # cancelled already, waiting on one before it
                 continue
-            if state == State.PROCESSING and not _held_ahead(conn, job_id):
+            if state == State.PROCESSING and not held_ahead(conn, job_id):
                 append(conn, ev.CancelRequested(job_id=job_id))
                 requested += 1
                 continue
-            events = _cancel_now(conn, job_id)
+            events = cancel_now(conn, job_id)
             append(conn, *events)
             done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
             cancelled += sum(isinstance(e, ev.Cancelled) for e in events)
@@ -535,46 +488,3 @@ def dlq_retry_all(conn: Db, queue: str | None = None, batch: int = BULK_BATCH,
 
     _in_batches(conn, dry_run, step)
     return requeued, skipped
-
-
-# -- what follows from a job's end (also used by the worker's side) -----------------------
-
-
-def _cancelled_after_run(conn: Db, job_id: str) -> list[ev.Event]:
-    cancelled = ev.Cancelled(job_id=job_id, reason="cancelled by user while running")
-    return [cancelled, *_cancel_dependents(conn, job_id)]
-
-
-def _unblocked_by(conn: Db, job_id: str) -> list[ev.Event]:
-    """Waiting jobs whose last unfinished dependency is ``job_id`` (about to complete)."""
-    rows = conn.execute(
-        f"""SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
-        WHERE d.depends_on = ? AND j.state = '{State.WAITING}'
-        AND NOT EXISTS (
-            SELECT 1 FROM job_deps o JOIN jobs oj ON oj.id = o.depends_on
-            WHERE o.job_id = d.job_id AND o.depends_on != ? AND oj.state != '{State.COMPLETED}')
-        ORDER BY j.seq""",
-        (job_id, job_id),
-    ).fetchall()
-    return [ev.Unblocked(job_id=r[0], completed=job_id) for r in rows]
-
-
-def _cancel_dependents(conn: Db, job_id: str) -> list[ev.Event]:
-    """Cancel every waiting job that depends, directly or not, on a cancelled job."""
-    events: list[ev.Event] = []
-    queue_, done = [job_id], {job_id}
-    while queue_:
-        current = queue_.pop(0)
-        for (dependent,) in conn.execute(
-            f"""SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id
-            WHERE d.depends_on = ? AND j.state = '{State.WAITING}' ORDER BY j.seq""",
-            (current,),
-        ).fetchall():
-            if dependent not in done:
-                done.add(dependent)
-                queue_.append(dependent)
-                events.append(ev.Cancelled(
-                    job_id=dependent, reason=f"dependency {current} was cancelled"))
-    return events
-
-

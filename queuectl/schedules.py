@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, NamedTuple
 
-from queuectl import clock, decisions
+from queuectl import cascade, clock, decisions
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, write
@@ -68,7 +68,7 @@ def check_timezone(name: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not decisions._ID.fullmatch(name) or len(name) > _NAME_LIMIT or "@" in name:
+    if not cascade.ID.fullmatch(name) or len(name) > _NAME_LIMIT or "@" in name:
         raise InvalidInput(f"schedule name {name!r} must be 1-{_NAME_LIMIT} letters, digits "
                            "or ._:/+- and start with a letter or digit")
     return name
@@ -341,7 +341,7 @@ def _fire(conn: Db, row: dict[str, Any], due: Due) -> list[ev.Event]:
         state = conn.execute("SELECT state FROM jobs WHERE id = ?", (held,)).fetchone()
         if state is None or state[0] not in HOLDS_KEY:
             held = None
-    if held is None and decisions._existing(conn, [made]):
+    if held is None and cascade.existing(conn, [made]):
         skipped: ev.Event = ev.ScheduleSkipped(
             name=name, tick=tick, reason=f"job id {made} is taken", next_at=following,
             missed=missed)
@@ -359,5 +359,5 @@ def _fire(conn: Db, row: dict[str, Any], due: Due) -> list[ev.Event]:
     spec = decisions.JobSpec(command=row["command"], id=made, queue=row["queue"],
                              priority=row["priority"], max_retries=row["max_retries"],
                              backoff_base=row["backoff_base"], timeout=row["timeout"])
-    decisions._enqueue(conn, [spec])
+    decisions.add_jobs(conn, [spec])
     return [fired]

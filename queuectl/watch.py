@@ -61,7 +61,7 @@ def _since(start: str | None, now: str) -> float | None:
     return None if start is None else clock.seconds_between(start, now)
 
 
-def _failure(run: dict[str, Any]) -> str:
+def failure(run: dict[str, Any]) -> str:
     """What went wrong in a failed run, in a few words."""
     if run["outcome"] == "timed-out":
         return "timed out"
@@ -106,7 +106,7 @@ def view(snap: Snapshot, every: float, target: str):  # type: ignore[no-untyped-
         parts.append(Text("Newest failures: none"))
     else:
         rows = [[f["job_id"], f["queue"] or "-", f["attempt"], f["outcome"],
-                 age(_since(f["finished_at"], now)) + " ago", _failure(f)]
+                 age(_since(f["finished_at"], now)) + " ago", failure(f)]
                 for f in snap.failures]
         parts.append(render.table("Newest failures", ["Job", "Queue", "Attempt", "Outcome",
                                                       "When", "Error"], rows,

@@ -335,7 +335,7 @@ def _failures(conn: Db) -> list[dict[str, Any]]:
     found = reads.newest_failures(conn, watch.FAILURES)
     for run in found:
         run["ago"] = watch.age(clock.seconds_between(run["finished_at"], now))
-        run["error"] = watch._failure(run)  # the words the live view uses
+        run["error"] = watch.failure(run)  # the words the live view uses
     return found
 
 
