@@ -28,27 +28,6 @@ if TYPE_CHECKING:
     from queuectl.store import Db
 
 
-class Plus(int):
-    """A change that adds to a column (``jobs_done + 1``) instead of setting it."""
-
-
-_updates: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], str] = {}
-
-
-def update_sql(table: str, key: str, changes: dict[str, Any]) -> tuple[str, list[Any]]:
-    """``UPDATE table SET ... WHERE key = ?`` for a dict of changes, and its values (the key's
-    value to be appended by the caller)."""
-    adds: tuple[str, ...] = ()
-    if Plus in map(type, changes.values()):
-        adds = tuple(c for c, v in changes.items() if type(v) is Plus)
-    cache_key = (table, key, tuple(changes), adds)
-    sql = _updates.get(cache_key)
-    if sql is None:
-        assigns = ", ".join(f"{c} = {c} + ?" if c in adds else f"{c} = ?" for c in changes)
-        sql = _updates[cache_key] = f"UPDATE {table} SET {assigns} WHERE {key} = ?"
-    return sql, list(changes.values())
-
-
 # For a replay: the seq of the latest event of a type for a job, among the events replayed
 # so far (None if there is none). The ledger answers it from its own index on job_id, so
 # projections need no index of their own until the replay is over.
@@ -76,9 +55,8 @@ class Rows:
         where = rowid or key
         names = ", ".join(self.columns)
         self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
-        others = [c for c in self.columns if c != where]
-        self._update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in others)} "
-                        f"WHERE {where} = ?")
+        self._where = where
+        self._others = others = tuple(c for c in self.columns if c != where)
         self._values = operator.itemgetter(*self.columns)
         self._update_values = operator.itemgetter(*others, where)
         self.new: dict[Any, dict[str, Any]] = {}  # not in the table yet
@@ -108,8 +86,9 @@ class Rows:
     def flush(self) -> None:
         # New rows through the store's bulk path (COPY on PostgreSQL, where an INSERT each
         # made a replay five times slower than on SQLite).
-        self.tx.bulk_insert(self.table, self.columns, list(map(self._values, self.new.values())))
-        self.tx.executemany(self._update, map(self._update_values, self.read.values()))
+        self.tx.insert_many(self.table, self.columns, list(map(self._values, self.new.values())))
+        self.tx.update_many(self.table, self._where, self._others,
+                            list(map(self._update_values, self.read.values())))
         self.new.clear()  # cleared, not replaced: callers may hold their get methods
         self.read.clear()
         self.before.clear()

@@ -28,9 +28,5 @@ HANDLES = frozenset({ev.ConfigChanged})
 
 def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
     if isinstance(event, ev.ConfigChanged):
-        tx.change(
-            """INSERT INTO config (key, value, updated_at) VALUES (?, ?, ?)
-            ON CONFLICT (key) DO UPDATE SET value = excluded.value,
-                updated_at = excluded.updated_at""",
-            (event.key, event.value, at),
-        )
+        tx.insert("config", {"key": event.key, "value": event.value, "updated_at": at},
+                  key=("key",), clash="set")

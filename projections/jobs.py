@@ -23,7 +23,7 @@ from typing import Any
 import projections
 from queuectl import events as ev
 from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
-from queuectl.store import Db
+from queuectl.store import Db, index
 
 NAME = "jobs"
 VERSION = 12
@@ -40,12 +40,30 @@ TIMED_SQL = any_of(*TIMED)
 NAMED_READY_SQL = f"{CLAIMABLE_SQL} AND queue != '{DEFAULT_QUEUE}'"
 
 
+# Where a query reads jobs through one of INDEXES (see store.index).
+JOBS_READY = index("jobs_ready")
+JOBS_QUEUE_READY = index("jobs_queue_ready")
+JOBS_RUN_AT = index("jobs_run_at")
+JOBS_STATE = index("jobs_state")
+JOBS_UNIQUE_KEY = index("jobs_unique_key")
+
+# A job's dependencies as a JSON array of ids, sorted, as each store writes one (its
+# ``kind``): the ``after`` of a job read from ``jobs``.
+DEPENDENCIES = {
+    # The primary key (job_id, depends_on) is walked in order: the ids come sorted.
+    "sqlite": "(SELECT json_group_array(depends_on) FROM job_deps "
+              "WHERE job_deps.job_id = jobs.id)",
+    "postgres": "(SELECT coalesce(json_agg(depends_on ORDER BY depends_on), '[]')::text "
+                "FROM job_deps WHERE job_deps.job_id = jobs.id)",
+}
+
+
 def ready_of(queue: str) -> tuple[str, str]:
     """The index mark and the condition (with one ``?``, the queue) that find one queue's
     ready jobs through the index that holds them."""
     if queue == DEFAULT_QUEUE:
-        return "{jobs_ready}", f"queue = ? AND {CLAIMABLE_SQL}"
-    return "{jobs_queue_ready}", f"queue = ? AND {NAMED_READY_SQL}"
+        return JOBS_READY, f"queue = ? AND {CLAIMABLE_SQL}"
+    return JOBS_QUEUE_READY, f"queue = ? AND {NAMED_READY_SQL}"
 # Unfinished jobs hold their unique keys: the predicate of the jobs_unique_key index.
 UNIQUE_HELD = f"unique_key IS NOT NULL AND ({any_of(*HOLDS_KEY)})"
 # Jobs in the rarer states (list -s, rescue). Pending jobs are in jobs_ready and completed
@@ -121,13 +139,7 @@ _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries"
              "updated_at")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
           "exit_code": None, "last_error": None}
-_INSERT = f"INSERT INTO jobs ({', '.join(_ENQUEUED)}) VALUES ({', '.join('?' * len(_ENQUEUED))})"
-_COUNT = """INSERT INTO job_counts (queue, state, n) VALUES (?, ?, ?)
-    ON CONFLICT (queue, state) DO UPDATE SET n = job_counts.n + excluded.n"""
-# A queue's first job gives it a row for every state (the default queue has them from the
-# start), so that the counts' triggers only ever update rows.
-_QUEUE_ROWS = ("INSERT INTO job_counts (queue, state, n) VALUES "
-               + ", ".join("(?, ?, 0)" for _ in State) + " ON CONFLICT (queue, state) DO NOTHING")
+_COUNT_KEY = ("queue", "state")
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
 
@@ -290,23 +302,28 @@ def _unknown(job_id: str) -> LookupError:
 
 def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
     for dep in e.after:
-        tx.change("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", (e.job_id, dep))
+        tx.insert("job_deps", {"job_id": e.job_id, "depends_on": dep})
     blocked = bool(e.after) and tx.execute(_UNFINISHED_DEPS, (e.job_id,)).fetchone()[0] > 0
     row = _values(seq, at, e, blocked)
-    tx.change(_INSERT, row)
+    tx.insert("jobs", dict(zip(_ENQUEUED, row, strict=True)))
     _count(tx, e.queue, row[4], 1)
 
 
 def _count(tx: Db, queue: str, state: str, n: int) -> None:
     if queue != DEFAULT_QUEUE:
-        tx.change(_QUEUE_ROWS, [v for s in State for v in (queue, s.value)])
-    tx.change(_COUNT, (queue, state, n))
+        # A queue's first job gives it a row for every state (the default queue has them
+        # from the start), so that the counts' triggers only ever update rows.
+        for each in State:
+            tx.insert("job_counts", {"queue": queue, "state": each.value, "n": 0},
+                      key=_COUNT_KEY, clash="ignore")
+    tx.insert("job_counts", {"queue": queue, "state": state, "n": n}, key=_COUNT_KEY,
+              clash="add")
 
 
 def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
     rows = [_values(seq, at, e) for seq, at, e in batch]
-    tx.bulk_insert("jobs", _ENQUEUED, rows)
+    tx.insert_many("jobs", _ENQUEUED, rows)
     for (queue, state), n in Counter((row[3], row[4]) for row in rows).items():
         _count(tx, queue, state, n)
 
@@ -334,8 +351,8 @@ class _Current(Mapping[str, Any]):
 def _pruned(tx: Db, e: ev.Pruned) -> None:
     """Pruned jobs leave the tables (their counts with them, by trigger); their queues'
     count rows stay."""
-    tx.bulk_delete("job_deps", "job_id", e.jobs)
-    tx.bulk_delete("jobs", "id", e.jobs)
+    tx.delete("job_deps", "job_id", e.jobs)
+    tx.delete("jobs", "id", e.jobs)
 
 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
@@ -348,8 +365,7 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     job_id = e.job_id
     changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
     changes["updated_at"] = at
-    sql, values = projections.update_sql("jobs", "id", changes)
-    tx.change(sql, (*values, job_id), expect=1, otherwise=_unknown(job_id))
+    tx.update("jobs", {"id": job_id}, changes, missing=_unknown(job_id))
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
@@ -404,7 +420,7 @@ class Replay:
     def _enqueued(self, seq: int, at: str, e: ev.Enqueued) -> None:
         blocked = False
         if e.after:
-            self.tx.executemany("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)",
+            self.tx.insert_many("job_deps", ("job_id", "depends_on"),
                                 [(e.job_id, dep) for dep in e.after])
             for dep in e.after:  # as _UNFINISHED_DEPS: an unknown dependency holds nothing
                 row = self.rows.get(dep)
@@ -424,10 +440,10 @@ class Replay:
         """Write what is held, then ``job_counts``, counted once instead of per event."""
         self.flush()
         queues = {DEFAULT_QUEUE} | {queue for queue, _ in self.counts} | self.queues
-        self.tx.executemany(_SET_COUNT, [(queue, state.value, self.counts[queue, state.value])
-                                         for queue in sorted(queues) for state in State])
+        self.tx.insert_many("job_counts", ("queue", "state", "n"),
+                            [(queue, state.value, self.counts[queue, state.value])
+                             for queue in sorted(queues) for state in State],
+                            key=_COUNT_KEY, clash="set")
 
 
 _QUEUE_STATE = operator.itemgetter("queue", "state")
-_SET_COUNT = """INSERT INTO job_counts (queue, state, n) VALUES (?, ?, ?)
-    ON CONFLICT (queue, state) DO UPDATE SET n = excluded.n"""

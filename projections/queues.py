@@ -26,15 +26,13 @@ DDL = (
 
 HANDLES = frozenset({ev.QueuePaused, ev.QueueResumed, ev.QueueLimited})
 
-_SET = """INSERT INTO queues (name, {column}, updated_at) VALUES (?, ?, ?)
-    ON CONFLICT (name) DO UPDATE SET {column} = excluded.{column},
-        updated_at = excluded.updated_at"""
-_PAUSED = _SET.format(column="paused")
-_LIMITED = _SET.format(column="job_limit")
-
-
 def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
+    """The queue's row, made by its first such event; each sets only what it is about."""
     if isinstance(event, ev.QueueLimited):
-        tx.change(_LIMITED, (event.queue, event.limit, at))
+        row = {"name": event.queue, "job_limit": event.limit, "updated_at": at}
     elif isinstance(event, ev.QueuePaused | ev.QueueResumed):
-        tx.change(_PAUSED, (event.queue, int(isinstance(event, ev.QueuePaused)), at))
+        row = {"name": event.queue, "paused": int(isinstance(event, ev.QueuePaused)),
+               "updated_at": at}
+    else:
+        return
+    tx.insert("queues", row, key=("name",), clash="set")

@@ -21,7 +21,7 @@ from typing import Any
 
 import projections
 from queuectl import events as ev
-from queuectl.store import Db
+from queuectl.store import Db, index
 
 NAME = "runs"
 VERSION = 7
@@ -53,11 +53,10 @@ INDEXES = (
     "CREATE INDEX runs_wait ON runs (wait)",
 )
 
+RUNS_FINISHED = index("runs_finished")  # where a query reads runs by their end (INDEXES)
+
 COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
            "outcome", "exit_code", "duration", "dead")
-_INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_CLOSE = """UPDATE runs SET finished_at = ?, outcome = ?, exit_code = ?, duration = ?
-    WHERE job_id = ? AND finished_at IS NULL"""
 fromisoformat = datetime.fromisoformat
 PRUNED = "pruned:"  # run_counts of runs pruned (queuectl prune) from the table: pruned:<outcome>
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
@@ -130,20 +129,26 @@ HANDLES = frozenset({ev.Claimed, ev.Dead, ev.Pruned, *_OUTCOMES})  # the rest pa
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
-        tx.change(_INSERT, list(_run(seq, at, e).values()))
+        tx.insert("runs", _run(seq, at, e))
     elif kind is ev.Pruned:
         # Their runs leave the table; run_counts keep them, as all-time totals, and count
         # them again under pruned:<outcome>, so that stats knows which runs it still holds.
-        tx.bulk_delete("runs", "job_id", e.jobs)
+        tx.delete("runs", "job_id", e.jobs)
         for outcome, n in e.runs.items():
-            tx.change(_ADD.format("VALUES (?, ?)"), (PRUNED + outcome, n))
+            tx.insert("run_counts", {"outcome": PRUNED + outcome, "n": n}, key=("outcome",),
+                      clash="add")
     elif kind is ev.Dead:
         # A dead event always follows the event that closed the job's latest run.
-        tx.change(f"UPDATE runs SET dead = 1 WHERE seq = ({_LATEST})", (e.job_id,))
+        (latest,) = tx.execute(_LATEST, (e.job_id,)).fetchone()
+        if latest is not None:
+            tx.update("runs", {"seq": latest}, {"dead": 1})
     elif kind in _OUTCOMES:
         closed = _OUTCOMES[kind](e)
-        if closed is not None:
-            tx.change(_CLOSE, (at, *closed, e.job_id))
+        if closed is not None:  # a job has one open run at most: its latest
+            finished, outcome, code, duration = (at, *closed)
+            tx.update("runs", {"job_id": e.job_id, "finished_at": None},
+                      {"finished_at": finished, "outcome": outcome, "exit_code": code,
+                       "duration": duration}, unique=False)
 
 
 class Replay:
@@ -206,10 +211,9 @@ class Replay:
     def close(self) -> None:
         """Write what is held, then ``run_counts``, counted once instead of per event."""
         self.flush()
-        self.tx.executemany(
-            "INSERT INTO run_counts (outcome, n) VALUES (?, ?)",
-            [(k, n) for k, n in self.counts.items() if k is not None and n > 0],
-        )
+        self.tx.insert_many(
+            "run_counts", ("outcome", "n"),
+            [(k, n) for k, n in self.counts.items() if k is not None and n > 0])
 
 
 _DEAD = operator.itemgetter("dead")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import projections
 from queuectl import events as ev
 from queuectl.store import Db
 
@@ -44,9 +43,6 @@ DDL = (
 HANDLES = frozenset({ev.ScheduleAdded, ev.ScheduleRemoved, ev.SchedulePaused,
                      ev.ScheduleResumed, ev.ScheduleFired, ev.ScheduleSkipped})
 
-_ADD = """INSERT INTO schedules (name, cron, timezone, command, queue, priority, max_retries,
-    backoff_base, timeout, next_at, created_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 
 def _unknown(name: str) -> LookupError:
@@ -55,23 +51,26 @@ def _unknown(name: str) -> LookupError:
 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     if isinstance(e, ev.ScheduleAdded):
-        tx.change(_ADD, (e.name, e.cron, e.timezone, e.command, e.queue, e.priority,
-                         e.max_retries, e.backoff_base, e.timeout, e.next_at, at, at))
+        tx.insert("schedules", {
+            "name": e.name, "cron": e.cron, "timezone": e.timezone, "command": e.command,
+            "queue": e.queue, "priority": e.priority, "max_retries": e.max_retries,
+            "backoff_base": e.backoff_base, "timeout": e.timeout, "next_at": e.next_at,
+            "created_at": at, "updated_at": at})
         return
     if isinstance(e, ev.ScheduleRemoved):
-        tx.change("DELETE FROM schedules WHERE name = ?", (e.name,), expect=1,
-                  otherwise=_unknown(e.name))
+        tx.delete("schedules", "name", [e.name], missing=_unknown(e.name))
         return
     changes: dict[str, Any]
+    adds: dict[str, int] = {}
     if isinstance(e, ev.SchedulePaused):
         changes = {"paused": 1}
     elif isinstance(e, ev.ScheduleResumed):
         changes = {"paused": 0, "next_at": e.next_at}
     elif isinstance(e, ev.ScheduleFired):
-        changes = {"next_at": e.next_at, "last_tick": e.tick, "last_job": e.job_id,
-                   "fired": projections.Plus(1)}
+        changes = {"next_at": e.next_at, "last_tick": e.tick, "last_job": e.job_id}
+        adds = {"fired": 1}
     else:  # ScheduleSkipped
-        changes = {"next_at": e.next_at, "last_tick": e.tick, "skipped": projections.Plus(1)}
+        changes = {"next_at": e.next_at, "last_tick": e.tick}
+        adds = {"skipped": 1}
     changes["updated_at"] = at
-    sql, values = projections.update_sql("schedules", "name", changes)
-    tx.change(sql, (*values, e.name), expect=1, otherwise=_unknown(e.name))
+    tx.update("schedules", {"name": e.name}, changes, adds, missing=_unknown(e.name))

@@ -61,7 +61,10 @@ _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
                                      "stopped_at": at, "last_heartbeat": at},
 }
 # Runs a worker finished (when the change above applies): each adds one to its jobs_done.
-_DONE = frozenset({ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled})
+_ONE_DONE = {"jobs_done": 1}
+_DONE: dict[type, dict[str, int]] = {kind: _ONE_DONE for kind in (
+    ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled)}
+_NONE: dict[str, int] = {}
 
 
 def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
@@ -70,8 +73,6 @@ def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
             "current_job": None, "jobs_done": 0}
 
 
-# A stop request flags every worker active at that moment.
-_STOP = f"UPDATE workers SET stop_requested = 1 WHERE state = '{WorkerState.ACTIVE}'"
 
 HANDLES = frozenset({ev.WorkerStarted, ev.StopRequested, ev.Pruned, *_CHANGES})  # the rest pass by
 
@@ -90,27 +91,22 @@ def _snapshot(w: ev.PrunedWorker) -> dict[str, Any]:
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.WorkerStarted:
-        row = _row(at, e)
-        tx.change(f"INSERT INTO workers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                   list(row.values()))
+        tx.insert("workers", _row(at, e))
     elif kind is ev.StopRequested:
-        tx.change(_STOP)
+        _stop(tx)
     elif kind is ev.Pruned:
         for worker in e.workers:
-            sql, values = projections.update_sql("workers", "id", _snapshot(worker))
-            tx.change(sql, (*values, worker.worker_id))
+            tx.update("workers", {"id": worker.worker_id}, _snapshot(worker))
     else:
-        changes = _changes(kind, e, at)
+        changes = _CHANGES[kind](e, at)
         if changes is not None:
-            sql, values = projections.update_sql("workers", "id", changes)
-            tx.change(sql, (*values, e.worker_id))
+            tx.update("workers", {"id": e.worker_id}, changes, _DONE.get(kind, _NONE))
 
 
-def _changes(kind: type, e: Any, at: str) -> dict[str, Any] | None:
-    changes = _CHANGES[kind](e, at)
-    if changes is not None and kind in _DONE:
-        changes["jobs_done"] = projections.Plus(1)
-    return changes
+def _stop(tx: Db) -> None:
+    """A stop request flags every worker active at that moment."""
+    tx.update("workers", {"state": WorkerState.ACTIVE.value}, {"stop_requested": 1},
+              unique=False)
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
@@ -119,12 +115,11 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
     a change depends on its event alone, a later value replaces an earlier one, and
     additions add up. A start, a stop request or a pruned event writes what is merged
     first."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, tuple[dict[str, Any], dict[str, int]]] = {}
 
     def write() -> None:
-        for worker_id, changes in merged.items():
-            sql, values = projections.update_sql("workers", "id", changes)
-            tx.change(sql, (*values, worker_id))
+        for worker_id, (values, adds) in merged.items():
+            tx.update("workers", {"id": worker_id}, values, adds)
         merged.clear()
 
     for seq, at, event in batch:
@@ -134,14 +129,13 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
             write()
             apply(tx, seq, at, event)
             continue
-        changes = _changes(kind, e, at)
+        changes = _CHANGES[kind](e, at)
         if changes is None:
             continue
-        row = merged.setdefault(e.worker_id, {})
-        for column, value in changes.items():
-            if type(value) is projections.Plus and column in row:
-                value = projections.Plus(row[column] + value)
-            row[column] = value
+        values, adds = merged.setdefault(e.worker_id, ({}, {}))
+        values.update(changes)
+        for column, n in _DONE.get(kind, _NONE).items():
+            adds[column] = adds.get(column, 0) + n
     write()
 
 
@@ -181,7 +175,7 @@ class Replay:
 
     def _stop_requested(self, seq: int, at: str, e: ev.StopRequested) -> None:
         self.rows.flush()  # it reaches every active worker: let the table hold them all
-        self.tx.execute(_STOP)
+        _stop(self.tx)
 
     def flush(self) -> None:
         self.rows.flush()

@@ -15,7 +15,15 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, TIMED_SQL, ready_of
+from projections.jobs import (
+    CLAIMABLE_SQL,
+    INDEXED_STATES,
+    JOBS_READY,
+    JOBS_RUN_AT,
+    JOBS_STATE,
+    TIMED_SQL,
+    ready_of,
+)
 from queuectl import clock, limits
 from queuectl import events as ev
 from queuectl.cascade import (
@@ -115,7 +123,7 @@ def next_run_at(conn: Db, queues: Queues = None) -> str | None:
     pending jobs are eligible already, and a paused queue's never are."""
     where, params = _in(queues)
     return conn.execute(conn.dialect.sql(
-        f"""SELECT min(run_at) FROM jobs {{jobs_run_at}} WHERE {TIMED_SQL}{where}
+        f"""SELECT min(run_at) FROM jobs {JOBS_RUN_AT} WHERE {TIMED_SQL}{where}
         AND queue NOT IN ({_PAUSED})"""), params).fetchone()[0]
 
 
@@ -267,19 +275,27 @@ class _Known(msgspec.Struct):
 # then a queue): the best eligible jobs (their priority and seq kept to sort them, since a
 # UNION keeps no order), the jobs whose results or starts are recorded, the workers that may
 # not claim or start, and the queues whose rules a claim or start must keep.
-_KNOWN_JOBS = """SELECT 'j', id, state, worker_id, attempts, cancel_requested,
+def _known_jobs(n: int) -> str:
+    return f"""SELECT 'j', id, state, worker_id, attempts, cancel_requested,
     CASE WHEN EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) THEN 1 ELSE 0 END,
-    ahead, NULL, NULL, NULL, NULL, queue FROM jobs WHERE id IN ({marks})"""
-_KNOWN_REFUSED = f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-    NULL FROM workers WHERE id IN ({{marks}})
+    ahead, NULL, NULL, NULL, NULL, queue FROM jobs WHERE id IN ({_marks(n)})"""
+
+
+def _known_refused(n: int) -> str:
+    return f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL FROM workers WHERE id IN ({_marks(n)})
     AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
 # Usually none: a read of an empty table.
 _KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, NULL, NULL,
     NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
 # The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter, queue FROM (SELECT * FROM jobs
-    {{jobs_ready}} WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?)
+    {JOBS_READY} WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?)
     AS best"""
 
 
@@ -312,10 +328,12 @@ def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return [claim for _, claim in sorted(best)]
 
 
-# The best eligible jobs of every queue but some (for _ready_within).
-_READY_OPEN = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
-    backoff_base, timeout, backoff_max, backoff_jitter, queue FROM jobs {{{{jobs_ready}}}}
-    WHERE {CLAIMABLE_SQL} AND run_at <= ?{{closed}} ORDER BY priority DESC, seq LIMIT ?"""
+def _ready_open(closed: str) -> str:
+    """The best eligible jobs of every queue but some (for _ready_within): ``closed`` is
+    the condition that leaves those out."""
+    return (f"SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq, "
+            f"backoff_base, timeout, backoff_max, backoff_jitter, queue FROM jobs {JOBS_READY} "
+            f"WHERE {CLAIMABLE_SQL} AND run_at <= ?{closed} ORDER BY priority DESC, seq LIMIT ?")
 
 
 def running(conn: Db, queues: Collection[str]) -> dict[str, int]:
@@ -325,7 +343,7 @@ def running(conn: Db, queues: Collection[str]) -> dict[str, int]:
         return {}
     marks = ", ".join("?" * len(queues))
     found = conn.execute(conn.dialect.sql(
-        f"SELECT queue, count(*) FROM jobs {{jobs_state}} WHERE state = '{State.PROCESSING}' "
+        f"SELECT queue, count(*) FROM jobs {JOBS_STATE} WHERE state = '{State.PROCESSING}' "
         f"AND {INDEXED_STATES} AND ahead = 0 AND queue IN ({marks}) GROUP BY queue"),
         list(queues)).fetchall()
     return {queue: int(n) for queue, n in found}
@@ -364,7 +382,7 @@ def _ready_within(conn: Db, at: str, n: int, queues: Queues,
         ids = [row[0] for row in taken]
         where = "".join([f" AND queue NOT IN ({', '.join('?' * len(skip))})"] * bool(skip)
                         + [f" AND id NOT IN ({', '.join('?' * len(ids))})"] * bool(ids))
-        found = conn.execute(conn.dialect.sql(_READY_OPEN.format(closed=where)),
+        found = conn.execute(conn.dialect.sql(_ready_open(where)),
                              [at, *skip, *ids, n - len(taken)]).fetchall()
         filled = False
         for row in found:
@@ -392,12 +410,12 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
         params += ready_params
     if job_ids:  # before the workers' rows, whose columns are all NULL, for the same reason
         jobs = list(dict.fromkeys(job_ids))
-        parts.append(_KNOWN_JOBS.format(marks=", ".join("?" * len(jobs))))
+        parts.append(_known_jobs(len(jobs)))
         params += jobs
     # Each id once: a statement of fewer shapes, which the server plans fewer times.
     workers = list(dict.fromkeys([*claimers, *starters]))
     if workers:
-        parts.append(_KNOWN_REFUSED.format(marks=", ".join("?" * len(workers))))
+        parts.append(_known_refused(len(workers)))
         params += workers
     if parts:
         parts.append(_KNOWN_QUEUES)

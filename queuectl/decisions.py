@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from projections.jobs import INDEXED_STATES, UNIQUE_HELD
+from projections.jobs import INDEXED_STATES, JOBS_STATE, JOBS_UNIQUE_KEY, UNIQUE_HELD
 from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.cascade import (
@@ -285,7 +285,7 @@ def _holders(conn: Db, keys: Sequence[str]) -> dict[str, str]:
         chunk = distinct[start : start + BATCH]
         marks = ",".join("?" * len(chunk))
         found.update(conn.execute(conn.dialect.sql(
-            f"SELECT unique_key, id FROM jobs {{jobs_unique_key}} "
+            f"SELECT unique_key, id FROM jobs {JOBS_UNIQUE_KEY} "
             f"WHERE unique_key IN ({marks}) AND {UNIQUE_HELD}"), chunk).fetchall())
     return found
 
@@ -415,7 +415,7 @@ def _bulk_rows(conn: Db, state: str, queue: str | None, after: int, limit: int |
                columns: str = "seq, id") -> list[tuple[Any, ...]]:
     """Jobs in ``state`` (of ``queue``) after seq ``after``, oldest first; a running job
     whose cancel was asked for already is not one to ask again."""
-    where = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}" if state in INDEXED \
+    where = f"{JOBS_STATE} WHERE state = ? AND {INDEXED_STATES}" if state in INDEXED \
         else "WHERE state = ?"
     where += " AND seq > ?"
     params: list[Any] = [state, after]

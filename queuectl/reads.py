@@ -9,8 +9,15 @@ from typing import Any
 
 import msgspec
 
-from projections.jobs import CLAIMABLE_SQL, INDEXED_STATES, ready_of
-from projections.runs import PRUNED
+from projections.jobs import (
+    CLAIMABLE_SQL,
+    DEPENDENCIES,
+    INDEXED_STATES,
+    JOBS_READY,
+    JOBS_STATE,
+    ready_of,
+)
+from projections.runs import PRUNED, RUNS_FINISHED
 from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import InvalidInput, NotFound
@@ -22,12 +29,14 @@ EVERY = 2**62  # a LIMIT that every store reads as "no limit"
 INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State.DEAD,
            State.CANCELLED)  # the states jobs_state holds
 
-JOB_FIELDS = (
+_JOB_COLUMNS = (
     "id, command, queue, state, priority, attempts, max_retries, backoff_base, backoff_max, "
     "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
-    "unique_key, created_at, updated_at, "
-    "{dependencies} AS after"  # a JSON array of ids, each store's own way (store.Dialect)
+    "unique_key, created_at, updated_at"
 )
+# What a job read gives, by store kind: its dependencies are a JSON array of ids, which
+# each store writes its own way (projections.jobs.DEPENDENCIES).
+JOB_FIELDS = {kind: f"{_JOB_COLUMNS}, {deps} AS after" for kind, deps in DEPENDENCIES.items()}
 
 
 def _dicts(cursor: Cursor) -> list[dict[str, Any]]:
@@ -74,7 +83,7 @@ def _is_utf8(text: str) -> bool:
 
 def get_job(conn: Db, job_id: str) -> dict[str, Any]:
     check_job_id(job_id)
-    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs WHERE id = ?")
+    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS[conn.kind]} FROM jobs WHERE id = ?")
     rows = _dicts_jobs(conn.execute(sql, (job_id,)))
     if not rows:
         raise _not_found(conn, job_id)
@@ -92,14 +101,14 @@ def list_jobs(
         where, order = f"{index} WHERE state = ? AND {ready}", "priority DESC, seq"
         params, queue = (state, queue), None  # the queue is in the condition already
     elif state == State.PENDING:
-        where, order = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", "priority DESC, seq"
+        where, order = f"{JOBS_READY} WHERE state = ? AND {CLAIMABLE_SQL}", "priority DESC, seq"
     elif state in INDEXED:
-        where, order = f"{{jobs_state}} WHERE state = ? AND {INDEXED_STATES}", "seq"
+        where, order = f"{JOBS_STATE} WHERE state = ? AND {INDEXED_STATES}", "seq"
     else:  # all jobs, or completed ones: rows are stored oldest first
         where, order = ("WHERE state = ?" if state else "WHERE 1 = 1"), "seq"
     if queue:
         where, params = f"{where} AND queue = ?", (*params, queue)
-    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS} FROM jobs {where} ORDER BY {order} LIMIT ?")
+    sql = conn.dialect.sql(f"SELECT {JOB_FIELDS[conn.kind]} FROM jobs {where} ORDER BY {order} LIMIT ?")
     return _dicts_jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
 
 
@@ -321,7 +330,7 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
         minutes = (clock.seconds_between(span[0], span[1]) / 60) if span[0] and span[1] else 0
         # Within a window, walk the window's runs: the planner would rather walk runs_duration
         # down from its top, which passes every run when the window holds none.
-        within = "{runs_finished}" if fin_where else ""
+        within = RUNS_FINISHED if fin_where else ""
         max_run = conn.execute(conn.dialect.sql(
             f"SELECT max(duration) FROM runs {within} WHERE duration IS NOT NULL {fin_where}"),
             fin_params,
@@ -384,7 +393,7 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
     where = "seq < ?"
     if state in INDEXED:
         where, params = f"state = ? AND {INDEXED_STATES} AND {where}", [state, *params]
-        index = "{jobs_state}"
+        index = JOBS_STATE
     else:
         index = ""  # every job, or pending or completed ones: rows lie in seq order
     found, found_params = [], []
@@ -445,7 +454,7 @@ def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
         index, ready = ready_of(queue)
         where, params = f"{index} WHERE state = ? AND {ready}", [State.PENDING, queue]
     else:
-        where, params = f"{{jobs_ready}} WHERE state = ? AND {CLAIMABLE_SQL}", [State.PENDING]
+        where, params = f"{JOBS_READY} WHERE state = ? AND {CLAIMABLE_SQL}", [State.PENDING]
 
     def page(after: str, *more: Any) -> list[dict[str, Any]]:
         sql = f"SELECT {LIST_FIELDS} FROM jobs {where} {after} ORDER BY priority DESC, seq LIMIT ?"
@@ -483,7 +492,7 @@ def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
     now = conn.now()
     since = clock.after(now, -minutes * 60)
     rows = conn.execute(conn.dialect.sql(
-        "SELECT finished_at, outcome, wait, duration FROM runs {runs_finished} "
+        f"SELECT finished_at, outcome, wait, duration FROM runs {RUNS_FINISHED} "
         "WHERE finished_at >= ? ORDER BY finished_at DESC LIMIT ?"),
         (since, ACTIVITY_RUNS + 1)).fetchall()
     capped = len(rows) > ACTIVITY_RUNS
@@ -544,7 +553,7 @@ def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
     runs estimated it past its JIT threshold and compiled it, which took longer than the
     counting."""
     ends = [clock.after(now, -60.0 * k) for k in range(minutes, -1, -1)]
-    sql = conn.dialect.sql("SELECT count(*) FROM runs {runs_finished} "
+    sql = conn.dialect.sql(f"SELECT count(*) FROM runs {RUNS_FINISHED} "
                            "WHERE finished_at >= ? AND finished_at < ?")
     return [int(conn.execute(sql, (start, end)).fetchone()[0])
             for start, end in zip(ends, ends[1:], strict=False)]
@@ -555,7 +564,7 @@ def finished_since(conn: Db, since: str, now: str) -> dict[str, int]:
     Both ends are given: without statistics, PostgreSQL's planner takes a range open at one
     end for a third of the table and scans it all."""
     return {outcome: int(n) for outcome, n in conn.execute(conn.dialect.sql(
-        "SELECT outcome, count(*) FROM runs {runs_finished} "
+        f"SELECT outcome, count(*) FROM runs {RUNS_FINISHED} "
         "WHERE finished_at >= ? AND finished_at <= ? GROUP BY outcome"), (since, now)).fetchall()}
 
 
@@ -568,7 +577,7 @@ def newest_failures(conn: Db, limit: int = 5) -> list[dict[str, Any]]:
         f"""SELECT f.job_id, f.attempt, f.worker_id, f.finished_at, f.outcome, f.exit_code,
             j.queue, j.last_error
         FROM (SELECT * FROM (SELECT job_id, attempt, worker_id, finished_at, outcome, exit_code
-                             FROM runs {{runs_finished}} WHERE finished_at IS NOT NULL
+                             FROM runs {RUNS_FINISHED} WHERE finished_at IS NOT NULL
                              ORDER BY finished_at DESC LIMIT ?) AS recent
               WHERE outcome IN ({outcomes}) ORDER BY finished_at DESC LIMIT ?) AS f
         LEFT JOIN jobs AS j ON j.id = f.job_id

@@ -261,15 +261,15 @@ def test_an_unfinished_prune_leaves_the_ledger_whole_and_the_next_one_finishes(
     (never in neither), and the next prune moves them once."""
     busy(conn)
     seqs = ledger_seqs(conn)
-    real = type(conn).bulk_delete
+    real = type(conn).delete
 
-    def failing(self: Any, table: str, column: str, keys: Any) -> None:
+    def failing(self: Any, table: str, column: str, keys: Any, **options: Any) -> None:
         if table == "events":
             raise OSError("disk gone")
-        real(self, table, column, keys)
+        real(self, table, column, keys, **options)
 
     with monkeypatch.context() as patch, pytest.raises(OSError):
-        patch.setattr(type(conn), "bulk_delete", failing)
+        patch.setattr(type(conn), "delete", failing)
         retention.prune(conn, retention.cutoff(conn, "0s"))
     assert ledger_seqs(conn) == seqs
     assert [j["id"] for j in reads.list_jobs(conn)] == ["a", "b", "bad", "child", "gone", "later"]

@@ -15,12 +15,15 @@ anything else is the path of a SQLite file.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
+
+from queuectl.store.statements import Clash
 
 DEFAULT = str(Path("data") / "queue.db")
 
@@ -53,7 +56,12 @@ class Waker(Protocol):
 
 
 class Db(Protocol):
-    """One connection to a store."""
+    """One connection to a store: everything the rest of queuectl calls on one.
+
+    Projectors hand it their changes as data (``insert``, ``update``, ``delete``) and each
+    store turns them into its own statements; reads are SQL with ``?`` placeholders
+    (``execute``), written once for both stores with ``Dialect`` marks where they differ.
+    """
 
     @property
     def kind(self) -> str:
@@ -64,14 +72,36 @@ class Db(Protocol):
     @property
     def dialect(self) -> Dialect: ...
     @property
+    def generation(self) -> int:
+        """How many times this connection was opened again (``reconnect``): a caller that
+        saw another generation may have missed the outcome of a commit."""
+    @property
     def in_transaction(self) -> bool: ...
-    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
-    def executemany(self, sql: str, rows: Any, /) -> Any: ...
-    def change(self, sql: str, parameters: Any = (), expect: int | None = None,
-               otherwise: Exception | None = None) -> None:
-        """A write whose result no one reads (a projector's INSERT or UPDATE). A store may
-        send it later, with the next read or the commit; if ``expect`` rows were not
-        changed, ``otherwise`` is raised then, inside the same transaction."""
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any:
+        """A read (or the ledger's own bookkeeping): ``?`` placeholders."""
+    def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
+               clash: Clash = "fail") -> None:
+        """A new row of ``table``; on a row with the same ``key`` there already, ``clash``
+        says what happens (``statements.Clash``). A store may send it later, with the next
+        read or the commit."""
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                    *, key: Sequence[str] = (), clash: Clash = "fail") -> None:
+        """Many new rows at once (a bulk enqueue, a replay), as fast as the store can."""
+    def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = ...,
+               add: Mapping[str, Any] = ..., *, unique: bool = True,
+               missing: Exception | None = None) -> None:
+        """The rows whose columns equal ``where``'s values (None: NULL) take ``set_``'s
+        values and have ``add``'s added to theirs. ``unique``: ``where`` names one row at
+        most (a key), so that a store may write a run of such updates as one statement.
+        ``missing``: raised, inside the transaction, if no row matched. A store may send it
+        later, with the next read or the commit."""
+    def update_many(self, table: str, key: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]]) -> None:
+        """Rows written back whole (each row: its ``columns``' values, then its ``key``)."""
+    def delete(self, table: str, column: str, keys: Sequence[Any], *,
+               missing: Exception | None = None) -> None:
+        """Delete the rows whose ``column`` is one of ``keys``; ``missing``: raised if fewer
+        rows than keys went."""
     def transaction(self) -> AbstractContextManager[Any]:
         """One write transaction: commit on success, roll back on any exception."""
     def snapshot(self) -> AbstractContextManager[Any]:
@@ -83,11 +113,6 @@ class Db(Protocol):
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
                       ) -> int:
         """Add ledger rows (type, job id, worker id, body) at ``at``; returns the first seq."""
-    def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Many new rows of one table at once (a bulk enqueue), as fast as the store can."""
-    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
-        """Delete the rows of ``table`` whose ``column`` is one of ``keys`` (a prune), as
-        fast as the store can."""
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         """Add ledger rows that carry their own seq and time (a ledger imported into an empty
         store), inside a write transaction; the seqs must follow the ledger's last."""
@@ -107,48 +132,45 @@ class Db(Protocol):
         claimable (a place under a queue's limit): idle workers are woken at its commit."""
     def for_worker(self) -> None:
         """Tune this connection for a worker's many small commits."""
+    def reconnect(self) -> None:
+        """A new connection in place of a lost one (``generation`` goes up);
+        StoreUnavailable while the store is still away. SQLite's file is never away."""
     def close(self) -> None: ...
 
 
-class Dialect:
-    """The SQL of one store, where it cannot be portable.
+def index(name: str) -> str:
+    """The mark a query puts after a table it should read through the index ``name``: each
+    store's ``Dialect.sql`` turns it into its own (SQLite's ``INDEXED BY``); anywhere else
+    it is a comment. A plain SQL comment: it cannot clash with anything a query holds."""
+    return f"/*index:{name}*/"
 
-    Queries are written once with ``{name}`` marks: an index name where SQLite needs a hint
-    (``INDEXED BY name``), or one of the ``terms`` each store spells its own way (the
-    ``{dependencies}`` of a job, as a JSON array). ``sql`` fills them in for this store,
-    once per query text.
-    """
+
+_INDEX = re.compile(r"/\*index:(\w+)\*/")
+
+
+class Dialect:
+    """The SQL of one store, where it cannot be portable: index marks (``index``) and
+    the column types of DDL."""
 
     name = ""
-    terms: dict[str, str] = {}
 
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}
 
     def hint(self, index: str) -> str:
+        """What an index mark becomes: nothing where the planner chooses for itself."""
         return ""
 
-    def term(self, name: str) -> str:
-        return self.terms[name] if name in self.terms else self.hint(name)
-
-    def sql(self, template: str) -> str:
-        found = self._cache.get(template)
+    def sql(self, text: str) -> str:
+        """``text`` with its index marks as this store reads them, once per query text."""
+        found = self._cache.get(text)
         if found is None:
-            found = self._cache[template] = template.format_map(_Hints(self))
+            found = self._cache[text] = _INDEX.sub(lambda m: self.hint(m[1]), text)
         return found
 
     def ddl(self, statement: str) -> str:
         """A CREATE statement written for SQLite, in this store's own types."""
         return statement
-
-
-class _Hints(dict):  # type: ignore[type-arg]
-    def __init__(self, dialect: Dialect) -> None:
-        super().__init__()
-        self.dialect = dialect
-
-    def __missing__(self, name: str) -> str:
-        return self.dialect.term(name)
 
 
 def default_target() -> str:
@@ -171,6 +193,13 @@ def connect(target: str | Path | None = None, *, durable: bool = True, create: b
     from queuectl.store import sqlite
 
     return sqlite.connect(Path(target), durable=durable, create=create)
+
+
+def memory() -> Db:
+    """A store in memory, gone when closed: a replay set aside (``ledger.check``)."""
+    from queuectl.store import sqlite
+
+    return sqlite.memory()
 
 
 def read_once(target: str | Path, sql: str, params: tuple[Any, ...]

@@ -28,7 +28,7 @@ import re
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import Enum
@@ -37,7 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
-from queuectl.store import PROCESS_LOCK, Dialect
+from queuectl.store import PROCESS_LOCK, Dialect, statements
+from queuectl.store.statements import Clash
 
 CHANNEL = "queuectl"
 SCHEMA_VERSION = 3  # 3: the archive, and pruning's permit
@@ -112,10 +113,6 @@ OURS = {"events", "queuectl_head", "projection_meta", "archived_events"}
 
 class PgDialect(Dialect):
     name = "postgres"
-    terms = {
-        "dependencies": "(SELECT coalesce(json_agg(depends_on ORDER BY depends_on), '[]')::text "
-                        "FROM job_deps WHERE job_deps.job_id = jobs.id)",
-    }
     _TYPES = re.compile(r"\b(INTEGER|REAL|TEXT)\b")
 
     def ddl(self, statement: str) -> str:
@@ -308,19 +305,25 @@ class _Write:
 
 
 class _Shape:
-    """What several one-row writes of the same statement become as one: an INSERT of one
-    row, as one INSERT of many; an UPDATE of one row by its key (``projections.update_sql``
-    writes them), as one UPDATE of the rows' keys (see ``many``). One statement in place of n
-    saves the server n - 1 executor start-ups; the rows and their triggers are the same.
-    Two UPDATEs of the same row never join: the second must see the first."""
+    """One kind of change (``Db.insert`` into one table of the same columns, or
+    ``Db.update`` of one table by its key, setting and adding the same columns), with its
+    one-row statement; a run of such changes goes as one statement of many rows (see
+    ``many``). One statement in place of n saves the server n - 1 executor start-ups; the
+    rows and their triggers are the same. Two updates of the same row never join: the
+    second must see the first."""
 
-    def __init__(self, table: str, columns: tuple[str, ...], adds: tuple[bool, ...] = (),
-                 key: str | None = None) -> None:
-        self.table, self.columns, self.adds, self.key = table, columns, adds, key
+    def __init__(self, sql: str, table: str, columns: tuple[str, ...],
+                 adds: tuple[bool, ...] = (), key: str | None = None,
+                 joinable: bool = True, suffix: str = "") -> None:
+        self.sql, self.table, self.columns, self.adds, self.key = sql, table, columns, adds, key
+        self.joinable = joinable
+        self.suffix = suffix  # what follows an INSERT's rows (ON CONFLICT ... DO NOTHING)
         self._many: dict[int, tuple[str, list[tuple[int, int]]]] = {}
 
     def joins(self, write: _Write, row: Sequence[Any]) -> bool:
         """Whether ``row`` may go in the same statement as ``write``'s rows."""
+        if not self.joinable:
+            return False
         if self.key is None:
             return True
         if write.keys is None:
@@ -344,7 +347,7 @@ class _Shape:
         if self.key is None:
             row = f"({', '.join('?' * len(self.columns))})"
             sql = (f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
-                   f"VALUES {', '.join([row] * n)}")
+                   f"VALUES {', '.join([row] * n)}{self.suffix}")
             order = [(r, c) for r in range(n) for c in range(len(self.columns))]
         else:
             key = len(self.columns)  # the key's value comes last in the one-row statement
@@ -364,33 +367,39 @@ class _Shape:
         return sql, order
 
 
-_INSERT_ONE = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \(\?(?:, \?)*\)")
-# Only an UPDATE whose key alone names its row: with a further condition (the runs of a
-# job, the open one) the key is not unique, and an IN list of them was planned as a scan of
-# the whole table while it was young, a plan a prepared statement then kept.
-_UPDATE_ONE = re.compile(r"UPDATE (\w+) SET ([\w ,=+?]+?) WHERE (\w+) = \?")
-_ASSIGN = re.compile(r"(\w+) = (?:(\w+) \+ )?\?")
-_SHAPES: dict[str, _Shape | None] = {}
+_SHAPES: dict[tuple[Any, ...], _Shape] = {}
 
 
-def _shape(sql: str) -> _Shape | None:
-    """The ``_Shape`` of a one-row write, or None for any other statement."""
-    if sql in _SHAPES:
-        return _SHAPES[sql]
-    shape = None
-    text = " ".join(sql.split())
-    if match := _INSERT_ONE.fullmatch(text):
-        columns = tuple(c.strip() for c in match[2].split(","))
-        if len(columns) == text.count("?"):
-            shape = _Shape(match[1], columns)
-    elif match := _UPDATE_ONE.fullmatch(text):
-        assigns = [_ASSIGN.fullmatch(part.strip()) for part in match[2].split(",")]
-        if all(a is not None and a[2] in (None, a[1]) for a in assigns):
-            shape = _Shape(match[1], tuple(a[1] for a in assigns if a),
-                           tuple(a[2] is not None for a in assigns if a), match[3])
-    if len(_SHAPES) < 1024:
-        _SHAPES[sql] = shape
-    return shape
+def _insert_shape(table: str, columns: tuple[str, ...], key: tuple[str, ...],
+                  clash: Clash) -> _Shape:
+    """Inserts join unless a clash would update a row: two rows of one statement may not
+    both update the same one."""
+    found = _SHAPES.get(("insert", table, columns, key, clash))
+    if found is None:
+        sql = statements.insert(table, columns, key, clash)
+        plain = statements.insert(table, columns)
+        found = _SHAPES[("insert", table, columns, key, clash)] = _Shape(
+            sql, table, columns, joinable=clash in ("fail", "ignore"),
+            suffix=sql[len(plain):])
+    return found
+
+
+def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple[str, ...],
+                  add: tuple[str, ...], unique: bool) -> _Shape:
+    """Updates join only when each names its row by a key alone: with a further condition
+    (a job's open run) an IN list of keys was planned as a scan of the whole table while it
+    was young, a plan a prepared statement then kept."""
+    found = _SHAPES.get(("update", table, matched, set_, add, unique))
+    if found is None:
+        by_key = unique and len(matched) == 1 and not matched[0][1]
+        found = _SHAPES[("update", table, matched, set_, add, unique)] = _Shape(
+            statements.update(table, matched, set_, add), table, (*set_, *add),
+            (False,) * len(set_) + (True,) * len(add), matched[0][0] if by_key else None,
+            joinable=by_key)
+    return found
+
+
+_NONE: Mapping[str, Any] = {}
 
 
 class PgDb:
@@ -434,40 +443,71 @@ class PgDb:
             return self._send(self._inline(sql, parameters))
         return self._direct(sql)
 
-    def executemany(self, sql: str, rows: Any, /) -> Any:
-        rows = list(rows)
+    def _hold(self, sql: str, parameters: Sequence[Any] = (),
+              consume: Callable[[Any], None] | None = None) -> None:
+        """A statement of the store's own (BEGIN, the head's lock) held until the next one
+        that must be answered, and sent with it as one query; ``consume`` is given its
+        result."""
+        self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume))
+
+    def _held(self, shape: _Shape, parameters: tuple[Any, ...],
+              missing: Exception | None = None) -> None:
+        """A projector's change, held until the next statement that must be answered, and
+        then sent with it as one query: a projector's writes for one event cost no round
+        trip of their own. A run of changes of one ``_Shape`` goes as one statement.
+        ``missing`` is checked by the server (``queuectl_expect``): a change that matched
+        no row fails the statement, and with it the rest of the transaction, before any
+        COMMIT sent in the same query can run."""
+        expect = None if missing is None else 1
+        last = self._pending[-1] if self._pending else None
+        if (last is not None and last.shape is shape and last.expect == expect
+                and shape.joins(last, parameters)):
+            last.rows.append(parameters)
+            last.otherwise.append(missing)
+            return
+        self._pending.append(_Write(shape.sql, shape, [parameters], expect, [missing], None))
+
+    def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
+               clash: Clash = "fail") -> None:
+        self._held(_insert_shape(table, tuple(row), tuple(key), clash), tuple(row.values()))
+
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                    *, key: Sequence[str] = (), clash: Clash = "fail") -> None:
+        """COPY, not one INSERT a row, unless a row may clash with one there already."""
+        if clash == "fail":
+            self._copy(table, columns, rows)
+        elif rows:
+            self._flush()
+            sql = statements.insert(table, tuple(columns), tuple(key), clash)
+            try:
+                self.conn.cursor().executemany(_translated(sql), rows)
+            except _driver().OperationalError as exc:
+                raise self._failure(exc) from exc
+
+    def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
+               add: Mapping[str, Any] = _NONE, *, unique: bool = True,
+               missing: Exception | None = None) -> None:
+        matched, values = statements.update_values(where, set_, add)
+        self._held(_update_shape(table, matched, tuple(set_), tuple(add), unique),
+                   tuple(values), missing)
+
+    def update_many(self, table: str, key: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
-            return None
+            return
         self._flush()
         try:
-            cursor = self.conn.cursor()
-            cursor.executemany(_translated(sql), rows)
-            return cursor
+            self.conn.cursor().executemany(
+                _translated(statements.update_by(table, key, tuple(columns))), rows)
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
-    def change(self, sql: str, parameters: Sequence[Any] = (), expect: int | None = None,
-               otherwise: Exception | None = None,
-               consume: Callable[[Any], None] | None = None) -> None:
-        """Held until the next statement that must be answered, and then sent with it as
-        one query: a projector's writes for one event cost no round trip of their own.
-        ``expect`` is checked by the server (``queuectl_expect``): a write that changed
-        other rows fails the statement, and with it the rest of the transaction, before any
-        COMMIT sent in the same query can run. ``consume`` is given the statement's result.
-
-        Writes of one row of one shape that follow each other (the claims of a batch: an
-        UPDATE of each job, an INSERT of each run) are sent as one statement of many rows,
-        as long as no two of them change the same row (``_Shape``)."""
-        parameters = tuple(parameters)
-        last = self._pending[-1] if self._pending else None
-        if (last is not None and last.sql == sql and last.shape is not None
-                and last.expect == expect and consume is None
-                and last.shape.joins(last, parameters)):
-            last.rows.append(parameters)
-            last.otherwise.append(otherwise)
-            return
-        shape = _shape(sql) if consume is None and expect in (None, 1) else None
-        self._pending.append(_Write(sql, shape, [parameters], expect, [otherwise], consume))
+    def delete(self, table: str, column: str, keys: Sequence[Any], *,
+               missing: Exception | None = None) -> None:
+        """One statement with the keys as an array, not one statement a key."""
+        gone = self._with_array(f"DELETE FROM {table} WHERE {column} = ANY(%s)", keys)
+        if missing is not None and gone < len(keys):
+            raise missing
 
     def _render(self, write: _Write) -> str:
         """A held write as the text sent: one row as ``EXECUTE`` of a prepared statement;
@@ -614,13 +654,13 @@ class PgDb:
             self._pending = []
             self._appended = self._wakes = False
             try:
-                self.change("BEGIN")
-                self.change("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
+                self._hold("BEGIN")
+                self._hold("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
                 yield self
                 if self._appended:
-                    self.change("UPDATE queuectl_head SET seq = ?", (self._last(),))
+                    self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
                     if self._wakes:
-                        self.change(f"NOTIFY {CHANNEL}")
+                        self._hold(f"NOTIFY {CHANNEL}")
                 self.execute("COMMIT")
             except BaseException:
                 self._pending = []
@@ -709,9 +749,9 @@ class PgDb:
         first = self._head + 1
         if len(rows) <= 100:
             values = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in rows)
-            self.change(f"INSERT INTO events (seq, at, type, job_id, worker_id, body) "
-                        f"VALUES {values}",
-                        [x for n, row in enumerate(rows) for x in (first + n, at, *row)])
+            self._hold(f"INSERT INTO events (seq, at, type, job_id, worker_id, body) "
+                       f"VALUES {values}",
+                       [x for n, row in enumerate(rows) for x in (first + n, at, *row)])
         else:  # a bulk enqueue: COPY writes rows at a fraction of the cost
             self._copy("events", EVENT_COLUMNS,
                        ((first + n, at, *row) for n, row in enumerate(rows)))
@@ -719,10 +759,6 @@ class PgDb:
         self._appended = True
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
         return first
-
-    def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Many new rows of one table (a bulk enqueue's jobs): COPY, not one INSERT each."""
-        self._copy(table, columns, rows)
 
     def _copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """COPY ``rows`` into ``table``, written as COPY's text format here: a row costs
@@ -736,14 +772,11 @@ class PgDb:
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
-    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
-        """One statement with the keys as an array, not one statement a key."""
-        self._with_array(f"DELETE FROM {table} WHERE {column} = ANY(%s)", keys)
-
-    def _with_array(self, sql: str, values: Sequence[Any]) -> None:
+    def _with_array(self, sql: str, values: Sequence[Any]) -> int:
+        """``sql`` with ``values`` as its one array parameter; how many rows it changed."""
         self._flush()
         try:
-            self.conn.execute(sql, (list(values),))
+            return int(self.conn.execute(sql, (list(values),)).rowcount)
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
@@ -765,10 +798,10 @@ class PgDb:
         """Copied and deleted in this transaction: both commit, or neither."""
         if not self.in_transaction:
             raise RuntimeError("archive() needs a write transaction")
-        self.change("SET LOCAL queuectl.pruning = 'on'")
+        self._hold("SET LOCAL queuectl.pruning = 'on'")
         self._with_array("INSERT INTO archived_events SELECT * FROM events WHERE seq = ANY(%s) "
                          "ON CONFLICT (seq) DO NOTHING", seqs)
-        self.bulk_delete("events", "seq", seqs)
+        self.delete("events", "seq", seqs)
         self.execute("SET LOCAL queuectl.pruning = 'off'")
 
     def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:

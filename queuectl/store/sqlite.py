@@ -13,14 +13,15 @@ import select
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from queuectl import clock, limits
 from queuectl.errors import StoreError
-from queuectl.store import PROCESS_LOCK, Dialect
+from queuectl.store import PROCESS_LOCK, Dialect, statements
+from queuectl.store.statements import Clash
 
 # The ledger's columns; the archive keeps its rows in a table of the same shape.
 EVENT_TABLE = """(
@@ -99,6 +100,9 @@ WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), jus
 WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
 
 
+_NONE: Mapping[str, Any] = {}
+
+
 def lock_timeout() -> float:
     """Seconds a writer waits for the write lock, in all, before it gives up."""
     return limits.from_env("QUEUECTL_LOCK_TIMEOUT", "lock_timeout", 30.0)
@@ -106,11 +110,6 @@ def lock_timeout() -> float:
 
 class SqliteDialect(Dialect):
     name = "sqlite"
-    terms = {
-        # The primary key (job_id, depends_on) is walked in order: the ids come sorted.
-        "dependencies": "(SELECT json_group_array(depends_on) FROM job_deps "
-                        "WHERE job_deps.job_id = jobs.id)",
-    }
 
     def hint(self, index: str) -> str:
         # Without statistics SQLite may pick another index and sort every row it finds.
@@ -149,11 +148,37 @@ class SqliteDb(sqlite3.Connection):
                 raise
             _retry_locked(lambda: self.execute("COMMIT"))
 
-    def change(self, sql: str, parameters: Any = (), expect: int | None = None,
-               otherwise: Exception | None = None) -> None:
-        changed = self.execute(sql, parameters).rowcount
-        if expect is not None and changed != expect and otherwise is not None:
-            raise otherwise
+    generation = 0  # a file is never lost: this connection is the only one it has
+
+    def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
+               clash: Clash = "fail") -> None:
+        self.execute(statements.insert(table, tuple(row), tuple(key), clash),
+                     tuple(row.values()))
+
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                    *, key: Sequence[str] = (), clash: Clash = "fail") -> None:
+        self.executemany(statements.insert(table, tuple(columns), tuple(key), clash), rows)
+
+    def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
+               add: Mapping[str, Any] = _NONE, *, unique: bool = True,
+               missing: Exception | None = None) -> None:
+        matched, values = statements.update_values(where, set_, add)
+        sql = statements.update(table, matched, tuple(set_), tuple(add))
+        if self.execute(sql, values).rowcount == 0 and missing is not None:
+            raise missing
+
+    def update_many(self, table: str, key: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]]) -> None:
+        self.executemany(statements.update_by(table, key, tuple(columns)), rows)
+
+    def delete(self, table: str, column: str, keys: Sequence[Any], *,
+               missing: Exception | None = None) -> None:
+        gone = self.executemany(statements.delete(table, column), [(k,) for k in keys]).rowcount
+        if missing is not None and gone < len(keys):
+            raise missing
+
+    def reconnect(self) -> None:
+        """Nothing to do: a SQLite file is not a server that goes away."""
 
     @contextmanager
     def snapshot(self) -> Iterator[SqliteDb]:
@@ -179,13 +204,6 @@ class SqliteDb(sqlite3.Connection):
         first = self.next_seq()
         self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
         return first
-
-    def bulk_insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        marks = ", ".join("?" * len(columns))
-        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
-
-    def bulk_delete(self, table: str, column: str, keys: Sequence[Any]) -> None:
-        self.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(key,) for key in keys])
 
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
         self.executemany(_INSERT, rows)
@@ -220,7 +238,7 @@ class SqliteDb(sqlite3.Connection):
         finally:
             archive.close()
         self.execute("INSERT INTO ledger_permit (reason) VALUES ('prune')")
-        self.bulk_delete("events", "seq", [row[0] for row in rows])
+        self.delete("events", "seq", [row[0] for row in rows])
         self.execute("DELETE FROM ledger_permit")
 
     def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:
