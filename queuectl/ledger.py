@@ -22,7 +22,6 @@ from queuectl import store
 from queuectl.errors import CorruptLedger, InvalidInput
 from queuectl.events import TAGS, Event, Pruned, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
-from queuectl.store import sqlite as sqlite_store
 
 __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read_events",
            "rebuild", "write"]
@@ -310,7 +309,7 @@ def check(db: Db) -> list[str]:
 
     The replay is built without the readers' indexes: only rows are compared.
     """
-    fresh = sqlite_store.memory()
+    fresh = store.memory()
     try:
         with db.snapshot():
             fresh.execute("BEGIN")

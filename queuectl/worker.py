@@ -129,12 +129,12 @@ class Worker:
                 self._reconcile()
                 return call(self.conn, *args)
             except StoreUnavailable:
-                self.conn.reconnect()  # type: ignore[attr-defined]
+                self.conn.reconnect()
                 self._reconcile()
                 return call(self.conn, *args)
 
     def _reconcile(self) -> None:
-        generation = getattr(self.conn, "generation", 0)
+        generation = self.conn.generation
         if generation != self._connection and self.id:
             for event in claims.release_strays(self.conn, self.id, set(self.unsettled)):
                 self.report(event)
