@@ -9,7 +9,7 @@ what it measures: worker, cycle, latency, startup, bulk, replay, reads, dashboar
 prune, api.
 
 Every figure is the median of several runs (``--runs``, default 5; ``--quick``: 2 runs and
-small sizes, under a minute). Ratios are taken against a baseline measured in the same run,
+small sizes, a smoke run). Ratios are taken against a baseline measured in the same run,
 interleaved with the figure itself, because the machine is shared and noisy. Every scenario
 uses its own fresh temporary database; the big replay ledger is built once and cached under
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the

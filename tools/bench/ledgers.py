@@ -20,7 +20,7 @@ from queuectl.store import sqlite as sqlite_store
 from .context import PG_PREFIX, Context, pg_execute, pg_url
 
 CACHE_FORMAT = "2"  # bump when build_ledger() changes the rows it writes
-# A replay ledger this big takes over a minute to import: keep it on the server, copy it.
+# A replay ledger this big is slow to import: keep it on the server, copy it.
 PG_CACHE_MIN_JOBS = 100_000
 
 

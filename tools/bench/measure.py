@@ -12,7 +12,7 @@ from pathlib import Path
 from .context import Context
 
 FLOOR_CODE = "import click, msgspec, sqlite3"
-# A command on PostgreSQL imports its driver too: psycopg alone takes about 100 ms here.
+# A command on PostgreSQL imports its driver too, and psycopg is slow to import.
 PG_FLOOR_CODE = "import click, msgspec, psycopg"
 
 
@@ -34,7 +34,7 @@ def run_timed(ctx: Context, cmd: list[str], db: Path | str | None = None,
 
 # A child's ru_maxrss also counts the memory of the process it was forked from (Linux records
 # the pre-exec high-water mark), so a big benchmark process would inflate it. A tiny launcher
-# (``python -S``, a few MiB) forks the command and reports the command's own peak.
+# (``python -S``, no site packages) forks the command and reports the command's own peak.
 RSS_LAUNCHER = """\
 import os, sys
 pid = os.fork()

@@ -34,9 +34,9 @@ BACKENDS = ("sqlite", "postgres")
 def ensure_bytecode() -> None:
     """Compile queuectl's modules once, as ``pip install`` does for an installed package.
 
-    An editable checkout run with PYTHONDONTWRITEBYTECODE=1 (this sandbox sets it) would
-    otherwise recompile every module at every start-up, some 10 ms that no installed copy pays;
-    the floor's own modules (click, msgspec) are precompiled by pip. Writes ``__pycache__``
+    An editable checkout run with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every
+    module at every start-up, a cost that no installed copy pays; the floor's own modules
+    (click, msgspec) are precompiled by pip. Writes ``__pycache__``
     beside the sources (git ignores it).
     """
     import compileall

@@ -151,7 +151,7 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     # A worker process writes the results its workers hand in together, each with its
     # worker's next claim, in one transaction (worker.Pipeline's group commit): on
     # PostgreSQL, where a commit costs round trips, the batched cycle is what the target
-    # measures. A SQLite worker's commits take microseconds, one a job.
+    # measures. A SQLite worker's commit is cheap, so it commits one a job.
     batched_path = batched and ctx.backend == "postgres"
     rows += [] if not batched else [make_row(
         "cycle", "ledger_cycle_batched",
