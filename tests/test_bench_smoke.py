@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from conftest import PG_ADMIN, _pg_admin
 
 pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test: run once
 
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "tools" / "bench.py"  # a launcher for the package tools/bench/ beside it
 SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
              "memory", "prune", "api"}
 PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
@@ -46,6 +48,20 @@ def assert_measured(row: dict[str, Any]) -> None:
     assert row["samples"], row
     if row["baseline_samples"]:
         assert isinstance(row["ratio"], int | float) and math.isfinite(row["ratio"]), row
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
+    """The launcher and ``-m tools.bench`` both reach the package (not the launcher of the
+    same name), wherever they are run from: an unknown scenario is a usage error."""
+    if how == "script":
+        command, env = [str(BENCH)], dict(os.environ)
+    else:
+        command, env = ["-m", "tools.bench"], {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *command, "--only", "nosuch"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith("error: unknown scenario(s): nosuch")
 
 
 @pytest.mark.slow

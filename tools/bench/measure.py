@@ -1,0 +1,62 @@
+"""How a command is timed: its wall time, its peak memory, and the interpreter's own
+start-up that CLI figures are held against (the floor)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .context import Context
+
+FLOOR_CODE = "import click, msgspec, sqlite3"
+# A command on PostgreSQL imports its driver too, and psycopg is slow to import.
+PG_FLOOR_CODE = "import click, msgspec, psycopg"
+
+
+def run_timed(ctx: Context, cmd: list[str], db: Path | str | None = None,
+              env: dict[str, str] | None = None, **kwargs: object) -> float:
+    """Wall seconds of one command, which must succeed."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=env or ctx.env_for(db), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        **kwargs,
+    )  # type: ignore[call-overload]
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-500:]}"
+        )
+    return seconds
+
+
+# A child's ru_maxrss also counts the memory of the process it was forked from (Linux records
+# the pre-exec high-water mark), so a big benchmark process would inflate it. A tiny launcher
+# (``python -S``, no site packages) forks the command and reports the command's own peak.
+RSS_LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, flush=True)
+"""
+
+
+def peak_rss(ctx: Context, cmd: list[str], db: Path | None = None) -> tuple[int, float]:
+    """Run ``cmd`` to its end: its exit code and its peak RSS in MiB."""
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", RSS_LAUNCHER, *cmd],
+        env=ctx.env_for(db), capture_output=True, text=True,
+    )
+    try:
+        code, kib = proc.stdout.split()[-2:]
+    except ValueError:
+        raise RuntimeError(f"rss launcher failed: {proc.stderr[-500:]}") from None
+    return int(code), int(kib) / 1024  # Linux reports KiB
+
+
+def measure_floor(ctx: Context, code: str = FLOOR_CODE) -> float:
+    return run_timed(ctx, [sys.executable, "-c", code]) * 1000

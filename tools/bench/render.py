@@ -1,0 +1,74 @@
+"""The markdown table of a run, and the lines around it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from queuectl.store.postgres import without_password
+
+from .rows import Row, ScenarioResult
+
+
+def fmt(x: float | None, unit: str = "") -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    if unit in ("jobs/s", "events/s"):
+        text = f"{x:,.0f}"
+    elif abs(x) >= 100:
+        text = f"{x:,.0f}"
+    elif abs(x) >= 10:
+        text = f"{x:.1f}"
+    else:
+        text = f"{x:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def markdown(rows: list[Row], results: dict[str, ScenarioResult]) -> str:
+    lines = [
+        "| figure | value | baseline (same run) | ratio | target | pass/fail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        unit = row.unit if row.unit != "modules" else ""
+        if row.key == "enqueue_heavy_imports":
+            value = row.note
+        elif row.status == "n/a":
+            value = row.note
+        else:
+            value = fmt(row.value, unit)
+        baseline = (f"{fmt(row.baseline, row.unit)} ({row.baseline_label})"
+                    if row.baseline is not None else (row.baseline_label or "-"))
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        verdict = {"pass": "pass", "fail": "**FAIL**", "info": "info", "n/a": "n/a",
+                   "error": "error"}[row.status]
+        lines.append(f"| {row.figure} | {value} | {baseline} | {ratio} | {row.target or '-'} "
+                     f"| {verdict} |")
+    for name, res in results.items():
+        if not res.ok:
+            lines.append(f"| {name} | error: {res.error} | - | - | - | error |")
+    return "\n".join(lines)
+
+
+def text_report(rows: list[Row], results: dict[str, ScenarioResult], meta: dict[str, Any],
+                elapsed: float, pg_admin: str) -> str:
+    """The table, with the backend above it and how it was measured below."""
+    server, code = meta["postgresql"], meta["code"]
+    lines = []
+    if server:
+        lines += [f"Backend: PostgreSQL {server} (a fresh database per run on "
+                  f"{without_password(pg_admin)}).", ""]
+    stores = (f"PostgreSQL {server} (SQLite {meta['sqlite']} beside it)" if server
+              else f"SQLite {meta['sqlite']}")
+    lines += [
+        markdown(rows, results), "",
+        f"Medians of {meta['runs']} runs (latency: percentiles over all samples; start-up and "
+        f"reads: {meta['sizes']['cli_reps_per_run']} invocations per run); ratios are medians "
+        f"of per-run ratios against the baseline run beside them. `{meta['command']}` took "
+        f"{elapsed:.0f} s on {meta['cpus']} CPUs, Python {meta['python']}, {stores}; "
+        f"code {code['git']}, sources {code['fingerprint']}, bytecode {meta['bytecode']}.",
+    ]
+    if code["changed_during_run"]:
+        lines.append("WARNING: queuectl's sources changed during this run: the figures mix "
+                     "code versions; run again on a quiet tree.")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""api: ``Queue.enqueue`` from Python, one durable job a call, against huey's task enqueue
+on SqliteHuey and a bare one-row durable commit of the same store."""
+
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+import time
+
+from ..context import Context
+from ..peers import huey_enqueue_rate
+from ..rows import Row, ScenarioResult, Target, make_row
+
+
+def api_enqueue_rate(ctx: Context, n: int) -> float:
+    """Calls/s of ``Queue.enqueue`` on one ``Queue`` held open, each durable on return."""
+    from queuectl.api import Queue
+
+    with ctx.fresh_target("api") as db, Queue(db) as queue:
+        start = time.perf_counter()
+        for _ in range(n):
+            queue.enqueue("true")
+        seconds = time.perf_counter() - start
+        if queue.status()["jobs"]["pending"] != n:
+            raise RuntimeError("Queue.enqueue lost jobs")
+    return n / seconds
+
+
+def durable_commit_rate(ctx: Context, n: int) -> float:
+    """Commits/s of a one-row INSERT, each durable when it returns, on this run's store: what
+    any queue that promises that pays, whatever its own work (SQLite: WAL, synchronous=FULL,
+    as queuectl's and huey's; PostgreSQL: synchronous_commit=on)."""
+    if ctx.backend == "postgres":
+        with ctx.fresh_pg() as url:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE TABLE t (x int)")
+                start = time.perf_counter()
+                for i in range(n):
+                    conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                return n / (time.perf_counter() - start)
+    with ctx.fresh_db("commit-floor") as path:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("CREATE TABLE t (x INTEGER)")
+            start = time.perf_counter()
+            for i in range(n):
+                conn.execute("INSERT INTO t VALUES (?)", (i,))
+            return n / (time.perf_counter() - start)
+        finally:
+            conn.close()
+
+
+def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
+    """``from queuectl import Queue``: one job a call, each durable when it returns, against
+    huey's task enqueue on SqliteHuey and the store's bare durable commit, run in turn."""
+    n = ctx.sizes.worker_jobs
+    have_huey = importlib.util.find_spec("huey") is not None
+    mine, peer, floor = [], [], []
+    for r in range(ctx.runs):
+        if have_huey:
+            peer.append(huey_enqueue_rate(ctx, n))
+        mine.append(api_enqueue_rate(ctx, n))
+        floor.append(durable_commit_rate(ctx, n))
+        ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
+                f"one-row commit {floor[-1]:,.0f}/s"
+                + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
+    figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
+    target = Target(">= 1.5 x huey", "ratio", ">=", 1.5)
+    if have_huey:
+        first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", target,
+                         baseline_samples=peer, baseline_label="huey task() on SqliteHuey")
+    else:
+        first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", None,
+                         note="n/a (pip install .[bench])")
+        first.status, first.target, first.baseline_label = "n/a", target.text, "huey not installed"
+    result.details["huey"] = have_huey
+    return [first, make_row(
+        "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
+        "jobs/s", None, baseline_samples=floor,
+        baseline_label="one-row INSERT, durable commit, same store",
+        note="the bound: every durable enqueue pays at least one such commit")]

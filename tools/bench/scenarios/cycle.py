@@ -1,0 +1,170 @@
+"""cycle: the ledger cycle, claim + finish(Completed) through the library, no process
+spawned."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from queuectl import claims, ledger
+from queuectl import events as ev
+from queuectl.store import is_postgres
+
+from ..context import Context
+from ..rows import Row, ScenarioResult, Target, make_row, median
+from ..stores import enqueue_true
+
+try:  # the worker's own connection setup and waker thread, where this version has them
+    from queuectl.store.sqlite import Waker
+except ImportError:
+    Waker = None  # type: ignore[assignment,misc]
+
+
+def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, float]:
+    """Jobs/s of claiming and completing ``n`` no-op jobs in one process, and the mean
+    microseconds spent in the claim and finish calls. ``combined``: the worker's own path,
+    ``finish_and_claim`` (each result committed with the next claim), where the queue has it."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        # As a worker runs: its connection, and its process's waker thread beside it
+        # (which watches for new work, and on SQLite checkpoints the WAL).
+        conn = ledger.connect(db, durable=False)
+        conn.for_worker()
+        if is_postgres(db):
+            waker = conn.waker()
+        else:
+            waker = Waker(Path(db)) if Waker else None
+        try:
+            wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
+            t_claim = t_finish = 0.0
+            done = 0
+            start = time.perf_counter()
+            claim = claims.claim(conn, wid)
+            t_claim += time.perf_counter() - start
+            while claim is not None:
+                done += 1
+                t0 = time.perf_counter()
+                result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
+                if combined:
+                    _, claim = claims.finish_and_claim(conn, claim, result, wid)
+                    t_finish += time.perf_counter() - t0
+                else:
+                    claims.finish(conn, claim, result)
+                    t1 = time.perf_counter()
+                    t_finish += t1 - t0
+                    claim = claims.claim(conn, wid)
+                    t_claim += time.perf_counter() - t1
+            seconds = time.perf_counter() - start
+        finally:
+            if waker:
+                waker.close()
+            conn.close()
+    if done != n:
+        raise RuntimeError(f"cycled {done} jobs, expected {n}")
+    return n / seconds, t_claim / n * 1e6, t_finish / n * 1e6
+
+
+def batched_cycle_rate(ctx: Context, n: int, slots: int) -> float:
+    """Jobs/s of ``slots`` workers whose results always arrive together: each transaction
+    records ``slots`` results and claims the next job for each (``finish_and_claim_many``,
+    what a worker process's GroupCommit writes at best)."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        conn = ledger.connect(db, durable=False)
+        conn.for_worker()
+        try:
+            ids = [claims.worker_started(conn, os.getpid(), socket.gethostname())
+                   for _ in range(slots)]
+            start = time.perf_counter()
+            held = [(w, c) for w in ids if (c := claims.claim(conn, w)) is not None]
+            done = 0
+            while held:
+                finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt))
+                            for w, c in held]
+                _, following = claims.finish_and_claim_many(conn, finished, [w for w, _ in held])
+                done += len(held)
+                held = [(w, c) for (w, _), c in zip(held, following, strict=True) if c]
+            seconds = time.perf_counter() - start
+        finally:
+            conn.close()
+    if done != n:
+        raise RuntimeError(f"cycled {done} jobs, expected {n}")
+    return n / seconds
+
+
+BATCH = 16  # results a transaction records in the batched cycle
+
+
+def empty_transaction_rate(ctx: Context, n: int) -> float:
+    """Write transactions a second that append nothing: the ledger's lock taken, one read
+    answered, committed. No job cycle on this store can go faster than this, one job a
+    transaction (on PostgreSQL: two round trips, the head row locked between them)."""
+    with ctx.fresh_target("cycle") as db:
+        conn = ledger.connect(db, durable=False)
+        conn.for_worker()
+        try:
+            start = time.perf_counter()
+            for _ in range(n):
+                with ledger.write(conn):
+                    conn.execute("SELECT 1 WHERE ? > 0", (1,)).fetchone()
+            return n / (time.perf_counter() - start)
+        finally:
+            conn.close()
+
+
+def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.cycle_jobs
+    combined = hasattr(claims, "finish_and_claim")
+    batched = hasattr(claims, "finish_and_claim_many")
+    split, split_claim, split_finish, joined, many, empty = [], [], [], [], [], []
+    for r in range(ctx.runs):
+        rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
+        split.append(rate)
+        split_claim.append(c_us)
+        split_finish.append(f_us)
+        if combined:
+            joined.append(cycle_rate(ctx, n, combined=True)[0])
+        if batched:
+            many.append(batched_cycle_rate(ctx, n, BATCH))
+        empty.append(empty_transaction_rate(ctx, n))
+        ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
+                f"{c_us:.0f} us, finish {f_us:.0f} us)"
+                + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else "")
+                + (f"; {BATCH} results a transaction {many[-1]:.0f} jobs/s" if batched else "")
+                + f"; empty write transactions {empty[-1]:.0f}/s")
+    result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
+                          finish_and_claim=combined)
+    target = (Target(">= 3,000 jobs/s", "value", ">=", 3000) if ctx.backend == "postgres"
+              else Target(">= 8,000 jobs/s", "value", ">=", 8000))
+    split_note = (f"claim {median(split_claim):.0f} us + finish {median(split_finish):.0f} us "
+                  "per job")
+    if not combined:
+        return [make_row("cycle", "ledger_cycle",
+                         f"ledger cycle (claim + finish, no spawn), {n:,} jobs", split,
+                         "jobs/s", target, note=split_note)]
+    rows = [make_row(
+        "cycle", "empty_transaction", f"empty write transactions (lock, one read, commit), "
+        f"{n:,}", empty, "tx/s", None,
+        note="the ceiling of any cycle that commits once a job")]
+    # A worker process writes the results its workers hand in together, each with its
+    # worker's next claim, in one transaction (worker.Pipeline's group commit): on
+    # PostgreSQL, where a commit costs round trips, the batched cycle is what the target
+    # measures. A SQLite worker's commit is cheap, so it commits one a job.
+    batched_path = batched and ctx.backend == "postgres"
+    rows += [] if not batched else [make_row(
+        "cycle", "ledger_cycle_batched",
+        f"ledger cycle, {BATCH} workers' results a transaction (`finish_and_claim_many`), "
+        f"{n:,} jobs", many, "jobs/s", target if batched_path else None,
+        note="a process's results written together, as its results thread does")]
+    return [
+        *rows,
+        make_row("cycle", "ledger_cycle",
+                 f"ledger cycle, one result a transaction (`finish_and_claim`, no spawn), "
+                 f"{n:,} jobs", joined, "jobs/s", None if batched_path else target,
+                 note="one commit per job, as a SQLite worker runs"),
+        make_row("cycle", "ledger_cycle_split",
+                 f"ledger cycle, separate `claim` + `finish` calls, {n:,} jobs", split,
+                 "jobs/s", None, note=split_note + "; two commits per job"),
+    ]

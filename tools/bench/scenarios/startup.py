@@ -1,0 +1,70 @@
+"""startup: CLI start-up, ``queuectl enqueue -c true`` against ``python -c "import click,
+msgspec, sqlite3"``; whether rich / sqlite_utils load on that path; and a shell completion
+of job ids (``queuectl show <Tab>``), wall time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from queuectl import ledger
+
+from ..context import Context
+from ..measure import FLOOR_CODE, measure_floor, run_timed
+from ..rows import Row, ScenarioResult, Target, make_row, median
+
+
+def import_report(ctx: Context, db: Path) -> tuple[list[str], list[tuple[str, float]]]:
+    """Heavy modules the enqueue path loads, and its slowest imports (cumulative ms)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *ctx.queuectl(db, "enqueue", "-c", "true")[1:]],
+        env=ctx.env_for(db), capture_output=True, text=True, check=True,
+    )
+    loaded: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cumulative, name = line[len("import time:"):].split("|")
+            if cumulative.strip().isdigit():
+                loaded[name.strip()] = int(cumulative) / 1000
+    heavy = sorted(
+        {name.split(".")[0] for name in loaded} & {"rich", "sqlite_utils"}
+    )
+    top = sorted(loaded.items(), key=lambda kv: -kv[1])[:12]
+    return heavy, top
+
+
+def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
+    floor, wall, completion = [], [], []
+    with ctx.fresh_db("startup") as db:
+        ledger.connect(db).close()
+        enqueue_cmd = ctx.queuectl(db, "enqueue", "-c", "true")
+        # What bash runs on a Tab after `queuectl show `: the ids come from the database.
+        complete_cmd = [sys.executable, "-m", "queuectl"]
+        complete_env = ctx.env_for(db, _QUEUECTL_COMPLETE="bash_complete",
+                                   COMP_WORDS="queuectl show ", COMP_CWORD="2")
+        measure_floor(ctx)  # warm the page cache for both
+        run_timed(ctx, enqueue_cmd, db)
+        for _ in range(ctx.runs * ctx.sizes.cli_reps_per_run):
+            floor.append(measure_floor(ctx))
+            wall.append(run_timed(ctx, enqueue_cmd, db) * 1000)
+            completion.append(run_timed(ctx, complete_cmd, env=complete_env) * 1000)
+        heavy, top = import_report(ctx, db)
+    ctx.floor_ms.extend(floor)
+    ctx.log(f"startup: enqueue {median(wall):.1f} ms, completion {median(completion):.1f} ms, "
+            f"floor {median(floor):.1f} ms, heavy imports: {heavy or 'none'}")
+    result.details["slowest_imports_ms"] = top
+    heavy_row = make_row(
+        "startup", "enqueue_heavy_imports", "rich / sqlite_utils imported by `enqueue`",
+        [float(len(heavy))], "modules", Target("none", "value", "<=", 0),
+        note=", ".join(heavy) if heavy else "neither is imported")
+    return [
+        make_row("startup", "enqueue_wall", "`queuectl enqueue -c true` wall", wall, "ms",
+                 Target("<= 1.3 x import floor", "ratio", "<=", 1.3),
+                 baseline_samples=floor, baseline_label=f'`python -c "{FLOOR_CODE}"`'),
+        heavy_row,
+        make_row("startup", "complete_wall", "`queuectl show <Tab>` (bash completion of job "
+                 "ids) wall", completion, "ms", Target("<= 100 ms", "value", "<=", 100),
+                 baseline_samples=floor, baseline_label=f'`python -c "{FLOOR_CODE}"`',
+                 note="on PostgreSQL importing psycopg alone takes about 100 ms more"),
+    ]

@@ -1,0 +1,213 @@
+"""worker: worker throughput, ``queuectl worker -c 2 --burst`` on N ``true`` jobs, start to
+exit, against 2 threads running ``subprocess.run(["sh", "-c", "true"])`` (and huey's
+SqliteHuey consumer with 2 process workers, when huey is installed).
+
+On PostgreSQL: that worker against the SQLite one run beside it and procrastinate, and the
+CPU a job costs on each store."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..context import Context
+from ..measure import run_timed
+from ..peers import huey_rate, installed_version, procrastinate_rate
+from ..rows import Row, ScenarioResult, Target, make_row, median
+from ..stores import enqueue_true, job_counts, parse_at, reading
+
+
+def spawn_baseline(n: int, threads: int = 2) -> float:
+    """Jobs/s of ``threads`` Python threads running ``sh -c true`` with subprocess."""
+    todo = iter(range(n))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            subprocess.run(["sh", "-c", "true"])
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return n / (time.perf_counter() - start)
+
+
+class CpuUse:
+    """The CPU a command used, read around it: its own and its children's (the worker and
+    its shells), the PostgreSQL server's (its live processes, and those it reaped), and how
+    busy the whole machine was. Says whether a run was bound by CPU or by waiting."""
+
+    def __init__(self) -> None:
+        self.client = self.server = self.busy = 0.0
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]
+        return sum(ticks[:8]) - idle, idle
+
+    @staticmethod
+    def _server() -> float:
+        """CPU seconds of every process named postgres, with what its children used."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    name, _, rest = f.read().partition(" (")[2].partition(") ")
+            except OSError:
+                continue
+            if name == "postgres":
+                fields = rest.split()
+                total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    @contextmanager
+    def measuring(self) -> Iterator[CpuUse]:
+        machine, server = self._machine(), self._server()
+        own = os.times()
+        yield self
+        after = os.times()
+        self.client = (after.children_user + after.children_system
+                       - own.children_user - own.children_system)
+        self.server = self._server() - server
+        busy, idle = (b - a for a, b in zip(machine, self._machine(), strict=True))
+        self.busy = busy / max(1, busy + idle)
+
+
+def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "sqlite",
+                         cpu: CpuUse | None = None) -> tuple[float, float]:
+    """Jobs/s of the whole ``worker --burst`` command, and between its first claim and its
+    last result by the ledger's own times (no interpreter start-up, no closing checkpoint)."""
+    with ctx.fresh_target("worker", store) as db:
+        enqueue_true(db, n)
+        with (cpu or CpuUse()).measuring():
+            seconds = run_timed(
+                ctx, ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst"), db)
+        counts = job_counts(db)
+        if counts.get("completed") != n:
+            raise RuntimeError(f"worker left {counts} (expected {n} completed)")
+        with reading(db) as conn:
+            first, last = conn.execute(
+                "SELECT min(at), max(at) FROM events WHERE type IN ('claimed', 'completed')"
+            ).fetchone()
+        steady = parse_at(last) - parse_at(first)
+        return n / seconds, n / steady
+
+
+def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.worker_jobs
+    have_huey = importlib.util.find_spec("huey") is not None
+    base, mine, steady, peer = [], [], [], []
+    for r in range(ctx.runs):
+        base.append(spawn_baseline(n))
+        whole, between = queuectl_worker_rate(ctx, n, 2)
+        mine.append(whole)
+        steady.append(between)
+        if have_huey:
+            peer.append(huey_rate(ctx, n))
+        ctx.log(f"worker run {r + 1}/{ctx.runs}: queuectl {mine[-1]:.0f}/s (first claim to "
+                f"last result {steady[-1]:.0f}/s), 2-thread spawn "
+                f"{base[-1]:.0f}/s" + (f", huey {peer[-1]:.0f}/s" if have_huey else ""))
+    rows = [
+        make_row("worker", "worker_vs_spawn", f"worker throughput, {n:,} `true` jobs, `-c 2`",
+                 mine, "jobs/s", Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65),
+                 baseline_samples=base, baseline_label="2 threads `sh -c true`"),
+        make_row("worker", "worker_steady_vs_spawn",
+                 f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
+                 "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
+                 note="without the command's start-up and exit, which the baseline never pays"),
+    ]
+    if have_huey:
+        rows.append(make_row(
+            "worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs", mine, "jobs/s",
+            Target(">= 2.5 x huey", "ratio", ">=", 2.5),
+            baseline_samples=peer, baseline_label="huey SqliteHuey, 2 process workers"))
+    else:
+        row = make_row("worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs",
+                       mine, "jobs/s", None, note="n/a (pip install .[bench])")
+        row.status, row.target, row.baseline_label = "n/a", ">= 2.5 x huey", "huey not installed"
+        rows.append(row)
+    result.details["huey"] = have_huey
+    return rows
+
+
+def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
+    """The PostgreSQL worker against the SQLite one and procrastinate, each run in turn."""
+    n = ctx.sizes.worker_jobs
+    peer_version = installed_version("procrastinate")
+    lite, lite_steady, mine, steady, peer, peer_steady = [], [], [], [], [], []
+    use: dict[str, list[CpuUse]] = {"sqlite": [], "postgres": []}
+    for r in range(ctx.runs):
+        use["sqlite"].append(CpuUse())
+        whole, between = queuectl_worker_rate(ctx, n, 2, "sqlite", use["sqlite"][-1])
+        lite.append(whole)
+        lite_steady.append(between)
+        use["postgres"].append(CpuUse())
+        whole, between = queuectl_worker_rate(ctx, n, 2, "postgres", use["postgres"][-1])
+        mine.append(whole)
+        steady.append(between)
+        if peer_version:
+            whole, between = procrastinate_rate(ctx, n)
+            peer.append(whole)
+            peer_steady.append(between)
+        ctx.log(f"worker run {r + 1}/{ctx.runs}: PostgreSQL {mine[-1]:.0f}/s (first claim to "
+                f"last result {steady[-1]:.0f}/s), SQLite {lite[-1]:.0f}/s ({lite_steady[-1]:.0f}"
+                "/s)" + (f", procrastinate {peer[-1]:.0f}/s ({peer_steady[-1]:.0f}/s)"
+                         if peer_version else ""))
+    result.details["procrastinate"] = peer_version
+    sqlite_label = "SQLite `worker -c 2 --burst`"
+    cpu = {store: {"client_ms": median([u.client / n * 1000 for u in uses]),
+                   "server_ms": median([u.server / n * 1000 for u in uses]),
+                   "busy": median([u.busy for u in uses])} for store, uses in use.items()}
+    result.details["cpu_per_job"] = cpu
+    cores = os.cpu_count() or 1
+    ceiling = {store: cores / (c["client_ms"] + c["server_ms"]) * 1000 for store, c in cpu.items()}
+    ctx.log("CPU a job: " + "; ".join(
+        f"{store} {c['client_ms']:.2f} ms worker and shells + {c['server_ms']:.2f} ms server, "
+        f"machine {c['busy']:.0%} busy" for store, c in cpu.items()))
+    rows = [
+        make_row("worker", "pg_worker_vs_sqlite",
+                 f"PostgreSQL worker throughput, {n:,} `true` jobs, `-c 2`", mine, "jobs/s",
+                 Target(">= 0.8 x SQLite worker", "ratio", ">=", 0.8),
+                 baseline_samples=lite, baseline_label=sqlite_label),
+        make_row("worker", "pg_worker_steady_vs_sqlite",
+                 f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
+                 "jobs/s", None, baseline_samples=lite_steady,
+                 baseline_label="SQLite, first claim to last result"),
+        make_row("worker", "pg_worker_cpu",
+                 "CPU a job, PostgreSQL worker (worker + shells + server), `-c 2`",
+                 [(u.client + u.server) / n * 1000 for u in use["postgres"]], "ms", None,
+                 baseline_samples=[(u.client + u.server) / n * 1000 for u in use["sqlite"]],
+                 baseline_label="SQLite worker + shells",
+                 note=(f"server {cpu['postgres']['server_ms']:.2f} ms; machine busy "
+                       f"{cpu['postgres']['busy']:.0%} (SQLite {cpu['sqlite']['busy']:.0%}); "
+                       f"CPU-bound ceiling on {cores} cores: PostgreSQL "
+                       f"{ceiling['postgres']:.0f} jobs/s, SQLite {ceiling['sqlite']:.0f}")),
+    ]
+    figure = f"PostgreSQL worker throughput vs procrastinate, {n:,} jobs"
+    target = Target(">= 1.5 x procrastinate", "ratio", ">=", 1.5)
+    if not peer_version:
+        row = make_row("worker", "pg_worker_vs_procrastinate", figure, mine, "jobs/s", None,
+                       note="n/a (pip install .[bench])")
+        row.status, row.target = "n/a", target.text
+        row.baseline_label = "procrastinate not installed"
+        return [*rows, row]
+    return [*rows, make_row(
+        "worker", "pg_worker_vs_procrastinate", figure, mine, "jobs/s", target,
+        baseline_samples=peer,
+        baseline_label=f"procrastinate {peer_version}, `worker --concurrency 2 --one-shot`",
+        note=f"procrastinate first start to last success {median(peer_steady):.0f} jobs/s")]
