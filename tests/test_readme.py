@@ -51,6 +51,7 @@ def test_every_docs_page_is_a_samples_page() -> None:
     docs = set(samples.DOCS.rglob("*.md"))
     assert docs and docs <= set(samples.pages())
     assert samples.README in samples.pages()
+    assert samples.DOCS / "guides" / "shell.md" in _pages_with_samples()
 
 
 def sample(command: str, output: str) -> object:
