@@ -1,6 +1,7 @@
-"""README.md's samples stay real: every ``$`` command in them still runs, in one session as
-``tools/readme_samples.py`` runs them, exits as its sample says and prints output of the same
-shape (timestamps, durations, made ids and numbers aside)."""
+"""The samples of README.md and of every docs page stay real: every ``$`` command in them
+still runs, in one session a page as ``tools/readme_samples.py`` runs them, exits as its
+sample says and prints output of the same shape (timestamps, durations, made ids and numbers
+aside)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,29 @@ def _load_tool() -> ModuleType:
 samples = _load_tool()
 
 
+def _pages_with_samples() -> list[Path]:
+    return [page for page in samples.pages()
+            if samples.find_blocks(page.read_text(encoding="utf-8"))]
+
+
 @pytest.mark.slow
-def test_every_sample_runs_with_the_shape_the_readme_shows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("page", _pages_with_samples(), ids=samples.page_name)
+def test_every_sample_runs_with_the_shape_its_page_shows(page: Path, tmp_path: Path) -> None:
     # In tmp_path, so the conftest checks that the session's database replays.
-    blocks = samples.find_blocks(samples.README.read_text(encoding="utf-8"))
-    results = samples.run_session(samples.commands(blocks), tmp_path)
-    changed = samples.report(blocks, results, "README.md")
+    session = samples.run_page(page, tmp_path)
+    changed = samples.report(session.blocks, session.results, samples.page_name(page))
     if changed:
         pytest.fail("\n\n".join(changed) + "\n\n(python tools/readme_samples.py rewrites them)",
                     pytrace=False)
+
+
+def test_every_docs_page_is_a_samples_page() -> None:
+    """A page the tool skipped could drift: the docs are found by walking docs/, so a new
+    page is run without anyone listing it."""
+    docs = set(samples.DOCS.rglob("*.md"))
+    assert docs and docs <= set(samples.pages())
+    assert samples.README in samples.pages()
+    assert samples.DOCS / "guides" / "shell.md" in _pages_with_samples()
 
 
 def sample(command: str, output: str) -> object:
@@ -101,7 +116,8 @@ def test_the_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert install_and_test in ci.splitlines()
     # The name on the package index is another project's.
-    assert "pip install queuectl" not in samples.README.read_text(encoding="utf-8")
+    for page in samples.pages():
+        assert "pip install queuectl" not in page.read_text(encoding="utf-8"), page
 
 
 @pytest.mark.slow

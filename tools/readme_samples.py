@@ -1,20 +1,23 @@
-"""Run every sample in README.md as one session and write its real output back.
+"""Run every sample of README.md and of the docs pages, and write their real output back.
 
-    python tools/readme_samples.py            # rewrite README.md in place
-    python tools/readme_samples.py --check    # exit 1 naming the samples whose shape changed
+    python tools/readme_samples.py                    # rewrite README.md and docs/ in place
+    python tools/readme_samples.py docs/guides/shell.md   # only these pages
+    python tools/readme_samples.py --check            # exit 1 naming the samples whose shape changed
 
-A sample is a fenced block whose first line starts with ``$ ``. Every ``$`` command of every
-sample runs in README order, as one session: ``sh -c COMMAND`` in a fresh directory, so the
-database is the default ``data/queue.db`` there, in an environment of its own (no
-``QUEUECTL_DB``, ``COLUMNS=100``, this interpreter's ``bin`` first on ``PATH``). A command may
-end with a directive that the shell reads as a comment and the reader as an explanation:
+A sample is a fenced block whose first line starts with ``$ ``. Each page is one session:
+every ``$`` command of its samples runs in page order, ``sh -c COMMAND`` in a fresh directory
+of its own, so the database is the default ``data/queue.db`` there, in an environment of its
+own (no ``QUEUECTL_DB``, ``COLUMNS=100``, this interpreter's ``bin`` first on ``PATH``). A page
+therefore shows every command its output depends on, and a reader can replay it from an
+empty directory. A command may end with a directive that the shell reads as a comment and
+the reader as an explanation:
 
     $ queuectl worker -v -c 2 -s 1          # stopped with Ctrl-C after 9 s
 
 sends SIGINT to the command's process group after 9 s, as a terminal's Ctrl-C would, and
 waits for it to exit.
 
-A sample whose output starts with ``Error:`` must fail, every other must exit 0; README.md is
+A sample whose output starts with ``Error:`` must fail, every other must exit 0; a page is
 not rewritten while one does otherwise. The check compares shapes, not text: timestamps,
 durations, made ids and numbers change from run to run, and a table may wrap a cell elsewhere
 (see ``shape``).
@@ -36,7 +39,9 @@ from pathlib import Path
 
 import click
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 PROMPT = "$ "
 CTRL_C = re.compile(r"#\s*stopped with Ctrl-C after (\d+(?:\.\d+)?) s\s*$")
 WORKERS = re.compile(r"queuectl worker\b.*\s(?:-c|--concurrency)[\s=]*(\d+)")
@@ -59,7 +64,7 @@ SHAPES = (
 class Sample:
     command: str  # as written after the prompt, directive included
     output: str
-    line: int  # 1-based, in README.md
+    line: int  # 1-based, in its page
 
     @property
     def expects_failure(self) -> bool:
@@ -164,7 +169,7 @@ def _hung(proc: subprocess.Popen[str], command: str) -> RuntimeError:
 
 
 def tidy(output: str) -> str:
-    """Output as a README shows it: no trailing spaces, no trailing blank lines."""
+    """Output as a page shows it: no trailing spaces, no trailing blank lines."""
     return "\n".join(line.rstrip() for line in output.rstrip().split("\n"))
 
 
@@ -215,13 +220,13 @@ def problems(sample: Sample, result: Result, compare_shapes: bool = True) -> lis
     return found
 
 
-def _difference(readme: str, real: str) -> str:
+def _difference(page: str, real: str) -> str:
     """The lines one side has and the other lacks, by shape; the whole output when the lines
     are the same but wrapped or ordered otherwise."""
-    only_readme, only_real = _unmatched(readme, real), _unmatched(real, readme)
-    if not only_readme and not only_real:
+    only_page, only_real = _unmatched(page, real), _unmatched(real, page)
+    if not only_page and not only_real:
         return _indent(real)
-    return "\n".join([f"  only in the README:\n{_indent(only_readme or '(none)')}",
+    return "\n".join([f"  only in the page:\n{_indent(only_page or '(none)')}",
                       f"  only in the real output:\n{_indent(only_real or '(none)')}"])
 
 
@@ -258,31 +263,74 @@ def report(blocks: list[Block], results: list[Result], name: str,
     return found
 
 
+def pages() -> list[Path]:
+    """README.md and every page of the docs site: the files whose samples must stay real."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def page_name(page: Path) -> str:
+    return str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else str(page)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One page's samples and what their commands really did."""
+    page: Path
+    text: str
+    blocks: list[Block]
+    results: list[Result]
+    seconds: float
+
+
+def run_page(page: Path, cwd: Path | None = None) -> Session:
+    """Run ``page``'s samples as one session: in ``cwd``, else in a fresh directory."""
+    text = page.read_text(encoding="utf-8")
+    blocks = find_blocks(text)
+    start = time.monotonic()
+    if cwd is not None:
+        results = run_session(commands(blocks), cwd)
+    else:
+        with tempfile.TemporaryDirectory(prefix="samples-session-") as fresh:
+            results = run_session(commands(blocks), Path(fresh))
+    return Session(page, text, blocks, results, time.monotonic() - start)
+
+
 @click.command()
 @click.option("--check", is_flag=True,
               help="Compare the output's shape instead of rewriting; exit 1 on a change.")
-@click.option("--readme", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=README, show_default=True)
-def main(check: bool, readme: Path) -> None:
-    text = readme.read_text(encoding="utf-8")
-    blocks = find_blocks(text)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="readme-session-") as cwd:
-        results = run_session(commands(blocks), Path(cwd))
-    seconds = time.monotonic() - start
-    found = report(blocks, results, readme.name, compare_shapes=check)
-    for entry in found:
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def main(check: bool, files: tuple[Path, ...]) -> None:
+    """Run the samples of FILES (default: README.md and every docs page), one session a page."""
+    sessions = [s for s in (run_page(page.resolve()) for page in files or pages()) if s.blocks]
+    found = {s.page: report(s.blocks, s.results, page_name(s.page), check) for s in sessions}
+    for entry in (entry for entries in found.values() for entry in entries):
         click.echo(entry, err=True)
+    blocks = sum(len(s.blocks) for s in sessions)
+    seconds = sum(s.seconds for s in sessions)
+    pages_run = f"{len(sessions)} page{'' if len(sessions) == 1 else 's'}"
     if check:
-        click.echo(f"{len(found)} of {len(blocks)} sample blocks changed ({seconds:.1f} s).")
-        sys.exit(1 if found else 0)
-    if found:
+        changed = sum(len(entries) for entries in found.values())
+        click.echo(f"{changed} of {blocks} sample blocks changed, in {pages_run} "
+                   f"({seconds:.1f} s).")
+        sys.exit(1 if changed else 0)
+    _write(sessions, found)
+    commands_run = sum(len(s.results) for s in sessions)
+    click.echo(f"Ran {commands_run} commands in {blocks} sample blocks of {pages_run} in "
+               f"{seconds:.1f} s.")
+
+
+def _write(sessions: list[Session], found: dict[Path, list[str]]) -> None:
+    """Each page with its real output, but for the pages whose commands went wrong."""
+    for session in sessions:
+        if not found[session.page]:
+            session.page.write_text(rewrite(session.text, session.blocks, session.results),
+                                    encoding="utf-8")
+    broken = [page_name(s.page) for s in sessions if found[s.page]]
+    if broken:
         # A sample declares a failure by starting its output with "Error:"; anything else
         # that fails is a broken command, not new output.
-        raise click.ClickException(f"{readme.name} not rewritten: commands exited otherwise "
-                                   "than their samples say")
-    readme.write_text(rewrite(text, blocks, results), encoding="utf-8")
-    click.echo(f"Ran {len(results)} commands in {len(blocks)} sample blocks in {seconds:.1f} s.")
+        raise click.ClickException(f"not rewritten: {', '.join(broken)}: commands exited "
+                                   "otherwise than their samples say")
 
 
 if __name__ == "__main__":
