@@ -208,7 +208,7 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_json", required=False, metavar="[JSON]")
 @click.option("-c", "--command", help="Shell command to run (as sh -c COMMAND).")
-@click.option("--id", "job_id", help="Job id (default: 8 characters, a-z 2-7, made from the ledger: later jobs sort after).")
+@click.option("--id", "job_id", help="Job id (default: the seq of its enqueued event, such as 1042).")
 @click.option("--max-retries", type=Number("max_retries"), help="Retries after the first run.")
 @click.option("--backoff-base", type=Number("backoff_base"),
               help="This job's retry delays: base**k seconds.")

@@ -3,7 +3,7 @@ real ``queuectl dashboard`` process, on both stores. Jobs run in a real worker w
 overview's counts change without a reload; a job's timeline opens; a dead job is retried;
 a form on another site that posts to the dashboard is refused. Every page, with jobs in
 every state, is photographed at 1400 and 420 px wide into the test's folder (the
-README's pictures come from here) and its layout checked: nothing wider than the window,
+dashboard guide's pictures come from here) and its layout checked: nothing wider than the window,
 every job in a row of the overview's queue table, a header over every actions column."""
 
 from __future__ import annotations
