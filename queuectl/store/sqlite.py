@@ -129,6 +129,8 @@ class SqliteDb(sqlite3.Connection):
         super().__init__(*args, **kwargs)
         self.path = Path(args[0]) if args else Path(kwargs["database"])
         self.target = str(self.path)
+        self._writing = False  # inside transaction()
+        self._tx_now: str | None = None  # its time, once asked for
 
     @contextmanager
     def transaction(self) -> Iterator[SqliteDb]:
@@ -141,11 +143,14 @@ class SqliteDb(sqlite3.Connection):
         """
         with PROCESS_LOCK:
             _retry_locked(lambda: self.execute("BEGIN IMMEDIATE"))
+            self._writing = True
             try:
                 yield self
             except BaseException:
                 self.execute("ROLLBACK")
                 raise
+            finally:
+                self._writing, self._tx_now = False, None
             _retry_locked(lambda: self.execute("COMMIT"))
 
     generation = 0  # a file is never lost: this connection is the only one it has
@@ -190,7 +195,14 @@ class SqliteDb(sqlite3.Connection):
             self.execute("COMMIT")
 
     def now(self) -> str:
-        return clock.now()
+        """This host's clock; inside a write transaction, the time it first asked for, so
+        that all its events share it (as on PostgreSQL)."""
+        if self._tx_now is not None:
+            return self._tx_now
+        now = clock.now()
+        if self._writing:
+            self._tx_now = now
+        return now
 
     def next_seq(self) -> int:
         (last,) = self.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
@@ -206,6 +218,9 @@ class SqliteDb(sqlite3.Connection):
         return first
 
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
+        last = self.next_seq() - 1
+        if rows and rows[0][0] <= last:
+            raise StoreError(f"seq {rows[0][0]} does not follow the ledger's last, {last}")
         self.executemany(_INSERT, rows)
 
     @property
