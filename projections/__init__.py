@@ -45,8 +45,8 @@ class Rows:
     ``full()``, between events.
     """
 
-    LIMIT = 20_000  # rows held per table: more was slower (a 1M-job replay: 20.2 s at
-    # 100,000 against 18.7 s here; the held rows then outgrow the CPU caches)
+    LIMIT = 20_000  # rows held per table: with many more, the held rows outgrow the CPU
+    # caches and a replay slows down (bench scenario replay)
 
     def __init__(self, tx: Db, table: str, columns: Iterable[str], key: str,
                  rowid: str | None = None, locate: Callable[[Any], Any] | None = None):
@@ -84,8 +84,8 @@ class Rows:
         self.new[key] = row
 
     def flush(self) -> None:
-        # New rows through the store's bulk path (COPY on PostgreSQL, where an INSERT each
-        # made a replay five times slower than on SQLite).
+        # New rows through the store's bulk path (COPY on PostgreSQL, where an INSERT a row
+        # would make a replay many times slower).
         self.tx.insert_many(self.table, self.columns, list(map(self._values, self.new.values())))
         self.tx.update_many(self.table, self._where, self._others,
                             list(map(self._update_values, self.read.values())))

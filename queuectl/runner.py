@@ -82,8 +82,8 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str]) -> tupl
     """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
     stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
 
-    os.posix_spawn (vfork and exec inside libc) costs the worker about 70 us of CPU per
-    job, subprocess.Popen about 170 us, most of it Popen's own set-up in Python.
+    os.posix_spawn (vfork and exec inside libc) costs the worker less CPU a job than
+    subprocess.Popen, most of whose cost is its own set-up in Python (bench scenario worker).
     Descriptors the job must not see are close-on-exec (see ``close_on_exec``), which is
     what Popen's close_fds would otherwise do in the child.
     """

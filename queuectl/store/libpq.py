@@ -1,8 +1,9 @@
 """One query through the system's libpq, by ctypes, for callers that cannot wait for
-psycopg's import (about 100 ms): a shell completion asks one query and is gone.
+psycopg's import: a shell completion asks one query and is gone.
 
-Importing psycopg takes about 100 ms, more than a Tab may take in all; libpq with its
-connection costs about 20 ms. Where there is no system libpq, callers take psycopg.
+Importing psycopg takes longer than a Tab may take in all; libpq with its connection is a
+fraction of that (bench scenario startup). Where there is no system libpq, callers take
+psycopg.
 """
 
 from __future__ import annotations

@@ -66,11 +66,11 @@ LEDGER_DDL = (
 # an older database gets what was added since when it is next opened.
 LEDGER_VERSION = 2  # 2: pruning's permit
 
-# A worker's commit dirties about 16 pages (the ledger row and its indexes, the job, its run
-# and their indexes, the worker, the counts); the WAL writes and checksums each whole page.
-# 2 KiB pages cut the ledger cycle from 146 to 130 us a job; 1 KiB pages cut it further but
-# slow a 1M-job replay by 16% (deeper trees), and 8 KiB pages cost 24%. Databases created
-# before keep their page size: SQLite cannot change it in WAL mode.
+# A worker's commit dirties many small pages (the ledger row and its indexes, the job, its
+# run and their indexes, the worker, the counts), and the WAL writes and checksums each
+# whole page: small pages make the ledger cycle cheaper, while pages smaller still make a
+# big replay's trees deeper (bench scenarios cycle and replay). Databases created before
+# keep their page size: SQLite cannot change it in WAL mode.
 PAGE_SIZE = 2048
 
 _INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
@@ -432,7 +432,7 @@ def _retry_locked(action):  # type: ignore[no-untyped-def]
 class WalWatch:
     """Linux inotify on the database's ``-wal`` file: its descriptor turns readable as soon
     as any connection, in any process, writes a commit there. Idle workers then sleep in
-    poll() instead of waking every 2 ms to look (about 5% of a core per process)."""
+    poll() instead of waking every 2 ms to look, which costs an idle process CPU."""
 
     IN_MODIFY = 0x2
 
@@ -465,7 +465,7 @@ class Waker:
     ``PRAGMA data_version`` says whether anything changed. The waker looks every 2 ms while
     a worker waits; once workers have waited a second in all, inotify on the WAL file (where
     available) says when to look instead. Short waits, such as the end of a burst, never
-    pay for setting inotify up (ctypes) or for taking it down (about 13 ms in close()).
+    pay for setting inotify up (ctypes) or for taking it down (close() waits for it).
     """
 
     def __init__(self, path: Path, on_crash: Callable[[BaseException], None] | None = None
@@ -541,10 +541,10 @@ class Waker:
 
         Workers turn automatic checkpoints off (they ran inside a worker's COMMIT, holding
         the write lock while pages were copied and synced). This thread copies beside the
-        workers, then what they committed meanwhile while holding the process lock (about
-        2 ms in 250 here). A checkpoint that never catches up cannot restart the WAL: under
-        busy workers it grew by some 50 MB a second, and the last close had to checkpoint
-        and delete it all (about 40 ms). Where syncing is slow (a disk, not a VM's cache),
+        workers, then what they committed meanwhile while holding the process lock (a
+        short pass). A checkpoint that never catches up cannot restart the WAL: under busy
+        workers it grows without end, and the last close has to checkpoint and delete it
+        all. Where syncing is slow (a disk, not a VM's cache),
         the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
         the time: the WAL then grows for longer instead of the workers stalling.
         """
