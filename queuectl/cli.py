@@ -373,7 +373,7 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float | Non
     found = reads.status(_db(ctx))
     if as_json:
         return _json(found)
-    render.status(found["jobs"], found["queues"], found["workers"], found["worker_counts"])
+    render.status(found.jobs, found.queues, found.workers, found.worker_counts)
 
 
 @cli.command()
@@ -416,7 +416,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
     conn = _db(ctx)
     job = reads.get_job(conn, job_id)
-    deps = {dep: reads.get_job(conn, dep)["state"] for dep in job["after"]}
+    deps = {dep: reads.get_job(conn, dep).state for dep in job.after}
     runs = reads.runs_of(conn, job_id)
     if as_json:
         return _json(render.show_json(job, deps, runs))
@@ -434,7 +434,7 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
 
     runs = reads.runs_of(_db(ctx), job_id)
     if attempt is not None:
-        runs = [r for r in runs if r["attempt"] == attempt]
+        runs = [r for r in runs if r.attempt == attempt]
         if not runs:
             raise click.ClickException(f"Job {job_id} has no attempt {attempt}")
     if as_json:

@@ -352,17 +352,15 @@ def dlq_retry(conn: Db, job_id: str) -> int:
     """Send a dead job back to pending with attempts 0; returns its max_retries."""
     with write(conn):
         job = get_job(conn, job_id)
-        if job["state"] != State.DEAD:
-            raise Conflict(
-                f"Job {job_id} is not in the dead letter queue (state: {job['state']})"
-            )
-        key = job["unique_key"]
+        if job.state != State.DEAD:
+            raise Conflict(f"Job {job_id} is not in the dead letter queue (state: {job.state})")
+        key = job.unique_key
         holder = _holders(conn, [key]).get(key) if key is not None else None
         if holder is not None:
             raise Conflict(f"Job {job_id} cannot be retried: unique key '{key}' is held by "
                            f"unfinished job '{holder}'")
-        append(conn, ev.Requeued(job_id=job_id, max_retries=job["max_retries"]))
-    return int(job["max_retries"])
+        append(conn, ev.Requeued(job_id=job_id, max_retries=job.max_retries))
+    return job.max_retries
 
 
 def cancel(conn: Db, job_id: str) -> str:
@@ -370,13 +368,13 @@ def cancel(conn: Db, job_id: str) -> str:
     worker stops (killing its process group) within a moment."""
     with write(conn):
         job = get_job(conn, job_id)
-        if job["state"] not in CANCELLABLE:
+        if job.state not in CANCELLABLE:
             raise Conflict(
-                f"Job {job_id} is {job['state']}; only pending, scheduled, waiting, failed "
+                f"Job {job_id} is {job.state}; only pending, scheduled, waiting, failed "
                 "or running jobs can be cancelled"
             )
-        if job["state"] == State.PROCESSING and not held_ahead(conn, job_id):
-            if not job["cancel_requested"]:
+        if job.state == State.PROCESSING and not held_ahead(conn, job_id):
+            if not job.cancel_requested:
                 append(conn, ev.CancelRequested(job_id=job_id))
             return "requested"
         append(conn, *cancel_now(conn, job_id))

@@ -1,11 +1,12 @@
 """Reads of the projections, for the CLI and the tools: jobs, counts, workers, a job's
-history and runs, and the figures of ``stats``. Nothing here writes."""
+history and runs, and the figures of ``stats``, as the Structs of ``records``. Nothing here
+writes."""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -22,33 +23,39 @@ from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.errors import InvalidInput, NotFound
 from queuectl.ledger import decode_row, read_events
+from queuectl.records import (
+    FailedRun,
+    Job,
+    ListedJob,
+    Percentiles,
+    QueueRow,
+    Run,
+    RunTimes,
+    Stats,
+    Status,
+    Worker,
+    WorkerAtWork,
+)
 from queuectl.states import STATES, State, WorkerState
-from queuectl.store import Cursor, Db
+from queuectl.store import Db
 
 EVERY = 2**62  # a LIMIT that every store reads as "no limit"
 INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State.DEAD,
            State.CANCELLED)  # the states jobs_state holds
 
-_JOB_COLUMNS = (
-    "id, command, queue, state, priority, attempts, max_retries, backoff_base, backoff_max, "
-    "backoff_jitter, timeout, run_at, worker_id, cancel_requested, exit_code, last_error, "
-    "unique_key, created_at, updated_at"
-)
-# What a job read gives, by store kind: its dependencies are a JSON array of ids, which
-# each store writes its own way (projections.jobs.DEPENDENCIES).
-JOB_FIELDS = {kind: f"{_JOB_COLUMNS}, {deps} AS after" for kind, deps in DEPENDENCIES.items()}
+# What a job read gives, in the order of ``Job``'s fields, by store kind: its dependencies
+# are a JSON array of ids, which each store writes its own way (projections.jobs.DEPENDENCIES).
+JOB_FIELDS = {kind: "id, command, queue, state, priority, attempts, max_retries, backoff_base, "
+              f"backoff_max, backoff_jitter, timeout, run_at, {deps} AS after, unique_key, "
+              "exit_code, last_error, created_at, updated_at, worker_id, cancel_requested"
+              for kind, deps in DEPENDENCIES.items()}
+_decode_ids = msgspec.json.Decoder(list[str]).decode
 
 
-def _dicts(cursor: Cursor) -> list[dict[str, Any]]:
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor]
-
-
-def _dicts_jobs(cursor: Cursor) -> list[dict[str, Any]]:
-    rows = _dicts(cursor)
-    for row in rows:
-        row["after"] = msgspec.json.decode(row["after"])
-    return rows
+def _jobs(rows: Iterable[Any]) -> list[Job]:
+    """Jobs from rows of ``JOB_FIELDS``: ``after`` (the 13th) decoded from its JSON, and
+    ``cancel_requested`` (the last) a bool whichever way the store holds it."""
+    return [Job(*(*row[:12], _decode_ids(row[12]), *row[13:19], bool(row[19]))) for row in rows]
 
 
 def printable(text: str) -> str:
@@ -81,10 +88,10 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def get_job(conn: Db, job_id: str) -> dict[str, Any]:
+def get_job(conn: Db, job_id: str) -> Job:
     check_job_id(job_id)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS[conn.kind]} FROM jobs WHERE id = ?")
-    rows = _dicts_jobs(conn.execute(sql, (job_id,)))
+    rows = _jobs(conn.execute(sql, (job_id,)))
     if not rows:
         raise _not_found(conn, job_id)
     return rows[0]
@@ -92,7 +99,7 @@ def get_job(conn: Db, job_id: str) -> dict[str, Any]:
 
 def list_jobs(
     conn: Db, state: str | None = None, limit: int | None = None, queue: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[Job]:
     """Jobs oldest first, optionally of one state and one queue; pending jobs in the order
     they will run (highest priority first, then oldest)."""
     params: tuple[Any, ...] = (state,) if state else ()
@@ -109,7 +116,7 @@ def list_jobs(
     if queue:
         where, params = f"{where} AND queue = ?", (*params, queue)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS[conn.kind]} FROM jobs {where} ORDER BY {order} LIMIT ?")
-    return _dicts_jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
+    return _jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
 
 
 def counts(conn: Db) -> dict[str, int]:
@@ -129,7 +136,7 @@ def queue_counts(conn: Db) -> dict[str, dict[str, int]]:
     return found
 
 
-def queues(conn: Db) -> list[dict[str, Any]]:
+def queues(conn: Db) -> list[QueueRow]:
     """Every queue: paused or not, its limit (0: none), its jobs per state and how long its
     oldest pending job has waited (seconds, None when nothing is pending)."""
     now = conn.now()
@@ -152,21 +159,16 @@ def queues(conn: Db) -> list[dict[str, Any]]:
             since = conn.execute(oldest(name), (name,)).fetchone()[0]
             if since is not None:
                 wait = round(max(0.0, clock.seconds_between(since, now)), 3)
-        found.append({"queue": name, "paused": paused, "limit": limit, "jobs": per_state,
-                      "total": sum(per_state.values()), "oldest_pending_wait": wait})
+        found.append(QueueRow(name, paused, limit, per_state, sum(per_state.values()), wait))
     return found
 
 
-def workers(conn: Db, states: Iterable[str] = ("active",)) -> list[dict[str, Any]]:
+def workers(conn: Db, states: Iterable[str] = ("active",)) -> list[Worker]:
     states = tuple(states)
     marks = ",".join("?" * len(states))
-    return _dicts(
-        conn.execute(
-            f"""SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done
-            FROM workers WHERE state IN ({marks}) ORDER BY started_at, id""",
-            states,
-        )
-    )
+    return [Worker(*row) for row in conn.execute(
+        f"""SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done
+        FROM workers WHERE state IN ({marks}) ORDER BY started_at, id""", states)]
 
 
 def worker_counts(conn: Db) -> dict[str, int]:
@@ -174,34 +176,38 @@ def worker_counts(conn: Db) -> dict[str, int]:
     return dict(conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
 
 
-def status(conn: Db) -> dict[str, Any]:
+def status(conn: Db) -> Status:
     """Jobs per state and per queue, the running workers (an active one whose heartbeat is
     older than the lease timeout shows as ``silent``) and how many ended: ``status``."""
     running = running_workers(conn)
-    return {"jobs": counts(conn), "queues": queue_counts(conn), "workers": running,
-            "worker_counts": worker_tally(conn, running)}
+    return Status(counts(conn), queue_counts(conn), running, worker_tally(conn, running))
 
 
-def running_workers(conn: Db, job_since: bool = False) -> list[dict[str, Any]]:
+def running_workers(conn: Db) -> list[Worker]:
     """The active workers, those whose heartbeat is older than the lease timeout marked
-    ``silent``; ``job_since``: with when each one's current run was claimed."""
-    running = workers_at_work(conn) if job_since else workers(conn, (WorkerState.ACTIVE,))
+    ``silent``."""
+    return _silent_marked(conn, workers(conn, (WorkerState.ACTIVE,)))
+
+
+_W = TypeVar("_W", bound=Worker)
+
+
+def _silent_marked(conn: Db, running: list[_W]) -> list[_W]:
+    """``running``, those whose heartbeat is older than the lease timeout as ``silent``."""
     lease = float(settings.load(conn)["lease-timeout"])
     stale_before = clock.after(conn.now(), -lease)
-    for worker in running:
-        if worker["last_heartbeat"] < stale_before:
-            worker["state"] = "silent"
-    return running
+    return [msgspec.structs.replace(w, state="silent") if w.last_heartbeat < stale_before else w
+            for w in running]
 
 
-def worker_tally(conn: Db, running: list[dict[str, Any]]) -> dict[str, int]:
+def worker_tally(conn: Db, running: Iterable[Worker]) -> dict[str, int]:
     """Workers per state: the running ones (``running_workers``) active or silent, and how
     many stopped or were declared gone."""
     ended = worker_counts(conn)
     tally = {"active": 0, "silent": 0, "stopped": ended.get(WorkerState.STOPPED, 0),
              "gone": ended.get(WorkerState.GONE, 0)}
     for worker in running:
-        tally[worker["state"]] += 1
+        tally[worker.state] += 1
     return tally
 
 
@@ -237,32 +243,32 @@ def _not_found(conn: Db, job_id: str, archived: bool = False) -> NotFound:
     return NotFound(f"Job '{job_id}' not found")
 
 
-def runs_of(conn: Db, job_id: str) -> list[dict[str, Any]]:
+def runs_of(conn: Db, job_id: str) -> list[Run]:
     """Each run of a job, from its events: when, by whom, how it ended, and its output."""
-    runs: list[dict[str, Any]] = []
+    runs: list[Run] = []
     for _, at, event in history(conn, job_id):
         match event:
             case ev.Claimed(attempt=a, worker_id=w):
-                runs.append({"run": len(runs) + 1, "attempt": a, "worker_id": w,
-                             "started_at": at, "finished_at": None, "outcome": "running",
-                             "exit_code": None, "duration": None, "output": "",
-                             "truncated": False, "error": None})
+                runs.append(Run(len(runs) + 1, a, w, at, None, "running", None, None, "", False,
+                                None))
             case ev.Completed() | ev.Failed() | ev.TimedOut() | ev.Cancelled() | \
-                    ev.Released() | ev.LeaseExpired() if runs and runs[-1]["finished_at"] is None:
-                run = runs[-1]
-                run["finished_at"] = at
-                run["outcome"] = event.type
-                run["exit_code"] = getattr(event, "exit_code", 0 if event.type == "completed"
-                                           else None)
-                run["duration"] = getattr(event, "duration", None)
-                run["output"] = getattr(event, "output", "")
-                run["truncated"] = getattr(event, "truncated", False)
-                run["error"] = getattr(event, "error", None) or getattr(event, "reason", None)
-                if isinstance(event, ev.TimedOut):
-                    run["error"] = f"killed after its {event.timeout:g}s timeout"
-                elif isinstance(event, ev.LeaseExpired):
-                    run["error"] = f"worker {event.worker_id} stopped heartbeating"
+                    ev.Released() | ev.LeaseExpired() if runs and runs[-1].finished_at is None:
+                runs[-1] = _ended(runs[-1], at, event)
     return runs
+
+
+def _ended(run: Run, at: str, event: ev.Event) -> Run:
+    """``run`` as the event that ended it says."""
+    error = getattr(event, "error", None) or getattr(event, "reason", None)
+    if isinstance(event, ev.TimedOut):
+        error = f"killed after its {event.timeout:g}s timeout"
+    elif isinstance(event, ev.LeaseExpired):
+        error = f"worker {event.worker_id} stopped heartbeating"
+    return msgspec.structs.replace(
+        run, finished_at=at, outcome=event.type,
+        exit_code=getattr(event, "exit_code", 0 if event.type == "completed" else None),
+        duration=getattr(event, "duration", None), output=getattr(event, "output", ""),
+        truncated=getattr(event, "truncated", False), error=error)
 
 
 def parse_since(text: str) -> float:
@@ -294,7 +300,7 @@ def _percentile(conn: Db, column: str, where: str, params: tuple[Any, ...],
     return row[0] if row else None
 
 
-def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
+def stats(conn: Db, since_seconds: float | None = None) -> Stats:
     """Completed / failed / dead, success rate, throughput, run time and queue wait
     percentiles, from the ``runs`` projection (all time, or the last ``since_seconds``)."""
     now = conn.now()
@@ -335,29 +341,28 @@ def stats(conn: Db, since_seconds: float | None = None) -> dict[str, Any]:
             f"SELECT max(duration) FROM runs {within} WHERE duration IS NOT NULL {fin_where}"),
             fin_params,
         ).fetchone()[0]
-        result = {
-            "since": None if since_seconds is None else span[0],
-            "completed": completed,
-            "failed": failed,
-            "dead": int(found.get("dead", 0)),
-            "success_rate": round(completed / (completed + failed), 4)
+        return Stats(
+            since=None if since_seconds is None else span[0],
+            completed=completed,
+            failed=failed,
+            dead=int(found.get("dead", 0)),
+            success_rate=round(completed / (completed + failed), 4)
             if completed + failed else None,
-            "throughput_per_min": round(held.get("completed", 0) / minutes, 2)
+            throughput_per_min=round(held.get("completed", 0) / minutes, 2)
             if minutes > 0 else None,
             # What the throughput is taken over: the window, or all time's span of runs
             # (the first claim to the last end), which may be minutes of a week.
-            "throughput_over_seconds": round(minutes * 60, 3) if minutes > 0 else None,
-            "run_time": {
-                "p50": _percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
-                "p95": _percentile(conn, "duration", fin_where, fin_params, timed, 0.95),
-                "max": max_run,
-            },
-            "queue_wait": {
-                "p50": _percentile(conn, "wait", wait_where, wait_params, claims, 0.50),
-                "p95": _percentile(conn, "wait", wait_where, wait_params, claims, 0.95),
-            },
-        }
-    return result
+            throughput_over_seconds=round(minutes * 60, 3) if minutes > 0 else None,
+            run_time=RunTimes(
+                p50=_percentile(conn, "duration", fin_where, fin_params, timed, 0.50),
+                p95=_percentile(conn, "duration", fin_where, fin_params, timed, 0.95),
+                max=max_run,
+            ),
+            queue_wait=Percentiles(
+                p50=_percentile(conn, "wait", wait_where, wait_params, claims, 0.50),
+                p95=_percentile(conn, "wait", wait_where, wait_params, claims, 0.95),
+            ),
+        )
 
 
 # -- the dashboard's pages ----------------------------------------------------------------
@@ -366,7 +371,7 @@ PAGE = 50  # jobs a page of find_jobs shows
 SCAN = 50_000  # jobs a filtered page looks through at most before it offers to go on
 ACTIVITY_RUNS = 10_000  # runs the activity charts read at most (the newest)
 LIST_FIELDS = ("seq, id, command, queue, state, priority, attempts, max_retries, run_at, "
-               "last_error, created_at, updated_at")
+               "last_error, created_at, updated_at")  # ListedJob's fields
 
 
 def head(conn: Db) -> int:
@@ -377,7 +382,7 @@ def head(conn: Db) -> int:
 
 def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
               text: str | None = None, cursor: str | None = None, limit: int = PAGE
-              ) -> tuple[list[dict[str, Any]], str | None, int]:
+              ) -> tuple[list[ListedJob], str | None, int]:
     """One page of jobs, newest first (pending ones in the order they will run), optionally
     of one state and queue, and whose id or command contains ``text``.
 
@@ -409,14 +414,14 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
         found.append("(replace(id, ?, '') <> id OR replace(command, ?, '') <> command)")
         found_params += [text, text]
 
-    def page(condition: str, values: list[Any]) -> list[dict[str, Any]]:
-        return _dicts(conn.execute(conn.dialect.sql(
+    def page(condition: str, values: list[Any]) -> list[ListedJob]:
+        return [ListedJob(*row) for row in conn.execute(conn.dialect.sql(
             f"SELECT {LIST_FIELDS} FROM jobs {index} WHERE {condition} "
-            "ORDER BY seq DESC LIMIT ?"), (*values, limit + 1)))
+            "ORDER BY seq DESC LIMIT ?"), (*values, limit + 1))]
 
     if not found:
         rows = page(where, params)
-        return rows[:limit], str(rows[limit - 1]["seq"]) if len(rows) > limit else None, 0
+        return rows[:limit], str(rows[limit - 1].seq) if len(rows) > limit else None, 0
     # A filter no index serves: how far back SCAN jobs reach (an index walk), then only
     # those jobs are looked at.
     walked, floor = conn.execute(conn.dialect.sql(
@@ -426,7 +431,7 @@ def find_jobs(conn: Db, state: str | None = None, queue: str | None = None,
         return [], None, 0
     rows = page(f"{where} AND seq >= ? AND {' AND '.join(found)}", [*params, floor, *found_params])
     if len(rows) > limit:
-        return rows[:limit], str(rows[limit - 1]["seq"]), 0
+        return rows[:limit], str(rows[limit - 1].seq), 0
     if walked < SCAN:
         return rows, None, 0
     return rows, str(floor), int(walked)
@@ -447,7 +452,7 @@ def _seq_text(text: str) -> bool:
 
 
 def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
-                  ) -> tuple[list[dict[str, Any]], str | None, int]:
+                  ) -> tuple[list[ListedJob], str | None, int]:
     """Pending jobs in run order (highest priority first, then oldest) through the index
     the claim query walks; a cursor ``priority:seq`` starts after that job."""
     if queue:
@@ -456,11 +461,12 @@ def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
     else:
         where, params = f"{JOBS_READY} WHERE state = ? AND {CLAIMABLE_SQL}", [State.PENDING]
 
-    def page(after: str, *more: Any) -> list[dict[str, Any]]:
+    def page(after: str, *more: Any) -> list[ListedJob]:
         sql = f"SELECT {LIST_FIELDS} FROM jobs {where} {after} ORDER BY priority DESC, seq LIMIT ?"
-        return _dicts(conn.execute(conn.dialect.sql(sql), (*params, *more, limit + 1 - len(rows))))
+        return [ListedJob(*row) for row in conn.execute(conn.dialect.sql(sql),
+                                                        (*params, *more, limit + 1 - len(rows)))]
 
-    rows: list[dict[str, Any]] = []
+    rows: list[ListedJob] = []
     if cursor:
         priority, seq = _pending_cursor(cursor)
         # Two index ranges, each a seek: the rest of this priority, then the lower ones.
@@ -471,7 +477,7 @@ def _pending_page(conn: Db, queue: str | None, cursor: str | None, limit: int
         rows = page("")
     if len(rows) > limit:
         last = rows[limit - 1]
-        return rows[:limit], f"{last['priority']}:{last['seq']}", 0
+        return rows[:limit], f"{last.priority}:{last.seq}", 0
     return rows, None, 0
 
 
@@ -536,14 +542,14 @@ FAILED_RUNS = ("failed", "timed-out", "lease-expired")
 RECENT_RUNS = 5000  # the newest finished runs the failure list looks among, at most
 
 
-def workers_at_work(conn: Db) -> list[dict[str, Any]]:
-    """Active workers, as ``workers`` gives them, each with ``job_since``: when its current
-    job's run was claimed (one probe of ``runs_job`` a worker)."""
-    return _dicts(conn.execute(
+def workers_at_work(conn: Db) -> list[WorkerAtWork]:
+    """The running workers, as ``running_workers`` gives them, each with ``job_since``: when
+    its current job's run was claimed (one probe of ``runs_job`` a worker)."""
+    return _silent_marked(conn, [WorkerAtWork(*row) for row in conn.execute(
         """SELECT id, state, pid, host, started_at, last_heartbeat, current_job, jobs_done,
             (SELECT claimed_at FROM runs WHERE runs.job_id = workers.current_job
              ORDER BY seq DESC LIMIT 1) AS job_since
-        FROM workers WHERE state = 'active' ORDER BY started_at, id"""))
+        FROM workers WHERE state = 'active' ORDER BY started_at, id""")])
 
 
 def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
@@ -568,12 +574,12 @@ def finished_since(conn: Db, since: str, now: str) -> dict[str, int]:
         "WHERE finished_at >= ? AND finished_at <= ? GROUP BY outcome"), (since, now)).fetchall()}
 
 
-def newest_failures(conn: Db, limit: int = 5) -> list[dict[str, Any]]:
+def newest_failures(conn: Db, limit: int = 5) -> list[FailedRun]:
     """The newest failed runs (failed, timed out, or lost with their worker), newest first,
     with their job's queue and last error: looked for among the newest ``RECENT_RUNS``
     finished runs only, so that a quiet error log never walks the whole table."""
     outcomes = ", ".join(f"'{o}'" for o in FAILED_RUNS)
-    return _dicts(conn.execute(conn.dialect.sql(
+    return [FailedRun(*row) for row in conn.execute(conn.dialect.sql(
         f"""SELECT f.job_id, f.attempt, f.worker_id, f.finished_at, f.outcome, f.exit_code,
             j.queue, j.last_error
         FROM (SELECT * FROM (SELECT job_id, attempt, worker_id, finished_at, outcome, exit_code
@@ -581,4 +587,4 @@ def newest_failures(conn: Db, limit: int = 5) -> list[dict[str, Any]]:
                              ORDER BY finished_at DESC LIMIT ?) AS recent
               WHERE outcome IN ({outcomes}) ORDER BY finished_at DESC LIMIT ?) AS f
         LEFT JOIN jobs AS j ON j.id = f.job_id
-        ORDER BY f.finished_at DESC"""), (RECENT_RUNS, limit)))
+        ORDER BY f.finished_at DESC"""), (RECENT_RUNS, limit))]

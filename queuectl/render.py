@@ -13,6 +13,7 @@ import msgspec
 
 from queuectl import clock
 from queuectl import events as ev
+from queuectl.records import Job, QueueRow, Run, Stats, Worker
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))}
 _CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
@@ -138,67 +139,62 @@ def _cut(text: str) -> str:
 
 # -- jobs ---------------------------------------------------------------------------------
 
-JOB_JSON_FIELDS = (
-    "id", "command", "queue", "state", "priority", "attempts", "max_retries", "backoff_base",
-    "backoff_max", "backoff_jitter", "timeout", "run_at", "after", "unique_key", "exit_code",
-    "last_error", "created_at", "updated_at",
-)
 _TIMED = ("scheduled", "failed", "pending")
+_HELD = ("worker_id", "cancel_requested")  # what only show gives of a job
 
 
-def job_json(job: dict[str, Any]) -> dict[str, Any]:
-    data = {key: job[key] for key in JOB_JSON_FIELDS}
-    if job["state"] not in _TIMED:
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as ``list --json`` gives it: its fields up to ``updated_at``."""
+    data = msgspec.structs.asdict(job)
+    for key in _HELD:
+        del data[key]
+    if job.state not in _TIMED:
         data["run_at"] = None  # only meaningful while the job waits for its time
     return data
 
 
-def _waits_for(job: dict[str, Any]) -> str:
-    if job["state"] in ("scheduled", "failed"):
-        return clock.short(job["run_at"])
-    if job["state"] == "waiting":
-        return ", ".join(job["after"])
+def _waits_for(job: Job) -> str:
+    if job.state in ("scheduled", "failed"):
+        return clock.short(job.run_at)
+    if job.state == "waiting":
+        return ", ".join(job.after)
     return ""
 
 
-def jobs_table(jobs: list[dict[str, Any]], title: str) -> None:
+def jobs_table(jobs: list[Job], title: str) -> None:
     """Attempts read ``runs started/runs allowed`` (1 + max_retries); ``Waits for`` is the
     time a scheduled or failed job may run again, or the jobs a waiting job depends on.
     Times are UTC, shown as HH:MM:SS when today."""
     if not jobs:
         print(f"{title}: no jobs")
         return
-    waiting = any(j["state"] in ("scheduled", "failed", "waiting") for j in jobs)
-    prioritised = any(j["priority"] for j in jobs)
-    queued = any(j["queue"] != "default" for j in jobs)
+    waiting = any(j.state in ("scheduled", "failed", "waiting") for j in jobs)
+    prioritised = any(j.priority for j in jobs)
+    queued = any(j.queue != "default" for j in jobs)
     columns = ["ID"] + ["Queue"] * queued + ["State", "Attempts"] + ["Pri"] * prioritised
     columns += ["Command"]
     columns += ["Waits for"] * waiting + ["Updated (UTC)"]
     rows = []
     for j in jobs:
-        row: list[Any] = [j["id"], *[j["queue"]] * queued, j["state"],
-                          f"{j['attempts']}/{1 + j['max_retries']}"]
-        row += [j["priority"]] * prioritised + [j["command"]]
-        row += [_waits_for(j)] * waiting + [clock.short(j["updated_at"])]
+        row: list[Any] = [j.id, *[j.queue] * queued, j.state, f"{j.attempts}/{1 + j.max_retries}"]
+        row += [j.priority] * prioritised + [j.command]
+        row += [_waits_for(j)] * waiting + [clock.short(j.updated_at)]
         rows.append(row)
     _table(title, columns, rows, wide=frozenset({"Command"}))
 
 
-def dlq_table(jobs: list[dict[str, Any]]) -> None:
+def dlq_table(jobs: list[Job]) -> None:
     if not jobs:
         print("Dead letter queue is empty")
         return
-    rows = [
-        [j["id"], j["command"], j["attempts"], j["max_retries"], j["last_error"] or "",
-         clock.short(j["updated_at"])]
-        for j in jobs
-    ]
+    rows = [[j.id, j.command, j.attempts, j.max_retries, j.last_error or "",
+             clock.short(j.updated_at)] for j in jobs]
     columns = ["ID", "Command", "Attempts", "Max retries", "Last error", "Updated (UTC)"]
     _table("Dead letter queue", columns, rows, wide=frozenset({"Command", "Last error"}))
 
 
 def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
-           workers: list[dict[str, Any]], tally: dict[str, int]) -> None:
+           workers: list[Worker], tally: dict[str, int]) -> None:
     """Job counts (and each queue's, when there is more than the default one), then the
     running workers (``state`` already active or silent); the workers that stopped or are
     gone are counted on one line, never listed."""
@@ -208,11 +204,8 @@ def status(counts: dict[str, int], queues: dict[str, dict[str, int]],
     if not workers:
         print("Workers: none active" + (f" ({ended}, not shown)" if ended else ""))
         return
-    rows = [
-        [w["id"], w["state"], w["host"], w["pid"], w["current_job"] or "-", w["jobs_done"],
-         clock.short(w["last_heartbeat"])]
-        for w in workers
-    ]
+    rows = [[w.id, w.state, w.host, w.pid, w.current_job or "-", w.jobs_done,
+             clock.short(w.last_heartbeat)] for w in workers]
     summary = f"Workers: {tally['active']} active, {tally['silent']} silent"
     print(summary + (f" ({ended}, not shown)" if ended else ""))
     _table(None, ["Worker", "State", "Host", "PID", "Job", "Done", "Heartbeat"], rows)
@@ -231,15 +224,15 @@ def counts_lines(counts: dict[str, int], queues: dict[str, dict[str, int]]) -> l
     return lines
 
 
-def queues_table(queues: list[dict[str, Any]]) -> None:
+def queues_table(queues: list[QueueRow]) -> None:
     """One row per queue: running or paused, its limit, its jobs (the states it has any
     in), and its oldest pending job's wait."""
     if not queues:
         print("Queues: none")
         return
-    rows = [[q["queue"], "paused" if q["paused"] else "running", q["limit"] or "-",
-             ", ".join(f"{n} {state}" for state, n in q["jobs"].items() if n) or "-",
-             "-" if q["oldest_pending_wait"] is None else f"{q['oldest_pending_wait']:.1f}s"]
+    rows = [[q.queue, "paused" if q.paused else "running", q.limit or "-",
+             ", ".join(f"{n} {state}" for state, n in q.jobs.items() if n) or "-",
+             "-" if q.oldest_pending_wait is None else f"{q.oldest_pending_wait:.1f}s"]
             for q in queues]
     _table("Queues", ["Queue", "State", "Limit", "Jobs", "Oldest pending"], rows,
            wide=frozenset({"Jobs"}))
@@ -392,73 +385,74 @@ def safe_block(text: str) -> str:
     return "\n".join(safe(line).replace("\\t", "\t") for line in text.split("\n"))
 
 
-def _next_run(job: dict[str, Any]) -> str | None:
-    if job["state"] in ("pending",):
+def _next_run(job: Job) -> str | None:
+    if job.state in ("pending",):
         return "now (waiting for a worker)"
-    if job["state"] in ("scheduled", "failed"):
-        return job["run_at"]
-    if job["state"] == "waiting":
+    if job.state in ("scheduled", "failed"):
+        return job.run_at
+    if job.state == "waiting":
         return "after its dependencies complete"
     return None
 
 
-def show_json(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def show_json(job: Job, deps: dict[str, str], runs: list[Run]) -> dict[str, Any]:
+    """A job as ``show --json`` gives it: ``job_json``'s fields, what only show gives, its
+    dependencies' states, when it runs next and how many runs it had."""
     data = job_json(job)
     data.update(
-        backoff_max=job["backoff_max"], backoff_jitter=job["backoff_jitter"],
-        worker_id=job["worker_id"], cancel_requested=bool(job["cancel_requested"]),
+        worker_id=job.worker_id, cancel_requested=job.cancel_requested,
         dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
         next_run=_next_run(job), runs=len(runs),
     )
     return data
 
 
-def show(job: dict[str, Any], deps: dict[str, str], runs: list[dict[str, Any]]) -> None:
-    policy = f"max_retries {job['max_retries']}, backoff_base {job['backoff_base']:g}"
-    if job["backoff_max"]:
-        policy += f", backoff_max {job['backoff_max']:g}s"
-    if job["backoff_jitter"]:
-        policy += f", backoff_jitter {job['backoff_jitter']:g}"
+def show(job: Job, deps: dict[str, str], runs: list[Run]) -> None:
+    policy = f"max_retries {job.max_retries}, backoff_base {job.backoff_base:g}"
+    if job.backoff_max:
+        policy += f", backoff_max {job.backoff_max:g}s"
+    if job.backoff_jitter:
+        policy += f", backoff_jitter {job.backoff_jitter:g}"
     lines = [
-        ("ID", job["id"]),
-        ("Command", job["command"]),
-        ("Queue", job["queue"]),
-        ("Unique key", job["unique_key"] or "-"),
-        ("State", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
-        ("Priority", job["priority"]),
-        ("Attempts", f"{job['attempts']} of {1 + job['max_retries']} allowed runs"),
+        ("ID", job.id),
+        ("Command", job.command),
+        ("Queue", job.queue),
+        ("Unique key", job.unique_key or "-"),
+        ("State", job.state + (" (cancel requested)" if job.cancel_requested else "")),
+        ("Priority", job.priority),
+        ("Attempts", f"{job.attempts} of {1 + job.max_retries} allowed runs"),
         ("Retry policy", policy),
-        ("Timeout", f"{job['timeout']:g}s" if job["timeout"] else "none"),
+        ("Timeout", f"{job.timeout:g}s" if job.timeout else "none"),
         ("After", ", ".join(f"{d} ({s})" for d, s in deps.items()) or "-"),
-        ("Worker", job["worker_id"] or "-"),
-        ("Last error", job["last_error"] or "-"),
-        ("Exit code", "-" if job["exit_code"] is None else job["exit_code"]),
+        ("Worker", job.worker_id or "-"),
+        ("Last error", job.last_error or "-"),
+        ("Exit code", "-" if job.exit_code is None else job.exit_code),
         ("Next run", _next_run(job) or "-"),
         ("Runs", len(runs)),
-        ("Created", job["created_at"]),
-        ("Updated", job["updated_at"]),
+        ("Created", job.created_at),
+        ("Updated", job.updated_at),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key + ':':<{width + 1}} {safe(str(value))}")
 
 
-def logs(job_id: str, runs: list[dict[str, Any]]) -> None:
+def logs(job_id: str, runs: list[Run]) -> None:
     if not runs:
         print(f"Job {job_id} has not run yet")
         return
     for run in runs:
-        ended = run["outcome"]
-        if run["error"]:
-            ended += f": {run['error']}"
-        elif run["exit_code"] is not None:
-            ended += f" (exit code {run['exit_code']})"
-        took = f", {run['duration']:.3f}s" if run["duration"] is not None else ""
-        print(f"=== attempt {run['attempt']} on worker {run['worker_id']} at "
-              f"{clock.human(run['started_at'])}: {safe(ended)}{took} ===")
-        if run["truncated"]:
-            print(f"[output cut: only its last {len(run['output'].encode())} bytes were kept]")
-        output = safe_block(run["output"])
+        ended = run.outcome
+        if run.error:
+            ended += f": {run.error}"
+        elif run.exit_code is not None:
+            ended += f" (exit code {run.exit_code})"
+        took = f", {run.duration:.3f}s" if run.duration is not None else ""
+        print(f"=== attempt {run.attempt} on worker {run.worker_id} at "
+              f"{clock.human(run.started_at)}: {safe(ended)}{took} ===")
+        if run.truncated:
+            print(f"[output cut: only its last {len(run.output.encode())} bytes were kept]")
+        output = safe_block(run.output)
         print(output, end="" if output.endswith("\n") or not output else "\n")
 
 
@@ -466,14 +460,14 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
-def stats(figures: dict[str, Any], since: str | None) -> None:
-    rate = figures["success_rate"]
-    throughput = figures["throughput_per_min"]
-    run, wait = figures["run_time"], figures["queue_wait"]
+def stats(figures: Stats, since: str | None) -> None:
+    rate = figures.success_rate
+    throughput = figures.throughput_per_min
+    run, wait = figures.run_time, figures.queue_wait
     print(f"===== STATS ({'last ' + since if since else 'all time'}) =====")
-    print(f"Completed:     {figures['completed']}")
-    print(f"Failed runs:   {figures['failed']}")
-    print(f"Dead:          {figures['dead']}")
+    print(f"Completed:     {figures.completed}")
+    print(f"Failed runs:   {figures.failed}")
+    print(f"Dead:          {figures.dead}")
     print(f"Success rate:  {'-' if rate is None else f'{rate:.1%}'}")
     if throughput is None:
         print("Throughput:    -")
@@ -481,7 +475,7 @@ def stats(figures: dict[str, Any], since: str | None) -> None:
         print(f"Throughput:    {throughput:g} jobs/min (over the last {since})")
     else:  # all time: over the span the runs took, which says how far to trust it
         print(f"Throughput:    {throughput:g} jobs/min (over "
-              f"{clock.age(figures['throughput_over_seconds'])}, first claim to last end)")
-    print(f"Run time:      p50 {_seconds(run['p50'])}  p95 {_seconds(run['p95'])}  "
-          f"max {_seconds(run['max'])}")
-    print(f"Queue wait:    p50 {_seconds(wait['p50'])}  p95 {_seconds(wait['p95'])}")
+              f"{clock.age(figures.throughput_over_seconds)}, first claim to last end)")
+    print(f"Run time:      p50 {_seconds(run.p50)}  p95 {_seconds(run.p95)}  "
+          f"max {_seconds(run.max)}")
+    print(f"Queue wait:    p50 {_seconds(wait.p50)}  p95 {_seconds(wait.p95)}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from queuectl import clock, reads, render
 from queuectl.clock import age
+from queuectl.records import FailedRun, WorkerAtWork
 from queuectl.store import Db
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -36,18 +37,18 @@ class Snapshot:
     now: str
     counts: dict[str, int]
     queues: dict[str, dict[str, int]]
-    workers: list[dict[str, Any]]  # active ones, each ``state`` active or silent
+    workers: list[WorkerAtWork]  # active ones, each ``state`` active or silent
     tally: dict[str, int]  # workers per state: active, silent, stopped, gone
     last_minute: dict[str, int]  # runs finished in the last minute, per outcome
     per_minute: list[int]  # runs finished in each of the last MINUTES minutes, oldest first
-    failures: list[dict[str, Any]]
+    failures: list[FailedRun]
 
 
 def snapshot(conn: Db) -> Snapshot:
     """Read one frame's figures, from the projections only."""
     with conn.snapshot():
         now = conn.now()
-        workers = reads.running_workers(conn, job_since=True)
+        workers = reads.workers_at_work(conn)
         return Snapshot(
             now=now, counts=reads.counts(conn), queues=reads.queue_counts(conn),
             workers=workers, tally=reads.worker_tally(conn, workers),
@@ -61,13 +62,13 @@ def _since(start: str | None, now: str) -> float | None:
     return None if start is None else clock.seconds_between(start, now)
 
 
-def failure(run: dict[str, Any]) -> str:
+def failure(run: FailedRun) -> str:
     """What went wrong in a failed run, in a few words."""
-    if run["outcome"] == "timed-out":
+    if run.outcome == "timed-out":
         return "timed out"
-    if run["outcome"] == "lease-expired":
-        return f"worker {run['worker_id']} stopped heartbeating"
-    return str(run["last_error"] or f"exit status {run['exit_code']}")
+    if run.outcome == "lease-expired":
+        return f"worker {run.worker_id} stopped heartbeating"
+    return run.last_error or f"exit status {run.exit_code}"
 
 
 def _ended(outcomes: dict[str, int]) -> str:
@@ -105,9 +106,8 @@ def view(snap: Snapshot, every: float, target: str):  # type: ignore[no-untyped-
     if not snap.failures:
         parts.append(Text("Newest failures: none"))
     else:
-        rows = [[f["job_id"], f["queue"] or "-", f["attempt"], f["outcome"],
-                 age(_since(f["finished_at"], now)) + " ago", failure(f)]
-                for f in snap.failures]
+        rows = [[f.job_id, f.queue or "-", f.attempt, f.outcome,
+                 age(_since(f.finished_at, now)) + " ago", failure(f)] for f in snap.failures]
         parts.append(render.table("Newest failures", ["Job", "Queue", "Attempt", "Outcome",
                                                       "When", "Error"], rows,
                                   wide=frozenset({"Error"})))
@@ -124,9 +124,9 @@ def _workers(snap: Snapshot) -> list[Any]:
         return [Text(f"Workers: none active{ended}")]
     shown = snap.workers[:WORKERS]
     more = len(snap.workers) - len(shown)
-    rows = [[w["id"], w["state"], w["host"], w["pid"], w["current_job"] or "-",
-             age(_since(w["job_since"], snap.now)) if w["current_job"] else "-",
-             w["jobs_done"], age(_since(w["last_heartbeat"], snap.now)) + " ago"]
+    rows = [[w.id, w.state, w.host, w.pid, w.current_job or "-",
+             age(_since(w.job_since, snap.now)) if w.current_job else "-",
+             w.jobs_done, age(_since(w.last_heartbeat, snap.now)) + " ago"]
             for w in shown]
     parts: list[Any] = [
         Text(f"Workers: {t['active']} active, {t['silent']} silent{ended}"),

@@ -233,7 +233,7 @@ def test_jobs_pages_follow_each_other_by_keyset(run: Any, conn: Any,
         f'{{"id": "j{n:03d}", "command": "true", "priority": {n % 2}}}\n' for n in range(120)))
     seen = _every_page(client, "state=pending")
     assert len(seen) == 120 and len(set(seen)) == 120
-    assert seen == [j["id"] for j in reads.list_jobs(conn, "pending")]  # in run order
+    assert seen == [j.id for j in reads.list_jobs(conn, "pending")]  # in run order
     everything = _every_page(client, "")
     assert everything == [f"j{n:03d}" for n in reversed(range(120))]
 
@@ -247,7 +247,7 @@ def test_a_search_walks_a_bounded_number_of_jobs(run: Any, conn: Any,
     assert (found, walked) == ([], 10) and cursor is not None  # the newest 10 hold none
     for _ in range(3):
         found, cursor, walked = reads.find_jobs(conn, text="needle", cursor=cursor)
-    assert [j["command"] for j in found] == ["needle"]
+    assert [j.command for j in found] == ["needle"]
 
 
 def test_charts_count_the_last_hours_runs_and_say_when_they_read_only_the_newest(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import events_of, spawn, wait_for
 
-from queuectl import claims, clock, decisions, ledger, reads
+from queuectl import claims, clock, decisions, ledger, reads, records
 from queuectl import events as ev
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
@@ -109,12 +109,12 @@ def rows(conn: sqlite3.Connection, type_: str, job_id: str | None = None) -> lis
     ]
 
 
-def job(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
+def job(conn: sqlite3.Connection, job_id: str) -> records.Job:
     return reads.get_job(conn, job_id)
 
 
 def state(conn: sqlite3.Connection, job_id: str) -> str:
-    return str(job(conn, job_id)["state"])
+    return str(job(conn, job_id).state)
 
 
 def event_count(conn: sqlite3.Connection) -> int:
@@ -196,7 +196,7 @@ def test_single_worker_runs_by_priority_then_oldest(run, conn, tmp_path):
     order = tmp_path / "order.txt"
     for job_id, priority in (("a", "0"), ("b", "5"), ("c", "-2"), ("d", "9"), ("e", "5")):
         added(run, "--id", job_id, "-p", priority, "-c", f"echo {job_id} >> {order}")
-    assert [job(conn, j)["priority"] for j in "abcde"] == [0, 5, -2, 9, 5]
+    assert [job(conn, j).priority for j in "abcde"] == [0, 5, -2, 9, 5]
 
     with workers() as start:
         burst(start)
@@ -238,8 +238,8 @@ def test_retried_job_keeps_its_priority(run, conn, tmp_path):
     assert order.read_text().split() == ["r", "long", "r", "short"]
     retry = rows(conn, "scheduled-retry", "r")
     assert len(retry) == 1 and retry[0]["delay"] == 1
-    assert job(conn, "r")["priority"] == 5
-    assert (state(conn, "r"), job(conn, "r")["attempts"]) == ("completed", 2)
+    assert job(conn, "r").priority == 5
+    assert (state(conn, "r"), job(conn, "r").attempts) == ("completed", 2)
 
 
 def test_retried_job_keeps_its_priority_exactly(run, conn, monkeypatch):
@@ -251,7 +251,7 @@ def test_retried_job_keeps_its_priority_exactly(run, conn, monkeypatch):
     c = claim(conn, "w1", "r")
     fake.set(1)
     fail(conn, c, "w1")  # retry at t=3
-    assert (state(conn, "r"), job(conn, "r")["priority"]) == ("failed", 5)
+    assert (state(conn, "r"), job(conn, "r").priority) == ("failed", 5)
     fake.set(2)
     complete(conn, claim(conn, "w1", "old1"), "w1", 0.1)  # r not eligible yet
     fake.set(3)
@@ -272,7 +272,7 @@ def test_delayed_job_is_not_run_early_and_runs_within_100ms(run, conn, tmp_path)
         # The delay counts from the request (a moment before its write committed).
         assert 1.0 < clock.seconds_between(enqueued["at"], run_at) <= 1.5
         assert state(conn, job_id) == "scheduled"
-        assert job(conn, job_id)["run_at"] == run_at
+        assert job(conn, job_id).run_at == run_at
         listed = ok(run, "list")
         assert "scheduled" in table_row(listed, job_id)
         assert any(t in table_row(listed, job_id) for t in shown_time(run_at)), listed
@@ -294,7 +294,7 @@ def test_run_at_with_and_without_zone_is_stored_in_utc(run, conn):
     added(run, "--id", "zulu", "--run-at", "2030-01-01T00:00:00Z", "-c", "true")
     ok(run, "enqueue", '{"id":"json","command":"true","run_at":"2029-12-31T19:00:00-05:00"}')
     for job_id in ("zoned", "naive", "zulu", "json"):
-        assert job(conn, job_id)["run_at"] == "2030-01-01T00:00:00.000000Z", job_id
+        assert job(conn, job_id).run_at == "2030-01-01T00:00:00.000000Z", job_id
         assert state(conn, job_id) == "scheduled"
         assert rows(conn, "enqueued", job_id)[0]["run_at"] == "2030-01-01T00:00:00.000000Z"
     listed = ok(run, "list")
@@ -311,7 +311,7 @@ def test_scheduled_job_is_not_claimable_before_its_time(run, conn, monkeypatch):
     fake = FakeClock(monkeypatch)
     added(run, "--id", "later", "--delay", "10", "-c", "true")
     added(run, "--id", "at", "--run-at", T(5), "-c", "true")
-    assert job(conn, "later")["run_at"] == T(10)
+    assert job(conn, "later").run_at == T(10)
     assert (state(conn, "later"), state(conn, "at")) == ("scheduled", "scheduled")
     fake.set(4.999999)
     claim(conn, "w", None)
@@ -335,7 +335,7 @@ def test_chain_runs_in_dependency_order(run, conn, tmp_path):
     added(run, "--id", "B", "--after", "A", "-p", "5", "-c", "echo B >> order.txt")
     added(run, "--id", "C", "--after", "B", "-p", "9", "-c", "echo C >> order.txt")
     assert [state(conn, j) for j in "ABC"] == ["pending", "waiting", "waiting"]
-    assert job(conn, "C")["after"] == ["B"]
+    assert job(conn, "C").after == ["B"]
     counts = json.loads(ok(run, "status", "--json"))["jobs"]
     assert (counts["pending"], counts["waiting"]) == (1, 2)
     listed = ok(run, "list")
@@ -525,7 +525,7 @@ def test_cancel_pending_scheduled_waiting_and_failed_jobs(run, conn):
         (cancelled,) = rows(conn, "cancelled", job_id)
         assert cancelled["reason"] == "cancelled by user"
         assert cancelled.get("worker_id") is None
-        assert job(conn, job_id)["last_error"] == "cancelled by user"
+        assert job(conn, job_id).last_error == "cancelled by user"
     counts = json.loads(ok(run, "status", "--json"))["jobs"]
     assert counts["cancelled"] == 4 and sum(counts.values()) == 4
     assert [j["id"] for j in json.loads(ok(run, "list", "-s", "cancelled", "--json"))] == \
@@ -622,7 +622,7 @@ def _fail_until_dead(conn: sqlite3.Connection, fake: FakeClock, job_id: str) -> 
         fail(conn, c, "w")
         if state(conn, job_id) == "dead":
             return rows(conn, "scheduled-retry", job_id)
-        run_at = job(conn, job_id)["run_at"]
+        run_at = job(conn, job_id).run_at
         fake.set(clock.seconds_between(T(0), run_at))
         c = claim(conn, "w", job_id)
 
@@ -630,13 +630,13 @@ def _fail_until_dead(conn: sqlite3.Connection, fake: FakeClock, job_id: str) -> 
 def test_per_job_backoff_base_and_max_retries(run, conn, monkeypatch):
     fake = FakeClock(monkeypatch)
     added(run, "--id", "j", "--backoff-base", "3", "--max-retries", "1", "-c", "false")
-    assert (job(conn, "j")["backoff_base"], job(conn, "j")["max_retries"]) == (3, 1)
+    assert (job(conn, "j").backoff_base, job(conn, "j").max_retries) == (3, 1)
     c = claim(conn, "w", "j")
     fake.set(1)
     fail(conn, c, "w")
     (retry,) = rows(conn, "scheduled-retry", "j")
     assert (retry["attempt"], retry["delay"], retry["run_at"]) == (1, 3, T(4))
-    assert (state(conn, "j"), job(conn, "j")["run_at"]) == ("failed", T(4))
+    assert (state(conn, "j"), job(conn, "j").run_at) == ("failed", T(4))
     fake.set(3.99)
     claim(conn, "w", None)
     fake.set(4)
@@ -660,7 +660,7 @@ def test_backoff_max_caps_each_delay(run, conn, monkeypatch):
     assert ok(run, "config", "set", "backoff-max", "2") == \
         "Configuration updated: backoff-max = 2\nRetry delays will be capped at 2s\n"
     added(run, "--id", "capped", "--backoff-base", "10", "--max-retries", "2", "-c", "false")
-    assert job(conn, "capped")["backoff_max"] == 2
+    assert job(conn, "capped").backoff_max == 2
     assert [r["delay"] for r in _fail_until_dead(conn, fake, "before")] == [10]
     assert [r["delay"] for r in _fail_until_dead(conn, fake, "capped")] == [2, 2]
     assert ok(run, "config", "set", "backoff-max", "0") == \
@@ -687,7 +687,7 @@ def test_backoff_jitter_is_recorded_and_replay_reuses_it(run, conn, monkeypatch)
     added(run, "--id", "waiting-out", "--max-retries", "3", "-c", "false")
     fail(conn, claim(conn, "w", "waiting-out"), "w")
     recorded = rows(conn, "scheduled-retry", "waiting-out")[0]["run_at"]
-    assert job(conn, "waiting-out")["run_at"] == recorded
+    assert job(conn, "waiting-out").run_at == recorded
     before = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
 
     def no_random() -> float:
@@ -696,7 +696,7 @@ def test_backoff_jitter_is_recorded_and_replay_reuses_it(run, conn, monkeypatch)
     monkeypatch.setattr(random, "random", no_random)
     ledger.rebuild(conn)
     assert conn.execute("SELECT * FROM jobs ORDER BY id").fetchall() == before
-    assert job(conn, "waiting-out")["run_at"] == recorded
+    assert job(conn, "waiting-out").run_at == recorded
 
 
 # -- logs -------------------------------------------------------------------------------------
@@ -1002,7 +1002,7 @@ STORED = ("command", "state", "priority", "attempts", "max_retries", "backoff_ba
 
 def _stored(conn: sqlite3.Connection, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A job's row (minus its id) and its enqueued event body (minus its id)."""
-    row = {k: v for k, v in job(conn, job_id).items() if k in STORED}
+    row = {k: getattr(job(conn, job_id), k) for k in STORED}
     body = {k: v for k, v in rows(conn, "enqueued", job_id)[0].items()
             if k not in ("seq", "job_id")}
     return row, body
@@ -1041,7 +1041,7 @@ def test_flags_beside_a_json_job_win(run, conn, monkeypatch):
     FakeClock(monkeypatch)
     ok(run, "enqueue", '{"id":"j","command":"x","priority":1,"delay":5}', "-p", "9",
        "--run-at", T(50))
-    assert (job(conn, "j")["priority"], job(conn, "j")["run_at"]) == (9, T(50))
+    assert (job(conn, "j").priority, job(conn, "j").run_at) == (9, T(50))
 
 
 BAD: dict[str, tuple[list[str], str]] = {

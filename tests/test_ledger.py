@@ -74,7 +74,7 @@ def test_an_old_database_keeps_its_page_size(tmp_path):
     conn = ledger.connect(path)  # an empty file made by hand: adopted, pages as they were
     decisions.enqueue(conn, [decisions.JobSpec(command="true", id="a")])
     assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
-    assert reads.get_job(conn, "a")["state"] == "pending"
+    assert reads.get_job(conn, "a").state == "pending"
     conn.close()
 
 
@@ -430,7 +430,7 @@ def test_job_runs_at_most_one_plus_max_retries_times(conn):
         for (b,) in conn.execute("SELECT body FROM events WHERE type = 'scheduled-retry'")
     ]
     assert delays == [2, 4]
-    assert reads.get_job(conn, "f")["attempts"] == 3
+    assert reads.get_job(conn, "f").attempts == 3
 
 
 def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch):
@@ -449,7 +449,7 @@ def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch
 
     taken = rescued(conn, 30, meanwhile=w2_lives)
     assert [e.type for e in taken] == ["lease-expired", "scheduled-retry"]
-    retry_at = reads.get_job(conn, "j")["run_at"]
+    retry_at = reads.get_job(conn, "j").run_at
     monkeypatch.setattr(clock, "now", lambda: retry_at)
     again = claims.claim(conn, "w2")
     assert again is not None and again.attempt == 2
@@ -466,7 +466,7 @@ def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch
     # The holder's result is still recorded.
     done = ev.Completed(job_id="j", worker_id="w2", attempt=2)
     assert claims.finish(conn, again, done) == [done]
-    assert reads.get_job(conn, "j")["state"] == "completed"
+    assert reads.get_job(conn, "j").state == "completed"
 
 
 def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
@@ -493,7 +493,7 @@ def test_rescue_takes_back_stale_workers_jobs(conn, monkeypatch):
 
     assert events_of(conn, "held") == ["enqueued", "claimed", "lease-expired", "scheduled-retry"]
     row = reads.get_job(conn, "held")
-    assert (row["state"], row["worker_id"], row["run_at"]) == ("failed", None, retry.run_at)
+    assert (row.state, row.worker_id, row.run_at) == ("failed", None, retry.run_at)
     states = dict(conn.execute("SELECT id, state FROM workers"))
     assert states == {"busy": "gone", "idle": "gone"}
     assert rescued(conn, 30) == []  # recorded once, not again
@@ -505,7 +505,7 @@ def test_rescue_kills_job_that_used_its_last_run(conn, monkeypatch):
     assert claims.claim(conn, "w1") is not None
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
     assert [e.type for e in rescued(conn, 30)] == ["lease-expired", "dead"]
-    assert reads.get_job(conn, "last")["state"] == "dead"
+    assert reads.get_job(conn, "last").state == "dead"
 
 
 # -- silence: how a rescuer decides a worker is gone ------------------------------------------
@@ -576,4 +576,4 @@ def test_rescue_leaves_a_worker_that_spoke_after_it_was_found_silent(conn, monke
     monkeypatch.setattr(clock, "now", lambda: "2099-01-01T00:00:00.000000Z")
     claims.heartbeat(conn, "w1")  # it was slow, not dead
     assert claims.rescue(conn, silent) == []
-    assert reads.get_job(conn, "j")["state"] == "processing"
+    assert reads.get_job(conn, "j").state == "processing"

@@ -42,7 +42,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from queuectl import claims, clock, decisions, ledger, reads, states
+from queuectl import claims, clock, decisions, ledger, reads, records, states
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.settings import SETTINGS
@@ -327,13 +327,13 @@ class QueueMachine(RuleBasedStateMachine):
         job = self.jobs[job_id]
         row = reads.get_job(self.conn, job_id)
         allowed = {"cancelled", "dead"} if held_attempt >= 1 + job.max_retries else {"cancelled"}
-        assert row["state"] in allowed, (
+        assert row.state in allowed, (
             f"job {job_id}: its cancel was requested while it ran and the run then ended "
-            f"({ended}); the job is now {row['state']!r}, so it will run again"
+            f"({ended}); the job is now {row.state!r}, so it will run again"
         )
-        assert row["attempts"] in (held_attempt, held_attempt - 1), row
-        job.attempts = row["attempts"]
-        if row["state"] == "dead":
+        assert row.attempts in (held_attempt, held_attempt - 1), row
+        job.attempts = row.attempts
+        if row.state == "dead":
             job.state, job.worker, job.run_at, job.cancel_requested = "dead", None, None, False
             [r for r in self.runs if r.job_id == job_id][-1].dead = True
         else:
@@ -861,8 +861,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     # -- invariants ------------------------------------------------------------------------
 
-    def _rows(self) -> dict[str, dict[str, object]]:
-        return {j["id"]: j for j in reads.list_jobs(self.conn)}
+    def _rows(self) -> dict[str, records.Job]:
+        return {j.id: j for j in reads.list_jobs(self.conn)}
 
     @invariant()
     def rescuer_watches(self) -> None:
@@ -872,21 +872,21 @@ class QueueMachine(RuleBasedStateMachine):
     def job_rows_are_legal(self) -> None:
         holders: Counter[str] = Counter()
         for job_id, row in self._rows().items():
-            state = row["state"]
+            state = row.state
             assert state in STATES, (job_id, state)
-            assert 0 <= row["attempts"] <= 1 + row["max_retries"], (job_id, row)  # type: ignore
+            assert 0 <= row.attempts <= 1 + row.max_retries, (job_id, row)
             if state == "processing":
-                assert row["worker_id"] is not None, (job_id, row)
-                holders[row["worker_id"]] += 1  # type: ignore[index]
+                assert row.worker_id is not None, (job_id, row)
+                holders[row.worker_id] += 1
             else:
-                assert row["worker_id"] is None, (job_id, row)
+                assert row.worker_id is None, (job_id, row)
                 # A cancel request lives as long as the run it asks to stop.
-                assert not row["cancel_requested"], (job_id, row)
-            assert (row["run_at"] is not None) == (state in HAS_RUN_AT), (job_id, row)
+                assert not row.cancel_requested, (job_id, row)
+            assert (row.run_at is not None) == (state in HAS_RUN_AT), (job_id, row)
         assert all(n == 1 for n in holders.values()), holders
         # No job is processing without an active holder: rescue only looks at active
         # workers, so a job held by any other would never come back.
-        active = {r["id"] for r in reads.workers(self.conn)}
+        active = {r.id for r in reads.workers(self.conn)}
         assert set(holders) <= active, (holders, active)
 
     @invariant()
@@ -896,16 +896,16 @@ class QueueMachine(RuleBasedStateMachine):
         for job_id, dep in self.conn.execute("SELECT job_id, depends_on FROM job_deps"):
             deps[job_id].add(dep)
         for job_id, row in rows.items():
-            after = set(row["after"])  # type: ignore[call-overload]
+            after = set(row.after)
             assert after == deps[job_id] == set(self.jobs[job_id].after), job_id
-            unfinished = [d for d in deps[job_id] if rows[d]["state"] != "completed"]
-            if row["state"] == "waiting":  # it waits for something
-                assert unfinished, (job_id, {d: rows[d]["state"] for d in deps[job_id]})
-            elif row["state"] != "cancelled":  # nothing else runs before its dependencies
-                assert not unfinished, (job_id, row["state"], unfinished)
+            unfinished = [d for d in deps[job_id] if rows[d].state != "completed"]
+            if row.state == "waiting":  # it waits for something
+                assert unfinished, (job_id, {d: rows[d].state for d in deps[job_id]})
+            elif row.state != "cancelled":  # nothing else runs before its dependencies
+                assert not unfinished, (job_id, row.state, unfinished)
             for dep in deps[job_id]:  # the dependents of a cancelled job are cancelled
-                if rows[dep]["state"] == "cancelled":
-                    assert row["state"] == "cancelled", (job_id, row["state"], dep)
+                if rows[dep].state == "cancelled":
+                    assert row.state == "cancelled", (job_id, row.state, dep)
 
     @invariant()
     def counts_match_jobs(self) -> None:
@@ -958,17 +958,16 @@ class QueueMachine(RuleBasedStateMachine):
         assert list(rows) == list(self.jobs)  # same ids, same (enqueue) order
         for job_id, job in self.jobs.items():
             row = rows[job_id]
-            got = (row["state"], row["attempts"], row["max_retries"], row["worker_id"],
-                   row["run_at"], row["priority"], bool(row["cancel_requested"]))
+            got = (row.state, row.attempts, row.max_retries, row.worker_id, row.run_at,
+                   row.priority, row.cancel_requested)
             assert got == (job.state, job.attempts, job.max_retries, job.worker, job.run_at,
                            job.priority, job.cancel_requested), job_id
-            assert (row["backoff_base"], row["timeout"], row["backoff_max"],
-                    row["backoff_jitter"]) == (
+            assert (row.backoff_base, row.timeout, row.backoff_max, row.backoff_jitter) == (
                 job.backoff_base, job.timeout, job.backoff_max, job.backoff_jitter), job_id
         # Each state's listing: pending jobs in the order they will be claimed, others
         # oldest first; the next due time is the earliest run_at of a scheduled or failed job.
         for state in states.STATES:
-            listed = [j["id"] for j in reads.list_jobs(self.conn, state)]
+            listed = [j.id for j in reads.list_jobs(self.conn, state)]
             expected = [i for i, j in self.jobs.items() if j.state == state]
             if state == "pending":
                 expected.sort(key=lambda i: -self.jobs[i].priority)  # stable: then oldest
@@ -977,15 +976,15 @@ class QueueMachine(RuleBasedStateMachine):
         assert claims.next_run_at(self.conn) == min(due, default=None)  # type: ignore[type-var]
         assert claims.unfinished(self.conn) == sum(
             j.state in ("pending", "processing", "failed") for j in self.jobs.values())
-        workers = {r["id"]: r for r in reads.workers(self.conn, ("active", "stopped", "gone"))}
+        workers = {r.id: r for r in reads.workers(self.conn, ("active", "stopped", "gone"))}
         stops = dict(self.conn.execute("SELECT id, stop_requested FROM workers").fetchall())
         assert set(workers) == set(self.workers)
         for wid, worker in self.workers.items():
             row = workers[wid]
             held = self._held_by(wid)
-            assert row["state"] == worker.state, wid
-            assert row["last_heartbeat"] == worker.last_beat, wid
-            assert row["current_job"] == (held[0] if held else None), wid
+            assert row.state == worker.state, wid
+            assert row.last_heartbeat == worker.last_beat, wid
+            assert row.current_job == (held[0] if held else None), wid
             assert bool(stops[wid]) == worker.stop_requested, wid
         assert dict(self.conn.execute("SELECT key, value FROM config").fetchall()).items() <= (
             self.config.items()
@@ -1114,5 +1113,5 @@ def test_a_cancel_requested_while_the_job_runs_is_not_lost(
         claims.finish(conn, held, ev.Failed(**common, exit_code=1, error="exit 1"))
     else:
         claims.finish(conn, held, ev.Released(**common, reason="hard shutdown"))
-    assert [(j["id"], j["state"], bool(j["cancel_requested"])) for j in reads.list_jobs(conn)] \
+    assert [(j.id, j.state, j.cancel_requested) for j in reads.list_jobs(conn)] \
         == [("j", "cancelled", False), ("d", "cancelled", False)]

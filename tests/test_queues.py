@@ -27,7 +27,7 @@ def test_a_job_waits_in_the_queue_it_names(run, conn):
     added(run, "--id", "a", "-c", "true")
     added(run, "--id", "m", "-c", "true", "--queue", "media")
     assert run("enqueue", '{"id": "j", "command": "true", "queue": "media"}').exit_code == 0
-    assert [(j["id"], j["queue"]) for j in reads.list_jobs(conn)] == \
+    assert [(j.id, j.queue) for j in reads.list_jobs(conn)] == \
         [("a", "default"), ("m", "media"), ("j", "media")]
     # The enqueued event says so, and history shows it (the default queue goes unsaid).
     assert [r.get("queue") for r in rows(conn, "enqueued")] == [None, "media", "media"]
@@ -69,7 +69,7 @@ def test_worker_takes_its_queues_in_strict_order_and_leaves_the_others(run, conn
 
     assert [r["job_id"] for r in rows(conn, "claimed")] == ["h2", "h1", "d1", "d2", "l1"]
     # --burst ended with "other" still pending: it waits only for its own queues.
-    assert reads.get_job(conn, "o1")["state"] == "pending"
+    assert reads.get_job(conn, "o1").state == "pending"
 
 
 def test_worker_without_queues_takes_every_queue_by_priority_then_age(run, conn):
@@ -134,7 +134,7 @@ _ENDS_A_RUN = ("completed", "failed", "timed-out", "lease-expired", "released", 
 def most_at_once(conn: Any, queue: str) -> int:
     """The most jobs of ``queue`` processing at any moment, read from the ledger: a claim
     starts holding a job, the event that ends its run stops it."""
-    ours = {j["id"] for j in reads.list_jobs(conn, queue=queue)}
+    ours = {j.id for j in reads.list_jobs(conn, queue=queue)}
     holding: set[str] = set()
     most = 0
     for kind, job_id in conn.execute(
@@ -167,7 +167,7 @@ def test_a_paused_queue_takes_jobs_but_no_worker_starts_them(run, conn):
 
     with workers() as start:
         burst(start, "-q", "media")  # a worker given only the paused queue ends too
-    assert reads.get_job(conn, "m1")["state"] == "pending"
+    assert reads.get_job(conn, "m1").state == "pending"
 
     assert run("queue", "resume", "media").output == "Queue 'media' resumed.\n"
     assert run("queue", "resume", "media").output == "Queue 'media' was not paused.\n"
@@ -183,15 +183,15 @@ def test_pausing_lets_running_jobs_finish(run, conn, tmp_path):
     added(run, "--id", "next", "-q", "media", "-c", "true")
     with workers() as start:
         proc = start("-s", "0.2")
-        wait_for(lambda: reads.get_job(conn, "slow")["state"] == "processing", what="slow runs")
+        wait_for(lambda: reads.get_job(conn, "slow").state == "processing", what="slow runs")
         assert run("queue", "pause", "media").exit_code == 0
         gate.touch()
-        wait_for(lambda: reads.get_job(conn, "slow")["state"] == "completed", what="slow ends")
+        wait_for(lambda: reads.get_job(conn, "slow").state == "completed", what="slow ends")
         # The queue is paused: the next job stays pending while the worker idles.
         time.sleep(0.5)
-        assert reads.get_job(conn, "next")["state"] == "pending"
+        assert reads.get_job(conn, "next").state == "pending"
         assert run("queue", "resume", "media").exit_code == 0
-        wait_for(lambda: reads.get_job(conn, "next")["state"] == "completed", what="next runs")
+        wait_for(lambda: reads.get_job(conn, "next").state == "completed", what="next runs")
         proc.terminate()
 
 
@@ -263,7 +263,7 @@ def test_a_unique_key_keeps_one_unfinished_job(run, conn):
     assert refused.stderr == ("Error: unique key 'report:today' is held by unfinished job "
                               "'r1'\n")
     assert [r["job_id"] for r in rows(conn, "enqueued")] == ["r1"]  # nothing else written
-    assert reads.get_job(conn, "r1")["unique_key"] == "report:today"
+    assert reads.get_job(conn, "r1").unique_key == "report:today"
     # JSON and files say the same: the key is held, whichever way a job comes.
     assert run("enqueue", '{"command": "true", "unique_key": "report:today"}').output == \
         "Job already queued with ID: r1 (unique key 'report:today')\n"
@@ -284,7 +284,7 @@ def test_a_failed_job_waiting_to_retry_still_holds_its_key(run, conn):
           "--backoff-base", "1000")
     with workers() as start:
         burst(start, "-l", "1")  # one run, then it waits 1,000 s to retry
-    assert reads.get_job(conn, "f")["state"] == "failed"
+    assert reads.get_job(conn, "f").state == "failed"
     assert "Job already queued with ID: f" in run("enqueue", "-c", "x", "--unique-key", "k").output
 
 
@@ -292,12 +292,12 @@ def test_a_dead_job_whose_key_was_taken_cannot_be_retried(run, conn):
     added(run, "--id", "d", "-c", "exit 1", "--unique-key", "k", "--max-retries", "0")
     with workers() as start:
         burst(start)
-    assert reads.get_job(conn, "d")["state"] == "dead"
+    assert reads.get_job(conn, "d").state == "dead"
     added(run, "--id", "n", "-c", "sleep 60", "--unique-key", "k", "--delay", "600")
     refused = run("dlq", "retry", "d")
     assert refused.exit_code == 1
     assert "unique key 'k' is held by unfinished job 'n'" in refused.stderr
-    assert reads.get_job(conn, "d")["state"] == "dead"
+    assert reads.get_job(conn, "d").state == "dead"
 
 
 def test_concurrent_enqueuers_of_one_key_make_one_job(conn, tmp_path):
@@ -327,10 +327,10 @@ def test_cancel_by_state_and_queue_with_a_dry_run_first(run, conn):
     dry = run("cancel", "--state", "pending", "-q", "media", "--dry-run")
     assert dry.output == "Would cancel 4 jobs (dry run: nothing written).\n"
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
-    assert reads.get_job(conn, "after-m0")["state"] == "waiting"
+    assert reads.get_job(conn, "after-m0").state == "waiting"
     # The job waiting on m0 is cancelled with it, and counted.
     assert run("cancel", "--state", "pending", "-q", "media").output == "Cancelled 4 jobs.\n"
-    assert [reads.get_job(conn, j)["state"] for j in ("m0", "m1", "m2", "after-m0", "d0")] \
+    assert [reads.get_job(conn, j).state for j in ("m0", "m1", "m2", "after-m0", "d0")] \
         == ["cancelled"] * 4 + ["pending"]
     assert run("cancel", "--state", "pending", "-q", "media").output == "Cancelled 0 jobs.\n"
 
@@ -382,7 +382,7 @@ def test_dlq_retry_all_of_a_queue(run, conn):
     out = run("dlq", "retry", "--all", "-q", "media").output
     assert out == ("Requeued 2 jobs from the dead letter queue; 1 job left dead "
                    "(unique key held).\n")
-    assert {j: reads.get_job(conn, j)["state"] for j in ("a", "b", "c", "k1")} == \
+    assert {j: reads.get_job(conn, j).state for j in ("a", "b", "c", "k1")} == \
         {"a": "pending", "b": "pending", "c": "dead", "k1": "dead"}
     assert [r["job_id"] for r in rows(conn, "requeued")] == ["a", "b"]
     assert run("dlq", "retry", "--all").output == "Requeued 1 job from the dead letter queue; " \
@@ -421,5 +421,5 @@ def test_cancel_every_running_job_cancels_those_held_ahead_at_once(run, conn):
         "Cancelled", "Would cancel")
     assert run("cancel", "--state", "processing").output == said.format(
         "", "Cancel requested for 1 running job; their workers will stop them.")
-    assert [reads.get_job(conn, j)["state"] for j in ("r0", "r1", "r2")] == \
+    assert [reads.get_job(conn, j).state for j in ("r0", "r1", "r2")] == \
         ["processing", "cancelled", "cancelled"]

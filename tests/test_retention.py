@@ -95,14 +95,14 @@ def test_prune_moves_finished_jobs_to_the_archive_and_keeps_the_rest(run, conn):
         "SELECT seq, at, type, job_id, worker_id, body FROM events WHERE job_id = ? ORDER BY seq",
         (job_id,)).fetchall()] for job_id in ("a", "b", "gone", "bad", "child", "later")}
     stats = reads.stats(conn)
-    done = reads.workers(conn, ("stopped",))[0]["jobs_done"]
+    done = reads.workers(conn, ("stopped",))[0].jobs_done
 
     out = ok(run("prune", "--before", "0s"))
     # bad is dead but child waits on it, so bad stays; child and later are unfinished.
     assert out.startswith("Pruned 3 jobs finished before ")
     assert "(8 events)" in out and f"archive: {conn.archive_target}." in out
 
-    remaining = [j["id"] for j in reads.list_jobs(conn)]
+    remaining = [j.id for j in reads.list_jobs(conn)]
     assert remaining == ["bad", "child", "later"]
     for job_id in ("a", "b", "gone"):
         assert conn.execute("SELECT count(*) FROM events WHERE job_id = ?",
@@ -122,9 +122,9 @@ def test_prune_moves_finished_jobs_to_the_archive_and_keeps_the_rest(run, conn):
     assert reads.queue_counts(conn)["media"] == {s: 0 for s in reads.queue_counts(conn)["media"]}
     # All-time figures keep what was pruned: run counts, and each worker's jobs done.
     after = reads.stats(conn)
-    assert (after["completed"], after["failed"], after["dead"]) == \
-        (stats["completed"], stats["failed"], stats["dead"]) == (2, 1, 1)
-    assert reads.workers(conn, ("stopped",))[0]["jobs_done"] == done == 3
+    assert (after.completed, after.failed, after.dead) == \
+        (stats.completed, stats.failed, stats.dead) == (2, 1, 1)
+    assert reads.workers(conn, ("stopped",))[0].jobs_done == done == 3
 
     (mark,) = pruned_events(conn)
     assert mark.jobs == ("a", "b", "gone") and mark.queues == ("default", "media")
@@ -157,7 +157,7 @@ def test_a_pruned_jobs_id_may_be_used_again_and_history_shows_both_lives(run, co
     run_all(conn, claims.worker_started(conn, 1, "h"))
     ok(run("prune", "--before", "0s"))
     ok(run("enqueue", "--id", "x", "-c", "echo second"))
-    assert reads.get_job(conn, "x")["command"] == "echo second"
+    assert reads.get_job(conn, "x").command == "echo second"
     assert "echo first" not in ok(run("history", "x"))
     lives = json.loads(ok(run("history", "x", "--archive", "--json")))
     assert [e["type"] for e in lives] == ["enqueued", "claimed", "completed", "enqueued"]
@@ -173,7 +173,7 @@ def test_only_what_finished_before_the_cutoff_goes(run, conn):
 
     out = ok(run("prune", "--before", cut))
     assert out.startswith("Pruned 1 job finished before ")
-    assert [j["id"] for j in reads.list_jobs(conn)] == ["new"]
+    assert [j.id for j in reads.list_jobs(conn)] == ["new"]
     # Nothing finished 30 days ago: nothing to move, and no event says otherwise.
     assert ok(run("prune", "--before", "30d")).startswith("Pruned 0 jobs")
     assert len(pruned_events(conn)) == 1
@@ -272,7 +272,7 @@ def test_an_unfinished_prune_leaves_the_ledger_whole_and_the_next_one_finishes(
         patch.setattr(type(conn), "delete", failing)
         retention.prune(conn, retention.cutoff(conn, "0s"))
     assert ledger_seqs(conn) == seqs
-    assert [j["id"] for j in reads.list_jobs(conn)] == ["a", "b", "bad", "child", "gone", "later"]
+    assert [j.id for j in reads.list_jobs(conn)] == ["a", "b", "bad", "child", "gone", "later"]
     ok(run("prune", "--before", "0s"))
     assert_seqs_accounted_for(conn)
     assert len(json.loads(ok(run("history", "a", "--archive", "--json")))) == 3
@@ -305,7 +305,7 @@ def test_prune_beside_a_running_worker_loses_no_job(conn, db):
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
     completed = [r for r in archived_rows(conn) if r[2] == "completed"]
     assert len(completed) == len({r[3] for r in completed}) == 200
-    assert reads.stats(conn)["completed"] == 200
+    assert reads.stats(conn).completed == 200
     assert_seqs_accounted_for(conn)
 
 
@@ -362,7 +362,7 @@ def test_a_scheduled_jobs_schedule_fired_event_stays(run, conn, monkeypatch):
     schedules.add(conn, "tick", "* * * * *", decisions.JobSpec(command="true"))
     t[0] = "2026-01-01T00:01:30.000000Z"
     schedules.fire_due(conn)
-    (job_id,) = [j["id"] for j in reads.list_jobs(conn)]
+    (job_id,) = [j.id for j in reads.list_jobs(conn)]
     run_all(conn, claims.worker_started(conn, 1, "h"))
     t[0] = "2026-01-01T00:02:00.000000Z"
     assert retention.prune(conn, retention.cutoff(conn, "1s")).jobs == 1

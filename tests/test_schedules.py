@@ -43,13 +43,13 @@ def test_a_tick_makes_one_job_named_after_it(conn, monkeypatch, run):
                                       next_at=T(600))]
     assert schedules.fire_due(conn) == []  # once
     job = reads.get_job(conn, "sweep@2026-01-01T00:05:00Z")
-    assert (job["command"], job["queue"], job["priority"]) == ("echo tick", "ops", 3)
+    assert (job.command, job.queue, job.priority) == ("echo tick", "ops", 3)
     # Its history shows the tick that made it, before its enqueue.
-    types = [event.type for _, _, event in reads.history(conn, job["id"])]
+    types = [event.type for _, _, event in reads.history(conn, job.id)]
     assert types == ["schedule-fired", "enqueued"]
     listed = json.loads(run("schedule", "list", "--json").output)
     assert [(s["name"], s["next_at"], s["last_job"], s["fired"]) for s in listed] == \
-        [("sweep", T(600), job["id"], 1)]
+        [("sweep", T(600), job.id, 1)]
 
 
 def test_missed_ticks_make_one_catch_up_job(conn, monkeypatch):
@@ -99,7 +99,7 @@ def test_time_zones_pause_resume_and_remove(conn, monkeypatch, run):
     assert row["next_at"] == "2026-07-11T00:00:00.000000Z" and not row["paused"]
     assert run("schedule", "remove", "nightly").output == "Schedule 'nightly' removed.\n"
     assert schedules.listed(conn) == []
-    assert reads.get_job(conn, fired.job_id)["state"] == "pending"  # its jobs stay
+    assert reads.get_job(conn, fired.job_id).state == "pending"  # its jobs stay
     assert [t for _, t in ledger_types(conn) if t.startswith("schedule-")] == [
         "schedule-added", "schedule-fired", "schedule-paused", "schedule-resumed",
         "schedule-removed"]

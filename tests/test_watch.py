@@ -72,12 +72,12 @@ def test_a_frame_shows_counts_throughput_workers_and_failures(conn):
     assert (snap.counts["completed"], snap.counts["dead"], snap.counts["processing"]) == (3, 1, 1)
     assert snap.last_minute == {"completed": 3, "failed": 1}
     assert snap.per_minute == [0] * 9 + [4]
-    assert [(f["job_id"], f["outcome"], f["last_error"]) for f in snap.failures] == [
+    assert [(f.job_id, f.outcome, f.last_error) for f in snap.failures] == [
         ("bad", "failed", "exit status 3")]
     [worker] = snap.workers
-    assert (worker["id"], worker["host"], worker["current_job"], worker["jobs_done"]) == (
+    assert (worker.id, worker.host, worker.current_job, worker.jobs_done) == (
         wid, "box", "slow", 4)
-    assert worker["job_since"] is not None and snap.tally["active"] == 1
+    assert worker.job_since is not None and snap.tally["active"] == 1
 
     out = io.StringIO()
     from rich.console import Console
@@ -129,7 +129,7 @@ def test_failures_are_the_newest_few(conn):
     wid = claims.worker_started(conn, 1, "h")
     for _ in range(7):
         _finish(conn, wid, claims.claim(conn, wid), "failed")
-    assert [f["job_id"] for f in reads.newest_failures(conn, 5)] == [
+    assert [f.job_id for f in reads.newest_failures(conn, 5)] == [
         "f6", "f5", "f4", "f3", "f2"]
 
 

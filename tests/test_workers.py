@@ -646,7 +646,7 @@ def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, 
                                "worker shut down before the job started") for r in releases)
     for released in releases:
         job = reads.get_job(conn, released["job_id"])
-        assert (job["state"], job["attempts"]) == ("pending", 0)  # no attempt counted
+        assert (job.state, job.attempts) == ("pending", 0)  # no attempt counted
 
 
 @pytest.mark.parametrize("ahead", [None, "0", "2"])

@@ -42,6 +42,7 @@ from queuectl.errors import (
     StoreError,
     StoreUnavailable,
 )
+from queuectl.records import FailedRun, Run
 from queuectl.states import CANCELLABLE, STATES, State
 from queuectl.store import Db
 
@@ -329,14 +330,12 @@ def overview(request: Request, conn: Db) -> dict[str, Any]:
             "run_time": charts.lines(activity, "run_time"), "total": sum(counts.values())}
 
 
-def _failures(conn: Db) -> list[dict[str, Any]]:
-    """The newest failed runs, as ``status --watch`` lists them."""
+def _failures(conn: Db) -> list[tuple[FailedRun, str, str]]:
+    """The newest failed runs, as ``status --watch`` lists them: each with how long ago it
+    ended and what went wrong, in the words the live view uses."""
     now = conn.now()
-    found = reads.newest_failures(conn, watch.FAILURES)
-    for run in found:
-        run["ago"] = watch.age(clock.seconds_between(run["finished_at"], now))
-        run["error"] = watch.failure(run)  # the words the live view uses
-    return found
+    return [(run, watch.age(clock.seconds_between(run.finished_at, now)), watch.failure(run))
+            for run in reads.newest_failures(conn, watch.FAILURES)]
 
 
 def jobs(request: Request, conn: Db) -> dict[str, Any]:
@@ -345,7 +344,7 @@ def jobs(request: Request, conn: Db) -> dict[str, Any]:
     exact = None
     if f["q"] and not f["after"]:
         try:
-            exact = reads.get_job(conn, f["q"])["id"]
+            exact = reads.get_job(conn, f["q"]).id
         except (NotFound, InvalidInput):
             pass
     return {"title": "Jobs", "jobs": found, "cursor": cursor, "walked": walked, "exact": exact,
@@ -356,7 +355,7 @@ def jobs(request: Request, conn: Db) -> dict[str, Any]:
 def job_detail(request: Request, conn: Db) -> dict[str, Any]:
     job_id = request.path_params["job_id"]
     job = reads.get_job(conn, job_id)
-    deps = {dep: _state_of(conn, dep) for dep in job["after"]}
+    deps = {dep: _state_of(conn, dep) for dep in job.after}
     events = reads.history(conn, job_id)
     runs = reads.runs_of(conn, job_id)
     timeline = [{"seq": seq, "at": at, "type": event.type, "details": render.event_details(event),
@@ -366,11 +365,12 @@ def job_detail(request: Request, conn: Db) -> dict[str, Any]:
             "events": len(events), "runs": _with_requeues(runs, events)}
 
 
-def _with_requeues(runs: list[dict[str, Any]], events: list[tuple[int, str, ev.Event]]
-                   ) -> list[dict[str, Any]]:
+def _with_requeues(runs: list[Run], events: list[tuple[int, str, ev.Event]]
+                   ) -> list[Run | dict[str, Any]]:
     """The runs (one a ``claimed`` event), with each requeue from the DLQ between the runs
-    before it and those after: a requeue starts the attempts again from 1."""
-    shown: list[dict[str, Any]] = []
+    before it and those after, as ``{"requeued": True, ...}``: a requeue starts the attempts
+    again from 1."""
+    shown: list[Run | dict[str, Any]] = []
     taken = claims = 0
     for _, at, event in events:
         if isinstance(event, ev.Claimed):
@@ -412,7 +412,7 @@ def workers(request: Request, conn: Db) -> dict[str, Any]:
 
 def _state_of(conn: Db, job_id: str) -> str:
     try:
-        return str(reads.get_job(conn, job_id)["state"])
+        return reads.get_job(conn, job_id).state
     except NotFound:
         return "pruned"
 
