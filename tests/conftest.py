@@ -23,6 +23,9 @@ from queuectl import claims, ledger
 from queuectl.cli import cli
 from queuectl.errors import StoreError
 
+# Helpers shared by test files assert as tests do: a failure there must show its values.
+pytest.register_assert_rewrite("helpers", "properties")
+
 
 def replay_problems(target: Path | str) -> list[str] | None:
     """Drift between a database's ledger and its projections; None if it isn't queuectl's."""

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from conftest import by_hand
+from helpers import added, one_error, snapshot
 
 from queuectl import claims, decisions, ledger
 from queuectl import events as ev
@@ -422,3 +423,45 @@ def test_bad_input_on_a_fresh_database_creates_nothing(run, db: Path) -> None:
     result = run("enqueue", '{"command":')
     _assert_one_error_line(result, "malformed JSON")
     assert not db.exists() or _count(db) == 0
+
+
+BAD: dict[str, tuple[list[str], str]] = {
+    "run-at-yesterday": (["enqueue", "-c", "x", "--run-at", "yesterday"], "yesterday"),
+    "json-run-at-garbage": (["enqueue", '{"command":"x","run_at":"soon"}'], "soon"),
+    "priority-high-json": (["enqueue", '{"command":"x","priority":"high"}'], "priority"),
+    "priority-high-flag": (["enqueue", "-c", "x", "-p", "high"], "high"),
+    "priority-fraction-json": (["enqueue", '{"command":"x","priority":1.5}'], "priority"),
+    "negative-delay-flag": (["enqueue", "-c", "x", "--delay", "-1"], "--delay"),
+    "negative-delay-json": (["enqueue", '{"command":"x","delay":-1}'], "delay"),
+    "run-at-and-delay-json": (
+        ["enqueue", '{"command":"x","delay":5,"run_at":"2030-01-01T00:00:00"}'], "not both"),
+    "run-at-and-delay-flags": (
+        ["enqueue", "-c", "x", "--delay", "5", "--run-at", "2030-01-01T00:00:00"], "not both"),
+    "after-not-a-list": (["enqueue", '{"command":"x","after":"p1"}'], "after"),
+    "after-bad-id": (["enqueue", "-c", "x", "--after", "not an id"], "'not an id'"),
+    "backoff-base-below-one": (["enqueue", "-c", "x", "--backoff-base", "0.5"], "--backoff-base"),
+    "backoff-base-below-one-json": (["enqueue", '{"command":"x","backoff_base":0.5}'],
+                                    "backoff_base"),
+    "negative-timeout-json": (["enqueue", '{"command":"x","timeout":-1}'], "timeout"),
+    "since-bogus": (["stats", "--since", "bogus"], "bogus"),
+    "since-zero": (["stats", "--since", "0"], "from 1ms to 100 years"),
+    "since-negative": (["stats", "--since", "-5m"], "-5m"),
+    "logs-unknown": (["logs", "nope"], "'nope' not found"),
+    "logs-json-unknown": (["logs", "nope", "--json"], "'nope' not found"),
+    "logs-attempt-not-run": (["logs", "p1", "--attempt", "1"], "no attempt 1"),
+    "logs-attempt-zero": (["logs", "p1", "--attempt", "0"], "--attempt"),
+    "cancel-unknown": (["cancel", "nope"], "'nope' not found"),
+    "show-unknown": (["show", "nope"], "'nope' not found"),
+    "jitter-above-one": (["config", "set", "backoff-jitter", "2"], "from 0 to 1, got '2'"),
+    "jitter-negative": (["config", "set", "backoff-jitter", "-0.1"], "backoff-jitter"),
+    "backoff-max-negative": (["config", "set", "backoff-max", "-1"], "backoff-max"),
+    "backoff-max-word": (["config", "set", "backoff-max", "lots"], "'lots'"),
+}
+
+
+@pytest.mark.parametrize("args, message", BAD.values(), ids=BAD.keys())
+def test_bad_values_are_refused_with_one_line(run, conn, args, message):
+    added(run, "--id", "p1", "-c", "true")
+    before = snapshot(conn), conn.execute("SELECT * FROM config").fetchall()
+    one_error(run(*args), message)
+    assert (snapshot(conn), conn.execute("SELECT * FROM config").fetchall()) == before

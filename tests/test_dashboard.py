@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import PG_ADMIN, by_hand
-from test_features import added, ok
+from helpers import added, ok
 
 from queuectl import reads
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import by_hand, needs, spawn, wait_for
-from test_features import added, ok, workers
+from helpers import added, ok, workers
 
 from queuectl import claims, clock, decisions, ledger
 from queuectl import events as ev

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import rescued
-from test_features import FakeClock, ok
+from helpers import FakeClock, ok
 
 from queuectl import Queue, claims, clock
 from queuectl import events as ev

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import spawn, wait_for
-from test_features import burst, rows, workers
+from helpers import burst, rows, workers
 
 from queuectl import claims, decisions, reads
 from queuectl import events as ev

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import by_hand, pg_database, wait_for
-from test_features import one_error, workers
+from helpers import one_error, workers
 
 from queuectl import claims, decisions, ledger, reads, retention, store
 from queuectl import events as ev

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import needs
-from test_features import FakeClock, T, claim, complete, rows, workers
+from helpers import FakeClock, T, claim, complete, rows, workers
 
 from queuectl import claims, clock, decisions, ledger, reads, schedules
 from queuectl import events as ev
