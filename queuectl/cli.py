@@ -934,10 +934,11 @@ def ledger_import(ctx: click.Context, source: Any) -> None:
 def main() -> None:
     """The ``queuectl`` program: run the command, then leave without tearing Python down.
 
-    Freeing every module and object one by one took 10-14 ms after each command, longer
-    than ``enqueue`` or a burst worker's own closing. Like mypy's command line, this one
-    flushes its output and ends the process instead. Nothing is left to tear down by then:
-    each command's connections are closed as it ends (``_db``), and workers close theirs.
+    Python's own exit frees every module and object one by one, which costs more than
+    ``enqueue`` or a burst worker's own closing (bench scenario startup, whose wall time
+    includes the exit). Like mypy's command line, this one flushes its output and ends the
+    process instead. Nothing is left to tear down by then: each command's connections are
+    closed as it ends (``_db``), and workers close theirs.
     """
     try:
         cli(prog_name="queuectl")

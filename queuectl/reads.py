@@ -556,7 +556,7 @@ def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
     """Runs finished in each of the last ``minutes`` minutes, oldest first, the last one
     ending at ``now``: a count of one range of ``runs_finished`` a minute, read from the
     index alone. One statement each: as one statement, PostgreSQL without statistics on
-    runs estimated it past its JIT threshold and compiled it, which took longer than the
+    runs estimates it past its JIT threshold and compiles it, which costs more than the
     counting."""
     ends = [clock.after(now, -60.0 * k) for k in range(minutes, -1, -1)]
     sql = conn.dialect.sql(f"SELECT count(*) FROM runs {RUNS_FINISHED} "
@@ -568,7 +568,7 @@ def finished_per_minute(conn: Db, now: str, minutes: int = 10) -> list[int]:
 def finished_since(conn: Db, since: str, now: str) -> dict[str, int]:
     """Runs finished from ``since`` to ``now``, per outcome (a range of ``runs_finished``).
     Both ends are given: without statistics, PostgreSQL's planner takes a range open at one
-    end for a third of the table and scans it all."""
+    end for a large share of the table (its default guess) and scans it all."""
     return {outcome: int(n) for outcome, n in conn.execute(conn.dialect.sql(
         f"SELECT outcome, count(*) FROM runs {RUNS_FINISHED} "
         "WHERE finished_at >= ? AND finished_at <= ? GROUP BY outcome"), (since, now)).fetchall()}

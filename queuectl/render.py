@@ -88,8 +88,9 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]],
 
 
 LONGEST_CELL = 300  # characters of one table cell; `show ID` and --json give the whole text
-# rich lays out a table whole, about 450 us a row: a 10,000-event history took 4.5 s.
-# Longer tables are drawn row by row in the same layout, about 20 us a row.
+# rich lays out a whole table before it draws a row, at a cost per row that a long history
+# makes people wait for (bench scenario reads, history_10k); past this many rows a table is
+# written row by row in the same layout instead.
 RICH_ROWS = 500
 
 

@@ -93,8 +93,8 @@ def test_flags_beside_a_json_job_win(run, conn, monkeypatch):
 
 
 def test_a_file_is_written_whole_or_not_at_all(run, conn, db, tmp_path, monkeypatch):
-    """A duplicate id that appears while a big file is being written refuses the whole file
-    (it used to commit every batch before the clash)."""
+    """A duplicate id that appears while a big file is being written refuses the whole file:
+    no batch before the clash is committed."""
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"id": f"j{n}", "command": "true"}) + "\n"
                             for n in range(6000)))

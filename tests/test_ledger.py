@@ -59,7 +59,7 @@ def _mixed_workload(conn: sqlite3.Connection) -> None:
 
 @pytest.mark.stores("sqlite")  # SQLite only
 def test_a_new_database_has_small_pages_and_wal(conn, tmp_path):
-    # Each commit writes whole pages to the WAL: 2 KiB pages made the ledger cycle 11% faster.
+    # Each commit writes whole pages to the WAL: small pages write less (bench scenario cycle).
     assert conn.execute("PRAGMA page_size").fetchone() == (sqlite_store.PAGE_SIZE,) == (2048,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 

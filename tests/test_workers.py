@@ -354,7 +354,7 @@ def test_burst_sibling_exits_when_the_last_job_ends(run, conn):
         code, _, err = finish(worker(procs, "-c", "2", "--burst", "--poll", "60"))
         elapsed = time.monotonic() - started
     assert code == 0, err
-    assert elapsed < 30  # before the fix: the 60 s poll
+    assert elapsed < 30  # not at the end of its 60 s poll
     assert sorted(b["reason"] for b in bodies(conn, "worker-stopped")) == [
         "burst: queue empty", "burst: queue empty"]
 
@@ -374,7 +374,7 @@ def test_burst_worker_exits_soon_after_another_process_ends_the_last_job(run, co
         code, _, err = finish(first)
         elapsed = time.monotonic() - started
     assert code == 0, err
-    assert elapsed < 30  # before: the second process slept out its 60 s poll
+    assert elapsed < 30  # the second process did not sleep out its 60 s poll
     assert sorted(b["reason"] for b in bodies(conn, "worker-stopped")) == [
         "burst: queue empty", "burst: queue empty"]
 
@@ -614,11 +614,12 @@ def test_double_sigint_abandons_job_and_releases_it(run, conn):
 
 
 def test_a_worker_thread_that_dies_releases_its_job_and_says_why(run, conn, db, monkeypatch):
-    """A failure inside the worker's own code (here: recording a result) used to kill the
-    thread holding its job, under a worker still listed active, costing the job an attempt
-    when its lease expired. Now the job is released (no attempt counted), worker-stopped
-    says why, and the process's other worker finishes and stops too. (The two workers'
-    results may share the failing transaction: then both crash, each releasing its job.)"""
+    """A failure inside the worker's own code (here: recording a result) must not leave a
+    dead thread holding its job under a worker still listed active, which would cost the
+    job an attempt when its lease expired. The job is released (no attempt counted),
+    worker-stopped says why, and the process's other worker finishes and stops too. (The
+    two workers' results may share the failing transaction: then both crash, each
+    releasing its job.)"""
     enqueue(run, "true", "true", "true")
     real = claims.finish_and_claim_many
     calls = []
@@ -718,8 +719,8 @@ FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
 @pytest.mark.slow
 def test_a_clock_step_does_not_expire_a_live_workers_lease(run, conn, tmp_path):
     """libfaketime steps the worker process's clocks (wall and monotonic alike) 20 s ahead
-    while one of its two workers runs a job: the other must not take it for silent (with
-    a 3 s lease it did: the job then ran twice)."""
+    while one of its two workers runs a job: the other must not take it for silent, or
+    the job would run twice."""
     needs(FAKETIME, "apt-get install faketime")
     run("config", "set", "heartbeat-interval", "0.5")
     run("config", "set", "lease-timeout", "3")
@@ -748,8 +749,8 @@ def test_a_clock_step_does_not_expire_a_live_workers_lease(run, conn, tmp_path):
 
 @pytest.mark.slow
 def test_worker_ids_are_unique_when_many_processes_start_at_once(run, conn):
-    """32 processes of -c 32 started in one second used to collide on workers.id (3 rounds
-    in 8): made ids now name the seq of each worker-started event (``w`` and the seq)."""
+    """Many processes of many workers started at once never collide on workers.id: made
+    ids name the seq of each worker-started event (``w`` and the seq)."""
     with processes() as procs:
         for _ in range(12):
             worker(procs, "-c", "8", "--burst")

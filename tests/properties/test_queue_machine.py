@@ -179,7 +179,7 @@ def test_queue_state_machine(monkeypatch: pytest.MonkeyPatch, db: object) -> Non
     monkeypatch.setattr(sys.modules[__name__], "STORE",
                         "postgres" if str(db).startswith("postgresql://") else "sqlite")
     # QUEUECTL_PROPERTY_EXAMPLES=2000 for a long hunt; the default keeps CI fast. A
-    # PostgreSQL example costs a database of its own (about 0.3 s) before its first step.
+    # PostgreSQL example costs a database of its own before its first step.
     examples = int(os.environ.get("QUEUECTL_PROPERTY_EXAMPLES", "200"))
     if STORE == "postgres":
         examples = max(1, examples // 4)
