@@ -59,6 +59,13 @@ def base_env(environ: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
     return {os.fsencode(k): os.fsencode(v) for k, v in source.items()}
 
 
+def worker_env(store_id: str, environ: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
+    """A worker's ``base_env``, with the store its runs belong to (part of their mark)."""
+    env = base_env(environ)
+    env[b"QUEUECTL_STORE_ID"] = store_id.encode()
+    return env
+
+
 def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str
             ) -> dict[bytes, bytes]:
     env = base.copy()
@@ -322,21 +329,24 @@ def describe_exit(code: int) -> str:
 # -- processes found by their mark ------------------------------------------------------
 
 _MARKS = (b"QUEUECTL_WORKER_ID", b"QUEUECTL_JOB_ID", b"QUEUECTL_ATTEMPT")
+_STORE = b"QUEUECTL_STORE_ID"  # a worker's runs carry it (worker_env); a bare run may not
 
 
 def _mark_of(env: Mapping[bytes, bytes] | Mapping[str, str] | None) -> tuple[bytes, ...] | None:
     """The environment entries that name a run, or None for a run without them."""
     if env is None:
         return None
-    as_bytes = {os.fsencode(k): os.fsencode(v) for k, v in env.items() if os.fsencode(k) in _MARKS}
-    if len(as_bytes) != len(_MARKS):
+    named = (*_MARKS, _STORE)
+    as_bytes = {os.fsencode(k): os.fsencode(v) for k, v in env.items() if os.fsencode(k) in named}
+    if not all(key in as_bytes for key in _MARKS):
         return None
-    return tuple(key + b"=" + as_bytes[key] for key in _MARKS)
+    return tuple(key + b"=" + as_bytes[key] for key in named if key in as_bytes)
 
 
-def worker_mark(worker_id: str) -> tuple[bytes, ...]:
-    """The mark every run of one worker carries."""
-    return (b"QUEUECTL_WORKER_ID=" + worker_id.encode(),)
+def worker_mark(worker_id: str, store_id: str) -> tuple[bytes, ...]:
+    """The mark every run of one worker of one store carries: worker ids repeat from one
+    database to another, so a rescuer stops only its own store's runs."""
+    return (_STORE + b"=" + store_id.encode(), b"QUEUECTL_WORKER_ID=" + worker_id.encode())
 
 
 def _marked(environ: bytes, mark: tuple[bytes, ...]) -> bool:

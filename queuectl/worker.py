@@ -103,7 +103,7 @@ class Worker:
         self.in_flight = 0  # handed in and not yet written
         self.quick = False  # its last job ran under Pipeline.QUICK seconds
         self.failure: BaseException | None = None  # why what it handed in was not written
-        self.env = runner.base_env()
+        self.env = runner.worker_env(conn.identity)
         self._next_beat = 0.0
         self._drain = 0.0  # burst: how long it waits before it looks again for the end
         self._next_rescue = 0.0
@@ -255,7 +255,7 @@ class Worker:
                   if w[0] != self.id]
         if not silent:
             return
-        killed = {w: runner.stop_marked(runner.worker_mark(w))
+        killed = {w: runner.stop_marked(runner.worker_mark(w, self.conn.identity))
                   for w, _, host in silent if host == self.host}
         for event in self.db(claims.rescue, silent, killed):
             self.report(event)

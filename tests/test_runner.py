@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import events_of, spawn, wait_for
 
-from queuectl import runner
+from queuectl import ledger, runner
 
 
 def running(pattern: str) -> list[int]:
@@ -117,12 +117,12 @@ def test_a_killed_workers_run_is_stopped_before_its_job_runs_again(run, conn):
     os.kill(first.pid, signal.SIGKILL)  # the worker alone: its job's session lives on
     first.wait()
     (dead,) = conn.execute("SELECT worker_id FROM runs WHERE job_id = 'orphan'").fetchone()
-    assert runner.marked_processes(runner.worker_mark(dead))
+    assert runner.marked_processes(runner.worker_mark(dead, conn.identity))
     second = spawn("worker", "-s", "0.1", "--burst", start_new_session=True)
     try:
         wait_for(lambda: "lease-expired" in events_of(conn, "orphan"), 20)
         # The moment the job is released for its next run, nothing of its last run is left.
-        assert not runner.marked_processes(runner.worker_mark(dead))
+        assert not runner.marked_processes(runner.worker_mark(dead, conn.identity))
         assert not running("45.6781")
         second.communicate(timeout=30)
     finally:
@@ -138,14 +138,63 @@ def test_a_killed_workers_run_is_stopped_before_its_job_runs_again(run, conn):
 
 
 @pytest.mark.stores("sqlite")  # no store involved
-def test_stop_marked_never_touches_an_unmarked_process(tmp_path):
+def test_stop_marked_never_touches_an_unmarked_process_or_another_stores(tmp_path):
+    """Worker ids repeat from one database to another (``w3`` in each): a run is marked
+    with its store too, and only its own store's rescuer stops it."""
     plain = subprocess.Popen(["sleep", "30.9991"])
-    marked = subprocess.Popen(["sleep", "30.9992"], env={**os.environ, "QUEUECTL_WORKER_ID": "zz"})
+    marked = subprocess.Popen(["sleep", "30.9992"], env={
+        **os.environ, "QUEUECTL_WORKER_ID": "zz", "QUEUECTL_STORE_ID": "mine"})
+    other = subprocess.Popen(["sleep", "30.9993"], env={
+        **os.environ, "QUEUECTL_WORKER_ID": "zz", "QUEUECTL_STORE_ID": "another"})
     try:
-        assert runner.stop_marked(runner.worker_mark("zz"), grace=2) == 1
+        assert runner.stop_marked(runner.worker_mark("zz", "mine"), grace=2) == 1
         assert marked.wait(timeout=5) == -signal.SIGTERM
-        assert plain.poll() is None
-        assert runner.stop_marked(runner.worker_mark("zz")) == 0
+        assert plain.poll() is None and other.poll() is None
+        assert runner.stop_marked(runner.worker_mark("zz", "mine")) == 0
     finally:
-        plain.kill()
-        plain.wait()
+        for proc in (plain, other):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_rescue_in_one_queue_leaves_another_queues_runs_alone(run, conn, db, tmp_path):
+    """Two databases on one host, each with a worker of the same id running a job. The
+    first worker is killed and its queue's next worker rescues its job: the other queue's
+    run, marked with the same worker id, goes on."""
+    other_db = tmp_path / "other.db"  # a second queue; this test's own may be either store
+    ok(run, "config", "set", "heartbeat-interval", "0.2")
+    ok(run, "config", "set", "lease-timeout", "1")
+    ok(run, "enqueue", "--id", "mine", "-c", "sleep 45.6782")
+    # The same events before its worker starts as this queue's: the same worker id.
+    for args in (("config", "set", "heartbeat-interval", "0.2"),
+                 ("config", "set", "lease-timeout", "1"),
+                 ("enqueue", "--id", "theirs", "-c", "sleep 6.4561; echo done",
+                  "--max-retries", "0")):
+        assert spawn("--db", str(other_db), *args).wait(timeout=30) == 0
+    first = spawn("worker", "-s", "0.1", start_new_session=True)
+    neighbour = spawn("--db", str(other_db), "worker", "-s", "0.1", "--burst",
+                      start_new_session=True)
+    try:
+        wait_for(lambda: running("45.6782") and running("6.4561"), 20, "both runs")
+        (dead,) = conn.execute("SELECT worker_id FROM runs WHERE job_id = 'mine'").fetchone()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        rescuer = spawn("worker", "-s", "0.1", "--burst", start_new_session=True)
+        rescuer.communicate(timeout=60)
+        out, err = neighbour.communicate(timeout=60)
+        assert neighbour.returncode == 0, err
+    finally:
+        for proc in (first, neighbour):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert "lease-expired" in events_of(conn, "mine")
+    other = ledger.connect(other_db)
+    try:
+        worker_ids = {r[0] for r in other.execute("SELECT id FROM workers")}
+        assert dead in worker_ids  # the same id in both queues
+        assert other.execute("SELECT state, exit_code FROM jobs WHERE id = 'theirs'"
+                             ).fetchone() == ("completed", 0)
+    finally:
+        other.close()

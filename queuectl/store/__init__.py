@@ -72,6 +72,12 @@ class Db(Protocol):
     @property
     def dialect(self) -> Dialect: ...
     @property
+    def identity(self) -> str:
+        """Names this database the same way from every connection to it, however its path
+        or URL is spelled: a worker marks its runs' processes with it, so that a rescuer
+        stops only the runs of its own queue's workers (another queue on the host may have
+        a worker of the same id)."""
+    @property
     def generation(self) -> int:
         """How many times this connection was opened again (``reconnect``): a caller that
         saw another generation may have missed the outcome of a commit."""

@@ -420,6 +420,7 @@ class PgDb:
         self._offset = 0.0  # server clock minus local monotonic clock, seconds
         self._measured = -_CLOCK_EVERY
         self.generation = 0  # reconnections so far
+        self._identity: str | None = None
         # Writes no one reads the result of, waiting to go with the next statement that
         # must be answered (a read, or the commit): their SQL, with the values in it, and
         # what to give their result to, if anything.
@@ -442,6 +443,17 @@ class PgDb:
         if self._pending or parameters:
             return self._send(self._inline(sql, parameters))
         return self._direct(sql)
+
+    @property
+    def identity(self) -> str:
+        """The server (its system identifier), the database and the schema, whatever host
+        name or socket reaches them: read once, on first use."""
+        if self._identity is None:
+            (server, database, schema), = self._direct(
+                "SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = "
+                "current_database()), current_schema() FROM pg_control_system()").fetchall()
+            self._identity = f"postgres:{server}:{database}:{schema}"
+        return self._identity
 
     def _hold(self, sql: str, parameters: Sequence[Any] = (),
               consume: Callable[[Any], None] | None = None) -> None:

@@ -155,6 +155,12 @@ class SqliteDb(sqlite3.Connection):
 
     generation = 0  # a file is never lost: this connection is the only one it has
 
+    @property
+    def identity(self) -> str:
+        """The file itself (its device and inode), whatever path names it."""
+        found = os.stat(self.path)
+        return f"sqlite:{found.st_dev}:{found.st_ino}"
+
     def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
                clash: Clash = "fail") -> None:
         self.execute(statements.insert(table, tuple(row), tuple(key), clash),
