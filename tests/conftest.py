@@ -127,6 +127,9 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     """This test's database (also in QUEUECTL_DB): a SQLite path, or a PostgreSQL URL, by
     the test's store. Every queuectl database it leaves behind is checked for replay drift."""
     monkeypatch.chdir(tmp_path)
+    # Tables are drawn as a script would see them (no terminal, no COLUMNS), whatever width
+    # the test run's own terminal, or pytest-xdist, gives.
+    monkeypatch.delenv("COLUMNS", raising=False)
     store = getattr(request, "param", "sqlite")
     if store == "sqlite":
         path = tmp_path / "queue.db"
