@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from queuectl import claims, clock, ledger, render, runner, schedules, settings, store
+from queuectl import claims, clock, ledger, output, render, runner, schedules, settings, store
 from queuectl import events as ev
 from queuectl.errors import StoreUnavailable
 from queuectl.store import Db
@@ -111,6 +111,7 @@ class Worker:
         self._next_cancel_check = 0.0
         self._started = 0.0  # when the running job started, on the monotonic clock
         self._kill_reason: str | None = None
+        self._sink: output.Sink | None = None  # the running job's output, on its way to the store
         self._connection = 0  # the connection generation this worker last reconciled
         self._next_try = 0.0  # while the store is away: the next time a run's tick tries it
         self.error: BaseException | None = None
@@ -226,6 +227,8 @@ class Worker:
                     self._next_cancel_check = now + CANCEL_CHECK
                     if self.db(claims.cancel_requested, job.job_id):
                         self._kill_reason = "cancel"
+                if self._sink is not None and self._sink.due(now):
+                    self.db(output.write, self._sink)
             except StoreUnavailable:
                 self._next_try = now + 1.0
         return self._kill_reason is not None
@@ -375,18 +378,34 @@ class Worker:
         self._started = time.monotonic()
         if not asked:
             self.results.submit(self, None, None)
+        tail = int(self.config["output-limit"]) * 1024
+        self._sink = output.Sink(job.job_id, job.attempt, self.id,
+                                 int(self.config["log-limit"]), tail)
         result = runner.run_command(
             job.command,
             timeout=job.timeout,
-            output_limit=int(self.config["output-limit"]) * 1024,
+            output_limit=tail,
             tick=lambda: self._running_tick(job),
             env=runner.run_env(self.env, job.job_id, job.attempt, self.id),
+            sink=self._sink.add,
         )
+        self._end_output(result)
         self.done += 1
         self.running = None
         self.quick = result.duration < Pipeline.QUICK
         # With a job held next, its start goes in the same transaction as this result.
         self.results.submit(self, job, self._event(job, result), wake=not self.ahead)
+
+    def _end_output(self, result: runner.RunResult) -> None:
+        """Write the end of the run's output before its result, so that whoever sees the
+        run ended finds all of it in the store. With the store away, the ledger's tail is
+        what remains of it."""
+        sink, self._sink = self._sink, None
+        if sink is not None and sink.needed_at_end(result.truncated):
+            try:
+                self.db(output.write, sink, True)
+            except StoreUnavailable:
+                pass
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""
