@@ -938,7 +938,8 @@ def prune(ctx: click.Context, before: str, dry_run: bool, as_json: bool) -> None
     """Move old events out of the ledger into its archive: those of jobs that finished
     (completed, dead, cancelled) before then, and heartbeats a later one superseded.
 
-    Pruned jobs leave list and status; history ID --archive still reads them. A job that
+    Pruned jobs leave list and status; history ID --archive still reads them. Their whole
+    output (logs --full) is deleted; the tail stays in their archived events. A job that
     an unfinished job depends on stays. The archive is a file beside the database
     (data/queue.archive.db for data/queue.db), or a table on PostgreSQL.
 
@@ -976,6 +977,9 @@ def ledger_group() -> None:
 @click.pass_context
 def ledger_export(ctx: click.Context, since: int) -> None:
     """Write every event of the ledger to stdout, one JSON object a line.
+
+    The output store (runs' whole output) is not exported: it is data, not events; each
+    run's finished event carries the tail of its output.
 
     \b
     Example:

@@ -204,11 +204,21 @@ class NextRun:
                f"({how}); attempt {self.run.attempt} follows <=="
 
 
-def follow(db: Db, job_id: str, poll: float = FOLLOW_POLL,
-           sleep: Callable[[float], None] = time.sleep) -> Iterator[str | NextRun]:
+def follow(db: Db, job_id: str, sleep: Callable[[float], None] = time.sleep
+           ) -> Iterator[str | NextRun]:
     """A job's output as it is written, from the start of its current run (or its last one,
     if it is not running; once it starts, if it has not), on into each run after it, until
     the job is final. Yields text, and a ``NextRun`` between runs."""
+    for step in steps(db, job_id):
+        if isinstance(step, float):
+            sleep(step)
+        else:
+            yield step
+
+
+def steps(db: Db, job_id: str, poll: float = FOLLOW_POLL) -> Iterator[str | NextRun | float]:
+    """``follow``, yielding how long to sleep (a float) where it would sleep: a caller that
+    shares ``db`` with others (``Queue.follow``) lets go of it meanwhile."""
     reads.get_job(db, job_id)  # an unknown id: NotFound now
     reader: Reader | None = None
     index = 0
@@ -235,4 +245,4 @@ def follow(db: Db, job_id: str, poll: float = FOLLOW_POLL,
             reader = Reader(job_id, runs[index])
         if final and (not runs or runs[-1].finished_at is not None):
             return
-        sleep(poll)
+        yield poll
