@@ -153,8 +153,8 @@ SETTINGS: dict[str, Setting] = {
             "log-limit",
             str(10 * 1024**2),
             "log_limit",
-            lambda v: f"Bytes of each run's whole output kept in the output store ({size(int(v))}"
-            "; past it the end is kept; 0 = only the ledger's tail)",
+            lambda v: f"Bytes of each run's output kept whole ({size(int(v))}; then its end; "
+            "0 = its tail only)",
             lambda v: f"Each run's output will be kept up to {size(int(v))} (its end)"
             if int(v) else "Runs' output will not be kept beyond the tail in the ledger",
         ),
