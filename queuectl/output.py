@@ -37,6 +37,7 @@ from queuectl.store import Db
 FLUSH_EVERY = 0.25  # seconds between writes of a run's new output, at most
 FLUSH_SIZE = 256 * 1024  # bytes waiting that are written without waiting for FLUSH_EVERY
 FOLLOW_POLL = 0.2  # seconds between a follower's looks at the store
+_DECODER = codecs.getincrementaldecoder("utf-8")
 
 
 def gap(dropped: int) -> str:
@@ -64,7 +65,7 @@ class Sink:
         self.kept: deque[tuple[int, int]] = deque()  # (seq, size) of the chunks in the store
         self.kept_size = 0
         self.due_at = time.monotonic() + FLUSH_EVERY
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder = _DECODER("replace")
 
     def add(self, chunk: bytes) -> None:
         if not self.limit:
