@@ -1,9 +1,10 @@
 """output: what keeping every run's whole output costs.
 
 - A job writing 100 MB as fast as it can (``yes | head -c``), run by ``worker -c 2 --burst``
-  beside N ``true`` jobs: the worker's peak RSS (target: under 60 MiB), whether the
-  other jobs ran meanwhile (every one finished before the big job did), and how much of
-  its output the store kept (``log-limit``, 10 MiB, and at most one chunk more).
+  beside N short jobs: the worker's peak RSS (target: under 60 MiB), the pace of the other
+  jobs meanwhile (on the one worker left) against one worker's pace after it (target: at
+  least half), and how much of its output the store kept (``log-limit``, 10 MiB, and at
+  most one chunk more).
 - ``worker -c 2 --burst`` on N ``true`` jobs with the output store on (the default)
   against the same with it off (``log-limit 0``), runs interleaved: the throughput kept
   (target: at least 97%).
@@ -54,19 +55,22 @@ def _big_writer(ctx: Context, result: ScenarioResult) -> list[Row]:
         within = sum(big[0] <= t <= big[1] for t in ends)
         later = [t for t in ends if t > big[1]]
         during.append(within / (big[1] - big[0]))
-        after.append(len(later) / (later[-1] - big[1]) if len(later) > 1 else during[-1])
+        # After it, both workers run them; while it ran, one did: half the pace after it is
+        # what the other jobs would get if the 100 MB job cost nothing.
+        after.append(len(later) / (later[-1] - big[1]) / 2 if len(later) > 1 else during[-1])
         ctx.log(f"output run {r + 1}/{ctx.runs}: 100 MB job ({big[1] - big[0]:.1f}s) beside "
                 f"{others} others: worker peak {peak:.1f} MiB, {kept[-1]:.1f} MiB kept, others "
-                f"{during[-1]:.0f} jobs/s while it ran, {after[-1]:.0f} after")
+                f"{during[-1]:.0f} jobs/s while it ran, {after[-1]:.0f} a worker after")
     result.details["big_job_seconds"] = seconds
     return [
         make_row("output", "output_big_rss",
                  f"worker peak RSS, `-c 2`, a job writing 100 MB beside {others} others",
                  rss, "MiB", Target("< 60 MiB", "value", "<=", 60)),
         make_row("output", "output_big_others",
-                 "the other jobs' throughput while the 100 MB job ran, against after it",
-                 during, "jobs/s", Target(">= 0.5x", "ratio", ">=", 0.5),
-                 baseline_samples=after, baseline_label="after it ended"),
+                 "the other jobs' throughput while the 100 MB job ran (on one worker), "
+                 "against one worker's after it", during, "jobs/s",
+                 Target(">= 0.5x", "ratio", ">=", 0.5),
+                 baseline_samples=after, baseline_label="a worker's, after it ended"),
         make_row("output", "output_big_kept", "output kept of the 100 MB run (log-limit 10 MiB)",
                  kept, "MiB", Target("<= 10.25 MiB", "value", "<=", 10.25)),
     ]
