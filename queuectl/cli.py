@@ -258,11 +258,12 @@ def enqueue(
     if len(sources) != 1:
         raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
     if jobs_file is not None:
-        specs = [
-            decisions.parse_spec(text, f" on line {n}")
-            for n, text in _lines(progress.reading(jobs_file, "Reading jobs", "lines"))
-            if text.strip()
-        ]
+        with progress.reading(jobs_file, "Reading jobs") as lines:
+            specs = [
+                decisions.parse_spec(text, f" on line {n}")
+                for n, text in _lines(lines)
+                if text.strip()
+            ]
         if not specs:
             raise click.UsageError("the file has no jobs")
         if job_id is not None:
@@ -938,9 +939,8 @@ def ledger_import(ctx: click.Context, source: Any) -> None:
     """Append an exported ledger (FILE, or - for stdin) to an empty store and build its
     projections, in one transaction: all of it, or nothing."""
     conn = _db(ctx, create=True)
-    with progress.progress():
-        count = ledger.import_(conn, _lines(progress.reading(source, "Reading events",
-                                                             "events")))
+    with progress.progress(), progress.reading(source, "Reading events", "events") as lines:
+        count = ledger.import_(conn, _lines(lines))
     click.echo(f"Imported {count} events; projections rebuilt.")
 
 

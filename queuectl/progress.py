@@ -109,11 +109,12 @@ def counted(items: Iterable[T], bar: Bar | None = None, every: int = EVERY) -> I
     bar.update(n)
 
 
-def reading(stream: IO[bytes], label: str, unit: str = "lines") -> Iterator[bytes]:
-    """The lines of ``stream`` with a bar of how many were read, out of how many a regular
-    file holds (a pipe's are unknown: the bar counts without a total)."""
-    with progress(lambda: count_lines(stream), label, unit=unit):
-        yield from counted(stream)
+@contextmanager
+def reading(stream: IO[bytes], label: str, unit: str = "lines") -> Iterator[Iterator[bytes]]:
+    """The lines of ``stream``, read inside the block with a bar of how many were, out of
+    how many a regular file holds (a pipe's are unknown: the bar counts without a total)."""
+    with progress(lambda: count_lines(stream), label, unit=unit) as bar:
+        yield counted(stream, bar)
 
 
 def count_lines(stream: IO[bytes]) -> int | None:
@@ -201,10 +202,13 @@ def _display() -> Any:
             return Text(f"{done} {task.fields['unit']}", style="progress.download")
 
     class Rate(ProgressColumn):
-        """``45,678 events/s``, once there is a rate to show."""
+        """``45,678 events/s``: lately, or over the whole step once it is over."""
 
         def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
+            if task.finished and task.finished_time:
+                speed = task.completed / task.finished_time
+            else:
+                speed = task.speed
             if not speed or not task.fields["unit"]:
                 return Text("")
             return Text(f"{speed:,.0f} {task.fields['unit']}/s",
