@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from queuectl import clock, complete, decisions, ledger, limits, reads, settings, store
+from queuectl import clock, complete, decisions, ledger, limits, progress, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State
 
@@ -258,11 +258,12 @@ def enqueue(
     if len(sources) != 1:
         raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
     if jobs_file is not None:
-        specs = [
-            decisions.parse_spec(text, f" on line {n}")
-            for n, text in _lines(jobs_file)
-            if text.strip()
-        ]
+        with progress.reading(jobs_file, "Reading jobs") as lines:
+            specs = [
+                decisions.parse_spec(text, f" on line {n}")
+                for n, text in _lines(lines)
+                if text.strip()
+            ]
         if not specs:
             raise click.UsageError("the file has no jobs")
         if job_id is not None:
@@ -273,7 +274,9 @@ def enqueue(
         specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
-    ids, duplicate = decisions.enqueue_unique(_db(ctx, create=True), specs, on_duplicate)
+    conn = _db(ctx, create=True)
+    with progress.progress(len(specs), "Adding jobs", unit="jobs"):
+        ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
     if len(ids) == 1 and jobs_file is None:
         if duplicate[0]:
             click.echo(f"Job already queued with ID: {ids[0]} "
@@ -848,7 +851,8 @@ def rebuild(ctx: click.Context, check: bool) -> None:
     schedules)."""
     conn = _db(ctx)
     if check:
-        problems = ledger.check(conn)
+        with progress.progress():
+            problems = ledger.check(conn)
         if problems:
             for problem in problems:
                 click.echo(problem, err=True)
@@ -856,7 +860,8 @@ def rebuild(ctx: click.Context, check: bool) -> None:
                                        "differences shown above)")
         click.echo("Projections match the ledger.")
         return
-    replayed = ledger.rebuild(conn)
+    with progress.progress():
+        replayed = ledger.rebuild(conn)
     pruned = (f" (seq 1 to {replayed.last_seq:,}; the others were pruned to the archive)"
               if replayed.events != replayed.last_seq else "")
     click.echo(f"Projections rebuilt from {replayed.events:,} events{pruned}.")
@@ -885,7 +890,9 @@ def prune(ctx: click.Context, before: str, dry_run: bool, as_json: bool) -> None
     from queuectl import retention
 
     conn = _db(ctx)
-    report = retention.prune(conn, retention.cutoff(conn, before), dry_run=dry_run)
+    moment = retention.cutoff(conn, before)
+    with progress.progress(enabled=not as_json):
+        report = retention.prune(conn, moment, dry_run=dry_run)
     if as_json:
         return _json({"before": report.before, "jobs": report.jobs,
                       "job_events": report.job_events, "heartbeats": report.heartbeats,
@@ -917,8 +924,12 @@ def ledger_export(ctx: click.Context, since: int) -> None:
         queuectl ledger export > ledger.jsonl
         queuectl --db postgresql://app@db/queue ledger import ledger.jsonl
     """
-    for line in ledger.export(_db(ctx), since):
-        click.echo(line)
+    conn = _db(ctx)
+    # The bar only when the lines go elsewhere: drawn between them, it would garble both.
+    with progress.progress(lambda: ledger.count_events(conn, since), "Exporting the ledger",
+                           unit="events", enabled=not sys.stdout.isatty()):
+        for line in progress.counted(ledger.export(conn, since)):
+            click.echo(line)
 
 
 @ledger_group.command("import")
@@ -927,7 +938,9 @@ def ledger_export(ctx: click.Context, since: int) -> None:
 def ledger_import(ctx: click.Context, source: Any) -> None:
     """Append an exported ledger (FILE, or - for stdin) to an empty store and build its
     projections, in one transaction: all of it, or nothing."""
-    count = ledger.import_(_db(ctx, create=True), _lines(source))
+    conn = _db(ctx, create=True)
+    with progress.progress(), progress.reading(source, "Reading events", "events") as lines:
+        count = ledger.import_(conn, _lines(lines))
     click.echo(f"Imported {count} events; projections rebuilt.")
 
 
