@@ -271,7 +271,6 @@ def event_details(event: ev.Event) -> str:
             extras += [f"unique key {event.unique_key}"] * (event.unique_key is not None)
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
-            extras += [f"in {event.cwd}"] * (event.cwd is not None)
             extras += [f"env {_assignments(event.env)}"] * bool(event.env)
             return f"command: {c} ({', '.join(extras)})"
         case ev.Edited():
