@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
+import msgspec
+
 import projections
 from queuectl import events as ev
 from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
 
 NAME = "jobs"
-VERSION = 12
+VERSION = 13
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -95,7 +97,9 @@ DDL = (
         last_error TEXT,
         unique_key TEXT,
         created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
+        updated_at TEXT NOT NULL,
+        cwd TEXT,
+        env TEXT
     )""",
     """CREATE TABLE job_deps (
         job_id TEXT NOT NULL,
@@ -132,11 +136,11 @@ INDEXES = (
 COLUMNS = ("seq", "id", "command", "queue", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
            "cancel_requested", "ahead", "exit_code", "last_error", "unique_key", "created_at",
-           "updated_at")
+           "updated_at", "cwd", "env")
 # What an enqueued event sets; the other columns start at their defaults (_UNSET).
 _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries", "backoff_base",
              "backoff_max", "backoff_jitter", "timeout", "run_at", "unique_key", "created_at",
-             "updated_at")
+             "updated_at", "cwd", "env")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
           "exit_code": None, "last_error": None}
 _COUNT_KEY = ("queue", "state")
@@ -153,6 +157,14 @@ TRIGGERS = {
         WHEN old.state <> new.state BEGIN
             UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
             WHERE queue = new.queue AND (state = new.state OR state = old.state);
+        END""",
+        # A job moved to another queue by ``edit`` takes its (old) state's count along;
+        # should its state change in the same UPDATE, job_counts_move moves it within the
+        # new queue, so the two add up whichever fires first.
+        """CREATE TRIGGER job_counts_queue AFTER UPDATE OF queue ON jobs
+        WHEN old.queue <> new.queue BEGIN
+            UPDATE job_counts SET n = n + CASE queue WHEN new.queue THEN 1 ELSE -1 END
+            WHERE state = old.state AND (queue = new.queue OR queue = old.queue);
         END""",
         # Jobs leave the table only when pruned.
         """CREATE TRIGGER job_counts_gone AFTER DELETE ON jobs BEGIN
@@ -195,7 +207,16 @@ def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[A
     run_at = e.run_at if e.run_at and e.run_at > at else at
     state = State.WAITING if blocked else _ready_state(run_at, at)
     return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
-            e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at)
+            e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at, e.cwd,
+            env_text(e.env))
+
+
+_encode = msgspec.json.encode
+
+
+def env_text(env: dict[str, str] | None) -> str | None:
+    """A job's variables as its ``env`` column holds them: a JSON object, NULL for none."""
+    return _encode(env).decode() if env else None
 
 
 def _ready_state(run_at: str, at: str) -> State:
@@ -269,6 +290,21 @@ def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> dict[str, Any
     return {"cancel_requested": 1}
 
 
+def _edited(e: ev.Edited, at: str, row: Row) -> dict[str, Any]:
+    changes = {name: value for name in _EDITABLE if (value := getattr(e, name)) is not None}
+    if e.env:
+        changes["env"] = env_text({**_decode_env(row["env"] or "{}"), **e.env})
+    if e.run_at is not None:  # as when enqueued: a time gone by is now
+        changes["run_at"] = run_at = max(e.run_at, at)
+        if row["state"] != State.WAITING:
+            changes["state"] = _ready_state(run_at, at)
+    return changes
+
+
+_EDITABLE = ("command", "priority", "queue", "max_retries", "timeout", "cwd")
+_decode_env = msgspec.json.Decoder(dict[str, str]).decode
+
+
 def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.CANCELLED, "worker_id": None, "run_at": None, "cancel_requested": 0,
             "last_error": e.reason, "ahead": 0}
@@ -288,6 +324,7 @@ _CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
     ev.Unblocked: _unblocked,
     ev.CancelRequested: _cancel_requested,
     ev.Cancelled: _cancelled,
+    ev.Edited: _edited,
 }
 
 HANDLES = frozenset({ev.Enqueued, ev.Pruned, *_CHANGES})  # event types this projection reads
@@ -363,6 +400,8 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
         _pruned(tx, e)
         return
     job_id = e.job_id
+    if type(e) is ev.Edited and e.queue is not None:
+        _count(tx, e.queue, State.PENDING, 0)  # the queue's count rows, for the triggers
     changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
     changes["updated_at"] = at
     tx.update("jobs", {"id": job_id}, changes, missing=_unknown(job_id))

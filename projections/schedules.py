@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from projections.jobs import env_text
 from queuectl import events as ev
 from queuectl.store import Db
 
 NAME = "schedules"
-VERSION = 1
+VERSION = 2
 TABLES = {"schedules": ("name",)}
 
 DDL = (
@@ -36,7 +37,9 @@ DDL = (
         fired INTEGER NOT NULL DEFAULT 0,
         skipped INTEGER NOT NULL DEFAULT 0,
         created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
+        updated_at TEXT NOT NULL,
+        cwd TEXT,
+        env TEXT
     )""",
 )
 
@@ -55,7 +58,7 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
             "name": e.name, "cron": e.cron, "timezone": e.timezone, "command": e.command,
             "queue": e.queue, "priority": e.priority, "max_retries": e.max_retries,
             "backoff_base": e.backoff_base, "timeout": e.timeout, "next_at": e.next_at,
-            "created_at": at, "updated_at": at})
+            "created_at": at, "updated_at": at, "cwd": e.cwd, "env": env_text(e.env)})
         return
     if isinstance(e, ev.ScheduleRemoved):
         tx.delete("schedules", "name", [e.name], missing=_unknown(e.name))

@@ -62,8 +62,10 @@ class Queue:
     def enqueue(self, command: str, **options: Any) -> str:
         """Add one job and return its id. ``options`` are the JSON job fields: ``id``,
         ``queue``, ``priority``, ``max_retries``, ``backoff_base``, ``timeout``, ``delay``
-        (seconds) or ``run_at`` (ISO-8601), ``after`` (ids), ``unique_key``. A job whose
-        unique key an unfinished job holds is not added: that job's id is returned."""
+        (seconds) or ``run_at`` (ISO-8601), ``after`` (ids), ``unique_key``, ``cwd`` (the
+        directory it runs in, relative to this process's; without it, the worker's) and
+        ``env`` (variables set over the worker's environment). A job whose unique key an
+        unfinished job holds is not added: that job's id is returned."""
         spec = _spec({**options, "command": command})
         with self._open() as db:
             return decisions.enqueue(db, [spec])[0]

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from queuectl import clock, complete, decisions, ledger, limits, reads, settings, store
+from queuectl import clock, complete, decisions, ledger, limits, progress, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State
 
@@ -229,6 +229,17 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
     "-f", "--file", "jobs_file", type=click.File("rb"),
     help="JSON lines, one job per line ('-' for stdin).",
 )
+@click.option("--commands", "commands_file", type=click.File("rb"), metavar="FILE",
+              help="One shell command a line, each a job with the flags given ('-' for "
+                   "stdin; blank lines and lines starting with # skipped); all or none.")
+@click.option("--cwd", metavar="DIR",
+              help="The directory it runs in, relative to this one (default: this one).")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE",
+              help="Set a variable in its environment (repeatable). Kept in the ledger: "
+                   "no secrets.")
+@click.option("--pass-env", multiple=True, metavar="NAME",
+              help="Copy this shell's current value of NAME into its environment "
+                   "(repeatable).")
 @click.option("--follow", "follow", is_flag=True,
               help="Then print the job's output as it runs, as logs --follow does, and exit "
                    "with its exit code (the 'Job added' line goes to stderr).")
@@ -239,6 +250,7 @@ def enqueue(
     command: str | None,
     job_id: str | None,
     jobs_file: Any,
+    commands_file: Any,
     follow: bool,
     **flags: Any,
 ) -> None:
@@ -253,20 +265,35 @@ def enqueue(
         queuectl enqueue -c "convert video.mp4" --queue media
         queuectl enqueue -c "make report" --unique-key report:2026-12-01
         queuectl enqueue --file jobs.jsonl
+        queuectl enqueue -c "make test" --cwd ~/src/app --env CI=1 --pass-env PATH
+        ls *.wav | sed 's/.*/flac "&"/' | queuectl enqueue --commands -
+
+    A job runs in the directory it was enqueued from (or --cwd), with the worker's
+    environment and the variables --env and --pass-env name.
     """
     on_duplicate = flags.pop("on_duplicate")
+    env = _env_flags(flags.pop("env_vars"), flags.pop("pass_env"))
     flags = {k: v for k, v in flags.items() if v is not None and v != ()}
+    if env:
+        flags["env"] = env
     if "after" in flags:
         flags["after"] = list(flags["after"])
-    sources = [s for s in (job_json, command, jobs_file) if s is not None]
+    sources = [s for s in (job_json, command, jobs_file, commands_file) if s is not None]
     if len(sources) != 1:
-        raise click.UsageError("give exactly one of JSON, -c COMMAND or --file FILE")
-    if jobs_file is not None:
-        specs = [
-            decisions.parse_spec(text, f" on line {n}")
-            for n, text in _lines(jobs_file)
-            if text.strip()
-        ]
+        raise click.UsageError(
+            "give exactly one of JSON, -c COMMAND, --file FILE or --commands FILE")
+    if commands_file is not None:
+        if job_id is not None:
+            raise click.UsageError("--id names one job; it cannot go with --commands")
+        with progress.reading(commands_file, "Reading commands") as lines:
+            specs = _command_specs(lines, flags)
+    elif jobs_file is not None:
+        with progress.reading(jobs_file, "Reading jobs") as lines:
+            specs = [
+                decisions.parse_spec(text, f" on line {n}")
+                for n, text in _lines(lines)
+                if text.strip()
+            ]
         if not specs:
             raise click.UsageError("the file has no jobs")
         if job_id is not None:
@@ -277,11 +304,14 @@ def enqueue(
         specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
-    if follow and jobs_file is not None:
-        raise click.UsageError("--follow follows one job; it cannot go with --file")
+    if follow and (jobs_file is not None or commands_file is not None):
+        raise click.UsageError("--follow follows one job; it cannot go with --file or "
+                               "--commands")
+    _here_by_default(specs)
     conn = _db(ctx, create=True)
-    ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
-    if len(ids) == 1 and jobs_file is None:
+    with progress.progress(len(specs), "Adding jobs", unit="jobs"):
+        ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
+    if len(ids) == 1 and jobs_file is None and commands_file is None:
         if duplicate[0]:
             click.echo(f"Job already queued with ID: {ids[0]} "
                        f"(unique key '{specs[0].unique_key}')", err=follow)
@@ -307,14 +337,87 @@ def _lines(stream: Any) -> Iterator[tuple[int, str]]:
                 f"{exc.start + 1}); queuectl reads job files as UTF-8") from None
 
 
+def _env_flags(assignments: tuple[str, ...], passed: tuple[str, ...]) -> dict[str, str]:
+    """``--env`` and ``--pass-env`` as one mapping (``--env`` wins)."""
+    return decisions.parse_env(assignments, passed) if assignments or passed else {}
+
+
+def _command_specs(stream: Any, flags: dict[str, Any]) -> list[decisions.JobSpec]:
+    """``enqueue --commands``: a job a line, each with the flags given."""
+    specs = []
+    for n, text in _lines(stream):
+        line = text.strip()
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        spec = decisions.JobSpec(command=line, **{**flags, "after": list(flags.get("after", ()))})
+        specs.append(decisions.check_spec(spec, f" on line {n}"))
+    if not specs:
+        raise click.UsageError("the input has no commands")
+    return specs
+
+
+def _here_by_default(specs: list[decisions.JobSpec]) -> None:
+    """Jobs that name no directory run in the caller's: the directory it was asked from."""
+    here = None
+    for spec in specs:
+        if spec.cwd is None:
+            spec.cwd = here = here or decisions.caller_dir()
+
+
 def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSpec:
-    """Flags given beside a JSON job win over its fields."""
+    """Flags given beside a JSON job win over its fields (``--env`` over its ``env``,
+    variable by variable)."""
     import msgspec
 
     given = {k: v for k, v in flags.items() if v is not None}
+    if "env" in given and spec.env:
+        given["env"] = {**spec.env, **given["env"]}
     if "run_at" in given or "delay" in given:  # a flag's time replaces the JSON's
         spec = msgspec.structs.replace(spec, run_at=None, delay=None)
     return decisions.check_spec(msgspec.structs.replace(spec, **given)) if given else spec
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
+@click.option("-c", "--command", help="A new shell command.")
+@click.option("-p", "--priority", type=Number("priority"), help="A new priority.")
+@click.option("--delay", type=Number("delay"), help="It may run this many seconds from now.")
+@click.option("--run-at", help="It may not run before this ISO-8601 time (no zone: UTC).")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names, help="Move it to this queue.")
+@click.option("--max-retries", type=Number("max_retries"), help="Its retries after the first run.")
+@click.option("--timeout", type=Number("timeout"), help="Seconds before it is killed (0: none).")
+@click.option("--cwd", metavar="DIR", help="The directory it runs in, relative to this one.")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE",
+              help="Set or change a variable of its environment (repeatable); the others "
+                   "stay.")
+@click.option("--pass-env", multiple=True, metavar="NAME",
+              help="Copy this shell's current value of NAME into its environment.")
+@click.pass_context
+def edit(ctx: click.Context, job_id: str, env_vars: tuple[str, ...], pass_env: tuple[str, ...],
+         **values: Any) -> None:
+    """Change a job that has not started yet (pending, scheduled or waiting); a running or
+    finished job is refused. Only what differs is recorded (event ``edited``), and
+    ``history`` shows it.
+
+    \b
+    Example:
+        queuectl edit 12 --priority 5 -q media
+        queuectl edit 12 -c "make report" --delay 60
+        queuectl edit 12 --cwd ~/src/app --env CI=1
+    """
+    from queuectl import render
+
+    env = _env_flags(env_vars, pass_env)
+    if env:
+        values["env"] = env
+    if all(v is None for v in values.values()):
+        raise click.UsageError("give at least one new value (see queuectl edit --help)")
+    edited = decisions.edit(_db(ctx), job_id, **values)
+    if edited is None:
+        click.echo(f"Job {job_id} unchanged: it has these values already.")
+    else:
+        click.echo(reads.printable(f"Job {job_id} edited: {'; '.join(render.edits(edited))}."))
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -637,9 +740,16 @@ def schedule() -> None:
 @click.option("--backoff-base", type=Number("backoff_base"), help="Each job's retry base.")
 @click.option("--timeout", type=Number("timeout"), help="Seconds before a job is killed.")
 @click.option("-p", "--priority", type=Number("priority"), default=0, help="Each job's priority.")
+@click.option("--cwd", metavar="DIR",
+              help="The directory its jobs run in, relative to this one (default: this one).")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE",
+              help="Set a variable in its jobs' environment (repeatable). No secrets.")
+@click.option("--pass-env", multiple=True, metavar="NAME",
+              help="Copy this shell's current value of NAME into its jobs' environment.")
 @click.pass_context
 def schedule_add(ctx: click.Context, name: str, cron: str, command: str, queue: str,
-                 timezone: str, **options: Any) -> None:
+                 timezone: str, cwd: str | None, env_vars: tuple[str, ...],
+                 pass_env: tuple[str, ...], **options: Any) -> None:
     """Enqueue COMMAND at each tick of --cron, from running workers (each tick once,
     however many workers and hosts there are).
 
@@ -650,7 +760,8 @@ def schedule_add(ctx: click.Context, name: str, cron: str, command: str, queue: 
     """
     from queuectl import schedules
 
-    spec = decisions.JobSpec(command=command, queue=queue, **options)
+    spec = decisions.JobSpec(command=command, queue=queue, cwd=cwd or decisions.caller_dir(),
+                             env=_env_flags(env_vars, pass_env), **options)
     first = schedules.add(_db(ctx, create=True), name, cron, spec, timezone)
     click.echo(f"Schedule '{name}' added; its first job at {clock.human(first)} UTC.")
 
@@ -913,7 +1024,8 @@ def rebuild(ctx: click.Context, check: bool) -> None:
     schedules)."""
     conn = _db(ctx)
     if check:
-        problems = ledger.check(conn)
+        with progress.progress():
+            problems = ledger.check(conn)
         if problems:
             for problem in problems:
                 click.echo(problem, err=True)
@@ -921,7 +1033,8 @@ def rebuild(ctx: click.Context, check: bool) -> None:
                                        "differences shown above)")
         click.echo("Projections match the ledger.")
         return
-    replayed = ledger.rebuild(conn)
+    with progress.progress():
+        replayed = ledger.rebuild(conn)
     pruned = (f" (seq 1 to {replayed.last_seq:,}; the others were pruned to the archive)"
               if replayed.events != replayed.last_seq else "")
     click.echo(f"Projections rebuilt from {replayed.events:,} events{pruned}.")
@@ -951,7 +1064,9 @@ def prune(ctx: click.Context, before: str, dry_run: bool, as_json: bool) -> None
     from queuectl import retention
 
     conn = _db(ctx)
-    report = retention.prune(conn, retention.cutoff(conn, before), dry_run=dry_run)
+    moment = retention.cutoff(conn, before)
+    with progress.progress(enabled=not as_json):
+        report = retention.prune(conn, moment, dry_run=dry_run)
     if as_json:
         return _json({"before": report.before, "jobs": report.jobs,
                       "job_events": report.job_events, "heartbeats": report.heartbeats,
@@ -986,8 +1101,12 @@ def ledger_export(ctx: click.Context, since: int) -> None:
         queuectl ledger export > ledger.jsonl
         queuectl --db postgresql://app@db/queue ledger import ledger.jsonl
     """
-    for line in ledger.export(_db(ctx), since):
-        click.echo(line)
+    conn = _db(ctx)
+    # The bar only when the lines go elsewhere: drawn between them, it would garble both.
+    with progress.progress(lambda: ledger.count_events(conn, since), "Exporting the ledger",
+                           unit="events", enabled=not sys.stdout.isatty()):
+        for line in progress.counted(ledger.export(conn, since)):
+            click.echo(line)
 
 
 @ledger_group.command("import")
@@ -996,7 +1115,9 @@ def ledger_export(ctx: click.Context, since: int) -> None:
 def ledger_import(ctx: click.Context, source: Any) -> None:
     """Append an exported ledger (FILE, or - for stdin) to an empty store and build its
     projections, in one transaction: all of it, or nothing."""
-    count = ledger.import_(_db(ctx, create=True), _lines(source))
+    conn = _db(ctx, create=True)
+    with progress.progress(), progress.reading(source, "Reading events", "events") as lines:
+        count = ledger.import_(conn, _lines(lines))
     click.echo(f"Imported {count} events; projections rebuilt.")
 
 

@@ -6,8 +6,9 @@ the events that record the decision. Nothing here prints; the CLI renders what t
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -27,7 +28,7 @@ from queuectl.cascade import (
 )
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, next_seq, write
-from queuectl.reads import INDEXED, get_job
+from queuectl.reads import INDEXED, get_job, printable
 from queuectl.states import CANCELLABLE, State, WorkerState
 from queuectl.store import Db
 
@@ -66,6 +67,8 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     after: list[str] = []
     queue: str = DEFAULT_QUEUE
     unique_key: str | None = None
+    cwd: str | None = None  # where it runs; relative: to the caller's; None: the worker's
+    env: dict[str, str] = {}  # variables set over the worker's environment
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -122,7 +125,86 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
             f"invalid job{where}: id {spec.id!r} must be 1-128 letters, digits or ._:@/+- "
             "and start with a letter or digit"
         )
+    if spec.cwd is not None:
+        spec.cwd = check_cwd(spec.cwd, where)
+    if spec.env:
+        spec.env = check_env(spec.env, where)
     return spec
+
+
+# -- where and with what a job runs -------------------------------------------------------
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def caller_dir() -> str:
+    """The caller's working directory as its shell names it: ``$PWD`` when that is the
+    same directory (a path through a symlink is more likely to exist on another host),
+    else the real one."""
+    try:
+        here = os.getcwd()
+    except OSError:
+        raise InvalidInput("the current directory no longer exists; give --cwd DIR") from None
+    pwd = os.environ.get("PWD", "")
+    try:
+        if os.path.isabs(pwd) and os.path.samefile(pwd, here):
+            return os.path.normpath(pwd)
+    except OSError:
+        pass
+    return here
+
+
+def check_cwd(cwd: str, where: str = "") -> str:
+    """A job's directory, absolute: a relative one is taken from the caller's. Whether it
+    exists is the worker's host's question, asked when the job runs."""
+    if not cwd or "\0" in cwd or not _utf8(cwd):
+        raise InvalidInput(f"invalid job{where}: cwd must be a directory's path, without NUL")
+    return os.path.normpath(cwd if os.path.isabs(cwd) else os.path.join(caller_dir(), cwd))
+
+
+def check_env(env: dict[str, str], where: str = "") -> dict[str, str]:
+    """Variables for a job's environment, sorted by name (so that the same variables are
+    always the same event): names as a shell's, values UTF-8 text without NUL."""
+    for name, value in env.items():
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidInput(f"invalid job{where}: environment variable name "
+                               f"{printable(name)!r} must be letters, digits or _ and not "
+                               "start with a digit")
+        if "\0" in value or not _utf8(value):
+            raise InvalidInput(f"invalid job{where}: the value of {name} must be UTF-8 text "
+                               "without NUL")
+    return dict(sorted(env.items()))
+
+
+def parse_env(assignments: Sequence[str], passed: Sequence[str] = (),
+              environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``--pass-env NAME`` (the caller's value) and ``--env KEY=VALUE`` (which wins) as
+    one mapping; a malformed assignment or a variable that is not set is refused."""
+    source = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    for name in passed:
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidInput(f"--pass-env {printable(name)!r}: not a variable name")
+        if name not in source:
+            raise InvalidInput(f"--pass-env {name}: the variable is not set")
+        env[name] = source[name]
+    for text in assignments:
+        name, equals, value = text.partition("=")
+        if not equals:
+            raise InvalidInput(f"--env {printable(text)!r}: expected KEY=VALUE")
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidInput(f"--env {printable(text)!r}: {printable(name)!r} is not a "
+                               "variable name (letters, digits or _, not starting with a digit)")
+        env[name] = value
+    return check_env(env)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
+        return False
+    return True
 
 
 def enqueue(conn: Db, specs: Sequence[JobSpec]) -> list[str]:
@@ -274,6 +356,8 @@ def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) ->
         backoff_max=defaults["backoff_max"],
         backoff_jitter=defaults["backoff_jitter"],
         queue=spec.queue,
+        cwd=spec.cwd,
+        env=spec.env,
     )
 
 
@@ -288,6 +372,44 @@ def _holders(conn: Db, keys: Sequence[str]) -> dict[str, str]:
             f"SELECT unique_key, id FROM jobs {JOBS_UNIQUE_KEY} "
             f"WHERE unique_key IN ({marks}) AND {UNIQUE_HELD}"), chunk).fetchall())
     return found
+
+
+# -- edit ---------------------------------------------------------------------------------
+
+EDITABLE = (State.PENDING, State.SCHEDULED, State.WAITING)  # jobs that have not started
+
+
+def edit(conn: Db, job_id: str, *, command: str | None = None, priority: int | None = None,
+         run_at: str | None = None, delay: float | None = None, queue: str | None = None,
+         max_retries: int | None = None, timeout: float | None = None,
+         cwd: str | None = None, env: Mapping[str, str] | None = None) -> ev.Edited | None:
+    """Give a job that has not started (pending, scheduled, waiting) new values, checked as
+    enqueue checks them; ``env`` sets or changes variables, keeping the others. Records only
+    what differs from the job's values, and returns that ``edited`` event (None: nothing
+    differed, nothing written). A job running or finished is refused."""
+    spec = check_spec(JobSpec(
+        command="true" if command is None else command, priority=priority or 0,
+        run_at=run_at, delay=delay, queue=queue or DEFAULT_QUEUE, max_retries=max_retries,
+        timeout=timeout, cwd=cwd, env=dict(env or {})))
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job.state not in EDITABLE:
+            raise Conflict(f"Job {job_id} is {job.state}; only pending, scheduled or waiting "
+                           "jobs (not started yet) can be edited")
+        when = clock.after(conn.now(), spec.delay) if spec.delay is not None else spec.run_at
+        changed: dict[str, Any] = {name: value for name, value, old in (
+            ("command", command, job.command), ("priority", priority, job.priority),
+            ("queue", queue, job.queue), ("max_retries", max_retries, job.max_retries),
+            ("timeout", timeout, job.timeout), ("cwd", spec.cwd, job.cwd),
+            ("run_at", when, job.run_at)) if value is not None and value != old}
+        variables = {k: v for k, v in spec.env.items() if job.env.get(k) != v}
+        if variables:
+            changed["env"] = variables
+        if not changed:
+            return None
+        edited = ev.Edited(job_id=job_id, **changed)
+        append(conn, edited)
+    return edited
 
 
 # -- config and control -------------------------------------------------------------------

@@ -39,6 +39,8 @@ class Enqueued(_Event, tag="enqueued", frozen=True):
     backoff_jitter: float = 0.0  # 0..1: a delay may be shortened by up to this fraction
     queue: str = "default"  # the named queue it waits in
     unique_key: str | None = None  # no other unfinished job may hold the same key
+    cwd: str | None = None  # absolute directory the run starts in; None: the worker's
+    env: dict[str, str] = msgspec.field(default_factory=dict)  # set over the worker's, sorted
 
 
 class Claimed(_Event, tag="claimed", frozen=True):
@@ -148,6 +150,22 @@ class Requeued(_Event, tag="requeued", frozen=True):
     max_retries: int
 
 
+class Edited(_Event, tag="edited", frozen=True):
+    """A job not yet started (pending, scheduled, waiting) given new values by ``edit``.
+    Only what changed is set; ``env`` holds the variables set or changed, merged over the
+    job's own. A new ``run_at`` makes a pending or scheduled job one or the other again."""
+
+    job_id: str
+    command: str | None = None
+    priority: int | None = None
+    run_at: str | None = None
+    queue: str | None = None
+    max_retries: int | None = None
+    timeout: float | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+
+
 # -- workers ----------------------------------------------------------------------------
 
 
@@ -221,6 +239,8 @@ class ScheduleAdded(_Event, tag="schedule-added", frozen=True):
     max_retries: int | None = None  # None: the settings' default when a job is made
     backoff_base: float | None = None
     timeout: float | None = None
+    cwd: str | None = None  # where its jobs run (enqueued with it); None: the worker's
+    env: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ScheduleRemoved(_Event, tag="schedule-removed", frozen=True):
@@ -307,6 +327,7 @@ Event = (
     | Cancelled
     | Dead
     | Requeued
+    | Edited
     | WorkerStarted
     | WorkerHeartbeat
     | WorkerStopped

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from projections import REGISTRY, appliers
-from queuectl import store
+from queuectl import progress, store
 from queuectl.errors import CorruptLedger, InvalidInput
 from queuectl.events import TAGS, Event, Pruned, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
@@ -102,6 +102,8 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     if not tx.in_transaction:
         raise RuntimeError("append() must run inside a write transaction")
     at = at or tx.now()
+    if len(events) > APPEND_STEP and (bar := progress.current()).shown:
+        return _append_in_steps(tx, events, at, bar)
     rows = [(e.type, getattr(e, "job_id", None), getattr(e, "worker_id", None), encode(e))
             for e in events]
     first = tx.insert_events(at, rows)
@@ -113,6 +115,18 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     # Each projection reads only its own tables, so it may take the batch on its own.
     _apply_many(tx, REGISTRY, [(first + n, at, e) for n, e in enumerate(events)])
     return first + len(events) - 1
+
+
+APPEND_STEP = 2000  # events a step of a big append that a bar is drawn for
+
+
+def _append_in_steps(tx: Db, events: tuple[Event, ...], at: str, bar: progress.Bar) -> int:
+    """``append`` a step at a time, saying so to ``bar`` after each: applying events in
+    order, a step after another, is what applying them all at once stands for."""
+    for start in range(0, len(events), APPEND_STEP):
+        last = append(tx, *events[start:start + APPEND_STEP], at=at)
+        bar.advance(min(APPEND_STEP, len(events) - start))
+    return last
 
 
 # -- reading the ledger ------------------------------------------------------------------
@@ -156,6 +170,11 @@ def export(db: Db, since: int = 0) -> Iterator[str]:
         if len(rows) < EXPORT_PAGE:
             return
         last = rows[-1][0]
+
+
+def count_events(db: Db, since: int = 0) -> int:
+    """How many events ``export(db, since)`` would give now."""
+    return int(db.execute("SELECT count(*) FROM events WHERE seq > ?", (since,)).fetchone()[0])
 
 
 class _Exported(msgspec.Struct, forbid_unknown_fields=True):
@@ -258,6 +277,8 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
         ]
         for kind in TAGS.values()
     }
+    bar = progress.current()
+    bar.task("Replaying the ledger", lambda: count_events(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     while rows := cursor.fetchmany(FLUSH_CHECK):
         events += len(rows)
@@ -274,6 +295,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
         for replay in replays:  # between events: no row held in memory is half-changed
             if replay.rows.full():
                 replay.flush()
+        bar.update(events)
     for replay in replays:
         replay.close()
     return Replayed(events, position)
@@ -285,6 +307,7 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> Replayed:
         _create(tx, projection)
     replayed = _replay_into(tx, tx, projections)
     position = replayed.last_seq
+    progress.current().task("Building indexes")
     for projection in projections:
         _index(tx, projection)  # one sorted build each, after the rows are in
         tx.execute(
@@ -317,6 +340,7 @@ def check(db: Db) -> list[str]:
                 _create(fresh, projection)
             _replay_into(fresh, db, REGISTRY)
             fresh.execute("COMMIT")
+            progress.current().task("Comparing with the live tables")
             problems: list[str] = []
             for projection in REGISTRY:
                 for table, key in projection.TABLES.items():

@@ -34,6 +34,8 @@ class Job(msgspec.Struct, frozen=True):
     updated_at: str
     worker_id: str | None
     cancel_requested: bool
+    cwd: str | None = None  # where it runs; None: the worker's directory
+    env: dict[str, str] = {}  # variables set over the worker's environment
 
 
 class ListedJob(msgspec.Struct, frozen=True):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import shlex
+
 import msgspec
 
 from queuectl import clock
@@ -141,7 +143,7 @@ def _cut(text: str) -> str:
 # -- jobs ---------------------------------------------------------------------------------
 
 _TIMED = ("scheduled", "failed", "pending")
-_HELD = ("worker_id", "cancel_requested")  # what only show gives of a job
+_HELD = ("worker_id", "cancel_requested", "cwd", "env")  # what only show gives of a job
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -269,7 +271,10 @@ def event_details(event: ev.Event) -> str:
             extras += [f"unique key {event.unique_key}"] * (event.unique_key is not None)
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
+            extras += [f"env {_assignments(event.env)}"] * bool(event.env)
             return f"command: {c} ({', '.join(extras)})"
+        case ev.Edited():
+            return "changed: " + "; ".join(edits(event))
         case ev.Unblocked(completed=c):
             return f"released: dependency {c} completed"
         case ev.CancelRequested():
@@ -303,6 +308,24 @@ def event_details(event: ev.Event) -> str:
             caught = f", the catch-up of {_count(m, 'missed tick')} before it" if m else ""
             return f"made by schedule {n} for its {clock.human(t)} tick{caught}"
     return ""
+
+
+def _assignments(env: dict[str, str]) -> str:
+    """Variables as a shell would set them: ``A=1 B='two words'``."""
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def edits(e: ev.Edited) -> list[str]:
+    """What an ``edited`` event changed, one item a field."""
+    said = {"command": "command {}", "priority": "priority {}", "queue": "queue {}",
+            "max_retries": "max_retries {}", "timeout": "timeout {:g}s", "cwd": "directory {}"}
+    items = [form.format(value) for name, form in said.items()
+             if (value := getattr(e, name)) is not None]
+    if e.run_at is not None:
+        items.append(f"run at {clock.human(e.run_at)}")
+    if e.env:
+        items.append(f"env {_assignments(e.env)}")
+    return items
 
 
 def _count(n: int, noun: str) -> str:
@@ -402,7 +425,7 @@ def show_json(job: Job, deps: dict[str, str], runs: list[Run]) -> dict[str, Any]
     data = job_json(job)
     data.update(
         worker_id=job.worker_id, cancel_requested=job.cancel_requested,
-        dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
+        cwd=job.cwd, env=job.env, dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
         next_run=_next_run(job), runs=len(runs),
     )
     return data
@@ -424,6 +447,8 @@ def show(job: Job, deps: dict[str, str], runs: list[Run]) -> None:
         ("Attempts", f"{job.attempts} of {1 + job.max_retries} allowed runs"),
         ("Retry policy", policy),
         ("Timeout", f"{job.timeout:g}s" if job.timeout else "none"),
+        ("Directory", job.cwd or "the worker's"),
+        ("Environment", _assignments(job.env) or "-"),
         ("After", ", ".join(f"{d} ({s})" for d, s in deps.items()) or "-"),
         ("Worker", job.worker_id or "-"),
         ("Last error", job.last_error or "-"),

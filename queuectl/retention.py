@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from queuectl import clock, limits, output
+from queuectl import clock, limits, output, progress
 from queuectl import events as ev
 from queuectl.errors import InvalidInput
 from queuectl.ledger import append, write
@@ -38,11 +38,11 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 _FINAL = ", ".join(f"'{state}'" for state in FINAL)
 # Finished before the cutoff, and no unfinished job waits on it.
-_CANDIDATES = f"""SELECT seq, id, queue FROM jobs
-    WHERE seq > ? AND state IN ({_FINAL}) AND updated_at < ?
+_PRUNABLE = f"""state IN ({_FINAL}) AND updated_at < ?
       AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs w ON w.id = d.job_id
-                      WHERE d.depends_on = jobs.id AND w.state NOT IN ({_FINAL}))
-    ORDER BY seq LIMIT ?"""
+                      WHERE d.depends_on = jobs.id AND w.state NOT IN ({_FINAL}))"""
+_CANDIDATES = f"SELECT seq, id, queue FROM jobs WHERE seq > ? AND {_PRUNABLE} ORDER BY seq LIMIT ?"
+_COUNT_CANDIDATES = f"SELECT count(*) FROM jobs WHERE {_PRUNABLE}"
 # A schedule's events stay (see above); every other event naming a pruned job leaves.
 _EVENTS_OF = ("SELECT seq, worker_id FROM events WHERE job_id IN ({}) "
               "AND type != 'schedule-fired'")
@@ -51,6 +51,8 @@ _WORKERS = ("SELECT id, state, last_heartbeat, stopped_at, stop_requested, curre
             "jobs_done FROM workers WHERE id IN ({})")
 _LATEST_BEAT = ("SELECT max(seq) FROM events WHERE worker_id = ? "
                 "AND type = 'worker-heartbeat'")
+_COUNT_BEATS = """SELECT count(*) FROM events WHERE worker_id = ? AND type = 'worker-heartbeat'
+    AND at < ? AND seq < ?"""
 _OLD_BEATS = """SELECT seq FROM events WHERE worker_id = ? AND type = 'worker-heartbeat'
     AND at < ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"""
 
@@ -120,7 +122,10 @@ def _rows_in(conn: Db, template: str, values: Sequence[str]) -> list[tuple]:  # 
 
 def _prune_jobs(conn: Db, report: Report, dry_run: bool, batch: int) -> None:
     after = 0
+    bar = progress.current()
+    bar.task("Pruning finished jobs", lambda: _count_jobs(conn, report.before), "jobs")
     while True:
+        bar.update(report.jobs)
         with _batch(conn, dry_run):
             jobs = conn.execute(_CANDIDATES, (after, report.before, batch)).fetchall()
             if not jobs:
@@ -154,8 +159,12 @@ def _prune_heartbeats(conn: Db, report: Report, dry_run: bool, batch: int) -> No
     across workers. A superseded heartbeat changes no projection: a later one sets the same
     column, so the pruned event needs to carry nothing for them."""
     workers = [row[0] for row in conn.execute("SELECT id FROM workers ORDER BY id").fetchall()]
+    bar = progress.current()
+    bar.task("Pruning superseded heartbeats",
+             lambda: _count_heartbeats(conn, workers, report.before), "heartbeats")
     position, after = 0, 0  # the worker, and the seq within its heartbeats, reached so far
     while position < len(workers):
+        bar.update(report.heartbeats)
         with _batch(conn, dry_run):
             seqs: list[int] = []
             while position < len(workers) and len(seqs) < batch:
@@ -177,3 +186,19 @@ def _prune_heartbeats(conn: Db, report: Report, dry_run: bool, batch: int) -> No
                 append(conn, ev.Pruned(before=report.before, events=len(seqs)))
                 conn.archive(seqs)
 
+
+# What a bar counts down from (only when one is drawn): what is there to prune now. Workers
+# may finish jobs meanwhile, but only before the cutoff counts, so it holds but for a job
+# whose last dependant has just ended.
+
+
+def _count_jobs(conn: Db, before: str) -> int:
+    return int(conn.execute(_COUNT_CANDIDATES, (before,)).fetchone()[0])
+
+
+def _count_heartbeats(conn: Db, workers: list[str], before: str) -> int:
+    total = 0
+    for worker in workers:
+        (latest,) = conn.execute(_LATEST_BEAT, (worker,)).fetchone()
+        total += conn.execute(_COUNT_BEATS, (worker, before, latest or 0)).fetchone()[0]
+    return total

@@ -20,12 +20,14 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import os
 import select
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +49,11 @@ class RunResult:
     truncated: bool
     timed_out: bool = False
     abandoned: bool = False
+    error: str | None = None  # why it failed, when not the shell's exit status
+
+
+# A run whose directory cannot be entered fails with this status, as a shell's failed cd.
+NO_DIRECTORY = 1
 
 
 # -- the environment a run gets -----------------------------------------------------------
@@ -66,9 +73,17 @@ def worker_env(store_id: str, environ: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str
-            ) -> dict[bytes, bytes]:
+def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str,
+            job_env: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
+    """A run's environment: the worker's, the job's own variables over it, then the run's
+    mark, which a job's variables never replace (a rescuer finds runs by it)."""
     env = base.copy()
+    if job_env:
+        env.update((k.encode(), v.encode()) for k, v in job_env.items())
+        if _STORE in base:
+            env[_STORE] = base[_STORE]
+        else:
+            env.pop(_STORE, None)
     env[b"QUEUECTL_JOB_ID"] = job_id.encode()
     env[b"QUEUECTL_ATTEMPT"] = str(attempt).encode()
     env[b"QUEUECTL_WORKER_ID"] = worker_id.encode()
@@ -85,7 +100,17 @@ def _shell() -> str:
     return shutil.which("sh") or "/bin/sh"
 
 
-def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str]) -> tuple[int, int]:
+# posix_spawn cannot change directory (Python offers no chdir action), so a run with a
+# directory has its shell enter it first and then evaluate the command, with the positional
+# parameters cleared, as ``sh -c COMMAND`` would run it. The worker checked the directory
+# just before; this catches one removed in between.
+_ENTER = ('cd -- "$1" 2>/dev/null || { printf "queuectl: cannot enter directory %s on %s: '
+          '%s\\n" "$1" "$2" "it could not be entered as the run started"; exit 1; }; '
+          'eval "shift 3; $3"')
+
+
+def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: str | None = None
+           ) -> tuple[int, int]:
     """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
     stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
 
@@ -102,7 +127,8 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str]) -> tupl
     try:
         pid = os.posix_spawn(
             _shell(),
-            ["sh", "-c", command],
+            ["sh", "-c", command] if cwd is None
+            else ["sh", "-c", _ENTER, "sh", cwd, _host(), command],
             env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -118,6 +144,27 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str]) -> tupl
     finally:
         os.close(write_end)
     return pid, read_end
+
+
+@functools.cache
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def enter_problem(cwd: str) -> str | None:
+    """Why a run could not start in ``cwd`` on this host (its one line of output), or
+    None when it can."""
+    try:
+        st = os.stat(cwd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(cwd, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        return f"queuectl: cannot enter directory {cwd} on {_host()}: {exc.strerror or exc}"
+    return None
 
 
 def close_on_exec() -> None:
@@ -238,21 +285,28 @@ def run_command(
     tick: Callable[[], bool],
     env: Mapping[bytes, bytes] | Mapping[str, str] | None = None,
     leftovers: Leftovers | None = None,
+    cwd: str | None = None,
     sink: Callable[[bytes], None] | None = None,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
     ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
     returns True the group is killed at once. On timeout the group gets SIGTERM, then
-    SIGKILL after a grace. ``env`` defaults to the worker's own environment. A shell that
+    SIGKILL after a grace. ``env`` defaults to the worker's own environment, ``cwd`` to its
+    directory; a ``cwd`` that cannot be entered is a failed run (``NO_DIRECTORY``) whose one
+    line of output names the directory, the host and why. A shell that
     cannot be started (a command over the kernel's 128 KiB argument limit, no processes
     left) is a run that failed with status 126, not the worker's end. If anything raises
     (``tick`` writing to a database that fails, say), the run's group is killed first.
     ``sink``, if given, is handed every read of the output as it comes (the output store).
     """
     start = time.monotonic()
+    if cwd is not None and (problem := enter_problem(cwd)) is not None:
+        return RunResult(exit_code=NO_DIRECTORY, duration=round(time.monotonic() - start, 6),
+                         output=(problem + "\n")[-output_limit:] if output_limit else "",
+                         truncated=False, error=problem.removeprefix("queuectl: "))
     try:
-        pid, fd = _spawn(command, os.environ if env is None else env)
+        pid, fd = _spawn(command, os.environ if env is None else env, cwd)
     except OSError as exc:
         why = f"queuectl: cannot start sh: {exc.strerror or exc}"
         return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),

@@ -248,7 +248,7 @@ def add(conn: Db, name: str, cron: str, spec: decisions.JobSpec, timezone: str =
         append(conn, ev.ScheduleAdded(
             name=name, cron=cron, command=spec.command, next_at=first, timezone=timezone,
             queue=spec.queue, priority=spec.priority, max_retries=spec.max_retries,
-            backoff_base=spec.backoff_base, timeout=spec.timeout))
+            backoff_base=spec.backoff_base, timeout=spec.timeout, cwd=spec.cwd, env=spec.env))
     return first
 
 
@@ -275,13 +275,23 @@ def pause(conn: Db, name: str, paused: bool = True) -> bool:
 
 _COLUMNS = ("name, cron, timezone, command, queue, priority, max_retries, backoff_base, "
             "timeout, paused, next_at, last_tick, last_job, fired, skipped, created_at, "
-            "updated_at")
+            "updated_at, cwd, env")
 
 
 def listed(conn: Db) -> list[dict[str, Any]]:
     found = conn.execute(f"SELECT {_COLUMNS} FROM schedules ORDER BY name")
     names = [d[0] for d in found.description]
-    return [dict(zip(names, row, strict=True)) for row in found.fetchall()]
+    listing = [dict(zip(names, row, strict=True)) for row in found.fetchall()]
+    for row in listing:
+        row["env"] = _env(row["env"])
+    return listing
+
+
+def _env(text: str | None) -> dict[str, str]:
+    """A schedule's variables from its ``env`` column (a JSON object, or NULL for none)."""
+    import msgspec
+
+    return msgspec.json.decode(text, type=dict[str, str]) if text else {}
 
 
 def _row(conn: Db, name: str) -> dict[str, Any] | None:
@@ -358,6 +368,7 @@ def _fire(conn: Db, row: dict[str, Any], due: Due) -> list[ev.Event]:
     append(conn, fired)
     spec = decisions.JobSpec(command=row["command"], id=made, queue=row["queue"],
                              priority=row["priority"], max_retries=row["max_retries"],
-                             backoff_base=row["backoff_base"], timeout=row["timeout"])
+                             backoff_base=row["backoff_base"], timeout=row["timeout"],
+                             cwd=row["cwd"], env=_env(row["env"]))
     decisions.add_jobs(conn, [spec])
     return [fired]

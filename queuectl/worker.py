@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from queuectl import claims, clock, ledger, output, render, runner, schedules, settings, store
 from queuectl import events as ev
 from queuectl.errors import StoreUnavailable
@@ -386,7 +388,8 @@ class Worker:
             timeout=job.timeout,
             output_limit=tail,
             tick=lambda: self._running_tick(job),
-            env=runner.run_env(self.env, job.job_id, job.attempt, self.id),
+            env=runner.run_env(self.env, job.job_id, job.attempt, self.id, _job_env(job)),
+            cwd=job.cwd,
             sink=self._sink.add,
         )
         self._end_output(result)
@@ -425,12 +428,18 @@ class Worker:
                                 duration=took)
         code = r.exit_code if r.exit_code is not None else -1
         return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
-                         duration=took, exit_code=code, error=runner.describe_exit(code))
+                         duration=took, exit_code=code,
+                         error=r.error or runner.describe_exit(code))
 
     def report(self, event: ev.Event, job: claims.Claim | None = None) -> None:
         line = render.worker_line(event, 1 + job.max_retries if job else None)
         if line:
             self.log(line)
+
+
+def _job_env(job: claims.Claim) -> dict[str, str] | None:
+    """The variables a job was enqueued with, decoded only for a job that has some."""
+    return msgspec.json.decode(job.env, type=dict[str, str]) if job.env else None
 
 
 class Pipeline:

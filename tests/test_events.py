@@ -103,7 +103,8 @@ def test_ledger_row_columns_match_the_event(run, conn) -> None:
     ).fetchone()
     event = ev.decode(body)
     assert (type_, job_id, worker_id) == ("enqueued", "j1", None)
-    assert event == ev.Enqueued(job_id="j1", command="echo hi", max_retries=3, backoff_base=2.0)
+    assert event == ev.Enqueued(job_id="j1", command="echo hi", max_retries=3, backoff_base=2.0,
+                                cwd=str(Path.cwd()))  # the CLI records where it was asked
 
 
 # -- the ledger ------------------------------------------------------------------------------

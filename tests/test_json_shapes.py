@@ -150,9 +150,10 @@ COMMANDS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def normalised(text: str, db: Any) -> str:
-    """The output with where the database lives replaced: the only thing that differs
-    between runs and stores (the archive is a file beside it, or a table)."""
-    text = text.replace(str(db), "<db>")
+    """The output with where the database lives and where jobs were enqueued replaced: the
+    only things that differ between runs and stores (the archive is a file beside the
+    database, or a table)."""
+    text = text.replace(str(db), "<db>").replace(json.dumps(os.getcwd()), '"<cwd>"')
     for target in (str(Path(str(db)).with_name("queue.archive.db")), "table archived_events"):
         text = text.replace(json.dumps(target), '"<archive>"')
     return text
@@ -223,4 +224,4 @@ def test_python_api_returns_plain_data_as_recorded(db, queue):
         }
     for name, value in given.items():
         _plain(value, name)
-        check(name, json.dumps(value, indent=2, ensure_ascii=False) + "\n", db)
+        check(name, normalised(json.dumps(value, indent=2, ensure_ascii=False) + "\n", db), db)

@@ -4,6 +4,7 @@ the terminal, and one job's whole record, as text and as JSON."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -132,7 +133,7 @@ def test_show_text_and_json(run, conn, monkeypatch):
         "timeout": 4.0, "run_at": None, "after": ["dep1", "dep2"], "unique_key": None,
         "dependencies": [{"id": "dep1", "state": "completed"}, {"id": "dep2", "state": "pending"}],
         "exit_code": None, "last_error": None, "created_at": T(0), "updated_at": T(0),
-        "worker_id": None, "cancel_requested": False,
+        "worker_id": None, "cancel_requested": False, "cwd": os.getcwd(), "env": {},
         "next_run": "after its dependencies complete", "runs": 0,
     }
 

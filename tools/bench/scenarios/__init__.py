@@ -14,6 +14,7 @@ from .dashboard import bench_dashboard
 from .latency import bench_latency
 from .memory import bench_memory
 from .output import bench_output
+from .progress import bench_progress
 from .prune import bench_prune
 from .reads import bench_reads
 from .replay import bench_replay
@@ -21,7 +22,7 @@ from .startup import bench_startup
 from .worker import bench_pg_worker, bench_worker
 
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
-             "memory", "prune", "api", "output")
+             "memory", "prune", "api", "progress", "output")
 # What a postgres run leaves out, and why: one n/a row each.
 PG_SKIPPED = {
     "startup": "`enqueue -c true` start-up against the import floor",
@@ -50,9 +51,10 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "memory": bench_memory,
     "prune": bench_prune,
     "api": bench_api,
+    "progress": bench_progress,
     "output": bench_output,
 }
-# cycle, latency, bulk, reads, dashboard, prune, api and output run the same code on either store
-# (``ctx.backend``).
+# cycle, latency, bulk, reads, dashboard, prune, api, progress and output run the same code on
+# either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}

@@ -1,0 +1,228 @@
+"""Progress bars for long work (rebuild, ledger import and export, prune, enqueue --file):
+done/total, rate and time left, drawn on standard error when it is a terminal.
+
+The command opens the display with ``progress(...)``; the work reports into it through
+``current()``, so the core needs no parameter for it and prints nothing itself. Nothing is
+drawn, and rich is not even imported, when standard error is not a terminal, when the
+command was asked for ``--json``, or while the work is too small to be worth a bar: a
+display appears once a task has ``SMALL`` items in view (its total, or its count so far
+when the total is unknown), and from then on shows every later task of the command.
+Work reports every few thousand items, never per item, and the display redraws on its own
+thread at most ``REFRESH`` times a second, so the bar costs the work almost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import IO, Any, TypeVar
+
+SMALL = 1000  # items: work smaller than this is over before a bar could say anything
+REFRESH = 10  # redraws a second, at most
+EVERY = 1024  # items between two reports of a loop that counts them one by one
+
+T = TypeVar("T")
+Total = int | Callable[[], int | None] | None
+
+
+class Bar:
+    """Where long work says how far it got. This one draws nothing: the work runs as if
+    no one were watching."""
+
+    shown = False
+
+    def task(self, label: str, total: Total = None, unit: str = "") -> None:
+        """Begin the next step (the one before is done): ``total`` items, or a function
+        that counts them (only called when a bar is drawn), or None when unknown."""
+
+    def update(self, done: int) -> None:
+        """The current step has done ``done`` items so far."""
+
+    def advance(self, n: int) -> None:
+        """The current step has done ``n`` more items."""
+
+    def finish(self) -> None:
+        """The current step is over."""
+
+    def close(self) -> None:
+        """Stop drawing (the last frame stays on the screen)."""
+
+
+NO_BAR = Bar()
+_current: ContextVar[Bar] = ContextVar("queuectl_progress", default=NO_BAR)
+
+
+def current() -> Bar:
+    """The bar of the command running, or one that draws nothing."""
+    return _current.get()
+
+
+def terminal() -> bool:
+    """Standard error is a terminal a bar can be drawn on."""
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):  # replaced by an object without a file, or closed
+        return False
+
+
+@contextmanager
+def progress(total: Total = None, label: str = "", *, unit: str = "",
+             enabled: bool = True) -> Iterator[Bar]:
+    """A progress display for the work inside the block (its first step ``label`` of
+    ``total`` items, when given); a no-op bar unless standard error is a terminal and
+    ``enabled`` (pass False for ``--json``). Inside another display, the steps join it."""
+    outer = _current.get()
+    if outer.shown:  # one display a command
+        if label:
+            outer.task(label, total, unit)
+        yield outer
+        if label:
+            outer.finish()
+        return
+    bar: Bar = _Drawn() if enabled and terminal() else NO_BAR
+    token = _current.set(bar)
+    try:
+        if label:
+            bar.task(label, total, unit)
+        yield bar
+        bar.finish()
+    finally:
+        _current.reset(token)
+        bar.close()
+
+
+def counted(items: Iterable[T], bar: Bar | None = None, every: int = EVERY) -> Iterator[T]:
+    """``items``, telling ``bar`` (the current one) how many went by every ``every``."""
+    bar = bar or current()
+    if not bar.shown:
+        yield from items
+        return
+    n = 0
+    for n, item in enumerate(items, 1):
+        if not n % every:
+            bar.update(n)
+        yield item
+    bar.update(n)
+
+
+@contextmanager
+def reading(stream: IO[bytes], label: str, unit: str = "lines") -> Iterator[Iterator[bytes]]:
+    """The lines of ``stream``, read inside the block with a bar of how many were, out of
+    how many a regular file holds (a pipe's are unknown: the bar counts without a total)."""
+    with progress(lambda: count_lines(stream), label, unit=unit) as bar:
+        yield counted(stream, bar)
+
+
+def count_lines(stream: IO[bytes]) -> int | None:
+    """How many lines a regular file holds from where it is read, leaving it there; None
+    for a pipe, a terminal or anything else that cannot be read twice."""
+    try:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            return None
+        start = stream.tell()
+    except (AttributeError, OSError, ValueError):  # no file behind it (a test's BytesIO)
+        return None
+    lines, last = 0, b"\n"
+    try:
+        while chunk := stream.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    finally:
+        stream.seek(start)
+    return lines + (last != b"\n")
+
+
+class _Drawn(Bar):
+    """A rich progress display on standard error, started once there is enough to show."""
+
+    shown = True
+
+    def __init__(self) -> None:
+        self.progress: Any = None
+        self.id: Any = None  # the current step's task on the display, once it is there
+        self.label, self.unit, self.done = "", "", 0
+        self.total: int | None = None
+
+    def task(self, label: str, total: Total = None, unit: str = "") -> None:
+        self.finish()
+        self.label, self.unit, self.done, self.id = label, unit, 0, None
+        self.total = total() if callable(total) else total
+        self._show()
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if self.id is None:
+            self._show()
+        else:
+            self.progress.update(self.id, completed=done)
+
+    def advance(self, n: int) -> None:
+        self.update(self.done + n)
+
+    def finish(self) -> None:
+        if self.id is not None:
+            total = self.done if self.total is None else max(self.total, self.done)
+            self.progress.update(self.id, total=total, completed=total)
+            self.id = None
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def _show(self) -> None:
+        if self.progress is None:
+            if max(self.total or 0, self.done) < SMALL:
+                return
+            self.progress = _display()
+            self.progress.start()
+        self.id = self.progress.add_task(self.label, total=self.total, completed=self.done,
+                                         unit=self.unit)
+
+
+def _display() -> Any:
+    from rich.console import Console
+    from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn,
+                               TextColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Count(ProgressColumn):
+        """``12,345/100,000 events``; without a total, ``12,345 events``."""
+
+        def render(self, task: Any) -> Text:
+            if not task.fields["unit"]:  # a step that is not counted
+                return Text("")
+            done = f"{int(task.completed):,}"
+            if task.total is not None:
+                done += f"/{int(task.total):,}"
+            return Text(f"{done} {task.fields['unit']}", style="progress.download")
+
+    class Rate(ProgressColumn):
+        """``45,678 events/s``: lately, or over the whole step once it is over."""
+
+        def render(self, task: Any) -> Text:
+            if task.finished and task.finished_time:
+                speed = task.completed / task.finished_time
+            else:
+                speed = task.speed
+            if not speed or not task.fields["unit"]:
+                return Text("")
+            return Text(f"{speed:,.0f} {task.fields['unit']}/s",
+                        style="progress.data.speed")
+
+    return Progress(
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        Count(),
+        Rate(),
+        TimeRemainingColumn(elapsed_when_finished=True),
+        console=Console(file=sys.stderr),
+        refresh_per_second=REFRESH,
+        redirect_stdout=False,  # stdout may be the data (ledger export): never through here
+        redirect_stderr=False,
+    )
