@@ -73,7 +73,7 @@ def test_follow_waits_for_the_job_to_start_and_follows_every_retry(run, db):
     ("echo slow; sleep 5", ("--timeout", "0.5"), 124),
 ])
 def test_enqueue_follow_exits_with_the_jobs_exit_code(run, db, command, flags, code):
-    ok(run, "config", "set", "max-retries", "0")  # the store exists before two processes open it
+    ok(run, "config", "set", "max-retries", "0")
     with workers() as start:
         start("-s", "0.2")
         proc = spawn("enqueue", "-c", command, "--follow", *flags)
@@ -223,3 +223,12 @@ def test_the_dashboard_shows_a_running_jobs_output_live(run, db):
 def state_of(client: Any, job_id: str) -> str:
     page = client.get(f"/jobs/{job_id}").text
     return "completed" if 'id="live-output"' not in page and "second" in page else "running"
+
+
+def test_nul_and_bytes_that_are_not_utf8_are_kept_as_u_fffd_on_both_stores(run, db):
+    job_id = added(run, "-c", r"printf 'a\000b\377c\n'; seq 1 2000")  # past the tail: stored
+    with workers() as start:
+        burst(start)
+    assert stored(db, job_id)
+    full = ok(run, "logs", job_id, "--full")
+    assert full.startswith("a\ufffdb\ufffdc\n1\n2\n") and full.endswith("\n2000\n")

@@ -976,6 +976,9 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
     db.conn.execute("BEGIN")
     try:
         db.conn.execute("SELECT pg_advisory_xact_lock(hashtext('queuectl schema'))")
+        if _current(db):  # another process brought it up to date while this one waited:
+            db.conn.execute("COMMIT")  # its DDL again would lock the ledger against its work
+            return
         for statement in LEDGER_DDL:
             db.conn.execute(statement)
         db.conn.execute("UPDATE queuectl_head SET version = %s", (SCHEMA_VERSION,))
@@ -983,6 +986,15 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
     except BaseException:
         db._rollback()
         raise
+
+
+def _current(db: PgDb) -> bool:
+    """Whether the ledger's tables are there at ``SCHEMA_VERSION`` (under the schema lock)."""
+    (head,) = db.conn.execute("SELECT to_regclass('queuectl_head') IS NOT NULL").fetchone()
+    if not head:
+        return False
+    (version,) = db.conn.execute("SELECT version FROM queuectl_head").fetchone()
+    return bool(version >= SCHEMA_VERSION)
 
 
 # -- waking idle workers ------------------------------------------------------------------
