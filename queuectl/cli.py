@@ -713,9 +713,9 @@ def restart(ctx: click.Context, job_id: str) -> None:
 
 @cli.command("signal")
 @click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
-@click.argument("signal_name", metavar="SIGNAL")
+@click.argument("given", metavar="SIGNAL")
 @click.pass_context
-def signal_(ctx: click.Context, job_id: str, signal_name: str) -> None:
+def signal_(ctx: click.Context, job_id: str, given: str) -> None:
     """Send SIGNAL to a running job's whole process group, through the worker running it
     (on any host, within a second). SIGNAL: TERM, INT, HUP, USR1, USR2, KILL, STOP or
     CONT, with or without SIG, any case, or a number. Unlike `cancel`, the job's end is
@@ -726,7 +726,7 @@ def signal_(ctx: click.Context, job_id: str, signal_name: str) -> None:
         queuectl signal 1042 USR1
         queuectl signal 1042 sigstop
     """
-    sig = decisions.parse_signal(signal_name)
+    sig = decisions.parse_signal(given)
     worker_id = decisions.signal(_db(ctx), job_id, sig)
     from queuectl.render import signal_name
 
@@ -949,7 +949,7 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
     """Replay the ledger into fresh projections (jobs, runs, workers, config, queues,
-    schedules)."""
+    schedules, hooks, signals)."""
     conn = _db(ctx)
     if check:
         problems = ledger.check(conn)

@@ -101,19 +101,19 @@ def _ends(events: Iterable[ev.Event]) -> list[tuple[str, str, int | None]]:
     ends: list[tuple[str, str, int | None]] = []
     code: dict[str, int | None] = {}
     for e in events:
-        kind = type(e)
-        if kind is ev.Failed:
-            code[e.job_id] = e.exit_code  # type: ignore[attr-defined]
-        elif kind is ev.TimedOut or kind is ev.LeaseExpired:
-            code[e.job_id] = None  # type: ignore[attr-defined]
-        elif kind is ev.Completed:
-            ends.append((e.job_id, "completed", 0))  # type: ignore[attr-defined]
-        elif kind is ev.ScheduledRetry:
-            ends.append((e.job_id, "failed", code.get(e.job_id)))  # type: ignore[attr-defined]
-        elif kind is ev.Dead:
-            ends.append((e.job_id, "dead", code.get(e.job_id)))  # type: ignore[attr-defined]
-        elif kind is ev.Cancelled:
-            ends.append((e.job_id, "cancelled", None))  # type: ignore[attr-defined]
+        match e:
+            case ev.Failed(job_id=j, exit_code=c):
+                code[j] = c
+            case ev.TimedOut(job_id=j) | ev.LeaseExpired(job_id=j):
+                code[j] = None
+            case ev.Completed(job_id=j):
+                ends.append((j, "completed", 0))
+            case ev.ScheduledRetry(job_id=j):
+                ends.append((j, "failed", code.get(j)))
+            case ev.Dead(job_id=j):
+                ends.append((j, "dead", code.get(j)))
+            case ev.Cancelled(job_id=j):
+                ends.append((j, "cancelled", None))
     return ends
 
 
