@@ -281,6 +281,11 @@ def _requeued(e: ev.Requeued, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.PENDING, "attempts": 0, "max_retries": e.max_retries, "run_at": at}
 
 
+def _restarted(e: ev.Restarted, at: str, row: Row) -> dict[str, Any]:
+    # A fresh series of attempts, at once: it does not wait for its dependencies again.
+    return {"state": State.PENDING, "attempts": 0, "max_retries": e.max_retries, "run_at": at}
+
+
 def _unblocked(e: ev.Unblocked, at: str, row: Row) -> dict[str, Any]:
     run_at = max(row["run_at"] or at, at)
     return {"state": _ready_state(run_at, at), "run_at": run_at}
@@ -321,6 +326,7 @@ _CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
     ev.ScheduledRetry: _scheduled_retry,
     ev.Dead: _dead,
     ev.Requeued: _requeued,
+    ev.Restarted: _restarted,
     ev.Unblocked: _unblocked,
     ev.CancelRequested: _cancel_requested,
     ev.Cancelled: _cancelled,

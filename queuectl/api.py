@@ -157,6 +157,21 @@ class Queue:
         with self._open() as db:
             decisions.dlq_retry(db, job_id)
 
+    def restart(self, job_id: str) -> None:
+        """Run a completed, dead or cancelled job again, as a fresh series of attempts
+        (``queuectl restart``)."""
+        reads.check_job_id(job_id)
+        with self._open() as db:
+            decisions.restart(db, job_id)
+
+    def signal(self, job_id: str, signal: str | int) -> None:
+        """Have the worker running a job send it ``signal`` (``"USR1"``, ``"SIGTERM"``,
+        ``15``...) to its process group (``queuectl signal``)."""
+        reads.check_job_id(job_id)
+        sig = decisions.parse_signal(str(signal))
+        with self._open() as db:
+            decisions.signal(db, job_id, sig)
+
     # -- the connection ---------------------------------------------------------------
 
     def close(self) -> None:

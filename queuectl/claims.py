@@ -24,7 +24,7 @@ from projections.jobs import (
     TIMED_SQL,
     ready_of,
 )
-from queuectl import clock, limits
+from queuectl import clock, hooks, limits
 from queuectl import events as ev
 from queuectl.cascade import (
     cancel_dependents,
@@ -231,6 +231,9 @@ def finish_and_claim_many(
 
         outcomes = [_outcome(conn, job, result, known, at, held_back, settled)
                     for job, result in finished]
+        if known.hooks and any(outcomes):
+            settled()  # hook jobs go in after what fired them, in the same transaction
+            hooks.fire(conn, [e for outcome in outcomes for e in outcome], at)
         if any(limit for _, limit in known.queues.values()) and any(outcomes):
             conn.wake()  # a run that ended may leave a place under its queue's limit
         able = [w for w in claimers if w not in known.refused]
@@ -271,6 +274,7 @@ class _Known(msgspec.Struct):
     refused: set[str]  # workers declared lost or stopped, or asked to stop
     ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (``_best`` rows)
     queues: dict[str, tuple[bool, int]]  # queues paused or limited: (paused, limit)
+    hooks: bool = False  # some hook exists: results must be shown to ``hooks.fire``
 
 
 # One query, four kinds of rows in the same columns (kind, id, then what each kind has,
@@ -294,6 +298,9 @@ def _marks(n: int) -> str:
 # Usually none: a read of an empty table.
 _KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, NULL, NULL,
     NULL, NULL, NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
+# One row when any hook exists (usually none: a look at an empty table).
+_KNOWN_HOOKS = """SELECT 'h', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM hooks)"""
 # The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
     backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env FROM (SELECT * FROM jobs
@@ -423,6 +430,8 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
         params += workers
     if parts:
         parts.append(_KNOWN_QUEUES)
+        if job_ids:
+            parts.append(_KNOWN_HOOKS)
     known = _Known(held={}, refused=set(), ready=[], queues={})
     if not parts:
         return known
@@ -435,6 +444,8 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
             known.refused.add(row[1])
         elif row[0] == "q":
             known.queues[row[1]] = (bool(row[4]), int(row[5]))
+        elif row[0] == "h":
+            known.hooks = True
         else:
             ready.append(row)
     known.ready = _best(ready)
@@ -530,6 +541,24 @@ def release_strays(conn: Db, worker_id: str, keep: Collection[str]) -> list[ev.E
 def cancel_requested(conn: Db, job_id: str) -> bool:
     row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return bool(row and row[0])
+
+
+def signals_asked(conn: Db, job_id: str) -> list[tuple[int, int]]:
+    """(request seq, signal) of each signal asked for the job's current run and not yet
+    handled, oldest first: the worker holding the job delivers them."""
+    return conn.execute(
+        """SELECT seq, signal FROM signals WHERE job_id = ? AND handled_at IS NULL
+        AND run = (SELECT max(seq) FROM runs WHERE job_id = ?) ORDER BY seq""",
+        (job_id, job_id)).fetchall()
+
+
+def signalled(conn: Db, job: Claim, worker_id: str, request: int, sig: int,
+              error: str = "") -> None:
+    """Record that the worker delivered (``error`` empty) or could not deliver a signal."""
+    with write(conn):
+        append(conn, ev.Signalled(job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
+                                  request=request, signal=sig, delivered=not error,
+                                  error=error))
 
 
 class Silence:
@@ -636,4 +665,5 @@ def rescue(conn: Db, silent: Iterable[tuple[str, str, str]],
                 events.append(ev.WorkerLost(worker_id=worker_id, last_heartbeat=last_beat))
         if events:
             append(conn, *events, at=at)
+            events += hooks.fire(conn, events, at)
     return events

@@ -868,6 +868,110 @@ def dlq_retry(ctx: click.Context, job_id: str | None, every: bool, queue: str | 
     click.echo(f"Requeued {_jobs(requeued)} from the dead letter queue{held}.")
 
 
+# -- restart, signal, hooks ----------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
+@click.pass_context
+def restart(ctx: click.Context, job_id: str) -> None:
+    """Run a completed, dead or cancelled job again, as a fresh series of attempts with
+    its own retry budget. `history` and `logs` keep both lives; jobs that waited on it
+    stay as they are.
+
+    \b
+    Example:
+        queuectl restart 1042
+    """
+    max_retries = decisions.restart(_db(ctx), job_id)
+    click.echo(f"Job {job_id} restarted with max_retries = {max_retries}")
+
+
+@cli.command("signal")
+@click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
+@click.argument("given", metavar="SIGNAL")
+@click.pass_context
+def signal_(ctx: click.Context, job_id: str, given: str) -> None:
+    """Send SIGNAL to a running job's whole process group, through the worker running it
+    (on any host, within a second). SIGNAL: TERM, INT, HUP, USR1, USR2, KILL, STOP or
+    CONT, with or without SIG, any case, or a number. Unlike `cancel`, the job's end is
+    its own: a job killed by a signal fails, and may retry.
+
+    \b
+    Example:
+        queuectl signal 1042 USR1
+        queuectl signal 1042 sigstop
+    """
+    sig = decisions.parse_signal(given)
+    worker_id = decisions.signal(_db(ctx), job_id, sig)
+    from queuectl.render import signal_name
+
+    click.echo(f"{signal_name(sig)} requested for job {job_id}; worker {worker_id} will send "
+               "it.")
+
+
+@cli.group()
+def hook() -> None:
+    """Hooks: a job that completes, fails, dies or is cancelled makes another job."""
+
+
+@hook.command("add")
+@click.argument("name", metavar="NAME")
+@click.option("--on", "on", required=True, metavar="STATES",
+              help="completed, failed, dead or cancelled, or several separated by commas. "
+                   "failed: each failed run that leaves the job to retry.")
+@click.option("-q", "--queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
+              help="Only jobs of this queue fire it (default: jobs of every queue).")
+@click.option("--to-queue", metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
+              help="The queue the hook's jobs wait in (default: the firing job's).")
+@click.option("-c", "--command", required=True,
+              help="Shell command of the hook's jobs; it finds the firing job in "
+                   "QUEUECTL_HOOK_JOB_ID, QUEUECTL_HOOK_STATE, QUEUECTL_HOOK_EXIT_CODE, "
+                   "QUEUECTL_HOOK_QUEUE and QUEUECTL_HOOK_COMMAND.")
+@click.pass_context
+def hook_add(ctx: click.Context, name: str, on: str, queue: str | None, to_queue: str | None,
+             command: str) -> None:
+    """Enqueue COMMAND as a job whenever a job reaches one of --on's states, in the same
+    transaction as that change: exactly once, whatever crashes. A hook's own jobs fire no
+    hooks.
+
+    \b
+    Example:
+        queuectl hook add notify --on dead,failed -c 'notify-send "job $QUEUECTL_HOOK_JOB_ID"'
+        queuectl hook add ping --on completed -q media --to-queue hooks -c ./ping.sh
+    """
+    from queuectl import hooks
+
+    states = hooks.add(_db(ctx, create=True), name, on, command, queue, to_queue)
+    click.echo(f"Hook '{name}' added: on {', '.join(states)}.")
+
+
+@hook.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def hook_list(ctx: click.Context, as_json: bool) -> None:
+    """Every hook: the states it fires on, the queues, its command."""
+    from queuectl import hooks, render
+
+    found = hooks.listed(_db(ctx))
+    if as_json:
+        return _json(found)
+    render.hooks_table(found)
+
+
+@hook.command("remove")
+@click.argument("name", metavar="NAME")
+@click.pass_context
+def hook_remove(ctx: click.Context, name: str) -> None:
+    """Remove a hook (the jobs it made stay)."""
+    from queuectl import hooks
+
+    hooks.remove(_db(ctx), name)
+    click.echo(f"Hook '{name}' removed.")
+
+
 # -- workers ------------------------------------------------------------------------------
 
 
@@ -1021,7 +1125,7 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
     """Replay the ledger into fresh projections (jobs, runs, workers, config, queues,
-    schedules)."""
+    schedules, hooks, signals)."""
     conn = _db(ctx)
     if check:
         with progress.progress():

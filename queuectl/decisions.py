@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from projections.jobs import INDEXED_STATES, JOBS_STATE, JOBS_UNIQUE_KEY, UNIQUE_HELD
-from queuectl import clock, limits, settings
+from queuectl import clock, hooks, limits, settings
 from queuectl import events as ev
 from queuectl.cascade import (
     BATCH,
@@ -29,7 +29,7 @@ from queuectl.cascade import (
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, next_seq, write
 from queuectl.reads import INDEXED, get_job, printable
-from queuectl.states import CANCELLABLE, State, WorkerState
+from queuectl.states import CANCELLABLE, FINAL, State, WorkerState
 from queuectl.store import Db
 
 DEFAULT_QUEUE = "default"
@@ -499,8 +499,63 @@ def cancel(conn: Db, job_id: str) -> str:
             if not job.cancel_requested:
                 append(conn, ev.CancelRequested(job_id=job_id))
             return "requested"
-        append(conn, *cancel_now(conn, job_id))
+        events = cancel_now(conn, job_id)
+        append(conn, *events)
+        hooks.fire(conn, events)
     return "cancelled"
+
+
+def restart(conn: Db, job_id: str) -> int:
+    """Run a finished job (completed, dead or cancelled) again, as a fresh series of
+    attempts with its own retry budget; returns its max_retries. Its history and runs
+    stay; jobs that waited on it and were released or cancelled stay as they are."""
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job.state not in FINAL:
+            raise Conflict(f"Job {job_id} is {job.state}; only completed, dead or cancelled "
+                           "jobs can be restarted")
+        key = job.unique_key
+        holder = _holders(conn, [key]).get(key) if key is not None else None
+        if holder is not None:
+            raise Conflict(f"Job {job_id} cannot be restarted: unique key '{key}' is held by "
+                           f"unfinished job '{holder}'")
+        append(conn, ev.Restarted(job_id=job_id, max_retries=job.max_retries,
+                                  previous=job.state))
+    return job.max_retries
+
+
+# Signals ``signal`` names; any other is given by its number.
+SIGNALS = ("TERM", "INT", "HUP", "USR1", "USR2", "KILL", "STOP", "CONT")
+
+
+def parse_signal(text: str) -> int:
+    """``USR1``, ``SIGusr1`` or ``10`` -> 10: one of ``SIGNALS`` by name (with or without
+    SIG, any case), or any signal this host knows by number."""
+    import signal as signals
+
+    name = text.strip().upper()
+    name = name[3:] if name.startswith("SIG") else name
+    if name in SIGNALS:
+        return int(getattr(signals, "SIG" + name))
+    if name.isdigit() and int(name) in {int(s) for s in signals.valid_signals()}:
+        return int(name)
+    raise InvalidInput(f"signal {text!r}: give one of {', '.join(SIGNALS)} (with or without "
+                       "SIG, any case) or a signal number")
+
+
+def signal(conn: Db, job_id: str, sig: int) -> str:
+    """Ask the worker running a job to send ``sig`` to the run's process group; returns
+    that worker's id. It delivers it within a second, on any host."""
+    with write(conn):
+        job = get_job(conn, job_id)
+        if job.state != State.PROCESSING or held_ahead(conn, job_id) or job.worker_id is None:
+            raise Conflict(f"Job {job_id} is not running (state: {job.state}); only a "
+                           "running job can be signalled")
+        (run,) = conn.execute("SELECT max(seq) FROM runs WHERE job_id = ?",
+                              (job_id,)).fetchone()
+        append(conn, ev.SignalRequested(job_id=job_id, worker_id=job.worker_id, run=int(run),
+                                        signal=sig))
+    return job.worker_id
 
 
 # -- bulk actions -------------------------------------------------------------------------
@@ -576,6 +631,7 @@ def cancel_all(conn: Db, state: str, queue: str | None = None,
                 continue
             events = cancel_now(conn, job_id)
             append(conn, *events)
+            hooks.fire(conn, events)
             done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
             cancelled += sum(isinstance(e, ev.Cancelled) for e in events)
         return True

@@ -26,6 +26,18 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_d
 # -- jobs -------------------------------------------------------------------------------
 
 
+class HookOrigin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What made a hook job: the hook, and the job whose change of state fired it. The
+    runner gives it to the job as ``QUEUECTL_HOOK_*`` variables."""
+
+    name: str
+    job_id: str
+    state: str  # completed, failed, dead or cancelled
+    queue: str
+    command: str
+    exit_code: int | None = None  # None: the change had no exit code (a timeout, a cancel)
+
+
 class Enqueued(_Event, tag="enqueued", frozen=True):
     job_id: str
     command: str
@@ -41,6 +53,7 @@ class Enqueued(_Event, tag="enqueued", frozen=True):
     unique_key: str | None = None  # no other unfinished job may hold the same key
     cwd: str | None = None  # absolute directory the run starts in; None: the worker's
     env: dict[str, str] = msgspec.field(default_factory=dict)  # set over the worker's, sorted
+    hook: HookOrigin | None = None  # a hook job: what fired it
 
 
 class Claimed(_Event, tag="claimed", frozen=True):
@@ -166,6 +179,38 @@ class Edited(_Event, tag="edited", frozen=True):
     env: dict[str, str] | None = None
 
 
+class Restarted(_Event, tag="restarted", frozen=True):
+    """A finished job (completed, dead or cancelled) sent back to pending to run again as
+    a fresh series of attempts (``queuectl restart``); its history and runs stay."""
+
+    job_id: str
+    max_retries: int
+    previous: str = ""  # the state it was in
+
+
+class SignalRequested(_Event, tag="signal-requested", frozen=True):
+    """A signal asked for a running job: its worker delivers it to the run's process group
+    and records ``signalled``. ``run`` is the seq of the run's claim: the request is for
+    that run only."""
+
+    job_id: str
+    worker_id: str  # the worker that ran the job when it was asked
+    run: int
+    signal: int
+
+
+class Signalled(_Event, tag="signalled", frozen=True):
+    """A worker delivered (or could not deliver) the signal ``request`` asked for."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    request: int  # the seq of its signal-requested event
+    signal: int
+    delivered: bool = True
+    error: str = ""
+
+
 # -- workers ----------------------------------------------------------------------------
 
 
@@ -281,6 +326,24 @@ class ScheduleSkipped(_Event, tag="schedule-skipped", frozen=True):
     missed: int = 0
 
 
+# -- hooks ------------------------------------------------------------------------------------
+
+
+class HookAdded(_Event, tag="hook-added", frozen=True):
+    """From now on, each job (of ``queue``, or of any) that reaches one of ``on`` makes a
+    job running ``command`` in ``to_queue`` (None: the job's own queue)."""
+
+    name: str
+    on: tuple[str, ...]
+    command: str
+    queue: str | None = None
+    to_queue: str | None = None
+
+
+class HookRemoved(_Event, tag="hook-removed", frozen=True):
+    name: str
+
+
 # -- retention -----------------------------------------------------------------------------
 
 
@@ -328,6 +391,9 @@ Event = (
     | Dead
     | Requeued
     | Edited
+    | Restarted
+    | SignalRequested
+    | Signalled
     | WorkerStarted
     | WorkerHeartbeat
     | WorkerStopped
@@ -343,6 +409,8 @@ Event = (
     | ScheduleResumed
     | ScheduleFired
     | ScheduleSkipped
+    | HookAdded
+    | HookRemoved
     | Pruned
 )
 

@@ -13,9 +13,8 @@ export`` leaves it out. Rules it keeps:
 - At most ``log-limit`` bytes of a run are kept, and one chunk more: past that the oldest
   chunks are deleted as new ones come, so the end is kept, and readers mark the gap.
 - Chunks name their run by job, attempt and worker, and are read within the run's start and
-  end (the times of the events that began and ended it), so that a requeued job's new life
-  is never shown the output of its old one. A worker's first write for an attempt deletes
-  what an earlier run of that attempt left.
+  end (the times of the events that began and ended it), so that each life of a requeued
+  or restarted job keeps its own output, and neither is shown the other's.
 - Text is stored as UTF-8 decoded on the way in (a character split between two reads is
   whole in one chunk; invalid bytes and NULs, which no PostgreSQL text can hold, become
   U+FFFD); sizes and gaps count the bytes the run wrote.
@@ -61,7 +60,8 @@ class Sink:
         self.waiting: list[bytes] = []
         self.waiting_size = 0
         self.start = 0  # where the waiting bytes begin in the run's output
-        self.seq = 0  # chunks written so far
+        self.seq = 0  # the last chunk written
+        self.written = False  # whether any was
         self.kept: deque[tuple[int, int]] = deque()  # (seq, size) of the chunks in the store
         self.kept_size = 0
         self.due_at = time.monotonic() + FLUSH_EVERY
@@ -88,7 +88,7 @@ class Sink:
     def needed_at_end(self, truncated: bool) -> bool:
         """Whether the run's end must still be written: not if nothing was, and the
         ledger's tail holds the whole output."""
-        return bool(self.waiting) and (self.seq > 0 or truncated or self.total > self.tail)
+        return bool(self.waiting) and (self.written or truncated or self.total > self.tail)
 
 
 def write(db: Db, sink: Sink, final: bool = False) -> None:
@@ -100,13 +100,15 @@ def write(db: Db, sink: Sink, final: bool = False) -> None:
     text = sink._decoder.decode(data, final).replace("\0", "\ufffd")
     run = (sink.job_id, sink.attempt, sink.worker_id)
     with db.side_transaction():
-        if sink.seq == 0:  # what an earlier run of this attempt left
-            db.execute("DELETE FROM output WHERE job_id = ? AND attempt = ?", run[:2])
+        seq = sink.seq
+        if not sink.written:  # after what an earlier life of the job left (a restart)
+            (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM output WHERE job_id = ? "
+                                "AND attempt = ? AND worker_id = ?", run).fetchone()
         db.insert("output", {"job_id": sink.job_id, "attempt": sink.attempt,
-                             "worker_id": sink.worker_id, "seq": sink.seq + 1, "at": db.now(),
+                             "worker_id": sink.worker_id, "seq": seq + 1, "at": db.now(),
                              "start": sink.start, "size": len(data), "data": text})
         kept = deque(sink.kept)
-        kept.append((sink.seq + 1, len(data)))
+        kept.append((seq + 1, len(data)))
         size = sink.kept_size + len(data)
         gone = []
         while len(kept) > 1 and size - kept[0][1] >= sink.limit:
@@ -117,7 +119,7 @@ def write(db: Db, sink: Sink, final: bool = False) -> None:
             db.execute("DELETE FROM output WHERE job_id = ? AND attempt = ? AND worker_id = ? "
                        f"AND seq IN ({', '.join('?' * len(gone))})", (*run, *gone))
     # Only once committed: a write that failed is tried again with more.
-    sink.seq += 1
+    sink.seq, sink.written = seq + 1, True
     sink.kept, sink.kept_size = kept, size
     sink.start += len(data)
     sink.waiting, sink.waiting_size = [], 0

@@ -7,6 +7,7 @@ rich is imported only by the functions that draw tables.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import shlex
@@ -257,6 +258,24 @@ def schedules_table(found: list[dict[str, Any]]) -> None:
            rows, wide=frozenset({"Command", "Cron"}))
 
 
+def hooks_table(found: list[dict[str, Any]]) -> None:
+    """One row per hook: the states it fires on, whose jobs fire it, where its jobs go."""
+    if not found:
+        print("Hooks: none")
+        return
+    rows = [[h["name"], ",".join(h["on"]), h["queue"] or "(every queue)",
+             h["to_queue"] or "(the job's)", h["command"]] for h in found]
+    _table("Hooks", ["Name", "On", "Jobs of", "Runs in", "Command"], rows,
+           wide=frozenset({"Command"}))
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 # -- history ------------------------------------------------------------------------------
 
 
@@ -272,7 +291,9 @@ def event_details(event: ev.Event) -> str:
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
             extras += [f"env {_assignments(event.env)}"] * bool(event.env)
-            return f"command: {c} ({', '.join(extras)})"
+            made = f"; made by hook {event.hook.name}: job {event.hook.job_id} " \
+                f"{event.hook.state}" if event.hook else ""
+            return f"command: {c} ({', '.join(extras)}){made}"
         case ev.Edited():
             return "changed: " + "; ".join(edits(event))
         case ev.Unblocked(completed=c):
@@ -304,6 +325,14 @@ def event_details(event: ev.Event) -> str:
             return f"moved to the DLQ after {_count(a, 'attempt')}: {r}"
         case ev.Requeued(max_retries=m):
             return f"requeued from the DLQ with max_retries {m}"
+        case ev.Restarted(max_retries=m, previous=p):
+            return f"restarted ({p or 'finished'}) with max_retries {m}: attempts count from 0"
+        case ev.SignalRequested(signal=s):
+            return f"{signal_name(s)} asked for"
+        case ev.Signalled(attempt=a, signal=s, delivered=True):
+            return f"{signal_name(s)} sent to attempt {a}'s process group"
+        case ev.Signalled(attempt=a, signal=s, error=e):
+            return f"{signal_name(s)} not sent to attempt {a}: {e}"
         case ev.ScheduleFired(name=n, tick=t, missed=m):
             caught = f", the catch-up of {_count(m, 'missed tick')} before it" if m else ""
             return f"made by schedule {n} for its {clock.human(t)} tick{caught}"
@@ -474,7 +503,10 @@ def logs(job_id: str, runs: list[Run]) -> None:
         elif run.exit_code is not None:
             ended += f" (exit code {run.exit_code})"
         took = f", {run.duration:.3f}s" if run.duration is not None else ""
-        print(f"=== attempt {run.attempt} on worker {run.worker_id} at "
+        # After a restart (or a requeue) attempts count from 1 again; runs never do.
+        which = f"attempt {run.attempt}" if run.run == run.attempt else \
+            f"run {run.run}, attempt {run.attempt}"
+        print(f"=== {which} on worker {run.worker_id} at "
               f"{clock.human(run.started_at)}: {safe(ended)}{took} ===")
         if run.truncated:
             print(f"[output cut: only its last {len(run.output.encode())} bytes are shown; "

@@ -287,12 +287,15 @@ def run_command(
     leftovers: Leftovers | None = None,
     cwd: str | None = None,
     sink: Callable[[bytes], None] | None = None,
+    started: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
     ``tick`` is called about every 50 ms while it runs (heartbeats, cancel checks); when it
     returns True the group is killed at once. On timeout the group gets SIGTERM, then
-    SIGKILL after a grace. ``env`` defaults to the worker's own environment, ``cwd`` to its
+    SIGKILL after a grace. ``started`` is given the run's process group as it starts: a
+    ``tick`` may signal it (the shell is not reaped before the last tick, so the group's
+    number stays ours). ``env`` defaults to the worker's own environment, ``cwd`` to its
     directory; a ``cwd`` that cannot be entered is a failed run (``NO_DIRECTORY``) whose one
     line of output names the directory, the host and why. A shell that
     cannot be started (a command over the kernel's 128 KiB argument limit, no processes
@@ -311,6 +314,8 @@ def run_command(
         why = f"queuectl: cannot start sh: {exc.strerror or exc}"
         return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
                          output=why[-output_limit:] if output_limit else "", truncated=False)
+    if started is not None:
+        started(pid)
     tail = _Tail(fd, output_limit, sink)
     poller = select.poll()
     poller.register(fd, select.POLLIN)

@@ -21,14 +21,25 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from queuectl import claims, clock, ledger, output, render, runner, schedules, settings, store
+from queuectl import (
+    claims,
+    clock,
+    hooks,
+    ledger,
+    output,
+    render,
+    runner,
+    schedules,
+    settings,
+    store,
+)
 from queuectl import events as ev
 from queuectl.errors import StoreUnavailable
 from queuectl.store import Db
 
 T = TypeVar("T")
 
-CANCEL_CHECK = 0.2  # seconds between checks for a cancel request while a job runs
+CANCEL_CHECK = 0.2  # seconds between checks for a cancel or signal request while a job runs
 SCHEDULE_LOOK = 1.0  # seconds between looks for a due schedule tick, by each worker
 DRAIN_LOOK = 0.05  # a burst worker's first look again while others finish the last jobs
 
@@ -114,6 +125,8 @@ class Worker:
         self._started = 0.0  # when the running job started, on the monotonic clock
         self._kill_reason: str | None = None
         self._sink: output.Sink | None = None  # the running job's output, on its way to the store
+        self._group = 0  # the running job's process group, once started
+        self._signalled: set[int] = set()  # signal requests delivered to the running job
         self._connection = 0  # the connection generation this worker last reconciled
         self._next_try = 0.0  # while the store is away: the next time a run's tick tries it
         self.error: BaseException | None = None
@@ -229,11 +242,29 @@ class Worker:
                     self._next_cancel_check = now + CANCEL_CHECK
                     if self.db(claims.cancel_requested, job.job_id):
                         self._kill_reason = "cancel"
+                    else:
+                        self._deliver_signals(job)
                 if self._sink is not None and self._sink.due(now):
                     self.db(output.write, self._sink)
             except StoreUnavailable:
                 self._next_try = now + 1.0
         return self._kill_reason is not None
+
+    def _deliver_signals(self, job: claims.Claim) -> None:
+        """Send the running job's process group the signals asked for it, and record each;
+        one whose record could not be written is not sent again."""
+        for request, sig in self.db(claims.signals_asked, job.job_id):
+            error = ""
+            if request not in self._signalled and self._group:
+                try:
+                    os.killpg(self._group, sig)
+                except ProcessLookupError:
+                    pass  # the shell has exited and its group with it: the run is ending
+                except OSError as exc:
+                    error = exc.strerror or str(exc)
+                self._signalled.add(request)
+            self.db(claims.signalled, job, self.id, request, sig, error)
+            self.log(f"Job {job.job_id}: signal {sig} {'not sent: ' + error if error else 'sent'}")
 
     def _housekeeping(self, now: float) -> None:
         runner.LEFTOVERS.sweep()
@@ -378,19 +409,26 @@ class Worker:
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         self.running = job
         self._started = time.monotonic()
+        self._group, self._signalled = 0, set()
         if not asked:
             self.results.submit(self, None, None)
         tail = int(self.config["output-limit"]) * 1024
         self._sink = output.Sink(job.job_id, job.attempt, self.id,
                                  int(self.config["log-limit"]), tail)
+        env = runner.run_env(self.env, job.job_id, job.attempt, self.id, _job_env(job))
+        if job.job_id.startswith(hooks.PREFIX):  # others pay nothing for hooks
+            origin = self.persist(hooks.origin_of, job.job_id)
+            if origin is not None:
+                env.update(hooks.env(origin))
         result = runner.run_command(
             job.command,
             timeout=job.timeout,
             output_limit=tail,
             tick=lambda: self._running_tick(job),
-            env=runner.run_env(self.env, job.job_id, job.attempt, self.id, _job_env(job)),
+            env=env,
             cwd=job.cwd,
             sink=self._sink.add,
+            started=self._started_group,
         )
         self._end_output(result)
         self.done += 1
@@ -409,6 +447,8 @@ class Worker:
                 self.db(output.write, sink, True)
             except StoreUnavailable:
                 pass
+    def _started_group(self, group: int) -> None:
+        self._group = group
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""

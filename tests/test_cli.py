@@ -817,9 +817,7 @@ def test_config_set_help_names_every_key_and_its_range(run):
 @pytest.mark.stores("sqlite")  # SQLite files, or no store at all
 def test_rebuild_help_names_every_projection(run):
     out = " ".join(ok(run("rebuild", "--help")).split())
-    assert "(jobs, runs, workers, config, queues, schedules)" in out
-    assert {p.NAME for p in projections.REGISTRY} == {"jobs", "runs", "workers", "config",
-                                                      "queues", "schedules"}
+    assert f"({', '.join(p.NAME for p in projections.REGISTRY)})" in out
 
 
 def test_a_history_longer_than_rich_draws_is_drawn_whole(run, conn, monkeypatch):

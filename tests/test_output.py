@@ -232,3 +232,23 @@ def test_nul_and_bytes_that_are_not_utf8_are_kept_as_u_fffd_on_both_stores(run, 
     assert stored(db, job_id)
     full = ok(run, "logs", job_id, "--full")
     assert full.startswith("a\ufffdb\ufffdc\n1\n2\n") and full.endswith("\n2000\n")
+
+
+@pytest.mark.slow
+def test_each_life_of_a_restarted_job_keeps_its_own_output(run, conn, db):
+    from queuectl import output, reads
+
+    job_id = added(run, "-c", 'n=$(($(cat lives 2>/dev/null || echo 0) + 1)); echo $n > lives; '
+                              'echo "life $n"; seq 1 2000')  # past the tail: stored
+    with workers() as start:
+        start("-s", "0.2")  # one worker runs both lives: the same attempt, the same worker
+        wait_for(lambda: state(conn, job_id) == "completed", WAIT, "the first life")
+        ok(run, "restart", job_id)
+        wait_for(lambda: len(reads.runs_of(conn, job_id)) == 2 and
+                 state(conn, job_id) == "completed", WAIT, "the second life")
+    first, second = reads.runs_of(conn, job_id)
+    assert (first.attempt, first.worker_id) == (second.attempt, second.worker_id)
+    body = "".join(f"{n}\n" for n in range(1, 2001))
+    assert output.full(conn, job_id, first) == "life 1\n" + body
+    assert output.full(conn, job_id, second) == "life 2\n" + body
+    assert ok(run, "logs", job_id, "--full") == "life 2\n" + body

@@ -43,7 +43,8 @@ from queuectl.store.statements import Clash
 CHANNEL = "queuectl"
 SCHEMA_VERSION = 4  # 3: the archive, and pruning's permit; 4: the output store
 # Events whose appending may give an idle worker something to do.
-WAKING = frozenset({"enqueued", "requeued", "scheduled-retry", "released", "unblocked",
+WAKING = frozenset({"enqueued", "requeued", "restarted", "scheduled-retry", "released",
+                    "unblocked",
                     "lease-expired", "stop-requested", "cancel-requested", "queue-resumed",
                     "queue-limited"})
 _CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
