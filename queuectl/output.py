@@ -41,7 +41,7 @@ _DECODER = codecs.getincrementaldecoder("utf-8")
 
 def gap(dropped: int) -> str:
     """The line that stands where output was dropped."""
-    return f"[... {settings.size(dropped)} of output dropped ...]\n"
+    return f"[... {settings.size(dropped, tenths=True)} of output dropped ...]\n"
 
 
 # -- writing (the worker) -------------------------------------------------------------------
@@ -92,36 +92,40 @@ class Sink:
 
 
 def write(db: Db, sink: Sink, final: bool = False) -> None:
-    """Write what ``sink`` holds as one chunk, and delete the oldest chunks past its limit,
-    in one short transaction of its own. ``final``: the run has ended."""
+    """Write what ``sink`` holds as chunks of ``FLUSH_SIZE`` bytes at most, and delete the
+    oldest chunks past its limit, in one short transaction of its own. ``final``: the run
+    has ended."""
     if sink.waiting_size > sink.limit:
         sink._drop_head(sink.waiting_size - sink.limit)
     data = b"".join(sink.waiting)
-    text = sink._decoder.decode(data, final).replace("\0", "\ufffd")
+    pieces = [data[i:i + FLUSH_SIZE] for i in range(0, len(data), FLUSH_SIZE)]
+    texts = [sink._decoder.decode(piece, final and n == len(pieces) - 1).replace("\0", "\ufffd")
+             for n, piece in enumerate(pieces)]
     run = (sink.job_id, sink.attempt, sink.worker_id)
     with db.side_transaction():
         seq = sink.seq
         if not sink.written:  # after what an earlier life of the job left (a restart)
             (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM output WHERE job_id = ? "
                                 "AND attempt = ? AND worker_id = ?", run).fetchone()
-        db.insert("output", {"job_id": sink.job_id, "attempt": sink.attempt,
-                             "worker_id": sink.worker_id, "seq": seq + 1, "at": db.now(),
-                             "start": sink.start, "size": len(data), "data": text})
-        kept = deque(sink.kept)
-        kept.append((seq + 1, len(data)))
-        size = sink.kept_size + len(data)
+        kept, size, start = deque(sink.kept), sink.kept_size, sink.start
+        for piece, text in zip(pieces, texts, strict=True):
+            seq += 1
+            db.insert("output", {"job_id": sink.job_id, "attempt": sink.attempt,
+                                 "worker_id": sink.worker_id, "seq": seq, "at": db.now(),
+                                 "start": start, "size": len(piece), "data": text})
+            kept.append((seq, len(piece)))
+            size, start = size + len(piece), start + len(piece)
         gone = []
         while len(kept) > 1 and size - kept[0][1] >= sink.limit:
-            seq, n = kept.popleft()
-            gone.append(seq)
+            oldest, n = kept.popleft()
+            gone.append(oldest)
             size -= n
         if gone:
             db.execute("DELETE FROM output WHERE job_id = ? AND attempt = ? AND worker_id = ? "
                        f"AND seq IN ({', '.join('?' * len(gone))})", (*run, *gone))
     # Only once committed: a write that failed is tried again with more.
-    sink.seq, sink.written = seq + 1, True
-    sink.kept, sink.kept_size = kept, size
-    sink.start += len(data)
+    sink.seq, sink.written = seq, True
+    sink.kept, sink.kept_size, sink.start = kept, size, start
     sink.waiting, sink.waiting_size = [], 0
     sink.due_at = time.monotonic() + FLUSH_EVERY
 

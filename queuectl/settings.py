@@ -58,12 +58,14 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?", re.IGNORECASE)
 _UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
-def size(n: float) -> str:
-    """``10 MiB``, ``512 KiB``, ``12.3 MiB``, ``900 B``: a count of bytes as people read it."""
+def size(n: float, tenths: bool = False) -> str:
+    """``10 MiB``, ``512 KiB``, ``12.3 MiB``, ``900 B``: a count of bytes as people read it
+    (``tenths``: always with one decimal, ``10.0 MiB``, so that every figure has one form)."""
     for unit in ("GiB", "MiB", "KiB"):
         scale = _UNIT[unit[0]]
         if n >= scale:
-            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+            figure = f"{n / scale:.1f}"
+            return (figure if tenths else figure.removesuffix(".0")) + f" {unit}"
     return f"{int(n)} B"
 
 

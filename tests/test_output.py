@@ -122,19 +122,23 @@ def test_output_past_the_ledger_tail_is_all_in_the_store(run, db):
     assert "START-2" not in export and "4999\\n5000\\nEND" in export
 
 
-def test_past_log_limit_the_end_is_kept_and_the_gap_marked(run, db):
-    assert ok(run, "config", "set", "log-limit", "8KiB").startswith(
-        "Configuration updated: log-limit = 8192\n")
-    job_id = added(run, "-c", "seq 1 100000")  # 588,895 bytes
+@pytest.mark.parametrize(("limit", "size", "count"), [
+    ("8KiB", 8192, 100_000),  # 588,895 bytes: every chunk cut to the limit
+    ("1MiB", 2**20, 400_000),  # 2,788,895 bytes: several whole chunks kept at once
+])
+def test_past_log_limit_the_end_is_kept_and_the_gap_marked(run, db, limit, size, count):
+    assert ok(run, "config", "set", "log-limit", limit).startswith(
+        f"Configuration updated: log-limit = {size}\n")
+    job_id = added(run, "-c", f"seq 1 {count}")
     with workers() as start:
         burst(start)
     full = ok(run, "logs", job_id, "--full")
     first, rest = full.split("\n", 1)
-    assert first.startswith("[... ") and first.endswith(" KiB of output dropped ...]")
-    assert rest.endswith("99999\n100000\n")
+    assert first.startswith("[... ") and first.endswith(" of output dropped ...]")
+    assert rest.endswith(f"{count - 1}\n{count}\n")
     kept = sum(c[2] for c in stored(db, job_id))
-    assert 8192 <= kept <= 8192 + 256 * 1024  # the limit, and one chunk at most beyond it
-    assert len(rest) < 588_895 // 2
+    assert size <= kept <= size + 256 * 1024  # the limit, and one chunk at most beyond it
+    assert len(rest) == kept and kept < len("".join(f"{n}\n" for n in range(1, count + 1)))
 
 
 def test_log_limit_0_keeps_no_output_beyond_the_tail(run, db):
