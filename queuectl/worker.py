@@ -413,8 +413,8 @@ class Worker:
         if not asked:
             self.results.submit(self, None, None)
         tail = int(self.config["output-limit"]) * 1024
-        self._sink = output.Sink(job.job_id, job.attempt, self.id,
-                                 int(self.config["log-limit"]), tail)
+        limit = int(self.config["log-limit"])  # 0: the run goes as if there were no store
+        self._sink = output.Sink(job.job_id, job.attempt, self.id, limit, tail) if limit else None
         env = runner.run_env(self.env, job.job_id, job.attempt, self.id, _job_env(job))
         if job.job_id.startswith(hooks.PREFIX):  # others pay nothing for hooks
             origin = self.persist(hooks.origin_of, job.job_id)
@@ -427,7 +427,7 @@ class Worker:
             tick=lambda: self._running_tick(job),
             env=env,
             cwd=job.cwd,
-            sink=self._sink.add,
+            sink=self._sink.add if self._sink is not None else None,
             started=self._started_group,
         )
         self._end_output(result)
