@@ -491,14 +491,16 @@ def stats(figures: Stats, since: str | None) -> None:
 def waited_line(jobs: Watch, finished: bool, timeout: float | None,
                 codes: dict[str, int | None] | None = None) -> str:
     """What ``wait`` prints at its end: ``3 jobs: 2 completed, 1 dead``; one job by its id,
-    ``Job 7 dead (exit code 3)``; ``..., 1 unfinished after 5s`` when the timeout ran out."""
+    ``Job 7 dead (exit code 3)``; ``..., 1 unfinished after 5s`` (``Job 7 still pending
+    after 5s``) when the timeout ran out."""
     counts = jobs.counts()
     late = f" after {timeout:g}s" if not finished and timeout is not None else ""
     if jobs.total == 1:
         (job_id, state), = jobs.states.items()
+        if not finished:
+            return f"Job {job_id} still {state}{late}"
         code = (codes or {}).get(job_id)
-        shown = f" (exit code {code})" if code else ""
-        return f"Job {job_id} {state if state in counts else 'unfinished'}{shown}{late}"
+        return f"Job {job_id} {state}" + (f" (exit code {code})" if state == "dead" else "")
     parts = [f"{n} {state}" for state, n in counts.items() if n or state == "completed"]
     return f"{_count(jobs.total, 'job')}: {', '.join(parts)}{late}"
 

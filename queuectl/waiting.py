@@ -40,6 +40,10 @@ class Watch:
         return len(self.states)
 
     @property
+    def unfinished(self) -> list[str]:
+        return [job_id for job_id in self.states if job_id in self._open]
+
+    @property
     def finished(self) -> bool:
         return not self._open
 
@@ -131,7 +135,12 @@ def exit_status(jobs: Watch, finished: bool) -> int:
 
 
 def codes(conn: Db, jobs: Watch) -> dict[str, int | None]:
-    """Each job's ``outcome.exit_code`` (None while unfinished)."""
+    """Each job's ``outcome.exit_code`` (None while unfinished), the unfinished jobs' states
+    read again (a pending job may be running now): what a report of the wait shows."""
     with conn.snapshot():
+        for job_id in jobs.unfinished:
+            row = conn.execute(_STATE, (job_id,)).fetchone()
+            if row is not None and row[0] not in FINAL:  # one that just ended waits a look
+                jobs.states[job_id] = row[0]
         return {job_id: outcome.of_job(conn, job_id, state)
                 for job_id, state in jobs.states.items()}
