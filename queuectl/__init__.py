@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from queuectl.errors import Conflict, InvalidInput, NotFound, QueueError, StoreError
+from queuectl.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    QueueError,
+    StoreError,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
     from queuectl.api import Queue
 
-__all__ = ["Conflict", "InvalidInput", "NotFound", "Queue", "QueueError", "StoreError"]
+__all__ = ["Conflict", "InvalidInput", "NotFound", "Queue", "QueueError", "StoreError",
+           "WaitTimeout"]
 
 
 def __getattr__(name: str) -> Any:

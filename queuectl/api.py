@@ -6,12 +6,13 @@ to it (a web app's request handler, a script).
     with Queue() as queue:                       # QUEUECTL_DB, else data/queue.db
         job_id = queue.enqueue("make report", queue="reports", max_retries=5)
         queue.get(job_id)["state"]               # 'pending'
+        queue.wait([job_id], timeout=600)        # {'1': 'completed'}, once a worker ran it
 
 A ``Queue`` holds one connection; every method is one call of the functions the CLI
 calls (``decisions``, ``reads``, ``retention``), so what it does is an event in the ledger
 like any other, and what it returns is what ``--json`` prints. Each ``enqueue`` commits
 durably before it returns, as ``queuectl enqueue`` does. Errors are ``QueueError``s
-(``InvalidInput``, ``NotFound``, ``Conflict``, ``StoreError``), each with the one line the
+(``InvalidInput``, ``NotFound``, ``Conflict``, ``StoreError``, ``WaitTimeout``), each with the one line the
 CLI would print, whatever the arguments and on either store: every argument is checked
 before a store sees it, as the CLI checks its flags. A ``Queue`` may be shared by the
 threads of one process (its calls take turns); open one per process, not one per call.
@@ -29,7 +30,8 @@ from typing import Any
 import msgspec
 
 from queuectl import decisions, ledger, limits, reads, render, store
-from queuectl.errors import InvalidInput, StoreError
+from queuectl.errors import InvalidInput, StoreError, WaitTimeout
+from queuectl.states import FINAL
 from queuectl.store import Db
 
 __all__ = ["Queue"]
@@ -172,6 +174,33 @@ class Queue:
         with self._open() as db:
             decisions.signal(db, job_id, sig)
 
+    # -- waiting ----------------------------------------------------------------------
+
+    def wait(self, ids: str | Iterable[str], timeout: float | None = None) -> dict[str, str]:
+        """Block until each job of ``ids`` (one id, or several) is final, as ``queuectl
+        wait`` does; return each one's final state by id: ``completed``, ``dead`` or
+        ``cancelled`` (``queuectl.outcome.exit_code`` turns one into an exit code).
+
+        NotFound for an unknown id. When ``timeout`` seconds pass first: ``WaitTimeout``,
+        a ``QueueError`` and a ``TimeoutError``, whose ``states`` holds each job's state
+        then. The jobs are left as they are either way. Other threads may use this Queue
+        meanwhile: the wait holds it only while it looks."""
+        from queuectl import waiting
+
+        wanted = [ids] if isinstance(ids, str) else _ids(ids)
+        for job_id in wanted:
+            reads.check_job_id(job_id)
+        if timeout is not None:
+            timeout = _seconds("timeout", timeout)
+        with self._open() as db:
+            jobs = waiting.watch(db, dict.fromkeys(wanted))
+        if not waiting.until_final(self._open, jobs, timeout):
+            late = [job_id for job_id, state in jobs.states.items() if state not in FINAL]
+            shown = ", ".join(late[:5]) + (", ..." if len(late) > 5 else "")
+            raise WaitTimeout(f"{len(late)} of {jobs.total} jobs not final after "
+                              f"{timeout:g}s: {shown}", dict(jobs.states))
+        return dict(jobs.states)
+
     # -- the connection ---------------------------------------------------------------
 
     def close(self) -> None:
@@ -220,6 +249,24 @@ def _text(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{name}: expected text, got {type(value).__name__}")
     return value
+
+
+def _ids(ids: object) -> list[str]:
+    if isinstance(ids, bytes | Mapping) or not isinstance(ids, Iterable):
+        raise InvalidInput(f"ids: expected a job id or an iterable of them, got "
+                           f"{type(ids).__name__}")
+    return list(ids)
+
+
+def _seconds(name: str, value: object) -> float:
+    """Seconds held to ``name``'s range in ``limits``, as the CLI's flag holds them."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{name}: expected {limits.describe(name)}, got "
+                           f"{type(value).__name__}")
+    try:
+        return float(limits.check(name, value))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
 
 
 def _whole(name: str, value: object) -> int:

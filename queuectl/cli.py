@@ -10,13 +10,17 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from queuectl import clock, complete, decisions, ledger, limits, progress, reads, settings, store
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.states import CANCELLABLE, STATES, State
+
+if TYPE_CHECKING:
+    from queuectl import waiting
 
 
 class QueuectlGroup(click.Group):
@@ -243,6 +247,11 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--follow", "follow", is_flag=True,
               help="Then print the job's output as it runs, as logs --follow does, and exit "
                    "with its exit code (the 'Job added' line goes to stderr).")
+@click.option("--wait", "wait_for", is_flag=True,
+              help="Then block until the job is final and exit with its code: 0 completed, "
+                   "the last run's exit code when dead (124: timed out), 1 cancelled. With "
+                   "--file or --commands: wait for every job and exit as `queuectl wait` "
+                   "does. Ctrl-C stops waiting (exit 130) and leaves the job alone.")
 @click.pass_context
 def enqueue(
     ctx: click.Context,
@@ -267,11 +276,13 @@ def enqueue(
         queuectl enqueue --file jobs.jsonl
         queuectl enqueue -c "make test" --cwd ~/src/app --env CI=1 --pass-env PATH
         ls *.wav | sed 's/.*/flac "&"/' | queuectl enqueue --commands -
+        queuectl enqueue -c "make test" --wait && echo passed
 
     A job runs in the directory it was enqueued from (or --cwd), with the worker's
     environment and the variables --env and --pass-env name.
     """
     on_duplicate = flags.pop("on_duplicate")
+    wait_for = flags.pop("wait_for")
     env = _env_flags(flags.pop("env_vars"), flags.pop("pass_env"))
     flags = {k: v for k, v in flags.items() if v is not None and v != ()}
     if env:
@@ -304,6 +315,8 @@ def enqueue(
         specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
+    if follow and wait_for:
+        raise click.UsageError("--follow waits for the job too: give --follow or --wait")
     if follow and (jobs_file is not None or commands_file is not None):
         raise click.UsageError("--follow follows one job; it cannot go with --file or "
                                "--commands")
@@ -319,10 +332,12 @@ def enqueue(
             click.echo(f"Job added successfully with ID: {ids[0]}", err=follow)
         if follow:
             _follow(conn, ids[0])
-        return
-    added = len(ids) - sum(duplicate)
-    held = f"; {sum(duplicate)} already queued (unique keys held)" if any(duplicate) else ""
-    click.echo(f"{added} job{'s' if added != 1 else ''} added successfully{held}.")
+    else:
+        added = len(ids) - sum(duplicate)
+        held = f"; {sum(duplicate)} already queued (unique keys held)" if any(duplicate) else ""
+        click.echo(f"{added} job{'s' if added != 1 else ''} added successfully{held}.")
+    if wait_for:  # a held unique key: the job that holds it is the one waited for
+        ctx.exit(_wait_enqueued(conn, ids, one=jobs_file is None and commands_file is None))
 
 
 def _lines(stream: Any) -> Iterator[tuple[int, str]]:
@@ -607,7 +622,8 @@ def _follow(conn: store.Db, job_id: str) -> NoReturn:
                 click.echo(str(piece), err=True)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
-    raise click.exceptions.Exit(outcome.exit_code(reads.get_job(conn, job_id)))
+    code = outcome.of_job(conn, job_id, reads.get_job(conn, job_id).state)
+    raise click.exceptions.Exit(1 if code is None else code)
 
 
 @cli.command()
@@ -970,6 +986,93 @@ def hook_remove(ctx: click.Context, name: str) -> None:
 
     hooks.remove(_db(ctx), name)
     click.echo(f"Hook '{name}' removed.")
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+@cli.command("wait")
+@click.argument("job_ids", nargs=-1, metavar="[ID]...", shell_complete=complete.job_ids)
+@click.option("-q", "--queue", "queues", multiple=True, metavar="NAME", callback=_queue_name,
+              shell_complete=complete.queue_names,
+              help="Every job of this queue that exists when the wait starts (repeatable).")
+@click.option("--all", "every", is_flag=True,
+              help="Every job that exists when the wait starts.")
+@click.option("--timeout", type=Number("timeout"), metavar="SECONDS",
+              help="Give up after SECONDS and exit 124 (the jobs go on).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object: each job's state and exit code, and the totals.")
+@click.pass_context
+def wait(ctx: click.Context, job_ids: tuple[str, ...], queues: tuple[str, ...], every: bool,
+         timeout: float | None, as_json: bool) -> None:
+    """Block until every named job (or every job of the queues, or every job) is completed,
+    dead or cancelled. Jobs added after the wait starts are not waited for.
+
+    Exit 0 when all completed, 1 when any ended dead or cancelled, 124 when --timeout ran
+    out first. On a terminal a progress bar shows on stderr; at the end one line says how
+    the jobs ended. Ctrl-C stops waiting (exit 130) and leaves the jobs alone.
+
+    \b
+    Example:
+        queuectl wait 41 42 && echo "both completed"
+        queuectl wait -q media --timeout 3600
+        queuectl wait --all --json
+    """
+    from queuectl import waiting
+
+    if not (job_ids or queues or every):
+        raise click.UsageError("name the jobs to wait for: job IDs, -q QUEUE or --all")
+    if every and (job_ids or queues):
+        raise click.UsageError("--all waits for every job: give no IDs or -q with it")
+    conn = _db(ctx)
+    with _interruptible():
+        jobs = waiting.watch(conn, dict.fromkeys(job_ids), queues, every)
+        ctx.exit(_waited(conn, jobs, timeout, as_json))
+
+
+def _wait_enqueued(conn: store.Db, ids: list[str], one: bool) -> int:
+    """``enqueue --wait``: one job exits with its own code, many as ``wait`` does."""
+    from queuectl import outcome, waiting
+
+    with _interruptible():
+        jobs = waiting.watch(conn, dict.fromkeys(ids))
+        status = _waited(conn, jobs, None, False)
+    if not one:
+        return status
+    (job_id, state), = jobs.states.items()
+    return outcome.of_job(conn, job_id, state) or 0
+
+
+def _waited(conn: store.Db, jobs: waiting.Watch, timeout: float | None, as_json: bool) -> int:
+    """Wait for ``jobs`` (a bar on a terminal's stderr), print how they ended, and return
+    ``wait``'s exit code."""
+    from contextlib import nullcontext
+
+    from queuectl import render, waiting
+
+    bar = None
+    if not as_json and jobs.total > 1 and not jobs.finished and sys.stderr.isatty():
+        bar = render.WaitBar(jobs.total)
+    with bar or nullcontext():
+        finished = waiting.until_final(lambda: nullcontext(conn), jobs, timeout,
+                                       bar.update if bar else None)
+    status = waiting.exit_status(jobs, finished)
+    codes = waiting.codes(conn, jobs) if as_json or jobs.total == 1 else None
+    if as_json:
+        _json(render.waited_json(jobs, finished, codes or {}, status))
+    else:
+        click.echo(render.waited_line(jobs, finished, timeout, codes))
+    return status
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C while waiting: stop waiting, exit 130, and leave the jobs as they are."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("Stopped waiting; the jobs are left as they are.", err=True)
+        raise click.exceptions.Exit(130) from None
 
 
 # -- workers ------------------------------------------------------------------------------

@@ -30,3 +30,11 @@ class StoreUnavailable(StoreError):
 
 class CorruptLedger(StoreError):
     """An event row cannot be decoded by this version of queuectl."""
+
+
+class WaitTimeout(QueueError, TimeoutError):
+    """A wait for jobs ran out of time first; ``states`` holds each job's state then."""
+
+    def __init__(self, message: str, states: dict[str, str]) -> None:
+        super().__init__(message)
+        self.states = states

@@ -1,30 +1,49 @@
-"""The exit code a script gets for a job that ended: one rule for ``logs --follow``,
-``enqueue --follow``, ``enqueue --wait`` and ``wait``, so a shell can treat a queued command
-as it would the command itself."""
+"""How a finished job ends a command that waited for it: ``wait``, ``enqueue --wait``,
+``logs --follow`` and ``Queue.wait`` give a script the same answer.
+
+The rule (``exit_code``): 0 when the job completed; when it is dead, the exit code of its
+last run if that lies in 1-255 (a script sees the command's own failure), 124 when that run
+was killed for its timeout (as timeout(1) says so), else 1 (a run lost with its worker, a
+signal); 1 when it was cancelled. A job that is not final has no code yet.
+"""
 
 from __future__ import annotations
 
-from queuectl.records import Job
-from queuectl.states import FINAL, State
+from queuectl.states import State
+from queuectl.store import Db
 
-TIMEOUT = 124  # what timeout(1) exits with when it kills its command
-# The jobs projection's last_error for a run killed by its timeout (projections/jobs.py).
-_TIMED_OUT = "timed out after "
-
-
-def is_final(job: Job) -> bool:
-    """Whether ``job`` will change no more by itself (completed, dead or cancelled)."""
-    return job.state in FINAL
+TIMED_OUT = 124  # timeout(1)'s code; also what `wait --timeout` exits with when it runs out
+_LAST_RUN = ("SELECT outcome, exit_code FROM runs WHERE job_id = ? "
+             "ORDER BY seq DESC LIMIT 1")
 
 
-def exit_code(job: Job) -> int:
-    """0 when ``job`` completed; when dead, its last run's exit code if it is 1-255 (124
-    when the run was killed by its timeout), else 1; 1 when cancelled or not yet final."""
-    if job.state == State.COMPLETED:
+def exit_code(state: str, last_outcome: str | None = None, last_exit: int | None = None
+              ) -> int | None:
+    """The code a command that waited for a job exits with, from the job's state and its
+    last run (the ``runs`` outcome, such as ``failed`` or ``timed-out``, and exit code);
+    None while the job is not final."""
+    if state == State.COMPLETED:
         return 0
-    if job.state == State.DEAD:
-        if job.exit_code is not None and 1 <= job.exit_code <= 255:
-            return job.exit_code
-        if job.exit_code is None and (job.last_error or "").startswith(_TIMED_OUT):
-            return TIMEOUT
+    if state == State.CANCELLED:
+        return 1
+    if state != State.DEAD:
+        return None
+    if last_outcome == "timed-out":
+        return TIMED_OUT
+    if last_exit is not None and 1 <= last_exit <= 255:
+        return last_exit
     return 1
+
+
+def last_run(conn: Db, job_id: str) -> tuple[str | None, int | None]:
+    """The outcome and exit code of a job's last run; ``(None, None)`` if it never ran."""
+    row = conn.execute(_LAST_RUN, (job_id,)).fetchone()
+    return (None, None) if row is None else (row[0], row[1])
+
+
+def of_job(conn: Db, job_id: str, state: str) -> int | None:
+    """``exit_code`` of a job in ``state``, its last run read from the ``runs`` projection
+    only when it matters (a dead job)."""
+    if state != State.DEAD:
+        return exit_code(state)
+    return exit_code(state, *last_run(conn, job_id))

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from queuectl import reads, settings
-from queuectl.outcome import is_final
 from queuectl.records import Run
+from queuectl.states import FINAL
 from queuectl.store import Db
 
 FLUSH_EVERY = 0.25  # seconds between writes of a run's new output, at most
@@ -232,7 +232,7 @@ def steps(db: Db, job_id: str, poll: float = FOLLOW_POLL) -> Iterator[str | Next
     while True:
         # The job first, then its runs, then their chunks: a run seen ended has all its
         # chunks written (the worker writes them before it records the end).
-        final = is_final(reads.get_job(db, job_id))
+        final = reads.get_job(db, job_id).state in FINAL
         runs = reads.runs_of(db, job_id)
         if reader is None and runs:
             index = len(runs) - 1

@@ -8,7 +8,7 @@ rich is imported only by the functions that draw tables.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import shlex
 
@@ -17,6 +17,9 @@ import msgspec
 from queuectl import clock
 from queuectl import events as ev
 from queuectl.records import Job, QueueRow, Run, Stats, Worker
+
+if TYPE_CHECKING:
+    from queuectl.waiting import Watch
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))}
 _CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
@@ -538,3 +541,58 @@ def stats(figures: Stats, since: str | None) -> None:
     print(f"Run time:      p50 {_seconds(run.p50)}  p95 {_seconds(run.p95)}  "
           f"max {_seconds(run.max)}")
     print(f"Queue wait:    p50 {_seconds(wait.p50)}  p95 {_seconds(wait.p95)}")
+
+
+# -- waiting (wait, enqueue --wait) ---------------------------------------------------------
+
+
+def waited_line(jobs: Watch, finished: bool, timeout: float | None,
+                codes: dict[str, int | None] | None = None) -> str:
+    """What ``wait`` prints at its end: ``3 jobs: 2 completed, 1 dead``; one job by its id,
+    ``Job 7 dead (exit code 3)``; ``..., 1 unfinished after 5s`` (``Job 7 still pending
+    after 5s``) when the timeout ran out."""
+    counts = jobs.counts()
+    late = f" after {timeout:g}s" if not finished and timeout is not None else ""
+    if jobs.total == 1:
+        (job_id, state), = jobs.states.items()
+        if not finished:
+            return f"Job {job_id} still {state}{late}"
+        code = (codes or {}).get(job_id)
+        return f"Job {job_id} {state}" + (f" (exit code {code})" if state == "dead" else "")
+    parts = [f"{n} {state}" for state, n in counts.items() if n or state == "completed"]
+    return f"{_count(jobs.total, 'job')}: {', '.join(parts)}{late}"
+
+
+def waited_json(jobs: Watch, finished: bool, codes: dict[str, int | None],
+                status: int) -> dict[str, Any]:
+    """``wait --json``: each job's state and exit code (``queuectl.outcome``; null while
+    unfinished), the totals, whether the timeout ran out and the exit code."""
+    return {"jobs": [{"id": job_id, "state": state, "exit_code": codes.get(job_id)}
+                     for job_id, state in jobs.states.items()],
+            "total": jobs.total, **jobs.counts(), "timed_out": not finished,
+            "exit_code": status}
+
+
+class WaitBar:
+    """A progress bar on stderr while ``wait`` blocks: done/total, and the failures."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("Waiting"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
+                             console=Console(stderr=True), transient=True)
+        self._task = self._bar.add_task("wait", total=total, failed="")
+
+    def __enter__(self) -> WaitBar:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def update(self, jobs: Watch) -> None:
+        failed = f"[red]{jobs.failed} failed[/]" if jobs.failed else ""
+        self._bar.update(self._task, completed=jobs.done, failed=failed)

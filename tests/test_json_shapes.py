@@ -225,3 +225,18 @@ def test_python_api_returns_plain_data_as_recorded(db, queue):
     for name, value in given.items():
         _plain(value, name)
         check(name, normalised(json.dumps(value, indent=2, ensure_ascii=False) + "\n", db), db)
+
+
+def test_wait_json_is_as_recorded(run, db, queue):
+    """``wait --json`` of jobs in every final state (the dead ones by exit code and by
+    timeout), and of unfinished ones when its timeout runs out."""
+    for name, code, args in (
+            ("wait-final", 1, ("done", "doomed", "slow", "stopped", "gone-soon")),
+            ("wait-timeout", 124, ("done", "flaky", "running", "m1", "--timeout", "0"))):
+        result = run("wait", *args, "--json")
+        assert result.exit_code == code, (name, result.stdout, result.stderr)
+        check(name, normalised(result.stdout, db), db)
+    with Queue(db) as q:
+        value = q.wait(["done", "doomed", "stopped"])
+    _plain(value, "api-wait")
+    check("api-wait", json.dumps(value, indent=2) + "\n", db)

@@ -135,7 +135,10 @@ class Db(Protocol):
         """Where the archive is, as messages name it."""
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a long replay (a bigger cache)."""
-    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker: ...
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None, *,
+              ends: bool = False) -> Waker:
+        """The process's waker: it wakes when a commit brings new work, or with ``ends``
+        when one ends a job (a ``wait``), whatever process or host committed it."""
     def wake(self) -> None:
         """The write transaction under way frees work that its events alone do not say is
         claimable (a place under a queue's limit): idle workers are woken at its commit."""

@@ -17,7 +17,8 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
 - **Timeouts**: ``lock_timeout`` bounds a wait for the head (``QUEUECTL_LOCK_TIMEOUT``) and
   ``idle_in_transaction_session_timeout`` ends the session of a client that died holding it.
 - **Wake-ups**: a transaction that makes work claimable sends ``NOTIFY queuectl``; each worker
-  process listens on a connection of its own (``Waker``).
+  process listens on a connection of its own (``Waker``). One that ends a job sends
+  ``NOTIFY queuectl_ends``, which only ``wait`` listens for: workers are not woken by it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ WAKING = frozenset({"enqueued", "requeued", "restarted", "scheduled-retry", "rel
                     "unblocked",
                     "lease-expired", "stop-requested", "cancel-requested", "queue-resumed",
                     "queue-limited"})
+# Events that end a job: what a `wait` listens for (ENDS_CHANNEL).
+ENDING = frozenset({"completed", "dead", "cancelled"})
+ENDS_CHANNEL = "queuectl_ends"
 _CLOCK_EVERY = 60.0  # seconds between measures of the server's clock
 
 # The ledger's columns; the archive keeps its rows in a table of the same shape.
@@ -429,6 +433,7 @@ class PgDb:
         self._head: int | None = None  # inside a write transaction: the seq last appended
         self._tx_now: str | None = None
         self._wakes = False
+        self._ends = False  # this transaction ended a job: NOTIFY ENDS_CHANNEL at commit
         self._appended = False
         self._offset = 0.0  # server clock minus local monotonic clock, seconds
         self._measured = -_CLOCK_EVERY
@@ -677,7 +682,7 @@ class PgDb:
         work claimable, wakes the listening workers."""
         with PROCESS_LOCK:
             self._pending = []
-            self._appended = self._wakes = False
+            self._appended = self._wakes = self._ends = False
             try:
                 self._hold("BEGIN")
                 self._hold("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
@@ -686,6 +691,8 @@ class PgDb:
                     self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
                     if self._wakes:
                         self._hold(f"NOTIFY {CHANNEL}")
+                    if self._ends:
+                        self._hold(f"NOTIFY {ENDS_CHANNEL}")
                 self.execute("COMMIT")
             except BaseException:
                 self._pending = []
@@ -800,6 +807,7 @@ class PgDb:
         self._head = first + len(rows) - 1
         self._appended = True
         self._wakes = self._wakes or any(row[0] in WAKING for row in rows)
+        self._ends = self._ends or any(row[0] in ENDING for row in rows)
         return first
 
     def _copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -857,8 +865,9 @@ class PgDb:
     def wake(self) -> None:
         self._wakes = True
 
-    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
-        return Waker(self.url, on_crash)
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None, *,
+              ends: bool = False) -> Waker:
+        return Waker(self.url, on_crash, ENDS_CHANNEL if ends else CHANNEL)
 
     def for_worker(self) -> None:
         """A worker's results are written without waiting for the flush to disk: a crash of
@@ -1002,16 +1011,18 @@ def _current(db: PgDb) -> bool:
 
 
 class Waker:
-    """Wakes a process's idle workers when a transaction sends ``NOTIFY queuectl``.
+    """Wakes a process's idle workers when a transaction sends ``NOTIFY queuectl`` (or a
+    ``wait`` when one sends ``NOTIFY queuectl_ends``: ``channel``).
 
     It listens on a connection of its own. A lost connection is reopened with back-off; the
     notifications sent meanwhile are lost, so every reconnection wakes the workers once, to
     look for themselves. Their poll interval stays as a fallback.
     """
 
-    def __init__(self, url: str, on_crash: Callable[[BaseException], None] | None = None
-                 ) -> None:
+    def __init__(self, url: str, on_crash: Callable[[BaseException], None] | None = None,
+                 channel: str = CHANNEL) -> None:
         self._url = url
+        self._channel = channel
         self._on_crash = on_crash
         self.error: BaseException | None = None
         self._cond = threading.Condition()
@@ -1028,7 +1039,7 @@ class Waker:
         psycopg = _driver()
         self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10,
                                      application_name="queuectl-waker")
-        self._conn.execute(f"LISTEN {CHANNEL}")
+        self._conn.execute(f"LISTEN {self._channel}")
 
     def _supervised(self) -> None:
         try:

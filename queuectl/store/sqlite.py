@@ -303,8 +303,9 @@ class SqliteDb(sqlite3.Connection):
         finally:
             self.execute(f"PRAGMA cache_size = {int(cache)}")
 
-    def waker(self, on_crash: Callable[[BaseException], None] | None = None) -> Waker:
-        return Waker(self.path, on_crash)
+    def waker(self, on_crash: Callable[[BaseException], None] | None = None, *,
+              ends: bool = False) -> Waker:
+        return Waker(self.path, on_crash)  # data_version moves at every commit: ends too
 
     def wake(self) -> None:
         """Every commit wakes the workers of a SQLite database already (its Waker watches
