@@ -118,6 +118,32 @@ class Queue:
         with self._open() as db:
             return _as_json(reads.status(db))  # type: ignore[no-any-return]
 
+    def follow(self, job_id: str) -> Iterator[str]:
+        """A job's output as it is written (``queuectl logs --follow``): chunks of text,
+        from the start of its current run (once it starts, if it has not) through every
+        retry, ending when the job is final. The queue is free for other calls (and
+        threads) between chunks."""
+        from queuectl import output
+
+        reads.check_job_id(job_id)
+        with self._open() as db:
+            reads.get_job(db, job_id)  # an unknown id: NotFound now, not at the first chunk
+            steps = output.steps(db, job_id)
+        return self._followed(steps)
+
+    def _followed(self, steps: Iterator[Any]) -> Iterator[str]:
+        import time
+
+        while True:
+            with self._open():
+                step = next(steps, None)
+            if step is None:
+                return
+            if isinstance(step, float):
+                time.sleep(step)
+            elif isinstance(step, str):
+                yield step
+
     # -- acting on jobs ---------------------------------------------------------------
 
     def cancel(self, job_id: str) -> str:

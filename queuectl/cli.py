@@ -244,6 +244,9 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--pass-env", multiple=True, metavar="NAME",
               help="Copy this shell's current value of NAME into its environment "
                    "(repeatable).")
+@click.option("--follow", "follow", is_flag=True,
+              help="Then print the job's output as it runs, as logs --follow does, and exit "
+                   "with its exit code (the 'Job added' line goes to stderr).")
 @click.option("--wait", "wait_for", is_flag=True,
               help="Then block until the job is final and exit with its code: 0 completed, "
                    "the last run's exit code when dead (124: timed out), 1 cancelled. With "
@@ -257,6 +260,7 @@ def enqueue(
     job_id: str | None,
     jobs_file: Any,
     commands_file: Any,
+    follow: bool,
     **flags: Any,
 ) -> None:
     """Add a job, from flags, one JSON object, or a file of JSON lines.
@@ -311,6 +315,11 @@ def enqueue(
         specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
     else:
         specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
+    if follow and wait_for:
+        raise click.UsageError("--follow waits for the job too: give --follow or --wait")
+    if follow and (jobs_file is not None or commands_file is not None):
+        raise click.UsageError("--follow follows one job; it cannot go with --file or "
+                               "--commands")
     _here_by_default(specs)
     conn = _db(ctx, create=True)
     with progress.progress(len(specs), "Adding jobs", unit="jobs"):
@@ -318,9 +327,11 @@ def enqueue(
     if len(ids) == 1 and jobs_file is None and commands_file is None:
         if duplicate[0]:
             click.echo(f"Job already queued with ID: {ids[0]} "
-                       f"(unique key '{specs[0].unique_key}')")
+                       f"(unique key '{specs[0].unique_key}')", err=follow)
         else:
-            click.echo(f"Job added successfully with ID: {ids[0]}")
+            click.echo(f"Job added successfully with ID: {ids[0]}", err=follow)
+        if follow:
+            _follow(conn, ids[0])
     else:
         added = len(ids) - sum(duplicate)
         held = f"; {sum(duplicate)} already queued (unique keys held)" if any(duplicate) else ""
@@ -543,12 +554,39 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @click.argument("job_id", metavar="ID", shell_complete=complete.job_ids)
 @click.option("--attempt", type=Number("attempt"), help="Only this attempt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Print the output as it is written, from the start of the current run "
+                   "(waiting for the job to start), through every retry, until the job is "
+                   "final; then exit with its exit code (0 completed; dead: its last run's "
+                   "exit code, 124 for a timeout, else 1; cancelled: 1). Ctrl-C stops "
+                   "following (exit 130) and leaves the job alone.")
+@click.option("--full", is_flag=True,
+              help="Print the whole kept output (up to log-limit) of the last run, or of "
+                   "--attempt N, from the output store.")
 @click.pass_context
-def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) -> None:
-    """Each run of a job: exit code, duration and the tail of its output."""
+def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool, follow: bool,
+         full: bool) -> None:
+    """Each run of a job: exit code, duration and the tail of its output; with --follow
+    or --full, the output itself.
+
+    \b
+    Example:
+        queuectl logs 7
+        queuectl logs 7 --follow
+        queuectl logs 7 --full --attempt 2 > attempt2.log
+    """
     from queuectl import render
 
-    runs = reads.runs_of(_db(ctx), job_id)
+    if follow and (full or as_json or attempt is not None):
+        raise click.UsageError("--follow goes with none of --full, --json and --attempt")
+    if full and as_json:
+        raise click.UsageError("--full prints the output itself; --json prints the runs")
+    conn = _db(ctx)
+    if follow:
+        _follow(conn, job_id)
+    runs = reads.runs_of(conn, job_id)
+    if full:
+        return _full(conn, job_id, runs, attempt)
     if attempt is not None:
         runs = [r for r in runs if r.attempt == attempt]
         if not runs:
@@ -556,6 +594,36 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool) ->
     if as_json:
         return _json(runs)
     render.logs(job_id, runs)
+
+
+def _full(conn: store.Db, job_id: str, runs: list[Any], attempt: int | None) -> None:
+    from queuectl import output
+
+    if attempt is not None:
+        runs = [r for r in runs if r.attempt == attempt]
+        if not runs:
+            raise click.ClickException(f"Job {job_id} has no attempt {attempt}")
+    if not runs:
+        raise click.ClickException(f"Job {job_id} has not run yet")
+    click.echo(output.full(conn, job_id, runs[-1]), nl=False)
+
+
+def _follow(conn: store.Db, job_id: str) -> NoReturn:
+    """Print a job's output as it is written until the job is final (``output.follow``),
+    then exit with its exit code (``outcome.exit_code``); Ctrl-C: exit 130."""
+    from queuectl import outcome, output
+
+    try:
+        for piece in output.follow(conn, job_id):
+            if isinstance(piece, str):
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            else:
+                click.echo(str(piece), err=True)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130) from None
+    code = outcome.of_job(conn, job_id, reads.get_job(conn, job_id).state)
+    raise click.exceptions.Exit(1 if code is None else code)
 
 
 @cli.command()
@@ -1190,7 +1258,8 @@ def prune(ctx: click.Context, before: str, dry_run: bool, as_json: bool) -> None
     """Move old events out of the ledger into its archive: those of jobs that finished
     (completed, dead, cancelled) before then, and heartbeats a later one superseded.
 
-    Pruned jobs leave list and status; history ID --archive still reads them. A job that
+    Pruned jobs leave list and status; history ID --archive still reads them. Their whole
+    output (logs --full) is deleted; the tail stays in their archived events. A job that
     an unfinished job depends on stays. The archive is a file beside the database
     (data/queue.archive.db for data/queue.db), or a table on PostgreSQL.
 
@@ -1230,6 +1299,9 @@ def ledger_group() -> None:
 @click.pass_context
 def ledger_export(ctx: click.Context, since: int) -> None:
     """Write every event of the ledger to stdout, one JSON object a line.
+
+    The output store (runs' whole output) is not exported: it is data, not events; each
+    run's finished event carries the tail of its output.
 
     \b
     Example:

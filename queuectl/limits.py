@@ -45,6 +45,7 @@ BOUNDS: dict[str, Bound] = {
     "heartbeat_interval": Bound(False, 0.1, DAY, "seconds"),
     "lease_timeout": Bound(False, 0.5, DAY, "seconds"),
     "output_limit": Bound(True, 0, 1024, "KiB"),
+    "log_limit": Bound(True, 0, 2**30, "bytes"),
     "poll": Bound(False, 0.01, DAY, "seconds"),
     "concurrency": Bound(True, 1, 1024),
     "jobs_per_worker": Bound(True, 0, INT32),

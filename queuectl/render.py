@@ -512,7 +512,8 @@ def logs(job_id: str, runs: list[Run]) -> None:
         print(f"=== {which} on worker {run.worker_id} at "
               f"{clock.human(run.started_at)}: {safe(ended)}{took} ===")
         if run.truncated:
-            print(f"[output cut: only its last {len(run.output.encode())} bytes were kept]")
+            print(f"[output cut: only its last {len(run.output.encode())} bytes are shown; "
+                  f"logs {safe(job_id)} --full --attempt {run.attempt} prints all that was kept]")
         output = safe_block(run.output)
         print(output, end="" if output.endswith("\n") or not output else "\n")
 

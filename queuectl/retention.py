@@ -12,6 +12,8 @@ database, on PostgreSQL to a table). The event comes first, so its seq lies abov
 that leaves, and it carries what a replay can no longer work out from the events gone (see
 ``events.Pruned``): ``rebuild --check`` stays exact. Pruned jobs leave ``list`` and
 ``status``; the all-time run counts of ``stats`` and each worker's jobs done keep them.
+Their output (the output store) is deleted with them: it is data, and the archive keeps
+events only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from queuectl import clock, limits, progress
+from queuectl import clock, limits, output, progress
 from queuectl import events as ev
 from queuectl.errors import InvalidInput
 from queuectl.ledger import append, write
@@ -149,6 +151,7 @@ def _prune_jobs(conn: Db, report: Report, dry_run: bool, batch: int) -> None:
                 queues=tuple(sorted({queue for _, _, queue in jobs})),
                 runs={k: n for k, n in sorted(runs.items()) if n}, workers=workers))
             conn.archive(sorted(seq for seq, _ in events))
+            output.delete(conn, ids)  # data, not events: it goes, not to the archive
 
 
 def _prune_heartbeats(conn: Db, report: Report, dry_run: bool, batch: int) -> None:

@@ -235,8 +235,9 @@ def _reap(pid: int) -> None:
 class _Tail:
     """The last ``limit`` bytes a run wrote, read from a non-blocking pipe."""
 
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd, self.limit = fd, limit
+    def __init__(self, fd: int, limit: int, sink: Callable[[bytes], None] | None = None
+                 ) -> None:
+        self.fd, self.limit, self.sink = fd, limit, sink
         self.data = bytearray()
         self.total = 0
         self.open = True
@@ -251,6 +252,8 @@ class _Tail:
             self.open = False
             return False
         self.total += len(chunk)
+        if self.sink is not None:
+            self.sink(chunk)
         self.data.extend(chunk)
         if len(self.data) > self.limit + 65536:  # bounded, whatever the job prints
             del self.data[: len(self.data) - self.limit]
@@ -283,6 +286,7 @@ def run_command(
     env: Mapping[bytes, bytes] | Mapping[str, str] | None = None,
     leftovers: Leftovers | None = None,
     cwd: str | None = None,
+    sink: Callable[[bytes], None] | None = None,
     started: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
@@ -297,6 +301,7 @@ def run_command(
     cannot be started (a command over the kernel's 128 KiB argument limit, no processes
     left) is a run that failed with status 126, not the worker's end. If anything raises
     (``tick`` writing to a database that fails, say), the run's group is killed first.
+    ``sink``, if given, is handed every read of the output as it comes (the output store).
     """
     start = time.monotonic()
     if cwd is not None and (problem := enter_problem(cwd)) is not None:
@@ -311,7 +316,7 @@ def run_command(
                          output=why[-output_limit:] if output_limit else "", truncated=False)
     if started is not None:
         started(pid)
-    tail = _Tail(fd, output_limit)
+    tail = _Tail(fd, output_limit, sink)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     # A pidfd turns readable when the shell exits, so one poll() waits for output, end of

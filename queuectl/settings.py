@@ -6,6 +6,7 @@ shows every key and a better default needs no event.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,40 @@ class Setting:
                 return self.default
             clamped = limits.clamp(self.bound, value)
             return canonical(int(clamped) if limits.BOUNDS[self.bound].integer else clamped)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?", re.IGNORECASE)
+_UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def size(n: float, tenths: bool = False) -> str:
+    """``10 MiB``, ``512 KiB``, ``12.3 MiB``, ``900 B``: a count of bytes as people read it
+    (``tenths``: always with one decimal, ``10.0 MiB``, so that every figure has one form)."""
+    for unit in ("GiB", "MiB", "KiB"):
+        scale = _UNIT[unit[0]]
+        if n >= scale:
+            figure = f"{n / scale:.1f}"
+            return (figure if tenths else figure.removesuffix(".0")) + f" {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class SizeSetting(Setting):
+    """A setting counted in bytes, given as bytes or with a unit (``10MiB``, ``512KiB``,
+    ``1.5M``: powers of 1024), and stored as bytes."""
+
+    def parse(self, text: str) -> str:
+        found = _SIZE.fullmatch(text.strip())
+        if found is None:
+            raise InvalidInput(f"expected a size such as 10MiB, 512KiB or 4096 (bytes), "
+                               f"got {text!r}")
+        number, unit = found.groups()
+        value = float(number) * _UNIT[(unit or "").upper()[:1].replace("B", "")]
+        try:
+            return canonical(limits.check(self.bound, int(value)))
+        except InvalidInput:
+            raise InvalidInput(f"expected a size from 0 to {size(limits.BOUNDS[self.bound].high)}"
+                               f", got {text!r}") from None
 
 
 SETTINGS: dict[str, Setting] = {
@@ -115,6 +150,15 @@ SETTINGS: dict[str, Setting] = {
             "output_limit",
             lambda v: "KiB of output (its tail) kept per run",
             lambda v: f"The last {v} KiB of each run's output will be kept",
+        ),
+        SizeSetting(
+            "log-limit",
+            str(10 * 1024**2),
+            "log_limit",
+            lambda v: f"Bytes of each run's output kept whole ({size(int(v))}; then its end; "
+            "0 = its tail only)",
+            lambda v: f"Each run's output will be kept up to {size(int(v))} (its end)"
+            if int(v) else "Runs' output will not be kept beyond the tail in the ledger",
         ),
     )
 }

@@ -21,7 +21,18 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from queuectl import claims, clock, hooks, ledger, render, runner, schedules, settings, store
+from queuectl import (
+    claims,
+    clock,
+    hooks,
+    ledger,
+    output,
+    render,
+    runner,
+    schedules,
+    settings,
+    store,
+)
 from queuectl import events as ev
 from queuectl.errors import StoreUnavailable
 from queuectl.store import Db
@@ -113,6 +124,7 @@ class Worker:
         self._next_cancel_check = 0.0
         self._started = 0.0  # when the running job started, on the monotonic clock
         self._kill_reason: str | None = None
+        self._sink: output.Sink | None = None  # the running job's output, on its way to the store
         self._group = 0  # the running job's process group, once started
         self._signalled: set[int] = set()  # signal requests delivered to the running job
         self._connection = 0  # the connection generation this worker last reconciled
@@ -232,6 +244,8 @@ class Worker:
                         self._kill_reason = "cancel"
                     else:
                         self._deliver_signals(job)
+                if self._sink is not None and self._sink.due(now):
+                    self.db(output.write, self._sink)
             except StoreUnavailable:
                 self._next_try = now + 1.0
         return self._kill_reason is not None
@@ -398,6 +412,9 @@ class Worker:
         self._group, self._signalled = 0, set()
         if not asked:
             self.results.submit(self, None, None)
+        tail = int(self.config["output-limit"]) * 1024
+        limit = int(self.config["log-limit"])  # 0: the run goes as if there were no store
+        self._sink = output.Sink(job.job_id, job.attempt, self.id, limit, tail) if limit else None
         env = runner.run_env(self.env, job.job_id, job.attempt, self.id, _job_env(job))
         if job.job_id.startswith(hooks.PREFIX):  # others pay nothing for hooks
             origin = self.persist(hooks.origin_of, job.job_id)
@@ -406,18 +423,30 @@ class Worker:
         result = runner.run_command(
             job.command,
             timeout=job.timeout,
-            output_limit=int(self.config["output-limit"]) * 1024,
+            output_limit=tail,
             tick=lambda: self._running_tick(job),
             env=env,
             cwd=job.cwd,
+            sink=self._sink.add if self._sink is not None else None,
             started=self._started_group,
         )
+        self._end_output(result)
         self.done += 1
         self.running = None
         self.quick = result.duration < Pipeline.QUICK
         # With a job held next, its start goes in the same transaction as this result.
         self.results.submit(self, job, self._event(job, result), wake=not self.ahead)
 
+    def _end_output(self, result: runner.RunResult) -> None:
+        """Write the end of the run's output before its result, so that whoever sees the
+        run ended finds all of it in the store. With the store away, the ledger's tail is
+        what remains of it."""
+        sink, self._sink = self._sink, None
+        if sink is not None and sink.needed_at_end(result.truncated):
+            try:
+                self.db(output.write, sink, True)
+            except StoreUnavailable:
+                pass
     def _started_group(self, group: int) -> None:
         self._group = group
 

@@ -44,6 +44,8 @@ lease-timeout = 30
 Seconds without a heartbeat before a worker's job is taken back
 output-limit = 4
 KiB of output (its tail) kept per run
+log-limit = 10485760
+Bytes of each run's output kept whole (10 MiB; then its end; 0 = its tail only)
 =========================
 """
 
@@ -152,6 +154,7 @@ def test_config_get_json(run):
         "heartbeat-interval": 10,
         "lease-timeout": 30,
         "output-limit": 4,
+        "log-limit": 10485760,
     }
     assert json.loads(ok(run("config", "get", "max-retries", "--json"))) == {"max-retries": 5}
     run("config", "set", "backoff-base", "1.5")

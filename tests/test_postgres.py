@@ -555,3 +555,16 @@ def test_many_hosts_share_one_queue_through_kill_9s(db):
     assert hosts == {"alpha", "beta", "gamma", "delta", "epsilon"}
     assert lost == killed * 4  # every worker thread of each killed process was declared lost
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_database_at_once_all_get_in():
+    """Each waits for the schema lock; one that gets it after another brought the schema up
+    to date does not run its DDL again (which locked the ledger against the other's first
+    transaction: a deadlock, and a command that failed)."""
+    for _ in range(8):
+        with pg_database() as url:
+            procs = [spawn("--db", url, "enqueue", "-c", "true") for _ in range(3)]
+            for proc in procs:
+                out, err = proc.communicate(timeout=60)
+                assert proc.returncode == 0, err

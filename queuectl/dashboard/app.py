@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from queuectl import clock, decisions, ledger, reads, render, watch
+from queuectl import clock, decisions, ledger, output, reads, render, watch
 from queuectl import events as ev
 from queuectl.dashboard import charts
 from queuectl.errors import (
@@ -156,6 +156,10 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
             return page(request, name, head=head, **context)
         return endpoint
 
+    async def output_since(request: Request) -> Response:
+        return JSONResponse(board.read(lambda conn: live_output(request, conn)),
+                            headers={"Cache-Control": "no-store"})
+
     async def act(request: Request) -> Response:
         if board.read_only:
             raise HTTPException(403, "This dashboard is read-only.")
@@ -187,6 +191,7 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         Route("/", live(overview, "overview")),
         Route("/jobs", live(jobs, "jobs")),
         Route("/jobs/{job_id:path}", live(job_detail, "job")),
+        Route("/output/{job_id:path}", output_since),
         Route("/dlq", live(dlq, "dlq")),
         Route("/queues", live(queues, "queues")),
         Route("/schedules", live(schedules_page, "schedules")),
@@ -362,7 +367,41 @@ def job_detail(request: Request, conn: Db) -> dict[str, Any]:
                  "worker_id": getattr(event, "worker_id", None)}
                 for seq, at, event in events[-TIMELINE:]]
     return {"title": f"Job {job_id}", "job": job, "deps": deps, "timeline": timeline,
-            "events": len(events), "runs": _with_requeues(runs, events)}
+            "events": len(events), "runs": _with_requeues(runs, events),
+            "live": _running_output(conn, job_id, runs)}
+
+
+LIVE_SHOWN = 65536  # characters of a running job's output a page starts with (its end)
+
+
+def _running_output(conn: Db, job_id: str, runs: list[Run]) -> dict[str, Any] | None:
+    """The output so far of the job's running run, and where the page's script goes on
+    reading it (``live_output``)."""
+    if not runs or runs[-1].finished_at is not None:
+        return None
+    reader = output.Reader(job_id, runs[-1])
+    text = reader.more(conn)
+    if len(text) > LIVE_SHOWN:
+        text = f"[... earlier output: queuectl logs {job_id} --full ...]\n{text[-LIVE_SHOWN:]}"
+    return {"run": runs[-1].run, "text": text, "seq": reader.seq, "end": reader.end}
+
+
+def live_output(request: Request, conn: Db) -> dict[str, Any]:
+    """``/output/ID?run=N&seq=S&end=E``: what run N of job ID wrote after chunk S (which
+    ended at byte E), and whether it still runs; the job page's script polls it."""
+    job_id = request.path_params["job_id"]
+    try:
+        number, seq, end = (int(request.query_params.get(k, "0")) for k in ("run", "seq", "end"))
+    except ValueError:
+        raise InvalidInput("run, seq and end are whole numbers") from None
+    runs = reads.runs_of(conn, job_id)
+    if not 1 <= number <= len(runs):
+        raise NotFound(f"Job {job_id!r} has no run {number}")
+    run = runs[number - 1]
+    reader = output.Reader(job_id, run)
+    reader.seq, reader.end = seq, end
+    return {"text": reader.more(conn), "seq": reader.seq, "end": reader.end,
+            "running": run.finished_at is None}
 
 
 def _with_requeues(runs: list[Run], events: list[tuple[int, str, ev.Event]]

@@ -110,6 +110,9 @@ class Db(Protocol):
         rows than keys went."""
     def transaction(self) -> AbstractContextManager[Any]:
         """One write transaction: commit on success, roll back on any exception."""
+    def side_transaction(self) -> AbstractContextManager[Any]:
+        """A short write transaction for data beside the ledger (the output store): no
+        event is appended in it, so on PostgreSQL it leaves the ledger's head alone."""
     def snapshot(self) -> AbstractContextManager[Any]:
         """One consistent read of the whole database."""
     def now(self) -> str:

@@ -42,7 +42,7 @@ from queuectl.store import PROCESS_LOCK, Dialect, statements
 from queuectl.store.statements import Clash
 
 CHANNEL = "queuectl"
-SCHEMA_VERSION = 3  # 3: the archive, and pruning's permit
+SCHEMA_VERSION = 4  # 3: the archive, and pruning's permit; 4: the output store
 # Events whose appending may give an idle worker something to do.
 WAKING = frozenset({"enqueued", "requeued", "restarted", "scheduled-retry", "released",
                     "unblocked",
@@ -112,8 +112,20 @@ LEDGER_DDL = (
     BEGIN
         IF changed <> wanted THEN RAISE EXCEPTION USING ERRCODE = 'QE001', MESSAGE = token; END IF;
     END $$""",
+    # The output store: what runs printed, in chunks. Data, not events: no replay reads it.
+    """CREATE TABLE IF NOT EXISTS output (
+        job_id TEXT COLLATE "C" NOT NULL,
+        attempt BIGINT NOT NULL,
+        worker_id TEXT COLLATE "C" NOT NULL,
+        seq BIGINT NOT NULL,
+        at TEXT COLLATE "C" NOT NULL,
+        start BIGINT NOT NULL,
+        size BIGINT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (job_id, attempt, worker_id, seq)
+    )""",
 )
-OURS = {"events", "queuectl_head", "projection_meta", "archived_events"}
+OURS = {"events", "queuectl_head", "projection_meta", "archived_events", "output"}
 
 
 class PgDialect(Dialect):
@@ -689,6 +701,23 @@ class PgDb:
             finally:
                 self._head = self._tx_now = None
 
+    @contextmanager
+    def side_transaction(self) -> Iterator[PgDb]:
+        """A write of data beside the ledger (the output store): it appends no event, so it
+        does not take the ledger's head, and ledger writers never wait for it."""
+        with PROCESS_LOCK:
+            self._pending = []
+            try:
+                self._hold("BEGIN")
+                yield self
+                self.execute("COMMIT")
+            except BaseException:
+                self._pending = []
+                self._rollback()
+                raise
+            finally:
+                self._tx_now = None
+
     def _took_head(self, cursor: Any) -> None:
         (self._head,) = cursor.fetchone()
 
@@ -957,6 +986,9 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
     db.conn.execute("BEGIN")
     try:
         db.conn.execute("SELECT pg_advisory_xact_lock(hashtext('queuectl schema'))")
+        if _current(db):  # another process brought it up to date while this one waited:
+            db.conn.execute("COMMIT")  # its DDL again would lock the ledger against its work
+            return
         for statement in LEDGER_DDL:
             db.conn.execute(statement)
         db.conn.execute("UPDATE queuectl_head SET version = %s", (SCHEMA_VERSION,))
@@ -964,6 +996,15 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
     except BaseException:
         db._rollback()
         raise
+
+
+def _current(db: PgDb) -> bool:
+    """Whether the ledger's tables are there at ``SCHEMA_VERSION`` (under the schema lock)."""
+    (head,) = db.conn.execute("SELECT to_regclass('queuectl_head') IS NOT NULL").fetchone()
+    if not head:
+        return False
+    (version,) = db.conn.execute("SELECT version FROM queuectl_head").fetchone()
+    return bool(version >= SCHEMA_VERSION)
 
 
 # -- waking idle workers ------------------------------------------------------------------

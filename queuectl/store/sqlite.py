@@ -60,11 +60,23 @@ LEDGER_DDL = (
         version INTEGER NOT NULL,
         position INTEGER NOT NULL
     )""",
+    # The output store: what runs printed, in chunks. Data, not events: no replay reads it.
+    """CREATE TABLE IF NOT EXISTS output (
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        start INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (job_id, attempt, worker_id, seq)
+    )""",
 )
 
 # The ledger's own schema (the events table and its triggers), in ``PRAGMA user_version``;
 # an older database gets what was added since when it is next opened.
-LEDGER_VERSION = 2  # 2: pruning's permit
+LEDGER_VERSION = 3  # 2: pruning's permit; 3: the output store
 
 # A worker's commit dirties many small pages (the ledger row and its indexes, the job, its
 # run and their indexes, the worker, the counts), and the WAL writes and checksums each
@@ -190,6 +202,11 @@ class SqliteDb(sqlite3.Connection):
 
     def reconnect(self) -> None:
         """Nothing to do: a SQLite file is not a server that goes away."""
+
+    def side_transaction(self) -> Any:
+        """A write of data beside the ledger (the output store): SQLite has one write lock,
+        so it is a transaction like any other."""
+        return self.transaction()
 
     @contextmanager
     def snapshot(self) -> Iterator[SqliteDb]:

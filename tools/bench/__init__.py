@@ -6,7 +6,7 @@
 
 Scenarios (``--only`` takes these names), each a module of ``scenarios/`` whose docstring says
 what it measures: worker, cycle, latency, startup, bulk, replay, reads, dashboard, memory,
-prune, api, progress.
+prune, api, progress, output.
 
 Every figure is the median of several runs (``--runs``, default 5; ``--quick``: 2 runs and
 small sizes, a smoke run). Ratios are taken against a baseline measured in the same run,
@@ -15,10 +15,10 @@ uses its own fresh temporary database; the big replay ledger is built once and c
 ``$QUEUECTL_BENCH_CACHE`` (default ``/tmp/queuectl-bench-cache``), keyed by its size and by the
 event/ledger code that shapes its rows.
 
-``--backend postgres`` runs worker, cycle, latency, bulk, reads, prune, api, progress and
-dashboard on PostgreSQL instead (startup, replay and memory give one n/a row each): each run gets a fresh database
-``queuectl_bench_<random>`` on the server ``--pg-admin`` (or ``$QUEUECTL_BENCH_PG``) names,
-dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
+``--backend postgres`` runs worker, cycle, latency, bulk, reads, prune, api, progress, output
+and dashboard on PostgreSQL instead (startup, replay and memory give one n/a row each): each
+run gets a fresh database ``queuectl_bench_<random>`` on the server ``--pg-admin`` (or
+``$QUEUECTL_BENCH_PG``) names, dropped afterwards. Its worker is compared with the SQLite worker, run beside it, and with
 procrastinate (a PostgreSQL job queue, ``pip install .[bench]``). The reads ledger is the replay
 ledger imported once and kept on the server as a template database, keyed like the SQLite one.
 

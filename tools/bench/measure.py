@@ -45,7 +45,7 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, flush=True)
 """
 
 
-def peak_rss(ctx: Context, cmd: list[str], db: Path | None = None) -> tuple[int, float]:
+def peak_rss(ctx: Context, cmd: list[str], db: Path | str | None = None) -> tuple[int, float]:
     """Run ``cmd`` to its end: its exit code and its peak RSS in MiB."""
     proc = subprocess.run(
         [sys.executable, "-S", "-c", RSS_LAUNCHER, *cmd],

@@ -92,4 +92,31 @@
     if (event.target.matches && event.target.matches("details.confirm")) schedule();
   }, true);
   schedule();
+
+  // A running job's output (<pre id="live-output" data-src>): what was written since the
+  // chunk it shows last is fetched every second and appended, kept at the bottom if the
+  // reader was there. A redraw of the live part brings a new <pre>, read on from there.
+  const KEEP = 262144;  // characters a page holds at most; older output is cut
+  async function follow() {
+    const pre = document.getElementById("live-output");
+    if (!pre || document.hidden || seconds() === 0) return window.setTimeout(follow, 1000);
+    try {
+      const url = pre.dataset.src + "&seq=" + pre.dataset.seq + "&end=" + pre.dataset.end;
+      const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
+      if (response.status === 200) {
+        const got = await response.json();
+        if (document.getElementById("live-output") === pre && got.seq > Number(pre.dataset.seq)) {
+          const bottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+          let text = pre.textContent + got.text;
+          if (text.length > KEEP) text = text.slice(text.length - KEEP);
+          pre.textContent = text;
+          pre.dataset.seq = String(got.seq);
+          pre.dataset.end = String(got.end);
+          if (bottom) pre.scrollTop = pre.scrollHeight;
+        }
+      }
+    } catch (e) { /* the page's own poll says when the server is unreachable */ }
+    window.setTimeout(follow, 1000);
+  }
+  if (document.getElementById("live-output") || (live && live.dataset.poll)) follow();
 })();

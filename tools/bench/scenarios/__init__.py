@@ -13,6 +13,7 @@ from .cycle import bench_cycle
 from .dashboard import bench_dashboard
 from .latency import bench_latency
 from .memory import bench_memory
+from .output import bench_output
 from .progress import bench_progress
 from .prune import bench_prune
 from .reads import bench_reads
@@ -21,7 +22,7 @@ from .startup import bench_startup
 from .worker import bench_pg_worker, bench_worker
 
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
-             "memory", "prune", "api", "progress")
+             "memory", "prune", "api", "progress", "output")
 # What a postgres run leaves out, and why: one n/a row each.
 PG_SKIPPED = {
     "startup": "`enqueue -c true` start-up against the import floor",
@@ -51,8 +52,9 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "prune": bench_prune,
     "api": bench_api,
     "progress": bench_progress,
+    "output": bench_output,
 }
-# cycle, latency, bulk, reads, dashboard, prune, api and progress run the same code on either store
-# (``ctx.backend``).
+# cycle, latency, bulk, reads, dashboard, prune, api, progress and output run the same code on
+# either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
