@@ -172,6 +172,14 @@ def export(db: Db, since: int = 0) -> Iterator[str]:
         last = rows[-1][0]
 
 
+def _seq_span(db: Db) -> int:
+    """How many events the ledger holds, at once: exact unless a prune left gaps (a
+    progress bar's total; a count would read the whole table first)."""
+    (first,) = db.execute("SELECT min(seq) FROM events").fetchone()
+    (last,) = db.execute("SELECT max(seq) FROM events").fetchone()
+    return 0 if first is None else int(last) - int(first) + 1
+
+
 def count_events(db: Db, since: int = 0) -> int:
     """How many events ``export(db, since)`` would give now."""
     return int(db.execute("SELECT count(*) FROM events WHERE seq > ?", (since,)).fetchone()[0])
@@ -278,7 +286,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
         for kind in TAGS.values()
     }
     bar = progress.current()
-    bar.task("Replaying the ledger", lambda: count_events(source), "events")
+    bar.task("Replaying the ledger", lambda: _seq_span(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     while rows := cursor.fetchmany(FLUSH_CHECK):
         events += len(rows)

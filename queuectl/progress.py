@@ -13,9 +13,12 @@ thread at most ``REFRESH`` times a second, so the bar costs the work almost noth
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -137,51 +140,99 @@ def count_lines(stream: IO[bytes]) -> int | None:
 
 
 class _Drawn(Bar):
-    """A rich progress display on standard error, started once there is enough to show."""
+    """A progress display on standard error, drawn by a process of its own once there is
+    enough to show. The work's process only tells it how far it got, a line on a pipe at
+    most twice a frame: rich in the same process, drawing or not, slowed a replay by
+    several percent (bench scenario progress), and a separate process costs it nothing."""
 
     shown = True
 
     def __init__(self) -> None:
-        self.progress: Any = None
-        self.id: Any = None  # the current step's task on the display, once it is there
+        self.view: subprocess.Popen[bytes] | None = None
+        self.open = False  # the current step is on the display
         self.label, self.unit, self.done = "", "", 0
         self.total: int | None = None
+        self._sent = 0.0
 
     def task(self, label: str, total: Total = None, unit: str = "") -> None:
         self.finish()
-        self.label, self.unit, self.done, self.id = label, unit, 0, None
+        self.label, self.unit, self.done, self.open = label, unit, 0, False
         self.total = total() if callable(total) else total
         self._show()
 
     def update(self, done: int) -> None:
         self.done = done
-        if self.id is None:
+        if not self.open:
             self._show()
-        else:
-            self.progress.update(self.id, completed=done)
+            return
+        now = time.monotonic()
+        if now - self._sent >= 0.5 / REFRESH:
+            self._sent = now
+            self._send(["u", done])
 
     def advance(self, n: int) -> None:
         self.update(self.done + n)
 
     def finish(self) -> None:
-        if self.id is not None:
-            total = self.done if self.total is None else max(self.total, self.done)
-            self.progress.update(self.id, total=total, completed=total)
-            self.id = None
+        if self.open:
+            # Over: what it counted is the total (a total given may have been an estimate).
+            self._send(["f", self.done or self.total or 0])
+            self.open = False
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        """Stop drawing, once the last frame is drawn: what the command prints next (an
+        error, say) comes after it."""
+        if self.view is None:
+            return
+        view, self.view = self.view, None
+        try:
+            assert view.stdin is not None
+            view.stdin.close()
+        except OSError:
+            pass
+        try:
+            view.wait(5)
+        except subprocess.TimeoutExpired:
+            view.kill()
+            view.wait()
 
     def _show(self) -> None:
-        if self.progress is None:
+        if self.view is None:
             if max(self.total or 0, self.done) < SMALL:
                 return
-            self.progress = _display()
-            self.progress.start()
-        self.id = self.progress.add_task(self.label, total=self.total, completed=self.done,
-                                         unit=self.unit)
+            self.view = subprocess.Popen([sys.executable, "-m", "queuectl.progress_view"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self._send(["t", self.label, self.total, self.done, self.unit])
+        self.open = True
+
+    def _send(self, message: list[Any]) -> None:
+        if self.view is None or self.view.stdin is None:
+            return
+        try:
+            self.view.stdin.write(json.dumps(message).encode() + b"\n")
+            self.view.stdin.flush()
+        except (OSError, ValueError):  # the display is gone: the work goes on without it
+            self.view.stdin = None
+
+
+def view(lines: Iterable[bytes]) -> None:
+    """Draw what the work's process says (``_Drawn``), until it closes the pipe."""
+    display = _display()
+    display.start()
+    task: Any = None
+    try:
+        for line in lines:
+            kind, *args = json.loads(line)
+            if kind == "t":
+                label, total, done, unit = args
+                task = display.add_task(label, total=total, completed=done, unit=unit)
+            elif kind == "u" and task is not None:
+                display.update(task, completed=args[0])
+            elif kind == "f" and task is not None:
+                display.update(task, total=args[0], completed=args[0])
+                task = None
+    finally:
+        display.stop()
 
 
 def _display() -> Any:
