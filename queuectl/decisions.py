@@ -537,7 +537,9 @@ def parse_signal(text: str) -> int:
     name = name[3:] if name.startswith("SIG") else name
     if name in SIGNALS:
         return int(getattr(signals, "SIG" + name))
-    if name.isdigit() and int(name) in {int(s) for s in signals.valid_signals()}:
+    # ASCII digits only, and few of them: int() refuses '²' and 5,000-digit strings.
+    if name.isascii() and name.isdigit() and len(name) <= 3 \
+            and int(name) in {int(s) for s in signals.valid_signals()}:
         return int(name)
     raise InvalidInput(f"signal {text!r}: give one of {', '.join(SIGNALS)} (with or without "
                        "SIG, any case) or a signal number")

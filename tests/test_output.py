@@ -222,6 +222,10 @@ def test_the_dashboard_shows_a_running_jobs_output_live(run, db):
         whole = client.get(f"/output/{job_id}?run=1").json()
         assert whole == {"text": "first\nsecond\n", "seq": 2, "end": 13, "running": False}
         assert client.get(f"/output/{job_id}?run=2").status_code == 404
+        # Bad cursors are a 400, never a 500: Unicode digits, signs, past a store's integer.
+        for query in ("run=²", "run=1&seq=-1", "run=1&end=+5", "run=1&seq=" + "9" * 30):
+            bad = client.get(f"/output/{job_id}?{query}")
+            assert bad.status_code == 400, (query, bad.status_code, bad.text)
 
 
 def state_of(client: Any, job_id: str) -> str:

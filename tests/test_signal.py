@@ -93,7 +93,8 @@ def test_signal_names_and_numbers():
                       ("KILL", signal.SIGKILL), ("sigSTOP", signal.SIGSTOP),
                       ("cont", signal.SIGCONT), ("9", signal.SIGKILL), ("10", 10)):
         assert decisions.parse_signal(text) == int(sig), text
-    for text in ("", "SIG", "0", "-1", "999", "SEGV", "term1", "1.5"):
+    # Unicode digits and a number too long for int(): one clear error, not a ValueError.
+    for text in ("", "SIG", "0", "-1", "999", "SEGV", "term1", "1.5", "²", "٩", "9" * 5000):
         with pytest.raises(InvalidInput):
             decisions.parse_signal(text)
 

@@ -390,10 +390,12 @@ def live_output(request: Request, conn: Db) -> dict[str, Any]:
     """``/output/ID?run=N&seq=S&end=E``: what run N of job ID wrote after chunk S (which
     ended at byte E), and whether it still runs; the job page's script polls it."""
     job_id = request.path_params["job_id"]
-    try:
-        number, seq, end = (int(request.query_params.get(k, "0")) for k in ("run", "seq", "end"))
-    except ValueError:
-        raise InvalidInput("run, seq and end are whole numbers") from None
+    given = [request.query_params.get(k, "0") for k in ("run", "seq", "end")]
+    # ASCII digits, and no more than a 64-bit integer holds: int() takes '²' and ' -1 ',
+    # and a store refuses a number past 2**63 with a driver error.
+    if not all(g.isascii() and g.isdigit() and len(g) <= 18 for g in given):
+        raise InvalidInput("run, seq and end are whole numbers")
+    number, seq, end = map(int, given)
     runs = reads.runs_of(conn, job_id)
     if not 1 <= number <= len(runs):
         raise NotFound(f"Job {job_id!r} has no run {number}")
