@@ -16,7 +16,12 @@ from queuectl.errors import InvalidInput
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
-    """Base of all events; ``job_id``/``worker_id`` are lifted into ledger columns."""
+    """Base of all events; ``job_id``/``worker_id`` are lifted into ledger columns.
+
+    ``by`` names who caused it (``queuectl.actor``); events written before it existed
+    have none."""
+
+    by: str = ""
 
     @property
     def type(self) -> str:

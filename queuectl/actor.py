@@ -1,0 +1,52 @@
+"""Who causes an event: every event a person or program causes names its actor (``by``).
+
+The CLI acts as ``user@host``, the HTTP API as ``token:NAME``, a schedule as
+``schedule:NAME``, a hook as ``hook:NAME``, and a worker as its own id. ``ledger.append``
+stamps each event that does not name one already with ``current()``. The actor is a
+context variable, so a request served on one thread never lends its name to another; the
+process-wide default covers threads that set none (a worker's writer thread sets its own).
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_acting: ContextVar[str] = ContextVar("queuectl_actor", default="")
+_default = ""
+
+
+def current() -> str:
+    """The actor events appended now are stamped with ("" for none)."""
+    return _acting.get() or _default
+
+
+def set_default(by: str) -> None:
+    """Name the actor of this process, where no ``acting_as`` says otherwise."""
+    global _default
+    _default = by
+
+
+@contextmanager
+def acting_as(by: str) -> Iterator[None]:
+    """Within the block, events appended on this thread (or task) are ``by``'s."""
+    token = _acting.set(by)
+    try:
+        yield
+    finally:
+        _acting.reset(token)
+
+
+@functools.cache
+def person() -> str:
+    """``user@host`` for whoever runs this command."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid, and no LOGNAME/USER
+        import os
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
