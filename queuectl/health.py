@@ -132,6 +132,5 @@ def _workers_text(live: int, minimum: int) -> str:
 def _ready_text(age: float | None, queue: str | None, maximum: float) -> str:
     if age is None:
         return "no ready job"
-    shown = f"{age:.1f}" if age < 10 else f"{age:.0f}"  # 0.4 s, not 0 s, under a tight bound
-    text = f"the oldest ready job (queue {queue}) is {shown} s old"
+    text = f"the oldest ready job (queue {queue}) is {age:.1f} s old"
     return text if age <= maximum else f"{text}, over {maximum:g} s"

@@ -75,27 +75,27 @@ def test_a_ready_job_waiting_too_long(run: Any, conn: Any, monkeypatch: pytest.M
     claims.heartbeat(conn, "w1")
     ok(run, "config", "set", "lease-timeout", "10000")
     fake.set(400)
-    assert health(run) == (1, "unhealthy: the oldest ready job (queue mail) is 400 s old, "
+    assert health(run) == (1, "unhealthy: the oldest ready job (queue mail) is 400.0 s old, "
                                "over 300 s\n")
     assert health(run, "--max-ready-age", "500") == (
-        0, "healthy: 1 live worker, the oldest ready job (queue mail) is 400 s old\n")
+        0, "healthy: 1 live worker, the oldest ready job (queue mail) is 400.0 s old\n")
     assert health(run, "-q", "default") == (0, "healthy: 1 live worker, no ready job\n")
     fake.set(700)  # "later" came due at 600 s
     assert health(run, "-q", "default") == (0, "healthy: 1 live worker, the oldest ready job "
-                                                "(queue default) is 100 s old\n")
+                                                "(queue default) is 100.0 s old\n")
     assert health(run, "-q", "default", "--max-ready-age", "99.5", "--min-workers", "2") == (
         1, "unhealthy: 1 live worker, fewer than 2; the oldest ready job (queue default) is "
-           "100 s old, over 99.5 s\n")
+           "100.0 s old, over 99.5 s\n")
     ok(run, "queue", "pause", "mail")  # a paused queue's jobs wait on purpose
     code, out = health(run, "--json")
     assert code == 0
     assert json.loads(out) == {
         "healthy": True,
-        "message": "healthy: 1 live worker, the oldest ready job (queue default) is 100 s old",
+        "message": "healthy: 1 live worker, the oldest ready job (queue default) is 100.0 s old",
         "checks": {
             "store": {"ok": True, "detail": ""},
             "workers": {"ok": True, "detail": "1 live worker", "live": 1, "min": 1},
-            "ready_age": {"ok": True, "detail": "the oldest ready job (queue default) is 100 s old",
+            "ready_age": {"ok": True, "detail": "the oldest ready job (queue default) is 100.0 s old",
                           "oldest_seconds": 100.0, "queue": "default", "max": 300.0}}}
 
 
