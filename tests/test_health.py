@@ -190,3 +190,26 @@ def test_served_metrics_and_healthz(run: Any, conn: Any, served: str) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     assert run("health").stdout == "unhealthy: no live worker\n"
+
+
+def test_a_ready_job_over_the_bound_on_either_store(run: Any, conn: Any) -> None:
+    ok(run, "enqueue", "-c", "true", "-q", "mail")
+    wait_for(lambda: health(run, "--min-workers", "0", "--max-ready-age", "0")[0] == 1, 10,
+             "the job to be older than 0 s")
+    code, out = health(run, "--min-workers", "0", "--max-ready-age", "0")
+    assert out.startswith("unhealthy: the oldest ready job (queue mail) is ")
+    assert out.endswith(" s old, over 0 s\n") and len(out.splitlines()) == 1
+    assert health(run, "--min-workers", "0", "-q", "default") == (
+        0, "healthy: no live worker, no ready job\n")
+
+
+@pytest.mark.stores("sqlite")
+def test_a_postgresql_database_that_does_not_exist_is_not_created(run: Any) -> None:
+    url = "postgresql://127.0.0.1:5432/queuectl_health_nowhere"
+    for _ in range(2):
+        result = run("--db", url, "health")
+        assert result.exit_code == 1
+        assert result.stdout == (f"unhealthy: the store cannot be reached: cannot connect to "
+                                 f"{url}: connection failed: connection to server at "
+                                 '"127.0.0.1", port 5432 failed: FATAL: database '
+                                 '"queuectl_health_nowhere" does not exist\n')

@@ -11,7 +11,7 @@ import pytest
 from conftest import rescued
 from helpers import FakeClock, ok
 
-from queuectl import claims, clock
+from queuectl import claims, clock, ledger
 from queuectl import events as ev
 from queuectl import metrics
 
@@ -177,3 +177,19 @@ def test_quantiles_are_nearest_rank() -> None:
     assert metrics.quantiles([3.0, 1.0, 2.0]) == {0.5: 2.0, 0.9: 3.0, 0.99: 3.0}
     assert metrics.quantiles([float(n) for n in range(1, 101)]) == {0.5: 50.0, 0.9: 90.0,
                                                                     0.99: 99.0}
+
+
+def test_runs_of_claims_that_name_no_queue_count_under_queue_empty(run: Any, conn: Any) -> None:
+    """Claims written before they named their job's queue: their runs keep counting, under
+    queue "", and a replay gives the same (the fixture checks it)."""
+    ok(run, "enqueue", "--id", "old", "-c", "true", "-q", "mail")
+    wid = claims.worker_started(conn, 1, "h")
+    with ledger.write(conn):
+        ledger.append(conn, ev.Claimed(job_id="old", worker_id=wid, attempt=1))
+        ledger.append(conn, ev.Completed(job_id="old", worker_id=wid, attempt=1, duration=0.5))
+    got = scrape(run)
+    assert value(got, "queuectl_runs_total", queue="", outcome="completed") == 1
+    assert value(got, "queuectl_runs_started_total", queue="") == 1
+    assert value(got, "queuectl_runs_total", queue="mail", outcome="completed") == 0
+    assert run("prune", "--before", "0s").exit_code == 0
+    assert value(scrape(run), "queuectl_runs_total", queue="", outcome="completed") == 1
