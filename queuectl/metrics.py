@@ -5,7 +5,8 @@ Every figure comes from a projection kept current with the ledger, read in one s
 counts of jobs and runs are rows of ``job_counts`` and ``run_counts`` (all-time totals that
 ``prune`` does not reset), the oldest ready job and the recent runs are index walks, so a
 scrape costs about the same at a thousand jobs and at a million. prometheus_client is
-imported here only, and only the commands that serve or print metrics import this module.
+imported only by the functions that build the metric families: ``health``, which reads
+``oldest_ready`` from here, never loads it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """metrics: one scrape of ``queuectl metrics`` / ``/metrics`` on the replay ledger, in
 process: the collector reading the projections and the text format it makes (the server
 time of a scrape, without HTTP). Idle: the ledger's runs ended long ago, so the recent
-window is empty; busy (SQLite only: PostgreSQL's clock is the server's): the clock set
-just after the last run, so the window holds its newest runs."""
+window is empty; busy: the scrape's time just after the last run, so the window holds its
+newest runs."""
 
 from __future__ import annotations
 
@@ -44,13 +44,11 @@ def metrics_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list[R
     try:
         (end,) = conn.execute("SELECT max(finished_at) FROM runs").fetchone()
         after = clock.after(end, 1)
-        windows = {"idle": lambda: None}
-        if ctx.backend != "postgres":
-            windows["busy"] = lambda: after
+        windows = {"idle": lambda: None, "busy": lambda: after}
         times: dict[str, list[float]] = {key: [] for key in windows}
         for key, now in windows.items():
             scrape_ms(conn, now)  # warm up: the first scrape reads the pages in
-            for r in range(ctx.runs):
+            for _ in range(ctx.runs):
                 times[key].append(median([scrape_ms(conn, now) for _ in range(SCRAPES)]))
     finally:
         conn.close()
@@ -58,12 +56,10 @@ def metrics_rows(ctx: Context, result: ScenarioResult, db: Path | str) -> list[R
         f"{key} {median(values):.2f}" for key, values in times.items()))
     result.details["scrape_ms"] = {key: median(values) for key, values in times.items()}
     jobs = f"{ctx.sizes.replay_jobs:,} jobs"
-    rows = [make_row("metrics", "scrape_ms", f"one metrics scrape at {jobs}, server time",
-                     times["idle"], "ms", TARGET,
-                     note="collector + text format; recent window empty")]
-    if "busy" in times:
-        rows.append(make_row(
-            "metrics", "busy_scrape_ms", f"one metrics scrape at {jobs}, window full",
-            times["busy"], "ms", TARGET,
-            note=f"summaries over the newest {metrics.WINDOW_RUNS:,} runs"))
-    return rows
+    return [
+        make_row("metrics", "scrape_ms", f"one metrics scrape at {jobs}, server time",
+                 times["idle"], "ms", TARGET, note="collector + text format; recent window empty"),
+        make_row("metrics", "busy_scrape_ms", f"one metrics scrape at {jobs}, window full",
+                 times["busy"], "ms", TARGET,
+                 note=f"summaries over the newest {metrics.WINDOW_RUNS:,} runs"),
+    ]
