@@ -28,7 +28,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
 
 NAME = "jobs"
-VERSION = 13
+VERSION = 14
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -44,6 +44,7 @@ NAMED_READY_SQL = f"{CLAIMABLE_SQL} AND queue != '{DEFAULT_QUEUE}'"
 
 # Where a query reads jobs through one of INDEXES (see store.index).
 JOBS_READY = index("jobs_ready")
+JOBS_READY_SINCE = index("jobs_ready_since")
 JOBS_QUEUE_READY = index("jobs_queue_ready")
 JOBS_RUN_AT = index("jobs_run_at")
 JOBS_STATE = index("jobs_state")
@@ -125,6 +126,9 @@ INDEXES = (
     f"CREATE INDEX jobs_ready ON jobs (priority DESC, seq) WHERE {CLAIMABLE_SQL}",
     # A worker given named queues (worker -q) walks each one's ready jobs in the same order.
     f"CREATE INDEX jobs_queue_ready ON jobs (queue, priority DESC, seq) WHERE {NAMED_READY_SQL}",
+    # Since when each queue's oldest claimable job could run: its first entry, one seek a
+    # queue (a metrics scrape, health), where min(run_at) over jobs_ready reads every one.
+    f"CREATE INDEX jobs_ready_since ON jobs (queue, run_at) WHERE {CLAIMABLE_SQL}",
     # When the next scheduled job or retry is due (pending jobs are due already).
     f"CREATE INDEX jobs_run_at ON jobs (run_at) WHERE {TIMED_SQL}",
     f"CREATE INDEX jobs_state ON jobs (state, seq) WHERE {INDEXED_STATES}",

@@ -5,8 +5,9 @@ Indexes are kept to what ``stats`` needs, since every run touches each of them.
 Rules it enforces: a claim opens a run whose ``wait`` is how long the job had been eligible
 (claim time minus its ``run_at``); the run's outcome event (completed, failed, timed-out,
 lease-expired, released, cancelled) closes it with its duration; a ``dead`` event marks the
-run that exhausted the job's retries. ``run_counts`` keeps all-time totals so that
-``stats`` without ``--since`` reads no more than a few rows plus two index walks; of them,
+run that exhausted the job's retries. A run is of the queue its claim names. ``run_counts``
+keeps all-time totals per queue and outcome, so that ``stats`` without ``--since`` and a
+metrics scrape read no more than a few rows plus two index walks; of them,
 ``pruned:<outcome>`` rows count the runs that ``queuectl prune`` took out of the table.
 """
 
@@ -24,8 +25,8 @@ from queuectl import events as ev
 from queuectl.store import Db, index
 
 NAME = "runs"
-VERSION = 7
-TABLES = {"runs": ("seq",), "run_counts": ("outcome",)}
+VERSION = 8
+TABLES = {"runs": ("seq",), "run_counts": ("queue", "outcome")}
 
 DDL = (
     """CREATE TABLE runs (
@@ -39,9 +40,16 @@ DDL = (
         outcome TEXT,
         exit_code INTEGER,
         duration REAL,
-        dead INTEGER NOT NULL DEFAULT 0
+        dead INTEGER NOT NULL DEFAULT 0,
+        queue TEXT NOT NULL DEFAULT ''
     )""",
-    "CREATE TABLE run_counts (outcome TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    # queue '': runs claimed before claims named their queue.
+    """CREATE TABLE run_counts (
+        queue TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (queue, outcome)
+    )""",
 )
 
 # Built once at the end of a replay. runs_finished leaves open
@@ -56,28 +64,28 @@ INDEXES = (
 RUNS_FINISHED = index("runs_finished")  # where a query reads runs by their end (INDEXES)
 
 COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
-           "outcome", "exit_code", "duration", "dead")
+           "outcome", "exit_code", "duration", "dead", "queue")
 fromisoformat = datetime.fromisoformat
 PRUNED = "pruned:"  # run_counts of runs pruned (queuectl prune) from the table: pruned:<outcome>
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
 
 # run_counts follows the rows through these triggers, inside the database. A replay creates
 # them after its last row, having counted in memory instead.
-_UPSERT = ("INSERT INTO run_counts (outcome, n) VALUES ({}, 1) "
-           "ON CONFLICT (outcome) DO UPDATE SET n = run_counts.n + 1")
-_ADD = ("INSERT INTO run_counts (outcome, n) {} "
-        "ON CONFLICT (outcome) DO UPDATE SET n = run_counts.n + excluded.n")
-_OPENED_ROWS = "SELECT 'claimed', count(*) FROM opened HAVING count(*) > 0"
+_UPSERT = ("INSERT INTO run_counts (queue, outcome, n) VALUES ({}, {}, 1) "
+           "ON CONFLICT (queue, outcome) DO UPDATE SET n = run_counts.n + 1")
+_ADD = ("INSERT INTO run_counts (queue, outcome, n) {} "
+        "ON CONFLICT (queue, outcome) DO UPDATE SET n = run_counts.n + excluded.n")
+_OPENED_ROWS = "SELECT queue, 'claimed', count(*) FROM opened GROUP BY queue"
 TRIGGERS = {
     "sqlite": (
         f"""CREATE TRIGGER run_counts_claimed AFTER INSERT ON runs BEGIN
-            {_UPSERT.format("'claimed'")}; END""",
+            {_UPSERT.format("new.queue", "'claimed'")}; END""",
         f"""CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
         WHEN old.outcome IS NULL AND new.outcome IS NOT NULL BEGIN
-            {_UPSERT.format("new.outcome")}; END""",
+            {_UPSERT.format("new.queue", "new.outcome")}; END""",
         f"""CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
         WHEN new.dead = 1 AND old.dead = 0 BEGIN
-            {_UPSERT.format("'dead'")}; END""",
+            {_UPSERT.format("new.queue", "'dead'")}; END""",
     ),
     # The runs a batch opens are one INSERT, counted once a statement from its transition
     # table (see job_counts_move); a run is closed by one UPDATE of its own (a job's runs
@@ -89,12 +97,12 @@ TRIGGERS = {
         """CREATE TRIGGER run_counts_opened AFTER INSERT ON runs REFERENCING NEW TABLE AS opened
         FOR EACH STATEMENT EXECUTE FUNCTION run_counts_opened()""",
         f"""CREATE OR REPLACE FUNCTION run_counts_closed() RETURNS trigger LANGUAGE plpgsql
-        AS $$ BEGIN {_UPSERT.format("NEW.outcome")}; RETURN NULL; END $$""",
+        AS $$ BEGIN {_UPSERT.format("NEW.queue", "NEW.outcome")}; RETURN NULL; END $$""",
         """CREATE TRIGGER run_counts_closed AFTER UPDATE OF outcome ON runs
         FOR EACH ROW WHEN (OLD.outcome IS NULL AND NEW.outcome IS NOT NULL)
         EXECUTE FUNCTION run_counts_closed()""",
         f"""CREATE OR REPLACE FUNCTION run_counts_dead() RETURNS trigger LANGUAGE plpgsql
-        AS $$ BEGIN {_UPSERT.format("'dead'")}; RETURN NULL; END $$""",
+        AS $$ BEGIN {_UPSERT.format("NEW.queue", "'dead'")}; RETURN NULL; END $$""",
         """CREATE TRIGGER run_counts_dead AFTER UPDATE OF dead ON runs
         FOR EACH ROW WHEN (NEW.dead = 1 AND OLD.dead = 0) EXECUTE FUNCTION run_counts_dead()""",
     ),
@@ -108,7 +116,7 @@ def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
         wait = max(0.0, round(wait, 6))
     return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
             "claimed_at": at, "wait": wait, "finished_at": None, "outcome": None,
-            "exit_code": None, "duration": None, "dead": 0}
+            "exit_code": None, "duration": None, "dead": 0, "queue": e.queue or ""}
 
 
 # How each outcome event closes the job's open run: (outcome, exit code, duration).
@@ -134,9 +142,9 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
         # Their runs leave the table; run_counts keep them, as all-time totals, and count
         # them again under pruned:<outcome>, so that stats knows which runs it still holds.
         tx.delete("runs", "job_id", e.jobs)
-        for outcome, n in e.runs.items():
-            tx.insert("run_counts", {"outcome": PRUNED + outcome, "n": n}, key=("outcome",),
-                      clash="add")
+        for (queue, outcome), n in pruned_runs(e).items():
+            tx.insert("run_counts", {"queue": queue, "outcome": PRUNED + outcome, "n": n},
+                      key=("queue", "outcome"), clash="add")
     elif kind is ev.Dead:
         # A dead event always follows the event that closed the job's latest run.
         (latest,) = tx.execute(_LATEST, (e.job_id,)).fetchone()
@@ -151,6 +159,14 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
                        "duration": duration}, unique=False)
 
 
+def pruned_runs(e: ev.Pruned) -> dict[tuple[str, str], int]:
+    """The pruned runs per (queue, outcome); an older pruned event's, under queue ""."""
+    if not e.queue_runs:
+        return {("", outcome): n for outcome, n in e.runs.items()}
+    return {(queue, outcome): n for queue, runs in e.queue_runs.items()
+            for outcome, n in runs.items()}
+
+
 class Replay:
     """``apply`` for a replay into empty tables, on rows held in memory (a job has at most
     one open run, its latest, so closing "the open runs" is closing the latest if open)."""
@@ -160,7 +176,7 @@ class Replay:
         self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
         self._held = self.rows.new.get  # the usual case, without a call to rows.get
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
-        self.counts: Counter[str | None] = Counter()  # run_counts, over the rows written
+        self.counts: Counter[tuple[str, str | None]] = Counter()  # run_counts, over the rows written
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
@@ -187,8 +203,9 @@ class Replay:
 
     def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
         # A replay never made the pruned jobs' runs: the event gives their share of the totals.
-        self.counts.update(e.runs)
-        self.counts.update({PRUNED + outcome: n for outcome, n in e.runs.items()})
+        runs = pruned_runs(e)
+        self.counts.update(runs)
+        self.counts.update({(queue, PRUNED + outcome): n for (queue, outcome), n in runs.items()})
 
     def _closed(self, outcome: Callable[..., Any], seq: int, at: str, e: Any) -> None:
         run = self._latest(e.job_id)
@@ -201,10 +218,10 @@ class Replay:
     def flush(self) -> None:
         rows = self.rows
         for held, sign in ((rows.new.values(), 1), (rows.read.values(), 1), (rows.before, -1)):
-            self.counts["claimed"] += sign * len(held)
-            self.counts["dead"] += sign * sum(map(_DEAD, held))
-            for outcome, n in Counter(map(_OUTCOME, held)).items():
-                self.counts[outcome] += sign * n
+            for (queue, outcome, dead), n in Counter(map(_COUNTED, held)).items():
+                self.counts[queue, "claimed"] += sign * n
+                self.counts[queue, "dead"] += sign * n * dead
+                self.counts[queue, outcome] += sign * n
         rows.flush()
         self.latest = {}
 
@@ -212,9 +229,9 @@ class Replay:
         """Write what is held, then ``run_counts``, counted once instead of per event."""
         self.flush()
         self.tx.insert_many(
-            "run_counts", ("outcome", "n"),
-            [(k, n) for k, n in self.counts.items() if k is not None and n > 0])
+            "run_counts", ("queue", "outcome", "n"),
+            [(queue, outcome, n) for (queue, outcome), n in self.counts.items()
+             if outcome is not None and n > 0])
 
 
-_DEAD = operator.itemgetter("dead")
-_OUTCOME = operator.itemgetter("outcome")
+_COUNTED = operator.itemgetter("queue", "outcome", "dead")

@@ -248,11 +248,11 @@ def finish_and_claim_many(
         following: list[Claim | None] = [None] * len(claimers)
         slots = [n for n, w in enumerate(claimers) if w not in known.refused]
         for n, row in zip(slots, ready, strict=False):
-            job = Claim(*row[:-1])
+            job = Claim(*row[:-2])
             following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
             held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
-                                        attempt=job.attempt + 1, eligible_at=row[-1],
-                                        ahead=ahead, by=claimers[n]))
+                                        attempt=job.attempt + 1, eligible_at=row[-2],
+                                        ahead=ahead, queue=row[-1], by=claimers[n]))
         settled()
     return outcomes, following
 
@@ -328,13 +328,14 @@ def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
 
 
 def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    """Ready rows of ``_ready_query``, best first, as ``Claim`` fields and the job's run_at."""
+    """Ready rows of ``_ready_query``, best first, as ``Claim`` fields, the job's run_at
+    and its queue."""
     best = []
     for kind, id_, command, run_at, attempts, retries, priority, seq, *rest in rows:
         policy = rest[:4]  # backoff_base, timeout, backoff_max, backoff_jitter; then queue
         queue = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
         best.append(((queue, -priority, seq),
-                     (id_, command, attempts, retries, *policy, *rest[5:7], run_at)))
+                     (id_, command, attempts, retries, *policy, *rest[5:7], run_at, rest[4])))
     return [claim for _, claim in sorted(best)]
 
 

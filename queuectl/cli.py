@@ -689,6 +689,65 @@ def stats(ctx: click.Context, since: str | None, as_json: bool) -> None:
     render.stats(figures, since)
 
 
+# -- monitoring ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.pass_context
+def metrics(ctx: click.Context) -> None:
+    """Print the Prometheus metrics once, in the text format: jobs, runs, workers,
+    queues and schedules, read from the projections (``queuectl dashboard`` serves the
+    same at /metrics).
+
+    \b
+    Example:
+        queuectl metrics
+        queuectl metrics > /var/lib/node_exporter/queuectl.prom.tmp && \\
+          mv /var/lib/node_exporter/queuectl.prom.tmp /var/lib/node_exporter/queuectl.prom
+    """
+    from queuectl import metrics as collector
+
+    click.echo(collector.exposition(collector.reader(_db(ctx))).decode(), nl=False)
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value != value or value == float("inf"):  # nan, inf: no number of seconds
+        raise click.BadParameter(f"{value} is not a number of seconds.")
+    return value
+
+
+@cli.command()
+@click.option("--max-ready-age", type=click.FloatRange(min=0), default=300, show_default=True,
+              callback=_seconds, metavar="SECONDS",
+              help="Unhealthy when a ready job has waited longer (paused queues aside).")
+@click.option("--min-workers", type=click.IntRange(min=0), default=1, show_default=True,
+              metavar="N", help="Unhealthy with fewer live workers (heartbeating).")
+@click.option("-q", "--queue", "queues", multiple=True, callback=_queue_name, metavar="QUEUE",
+              help="Only these queues' ready jobs count (repeatable; default every queue).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object of the checks.")
+@click.pass_context
+def health(ctx: click.Context, max_ready_age: float, min_workers: int,
+           queues: tuple[str, ...], as_json: bool) -> None:
+    """Check that the queue is served: the store answers, enough workers are live and
+    no ready job waits too long. Exit 0 and one line when healthy, else exit 1 and one
+    line saying what is wrong. Never creates a database.
+
+    \b
+    Example:
+        queuectl health
+        queuectl health --max-ready-age 60 --min-workers 2 -q emails
+        queuectl health --json
+    """
+    from queuectl import health as checks
+
+    found = checks.check_target(ctx.obj["db"], max_ready_age, min_workers, queues)
+    if as_json:
+        _json(found)
+    else:
+        click.echo(found.message)
+    ctx.exit(0 if found.healthy else 1)
+
+
 # -- dlq ----------------------------------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ class Claimed(_Event, tag="claimed", frozen=True):
     attempt: int  # the run number this claim starts, 1-based
     eligible_at: str | None = None  # since when the job could run: its queue wait starts here
     ahead: bool = False  # held to run after its worker's current job: ``started`` follows
+    queue: str | None = None  # the job's queue, for the runs per queue; None before it was kept
 
 
 class Started(_Event, tag="started", frozen=True):
@@ -378,6 +379,9 @@ class Pruned(_Event, tag="pruned", frozen=True):
     queues: tuple[str, ...] = ()
     runs: dict[str, int] = msgspec.field(default_factory=dict)
     workers: tuple[PrunedWorker, ...] = ()
+    # ``runs`` by the queue the runs were claimed in (``Claimed.queue``); absent from pruned
+    # events written before runs were counted per queue, whose runs count under queue "".
+    queue_runs: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
 
 
 Event = (

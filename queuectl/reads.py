@@ -308,7 +308,8 @@ def stats(conn: Db, since_seconds: float | None = None) -> Stats:
     now = conn.now()
     with conn.snapshot():  # one snapshot for every figure
         if since_seconds is None:
-            found = dict(conn.execute("SELECT outcome, n FROM run_counts").fetchall())
+            found = dict(conn.execute(
+                "SELECT outcome, sum(n) FROM run_counts GROUP BY outcome").fetchall())
             first = conn.execute("SELECT claimed_at FROM runs ORDER BY seq LIMIT 1").fetchone()
             last = conn.execute(
                 "SELECT max(finished_at) FROM runs WHERE finished_at IS NOT NULL").fetchone()

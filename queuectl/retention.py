@@ -46,7 +46,8 @@ _COUNT_CANDIDATES = f"SELECT count(*) FROM jobs WHERE {_PRUNABLE}"
 # A schedule's events stay (see above); every other event naming a pruned job leaves.
 _EVENTS_OF = ("SELECT seq, worker_id FROM events WHERE job_id IN ({}) "
               "AND type != 'schedule-fired'")
-_RUNS_OF = "SELECT outcome, count(*), sum(dead) FROM runs WHERE job_id IN ({}) GROUP BY outcome"
+_RUNS_OF = ("SELECT queue, outcome, count(*), sum(dead) FROM runs WHERE job_id IN ({}) "
+            "GROUP BY queue, outcome")
 _WORKERS = ("SELECT id, state, last_heartbeat, stopped_at, stop_requested, current_job, "
             "jobs_done FROM workers WHERE id IN ({})")
 _LATEST_BEAT = ("SELECT max(seq) FROM events WHERE worker_id = ? "
@@ -139,19 +140,26 @@ def _prune_jobs(conn: Db, report: Report, dry_run: bool, batch: int) -> None:
             if dry_run:
                 continue
             runs: dict[str, int] = {}
-            for outcome, n, dead in _rows_in(conn, _RUNS_OF, ids):
-                runs["claimed"] = runs.get("claimed", 0) + n
-                runs["dead"] = runs.get("dead", 0) + int(dead or 0)
-                if outcome is not None:
-                    runs[outcome] = runs.get(outcome, 0) + n
+            queue_runs: dict[str, dict[str, int]] = {}
+            for queue, outcome, n, dead in _rows_in(conn, _RUNS_OF, ids):
+                for counts in (runs, queue_runs.setdefault(queue, {})):
+                    counts["claimed"] = counts.get("claimed", 0) + n
+                    counts["dead"] = counts.get("dead", 0) + int(dead or 0)
+                    if outcome is not None:
+                        counts[outcome] = counts.get(outcome, 0) + n
             named = sorted({worker for _, worker in events if worker is not None})
             workers = tuple(ev.PrunedWorker(*row) for row in sorted(_rows_in(conn, _WORKERS, named)))
             append(conn, ev.Pruned(
                 before=report.before, events=len(events), jobs=tuple(ids),
                 queues=tuple(sorted({queue for _, _, queue in jobs})),
-                runs={k: n for k, n in sorted(runs.items()) if n}, workers=workers))
+                runs=_nonzero(runs), workers=workers,
+                queue_runs={queue: _nonzero(counts) for queue, counts in sorted(queue_runs.items())}))
             conn.archive(sorted(seq for seq, _ in events))
             output.delete(conn, ids)  # data, not events: it goes, not to the archive
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: n for k, n in sorted(counts.items()) if n}
 
 
 def _prune_heartbeats(conn: Db, report: Report, dry_run: bool, batch: int) -> None:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.stores("sqlite")  # no store of its own to test: run on
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "tools" / "bench.py"  # a launcher for the package tools/bench/ beside it
 SCENARIOS = {"worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
-             "memory", "prune", "api", "progress", "output"}
+             "memory", "prune", "api", "progress", "output", "metrics"}
 PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
 HUEY_ROWS = {"worker_vs_huey", "api_enqueue_vs_huey"}  # n/a where huey is not installed
 

@@ -146,6 +146,7 @@ COMMANDS: list[tuple[str, tuple[str, ...]]] = [
     ("config-get", ("config", "get")),
     ("config-get-key", ("config", "get", "backoff-max")),
     ("prune-dry-run", ("prune", "--before", "0s", "--dry-run")),
+    ("health", ("health",)),
 ]
 
 

@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from queuectl import clock, decisions, ledger, output, reads, render, watch
 from queuectl import events as ev
-from queuectl.dashboard import charts
+from queuectl.dashboard import charts, probes
 from queuectl.errors import (
     Conflict,
     InvalidInput,
@@ -197,6 +197,7 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         Route("/schedules", live(schedules_page, "schedules")),
         Route("/workers", live(workers, "workers")),
         Route("/actions/{action}", act, methods=["POST"]),
+        *probes.routes(board),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     guard = Middleware(BaseHTTPMiddleware, dispatch=_guard(
@@ -244,7 +245,7 @@ def _refusal(request: Request, hosts: set[str], token: str | None) -> Response |
     if name.lower().strip("[]") not in hosts:
         return _plain(400, f"Host {host!r} is not one this dashboard answers to "
                       "(queuectl dashboard --allow-host NAME).")
-    if token and not _has_token(request, token):
+    if token and not _has_token(request, token) and request.url.path not in probes.OPEN:
         return _plain(401, "This dashboard needs its token: open the address queuectl "
                       "dashboard printed (…/?token=TOKEN), or send Authorization: Bearer "
                       "TOKEN.")

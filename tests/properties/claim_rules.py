@@ -189,6 +189,7 @@ class ClaimRules:
                 assert written[-1] == ev.Claimed(
                     job_id=following.job_id, worker_id=wid, attempt=following.attempt,
                     eligible_at=written[-1].eligible_at,  # type: ignore[union-attr]
+                    queue=written[-1].queue,  # type: ignore[union-attr]
                 )
 
     def _run_ends(self, data: st.DataObject, outcome: str, exit_code: int, chained: bool) -> None:

@@ -62,6 +62,7 @@ def ledger_rows(jobs: int, pending: int) -> Iterator[tuple[str, str, str | None,
     workers = ("benchw01", "benchw02")
     # Claims carry since-when the job was eligible where the vocabulary has it, as real ones do.
     eligible = "eligible_at" in getattr(ev.Claimed, "__struct_fields__", ())
+    queued = {"queue": "default"} if "queue" in getattr(ev.Claimed, "__struct_fields__", ()) else {}
     enqueued_at: dict[str, str] = {}
     for w in workers:
         yield row(ev.WorkerStarted(worker_id=w, pid=1, host="bench"))
@@ -75,7 +76,7 @@ def ledger_rows(jobs: int, pending: int) -> Iterator[tuple[str, str, str | None,
             if i >= done:
                 break
             w = workers[i & 1]
-            since = {"eligible_at": enqueued_at.pop(job_id)} if eligible else {}
+            since = {"eligible_at": enqueued_at.pop(job_id), **queued} if eligible else {}
             yield row(ev.Claimed(job_id=job_id, worker_id=w, attempt=1, **since))
             yield row(ev.Completed(job_id=job_id, worker_id=w, attempt=1, duration=0.002))
         enqueued_at.clear()

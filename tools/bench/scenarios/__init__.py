@@ -13,6 +13,7 @@ from .cycle import bench_cycle
 from .dashboard import bench_dashboard
 from .latency import bench_latency
 from .memory import bench_memory
+from .metrics import bench_metrics
 from .output import bench_output
 from .progress import bench_progress
 from .prune import bench_prune
@@ -22,7 +23,7 @@ from .startup import bench_startup
 from .worker import bench_pg_worker, bench_worker
 
 SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
-             "memory", "prune", "api", "progress", "output")
+             "memory", "prune", "api", "progress", "output", "metrics")
 # What a postgres run leaves out, and why: one n/a row each.
 PG_SKIPPED = {
     "startup": "`enqueue -c true` start-up against the import floor",
@@ -53,8 +54,9 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "api": bench_api,
     "progress": bench_progress,
     "output": bench_output,
+    "metrics": bench_metrics,
 }
-# cycle, latency, bulk, reads, dashboard, prune, api, progress and output run the same code on
+# cycle, latency, bulk, reads, dashboard, prune, api, progress, output and metrics run the same code on
 # either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}
