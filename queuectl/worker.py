@@ -391,6 +391,9 @@ class Worker:
         run_at = self.persist(claims.next_run_at, self.options.queues)
         if run_at is not None and run_at > tried:
             timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), run_at)))
+        frees = self.persist(claims.next_start_at, self.options.queues)
+        if frees is not None:  # a queue's rate lets one more start then: always later
+            timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), frees)))
         tick = self.persist(schedules.next_due)
         if tick is not None:  # looked for at the first housekeeping after it is due
             until = max(clock.seconds_between(self.persist(_now), tick),
