@@ -410,7 +410,8 @@ def _ready_within(conn: Db, at: str, n: int, queues: Queues,
     transaction at a time (the ledger's lock), and this one's results are in already."""
     closed = {q for q, r in rules.items() if r.paused}
     limited = {q: r.limit for q, r in rules.items() if r.limit and not r.paused}
-    rated = {q: r.rate for q, r in rules.items() if r.rate.n and not r.paused}
+    rated = {q: r.rate for q, r in rules.items()
+             if r.rate.n and not r.paused and (not queues or q in queues)}
     room: dict[str, int] = {}
     if ahead:
         closed |= set(limited) | set(rated)
