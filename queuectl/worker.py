@@ -383,8 +383,8 @@ class Worker:
         return max(0, want)
 
     def _idle_timeout(self, tried: str) -> float:
-        """How long to wait for work: until the next heartbeat, the fallback poll, or the
-        next job coming due. A job due before the claim that just found nothing was left
+        """How long to wait for work: until the next heartbeat, the fallback poll, the
+        next job coming due, or a rated queue's window letting one more start. A job due before the claim that just found nothing was left
         for a reason (its queue at its limit): it is not waited for, or the worker would
         spin; the wake-up of the run that frees a place brings it back."""
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))

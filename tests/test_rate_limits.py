@@ -383,10 +383,10 @@ def test_a_rate_holds_across_worker_processes(run, conn):
     mail = starts(conn, "mail")
     assert len(mail) == n  # one start each: none went back
     assert most_in_a_window(mail, 1.0) == 5
-    # Used, not merely kept: n starts need (n - 5) / 5 s at the least; waking only at the
-    # poll interval would take far longer.
+    # Used, not merely kept: n starts need (n - 5) / 5 s at the least, 7 s; waking only at
+    # the poll interval would take about 35 s. The margin is for a loaded machine.
     span = mail[-1] - mail[0]
-    assert (n - 5) / 5 <= span < (n - 5) / 5 * 1.25, span
+    assert (n - 5) / 5 <= span < (n - 5) / 5 * 1.5, span
     assert most_in_a_window(starts(conn, "default"), 1.0) > 5
     assert reads.queue_counts(conn)["default"]["completed"] == 30
 
@@ -419,7 +419,10 @@ def test_a_rate_holds_for_jobs_held_ahead(run, conn):
             assert json.loads(body).get("rate_queue") == "default"
     assert most_in_a_window(sorted(after), 1.0) <= 2
     assert len(after) >= 10 - 4  # those not started before the gate
-    assert kinds == {"started", "claimed"}  # held ahead when the rate came, and claimed since
+    # Starts of jobs held ahead when the rate came, if the gate ended within a second (a
+    # worker gives back what it holds behind a longer run); claims since, in any case. The
+    # library test above takes the first path every time.
+    assert "claimed" in kinds and kinds <= {"started", "claimed"}
     assert any(r.get("ahead") for r in rows(conn, "claimed"))  # jobs were held ahead
     # Workers wait for the window rather than poll: 5 s a poll would take 20 s and more.
     assert after[-1] - after[0] < len(after) / 2 * 1.5 + 1
