@@ -234,7 +234,7 @@ def finish_and_claim_many(
         if known.hooks and any(outcomes):
             settled()  # hook jobs go in after what fired them, in the same transaction
             hooks.fire(conn, [e for outcome in outcomes for e in outcome], at)
-        if any(limit for _, limit in known.queues.values()) and any(outcomes):
+        if any(rules.limit for rules in known.queues.values()) and any(outcomes):
             conn.wake()  # a run that ended may leave a place under its queue's limit
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
@@ -250,9 +250,11 @@ def finish_and_claim_many(
         for n, row in zip(slots, ready, strict=False):
             job = Claim(*row[:-2])
             following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
+            rated = not ahead and row[-1] in known.queues and known.queues[row[-1]].rate.n
             held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
                                         attempt=job.attempt + 1, eligible_at=row[-2],
-                                        ahead=ahead, queue=row[-1], by=claimers[n]))
+                                        ahead=ahead, queue=row[-1], by=claimers[n],
+                                        rate_queue=row[-1] if rated else ""))
         settled()
     return outcomes, following
 
@@ -269,11 +271,19 @@ class _Held(NamedTuple):
     queue: str
 
 
+class _Rules(NamedTuple):
+    """What a queue paused or limited holds its claims and starts to."""
+
+    paused: bool
+    limit: int  # jobs of it running at once; 0: no limit
+    rate: limits.Rate  # starts of it in any period; NO_RATE: none
+
+
 class _Known(msgspec.Struct):
     held: dict[str, _Held]
     refused: set[str]  # workers declared lost or stopped, or asked to stop
     ready: list[tuple[Any, ...]]  # the jobs the claims would take, best first (``_best`` rows)
-    queues: dict[str, tuple[bool, int]]  # queues paused or limited: (paused, limit)
+    queues: dict[str, _Rules]  # queues paused or limited
     hooks: bool = False  # some hook exists: results must be shown to ``hooks.fire``
 
 
@@ -296,8 +306,8 @@ def _known_refused(n: int) -> str:
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
 # Usually none: a read of an empty table.
-_KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, NULL, NULL, NULL, NULL,
-    NULL, NULL, NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0"""
+_KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, rate, period, NULL, NULL,
+    NULL, NULL, NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0 OR rate > 0"""
 # One row when any hook exists (usually none: a look at an empty table).
 _KNOWN_HOOKS = """SELECT 'h', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
     NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM hooks)"""
@@ -328,13 +338,13 @@ def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
 
 
 def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    """Ready rows of ``_ready_query``, best first, as ``Claim`` fields, the job's run_at
-    and its queue."""
+    """Ready rows of ``_ready_query``, best first, as ``Claim`` fields, the job's run_at and
+    its queue."""
     best = []
     for kind, id_, command, run_at, attempts, retries, priority, seq, *rest in rows:
         policy = rest[:4]  # backoff_base, timeout, backoff_max, backoff_jitter; then queue
-        queue = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
-        best.append(((queue, -priority, seq),
+        position = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
+        best.append(((position, -priority, seq),
                      (id_, command, attempts, retries, *policy, *rest[5:7], run_at, rest[4])))
     return [claim for _, claim in sorted(best)]
 
@@ -361,22 +371,57 @@ def running(conn: Db, queues: Collection[str]) -> dict[str, int]:
     return {queue: int(n) for queue, n in found}
 
 
+_OPEN = _Rules(False, 0, limits.NO_RATE)
+# How many of a queue's starts, at most its rate, came later than a time; and the earliest.
+_RECENT = "SELECT count(*), min(at) FROM queue_starts WHERE queue = ? AND at > ?"
+
+
+def rate_room(conn: Db, queue: str, rate: limits.Rate, at: str) -> tuple[int, str | None]:
+    """How many more jobs of ``queue`` may start at ``at`` under its ``rate``, and when one
+    more may (None: now). Any window of the period that holds ``at`` lies after ``at`` less
+    the period, so the starts recorded after that are all that count, wherever they fall:
+    one taken later by a transaction that began earlier counts too."""
+    recent, earliest = conn.execute(
+        _RECENT, (queue, clock.after(at, -rate.period))).fetchone()
+    left = max(0, rate.n - int(recent))
+    return left, None if left else clock.after(earliest, rate.period)
+
+
+def next_start_at(conn: Db, queues: Queues = None) -> str | None:
+    """When the next job of a queue held back by its rate may start (None: none is):
+    a worker waits until then, since no event says so."""
+    rated = [row for row in conn.execute(
+        "SELECT name, rate, period FROM queues WHERE rate > 0 AND paused = 0").fetchall()
+        if not queues or row[0] in queues]
+    if not rated:
+        return None
+    at = conn.now()
+    frees = [rate_room(conn, name, limits.Rate(int(n), int(period)), at)[1]
+             for name, n, period in rated]
+    return min((f for f in frees if f is not None), default=None)
+
+
 def _ready_within(conn: Db, at: str, n: int, queues: Queues,
-                  rules: dict[str, tuple[bool, int]], ahead: bool = False
+                  rules: dict[str, _Rules], ahead: bool = False
                   ) -> list[tuple[Any, ...]]:
     """The ``n`` best eligible jobs for a worker of ``queues`` that keep every queue's
     rules: none of a paused queue, and no more of a limited one than its limit leaves room
-    for beside the jobs of it running now (none at all when claimed ``ahead``). Exact,
-    since claims are written one transaction at a time (the ledger's lock), and this one's
-    results are in already."""
-    closed = {q for q, (paused, _) in rules.items() if paused}
-    limited = {q: limit for q, (paused, limit) in rules.items() if limit and not paused}
+    for beside the jobs of it running now, and its rate beside its starts in the period up
+    to ``at`` (none at all when claimed ``ahead``). Exact, since claims are written one
+    transaction at a time (the ledger's lock), and this one's results are in already."""
+    closed = {q for q, r in rules.items() if r.paused}
+    limited = {q: r.limit for q, r in rules.items() if r.limit and not r.paused}
+    rated = {q: r.rate for q, r in rules.items()
+             if r.rate.n and not r.paused and (not queues or q in queues)}
     room: dict[str, int] = {}
     if ahead:
-        closed |= set(limited)
-    elif limited:
-        now_running = running(conn, limited)
-        room = {q: max(0, limit - now_running.get(q, 0)) for q, limit in limited.items()}
+        closed |= set(limited) | set(rated)
+    else:
+        if limited:
+            now_running = running(conn, limited)
+            room = {q: max(0, limit - now_running.get(q, 0)) for q, limit in limited.items()}
+        for q, rate in rated.items():
+            room[q] = min(room.get(q, n), rate_room(conn, q, rate, at)[0])
         closed |= {q for q, left in room.items() if left == 0}
     taken: list[tuple[Any, ...]] = []
     if queues:  # each queue in turn, as many of it as there is room for
@@ -444,7 +489,8 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
         elif row[0] == "w":
             known.refused.add(row[1])
         elif row[0] == "q":
-            known.queues[row[1]] = (bool(row[4]), int(row[5]))
+            known.queues[row[1]] = _Rules(bool(row[4]), int(row[5]),
+                                          limits.rate_of(int(row[6]), int(row[7])))
         elif row[0] == "h":
             known.hooks = True
         else:
@@ -463,7 +509,7 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
             State.PROCESSING, getattr(result, "worker_id", None), job.attempt):
         return []
     if isinstance(result, ev.Started):
-        return _start(conn, job, result, held, known, held_back, settled)
+        return _start(conn, job, result, held, known, at, held_back, settled)
     events: list[ev.Event] = [result]
     if held.cancel_requested and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
         # Cancelled while it ran, but the run ended before its worker saw that:
@@ -484,7 +530,7 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
     return events
 
 
-def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known,
+def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known, at: str,
            held_back: list[ev.Event], settled: Callable[[], None]) -> list[ev.Event]:
     """What the store answers a worker that asks to start a job it holds ahead: ``started``
     only if, now, the job is not cancelled, its queue neither paused nor at its limit, and
@@ -493,7 +539,7 @@ def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known
     on ``started``."""
     if not held.ahead:
         return []
-    paused, limit = known.queues.get(held.queue, (False, 0))
+    paused, limit, rate = known.queues.get(held.queue, _OPEN)
     reason = None
     if held.cancel_requested:
         reason = "cancelled before it started"
@@ -501,10 +547,14 @@ def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known
         reason = "its worker is stopping"
     elif paused:
         reason = f"its queue {held.queue} is paused"
-    elif limit:
+    if reason is None and (limit or rate.n):
         settled()  # the starts before this one in the batch count
-        if running(conn, [held.queue]).get(held.queue, 0) >= limit:
+        if limit and running(conn, [held.queue]).get(held.queue, 0) >= limit:
             reason = f"its queue {held.queue} is at its limit of {limit} running"
+        elif rate.n and rate_room(conn, held.queue, rate, at)[0] == 0:
+            reason = f"its queue {held.queue} is at its rate of {rate}"
+        elif rate.n:
+            started = msgspec.structs.replace(started, rate_queue=held.queue)
     if reason is None:
         events: list[ev.Event] = [started]
     elif held.cancel_requested:

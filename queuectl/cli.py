@@ -101,6 +101,20 @@ class Number(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class RateType(click.ParamType):
+    """``10/s``, ``100/m``, ``5000/h`` or ``none``: a queue's rate (``limits.parse_rate``)."""
+
+    name = "rate"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, limits.Rate):
+            return value
+        try:
+            return limits.parse_rate(str(value))
+        except QueueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"Error: {' '.join(_shown(message).split())}", err=True)
     sys.exit(code)
@@ -780,19 +794,32 @@ def queue_resume(ctx: click.Context, name: str) -> None:
 @queue.command("limit")
 @click.argument("name", metavar="NAME", callback=_queue_name,
                 shell_complete=complete.queue_names)
-@click.argument("n", metavar="N", type=Number("queue_limit"))
+@click.argument("n", metavar="[N]", type=Number("queue_limit"), required=False)
+@click.option("--rate", type=RateType(), metavar="N/PERIOD",
+              help="At most N of its jobs started in any second, minute or hour "
+                   "(10/s, 100/m, 5000/h), across every worker; none removes it.")
 @click.pass_context
-def queue_limit(ctx: click.Context, name: str, n: int) -> None:
+def queue_limit(ctx: click.Context, name: str, n: int | None, rate: limits.Rate | None) -> None:
     """At most N jobs of NAME running at once, across every worker on every host
-    (0: no limit).
+    (0: no limit); with --rate, at most so many started a period. Either may be given
+    alone: the other stays as it was.
 
     \b
     Example:
         queuectl queue limit media 2
+        queuectl queue limit mail --rate 10/s
+        queuectl queue limit mail --rate none
     """
-    changed = decisions.limit_queue(_db(ctx, create=True), name, n)
-    shown = f"at most {n} jobs at once" if n else "no limit"
-    click.echo(f"Queue '{name}': {shown}." if changed else f"Queue '{name}' had {shown} already.")
+    if n is None and rate is None:
+        raise click.UsageError("give N, --rate N/PERIOD, or both")
+    changed = decisions.limit_queue(_db(ctx, create=True), name, n, rate)
+    shown = []
+    if n is not None:
+        shown.append(f"at most {n} jobs at once" if n else "no limit")
+    if rate is not None:
+        shown.append(rate.describe())
+    text = ", ".join(shown)
+    click.echo(f"Queue '{name}': {text}." if changed else f"Queue '{name}' had {text} already.")
 
 
 @cli.group()

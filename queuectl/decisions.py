@@ -448,16 +448,32 @@ def pause_queue(conn: Db, name: str, pause: bool = True) -> bool:
     return True
 
 
-def limit_queue(conn: Db, name: str, limit: int) -> bool:
+def limit_queue(conn: Db, name: str, limit: int | None = None,
+                rate: limits.Rate | None = None) -> bool:
     """At most ``limit`` jobs of a queue processing at once, across every worker on every
-    host (0: no limit). Jobs running over a new, lower limit finish; no more start until
-    the queue is under it. Returns False, writing nothing, when the limit already was so."""
+    host (0: no limit), and at most ``rate.n`` of its jobs started in any window of
+    ``rate.period`` seconds (``NO_RATE``: none); None keeps what the queue has. Jobs running
+    over a new, lower limit finish; no more start until the queue is under it. Returns
+    False, writing nothing, when both already were so."""
     check_queue_name(name)
-    limits.check("queue_limit", limit)
+    if limit is None and rate is None:
+        raise InvalidInput("give a limit, a rate, or both")
+    if limit is not None:
+        limits.check("queue_limit", limit)
+    if rate is not None and rate != limits.NO_RATE:
+        limits.check("queue_rate", rate.n)
+        if rate.period not in limits.PERIODS.values():
+            raise InvalidInput(f"a rate's period is 1, 60 or 3600 seconds, not {rate.period}")
     with write(conn):
-        if _queue_rules(conn, name)[1] == limit:
+        row = conn.execute("SELECT job_limit, rate, period FROM queues WHERE name = ?",
+                           (name,)).fetchone()
+        now_limit, now_rate = (int(row[0]), limits.rate_of(int(row[1]), int(row[2]))) if row \
+            else (0, limits.NO_RATE)
+        limit = now_limit if limit is None else limit
+        rate = now_rate if rate is None else rate
+        if (limit, rate) == (now_limit, now_rate):
             return False
-        append(conn, ev.QueueLimited(queue=name, limit=limit))
+        append(conn, ev.QueueLimited(queue=name, limit=limit, rate=rate.n, period=rate.period))
     return True
 
 

@@ -68,6 +68,9 @@ class Claimed(_Event, tag="claimed", frozen=True):
     eligible_at: str | None = None  # since when the job could run: its queue wait starts here
     ahead: bool = False  # held to run after its worker's current job: ``started`` follows
     queue: str | None = None  # the job's queue, for the runs per queue; None before it was kept
+    # The queue whose rate (``queue limit --rate``) this start counts against: the job's, when
+    # it had one at the claim ("": none). A claim ahead starts nothing: its ``started`` counts.
+    rate_queue: str = ""
 
 
 class Started(_Event, tag="started", frozen=True):
@@ -76,6 +79,7 @@ class Started(_Event, tag="started", frozen=True):
     job_id: str
     worker_id: str
     attempt: int
+    rate_queue: str = ""  # as ``Claimed.rate_queue``
 
 
 class Completed(_Event, tag="completed", frozen=True):
@@ -268,10 +272,14 @@ class QueueResumed(_Event, tag="queue-resumed", frozen=True):
 
 
 class QueueLimited(_Event, tag="queue-limited", frozen=True):
-    """At most ``limit`` jobs of this queue processing at once, across every worker."""
+    """At most ``limit`` jobs of this queue processing at once, and at most ``rate`` of its
+    jobs started in any ``period`` seconds, across every worker. Each event gives both (rows
+    written before rates existed have none)."""
 
     queue: str
     limit: int  # 0: no limit
+    rate: int = 0  # starts a period; 0: no rate limit
+    period: int = 0  # seconds: 1, 60 or 3600 (0 with no rate)
 
 
 # -- schedules --------------------------------------------------------------------------
@@ -382,6 +390,9 @@ class Pruned(_Event, tag="pruned", frozen=True):
     # ``runs`` by the queue the runs were claimed in (``Claimed.queue``); absent from pruned
     # events written before runs were counted per queue, whose runs count under queue "".
     queue_runs: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    # The recent starts (seq, at) of each rate-limited queue some of whose counted starts
+    # left with these events, all of them as they stood (``projections.queues``).
+    starts: dict[str, tuple[tuple[int, str], ...]] = msgspec.field(default_factory=dict)
 
 
 Event = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Annotated, NamedTuple
 
 import msgspec
@@ -51,6 +52,7 @@ BOUNDS: dict[str, Bound] = {
     "jobs_per_worker": Bound(True, 0, INT32),
     "ahead": Bound(True, 0, 64),
     "queue_limit": Bound(True, 0, 1_000_000),
+    "queue_rate": Bound(True, 1, 100_000),  # starts a period (queue limit --rate N/PERIOD)
     # reads
     "seq": Bound(True, 0, 2**62),
     "limit": Bound(True, 1, 1_000_000_000),
@@ -134,6 +136,49 @@ MaxRetries = Annotated[int, meta("max_retries")]
 BackoffBase = Annotated[float, meta("backoff_base")]
 Seconds = Annotated[float, meta("timeout")]
 Priority = Annotated[int, meta("priority")]
+
+
+class Rate(NamedTuple):
+    """At most ``n`` starts of a queue's jobs in any ``period`` seconds; ``NO_RATE``: none."""
+
+    n: int
+    period: int  # seconds: 1, 60 or 3600
+
+    def __str__(self) -> str:
+        return f"{self.n}/{_UNIT_OF[self.period]}" if self.n else "none"
+
+    def describe(self) -> str:
+        """``at most 5 starts per second``, for messages."""
+        return f"at most {self.n} starts per {_NAME_OF[self.period]}" if self.n else \
+            "no rate limit"
+
+
+NO_RATE = Rate(0, 0)
+PERIODS = {"s": 1, "m": 60, "h": 3600}
+_UNIT_OF = {seconds: unit for unit, seconds in PERIODS.items()}
+_NAME_OF = {1: "second", 60: "minute", 3600: "hour"}
+# ASCII digits only, and few of them: int() is never handed a number it would choke on.
+_RATE = re.compile(r"([0-9]{1,12})/([smh])", re.ASCII)
+
+
+def parse_rate(text: str) -> Rate:
+    """``10/s``, ``100/m``, ``5000/h`` (starts per second, minute or hour); ``none``:
+    ``NO_RATE``."""
+    stripped = text.strip()
+    if stripped.lower() == "none":
+        return NO_RATE
+    found = _RATE.fullmatch(stripped)
+    b = BOUNDS["queue_rate"]
+    if found is None or not b.low <= int(found[1]) <= b.high:
+        raise InvalidInput(
+            f"expected a rate N/PERIOD, N {describe('queue_rate')} and PERIOD s, m or h "
+            f"(10/s, 100/m, 5000/h), or none; got {text!r}")
+    return Rate(int(found[1]), PERIODS[found[2]])
+
+
+def rate_of(n: int, period: int) -> Rate:
+    """A rate as the ``queues`` table stores it (0: none)."""
+    return Rate(n, period) if n else NO_RATE
 
 
 def backoff_delay(base: float, k: int) -> float:

@@ -44,6 +44,8 @@ class QueueFigures(msgspec.Struct):
     limit: int  # jobs of it processing at once; 0: none
     jobs: dict[str, int]  # per state
     oldest_ready: float | None  # seconds the oldest ready job has waited; None: none ready
+    rate: int = 0  # starts allowed in any window of ``period`` seconds; 0: no rate
+    period: int = 0
 
 
 class Recent(msgspec.Struct):
@@ -85,12 +87,13 @@ def gather(conn: Db, now: str | None = None) -> Figures:
 def queue_figures(conn: Db, now: str) -> dict[str, QueueFigures]:
     """Every queue that holds or held a job, or was paused or limited."""
     counted = reads.queue_counts(conn)
-    rules = {name: (bool(paused), int(limit)) for name, paused, limit in conn.execute(
-        "SELECT name, paused, job_limit FROM queues").fetchall()}
+    rules = {name: (bool(paused), int(limit), int(rate), int(period))
+             for name, paused, limit, rate, period in conn.execute(
+                 "SELECT name, paused, job_limit, rate, period FROM queues").fetchall()}
     oldest = oldest_ready(conn, now, counted)
-    return {name: QueueFigures(*rules.get(name, (False, 0)),
+    return {name: QueueFigures(*rules.get(name, (False, 0, 0, 0))[:2],
                                counted.get(name) or dict.fromkeys(STATES, 0),
-                               oldest.get(name))
+                               oldest.get(name), *rules.get(name, (False, 0, 0, 0))[2:])
             for name in sorted(counted.keys() | rules.keys())}
 
 
@@ -156,15 +159,21 @@ def families(f: Figures) -> Iterator[Any]:
     limit = gauge("queuectl_queue_concurrency_limit",
                   "Jobs of the queue that may run at once, across every worker; 0 is no limit.",
                   ("queue",))
-    # The queue's rate limit (queue limit NAME --rate N/PERIOD) joins these as a gauge of
-    # its own here: queuectl_queue_rate_limit{queue, period_seconds}.
+    rate = gauge("queuectl_queue_rate_limit",
+                 "Starts of the queue's jobs allowed in any window of its rate period "
+                 "(queue limit --rate N/PERIOD), across every worker; 0 is no rate.",
+                 ("queue",))
+    period = gauge("queuectl_queue_rate_period_seconds",
+                   "The window of the queue's rate limit; 0 when it has none.", ("queue",))
     for name, q in f.queues.items():
         for state, n in q.jobs.items():
             jobs.add_metric([name, state], n)
         ready.add_metric([name], q.oldest_ready or 0.0)
         paused.add_metric([name], int(q.paused))
         limit.add_metric([name], q.limit)
-    yield from (jobs, ready, paused, limit)
+        rate.add_metric([name], q.rate)
+        period.add_metric([name], q.period)
+    yield from (jobs, ready, paused, limit, rate, period)
     yield from _run_families(f, CounterMetricFamily)
     yield from _recent_families(f)
 

@@ -139,8 +139,9 @@ def queue_counts(conn: Db) -> dict[str, dict[str, int]]:
 
 
 def queues(conn: Db) -> list[QueueRow]:
-    """Every queue: paused or not, its limit (0: none), its jobs per state and how long its
-    oldest pending job has waited (seconds, None when nothing is pending)."""
+    """Every queue: paused or not, its limit (0: none), its rate (None: none), its jobs per
+    state and how long its oldest pending job has waited (seconds, None when nothing is
+    pending)."""
     now = conn.now()
 
     def oldest(name: str) -> str:
@@ -148,20 +149,22 @@ def queues(conn: Db) -> list[QueueRow]:
         return conn.dialect.sql(f"SELECT min(run_at) FROM jobs {index} WHERE {ready} "
                                 f"AND state = '{State.PENDING}'")
 
-    rules = {name: (bool(paused), int(limit)) for name, paused, limit in conn.execute(
-        "SELECT name, paused, job_limit FROM queues").fetchall()}
+    rules = {name: (bool(paused), int(limit), limits.rate_of(int(n), int(period)))
+             for name, paused, limit, n, period in conn.execute(
+                 "SELECT name, paused, job_limit, rate, period FROM queues").fetchall()}
     counted = queue_counts(conn)
     for name in rules.keys() - counted.keys():  # paused or limited before its first job
         counted[name] = {s: 0 for s in STATES}
     found = []
     for name, per_state in sorted(counted.items()):
-        paused, limit = rules.get(name, (False, 0))
+        paused, limit, rate = rules.get(name, (False, 0, limits.NO_RATE))
         wait = None
         if per_state[State.PENDING]:
             since = conn.execute(oldest(name), (name,)).fetchone()[0]
             if since is not None:
                 wait = round(max(0.0, clock.seconds_between(since, now)), 3)
-        found.append(QueueRow(name, paused, limit, per_state, sum(per_state.values()), wait))
+        found.append(QueueRow(name, paused, limit, str(rate) if rate.n else None, per_state,
+                              sum(per_state.values()), wait))
     return found
 
 

@@ -109,6 +109,7 @@ class QueueRow(msgspec.Struct, frozen=True):
     queue: str
     paused: bool
     limit: int  # jobs of it running at once, at most; 0: no limit
+    rate: str | None  # at most so many started a period: ``10/s``, ``100/m``, ``5000/h``
     jobs: dict[str, int]
     total: int
     oldest_pending_wait: float | None

@@ -232,16 +232,16 @@ def counts_lines(counts: dict[str, int], queues: dict[str, dict[str, int]]) -> l
 
 
 def queues_table(queues: list[QueueRow]) -> None:
-    """One row per queue: running or paused, its limit, its jobs (the states it has any
+    """One row per queue: running or paused, its limit and rate, its jobs (the states it has any
     in), and its oldest pending job's wait."""
     if not queues:
         print("Queues: none")
         return
-    rows = [[q.queue, "paused" if q.paused else "running", q.limit or "-",
+    rows = [[q.queue, "paused" if q.paused else "running", q.limit or "-", q.rate or "-",
              ", ".join(f"{n} {state}" for state, n in q.jobs.items() if n) or "-",
              "-" if q.oldest_pending_wait is None else f"{q.oldest_pending_wait:.1f}s"]
             for q in queues]
-    _table("Queues", ["Queue", "State", "Limit", "Jobs", "Oldest pending"], rows,
+    _table("Queues", ["Queue", "State", "Limit", "Rate", "Jobs", "Oldest pending"], rows,
            wide=frozenset({"Jobs"}))
 
 

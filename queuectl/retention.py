@@ -153,13 +153,29 @@ def _prune_jobs(conn: Db, report: Report, dry_run: bool, batch: int) -> None:
                 before=report.before, events=len(events), jobs=tuple(ids),
                 queues=tuple(sorted({queue for _, _, queue in jobs})),
                 runs=_nonzero(runs), workers=workers,
-                queue_runs={queue: _nonzero(counts) for queue, counts in sorted(queue_runs.items())}))
+                queue_runs={queue: _nonzero(counts) for queue, counts in sorted(queue_runs.items())},
+                starts=_counted_starts(conn, [seq for seq, _ in events])))
             conn.archive(sorted(seq for seq, _ in events))
             output.delete(conn, ids)  # data, not events: it goes, not to the archive
 
 
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:
     return {k: n for k, n in sorted(counts.items()) if n}
+
+
+def _counted_starts(conn: Db, seqs: Sequence[int]) -> dict[str, tuple[tuple[int, str], ...]]:
+    """The recent starts of each rate-limited queue that counts a start among ``seqs``."""
+    if conn.execute("SELECT 1 FROM queue_starts LIMIT 1").fetchone() is None:
+        return {}  # no queue has a rate: nothing to look for
+    hit: set[str] = set()
+    for i in range(0, len(seqs), _CHUNK):
+        chunk = seqs[i:i + _CHUNK]
+        hit.update(queue for (queue,) in conn.execute(
+            f"SELECT DISTINCT queue FROM queue_starts WHERE seq IN ({', '.join('?' * len(chunk))})",
+            tuple(chunk)).fetchall())
+    return {queue: tuple((int(seq), at) for seq, at in conn.execute(
+        "SELECT seq, at FROM queue_starts WHERE queue = ? ORDER BY at, seq", (queue,)).fetchall())
+        for queue in sorted(hit)}
 
 
 def _prune_heartbeats(conn: Db, report: Report, dry_run: bool, batch: int) -> None:

@@ -384,14 +384,17 @@ class Worker:
         return max(0, want)
 
     def _idle_timeout(self, tried: str) -> float:
-        """How long to wait for work: until the next heartbeat, the fallback poll, or the
-        next job coming due. A job due before the claim that just found nothing was left
+        """How long to wait for work: until the next heartbeat, the fallback poll, the
+        next job coming due, or a rated queue's window letting one more start. A job due before the claim that just found nothing was left
         for a reason (its queue at its limit): it is not waited for, or the worker would
         spin; the wake-up of the run that frees a place brings it back."""
         timeout = min(self.options.poll, max(0.0, self._next_beat - time.monotonic()))
         run_at = self.persist(claims.next_run_at, self.options.queues)
         if run_at is not None and run_at > tried:
             timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), run_at)))
+        frees = self.persist(claims.next_start_at, self.options.queues)
+        if frees is not None:  # a queue's rate lets one more start then: always later
+            timeout = min(timeout, max(0.0, clock.seconds_between(self.persist(_now), frees)))
         tick = self.persist(schedules.next_due)
         if tick is not None:  # looked for at the first housekeeping after it is due
             until = max(clock.seconds_between(self.persist(_now), tick),

@@ -101,7 +101,7 @@ def build(run: Any, conn: Any, fake: FakeClock) -> None:
     enqueue("--id", "text", "-c", "printf 'tab\\there\\n\\u00e9'", "--unique-key", "k\u00e9y")
     ok(run, "queue", "pause", "media")
     ok(run, "queue", "limit", "media", "2")
-    ok(run, "queue", "limit", "empty", "4")
+    ok(run, "queue", "limit", "empty", "4", "--rate", "100/m")
     ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh",
        "--timezone", "Europe/Paris", "-q", "media", "--max-retries", "1")
     ok(run, "schedule", "add", "often", "--cron", "*/5 * * * *", "-c", "poll")

@@ -73,7 +73,7 @@ def busy(run: Any, conn: Any, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     assert [e.type for e in rescued(conn, 30, meanwhile=beat)] == ["lease-expired", "dead"]
     ok(run, "enqueue", "--id", "m2", "-c", "true", "-q", "media")
     ok(run, "queue", "pause", "media")
-    ok(run, "queue", "limit", "media", "2")
+    ok(run, "queue", "limit", "media", "2", "--rate", "100/m")
     ok(run, "schedule", "add", "nightly", "--cron", "0 2 * * *", "-c", "backup.sh")
     fake.set(10)
     claims.heartbeat(conn, "w1")
@@ -105,6 +105,9 @@ def test_every_metric_after_runs_of_each_outcome(run: Any, conn: Any, busy: Fake
     assert value(got, "queuectl_queue_paused", queue="media") == 1
     assert value(got, "queuectl_queue_paused", queue="default") == 0
     assert value(got, "queuectl_queue_concurrency_limit", queue="media") == 2
+    assert value(got, "queuectl_queue_rate_limit", queue="media") == 100
+    assert value(got, "queuectl_queue_rate_period_seconds", queue="media") == 60
+    assert value(got, "queuectl_queue_rate_limit", queue="default") == 0
     with_ledger = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
     assert value(got, "queuectl_ledger_head_seq") == with_ledger
     tick = clock.parse("2026-01-01T02:00:00Z").timestamp()
