@@ -373,8 +373,23 @@ class Worker:
                 return self.shutdown.reason
             if held_ahead and not self.results.begin(self, job):
                 continue  # it went back to the queue, or is no longer this worker's
+            lease = self._renewed  # the lease the job was claimed (or started) under
             self._tick()  # a streak of instant jobs still heartbeats and rescues
+            if self._lapsed(job, lease):
+                continue
             self._work(job, asked=held_ahead)
+
+    def _lapsed(self, job: claims.Claim, renewed: float) -> bool:
+        """Whether the lease ``job`` was taken under ran out before it could start (this
+        process paused, the store blocked the tick): a rescuer may have it by now, so it
+        goes back unstarted, unless the store says it has been taken back already."""
+        silence = time.monotonic() - renewed
+        if silence < fence.TERM * float(self.config["lease-timeout"]):
+            return False
+        self.results.submit(self, job, ev.Released(
+            job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
+            reason=f"not started: its worker's lease went {silence:.3g}s without a renewal"))
+        return True
 
     def _give_back(self, job: claims.Claim) -> None:
         """Release ``job`` and every job claimed ahead, none of them started: the
