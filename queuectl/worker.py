@@ -535,8 +535,7 @@ class Worker:
         seen, trouble = self._trouble
         if seen >= watched.renewed:
             return trouble
-        return "no renewal committed in time: a database call did not return (a lock held " \
-            "by another process, or a server that does not answer)"
+        return "a renewal did not commit in time: the database call was still waiting"
 
     def report(self, event: ev.Event, job: claims.Claim | None = None) -> None:
         line = render.worker_line(event, 1 + job.max_retries if job else None)
