@@ -60,6 +60,7 @@ class Fence:
         self._clock = clock
         self._cond = threading.Condition()
         self._runs: dict[object, Watched] = {}
+        self._sweep: list[Mapping[bytes, bytes]] = []  # runs whose marked processes to kill
         self._wake_at = math.inf  # when the thread will look next
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -82,13 +83,15 @@ class Fence:
 
     def ended(self, key: object) -> Watched | None:
         """``key``'s run is ending: call before its shell is reaped (the group's number is
-        ours only until then). Returns what the fence did to it, if anything; a fenced run's
-        group is killed now, whatever of it is left."""
+        ours only until then). Returns what the fence did to it, if anything; what is left of
+        a fenced run (its group, its marked processes) is killed now."""
         with self._cond:
             run = self._runs.pop(key, None)
             if run is not None and run.fenced is not None and not run.killed:
                 runner.kill_group(run.group, signal.SIGKILL)
                 run.killed = True
+                self._sweep.append(run.env)
+                self._cond.notify_all()
         return run
 
     def close(self) -> None:
@@ -116,6 +119,8 @@ class Fence:
                 if self._closed:
                     return
                 now = self._clock()
+                killed += self._sweep
+                self._sweep.clear()
                 for run in self._runs.values():
                     if not run.killed and now >= run.due() and self._act(run, now):
                         killed.append(run.env)

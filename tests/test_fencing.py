@@ -249,12 +249,14 @@ def _run_stuck(command: str, lease: float, stuck: float) -> tuple[runner.RunResu
             time.sleep(stuck)
         return False
 
+    # A job id of its own: the fence finds the run's processes by their mark.
+    env = runner.run_env(runner.worker_env("test"), f"j{time.monotonic_ns()}", 1, "w")
     try:
         result = runner.run_command(
-            command, timeout=0, output_limit=1024, tick=tick, env=runner.run_env(
-                runner.worker_env("test"), "j", 1, "w"),
-            started=lambda group: fences.watch(key, group, {}, time.monotonic(), lease),
+            command, timeout=0, output_limit=1024, tick=tick, env=env,
+            started=lambda group: fences.watch(key, group, env, time.monotonic(), lease),
             ending=lambda: ended.append(fences.ended(key)))
+        time.sleep(0.2)  # the fence's last sweep, by the processes' mark
     finally:
         fences.close()
     return result, ended[0]
@@ -271,13 +273,17 @@ def test_the_fence_terms_the_group_while_the_worker_is_stuck():
 @pytest.mark.stores("sqlite")
 def test_the_fence_kills_a_group_that_ignores_sigterm(tmp_path):
     pids = tmp_path / "pids"
-    command = f"trap '' TERM; sleep 30 & echo $! > {pids}; sleep 30"
+    # A child in the group, and one that left it (setsid) but carries the run's mark.
+    command = (f"trap '' TERM; sleep 30 & echo $! > {pids}; "
+               f"setsid sleep 30 & echo $! >> {pids}; sleep 30")
     start = time.monotonic()
     result, watched = _run_stuck(command, lease=1.0, stuck=3.0)
     assert watched is not None and watched.killed
     assert result.exit_code == -signal.SIGKILL
     assert time.monotonic() - start >= 3.0  # the worker came back only after its stuck call
-    assert not _alive(int(pids.read_text()))  # the background sleep died with its group
+    in_group, escaped = (int(p) for p in pids.read_text().split())
+    assert not _alive(in_group)  # died with its group
+    assert not _alive(escaped)  # found by its mark
 
 
 @pytest.mark.stores("sqlite")
