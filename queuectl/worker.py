@@ -386,6 +386,8 @@ class Worker:
         silence = time.monotonic() - renewed
         if silence < fence.TERM * float(self.config["lease-timeout"]):
             return False
+        with self.results.cond:
+            self.running = None  # set by a start (Pipeline.begin): this one never ran
         self.results.submit(self, job, ev.Released(
             job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
             reason=f"not started: its worker's lease went {silence:.3g}s without a renewal"))
