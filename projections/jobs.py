@@ -28,7 +28,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
 
 NAME = "jobs"
-VERSION = 14
+VERSION = 15
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -268,6 +268,16 @@ def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> dict[str, Any]:
             "ahead": 0}
 
 
+def _fenced(e: ev.Fenced, at: str, row: Row) -> dict[str, Any] | None:
+    # Written late, after a rescuer took the job back: the rescuer's events decided.
+    if e.rescued:
+        return None
+    return {"worker_id": None, "exit_code": None,
+            "last_error": f"fenced: worker {e.worker_id} could not renew its lease for "
+                          f"{e.silence:g}s and stopped the run ({e.reason})",
+            "ahead": 0}
+
+
 def _released(e: ev.Released, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.PENDING, "attempts": e.attempt - 1, "worker_id": None, "run_at": at,
             "ahead": 0}
@@ -319,13 +329,15 @@ def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
             "last_error": e.reason, "ahead": 0}
 
 
-_CHANGES: dict[type, Callable[..., dict[str, Any]]] = {
+# A rule that returns None leaves the row as it is (not even ``updated_at`` moves).
+_CHANGES: dict[type, Callable[..., dict[str, Any] | None]] = {
     ev.Claimed: _claimed,
     ev.Started: _started,
     ev.Completed: _completed,
     ev.Failed: _failed,
     ev.TimedOut: _timed_out,
     ev.LeaseExpired: _lease_expired,
+    ev.Fenced: _fenced,
     ev.Released: _released,
     ev.ScheduledRetry: _scheduled_retry,
     ev.Dead: _dead,
@@ -413,6 +425,8 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     if type(e) is ev.Edited and e.queue is not None:
         _count(tx, e.queue, State.PENDING, 0)  # the queue's count rows, for the triggers
     changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
+    if changes is None:
+        return
     changes["updated_at"] = at
     tx.update("jobs", {"id": job_id}, changes, missing=_unknown(job_id))
 
@@ -459,12 +473,15 @@ class Replay:
         # The pruned jobs' events left the ledger with them: a replay never made their rows.
         self.queues.update(e.queues)
 
-    def _changed(self, rule: Callable[..., dict[str, Any]], seq: int, at: str, e: Any) -> None:
+    def _changed(self, rule: Callable[..., dict[str, Any] | None], seq: int, at: str,
+                 e: Any) -> None:
         row = self._held(e.job_id) or self.rows.get(e.job_id)
         if row is None:
             raise _unknown(e.job_id)
-        row.update(rule(e, at, row))
-        row["updated_at"] = at
+        changes = rule(e, at, row)
+        if changes is not None:
+            row.update(changes)
+            row["updated_at"] = at
 
     def _enqueued(self, seq: int, at: str, e: ev.Enqueued) -> None:
         blocked = False

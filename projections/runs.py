@@ -4,10 +4,10 @@ Indexes are kept to what ``stats`` needs, since every run touches each of them.
 
 Rules it enforces: a claim opens a run whose ``wait`` is how long the job had been eligible
 (claim time minus its ``run_at``); the run's outcome event (completed, failed, timed-out,
-lease-expired, released, cancelled) closes it with its duration; a ``dead`` event marks the
-run that exhausted the job's retries. A run is of the queue its claim names. ``run_counts``
-keeps all-time totals per queue and outcome, so that ``stats`` without ``--since`` and a
-metrics scrape read no more than a few rows plus two index walks; of them,
+lease-expired, fenced, released, cancelled) closes it with its duration; a ``dead`` event
+marks the run that exhausted the job's retries. A run is of the queue its claim names.
+``run_counts`` keeps all-time totals per queue and outcome, so that ``stats`` without
+``--since`` and a metrics scrape read no more than a few rows plus two index walks; of them,
 ``pruned:<outcome>`` rows count the runs that ``queuectl prune`` took out of the table.
 """
 
@@ -25,7 +25,7 @@ from queuectl import events as ev
 from queuectl.store import Db, index
 
 NAME = "runs"
-VERSION = 8
+VERSION = 9
 TABLES = {"runs": ("seq",), "run_counts": ("queue", "outcome")}
 
 DDL = (
@@ -127,6 +127,9 @@ _OUTCOMES: dict[type, Callable[..., tuple[str, int | None, float | None] | None]
     ev.Failed: lambda e: ("failed", e.exit_code, e.duration),
     ev.TimedOut: lambda e: ("timed-out", None, e.duration),
     ev.LeaseExpired: lambda e: ("lease-expired", None, None),
+    # A run its own worker stopped when it could not renew its lease; one recorded after a
+    # rescuer took the job back was closed by that rescuer's lease-expired.
+    ev.Fenced: lambda e: None if e.rescued else ("fenced", None, e.duration),
     ev.Released: lambda e: ("released", None, None),
     ev.Cancelled: lambda e: ("cancelled", None, None) if e.worker_id is not None else None,
 }

@@ -18,7 +18,7 @@ from queuectl.states import WorkerState
 from queuectl.store import Db
 
 NAME = "workers"
-VERSION = 3
+VERSION = 4
 TABLES = {"workers": ("id",)}
 
 DDL = (
@@ -56,6 +56,8 @@ _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
         {"current_job": None, "last_heartbeat": at} if e.worker_id is not None else None),
     ev.Released: lambda e, at: None if e.ahead else {"current_job": None},
     ev.LeaseExpired: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
+    # Its worker stopped the run itself: a result, unless a rescuer had declared it gone.
+    ev.Fenced: lambda e, at: None if e.rescued else {"current_job": None, "last_heartbeat": at},
     ev.WorkerLost: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
     ev.WorkerStopped: lambda e, at: {"state": WorkerState.STOPPED, "current_job": None,
                                      "stopped_at": at, "last_heartbeat": at},
@@ -63,7 +65,7 @@ _CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
 # Runs a worker finished (when the change above applies): each adds one to its jobs_done.
 _ONE_DONE = {"jobs_done": 1}
 _DONE: dict[type, dict[str, int]] = {kind: _ONE_DONE for kind in (
-    ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled)}
+    ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled, ev.Fenced)}
 _NONE: dict[str, int] = {}
 
 

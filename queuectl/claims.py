@@ -82,9 +82,13 @@ def worker_stopped(conn: Db, worker_id: str, reason: str) -> None:
         append(conn, ev.WorkerStopped(worker_id=worker_id, reason=reason, by=worker_id))
 
 
-def heartbeat(conn: Db, worker_id: str) -> None:
+def heartbeat(conn: Db, worker_id: str) -> float:
+    """Renew the worker's lease; returns the monotonic time just before the commit, which
+    no rescuer can have seen the renewal before (``queuectl.fence`` counts from it)."""
     with write(conn):
         append(conn, ev.WorkerHeartbeat(worker_id=worker_id, by=worker_id))
+        before_commit = time.monotonic()
+    return before_commit
 
 
 def worker_state(conn: Db, worker_id: str) -> tuple[str, bool]:
@@ -507,17 +511,23 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
     held = known.held.get(job.job_id)
     if held is None or (held.state, held.worker_id, held.attempts) != (
             State.PROCESSING, getattr(result, "worker_id", None), job.attempt):
+        if isinstance(result, ev.Fenced):  # recorded all the same, as changing nothing
+            late = msgspec.structs.replace(result, rescued=True, by=result.worker_id)
+            held_back.append(late)
+            return [late]
         return []
     if isinstance(result, ev.Started):
         return _start(conn, job, result, held, known, at, held_back, settled)
     events: list[ev.Event] = [result]
-    if held.cancel_requested and isinstance(result, ev.Failed | ev.TimedOut | ev.Released):
+    if held.cancel_requested and isinstance(result, ev.Failed | ev.TimedOut | ev.Released
+                                            | ev.Fenced):
         # Cancelled while it ran, but the run ended before its worker saw that:
         # the cancel still wins over a retry.
         settled()
         events += cancelled_after_run(conn, job.job_id)
-    elif isinstance(result, ev.Failed | ev.TimedOut):
-        reason = result.error if isinstance(result, ev.Failed) else "timed out"
+    elif isinstance(result, ev.Failed | ev.TimedOut | ev.Fenced):
+        reason = (result.error if isinstance(result, ev.Failed) else "timed out"
+                  if isinstance(result, ev.TimedOut) else "fenced: lease not renewed")
         events.append(retry_or_dead(job, at, reason))
     elif isinstance(result, ev.Completed) and held.has_dependents:
         settled()

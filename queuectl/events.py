@@ -120,6 +120,25 @@ class LeaseExpired(_Event, tag="lease-expired", frozen=True):
     killed: int = 0  # processes of the run the rescuer found on its host and stopped
 
 
+class Fenced(_Event, tag="fenced", frozen=True):
+    """A worker that could not renew its lease stopped its own run before the lease could
+    expire (``queuectl.fence``), and says so once it can write again. If it still held the
+    job then, the run counts as a failed one (the retry rule follows, as after
+    ``lease-expired``); if a rescuer had taken the job back first (``rescued``), this only
+    records what became of the run: the rescuer's events decided the job's fate."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    silence: float  # seconds from its last renewal to the run's SIGTERM, by its own clock
+    lease_timeout: float  # the lease it kept to
+    reason: str  # what kept it from renewing, as far as it saw
+    duration: float = 0.0
+    output: str = ""  # tail of stdout+stderr, up to the kill
+    truncated: bool = False
+    rescued: bool = False  # the job was no longer its own when this was written
+
+
 class Released(_Event, tag="released", frozen=True):
     """A run abandoned by its own worker (forced shutdown); it does not count as an attempt."""
 
@@ -403,6 +422,7 @@ Event = (
     | Failed
     | TimedOut
     | LeaseExpired
+    | Fenced
     | Released
     | ScheduledRetry
     | Unblocked

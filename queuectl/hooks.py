@@ -104,7 +104,7 @@ def _ends(events: Iterable[ev.Event]) -> list[tuple[str, str, int | None]]:
         match e:
             case ev.Failed(job_id=j, exit_code=c):
                 code[j] = c
-            case ev.TimedOut(job_id=j) | ev.LeaseExpired(job_id=j):
+            case ev.TimedOut(job_id=j) | ev.LeaseExpired(job_id=j) | ev.Fenced(job_id=j):
                 code[j] = None
             case ev.Completed(job_id=j):
                 ends.append((j, "completed", 0))

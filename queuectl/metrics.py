@@ -29,7 +29,7 @@ WINDOW_SECONDS = 300
 WINDOW_RUNS = 1000
 QUANTILES = (0.5, 0.9, 0.99)
 # The outcomes a run ends with (run_counts' other rows count starts, deaths and prunes).
-OUTCOMES = ("completed", "failed", "timed-out", "lease-expired", "released", "cancelled")
+OUTCOMES = ("completed", "failed", "timed-out", "lease-expired", "fenced", "released", "cancelled")
 
 # The first entry of a queue's claimable jobs by run_at: ready if its time has come (a
 # scheduled job's may lie ahead), and then the oldest ready.

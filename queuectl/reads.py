@@ -257,7 +257,8 @@ def runs_of(conn: Db, job_id: str) -> list[Run]:
                 runs.append(Run(len(runs) + 1, a, w, at, None, "running", None, None, "", False,
                                 None))
             case ev.Completed() | ev.Failed() | ev.TimedOut() | ev.Cancelled() | \
-                    ev.Released() | ev.LeaseExpired() if runs and runs[-1].finished_at is None:
+                    ev.Released() | ev.LeaseExpired() | ev.Fenced(rescued=False) \
+                    if runs and runs[-1].finished_at is None:
                 runs[-1] = _ended(runs[-1], at, event)
     return runs
 
@@ -269,6 +270,8 @@ def _ended(run: Run, at: str, event: ev.Event) -> Run:
         error = f"killed after its {event.timeout:g}s timeout"
     elif isinstance(event, ev.LeaseExpired):
         error = f"worker {event.worker_id} stopped heartbeating"
+    elif isinstance(event, ev.Fenced):
+        error = f"stopped by its worker, which could not renew its lease: {event.reason}"
     return msgspec.structs.replace(
         run, finished_at=at, outcome=event.type,
         exit_code=getattr(event, "exit_code", 0 if event.type == "completed" else None),
@@ -336,7 +339,7 @@ def stats(conn: Db, since_seconds: float | None = None) -> Stats:
         # that were pruned (queuectl prune), which only the all-time counts keep.
         held = {k: int(n) - int(found.get(PRUNED + k, 0)) for k, n in found.items()}
         completed = int(found.get("completed", 0))
-        failed = sum(int(found.get(k, 0)) for k in ("failed", "timed-out", "lease-expired"))
+        failed = sum(int(found.get(k, 0)) for k in FAILED_RUNS)
         timed = sum(held.get(k, 0) for k in ("completed", "failed", "timed-out"))
         claims = held.get("claimed", 0)
         minutes = (clock.seconds_between(span[0], span[1]) / 60) if span[0] and span[1] else 0
@@ -517,7 +520,7 @@ def activity(conn: Db, minutes: int = 60, buckets: int = 12) -> dict[str, Any]:
         one = slices[max(0, bisect.bisect_right(starts, finished_at) - 1)]
         if outcome == "completed":
             one["completed"] += 1
-        elif outcome in ("failed", "timed-out", "lease-expired"):
+        elif outcome in FAILED_RUNS:
             one["failed"] += 1
         else:
             continue  # released or cancelled: neither done nor failed
@@ -544,7 +547,7 @@ def _nearest_ranks(values: list[float]) -> dict[str, float | None]:
 # -- the live view (status --watch) -------------------------------------------------------
 # Each read is an index range or a LIMIT: the view costs the same at ten jobs and at millions.
 
-FAILED_RUNS = ("failed", "timed-out", "lease-expired")
+FAILED_RUNS = ("failed", "timed-out", "lease-expired", "fenced")
 RECENT_RUNS = 5000  # the newest finished runs the failure list looks among, at most
 
 

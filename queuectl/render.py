@@ -318,6 +318,10 @@ def event_details(event: ev.Event) -> str:
         case ev.LeaseExpired(attempt=a, worker_id=w, last_heartbeat=h, killed=k):
             stopped = f"; {_count(k, 'process')} of its run stopped on this host" if k else ""
             return f"attempt {a}: worker {w} silent since {clock.human(h)}{stopped}"
+        case ev.Fenced(attempt=a, silence=s, lease_timeout=t, reason=r, rescued=late):
+            taken = "; the job had been taken back already" if late else ""
+            return (f"attempt {a} stopped by its own worker {s:g}s after its last renewal "
+                    f"(lease {t:g}s): {r}{taken}")
         case ev.Released(attempt=a, reason=r, ahead=True):
             return f"attempt {a} given back before it started: {r}"
         case ev.Released(attempt=a, reason=r):
@@ -396,6 +400,8 @@ def worker_line(event: ev.Event, total: int | None = None) -> str:
         case ev.LeaseExpired(job_id=j, worker_id=w, killed=k):
             stopped = f" ({_count(k, 'process')} of its run stopped)" if k else ""
             return f"Job {j} taken back: worker {w} stopped heartbeating{stopped}"
+        case ev.Fenced(job_id=j, attempt=a, silence=s):
+            return f"Job {j} FENCED (Attempt {a}/{total}): no lease renewal for {s:g}s, run stopped"
         case ev.WorkerLost(worker_id=w):
             return f"Worker {w} is gone: no heartbeat"
         case ev.Released(job_id=j):

@@ -195,6 +195,11 @@ def _exit_code(pid: int, block: bool = False) -> int | None:
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
+def shell_exited(pid: int) -> bool:
+    """Whether a run's shell (still unreaped) has exited; it is left unreaped."""
+    return _exit_code(pid) is not None
+
+
 def _wait(pid: int, timeout: float) -> int | None:
     """``_exit_code`` until the shell exits or ``timeout`` passes, in growing sleeps."""
     deadline = time.monotonic() + timeout
@@ -288,6 +293,7 @@ def run_command(
     cwd: str | None = None,
     sink: Callable[[bytes], None] | None = None,
     started: Callable[[int], None] | None = None,
+    ending: Callable[[], None] | None = None,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
@@ -295,7 +301,8 @@ def run_command(
     returns True the group is killed at once. On timeout the group gets SIGTERM, then
     SIGKILL after a grace. ``started`` is given the run's process group as it starts: a
     ``tick`` may signal it (the shell is not reaped before the last tick, so the group's
-    number stays ours). ``env`` defaults to the worker's own environment, ``cwd`` to its
+    number stays ours); ``ending`` is called once the run is over, before the shell is
+    reaped, after which the number may go to another process. ``env`` defaults to the worker's own environment, ``cwd`` to its
     directory; a ``cwd`` that cannot be entered is a failed run (``NO_DIRECTORY``) whose one
     line of output names the directory, the host and why. A shell that
     cannot be started (a command over the kernel's 128 KiB argument limit, no processes
@@ -350,12 +357,16 @@ def run_command(
                 break
     except BaseException:
         kill_group(pid, signal.SIGKILL)  # the shell is unreaped: the group is still ours
+        if ending is not None:
+            ending()
         _reap(pid)
         raise
     finally:
         if pidfd is not None:
             os.close(pidfd)
         os.close(fd)
+    if ending is not None:
+        ending()
     _end(pid, env, leftovers)
     output, truncated = tail.text()
     return RunResult(
@@ -375,7 +386,7 @@ def _end(pid: int, env: Mapping[bytes, bytes] | Mapping[str, str] | None,
     kill_group(pid, signal.SIGTERM)
     _reap(pid)
     if _group_alive(pid):
-        mark = _mark_of(env)
+        mark = mark_of(env)
         if mark is not None:
             (leftovers or LEFTOVERS).add(mark)
 
@@ -396,7 +407,7 @@ _MARKS = (b"QUEUECTL_WORKER_ID", b"QUEUECTL_JOB_ID", b"QUEUECTL_ATTEMPT")
 _STORE = b"QUEUECTL_STORE_ID"  # a worker's runs carry it (worker_env); a bare run may not
 
 
-def _mark_of(env: Mapping[bytes, bytes] | Mapping[str, str] | None) -> tuple[bytes, ...] | None:
+def mark_of(env: Mapping[bytes, bytes] | Mapping[str, str] | None) -> tuple[bytes, ...] | None:
     """The environment entries that name a run, or None for a run without them."""
     if env is None:
         return None
@@ -438,7 +449,7 @@ def marked_processes(mark: tuple[bytes, ...]) -> list[int]:
             if n.isdigit() and int(n) != me and _marked(_environ(n), mark)]
 
 
-def _signal_marked(pid: int, mark: tuple[bytes, ...], sig: int) -> bool:
+def signal_marked(pid: int, mark: tuple[bytes, ...], sig: int) -> bool:
     """Send ``sig`` to ``pid`` if it is (still) a marked process: through a pidfd opened
     before the mark is checked, so a reused pid can never be hit."""
     try:
@@ -460,14 +471,14 @@ def stop_marked(mark: tuple[bytes, ...], grace: float = KILL_GRACE) -> int:
     """Stop every process carrying ``mark``: SIGTERM, then SIGKILL to what is left after
     ``grace`` seconds (waiting here until they are gone or the grace is over). Returns how
     many processes were found."""
-    pids = [p for p in marked_processes(mark) if _signal_marked(p, mark, signal.SIGTERM)]
+    pids = [p for p in marked_processes(mark) if signal_marked(p, mark, signal.SIGTERM)]
     if not pids:
         return 0
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and marked_processes(mark):
         time.sleep(0.02)
     for pid in marked_processes(mark):
-        _signal_marked(pid, mark, signal.SIGKILL)
+        signal_marked(pid, mark, signal.SIGKILL)
     return len(pids)
 
 
@@ -493,7 +504,7 @@ class Leftovers:
             self._due = [(t, m) for t, m in self._due if not (everything or t <= now)]
         for mark in due:
             for pid in marked_processes(mark):
-                _signal_marked(pid, mark, signal.SIGKILL)
+                signal_marked(pid, mark, signal.SIGKILL)
 
 
 LEFTOVERS = Leftovers()  # one per process: worker threads share it

@@ -68,6 +68,8 @@ def failure(run: FailedRun) -> str:
         return "timed out"
     if run.outcome == "lease-expired":
         return f"worker {run.worker_id} stopped heartbeating"
+    if run.outcome == "fenced":
+        return f"worker {run.worker_id} lost the store and stopped it"
     return run.last_error or f"exit status {run.exit_code}"
 
 

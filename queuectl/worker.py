@@ -9,6 +9,7 @@ instead of waiting out their poll interval.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from queuectl import (
     actor,
     claims,
     clock,
+    fence,
     hooks,
     ledger,
     output,
@@ -35,7 +37,7 @@ from queuectl import (
     store,
 )
 from queuectl import events as ev
-from queuectl.errors import StoreUnavailable
+from queuectl.errors import CorruptLedger, StoreError, StoreUnavailable
 from queuectl.store import Db
 
 T = TypeVar("T")
@@ -98,8 +100,10 @@ class Worker:
         echo: Callable[[str], None],
         silence: claims.Silence,
         results: Pipeline,
+        fences: fence.Fence,
     ) -> None:
         self.conn = conn
+        self.fence = fences
         self.results = results
         self.options = options
         self.shutdown = shutdown
@@ -130,6 +134,12 @@ class Worker:
         self._signalled: set[int] = set()  # signal requests delivered to the running job
         self._connection = 0  # the connection generation this worker last reconciled
         self._next_try = 0.0  # while the store is away: the next time a run's tick tries it
+        # The lease, as the fence sees it: the monotonic time just before the last renewal
+        # known to have committed, and the last trouble the store gave (when, what).
+        self._renewed = -math.inf
+        self._trouble: tuple[float, str] = (-math.inf, "")
+        self._watched: fence.Watched | None = None  # the running job, as the fence saw it
+        self._fenced: ev.Fenced | None = None  # its last run stopped by the fence
         self.error: BaseException | None = None
 
     def db(self, call: Callable[..., T], *args: Any) -> T:
@@ -184,7 +194,9 @@ class Worker:
         reason = "crashed"
         try:
             self.config = self.persist(settings.load)
+            before = time.monotonic()  # its start is its first renewal, committed after this
             self.id = self.persist(claims.worker_started, os.getpid(), self.host)
+            self._renewed = before
             self.echo(f"Worker started: {self.id}")
             self._beat_done()
             reason = self._loop()
@@ -205,9 +217,9 @@ class Worker:
         for attempt in range(3):
             try:
                 if jobs:
-                    self.db(claims.finish_and_claim_many, [(job, ev.Released(
-                        job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
-                        reason=f"worker stopped while holding it: {reason}"))
+                    self.db(claims.finish_and_claim_many, [(job, self._fenced_run(job) or
+                        ev.Released(job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
+                                    reason=f"worker stopped while holding it: {reason}"))
                         for job in jobs], [])
                     jobs = []
                     self.unsettled.clear()
@@ -218,9 +230,25 @@ class Worker:
                 self.error = self.error or exc
                 time.sleep(0.5 * (attempt + 1))
 
+    def _fenced_run(self, job: claims.Claim) -> ev.Fenced | None:
+        """The fence's record of ``job``'s run, if the fence stopped it."""
+        done = self._fenced
+        if done is not None and (done.job_id, done.attempt) == (job.job_id, job.attempt):
+            return done
+        return None
+
     def _beat_done(self) -> None:
-        interval = float(self.config["heartbeat-interval"])
+        # However long the heartbeat interval, the lease is renewed well before the fence's
+        # deadline (fence.RENEW of it), with time left to try again.
+        interval = min(float(self.config["heartbeat-interval"]),
+                       fence.RENEW * float(self.config["lease-timeout"]))
         self._next_beat = time.monotonic() + interval
+
+    def _renew(self) -> None:
+        """Heartbeat; once it has committed, the fence counts the lease from it."""
+        renewed = self.db(claims.heartbeat, self.id)
+        self._renewed = renewed
+        self.fence.renewed(self, renewed, float(self.config["lease-timeout"]))
 
     def _tick(self) -> None:
         """Housekeeping between jobs: heartbeat, and rescue silent workers' jobs."""
@@ -247,7 +275,11 @@ class Worker:
                         self._deliver_signals(job)
                 if self._sink is not None and self._sink.due(now):
                     self.db(output.write, self._sink)
-            except StoreUnavailable:
+            except StoreError as exc:  # away, or locked past the lock timeout
+                if isinstance(exc, CorruptLedger):
+                    raise
+                # The run goes on, and the fence stops it if the lease cannot be renewed.
+                self._trouble = (time.monotonic(), render.one_line(exc))
                 self._next_try = now + 1.0
         return self._kill_reason is not None
 
@@ -271,7 +303,7 @@ class Worker:
         runner.LEFTOVERS.sweep()
         if now >= self._next_beat:
             self.config = self.db(settings.load)
-            self.db(claims.heartbeat, self.id)
+            self._renew()
             self._beat_done()
         if now >= self._next_rescue:
             self._next_rescue = now + float(self.config["heartbeat-interval"])
@@ -342,8 +374,25 @@ class Worker:
                 return self.shutdown.reason
             if held_ahead and not self.results.begin(self, job):
                 continue  # it went back to the queue, or is no longer this worker's
+            lease = self._renewed  # the lease the job was claimed (or started) under
             self._tick()  # a streak of instant jobs still heartbeats and rescues
+            if self._lapsed(job, lease):
+                continue
             self._work(job, asked=held_ahead)
+
+    def _lapsed(self, job: claims.Claim, renewed: float) -> bool:
+        """Whether the lease ``job`` was taken under ran out before it could start (this
+        process paused, the store blocked the tick): a rescuer may have it by now, so it
+        goes back unstarted, unless the store says it has been taken back already."""
+        silence = time.monotonic() - renewed
+        if silence < fence.TERM * float(self.config["lease-timeout"]):
+            return False
+        with self.results.cond:
+            self.running = None  # set by a start (Pipeline.begin): this one never ran
+        self.results.submit(self, job, ev.Released(
+            job_id=job.job_id, worker_id=self.id, attempt=job.attempt,
+            reason=f"not started: its worker's lease went {silence:.3g}s without a renewal"))
+        return True
 
     def _give_back(self, job: claims.Claim) -> None:
         """Release ``job`` and every job claimed ahead, none of them started: the
@@ -409,7 +458,7 @@ class Worker:
         if self.options.verbose:  # build no log line nobody will see
             for line in render.worker_started_job(job):
                 self.log(line)
-        self._kill_reason = None
+        self._kill_reason, self._watched = None, None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         self.running = job
         self._started = time.monotonic()
@@ -432,7 +481,8 @@ class Worker:
             env=env,
             cwd=job.cwd,
             sink=self._sink.add if self._sink is not None else None,
-            started=self._started_group,
+            started=lambda group: self._started_group(group, env),
+            ending=self._ending,
         )
         self._end_output(result)
         self.done += 1
@@ -451,13 +501,24 @@ class Worker:
                 self.db(output.write, sink, True)
             except StoreUnavailable:
                 pass
-    def _started_group(self, group: int) -> None:
+    def _started_group(self, group: int, env: dict[bytes, bytes]) -> None:
         self._group = group
+        self.fence.watch(self, group, env, self._renewed, float(self.config["lease-timeout"]))
+
+    def _ending(self) -> None:
+        self._watched = self.fence.ended(self)
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
         """The event that records how this run ended."""
         j, w, a = job.job_id, self.id, job.attempt
         out, cut, took = r.output, r.truncated, r.duration
+        watched, self._watched = self._watched, None
+        if watched is not None and watched.fenced is not None:
+            self._fenced = ev.Fenced(
+                job_id=j, worker_id=w, attempt=a, silence=watched.fenced,
+                lease_timeout=watched.lease, reason=self._why_fenced(watched),
+                duration=took, output=out, truncated=cut)
+            return self._fenced
         if r.abandoned and self._kill_reason == "cancel":
             return ev.Cancelled(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
                                 duration=took, reason="cancelled by user while running")
@@ -474,6 +535,13 @@ class Worker:
         return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
                          duration=took, exit_code=code,
                          error=r.error or runner.describe_exit(code))
+
+    def _why_fenced(self, watched: fence.Watched) -> str:
+        """What kept the lease from being renewed, as far as this worker saw."""
+        seen, trouble = self._trouble
+        if seen >= watched.renewed:
+            return trouble
+        return "a renewal did not commit in time: the database call was still waiting"
 
     def report(self, event: ev.Event, job: claims.Claim | None = None) -> None:
         line = render.worker_line(event, 1 + job.max_retries if job else None)
@@ -750,7 +818,8 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
     results = Pipeline(options.ahead)
-    workers = [Worker(conn, options, shutdown, waker, echo, silence, results)
+    fences = fence.Fence()
+    workers = [Worker(conn, options, shutdown, waker, echo, silence, results, fences)
                for _ in range(options.concurrency)]
     previous = {
         sig: signal.signal(sig, on_signal)
@@ -771,6 +840,7 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         results.close()
+        fences.close()
         runner.LEFTOVERS.sweep(everything=True)
         waker.close()
         conn.close()
