@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from queuectl import clock, decisions, ledger, output, reads, render, watch
 from queuectl import events as ev
-from queuectl.dashboard import charts
+from queuectl.dashboard import charts, http_api
 from queuectl.errors import (
     Conflict,
     InvalidInput,
@@ -198,6 +198,7 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         Route("/workers", live(workers, "workers")),
         Route("/actions/{action}", act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Mount(http_api.PREFIX, app=http_api.create_api(board, token)),
     ]
     guard = Middleware(BaseHTTPMiddleware, dispatch=_guard(
         {h.lower().strip("[]") for h in hosts}, token, board))
@@ -213,7 +214,8 @@ def _guard(hosts: set[str], token: str | None, board: Dashboard
     async def dispatch(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                        ) -> Response:
         response = _refusal(request, hosts, token)
-        if response is None and token and request.query_params.get("token") == token:
+        if response is None and token and not _is_api(request) and \
+                request.query_params.get("token") == token:
             # A link with the token: keep it in a cookie and show the address without it.
             query = urllib.parse.urlencode(
                 [(k, v) for k, v in request.query_params.multi_items() if k != "token"])
@@ -244,6 +246,8 @@ def _refusal(request: Request, hosts: set[str], token: str | None) -> Response |
     if name.lower().strip("[]") not in hosts:
         return _plain(400, f"Host {host!r} is not one this dashboard answers to "
                       "(queuectl dashboard --allow-host NAME).")
+    if _is_api(request):
+        return None  # bearer tokens only, checked by the API itself: no cookie, no origin
     if token and not _has_token(request, token):
         return _plain(401, "This dashboard needs its token: open the address queuectl "
                       "dashboard printed (…/?token=TOKEN), or send Authorization: Bearer "
@@ -255,6 +259,11 @@ def _refusal(request: Request, hosts: set[str], token: str | None) -> Response |
             return _plain(403, "Refused: this request did not come from the dashboard's own "
                           "pages (Sec-Fetch-Site / Origin).")
     return None
+
+
+def _is_api(request: Request) -> bool:
+    path = request.url.path
+    return path == http_api.PREFIX or path.startswith(f"{http_api.PREFIX}/")
 
 
 def _has_token(request: Request, token: str) -> bool:
