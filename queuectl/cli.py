@@ -1306,7 +1306,7 @@ def token_revoke(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
     """Replay the ledger into fresh projections (jobs, runs, workers, config, queues,
-    schedules, hooks, signals)."""
+    schedules, hooks, signals, tokens)."""
     conn = _db(ctx)
     if check:
         with progress.progress():

@@ -222,7 +222,7 @@ def _list_params(request: Request) -> dict[str, Any]:
     unknown = sorted(set(params) - LIST_PARAMS)
     if unknown:
         raise InvalidInput(f"unknown parameter {unknown[0]!r} (state, queue, limit, after)")
-    given = {k: v for k in LIST_PARAMS if (v := params.get(k))}
+    given: dict[str, Any] = {k: v for k in LIST_PARAMS if (v := params.get(k))}
     if "state" in given:
         given["state"] = reads.check_state(given["state"]).value
     if "queue" in given:
