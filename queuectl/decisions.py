@@ -83,6 +83,8 @@ def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
         raise InvalidInput(f"invalid job{where}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON{where}: {exc}") from None
+    except RecursionError:  # [[[[... a few hundred thousand deep
+        raise InvalidInput(f"malformed JSON{where}: nested too deeply") from None
     return check_spec(spec, where, remote=remote)
 
 

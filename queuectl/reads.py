@@ -132,8 +132,12 @@ def list_jobs(
 
 def _position(conn: Db, job_id: str) -> tuple[int, int]:
     """Where a job stands in a list: its seq and priority (``list --after``)."""
-    check_job_id(job_id)
-    row = conn.execute("SELECT seq, priority FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    try:
+        check_job_id(job_id)
+    except NotFound:
+        row = None
+    else:
+        row = conn.execute("SELECT seq, priority FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise InvalidInput(f"after: no job '{printable(job_id)}'")
     return int(row[0]), int(row[1])

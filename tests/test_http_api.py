@@ -120,6 +120,7 @@ def test_no_or_unknown_token_is_401_and_a_narrow_scope_403(serve: Any) -> None:
     api = serve()
     read, enqueue = api.tokens["read"], api.tokens["enqueue"]
     for headers in ({}, {"Authorization": "Basic dXNlcjpwdw=="}, {"Authorization": "Bearer"},
+                    {"Authorization": "Bearer \xe9\xff"},
                     {"Authorization": "Bearer nope"},
                     {"Authorization": f"Bearer {read}x"}):
         status, got, body = api.call("GET", "/api/v1/status", headers=headers)
@@ -299,6 +300,10 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (b"{", "malformed JSON"),
     (b"[]", "the list has no jobs"),
     (b"[", "malformed JSON"),
+    (b"[" * 300_000 + b"]" * 300_000, "malformed JSON: nested too deeply"),
+    (b"[" * 500_000, "malformed JSON"),
+    (b'{"command": "true", "after": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "invalid job"),
+    (b"\xef\xbb\xbf{}", "malformed JSON"),
     (b"{}", "invalid job: Object missing required field `command`"),
     (b'"echo"', "invalid job: Expected `object`, got `str`"),
     (b"42", "invalid job: Expected `object`, got `int`"),
@@ -343,6 +348,7 @@ def test_a_duplicate_id_is_409_and_bad_reads_are_400_or_404(serve: Any, run: Any
         ("/api/v1/jobs?state=bogus", 400), ("/api/v1/jobs?limit=0", 400),
         ("/api/v1/jobs?limit=1e99", 400), ("/api/v1/jobs?limit=-1", 400),
         ("/api/v1/jobs?queue=%00", 400), ("/api/v1/jobs?after=nope", 400),
+        ("/api/v1/jobs?after=%00", 400), ("/api/v1/jobs?limit=99999999999999999999", 400),
         ("/api/v1/jobs?colour=red", 400), ("/api/v1/jobs?limit=%C2%B2", 400),
         ("/api/v1/jobs/nope", 404), ("/api/v1/jobs/nope/history", 404),
         ("/api/v1/jobs/nope/logs", 404), ("/api/v1/jobs/a%00b", 404),

@@ -210,6 +210,8 @@ def _specs(body: bytes) -> list[decisions.JobSpec]:
         items = _jobs_list.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("malformed JSON: nested too deeply") from None
     if not items:
         raise InvalidInput("the list has no jobs")
     return [decisions.parse_spec(bytes(raw).decode(), f" #{n}", remote=True)
