@@ -157,6 +157,9 @@ def test_the_dashboards_cookie_never_authorizes_the_api(serve: Any, db: Any) -> 
     status, _, _ = api.call("GET", f"/api/v1/status?token={SERVE_TOKEN}")
     assert status == 401
     assert event_count(db) == before
+    # Without a token, a body is not even read: 401 before 400 or 413.
+    assert api.call("POST", "/api/v1/jobs", body=b"not json")[0] == 401
+    assert _declared(api.port, MiB + 1, None)[0] == 401
     # --token is an admin token of the API (sent as a bearer token, as any other).
     status, _, body = api.call("POST", "/api/v1/jobs", SERVE_TOKEN, {"command": "true"})
     assert status == 201
@@ -285,6 +288,8 @@ def test_admin_cancels_retries_restarts_pauses_and_resumes(serve: Any, run: Any,
     for action in ("cancel", "retry", "restart"):
         assert post(f"/api/v1/jobs/nope/{action}") == (404, {"error": "Job 'nope' not found"})
     assert post("/api/v1/queues/media/drain")[0] == 404
+    assert post("/api/v1/queues/team/media/pause") == (200, {"queue": "team/media",
+                                                             "paused": True, "changed": True})
     assert post("/api/v1/queues/-bad/pause")[0] == 400
     assert api.call("GET", f"/api/v1/jobs/{done}/cancel", admin)[0] == 405
     assert api.call("POST", f"/api/v1/jobs/{done}", admin)[0] == 405
@@ -364,15 +369,8 @@ def test_a_body_over_a_mebibyte_is_413_by_its_length_or_as_it_is_read(serve: Any
     api = serve()
     before = event_count(db)
     # Declared too long: refused before it is sent.
-    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
-    conn.putrequest("POST", "/api/v1/jobs")
-    conn.putheader("Authorization", f"Bearer {api.tokens['enqueue']}")
-    conn.putheader("Content-Length", str(MiB + 1))
-    conn.endheaders()
-    response = conn.getresponse()
-    assert response.status == 413
-    assert json.loads(response.read()) == {"error": f"the body is over {MiB} bytes"}
-    conn.close()
+    assert _declared(api.port, MiB + 1, api.tokens["enqueue"]) == (
+        413, {"error": f"the body is over {MiB} bytes"})
     # Chunked (no length): counted as it is read.
     padding = b" " * (MiB - 30)
     big = b'{"command": "true"}' + padding + b" " * 20
@@ -393,6 +391,22 @@ def test_a_body_over_a_mebibyte_is_413_by_its_length_or_as_it_is_read(serve: Any
     status, _, _ = api.call("POST", "/api/v1/jobs", api.tokens["enqueue"],
                             b'{"command": "true"}' + b" " * (MiB - 19))
     assert status == 201
+
+
+def _declared(port: int, length: int, token: str | None) -> tuple[int, Any]:
+    """The status and JSON answer to a POST that declares a body of ``length`` bytes and
+    sends none."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/api/v1/jobs")
+    if token is not None:
+        conn.putheader("Authorization", f"Bearer {token}")
+    conn.putheader("Content-Length", str(length))
+    conn.endheaders()
+    try:
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 # -- who did it ------------------------------------------------------------------------------

@@ -77,11 +77,15 @@ def create_api(board: Dashboard, token: str | None = None) -> Starlette:
                           f"{scope}")
         return found
 
-    def write(request: Request, scope: str, change: Callable[[Db], Any]) -> Any:
-        """``change`` as the token's actor, on this thread: its events record who."""
+    def writer(request: Request, scope: str) -> tokens.Holder:
+        """Who may write, checked before the request's body is read."""
         who = holder(request, scope)
         if board.read_only:
             raise Refused(403, "this server is read-only (queuectl serve --read-only)")
+        return who
+
+    def write(who: tokens.Holder, change: Callable[[Db], Any]) -> Any:
+        """``change`` as the token's actor, on this thread: its events record who."""
         with actor.acting_as(f"token:{who.name}"):
             return change(board.conn)
 
@@ -91,10 +95,10 @@ def create_api(board: Dashboard, token: str | None = None) -> Starlette:
 
     async def jobs(request: Request) -> Response:
         if request.method == "POST":
+            who = writer(request, "enqueue")
             specs = _specs(await _body(request))
             try:
-                ids, _ = write(request, "enqueue", lambda conn: decisions.enqueue_unique(
-                    conn, specs))
+                ids, _ = write(who, lambda conn: decisions.enqueue_unique(conn, specs))
             except NotFound as exc:  # a dependency: a value of the body, not this address
                 raise InvalidInput(str(exc)) from None
             return _json({"ids": ids}, 201)
@@ -110,16 +114,16 @@ def create_api(board: Dashboard, token: str | None = None) -> Starlette:
             return read(request, lambda conn: show(conn, job_id))
         if part not in JOB_ACTIONS:
             raise Refused(405, "this address takes GET")
-        return _json(write(request, "admin", lambda conn: _act(conn, part, job_id)))
+        return _json(write(writer(request, "admin"), lambda conn: _act(conn, part, job_id)))
 
     async def queue_action(request: Request) -> Response:
         name, action = request.path_params["name"], request.path_params["action"]
         if action not in ("pause", "resume"):
             raise Refused(404, f"no action {action!r} (pause or resume)")
+        who = writer(request, "admin")
         decisions.check_queue_name(name)
         pause = action == "pause"
-        changed = write(request, "admin",
-                        lambda conn: decisions.pause_queue(conn, name, pause=pause))
+        changed = write(who, lambda conn: decisions.pause_queue(conn, name, pause=pause))
         return _json({"queue": name, "paused": pause, "changed": changed})
 
     async def status(request: Request) -> Response:
@@ -159,7 +163,7 @@ def create_api(board: Dashboard, token: str | None = None) -> Starlette:
         Route("/jobs/{rest:path}", guarded(job), methods=["GET", "POST"]),
         Route("/status", guarded(status), methods=["GET"]),
         Route("/queues", guarded(queues), methods=["GET"]),
-        Route("/queues/{name}/{action}", guarded(queue_action), methods=["POST"]),
+        Route("/queues/{name:path}/{action}", guarded(queue_action), methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_routed})
 
