@@ -15,14 +15,23 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
+
+if TYPE_CHECKING:
+    from queuectl.events import Event
+
+E = TypeVar("E", bound="Event")
 
 _acting: ContextVar[str] = ContextVar("queuectl_actor", default="")
 _default = ""
 
 
 def current() -> str:
-    """The actor events appended now are stamped with ("" for none)."""
-    return _acting.get() or _default
+    """The actor events appended now are stamped with: who ``acting_as`` names, else the
+    process's default, else the person running it."""
+    return _acting.get() or _default or person()
 
 
 def set_default(by: str) -> None:
@@ -39,6 +48,11 @@ def acting_as(by: str) -> Iterator[None]:
         yield
     finally:
         _acting.reset(token)
+
+
+def stamped(events: list[E], by: str) -> list[E]:
+    """``events``, each that names no actor yet made ``by``'s."""
+    return [e if e.by else msgspec.structs.replace(e, by=by) for e in events]
 
 
 @functools.cache

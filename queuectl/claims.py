@@ -24,7 +24,7 @@ from projections.jobs import (
     TIMED_SQL,
     ready_of,
 )
-from queuectl import clock, hooks, limits
+from queuectl import actor, clock, hooks, limits
 from queuectl import events as ev
 from queuectl.cascade import (
     cancel_dependents,
@@ -73,18 +73,18 @@ def worker_started(
             worker_id = made_id(next_seq(conn), taken, "w")
         elif taken(worker_id):
             raise Conflict(f"Worker with ID '{worker_id}' already exists")
-        append(conn, ev.WorkerStarted(worker_id=worker_id, pid=pid, host=host))
+        append(conn, ev.WorkerStarted(worker_id=worker_id, pid=pid, host=host, by=worker_id))
     return worker_id
 
 
 def worker_stopped(conn: Db, worker_id: str, reason: str) -> None:
     with write(conn):
-        append(conn, ev.WorkerStopped(worker_id=worker_id, reason=reason))
+        append(conn, ev.WorkerStopped(worker_id=worker_id, reason=reason, by=worker_id))
 
 
 def heartbeat(conn: Db, worker_id: str) -> None:
     with write(conn):
-        append(conn, ev.WorkerHeartbeat(worker_id=worker_id))
+        append(conn, ev.WorkerHeartbeat(worker_id=worker_id, by=worker_id))
 
 
 def worker_state(conn: Db, worker_id: str) -> tuple[str, bool]:
@@ -252,7 +252,7 @@ def finish_and_claim_many(
             following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
             held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
                                         attempt=job.attempt + 1, eligible_at=row[-1],
-                                        ahead=ahead))
+                                        ahead=ahead, by=claimers[n]))
         settled()
     return outcomes, following
 
@@ -478,6 +478,7 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
     elif isinstance(result, ev.Cancelled):
         settled()
         events += cancel_dependents(conn, job.job_id)
+    events = actor.stamped(events, held.worker_id or "")  # the worker that ran it
     held_back.extend(events)
     return events
 
@@ -510,6 +511,7 @@ def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known
         events = cancel_now(conn, job.job_id)
     else:
         events = [_released_ahead(job, started.worker_id, reason)]
+    events = actor.stamped(events, started.worker_id)
     held_back.extend(events)
     return events
 
@@ -531,7 +533,8 @@ def release_strays(conn: Db, worker_id: str, keep: Collection[str]) -> list[ev.E
             (worker_id,)).fetchall()
         events: list[ev.Event] = [
             ev.Released(job_id=job_id, worker_id=worker_id, attempt=attempts,
-                        reason="claimed while its worker lost the database connection")
+                        reason="claimed while its worker lost the database connection",
+                        by=worker_id)
             for job_id, attempts in rows if job_id not in keep]
         if events:
             append(conn, *events)
@@ -558,7 +561,7 @@ def signalled(conn: Db, job: Claim, worker_id: str, request: int, sig: int,
     with write(conn):
         append(conn, ev.Signalled(job_id=job.job_id, worker_id=worker_id, attempt=job.attempt,
                                   request=request, signal=sig, delivered=not error,
-                                  error=error))
+                                  error=error, by=worker_id))
 
 
 class Silence:

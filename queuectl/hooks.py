@@ -153,7 +153,7 @@ def fire(conn: Db, events: Sequence[ev.Event], at: str | None = None) -> list[ev
             job_id = cascade.made_id(first + n, lambda i: bool(cascade.existing(conn, [i])),
                                      f"{PREFIX}{name}:")
         fired.append(ev.Enqueued(
-            job_id=job_id, command=command, queue=queue, hook=origin,
+            job_id=job_id, command=command, queue=queue, hook=origin, by=f"hook:{name}",
             max_retries=int(config["max-retries"]),
             backoff_base=float(config["backoff-base"]),
             timeout=float(config["job-timeout"]),

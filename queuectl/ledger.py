@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from projections import REGISTRY, appliers
-from queuectl import progress, store
+from queuectl import actor, progress, store
 from queuectl.errors import CorruptLedger, InvalidInput
 from queuectl.events import TAGS, Event, Pruned, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
@@ -102,6 +102,8 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     if not tx.in_transaction:
         raise RuntimeError("append() must run inside a write transaction")
     at = at or tx.now()
+    by = actor.current()
+    events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
     if len(events) > APPEND_STEP and (bar := progress.current()).shown:
         return _append_in_steps(tx, events, at, bar)
     rows = [(e.type, getattr(e, "job_id", None), getattr(e, "worker_id", None), encode(e))

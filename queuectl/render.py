@@ -434,10 +434,10 @@ def history_json(rows: list[tuple[int, str, ev.Event]]) -> list[dict[str, Any]]:
 def history_table(job_id: str, rows: list[tuple[int, str, ev.Event]]) -> None:
     table_rows = [
         [seq, at.replace("T", " ").rstrip("Z")[:23], event.type,
-         getattr(event, "worker_id", "") or "", event_details(event)]
+         getattr(event, "worker_id", "") or "", event.by, event_details(event)]
         for seq, at, event in rows
     ]
-    columns = ["Seq", "Time (UTC)", "Event", "Worker", "Details"]
+    columns = ["Seq", "Time (UTC)", "Event", "Worker", "By", "Details"]
     _table(f"History of job {job_id}", columns, table_rows, wide=frozenset({"Details"}))
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, NamedTuple
 
-from queuectl import cascade, clock, decisions
+from queuectl import actor, cascade, clock, decisions
 from queuectl import events as ev
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, write
@@ -339,7 +339,8 @@ def fire_due(conn: Db) -> list[ev.Event]:
             seen, due = looked.get(name, ((), None))
             if due is None or seen != (cron, zone, at) or due.following <= now:
                 due = catch_up(cron, zone, at, now)  # it changed, or a tick came, meanwhile
-            events += _fire(conn, _known(conn, name), due)
+            with actor.acting_as(f"schedule:{name}"):
+                events += _fire(conn, _known(conn, name), due)
     return events
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from queuectl import (
+    actor,
     claims,
     clock,
     hooks,
@@ -140,7 +141,7 @@ class Worker:
         did not commit wrote nothing. One whose commit did succeed unseen may have claimed a
         job this worker does not know about: ``_reconcile`` releases such jobs first.
         StoreUnavailable means the server is still away; ``persist`` waits for it."""
-        with store.PROCESS_LOCK:
+        with store.PROCESS_LOCK, actor.acting_as(self.id):
             try:
                 self._reconcile()
                 return call(self.conn, *args)

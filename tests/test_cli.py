@@ -19,7 +19,7 @@ import pytest
 from conftest import by_hand, events_of, queuectl_cmd, rescued
 
 import projections
-from queuectl import claims, decisions, ledger, limits, render, settings
+from queuectl import actor, claims, decisions, ledger, limits, render, settings
 from queuectl import events as ev
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -122,8 +122,8 @@ def test_config_set_stores_canonical_value(run, conn):
         )
     ]
     assert bodies == [
-        {"type": "config-changed", "key": "backoff-base", "value": "2"},
-        {"type": "config-changed", "key": "max-retries", "value": "7"},
+        {"type": "config-changed", "key": "backoff-base", "value": "2", "by": actor.person()},
+        {"type": "config-changed", "key": "max-retries", "value": "7", "by": actor.person()},
     ]
 
 
@@ -836,7 +836,7 @@ def test_a_history_longer_than_rich_draws_is_drawn_whole(run, conn, monkeypatch)
     monkeypatch.setenv("COLUMNS", "100")
     lines = ok(run("history", "big")).splitlines()
     assert lines[0] == "History of job big" and lines[1] == ""
-    assert lines[2].split() == ["Seq", "Time", "(UTC)", "Event", "Worker", "Details"]
+    assert lines[2].split() == ["Seq", "Time", "(UTC)", "Event", "Worker", "By", "Details"]
     assert set(lines[3].strip()) == {"─"}
     assert max(map(len, lines)) <= 100
     seqs = [int(x.split()[0]) for x in lines[4:] if x[:8].strip().isdigit()]

@@ -9,6 +9,8 @@ import json
 import pytest
 from helpers import FakeClock, T, added, claim, complete, job, ok, one_error, rows, snapshot
 
+from queuectl import actor
+
 
 def test_a_pending_job_takes_the_new_values_and_the_event_holds_only_those(run, conn,
                                                                            tmp_path):
@@ -24,7 +26,8 @@ def test_a_pending_job_takes_the_new_values_and_the_event_holds_only_those(run, 
     assert {k: v for k, v in edited.items() if k not in ("seq", "at")} == {
         "type": "edited", "job_id": "j", "command": "echo new", "queue": "media",
         "max_retries": 0, "timeout": 30.0, "cwd": f"{tmp_path}/app",
-        "env": {"CHANGE": "b", "NEW": "x"}}  # the priority did not change
+        "env": {"CHANGE": "b", "NEW": "x"},  # the priority did not change
+        "by": actor.person()}
     shown = json.loads(ok(run, "show", "j", "--json"))
     assert {k: shown[k] for k in ("command", "queue", "priority", "max_retries", "timeout",
                                   "cwd", "env", "state")} == {

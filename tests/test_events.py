@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from queuectl import decisions, ledger, store
+from queuectl import actor, decisions, ledger, store
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger
 
@@ -104,7 +104,8 @@ def test_ledger_row_columns_match_the_event(run, conn) -> None:
     event = ev.decode(body)
     assert (type_, job_id, worker_id) == ("enqueued", "j1", None)
     assert event == ev.Enqueued(job_id="j1", command="echo hi", max_retries=3, backoff_base=2.0,
-                                cwd=str(Path.cwd()))  # the CLI records where it was asked
+                                cwd=str(Path.cwd()),  # the CLI records where it was asked
+                                by=actor.person())  # and who asked
 
 
 # -- the ledger ------------------------------------------------------------------------------
@@ -175,10 +176,10 @@ def test_append_outside_a_write_transaction_is_refused(seeded) -> None:
 
 
 def test_append_writes_event_and_projection_together(seeded) -> None:
-    with ledger.write(seeded):
+    with ledger.write(seeded), actor.acting_as("ops@db-1"):
         seq = ledger.append(seeded, ev.ConfigChanged(key="max-retries", value="7"))
     assert seeded.execute("SELECT type, body FROM events WHERE seq = ?", (seq,)).fetchone() == (
         "config-changed",
-        '{"type":"config-changed","key":"max-retries","value":"7"}',
+        '{"type":"config-changed","key":"max-retries","value":"7","by":"ops@db-1"}',
     )
     assert seeded.execute("SELECT value FROM config WHERE key = 'max-retries'").fetchone() == ("7",)

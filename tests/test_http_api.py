@@ -163,6 +163,10 @@ def test_the_dashboards_cookie_never_authorizes_the_api(serve: Any, db: Any) -> 
     # --token is an admin token of the API (sent as a bearer token, as any other).
     status, _, body = api.call("POST", "/api/v1/jobs", SERVE_TOKEN, {"command": "true"})
     assert status == 201
+    with by_hand(db) as conn:
+        (made,) = conn.execute("SELECT body FROM events WHERE job_id = ?",
+                               (body["ids"][0],)).fetchone()
+    assert json.loads(made)["by"] == "token:serve"
     # The pages still want it, and the Host allow-list guards the API too.
     assert api.call("GET", "/")[0] == 401
     status, _, _ = api.call("GET", "/api/v1/status", api.tokens["read"],
@@ -207,6 +211,12 @@ def test_enqueue_is_201_with_the_ids_and_a_worker_runs_the_jobs(serve: Any, run:
     assert (shown["cwd"], shown["state"], shown["exit_code"]) == ("/", "dead", 3)
     # An API caller has no directory: a job without cwd runs in the worker's.
     assert json.loads(api.text("/api/v1/jobs/one", api.tokens["read"]))["cwd"] is None
+    # Each event names who caused it: the token for the enqueue, the worker for its run.
+    events = json.loads(api.text("/api/v1/jobs/one/history", api.tokens["read"]))
+    assert [(e["type"], e["by"]) for e in events][0] == ("enqueued", "token:enqueue")
+    assert events[-1]["type"] == "completed" and events[-1]["by"] == events[-1]["worker_id"]
+    assert json.loads(api.text(f"/api/v1/jobs/{second}/history", api.tokens["read"]))[0][
+        "by"] == "token:admin"
 
 
 def test_every_read_is_byte_for_byte_what_the_cli_prints(serve: Any, run: Any) -> None:
@@ -282,6 +292,14 @@ def test_admin_cancels_retries_restarts_pauses_and_resumes(serve: Any, run: Any,
                                                          "changed": True})
     states = {j["id"]: j["state"] for j in json.loads(ok(run, "list", "--json"))}
     assert states == {waiting: "cancelled", dead: "pending", done: "pending"}
+    for job_id, made in ((waiting, "cancelled"), (dead, "requeued"), (done, "restarted")):
+        last = json.loads(ok(run, "history", job_id, "--json"))[-1]
+        assert (last["type"], last["by"]) == (made, "token:admin"), job_id
+    with by_hand(db) as conn:
+        paused = [r[0] for r in conn.execute(
+            "SELECT body FROM events WHERE type IN ('queue-paused', 'queue-resumed') "
+            "ORDER BY seq")]
+    assert [json.loads(b)["by"] for b in paused] == ["token:admin", "token:admin"]
     status, body = post(f"/api/v1/jobs/{done}/retry")
     assert status == 409 and body == {"error": f"Job {done} is not in the dead letter queue "
                                                 "(state: pending)"}

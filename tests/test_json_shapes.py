@@ -21,7 +21,7 @@ import pytest
 from conftest import rescued
 from helpers import FakeClock, ok
 
-from queuectl import Queue, claims, clock
+from queuectl import Queue, actor, claims, clock
 from queuectl import events as ev
 
 RECORDED = Path(__file__).parent / "data" / "json"
@@ -155,10 +155,11 @@ COMMANDS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def normalised(text: str, db: Any) -> str:
-    """The output with where the database lives and where jobs were enqueued replaced: the
-    only things that differ between runs and stores (the archive is a file beside the
-    database, or a table)."""
+    """The output with where the database lives, where jobs were enqueued and who enqueued
+    them replaced: the only things that differ between runs, machines and stores (the
+    archive is a file beside the database, or a table)."""
     text = text.replace(str(db), "<db>").replace(json.dumps(os.getcwd()), '"<cwd>"')
+    text = text.replace(json.dumps(actor.person()), '"<user@host>"')
     for target in (str(Path(str(db)).with_name("queue.archive.db")), "table archived_events"):
         text = text.replace(json.dumps(target), '"<archive>"')
     return text

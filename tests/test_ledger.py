@@ -465,7 +465,7 @@ def test_finish_writes_nothing_when_worker_no_longer_holds_job(conn, monkeypatch
 
     # The holder's result is still recorded.
     done = ev.Completed(job_id="j", worker_id="w2", attempt=2)
-    assert claims.finish(conn, again, done) == [done]
+    assert claims.finish(conn, again, done) == [msgspec.structs.replace(done, by="w2")]
     assert reads.get_job(conn, "j").state == "completed"
 
 

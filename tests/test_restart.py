@@ -120,7 +120,7 @@ def test_dependents_are_not_blocked_again(run, conn):
     assert state(conn, "after") == "waiting"
     ok(run, "restart", "dead")
     events = complete(conn, claim(conn, "w", "dead"), "w", 0.1)
-    assert ev.Unblocked(job_id="after", completed="dead") in events
+    assert ev.Unblocked(job_id="after", completed="dead", by="w") in events
     assert state(conn, "after") == "pending"
 
 

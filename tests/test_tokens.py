@@ -13,7 +13,7 @@ import pytest
 from conftest import by_hand
 from helpers import ok, one_error
 
-from queuectl import tokens
+from queuectl import actor, tokens
 
 TOKEN = re.compile(r"qctl_[A-Za-z0-9_-]{43}")
 
@@ -39,6 +39,7 @@ def test_a_token_is_printed_once_and_the_ledger_keeps_only_its_hash(run: Any, db
     assert [{k: t[k] for k in ("name", "scope")} for t in listed] == [
         {"name": "ci", "scope": "enqueue"}]
     assert set(listed[0]) == {"name", "scope", "created_at", "by"}
+    assert listed[0]["by"] == actor.person()
     assert made not in ok(run, "token", "list") and "ci" in ok(run, "token", "list")
 
 

@@ -50,6 +50,8 @@ TIMEOUT = 60.0  # no sample runs this long; a command that does is hung, not slo
 # Applied in this order: a timestamp holds digit runs. Made ids are digit runs too (a job's
 # 1042, a worker's w17).
 SHAPES = (
+    # Who did it (history's By): user@host differs from machine to machine.
+    (re.compile(r"[\w.-]+@[\w.-]+"), "<user@host>"),
     # A session's own directory (the samples' default --cwd) is fresh each run.
     (re.compile(re.escape(tempfile.gettempdir().rstrip("/")) + r"/[^\s\"',)]+"), "<dir>"),
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?Z?"), "<time>"),

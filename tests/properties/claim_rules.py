@@ -171,6 +171,8 @@ class ClaimRules:
         else:
             got, following = claims.finish(self.conn, held, result), None
         written = self._since(before)
+        assert {e.by for e in got} <= {wid}, got  # all of it the worker's doing
+        got = self._bare(got)
         assert written == got + ([written[-1]] if following else [])  # what it says it wrote
         if outlived:
             assert got[:1] == [result], got
