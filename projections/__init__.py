@@ -94,11 +94,11 @@ class Rows:
         self.before.clear()
 
 
-from projections import config, hooks, jobs, queues, runs, schedules, signals, workers  # noqa: E402,I001
+from projections import config, hooks, jobs, queues, runs, schedules, signals, tokens, workers  # noqa: E402,I001
 
 # A projector reads only its own tables, so each can be rebuilt alone.
 REGISTRY: tuple[ModuleType, ...] = (jobs, runs, workers, config, queues, schedules, hooks,
-                                     signals)
+                                     signals, tokens)
 
 
 def appliers(projections: tuple[ModuleType, ...], event_type: type) -> tuple:  # type: ignore[type-arg]

@@ -458,23 +458,26 @@ def edit(ctx: click.Context, job_id: str, env_vars: tuple[str, ...], pass_env: t
               shell_complete=complete.queue_names,
               help="Only jobs of this queue.")
 @click.option("--limit", type=Number("limit"), help="At most N jobs (oldest first).")
+@click.option("--after", metavar="ID", shell_complete=complete.job_ids,
+              help="Only the jobs listed after job ID (the next page after --limit).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
 def list_(ctx: click.Context, state: str | None, queue: str | None, limit: int | None,
-          as_json: bool) -> None:
-    """List jobs, oldest first.
+          after: str | None, as_json: bool) -> None:
+    """List jobs, oldest first (pending ones in the order they will run).
 
     \b
     Example:
         queuectl list -s failed
         queuectl list -q media -s pending
         queuectl list --json --limit 10
+        queuectl list --json --limit 10 --after 1042
     """
-    from queuectl import render
+    from queuectl import render, views
 
-    jobs = reads.list_jobs(_db(ctx), state, limit, queue)
     if as_json:
-        return _json([render.job_json(j) for j in jobs])
+        return _json(views.jobs(_db(ctx), state, queue, limit, after))
+    jobs = reads.list_jobs(_db(ctx), state, limit, queue, after)
     title = ", ".join(filter(None, (state, queue and f"queue {queue}")))
     render.jobs_table(jobs, f"Jobs ({title})" if title else "Jobs")
 
@@ -509,9 +512,9 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float | Non
         from queuectl.watch import run as watching
 
         return watching(_db(ctx), interval or 1.0, store.shown(ctx.obj["db"]))
-    from queuectl import render
+    from queuectl import render, views
 
-    found = reads.status(_db(ctx))
+    found = views.status(_db(ctx))
     if as_json:
         return _json(found)
     render.status(found.jobs, found.queues, found.workers, found.worker_counts)
@@ -523,9 +526,9 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float | Non
 def queues(ctx: click.Context, as_json: bool) -> None:
     """Every queue: paused or running, its limit, its jobs per state and how long its
     oldest pending job has waited."""
-    from queuectl import render
+    from queuectl import render, views
 
-    found = reads.queues(_db(ctx))
+    found = views.queues(_db(ctx))
     if as_json:
         return _json(found)
     render.queues_table(found)
@@ -539,11 +542,11 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def history(ctx: click.Context, job_id: str, archive: bool, as_json: bool) -> None:
     """Every event of one job, in order: its whole life."""
-    from queuectl import render
+    from queuectl import render, views
 
-    rows = reads.history(_db(ctx), job_id, archive)
     if as_json:
-        return _json(render.history_json(rows))
+        return _json(views.history(_db(ctx), job_id, archive))
+    rows = reads.history(_db(ctx), job_id, archive)
     render.history_table(job_id, rows)
 
 
@@ -553,14 +556,14 @@ def history(ctx: click.Context, job_id: str, archive: bool, as_json: bool) -> No
 @click.pass_context
 def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Everything about one job: fields, retry policy, dependencies, last error, next run."""
-    from queuectl import render
+    from queuectl import render, views
 
     conn = _db(ctx)
+    if as_json:
+        return _json(views.job(conn, job_id))
     job = reads.get_job(conn, job_id)
     deps = {dep: reads.get_job(conn, dep).state for dep in job.after}
     runs = reads.runs_of(conn, job_id)
-    if as_json:
-        return _json(render.show_json(job, deps, runs))
     render.show(job, deps, runs)
 
 
@@ -598,13 +601,13 @@ def logs(ctx: click.Context, job_id: str, attempt: int | None, as_json: bool, fo
     conn = _db(ctx)
     if follow:
         _follow(conn, job_id)
-    runs = reads.runs_of(conn, job_id)
     if full:
-        return _full(conn, job_id, runs, attempt)
-    if attempt is not None:
-        runs = [r for r in runs if r.attempt == attempt]
-        if not runs:
-            raise click.ClickException(f"Job {job_id} has no attempt {attempt}")
+        return _full(conn, job_id, reads.runs_of(conn, job_id), attempt)
+    from queuectl import views
+
+    runs = views.logs(conn, job_id, attempt)
+    if attempt is not None and not runs:
+        raise click.ClickException(f"Job {job_id} has no attempt {attempt}")
     if as_json:
         return _json(runs)
     render.logs(job_id, runs)
@@ -1256,33 +1259,55 @@ def _run(ctx: click.Context, **options: Any) -> None:
         raise click.ClickException("; ".join(errors))
 
 
-# -- dashboard ----------------------------------------------------------------------------
+# -- serve --------------------------------------------------------------------------------
 
 DASHBOARD_NEEDS = ("starlette", "uvicorn", "jinja2")
 
 
+def serve_options(f: Any) -> Any:
+    for option in reversed((
+        click.option("--host", default="127.0.0.1", show_default=True,
+                     help="The address to listen on; beyond loopback --token is required."),
+        click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True),
+        click.option("--token", envvar="QUEUECTL_DASHBOARD_TOKEN", metavar="TOKEN",
+                     help="Required on every page (also QUEUECTL_DASHBOARD_TOKEN); it is an "
+                          "admin token of the API too, acting as token:serve."),
+        click.option("--allow-host", "allowed", multiple=True, metavar="NAME",
+                     help="Another name it is reached by (the Host header; repeatable)."),
+        click.option("--read-only", is_flag=True,
+                     help="No actions: pages and the API's reads only."),
+    )):
+        f = option(f)
+    return f
+
+
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="The address to listen on; beyond loopback --token is required.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
-@click.option("--token", envvar="QUEUECTL_DASHBOARD_TOKEN", metavar="TOKEN",
-              help="Required on every request (also QUEUECTL_DASHBOARD_TOKEN).")
-@click.option("--allow-host", "allowed", multiple=True, metavar="NAME",
-              help="Another name the dashboard is reached by (the Host header; repeatable).")
-@click.option("--read-only", is_flag=True, help="No actions: pages only.")
+@serve_options
 @click.pass_context
-def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
-              allowed: tuple[str, ...], read_only: bool) -> None:
-    """Serve a web dashboard of the queue: counts, charts, jobs, timelines, the DLQ,
-    queues, schedules and workers, with retry, cancel and pause (needs the
-    dashboard extra).
+def serve(ctx: click.Context, **options: Any) -> None:
+    """Serve the web dashboard (counts, charts, jobs, timelines, the DLQ, queues, schedules
+    and workers, with retry, cancel and pause) and the HTTP API under /api/v1 (bearer
+    tokens from queuectl token add); needs the dashboard extra.
 
     \b
     Example:
-        queuectl dashboard
-        queuectl dashboard --read-only --port 9000
-        queuectl dashboard --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+        queuectl serve
+        queuectl serve --read-only --port 9000
+        queuectl serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
     """
+    _serve(ctx, **options)
+
+
+@cli.command()
+@serve_options
+@click.pass_context
+def dashboard(ctx: click.Context, **options: Any) -> None:
+    """Another name for queuectl serve (the same options)."""
+    _serve(ctx, **options)
+
+
+def _serve(ctx: click.Context, host: str, port: int, token: str | None,
+           allowed: tuple[str, ...], read_only: bool) -> None:
     try:
         import uvicorn
 
@@ -1302,8 +1327,61 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
     shown = f"[{host}]" if ":" in host else host
     needs = "; open it once as .../?token=TOKEN" if token else ""
     click.echo(f"Dashboard of {store.shown(ctx.obj['db'])} at http://{shown}:{port}/"
-               f"{' (read-only)' if read_only else ''}{needs}; Ctrl-C to stop.")
+               f"{' (read-only)' if read_only else ''}{needs}; API at /api/v1; Ctrl-C to "
+               "stop.")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.group()
+def token() -> None:
+    """Bearer tokens for the HTTP API of queuectl serve (the ledger keeps only their
+    hashes)."""
+
+
+@token.command("add")
+@click.argument("name", metavar="NAME")
+@click.option("--scope", required=True, type=click.Choice(["read", "enqueue", "admin"]),
+              help="read: the GET routes; enqueue: also POST /api/v1/jobs; admin: also "
+                   "cancel, retry, restart, pause and resume.")
+@click.pass_context
+def token_add(ctx: click.Context, name: str, scope: str) -> None:
+    """Add a token and print it, the only time it is ever shown (a line on stderr says
+    so); keep it as you would a password.
+
+    \b
+    Example:
+        queuectl token add ci --scope enqueue > ci.token
+        curl -H "Authorization: Bearer $(cat ci.token)" http://127.0.0.1:8765/api/v1/status
+    """
+    from queuectl import tokens
+
+    made = tokens.add(_db(ctx, create=True), name, scope)
+    click.echo(f"Token '{name}' added (scope {scope}); it is shown only this once:", err=True)
+    click.echo(made)
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def token_list(ctx: click.Context, as_json: bool) -> None:
+    """Every token in force: its name, scope, when it was added and by whom."""
+    from queuectl import render, tokens
+
+    found = tokens.listed(_db(ctx))
+    if as_json:
+        return _json(found)
+    render.tokens_table(found)
+
+
+@token.command("revoke")
+@click.argument("name", metavar="NAME")
+@click.pass_context
+def token_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke a token: running servers refuse it from their next request."""
+    from queuectl import tokens
+
+    tokens.revoke(_db(ctx), name)
+    click.echo(f"Token '{name}' revoked.")
 
 
 # -- maintenance --------------------------------------------------------------------------
@@ -1314,7 +1392,7 @@ def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
 @click.pass_context
 def rebuild(ctx: click.Context, check: bool) -> None:
     """Replay the ledger into fresh projections (jobs, runs, workers, config, queues,
-    schedules, hooks, signals)."""
+    schedules, hooks, signals, tokens)."""
     conn = _db(ctx)
     if check:
         with progress.progress():

@@ -74,18 +74,21 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
-def parse_spec(text: str, where: str = "") -> JobSpec:
-    """Decode one JSON job object, or raise InvalidInput naming what is wrong."""
+def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
+    """Decode one JSON job object, or raise InvalidInput naming what is wrong. ``remote``:
+    the caller has no directory here (the HTTP API), so a ``cwd`` must be absolute."""
     try:
         spec = _spec_decoder.decode(text)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid job{where}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON{where}: {exc}") from None
-    return check_spec(spec, where)
+    except RecursionError:  # [[[[... a few hundred thousand deep
+        raise InvalidInput(f"malformed JSON{where}: nested too deeply") from None
+    return check_spec(spec, where, remote=remote)
 
 
-def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
+def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSpec:
     if not spec.command.strip():
         raise InvalidInput(f"invalid job{where}: command is empty")
     if "\0" in spec.command:  # no shell can be given one: exec would refuse it every time
@@ -126,6 +129,9 @@ def check_spec(spec: JobSpec, where: str = "") -> JobSpec:
             "and start with a letter or digit"
         )
     if spec.cwd is not None:
+        if remote and not os.path.isabs(spec.cwd):
+            raise InvalidInput(f"invalid job{where}: cwd must be an absolute path (the "
+                               "server's directory is not the caller's)")
         spec.cwd = check_cwd(spec.cwd, where)
     if spec.env:
         spec.env = check_env(spec.env, where)

@@ -377,6 +377,24 @@ class HookRemoved(_Event, tag="hook-removed", frozen=True):
     name: str
 
 
+# -- API tokens ---------------------------------------------------------------------------
+
+
+class TokenAdded(_Event, tag="token-added", frozen=True):
+    """A bearer token for the HTTP API: ``hash`` is the SHA-256 (hex) of the token, which
+    itself is shown once and never stored. ``scope``: read, enqueue or admin."""
+
+    name: str
+    scope: str
+    hash: str
+
+
+class TokenRevoked(_Event, tag="token-revoked", frozen=True):
+    """The token ``name`` no longer authorizes anything, from this event on."""
+
+    name: str
+
+
 # -- retention -----------------------------------------------------------------------------
 
 
@@ -451,6 +469,8 @@ Event = (
     | ScheduleSkipped
     | HookAdded
     | HookRemoved
+    | TokenAdded
+    | TokenRevoked
     | Pruned
 )
 

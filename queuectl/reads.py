@@ -100,10 +100,12 @@ def get_job(conn: Db, job_id: str) -> Job:
 
 
 def list_jobs(
-    conn: Db, state: str | None = None, limit: int | None = None, queue: str | None = None
+    conn: Db, state: str | None = None, limit: int | None = None, queue: str | None = None,
+    after: str | None = None,
 ) -> list[Job]:
     """Jobs oldest first, optionally of one state and one queue; pending jobs in the order
-    they will run (highest priority first, then oldest)."""
+    they will run (highest priority first, then oldest). ``after``: only the jobs after
+    that one in this order (the next page, by keyset: the same cost at any depth)."""
     params: tuple[Any, ...] = (state,) if state else ()
     if state == State.PENDING and queue:
         index, ready = ready_of(queue)
@@ -117,8 +119,28 @@ def list_jobs(
         where, order = ("WHERE state = ?" if state else "WHERE 1 = 1"), "seq"
     if queue:
         where, params = f"{where} AND queue = ?", (*params, queue)
+    if after is not None:
+        seq, priority = _position(conn, after)
+        if order == "seq":
+            where, params = f"{where} AND seq > ?", (*params, seq)
+        else:
+            where = f"{where} AND (priority < ? OR (priority = ? AND seq > ?))"
+            params = (*params, priority, priority, seq)
     sql = conn.dialect.sql(f"SELECT {JOB_FIELDS[conn.kind]} FROM jobs {where} ORDER BY {order} LIMIT ?")
     return _jobs(conn.execute(sql, (*params, EVERY if limit is None else limit)))
+
+
+def _position(conn: Db, job_id: str) -> tuple[int, int]:
+    """Where a job stands in a list: its seq and priority (``list --after``)."""
+    try:
+        check_job_id(job_id)
+    except NotFound:
+        row = None
+    else:
+        row = conn.execute("SELECT seq, priority FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise InvalidInput(f"after: no job '{printable(job_id)}'")
+    return int(row[0]), int(row[1])
 
 
 def counts(conn: Db) -> dict[str, int]:

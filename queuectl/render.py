@@ -272,6 +272,14 @@ def hooks_table(found: list[dict[str, Any]]) -> None:
            wide=frozenset({"Command"}))
 
 
+def tokens_table(found: list[dict[str, Any]]) -> None:
+    if not found:
+        print("Tokens: none")
+        return
+    rows = [[t["name"], t["scope"], clock.short(t["created_at"]), t["by"] or "-"] for t in found]
+    _table("Tokens", ["Name", "Scope", "Created (UTC)", "By"], rows)
+
+
 def signal_name(sig: int) -> str:
     try:
         return signal.Signals(sig).name

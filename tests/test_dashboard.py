@@ -5,6 +5,7 @@ CSP, read-only)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -425,6 +426,10 @@ def test_cancel_and_queue_actions_are_ledger_events(run: Any, db: Any,
         assert [r[0] for r in conn.execute(
             "SELECT type FROM events WHERE type LIKE 'queue-%' ORDER BY seq")] == \
             ["queue-paused", "queue-limited", "queue-resumed"]
+        # who did it: the dashboard, for each action of its pages
+        actors = [json.loads(body)["by"] for (body,) in conn.execute(
+            "SELECT body FROM events WHERE type LIKE 'queue-%' OR type = 'cancelled'")]
+        assert actors == ["dashboard"] * 4
     assert "Queue &#39;media&#39; resumed." in client.get("/queues").text  # escaped
 
 

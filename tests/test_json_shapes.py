@@ -108,6 +108,8 @@ def build(run: Any, conn: Any, fake: FakeClock) -> None:
     ok(run, "schedule", "pause", "often")
     fake.set(40)  # w4 fell silent (its last heartbeat at 5s, the lease 30s); w1 did not
     claims.heartbeat(conn, "w1")
+    ok(run, "token", "add", "ci", "--scope", "enqueue")
+    ok(run, "token", "add", "ops", "--scope", "admin")
 
 
 def _beat(conn: Any, fake: FakeClock) -> None:
@@ -121,6 +123,8 @@ def _beat(conn: Any, fake: FakeClock) -> None:
 COMMANDS: list[tuple[str, tuple[str, ...]]] = [
     ("list", ("list",)),
     ("list-limit", ("list", "--limit", "3")),
+    ("list-after", ("list", "--limit", "3", "--after", "slow")),
+    ("list-pending-after", ("list", "-s", "pending", "--after", "m1")),
     ("list-media", ("list", "-q", "media")),
     ("list-media-pending", ("list", "-q", "media", "-s", "pending")),
     *[(f"list-{s}", ("list", "-s", s)) for s in (
@@ -147,6 +151,7 @@ COMMANDS: list[tuple[str, tuple[str, ...]]] = [
     ("config-get-key", ("config", "get", "backoff-max")),
     ("prune-dry-run", ("prune", "--before", "0s", "--dry-run")),
     ("health", ("health",)),
+    ("token-list", ("token", "list")),
 ]
 
 

@@ -31,9 +31,9 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from queuectl import clock, decisions, ledger, output, reads, render, watch
+from queuectl import actor, clock, decisions, ledger, output, reads, render, watch
 from queuectl import events as ev
-from queuectl.dashboard import charts, probes
+from queuectl.dashboard import charts, http_api, probes
 from queuectl.errors import (
     Conflict,
     InvalidInput,
@@ -53,6 +53,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "frame-ancestors 'none'")
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+DASHBOARD_ACTOR = "dashboard"  # who the pages' actions are recorded as (``by``)
 TOKEN_COOKIE, FLASH_COOKIE = "queuectl_token", "queuectl_flash"
 TIMELINE = 1000  # events of a job's timeline shown (the newest); history ID has them all
 MAX_TEXT = 200  # characters of a search
@@ -167,7 +168,8 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         action = request.path_params["action"]
         if action not in ACTIONS:
             raise HTTPException(404, f"No action {action!r}.")
-        message, back = ACTIONS[action](board.conn, form)
+        with actor.acting_as(DASHBOARD_ACTOR):
+            message, back = ACTIONS[action](board.conn, form)
         response = RedirectResponse(back, status_code=303)
         response.set_cookie(FLASH_COOKIE, urllib.parse.quote(message), path="/",
                             httponly=True, samesite="strict")
@@ -199,6 +201,7 @@ def create_app(target: str, *, token: str | None = None, read_only: bool = False
         Route("/actions/{action}", act, methods=["POST"]),
         *probes.routes(board),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Mount(http_api.PREFIX, app=http_api.create_api(board, token)),
     ]
     guard = Middleware(BaseHTTPMiddleware, dispatch=_guard(
         {h.lower().strip("[]") for h in hosts}, token, board))
@@ -214,7 +217,8 @@ def _guard(hosts: set[str], token: str | None, board: Dashboard
     async def dispatch(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                        ) -> Response:
         response = _refusal(request, hosts, token)
-        if response is None and token and request.query_params.get("token") == token:
+        if response is None and token and not _is_api(request) and \
+                request.query_params.get("token") == token:
             # A link with the token: keep it in a cookie and show the address without it.
             query = urllib.parse.urlencode(
                 [(k, v) for k, v in request.query_params.multi_items() if k != "token"])
@@ -245,6 +249,8 @@ def _refusal(request: Request, hosts: set[str], token: str | None) -> Response |
     if name.lower().strip("[]") not in hosts:
         return _plain(400, f"Host {host!r} is not one this dashboard answers to "
                       "(queuectl dashboard --allow-host NAME).")
+    if _is_api(request):
+        return None  # bearer tokens only, checked by the API itself: no cookie, no origin
     if token and not _has_token(request, token) and request.url.path not in probes.OPEN:
         return _plain(401, "This dashboard needs its token: open the address queuectl "
                       "dashboard printed (…/?token=TOKEN), or send Authorization: Bearer "
@@ -256,6 +262,11 @@ def _refusal(request: Request, hosts: set[str], token: str | None) -> Response |
             return _plain(403, "Refused: this request did not come from the dashboard's own "
                           "pages (Sec-Fetch-Site / Origin).")
     return None
+
+
+def _is_api(request: Request) -> bool:
+    path = request.url.path
+    return path == http_api.PREFIX or path.startswith(f"{http_api.PREFIX}/")
 
 
 def _has_token(request: Request, token: str) -> bool:
