@@ -209,7 +209,8 @@ def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[A
     state = State.WAITING if blocked else _ready_state(run_at, at)
     return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
             e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at, e.cwd,
-            env_text(e.env), limits_text(e.memory, e.cpu_time, e.open_files))
+            env_text(e.env), limits_text(e.memory, e.cpu_time, e.open_files)
+            if e.memory or e.cpu_time or e.open_files else None)
 
 
 _encode = msgspec.json.encode
