@@ -35,23 +35,14 @@ NONE = "none"  # the word that says "no limit" where a default would otherwise a
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A job's limits; 0: none. The ``limits`` column holds them as JSON (NULL: none)."""
+    """A job's limits; 0: none. The ``limits`` column holds those set as JSON (NULL: none)."""
 
     memory: int = 0  # bytes of address space, per process
     cpu_time: int = 0  # CPU seconds, per process
     open_files: int = 0  # descriptors, per process
 
-    def __bool__(self) -> bool:
-        return bool(self.memory or self.cpu_time or self.open_files)
 
-
-_encode = msgspec.json.encode
-decode = msgspec.json.Decoder(Limits).decode
-
-
-def text(given: Limits) -> str | None:
-    """The ``limits`` column's value: a JSON object of the limits set, or None for none."""
-    return _encode(given).decode() if given else None
+decode = msgspec.json.Decoder(Limits).decode  # the ``limits`` column (projections.jobs)
 
 
 # -- given --------------------------------------------------------------------------------
