@@ -28,7 +28,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
 
 NAME = "jobs"
-VERSION = 15
+VERSION = 16
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -100,7 +100,8 @@ DDL = (
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL,
         cwd TEXT,
-        env TEXT
+        env TEXT,
+        limits TEXT
     )""",
     """CREATE TABLE job_deps (
         job_id TEXT NOT NULL,
@@ -140,11 +141,11 @@ INDEXES = (
 COLUMNS = ("seq", "id", "command", "queue", "state", "priority", "attempts", "max_retries",
            "backoff_base", "backoff_max", "backoff_jitter", "timeout", "run_at", "worker_id",
            "cancel_requested", "ahead", "exit_code", "last_error", "unique_key", "created_at",
-           "updated_at", "cwd", "env")
+           "updated_at", "cwd", "env", "limits")
 # What an enqueued event sets; the other columns start at their defaults (_UNSET).
 _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries", "backoff_base",
              "backoff_max", "backoff_jitter", "timeout", "run_at", "unique_key", "created_at",
-             "updated_at", "cwd", "env")
+             "updated_at", "cwd", "env", "limits")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
           "exit_code": None, "last_error": None}
 _COUNT_KEY = ("queue", "state")
@@ -212,10 +213,22 @@ def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[A
     state = State.WAITING if blocked else _ready_state(run_at, at)
     return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
             e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at, e.cwd,
-            env_text(e.env))
+            env_text(e.env), limits_text(e.memory, e.cpu_time, e.open_files)
+            if e.memory or e.cpu_time or e.open_files else None)
 
 
 _encode = msgspec.json.encode
+LIMITS = ("memory", "cpu_time", "open_files")  # a run's resource limits (queuectl.resources)
+
+
+def limits_text(memory: int, cpu_time: int, open_files: int) -> str | None:
+    """A job's resource limits as its ``limits`` column holds them: a JSON object of those
+    set (``{"memory":67108864}``), NULL for none, so that a job without any costs its
+    claims nothing."""
+    if not (memory or cpu_time or open_files):
+        return None
+    given = {"memory": memory, "cpu_time": cpu_time, "open_files": open_files}
+    return _encode({name: value for name, value in given.items() if value}).decode()
 
 
 def env_text(env: dict[str, str] | None) -> str | None:
@@ -313,6 +326,11 @@ def _edited(e: ev.Edited, at: str, row: Row) -> dict[str, Any]:
     changes = {name: value for name in _EDITABLE if (value := getattr(e, name)) is not None}
     if e.env:
         changes["env"] = env_text({**_decode_env(row["env"] or "{}"), **e.env})
+    if e.memory is not None or e.cpu_time is not None or e.open_files is not None:
+        now = _decode_limits(row["limits"] or "{}")
+        new = [now.get(name, 0) if (value := getattr(e, name)) is None else value
+               for name in LIMITS]
+        changes["limits"] = limits_text(*new)
     if e.run_at is not None:  # as when enqueued: a time gone by is now
         changes["run_at"] = run_at = max(e.run_at, at)
         if row["state"] != State.WAITING:
@@ -322,6 +340,7 @@ def _edited(e: ev.Edited, at: str, row: Row) -> dict[str, Any]:
 
 _EDITABLE = ("command", "priority", "queue", "max_retries", "timeout", "cwd")
 _decode_env = msgspec.json.Decoder(dict[str, str]).decode
+_decode_limits = msgspec.json.Decoder(dict[str, int]).decode
 
 
 def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:

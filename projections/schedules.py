@@ -16,7 +16,7 @@ from queuectl import events as ev
 from queuectl.store import Db
 
 NAME = "schedules"
-VERSION = 2
+VERSION = 3
 TABLES = {"schedules": ("name",)}
 
 DDL = (
@@ -39,7 +39,10 @@ DDL = (
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL,
         cwd TEXT,
-        env TEXT
+        env TEXT,
+        memory INTEGER,
+        cpu_time INTEGER,
+        open_files INTEGER
     )""",
 )
 
@@ -58,7 +61,8 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
             "name": e.name, "cron": e.cron, "timezone": e.timezone, "command": e.command,
             "queue": e.queue, "priority": e.priority, "max_retries": e.max_retries,
             "backoff_base": e.backoff_base, "timeout": e.timeout, "next_at": e.next_at,
-            "created_at": at, "updated_at": at, "cwd": e.cwd, "env": env_text(e.env)})
+            "created_at": at, "updated_at": at, "cwd": e.cwd, "env": env_text(e.env),
+            "memory": e.memory, "cpu_time": e.cpu_time, "open_files": e.open_files})
         return
     if isinstance(e, ev.ScheduleRemoved):
         tx.delete("schedules", "name", [e.name], missing=_unknown(e.name))

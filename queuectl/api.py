@@ -65,9 +65,11 @@ class Queue:
         """Add one job and return its id. ``options`` are the JSON job fields: ``id``,
         ``queue``, ``priority``, ``max_retries``, ``backoff_base``, ``timeout``, ``delay``
         (seconds) or ``run_at`` (ISO-8601), ``after`` (ids), ``unique_key``, ``cwd`` (the
-        directory it runs in, relative to this process's; without it, the worker's) and
-        ``env`` (variables set over the worker's environment). A job whose unique key an
-        unfinished job holds is not added: that job's id is returned."""
+        directory it runs in, relative to this process's; without it, the worker's),
+        ``env`` (variables set over the worker's environment) and the resource limits
+        ``memory`` (bytes, or ``"64MiB"``), ``cpu_time`` (seconds) and ``open_files``
+        (``"none"``: no limit). A job whose unique key an unfinished job holds is not added:
+        that job's id is returned."""
         spec = _spec({**options, "command": command})
         with self._open() as db:
             return decisions.enqueue(db, [spec])[0]

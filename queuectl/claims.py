@@ -52,10 +52,11 @@ class Claim(msgspec.Struct, frozen=True):
     backoff_jitter: float = 0.0
     cwd: str | None = None  # where it runs; None: the worker's directory
     env: str | None = None  # its variables, a JSON object (the ``env`` column)
+    limits: str | None = None  # its resource limits, a JSON object (the ``limits`` column)
 
 
 _CLAIM_FIELDS = "id, command, attempts, max_retries, backoff_base, timeout, backoff_max, " \
-    "backoff_jitter, cwd, env"
+    "backoff_jitter, cwd, env, limits"
 
 
 def worker_started(
@@ -298,12 +299,12 @@ class _Known(msgspec.Struct):
 def _known_jobs(n: int) -> str:
     return f"""SELECT 'j', id, state, worker_id, attempts, cancel_requested,
     CASE WHEN EXISTS (SELECT 1 FROM job_deps WHERE depends_on = jobs.id) THEN 1 ELSE 0 END,
-    ahead, NULL, NULL, NULL, NULL, queue, NULL, NULL FROM jobs WHERE id IN ({_marks(n)})"""
+    ahead, NULL, NULL, NULL, NULL, queue, NULL, NULL, NULL FROM jobs WHERE id IN ({_marks(n)})"""
 
 
 def _known_refused(n: int) -> str:
     return f"""SELECT 'w', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-    NULL, NULL, NULL FROM workers WHERE id IN ({_marks(n)})
+    NULL, NULL, NULL, NULL FROM workers WHERE id IN ({_marks(n)})
     AND (state != '{WorkerState.ACTIVE}' OR stop_requested != 0)"""
 
 
@@ -311,14 +312,15 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 # Usually none: a read of an empty table.
 _KNOWN_QUEUES = """SELECT 'q', name, NULL, NULL, paused, job_limit, rate, period, NULL, NULL,
-    NULL, NULL, NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0 OR rate > 0"""
+    NULL, NULL, NULL, NULL, NULL, NULL FROM queues WHERE paused != 0 OR job_limit > 0 OR rate > 0"""
 # One row when any hook exists (usually none: a look at an empty table).
 _KNOWN_HOOKS = """SELECT 'h', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-    NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM hooks)"""
+    NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM hooks)"""
 # The best eligible jobs, of every queue or of one (kind 'r<n>': the n-th of a worker's queues).
 _KNOWN_READY = f"""SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq,
-    backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env FROM (SELECT * FROM jobs
-    {JOBS_READY} WHERE {CLAIMABLE_SQL} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?)
+    backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env, limits FROM (SELECT *
+    FROM jobs {JOBS_READY} WHERE {CLAIMABLE_SQL} AND run_at <= ?
+    ORDER BY priority DESC, seq LIMIT ?)
     AS best"""
 
 
@@ -326,8 +328,8 @@ def _ready_in(position: int, queue: str) -> str:
     """``_KNOWN_READY`` for the ``position``-th of a worker's queues (kind ``r<position>``)."""
     index, where = ready_of(queue)
     return (f"SELECT 'r{position}', id, command, run_at, attempts, max_retries, priority, seq, "
-            "backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env FROM (SELECT * "
-            "FROM jobs "
+            "backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env, limits "
+            "FROM (SELECT * FROM jobs "
             f"{index} WHERE {where} AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) "
             f"AS best{position}")
 
@@ -349,7 +351,7 @@ def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         policy = rest[:4]  # backoff_base, timeout, backoff_max, backoff_jitter; then queue
         position = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
         best.append(((position, -priority, seq),
-                     (id_, command, attempts, retries, *policy, *rest[5:7], run_at, rest[4])))
+                     (id_, command, attempts, retries, *policy, *rest[5:8], run_at, rest[4])))
     return [claim for _, claim in sorted(best)]
 
 
@@ -357,8 +359,8 @@ def _ready_open(closed: str) -> str:
     """The best eligible jobs of every queue but some (for _ready_within): ``closed`` is
     the condition that leaves those out."""
     return (f"SELECT 'r', id, command, run_at, attempts, max_retries, priority, seq, "
-            f"backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env FROM jobs "
-            f"{JOBS_READY} "
+            f"backoff_base, timeout, backoff_max, backoff_jitter, queue, cwd, env, limits "
+            f"FROM jobs {JOBS_READY} "
             f"WHERE {CLAIMABLE_SQL} AND run_at <= ?{closed} ORDER BY priority DESC, seq LIMIT ?")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -113,6 +113,40 @@ class RateType(click.ParamType):
             return limits.parse_rate(str(value))
         except QueueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class Limit(click.ParamType):
+    """A resource limit of a job's runs (``queuectl.resources``): a number, a size for
+    ``--memory``, or ``none``."""
+
+    def __init__(self, name: str) -> None:
+        self.limit = name
+        self.name = "size" if name == "memory" else "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from queuectl import resources
+
+        try:
+            return resources.parse(self.limit, str(value)) or resources.NONE
+        except QueueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _limit_options(whose: str, none: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--memory``, ``--cpu-time`` and ``--open-files`` for ``whose`` runs; ``none`` says
+    what the value ``none`` does."""
+    flags = (("--memory", "memory", "SIZE", "Address space (virtual memory) each process of "
+              "{} may use: bytes, or 64MiB, 1GiB, 2048K ({})."),
+             ("--cpu-time", "cpu_time", "SECONDS", "CPU seconds each process of {} may use "
+              "({})."),
+             ("--open-files", "open_files", "N", "Files each process of {} may hold open ({})."))
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for flag, name, metavar, what in reversed(flags):
+            command = click.option(flag, name, type=Limit(name), metavar=metavar,
+                                   help=what.format(whose, none))(command)
+        return command
+    return decorate
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -258,6 +292,8 @@ def config_get(ctx: click.Context, key: str | None, as_json: bool) -> None:
 @click.option("--pass-env", multiple=True, metavar="NAME",
               help="Copy this shell's current value of NAME into its environment "
                    "(repeatable).")
+@_limit_options("the job", "'none': no limit; default: config memory-limit, cpu-time-limit, "
+                "open-files-limit")
 @click.option("--follow", "follow", is_flag=True,
               help="Then print the job's output as it runs, as logs --follow does, and exit "
                    "with its exit code (the 'Job added' line goes to stderr).")
@@ -291,9 +327,12 @@ def enqueue(
         queuectl enqueue -c "make test" --cwd ~/src/app --env CI=1 --pass-env PATH
         ls *.wav | sed 's/.*/flac "&"/' | queuectl enqueue --commands -
         queuectl enqueue -c "make test" --wait && echo passed
+        queuectl enqueue -c "python3 train.py" --memory 2GiB --cpu-time 600
 
     A job runs in the directory it was enqueued from (or --cwd), with the worker's
-    environment and the variables --env and --pass-env name.
+    environment and the variables --env and --pass-env name. --memory, --cpu-time and
+    --open-files limit each of its processes (setrlimit); a run that fails on reaching one
+    says which.
     """
     on_duplicate = flags.pop("on_duplicate")
     wait_for = flags.pop("wait_for")
@@ -422,6 +461,7 @@ def _override(spec: decisions.JobSpec, flags: dict[str, Any]) -> decisions.JobSp
                    "stay.")
 @click.option("--pass-env", multiple=True, metavar="NAME",
               help="Copy this shell's current value of NAME into its environment.")
+@_limit_options("it", "'none': remove it")
 @click.pass_context
 def edit(ctx: click.Context, job_id: str, env_vars: tuple[str, ...], pass_env: tuple[str, ...],
          **values: Any) -> None:
@@ -434,6 +474,7 @@ def edit(ctx: click.Context, job_id: str, env_vars: tuple[str, ...], pass_env: t
         queuectl edit 12 --priority 5 -q media
         queuectl edit 12 -c "make report" --delay 60
         queuectl edit 12 --cwd ~/src/app --env CI=1
+        queuectl edit 12 --memory 512MiB --cpu-time none
     """
     from queuectl import render
 
@@ -851,6 +892,7 @@ def schedule() -> None:
               help="Set a variable in its jobs' environment (repeatable). No secrets.")
 @click.option("--pass-env", multiple=True, metavar="NAME",
               help="Copy this shell's current value of NAME into its jobs' environment.")
+@_limit_options("its jobs", "'none': no limit; default: the config's when a job is made")
 @click.pass_context
 def schedule_add(ctx: click.Context, name: str, cron: str, command: str, queue: str,
                  timezone: str, cwd: str | None, env_vars: tuple[str, ...],

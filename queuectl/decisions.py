@@ -69,6 +69,11 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unique_key: str | None = None
     cwd: str | None = None  # where it runs; relative: to the caller's; None: the worker's
     env: dict[str, str] = {}  # variables set over the worker's environment
+    # Resource limits (queuectl.resources): a number, a size (memory), or "none"; None:
+    # the settings' default. check_spec leaves a number above 0 or "none" (see ``limit``).
+    memory: int | str | None = None
+    cpu_time: int | str | None = None
+    open_files: int | str | None = None
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -135,7 +140,30 @@ def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSp
         spec.cwd = check_cwd(spec.cwd, where)
     if spec.env:
         spec.env = check_env(spec.env, where)
+    if spec.memory is not None or spec.cpu_time is not None or spec.open_files is not None:
+        _check_limits(spec, where)
     return spec
+
+
+def _check_limits(spec: JobSpec, where: str) -> None:
+    from queuectl import resources
+
+    for name in resources.NAMES:
+        if (value := getattr(spec, name)) is not None:
+            try:
+                setattr(spec, name, resources.parse(name, value) or resources.NONE)
+            except InvalidInput as exc:
+                raise InvalidInput(f"invalid job{where}: {name}: {exc}") from None
+
+
+def limit(value: int | str | None) -> int | None:
+    """A checked spec's resource limit as its events hold it (0: none); None when the spec
+    gives none."""
+    return None if value is None else _given(value)
+
+
+def _given(value: int | str) -> int:
+    return 0 if value == "none" else int(value)
 
 
 # -- where and with what a job runs -------------------------------------------------------
@@ -345,6 +373,9 @@ def _defaults(config: dict[str, str]) -> dict[str, Any]:
         "timeout": float(config["job-timeout"]),
         "backoff_max": float(config["backoff-max"]),
         "backoff_jitter": float(config["backoff-jitter"]),
+        "memory": int(config["memory-limit"]),
+        "cpu_time": int(config["cpu-time-limit"]),
+        "open_files": int(config["open-files-limit"]),
     }
 
 
@@ -364,6 +395,9 @@ def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) ->
         queue=spec.queue,
         cwd=spec.cwd,
         env=spec.env,
+        memory=defaults["memory"] if spec.memory is None else _given(spec.memory),
+        cpu_time=defaults["cpu_time"] if spec.cpu_time is None else _given(spec.cpu_time),
+        open_files=defaults["open_files"] if spec.open_files is None else _given(spec.open_files),
     )
 
 
@@ -388,15 +422,19 @@ EDITABLE = (State.PENDING, State.SCHEDULED, State.WAITING)  # jobs that have not
 def edit(conn: Db, job_id: str, *, command: str | None = None, priority: int | None = None,
          run_at: str | None = None, delay: float | None = None, queue: str | None = None,
          max_retries: int | None = None, timeout: float | None = None,
-         cwd: str | None = None, env: Mapping[str, str] | None = None) -> ev.Edited | None:
+         cwd: str | None = None, env: Mapping[str, str] | None = None,
+         memory: int | str | None = None, cpu_time: int | str | None = None,
+         open_files: int | str | None = None) -> ev.Edited | None:
     """Give a job that has not started (pending, scheduled, waiting) new values, checked as
-    enqueue checks them; ``env`` sets or changes variables, keeping the others. Records only
-    what differs from the job's values, and returns that ``edited`` event (None: nothing
-    differed, nothing written). A job running or finished is refused."""
+    enqueue checks them; ``env`` sets or changes variables, keeping the others; a resource
+    limit given as ``none`` is removed. Records only what differs from the job's values,
+    and returns that ``edited`` event (None: nothing differed, nothing written). A job
+    running or finished is refused."""
     spec = check_spec(JobSpec(
         command="true" if command is None else command, priority=priority or 0,
         run_at=run_at, delay=delay, queue=queue or DEFAULT_QUEUE, max_retries=max_retries,
-        timeout=timeout, cwd=cwd, env=dict(env or {})))
+        timeout=timeout, cwd=cwd, env=dict(env or {}), memory=memory, cpu_time=cpu_time,
+        open_files=open_files))
     with write(conn):
         job = get_job(conn, job_id)
         if job.state not in EDITABLE:
@@ -407,7 +445,10 @@ def edit(conn: Db, job_id: str, *, command: str | None = None, priority: int | N
             ("command", command, job.command), ("priority", priority, job.priority),
             ("queue", queue, job.queue), ("max_retries", max_retries, job.max_retries),
             ("timeout", timeout, job.timeout), ("cwd", spec.cwd, job.cwd),
-            ("run_at", when, job.run_at)) if value is not None and value != old}
+            ("run_at", when, job.run_at), ("memory", limit(spec.memory), job.memory or 0),
+            ("cpu_time", limit(spec.cpu_time), job.cpu_time or 0),
+            ("open_files", limit(spec.open_files), job.open_files or 0))
+            if value is not None and value != old}
         variables = {k: v for k, v in spec.env.items() if job.env.get(k) != v}
         if variables:
             changed["env"] = variables

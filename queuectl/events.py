@@ -59,6 +59,10 @@ class Enqueued(_Event, tag="enqueued", frozen=True):
     cwd: str | None = None  # absolute directory the run starts in; None: the worker's
     env: dict[str, str] = msgspec.field(default_factory=dict)  # set over the worker's, sorted
     hook: HookOrigin | None = None  # a hook job: what fired it
+    # Resource limits of each of its runs' processes (queuectl.resources); 0 means none.
+    memory: int = 0  # bytes of address space
+    cpu_time: int = 0  # CPU seconds
+    open_files: int = 0  # open descriptors
 
 
 class Claimed(_Event, tag="claimed", frozen=True):
@@ -206,6 +210,9 @@ class Edited(_Event, tag="edited", frozen=True):
     timeout: float | None = None
     cwd: str | None = None
     env: dict[str, str] | None = None
+    memory: int | None = None  # a resource limit's new value; 0: none from now on
+    cpu_time: int | None = None
+    open_files: int | None = None
 
 
 class Restarted(_Event, tag="restarted", frozen=True):
@@ -319,6 +326,9 @@ class ScheduleAdded(_Event, tag="schedule-added", frozen=True):
     timeout: float | None = None
     cwd: str | None = None  # where its jobs run (enqueued with it); None: the worker's
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    memory: int | None = None  # its jobs' resource limits; None: the settings' default
+    cpu_time: int | None = None  # (0: none)
+    open_files: int | None = None
 
 
 class ScheduleRemoved(_Event, tag="schedule-removed", frozen=True):

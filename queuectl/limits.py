@@ -42,6 +42,10 @@ BOUNDS: dict[str, Bound] = {
     "timeout": Bound(False, 0, LONGEST, "seconds"),
     "delay": Bound(False, 0, LONGEST, "seconds"),
     "priority": Bound(True, -INT32 - 1, INT32),
+    # a run's resource limits (queuectl.resources); none of them may be 0: "none" says none
+    "memory": Bound(True, 2**20, 2**48, "bytes"),  # 1 MiB to x86-64's 256 TiB of addresses
+    "cpu_time": Bound(True, 1, LONGEST, "seconds"),
+    "open_files": Bound(True, 1, 2**20),  # Linux's default ceiling (fs.nr_open)
     # worker timings
     "heartbeat_interval": Bound(False, 0.1, DAY, "seconds"),
     "lease_timeout": Bound(False, 0.5, DAY, "seconds"),

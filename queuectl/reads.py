@@ -16,6 +16,7 @@ from projections.jobs import (
     INDEXED_STATES,
     JOBS_READY,
     JOBS_STATE,
+    LIMITS,
     ready_of,
 )
 from projections.runs import PRUNED, RUNS_FINISHED
@@ -47,17 +48,27 @@ INDEXED = (State.PROCESSING, State.FAILED, State.SCHEDULED, State.WAITING, State
 # are a JSON array of ids, which each store writes its own way (projections.jobs.DEPENDENCIES).
 JOB_FIELDS = {kind: "id, command, queue, state, priority, attempts, max_retries, backoff_base, "
               f"backoff_max, backoff_jitter, timeout, run_at, {deps} AS after, unique_key, "
-              "exit_code, last_error, created_at, updated_at, worker_id, cancel_requested, cwd, env"
+              "exit_code, last_error, created_at, updated_at, worker_id, cancel_requested, cwd, "
+              "env, limits"
               for kind, deps in DEPENDENCIES.items()}
 _decode_ids = msgspec.json.Decoder(list[str]).decode
 _decode_env = msgspec.json.Decoder(dict[str, str]).decode
+_decode_limits = msgspec.json.Decoder(dict[str, int]).decode
 
 
 def _jobs(rows: Iterable[Any]) -> list[Job]:
-    """Jobs from rows of ``JOB_FIELDS``: ``after`` (the 13th) and ``env`` (the last) decoded
-    from their JSON, and ``cancel_requested`` a bool whichever way the store holds it."""
+    """Jobs from rows of ``JOB_FIELDS``: ``after`` (the 13th), ``env`` and ``limits`` (the
+    last two) decoded from their JSON, and ``cancel_requested`` a bool whichever way the
+    store holds it."""
     return [Job(*(*row[:12], _decode_ids(row[12]), *row[13:19], bool(row[19]), row[20],
-                  _decode_env(row[21]) if row[21] else {})) for row in rows]
+                  _decode_env(row[21]) if row[21] else {}, *_limits(row[22])))
+            for row in rows]
+
+
+def _limits(text: str | None) -> tuple[int | None, ...]:
+    """A job's resource limits from its ``limits`` column, None for each not set."""
+    given = _decode_limits(text) if text else {}
+    return tuple(given.get(name) for name in LIMITS)
 
 
 def printable(text: str) -> str:

@@ -36,6 +36,9 @@ class Job(msgspec.Struct, frozen=True):
     cancel_requested: bool
     cwd: str | None = None  # where it runs; None: the worker's directory
     env: dict[str, str] = {}  # variables set over the worker's environment
+    memory: int | None = None  # resource limits of each of its runs' processes; None: none
+    cpu_time: int | None = None  # (bytes of address space, CPU seconds, open descriptors)
+    open_files: int | None = None
 
 
 class ListedJob(msgspec.Struct, frozen=True):

@@ -147,7 +147,8 @@ def _cut(text: str) -> str:
 # -- jobs ---------------------------------------------------------------------------------
 
 _TIMED = ("scheduled", "failed", "pending")
-_HELD = ("worker_id", "cancel_requested", "cwd", "env")  # what only show gives of a job
+# What only show gives of a job.
+_HELD = ("worker_id", "cancel_requested", "cwd", "env", "memory", "cpu_time", "open_files")
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -302,6 +303,8 @@ def event_details(event: ev.Event) -> str:
             extras += [f"run at {clock.human(event.run_at)}"] * bool(event.run_at)
             extras += [f"after {', '.join(event.after)}"] * bool(event.after)
             extras += [f"env {_assignments(event.env)}"] * bool(event.env)
+            if event.memory or event.cpu_time or event.open_files:
+                extras += _limit_changes(event)
             made = f"; made by hook {event.hook.name}: job {event.hook.job_id} " \
                 f"{event.hook.state}" if event.hook else ""
             return f"command: {c} ({', '.join(extras)}){made}"
@@ -369,7 +372,18 @@ def edits(e: ev.Edited) -> list[str]:
         items.append(f"run at {clock.human(e.run_at)}")
     if e.env:
         items.append(f"env {_assignments(e.env)}")
+    if e.memory is not None or e.cpu_time is not None or e.open_files is not None:
+        items += _limit_changes(e)
     return items
+
+
+def _limit_changes(e: ev.Enqueued | ev.Edited) -> list[str]:
+    """The resource limits an event set (``memory limit 64 MiB``) or removed."""
+    from queuectl import resources
+
+    return [resources.label(name, value) if value else f"no {resources.NOUNS[name]}"
+            for name in resources.NAMES if (value := getattr(e, name)) is not None
+            and (value or isinstance(e, ev.Edited))]
 
 
 def _count(n: int, noun: str) -> str:
@@ -471,7 +485,9 @@ def show_json(job: Job, deps: dict[str, str], runs: list[Run]) -> dict[str, Any]
     data = job_json(job)
     data.update(
         worker_id=job.worker_id, cancel_requested=job.cancel_requested,
-        cwd=job.cwd, env=job.env, dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
+        cwd=job.cwd, env=job.env, memory=job.memory, cpu_time=job.cpu_time,
+        open_files=job.open_files,
+        dependencies=[{"id": dep, "state": state} for dep, state in deps.items()],
         next_run=_next_run(job), runs=len(runs),
     )
     return data
@@ -495,6 +511,7 @@ def show(job: Job, deps: dict[str, str], runs: list[Run]) -> None:
         ("Timeout", f"{job.timeout:g}s" if job.timeout else "none"),
         ("Directory", job.cwd or "the worker's"),
         ("Environment", _assignments(job.env) or "-"),
+        ("Limits", _limits(job)),
         ("After", ", ".join(f"{d} ({s})" for d, s in deps.items()) or "-"),
         ("Worker", job.worker_id or "-"),
         ("Last error", job.last_error or "-"),
@@ -507,6 +524,16 @@ def show(job: Job, deps: dict[str, str], runs: list[Run]) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key + ':':<{width + 1}} {safe(str(value))}")
+
+
+def _limits(job: Job) -> str:
+    """A job's resource limits, ``memory limit 64 MiB, cpu time 1 s``, or ``none``."""
+    if job.memory is None and job.cpu_time is None and job.open_files is None:
+        return "none"
+    from queuectl import resources
+
+    return resources.summary(resources.Limits(
+        memory=job.memory or 0, cpu_time=job.cpu_time or 0, open_files=job.open_files or 0))
 
 
 def logs(job_id: str, runs: list[Run]) -> None:

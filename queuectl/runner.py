@@ -20,6 +20,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -32,6 +33,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from queuectl.resources import Limits
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 TICK = 0.05  # seconds between calls of a run's tick (heartbeats, cancel checks)
@@ -107,10 +112,23 @@ def _shell() -> str:
 _ENTER = ('cd -- "$1" 2>/dev/null || { printf "queuectl: cannot enter directory %s on %s: '
           '%s\\n" "$1" "$2" "it could not be entered as the run started"; exit 1; }; '
           'eval "shift 3; $3"')
+_EVAL = 'eval "shift 3; $3"'
 
 
-def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: str | None = None
-           ) -> tuple[int, int]:
+def _argv(command: str, cwd: str | None, limits: Limits | None) -> list[str]:
+    """The shell's arguments: ``sh -c command``, or with a directory to enter or resource
+    limits to set first (``resources.script``), a script that then evaluates it."""
+    if limits is None:
+        return ["sh", "-c", command] if cwd is None else ["sh", "-c", _ENTER, "sh", cwd,
+                                                          _host(), command]
+    from queuectl import resources
+
+    script = resources.script(limits) + (_EVAL if cwd is None else _ENTER)
+    return ["sh", "-c", script, "sh", cwd or "", _host(), command]
+
+
+def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: str | None = None,
+           limits: Limits | None = None) -> tuple[int, int]:
     """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
     stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
 
@@ -127,8 +145,7 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: st
     try:
         pid = os.posix_spawn(
             _shell(),
-            ["sh", "-c", command] if cwd is None
-            else ["sh", "-c", _ENTER, "sh", cwd, _host(), command],
+            _argv(command, cwd, limits),
             env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -227,11 +244,17 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, usage: bool = False) -> float:
+    """Reap the shell; with ``usage``, return the CPU seconds it and the processes it
+    waited for used (else 0)."""
     try:
-        os.waitpid(pid, 0)
+        if not usage:
+            os.waitpid(pid, 0)
+            return 0.0
+        used = os.wait4(pid, 0)[2]
+        return used.ru_utime + used.ru_stime
     except ChildProcessError:
-        pass
+        return 0.0
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -294,6 +317,7 @@ def run_command(
     sink: Callable[[bytes], None] | None = None,
     started: Callable[[int], None] | None = None,
     ending: Callable[[], None] | None = None,
+    limits: Limits | None = None,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
@@ -309,14 +333,17 @@ def run_command(
     left) is a run that failed with status 126, not the worker's end. If anything raises
     (``tick`` writing to a database that fails, say), the run's group is killed first.
     ``sink``, if given, is handed every read of the output as it comes (the output store).
+    ``limits`` (``queuectl.resources``) are set on the run's processes; a run that failed
+    after reaching one says which in its ``error`` and a last line of output, and a run
+    whose limits this worker cannot set fails without starting.
     """
     start = time.monotonic()
     if cwd is not None and (problem := enter_problem(cwd)) is not None:
-        return RunResult(exit_code=NO_DIRECTORY, duration=round(time.monotonic() - start, 6),
-                         output=(problem + "\n")[-output_limit:] if output_limit else "",
-                         truncated=False, error=problem.removeprefix("queuectl: "))
+        return _not_started(problem, start, output_limit)
+    if limits is not None and (problem := _limits_problem(limits)) is not None:
+        return _not_started(problem, start, output_limit)
     try:
-        pid, fd = _spawn(command, os.environ if env is None else env, cwd)
+        pid, fd = _spawn(command, os.environ if env is None else env, cwd, limits)
     except OSError as exc:
         why = f"queuectl: cannot start sh: {exc.strerror or exc}"
         return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
@@ -367,9 +394,9 @@ def run_command(
         os.close(fd)
     if ending is not None:
         ending()
-    _end(pid, env, leftovers)
+    cpu = _end(pid, env, leftovers, usage=limits is not None)
     output, truncated = tail.text()
-    return RunResult(
+    result = RunResult(
         exit_code=code,
         duration=round(time.monotonic() - start, 6),
         output=output,
@@ -377,18 +404,56 @@ def run_command(
         timed_out=timed_out,
         abandoned=abandoned,
     )
+    if limits is not None and code and not (timed_out or abandoned):
+        return _limit_reached(result, limits, cpu, output_limit, sink)
+    return result
+
+
+def _not_started(problem: str, start: float, output_limit: int) -> RunResult:
+    """A run that failed before its shell started: ``problem`` is its one line of output."""
+    return RunResult(exit_code=NO_DIRECTORY, duration=round(time.monotonic() - start, 6),
+                     output=(problem + "\n")[-output_limit:] if output_limit else "",
+                     truncated=False, error=problem.removeprefix("queuectl: "))
+
+
+def _limits_problem(limits: Limits) -> str | None:
+    from queuectl import resources
+
+    problem = resources.problem(limits)
+    return None if problem is None else f"queuectl: {problem} on {_host()}"
+
+
+def _limit_reached(result: RunResult, limits: Limits, cpu: float, output_limit: int,
+                   sink: Callable[[bytes], None] | None) -> RunResult:
+    """A failed run that reached one of its limits, as such: its error names the limit,
+    and so does a last line of its output (in the output store too)."""
+    from queuectl import resources
+
+    assert result.exit_code is not None
+    which = resources.reached(limits, result.exit_code, cpu, result.output)
+    if which is None:
+        return result
+    error = f"{which} reached ({describe_exit(result.exit_code)})"
+    line = ("\n" if result.output and not result.output.endswith("\n") else "") + \
+        f"queuectl: {error}\n"
+    if sink is not None:
+        sink(line.encode())
+    output = (result.output + line)[-output_limit:] if output_limit else ""
+    return dataclasses.replace(result, output=output, error=error)
 
 
 def _end(pid: int, env: Mapping[bytes, bytes] | Mapping[str, str] | None,
-         leftovers: Leftovers | None) -> None:
+         leftovers: Leftovers | None, usage: bool = False) -> float:
     """The shell has exited (and is still a zombie): SIGTERM what it left in its group,
-    reap it, and if anything of the group is still alive, have it killed after the grace."""
+    reap it, and if anything of the group is still alive, have it killed after the grace.
+    Returns the CPU seconds of the shell and what it waited for, with ``usage``."""
     kill_group(pid, signal.SIGTERM)
-    _reap(pid)
+    cpu = _reap(pid, usage)
     if _group_alive(pid):
         mark = mark_of(env)
         if mark is not None:
             (leftovers or LEFTOVERS).add(mark)
+    return cpu
 
 
 def describe_exit(code: int) -> str:

@@ -248,7 +248,9 @@ def add(conn: Db, name: str, cron: str, spec: decisions.JobSpec, timezone: str =
         append(conn, ev.ScheduleAdded(
             name=name, cron=cron, command=spec.command, next_at=first, timezone=timezone,
             queue=spec.queue, priority=spec.priority, max_retries=spec.max_retries,
-            backoff_base=spec.backoff_base, timeout=spec.timeout, cwd=spec.cwd, env=spec.env))
+            backoff_base=spec.backoff_base, timeout=spec.timeout, cwd=spec.cwd, env=spec.env,
+            memory=decisions.limit(spec.memory), cpu_time=decisions.limit(spec.cpu_time),
+            open_files=decisions.limit(spec.open_files)))
     return first
 
 
@@ -275,7 +277,13 @@ def pause(conn: Db, name: str, paused: bool = True) -> bool:
 
 _COLUMNS = ("name, cron, timezone, command, queue, priority, max_retries, backoff_base, "
             "timeout, paused, next_at, last_tick, last_job, fired, skipped, created_at, "
-            "updated_at, cwd, env")
+            "updated_at, cwd, env, memory, cpu_time, open_files")
+
+
+def _limit(stored: int | None) -> int | str | None:
+    """A schedule's resource limit as its jobs' spec gives it: None takes the settings'
+    default when the job is made, 0 says none."""
+    return "none" if stored == 0 else stored
 
 
 def listed(conn: Db) -> list[dict[str, Any]]:
@@ -370,6 +378,8 @@ def _fire(conn: Db, row: dict[str, Any], due: Due) -> list[ev.Event]:
     spec = decisions.JobSpec(command=row["command"], id=made, queue=row["queue"],
                              priority=row["priority"], max_retries=row["max_retries"],
                              backoff_base=row["backoff_base"], timeout=row["timeout"],
-                             cwd=row["cwd"], env=_env(row["env"]))
+                             cwd=row["cwd"], env=_env(row["env"]),
+                             memory=_limit(row["memory"]), cpu_time=_limit(row["cpu_time"]),
+                             open_files=_limit(row["open_files"]))
     decisions.add_jobs(conn, [spec])
     return [fired]

@@ -54,8 +54,18 @@ class Setting:
             return canonical(int(clamped) if limits.BOUNDS[self.bound].integer else clamped)
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?", re.IGNORECASE)
-_UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+_UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def bytes_of(text: str) -> int | None:
+    """A count of bytes given as bytes or with a unit (``10MiB``, ``512K``, ``1.5G``:
+    powers of 1024), or None when ``text`` is not one."""
+    found = _SIZE.fullmatch(text.strip())
+    if found is None:
+        return None
+    number, unit = found.groups()
+    return int(float(number) * _UNIT[(unit or "").upper()[:1].replace("B", "")])
 
 
 def size(n: float, tenths: bool = False) -> str:
@@ -75,17 +85,40 @@ class SizeSetting(Setting):
     ``1.5M``: powers of 1024), and stored as bytes."""
 
     def parse(self, text: str) -> str:
-        found = _SIZE.fullmatch(text.strip())
-        if found is None:
+        value = bytes_of(text)
+        if value is None:
             raise InvalidInput(f"expected a size such as 10MiB, 512KiB or 4096 (bytes), "
                                f"got {text!r}")
-        number, unit = found.groups()
-        value = float(number) * _UNIT[(unit or "").upper()[:1].replace("B", "")]
         try:
-            return canonical(limits.check(self.bound, int(value)))
+            return canonical(limits.check(self.bound, value))
         except InvalidInput:
             raise InvalidInput(f"expected a size from 0 to {size(limits.BOUNDS[self.bound].high)}"
                                f", got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class LimitSetting(Setting):
+    """The default of one of a run's resource limits (``queuectl.resources``): what a job
+    given none takes when it is enqueued; 0 or ``none``: none."""
+
+    def parse(self, text: str) -> str:
+        from queuectl import resources
+
+        if text.strip() == "0":
+            return "0"
+        return str(resources.parse(self.bound, text))
+
+    def stored(self, text: str) -> str:
+        try:
+            return self.parse(text)
+        except InvalidInput:
+            return self.default
+
+
+def _limit_line(name: str, value: str) -> str:
+    from queuectl import resources
+
+    return resources.label(name, int(value))
 
 
 SETTINGS: dict[str, Setting] = {
@@ -159,6 +192,31 @@ SETTINGS: dict[str, Setting] = {
             "0 = its tail only)",
             lambda v: f"Each run's output will be kept up to {size(int(v))} (its end)"
             if int(v) else "Runs' output will not be kept beyond the tail in the ledger",
+        ),
+        LimitSetting(
+            "memory-limit",
+            "0",
+            "memory",
+            lambda v: "Address space each process of a new job may use (0 = no limit)"
+            + (f": {size(int(v))}" if int(v) else ""),
+            lambda v: f"New jobs will run with a {_limit_line('memory', v)}" if int(v)
+            else "New jobs will run without a memory limit",
+        ),
+        LimitSetting(
+            "cpu-time-limit",
+            "0",
+            "cpu_time",
+            lambda v: "CPU seconds each process of a new job may use (0 = no limit)",
+            lambda v: f"New jobs will run with a {_limit_line('cpu_time', v)} limit" if int(v)
+            else "New jobs will run without a cpu time limit",
+        ),
+        LimitSetting(
+            "open-files-limit",
+            "0",
+            "open_files",
+            lambda v: "Files each process of a new job may hold open (0 = no limit)",
+            lambda v: f"New jobs will run with a limit of {_limit_line('open_files', v)}"
+            if int(v) else "New jobs will run without an open files limit",
         ),
     )
 }

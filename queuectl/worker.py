@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -39,6 +39,9 @@ from queuectl import (
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger, StoreError, StoreUnavailable
 from queuectl.store import Db
+
+if TYPE_CHECKING:
+    from queuectl.resources import Limits
 
 T = TypeVar("T")
 
@@ -483,6 +486,7 @@ class Worker:
             sink=self._sink.add if self._sink is not None else None,
             started=lambda group: self._started_group(group, env),
             ending=self._ending,
+            limits=_limits(job) if job.limits is not None else None,
         )
         self._end_output(result)
         self.done += 1
@@ -552,6 +556,15 @@ class Worker:
 def _job_env(job: claims.Claim) -> dict[str, str] | None:
     """The variables a job was enqueued with, decoded only for a job that has some."""
     return msgspec.json.decode(job.env, type=dict[str, str]) if job.env else None
+
+
+def _limits(job: claims.Claim) -> Limits:
+    """The resource limits a job was enqueued with (``resources.Limits``), decoded only for
+    a job that has some: others never import the module."""
+    from queuectl import resources
+
+    assert job.limits is not None
+    return resources.decode(job.limits)
 
 
 class Pipeline:

@@ -46,6 +46,12 @@ output-limit = 4
 KiB of output (its tail) kept per run
 log-limit = 10485760
 Bytes of each run's output kept whole (10 MiB; then its end; 0 = its tail only)
+memory-limit = 0
+Address space each process of a new job may use (0 = no limit)
+cpu-time-limit = 0
+CPU seconds each process of a new job may use (0 = no limit)
+open-files-limit = 0
+Files each process of a new job may hold open (0 = no limit)
 =========================
 """
 
@@ -155,6 +161,9 @@ def test_config_get_json(run):
         "lease-timeout": 30,
         "output-limit": 4,
         "log-limit": 10485760,
+        "memory-limit": 0,
+        "cpu-time-limit": 0,
+        "open-files-limit": 0,
     }
     assert json.loads(ok(run("config", "get", "max-retries", "--json"))) == {"max-retries": 5}
     run("config", "set", "backoff-base", "1.5")

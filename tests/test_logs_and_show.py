@@ -134,6 +134,7 @@ def test_show_text_and_json(run, conn, monkeypatch):
         "dependencies": [{"id": "dep1", "state": "completed"}, {"id": "dep2", "state": "pending"}],
         "exit_code": None, "last_error": None, "created_at": T(0), "updated_at": T(0),
         "worker_id": None, "cancel_requested": False, "cwd": os.getcwd(), "env": {},
+        "memory": None, "cpu_time": None, "open_files": None,
         "next_run": "after its dependencies complete", "runs": 0,
     }
 
