@@ -384,9 +384,11 @@ def test_a_rate_holds_across_worker_processes(run, conn):
     assert len(mail) == n  # one start each: none went back
     assert most_in_a_window(mail, 1.0) == 5
     # Used, not merely kept: n starts need (n - 5) / 5 s at the least, 7 s; waking only at
-    # the poll interval would take about 35 s. The margin is for a loaded machine.
+    # the poll interval would take about 35 s. The margin is for a loaded machine (CI's two
+    # test processes beside these six worker threads once took 11 s on PostgreSQL).
     span = mail[-1] - mail[0]
-    assert (n - 5) / 5 <= span < (n - 5) / 5 * 1.5, span
+    print(f"span of {n} starts at 5/s: {span:.2f}s")
+    assert (n - 5) / 5 <= span < (n - 5) / 5 * 2, span
     assert most_in_a_window(starts(conn, "default"), 1.0) > 5
     assert reads.queue_counts(conn)["default"]["completed"] == 30
 
