@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import spawn
+from conftest import spawn, wait_for
 
 from queuectl import claims, clock, decisions, ledger, reads, records
 from queuectl import events as ev
@@ -199,3 +200,40 @@ def _meanwhile(monkeypatch: pytest.MonkeyPatch, db: Any, action: Callable[[sqlit
         return found
 
     monkeypatch.setattr(decisions, "_dependency_order", then_meanwhile)
+
+
+# -- served processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def serving(command: str, *args: str) -> Iterator[int]:
+    """A ``queuectl serve`` (or ``dashboard``) process on a free port of 127.0.0.1, once it
+    accepts connections (uvicorn listens only after the app has started): its port. It is
+    stopped on leaving, killed if it does not stop."""
+    port = free_port()
+    proc = spawn(command, "--port", str(port), *args)
+    try:
+        wait_for(lambda: proc.poll() is not None or _accepts(port), 30, f"{command} to answer")
+        assert proc.poll() is None, proc.communicate()
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import by_hand, needs, spawn, wait_for
-from helpers import added, ok, workers
+from conftest import by_hand, needs, wait_for
+from helpers import added, ok, serving, workers
 
 from queuectl import claims, clock, decisions, ledger
 from queuectl import events as ev
@@ -47,12 +45,6 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -66,21 +58,10 @@ def dashboard(db: Any) -> Iterator[str]:
     """A ``queuectl dashboard`` process on the test's database (created empty): its
     address."""
     ledger.connect(db).close()
-    port = free_port()
-    proc = spawn("dashboard", "--port", str(port))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: proc.poll() is not None or answers(url + "/static/dashboard.css"), 30,
-                 "the dashboard to answer")
-        assert proc.poll() is None, proc.communicate()
+    with serving("dashboard") as port:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(url + "/static/dashboard.css"), 30, "the dashboard to answer")
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 def last_type(db: Any, job_id: str) -> str:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import spawn, wait_for
-from helpers import FakeClock, ok, one_error, workers
+from conftest import wait_for
+from helpers import FakeClock, ok, one_error, serving, workers
 
 from queuectl import claims
 
@@ -111,12 +111,6 @@ def test_bad_options_are_usage_errors(run: Any, conn: Any) -> None:
 # -- served -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def get(url: str, token: str | None = None) -> tuple[int, str, str]:
     request = urllib.request.Request(url)
     if token:
@@ -128,32 +122,11 @@ def get(url: str, token: str | None = None) -> tuple[int, str, str]:
         return exc.code, exc.headers["content-type"], exc.read().decode()
 
 
-def answers(url: str) -> bool:
-    try:
-        get(url)
-        return True
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 @pytest.fixture
-def served(conn: Any) -> Any:
-    """A ``queuectl dashboard`` process with a token, on the test's database."""
-    port = free_port()
-    proc = spawn("dashboard", "--port", str(port), "--token", "s3cret")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: proc.poll() is not None or answers(url + "/healthz"), 30,
-                 "the server to answer")
-        assert proc.poll() is None, proc.communicate()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+def served(conn: Any) -> Iterator[str]:
+    """A ``queuectl dashboard`` process with a token, on the test's database: its address."""
+    with serving("dashboard", "--token", "s3cret") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_served_metrics_and_healthz(run: Any, conn: Any, served: str) -> None:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import by_hand, spawn, wait_for
-from helpers import added, burst, ok, workers
+from conftest import by_hand
+from helpers import added, burst, ok, serving, workers
 
 from queuectl import actor, decisions, ledger, tokens
 
@@ -24,12 +23,6 @@ pytest.importorskip("starlette", reason="pip install -e '.[test]' (the dashboard
 
 SERVE_TOKEN = "serve-token-for-tests"
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -71,41 +64,20 @@ class Served:
             conn.close()
 
 
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def serve(db: Any) -> Iterator[Callable[..., Served]]:
     """Start ``queuectl serve`` (with ``--token``) on the test's database, created with a
     token of each scope; every server started is stopped at the end."""
-    started: list[subprocess.Popen[str]] = []
     conn = ledger.connect(db)
     made = {scope: tokens.add(conn, scope, scope) for scope in tokens.SCOPES}
     conn.close()
 
     def start(*args: str) -> Served:
-        port = free_port()
-        proc = spawn("serve", "--port", str(port), "--token", SERVE_TOKEN, *args)
-        started.append(proc)
-        wait_for(lambda: proc.poll() is not None or _answers(port), 30, "serve to answer")
-        assert proc.poll() is None, proc.communicate()
+        port = stack.enter_context(serving("serve", "--token", SERVE_TOKEN, *args))
         return Served(port, dict(made))
 
-    try:
+    with ExitStack() as stack:
         yield start
-    finally:
-        for proc in started:
-            proc.terminate()
-            try:
-                proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
 
 
 def event_count(db: Any) -> int:
