@@ -60,7 +60,7 @@ def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
         note=", ".join(heavy) if heavy else "neither is imported")
     return [
         make_row("startup", "enqueue_wall", "`queuectl enqueue -c true` wall", wall, "ms",
-                 Target("<= 1.3 x import floor", "ratio", "<=", 1.3),
+                 Target("<= 1.05 x import floor", "ratio", "<=", 1.05),
                  baseline_samples=floor, baseline_label=f'`python -c "{FLOOR_CODE}"`'),
         heavy_row,
         make_row("startup", "complete_wall", "`queuectl show <Tab>` (bash completion of job "
