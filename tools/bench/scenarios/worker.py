@@ -19,7 +19,7 @@ from ..context import Context
 from ..measure import run_timed
 from ..peers import huey_rate, installed_version, procrastinate_rate
 from ..rows import Row, ScenarioResult, Target, make_row, median
-from ..stores import enqueue_true, job_counts, parse_at, reading
+from ..stores import claims_span, enqueue_true, job_counts
 
 
 def spawn_baseline(n: int, threads: int = 2) -> float:
@@ -100,12 +100,7 @@ def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "s
         counts = job_counts(db)
         if counts.get("completed") != n:
             raise RuntimeError(f"worker left {counts} (expected {n} completed)")
-        with reading(db) as conn:
-            first, last = conn.execute(
-                "SELECT min(at), max(at) FROM events WHERE type IN ('claimed', 'completed')"
-            ).fetchone()
-        steady = parse_at(last) - parse_at(first)
-        return n / seconds, n / steady
+        return n / seconds, n / claims_span(db)
 
 
 def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
