@@ -35,6 +35,7 @@ class Sizes:
     replay_jobs: int
     reads_reps_per_run: int
     memory_jobs: int
+    scaling_jobs: int
 
 
 FULL = Sizes(
@@ -47,6 +48,7 @@ FULL = Sizes(
     replay_jobs=1_000_000,
     reads_reps_per_run=4,
     memory_jobs=1_000,
+    scaling_jobs=2_000,
 )
 QUICK = Sizes(
     worker_jobs=200,
@@ -58,6 +60,7 @@ QUICK = Sizes(
     replay_jobs=20_000,
     reads_reps_per_run=3,
     memory_jobs=100,
+    scaling_jobs=200,
 )
 
 

@@ -1,14 +1,18 @@
 """The peers a figure is compared with, each set up as its own users would: huey's
-SqliteHuey and procrastinate on PostgreSQL. Each is driven from an app module written
-into a fresh directory, imported here to enqueue and run by its own consumer."""
+SqliteHuey and procrastinate on PostgreSQL, each driven from an app module written into a
+fresh directory, imported here to enqueue and run by its own consumer; and the one-call
+command-line queues task-spooler (``tsp``) and nq, each given a queue of its own."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +137,39 @@ def procrastinate_rate(ctx: Context, n: int, concurrency: int = 2) -> tuple[floa
                                           - min(at) FILTER (WHERE type = 'started'))::float
                 FROM procrastinate_events""")
         return n / seconds, n / steady
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def task_spooler(ctx: Context) -> Iterator[dict[str, str] | None]:
+    """The environment of a task-spooler queue of this run's own (its socket and its jobs'
+    output files in a fresh directory, so a user's queue is never touched), its server
+    killed afterwards; None where ``tsp`` is not installed."""
+    if shutil.which("tsp") is None:
+        yield None
+        return
+    directory = ctx.fresh_dir("tsp")
+    env = ctx.env_for(TS_SOCKET=str(directory / "socket"), TMPDIR=str(directory))
+    try:
+        yield env
+    finally:
+        # Its first call forked a server that outlives every call: only -K on the same
+        # socket ends it.
+        subprocess.run(["tsp", "-K"], env=env, capture_output=True, timeout=30)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def nq_queue(ctx: Context) -> Iterator[dict[str, str] | None]:
+    """The environment of an nq queue of this run's own (``NQDIR``, a fresh directory);
+    None where ``nq`` is not installed."""
+    if shutil.which("nq") is None:
+        yield None
+        return
+    directory = ctx.fresh_dir("nq")
+    try:
+        yield ctx.env_for(NQDIR=str(directory))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

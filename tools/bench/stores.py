@@ -37,5 +37,15 @@ def job_counts(db: Path | str) -> dict[str, int]:
             "SELECT state, sum(n) FROM job_counts GROUP BY state HAVING sum(n) != 0").fetchall())
 
 
+def claims_span(db: Path | str) -> float:
+    """Seconds from the first claim to the last result, by the ledger's own times: a run
+    without its processes' start-up and exit."""
+    with reading(db) as conn:
+        first, last = conn.execute(
+            "SELECT min(at), max(at) FROM events WHERE type IN ('claimed', 'completed')"
+        ).fetchone()
+    return parse_at(last) - parse_at(first)
+
+
 def parse_at(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -19,11 +19,12 @@ from .progress import bench_progress
 from .prune import bench_prune
 from .reads import bench_reads
 from .replay import bench_replay
+from .scaling import bench_scaling
 from .startup import bench_startup
 from .worker import bench_pg_worker, bench_worker
 
-SCENARIOS = ("worker", "cycle", "latency", "startup", "bulk", "replay", "reads", "dashboard",
-             "memory", "prune", "api", "progress", "output", "metrics")
+SCENARIOS = ("worker", "scaling", "cycle", "latency", "startup", "bulk", "replay", "reads",
+             "dashboard", "memory", "prune", "api", "progress", "output", "metrics")
 # What a postgres run leaves out, and why: one n/a row each.
 PG_SKIPPED = {
     "startup": "`enqueue -c true` start-up against the import floor",
@@ -42,6 +43,7 @@ def skipped_on_pg(name: str) -> Callable[[Context, ScenarioResult], list[Row]]:
 
 BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "worker": bench_worker,
+    "scaling": bench_scaling,
     "cycle": bench_cycle,
     "latency": bench_latency,
     "startup": bench_startup,
@@ -56,7 +58,7 @@ BENCHES: dict[str, Callable[[Context, ScenarioResult], list[Row]]] = {
     "output": bench_output,
     "metrics": bench_metrics,
 }
-# cycle, latency, bulk, reads, dashboard, prune, api, progress, output and metrics run the same code on
-# either store (``ctx.backend``).
+# scaling, cycle, latency, bulk, reads, dashboard, prune, api, progress, output and metrics run
+# the same code on either store (``ctx.backend``).
 PG_BENCHES = {**BENCHES, "worker": bench_pg_worker,
               **{name: skipped_on_pg(name) for name in PG_SKIPPED}}

@@ -69,17 +69,23 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
                 f"one-row commit {floor[-1]:,.0f}/s"
                 + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
     figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
-    target = Target(">= 1.5 x huey", "ratio", ">=", 1.5)
+    on_pg = ctx.backend == "postgres"
+    # huey has no PostgreSQL store: there its SqliteHuey is a figure beside ours, not a bar.
+    target = None if on_pg else Target(">= 1.0 x huey", "ratio", ">=", 1.0)
     if have_huey:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", target,
-                         baseline_samples=peer, baseline_label="huey task() on SqliteHuey")
+                         baseline_samples=peer, baseline_label="huey task() on SqliteHuey",
+                         note="huey on SQLite; not a target on PostgreSQL" if on_pg else "")
     else:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", None,
                          note="n/a (pip install .[bench])")
-        first.status, first.target, first.baseline_label = "n/a", target.text, "huey not installed"
+        first.status, first.baseline_label = "n/a", "huey not installed"
+        first.target = target.text if target else ""
     result.details["huey"] = have_huey
+    floor_target = (Target(">= 0.7 x bare commit", "ratio", ">=", 0.7) if on_pg
+                    else Target(">= 0.85 x bare commit", "ratio", ">=", 0.85))
     return [first, make_row(
         "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
-        "jobs/s", None, baseline_samples=floor,
+        "jobs/s", floor_target, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
         note="the bound: every durable enqueue pays at least one such commit")]

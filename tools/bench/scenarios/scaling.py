@@ -1,0 +1,89 @@
+"""scaling: worker processes on one host, N ``true`` jobs each time: two ``worker -c 1
+--burst`` processes started together on one store against one ``worker -c 2 --burst``, and
+eight ``-c 1`` processes against two, each timed from the first start to the last exit (and,
+for what bounds it, from the first claim to the last result by the ledger's times)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import ExitStack
+
+from ..context import Context
+from ..rows import Row, ScenarioResult, Target, make_row
+from ..stores import claims_span, enqueue_true, job_counts
+
+# (processes, workers in each): the shapes compared, run in turn in every run so that each
+# ratio is taken between neighbours.
+ONE_OF_TWO, TWO_OF_ONE, EIGHT_OF_ONE = (1, 2), (2, 1), (8, 1)
+SHAPES = (ONE_OF_TWO, TWO_OF_ONE, EIGHT_OF_ONE)
+
+
+def processes_rate(ctx: Context, n: int, processes: int, concurrency: int
+                   ) -> tuple[float, float]:
+    """Jobs/s of ``processes`` ``worker -c concurrency --burst`` commands started together on
+    a store holding ``n`` jobs, from the first start to the last exit, and from the first
+    claim to the last result. Every process must exit 0 and every job must be completed."""
+    with ctx.fresh_target("scaling") as db, ExitStack() as stack:
+        enqueue_true(db, n)
+        cmd = ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst")
+        env = ctx.env_for(db)
+        # Files, not pipes: a pipe nobody reads while the others run could fill and stall one.
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(processes)]
+        start = time.perf_counter()
+        procs = [ctx.popen(cmd, env=env, stderr=log) for log in logs]
+        try:
+            deadline = start + max(120.0, n / 5)
+            for proc in procs:
+                proc.wait(max(0.0, deadline - time.perf_counter()))
+            seconds = time.perf_counter() - start
+        finally:
+            for proc in procs:
+                ctx.stop(proc)  # forgets those that exited, kills any that hang
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.returncode != 0:
+                log.seek(0)
+                raise RuntimeError(f"{' '.join(cmd[2:])} exited {proc.returncode}: "
+                                   f"{log.read().decode(errors='replace')[-500:]}")
+        counts = job_counts(db)
+        if counts.get("completed") != n:
+            raise RuntimeError(f"{processes} x `worker -c {concurrency}` left {counts} "
+                               f"(expected {n} completed)")
+        return n / seconds, n / claims_span(db)
+
+
+def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
+    n = ctx.sizes.scaling_jobs
+    whole: dict[tuple[int, int], list[float]] = {shape: [] for shape in SHAPES}
+    steady: dict[tuple[int, int], list[float]] = {shape: [] for shape in SHAPES}
+    for r in range(ctx.runs):
+        for shape in SHAPES:
+            rate, between = processes_rate(ctx, n, *shape)
+            whole[shape].append(rate)
+            steady[shape].append(between)
+        ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
+            f"{p} x `-c {c}` {whole[(p, c)][-1]:.0f} jobs/s (first claim to last result "
+            f"{steady[(p, c)][-1]:.0f}/s)" for p, c in SHAPES))
+    ledger_note = "without the processes' start-up and exit"
+    return [
+        make_row("scaling", "scaling_two_vs_one",
+                 f"2 `worker -c 1 --burst` processes together, {n:,} `true` jobs",
+                 whole[TWO_OF_ONE], "jobs/s",
+                 Target(">= 1.0 x one `-c 2` process", "ratio", ">=", 1.0),
+                 baseline_samples=whole[ONE_OF_TWO],
+                 baseline_label="one `worker -c 2 --burst`"),
+        make_row("scaling", "scaling_two_vs_one_steady",
+                 "the same, first claim to last result (ledger times)", steady[TWO_OF_ONE],
+                 "jobs/s", None, baseline_samples=steady[ONE_OF_TWO],
+                 baseline_label="one `-c 2`, first claim to last result", note=ledger_note),
+        make_row("scaling", "scaling_eight_vs_two",
+                 f"8 `worker -c 1 --burst` processes together, {n:,} `true` jobs",
+                 whole[EIGHT_OF_ONE], "jobs/s",
+                 Target(">= 0.85 x two `-c 1` processes", "ratio", ">=", 0.85),
+                 baseline_samples=whole[TWO_OF_ONE],
+                 baseline_label="2 `worker -c 1 --burst` processes"),
+        make_row("scaling", "scaling_eight_vs_two_steady",
+                 "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
+                 "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
+                 baseline_label="2 `-c 1`, first claim to last result", note=ledger_note),
+    ]
