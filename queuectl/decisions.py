@@ -6,6 +6,7 @@ the events that record the decision. Nothing here prints; the CLI renders what t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -76,14 +77,18 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     open_files: int | str | None = None
 
 
-_spec_decoder = msgspec.json.Decoder(JobSpec)
+@functools.cache
+def _spec_decoder() -> msgspec.json.Decoder[JobSpec]:
+    """Made on first use: making one evaluates every field's annotation, which ``enqueue
+    -c`` (no JSON to decode) need not pay for."""
+    return msgspec.json.Decoder(JobSpec)
 
 
 def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
     """Decode one JSON job object, or raise InvalidInput naming what is wrong. ``remote``:
     the caller has no directory here (the HTTP API), so a ``cwd`` must be absolute."""
     try:
-        spec = _spec_decoder.decode(text)
+        spec = _spec_decoder().decode(text)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid job{where}: {exc}") from None
     except msgspec.DecodeError as exc:
