@@ -25,6 +25,7 @@ from queuectl.cli_root import (
     _lines,
     _queue_name,
     cli,
+    enqueue,
     main,
 )
 from queuectl.states import CANCELLABLE, STATES, State
@@ -32,7 +33,7 @@ from queuectl.states import CANCELLABLE, STATES, State
 if TYPE_CHECKING:
     from queuectl import waiting
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "enqueue", "main"]  # every command is an attribute here, as mkdocs-click asks
 
 
 # -- config -------------------------------------------------------------------------------
