@@ -1,3 +1,3 @@
-from queuectl.cli import main
+from queuectl.cli_root import main
 
 main()

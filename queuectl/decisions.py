@@ -6,15 +6,16 @@ the events that record the decision. Nothing here prints; the CLI renders what t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from projections.jobs import INDEXED_STATES, JOBS_STATE, JOBS_UNIQUE_KEY, UNIQUE_HELD
-from queuectl import clock, hooks, limits, settings
+from queuectl import clock, limits, settings
 from queuectl import events as ev
 from queuectl.cascade import (
     BATCH,
@@ -28,13 +29,36 @@ from queuectl.cascade import (
 )
 from queuectl.errors import Conflict, InvalidInput, NotFound
 from queuectl.ledger import append, next_seq, write
-from queuectl.reads import INDEXED, get_job, printable
 from queuectl.states import CANCELLABLE, FINAL, State, WorkerState
 from queuectl.store import Db
+
+if TYPE_CHECKING:
+    from queuectl.records import Job
 
 DEFAULT_QUEUE = "default"
 
 _UNIQUE_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+
+
+# The read side (``queuectl.reads``) and hooks load on first use: ``enqueue``, which must
+# start quickly, needs neither.
+
+def get_job(conn: Db, job_id: str) -> Job:
+    from queuectl import reads
+
+    return reads.get_job(conn, job_id)
+
+
+def printable(text: str) -> str:
+    from queuectl import reads
+
+    return reads.printable(text)
+
+
+def _fire_hooks(conn: Db, events: Sequence[ev.Event]) -> None:
+    from queuectl import hooks
+
+    hooks.fire(conn, events)
 
 
 def queue_name_problem(name: str) -> str:
@@ -76,14 +100,18 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     open_files: int | str | None = None
 
 
-_spec_decoder = msgspec.json.Decoder(JobSpec)
+@functools.cache
+def _spec_decoder() -> msgspec.json.Decoder[JobSpec]:
+    """Made on first use: making one evaluates every field's annotation, which ``enqueue
+    -c`` (no JSON to decode) need not pay for."""
+    return msgspec.json.Decoder(JobSpec)
 
 
 def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
     """Decode one JSON job object, or raise InvalidInput naming what is wrong. ``remote``:
     the caller has no directory here (the HTTP API), so a ``cwd`` must be absolute."""
     try:
-        spec = _spec_decoder.decode(text)
+        spec = _spec_decoder().decode(text)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid job{where}: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -564,7 +592,7 @@ def cancel(conn: Db, job_id: str) -> str:
             return "requested"
         events = cancel_now(conn, job_id)
         append(conn, *events)
-        hooks.fire(conn, events)
+        _fire_hooks(conn, events)
     return "cancelled"
 
 
@@ -655,6 +683,8 @@ def _bulk_rows(conn: Db, state: str, queue: str | None, after: int, limit: int |
                columns: str = "seq, id") -> list[tuple[Any, ...]]:
     """Jobs in ``state`` (of ``queue``) after seq ``after``, oldest first; a running job
     whose cancel was asked for already is not one to ask again."""
+    from queuectl.reads import INDEXED
+
     where = f"{JOBS_STATE} WHERE state = ? AND {INDEXED_STATES}" if state in INDEXED \
         else "WHERE state = ?"
     where += " AND seq > ?"
@@ -696,7 +726,7 @@ def cancel_all(conn: Db, state: str, queue: str | None = None,
                 continue
             events = cancel_now(conn, job_id)
             append(conn, *events)
-            hooks.fire(conn, events)
+            _fire_hooks(conn, events)
             done.update(e.job_id for e in events if isinstance(e, ev.Cancelled))
             cancelled += sum(isinstance(e, ev.Cancelled) for e in events)
         return True

@@ -13,16 +13,19 @@ thread at most ``REFRESH`` times a second, so the bar costs the work almost noth
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+if TYPE_CHECKING:  # imported where a bar's process starts: most commands never draw one
+    import subprocess
 
 SMALL = 1000  # items: work smaller than this is over before a bar could say anything
 REFRESH = 10  # redraws a second, at most
@@ -190,6 +193,8 @@ class _Drawn(Bar):
             view.stdin.close()
         except OSError:
             pass
+        import subprocess
+
         try:
             view.wait(5)
         except subprocess.TimeoutExpired:
@@ -200,6 +205,8 @@ class _Drawn(Bar):
         if self.view is None:
             if max(self.total or 0, self.done) < SMALL:
                 return
+            import subprocess
+
             self.view = subprocess.Popen([sys.executable, "-m", "queuectl.progress_view"],
                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self._send(["t", self.label, self.total, self.done, self.unit])
@@ -209,7 +216,7 @@ class _Drawn(Bar):
         if self.view is None or self.view.stdin is None:
             return
         try:
-            self.view.stdin.write(json.dumps(message).encode() + b"\n")
+            self.view.stdin.write(msgspec.json.encode(message) + b"\n")
             self.view.stdin.flush()
         except (OSError, ValueError):  # the display is gone: the work goes on without it
             self.view.stdin = None
@@ -222,7 +229,7 @@ def view(lines: Iterable[bytes]) -> None:
     task: Any = None
     try:
         for line in lines:
-            kind, *args = json.loads(line)
+            kind, *args = msgspec.json.decode(line)
             if kind == "t":
                 label, total, done, unit = args
                 task = display.add_task(label, total=total, completed=done, unit=unit)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from queuectl import limits
 from queuectl.errors import InvalidInput
@@ -28,8 +29,10 @@ def _delays(base: str) -> str:
     return ", ".join(f"{limits.backoff_delay(b, k):g}s" for k in range(1, 5)) + "..."
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(msgspec.Struct, frozen=True):
+    """One key of ``config set``. A Struct, not a dataclass: ``enqueue`` loads this module,
+    and a dataclass compiles generated methods at import."""
+
     key: str
     default: str
     bound: str  # its range, in ``limits.BOUNDS``
@@ -79,8 +82,7 @@ def size(n: float, tenths: bool = False) -> str:
     return f"{int(n)} B"
 
 
-@dataclass(frozen=True)
-class SizeSetting(Setting):
+class SizeSetting(Setting, frozen=True):
     """A setting counted in bytes, given as bytes or with a unit (``10MiB``, ``512KiB``,
     ``1.5M``: powers of 1024), and stored as bytes."""
 
@@ -96,8 +98,7 @@ class SizeSetting(Setting):
                                f", got {text!r}") from None
 
 
-@dataclass(frozen=True)
-class LimitSetting(Setting):
+class LimitSetting(Setting, frozen=True):
     """The default of one of a run's resource limits (``queuectl.resources``): what a job
     given none takes when it is enqueued; 0 or ``none``: none."""
 

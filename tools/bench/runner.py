@@ -42,7 +42,7 @@ def ensure_bytecode() -> None:
     import compileall
 
     for package in ("queuectl", "projections"):
-        compileall.compile_dir(ROOT / package, quiet=2, maxlevels=0)
+        compileall.compile_dir(ROOT / package, quiet=2)  # queuectl/store too
 
 
 def code_fingerprint() -> str:
