@@ -125,15 +125,18 @@ def _argv(command: str, cwd: str | None, limits: Limits | None) -> list[str]:
 
 
 def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: str | None = None,
-           limits: Limits | None = None) -> tuple[int, int]:
+           limits: Limits | None = None, shared: bool = False) -> tuple[int, int]:
     """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
     stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
 
-    subprocess lets go of the GIL while its vfork'd child execs (CPython 3.11.6 and later);
-    os.posix_spawn holds it all that time, so one worker thread's spawn stopped every other
-    thread of the process, another worker's spawn and its database work included.
-    Descriptors the job must not see are close-on-exec (see ``close_on_exec``), so
-    close_fds, which would walk every descriptor in the child, is left off.
+    Two ways, because of the GIL. os.posix_spawn (vfork and exec inside libc) costs the
+    worker the least CPU a job, but holds the GIL until the child has exec'd. In a process
+    whose other threads have work meanwhile (``shared``: the other workers of ``worker -c
+    N``, the results thread of ``--ahead``), that stopped them all, another worker's spawn
+    and its transaction included. subprocess lets go of the GIL while its vfork'd child
+    execs (CPython 3.11.6 and later), for more set-up of its own in Python.
+    Descriptors the job must not see are close-on-exec (see ``close_on_exec``), which is
+    what close_fds would otherwise do in the child, walking every descriptor.
     """
     read_end, write_end = os.pipe()
     if write_end < 3:  # the worker runs with stdout or stderr closed: keep off 0-2
@@ -141,19 +144,39 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: st
         os.close(low)
     os.set_blocking(read_end, False)
     try:
-        pid = _Shell(
-            _argv(command, cwd, limits), executable=_shell(), stdin=_devnull(),
-            stdout=write_end, stderr=write_end, env=env, close_fds=False,
-            # Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default
-            # actions (else `yes | head` never ends).
-            start_new_session=True, restore_signals=True,
-        ).pid
+        pid = (_popen if shared else _posix_spawn)(_argv(command, cwd, limits), env, write_end)
     except BaseException:
         os.close(read_end)
         raise
     finally:
         os.close(write_end)
     return pid, read_end
+
+
+# Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default actions, as
+# subprocess's restore_signals gives it (else `yes | head` never ends).
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _posix_spawn(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str],
+                 out: int) -> int:
+    return os.posix_spawn(
+        _shell(),
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2),
+        ],
+        setsid=True,
+        setsigdef=_DEFAULT_SIGNALS,
+    )
+
+
+def _popen(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str], out: int) -> int:
+    return _Shell(argv, executable=_shell(), stdin=_devnull(), stdout=out, stderr=out,
+                  env=env, close_fds=False, start_new_session=True, restore_signals=True).pid
 
 
 class _Shell(subprocess.Popen):  # type: ignore[type-arg]
@@ -331,6 +354,7 @@ def run_command(
     started: Callable[[int], None] | None = None,
     ending: Callable[[], None] | None = None,
     limits: Limits | None = None,
+    shared: bool = False,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
@@ -348,7 +372,8 @@ def run_command(
     ``sink``, if given, is handed every read of the output as it comes (the output store).
     ``limits`` (``queuectl.resources``) are set on the run's processes; a run that failed
     after reaching one says which in its ``error`` and a last line of output, and a run
-    whose limits this worker cannot set fails without starting.
+    whose limits this worker cannot set fails without starting. ``shared``: other threads
+    of this process have work while the shell starts (see ``_spawn``).
     """
     start = time.monotonic()
     if cwd is not None and (problem := enter_problem(cwd)) is not None:
@@ -356,7 +381,7 @@ def run_command(
     if limits is not None and (problem := _limits_problem(limits)) is not None:
         return _not_started(problem, start, output_limit)
     try:
-        pid, fd = _spawn(command, os.environ if env is None else env, cwd, limits)
+        pid, fd = _spawn(command, os.environ if env is None else env, cwd, limits, shared)
     except OSError as exc:
         why = f"queuectl: cannot start sh: {exc.strerror or exc}"
         return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),
