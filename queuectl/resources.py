@@ -2,10 +2,11 @@
 given, how they are set, and how a run that reached one is told apart.
 
 They are set with setrlimit by the run's own shell, before it evaluates the command
-(``ulimit``; posix_spawn cannot call setrlimit in the child, and a ``prlimit`` after the
-spawn would race the command's first allocations). So the command is limited from its first
-instruction, every process it starts inherits the limits, and a job without limits starts
-exactly as before. Each limit holds per process, not for the run's group together:
+(``ulimit``; the spawn runs no Python in the child, where setrlimit would go, and a
+``prlimit`` after the spawn would race the command's first allocations). So the command is
+limited from its first instruction, every process it starts inherits the limits, and a job
+without limits starts exactly as before. Each limit holds per process, not for the run's
+group together:
 
 - memory: RLIMIT_AS, the address space (virtual memory) of each process, which is larger
   than what it has resident; an allocation past it fails (ENOMEM), no signal is sent.

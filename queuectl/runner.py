@@ -29,6 +29,7 @@ import select
 import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 TICK = 0.05  # seconds between calls of a run's tick (heartbeats, cancel checks)
-
-# Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default actions, as
-# subprocess's restore_signals would give it (else `yes | head` never ends).
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass
@@ -65,8 +62,8 @@ NO_DIRECTORY = 1
 
 
 def base_env(environ: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
-    """The worker's environment as bytes, encoded once: posix_spawn would otherwise encode
-    every variable again at every spawn."""
+    """The worker's environment as bytes, encoded once: the spawn would otherwise encode
+    every variable again at every run."""
     source = os.environ if environ is None else environ
     return {os.fsencode(k): os.fsencode(v) for k, v in source.items()}
 
@@ -100,15 +97,15 @@ def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str,
 
 @functools.cache
 def _shell() -> str:
-    """``sh`` as PATH finds it, looked up once per process: posix_spawnp would search PATH
-    on every spawn, failing exec after exec in the child while the worker waits for it."""
+    """``sh`` as PATH finds it, looked up once per process: a bare ``sh`` would be searched
+    for on PATH at every spawn, failing exec after exec in the child while the worker waits."""
     return shutil.which("sh") or "/bin/sh"
 
 
-# posix_spawn cannot change directory (Python offers no chdir action), so a run with a
-# directory has its shell enter it first and then evaluate the command, with the positional
-# parameters cleared, as ``sh -c COMMAND`` would run it. The worker checked the directory
-# just before; this catches one removed in between.
+# A run with a directory has its shell enter it first and then evaluate the command, with
+# the positional parameters cleared, as ``sh -c COMMAND`` would run it: a directory removed
+# between the worker's check and the start then fails the run with its one line of output,
+# like any other run, rather than as an error of the spawn.
 _ENTER = ('cd -- "$1" 2>/dev/null || { printf "queuectl: cannot enter directory %s on %s: '
           '%s\\n" "$1" "$2" "it could not be entered as the run started"; exit 1; }; '
           'eval "shift 3; $3"')
@@ -128,14 +125,18 @@ def _argv(command: str, cwd: str | None, limits: Limits | None) -> list[str]:
 
 
 def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: str | None = None,
-           limits: Limits | None = None) -> tuple[int, int]:
+           limits: Limits | None = None, shared: bool = False) -> tuple[int, int]:
     """Start ``sh -c command`` as the leader of a new session, reading /dev/null, writing
     stdout and stderr into one pipe; returns its pid and the pipe's read end (non-blocking).
 
-    os.posix_spawn (vfork and exec inside libc) costs the worker less CPU a job than
-    subprocess.Popen, most of whose cost is its own set-up in Python (bench scenario worker).
+    Two ways, because of the GIL. os.posix_spawn (vfork and exec inside libc) costs the
+    worker the least CPU a job, but holds the GIL until the child has exec'd. In a process
+    whose other threads have work meanwhile (``shared``: the other workers of ``worker -c
+    N``, the results thread of ``--ahead``), that stopped them all, another worker's spawn
+    and its transaction included. subprocess lets go of the GIL while its vfork'd child
+    execs (CPython 3.11.6 and later), for more set-up of its own in Python.
     Descriptors the job must not see are close-on-exec (see ``close_on_exec``), which is
-    what Popen's close_fds would otherwise do in the child.
+    what close_fds would otherwise do in the child, walking every descriptor.
     """
     read_end, write_end = os.pipe()
     if write_end < 3:  # the worker runs with stdout or stderr closed: keep off 0-2
@@ -143,24 +144,59 @@ def _spawn(command: str, env: Mapping[bytes, bytes] | Mapping[str, str], cwd: st
         os.close(low)
     os.set_blocking(read_end, False)
     try:
-        pid = os.posix_spawn(
-            _shell(),
-            _argv(command, cwd, limits),
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, write_end, 1),
-                (os.POSIX_SPAWN_DUP2, write_end, 2),
-            ],
-            setsid=True,
-            setsigdef=_DEFAULT_SIGNALS,
-        )
+        pid = (_popen if shared else _posix_spawn)(_argv(command, cwd, limits), env, write_end)
     except BaseException:
         os.close(read_end)
         raise
     finally:
         os.close(write_end)
     return pid, read_end
+
+
+# Python ignores SIGPIPE and SIGXFSZ for itself; a job starts with the default actions, as
+# subprocess's restore_signals gives it (else `yes | head` never ends).
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _posix_spawn(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str],
+                 out: int) -> int:
+    return os.posix_spawn(
+        _shell(),
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2),
+        ],
+        setsid=True,
+        setsigdef=_DEFAULT_SIGNALS,
+    )
+
+
+def _popen(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str], out: int) -> int:
+    return _Shell(argv, executable=_shell(), stdin=_devnull(), stdout=out, stderr=out,
+                  env=env, close_fds=False, start_new_session=True, restore_signals=True).pid
+
+
+class _Shell(subprocess.Popen):  # type: ignore[type-arg]
+    """A run's shell, started by subprocess and then left to this module: it is reaped
+    here (``_exit_code`` leaves it a zombie first, keeping its group's number ours), never
+    by subprocess, whose clean-up of dropped Popen objects would reap it behind our back."""
+
+    def __del__(self) -> None:
+        pass
+
+
+@functools.cache
+def _devnull() -> int:
+    """/dev/null, opened once per process for every run's stdin (close-on-exec: only the
+    copy a run gets as its descriptor 0 outlives the exec), kept off 0-2 as the pipe is."""
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    if fd < 3:
+        low, fd = fd, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(low)
+    return fd
 
 
 @functools.cache
@@ -318,6 +354,7 @@ def run_command(
     started: Callable[[int], None] | None = None,
     ending: Callable[[], None] | None = None,
     limits: Limits | None = None,
+    shared: bool = False,
 ) -> RunResult:
     """Run ``sh -c command`` in a new process group, keeping only the tail of its output.
 
@@ -335,7 +372,8 @@ def run_command(
     ``sink``, if given, is handed every read of the output as it comes (the output store).
     ``limits`` (``queuectl.resources``) are set on the run's processes; a run that failed
     after reaching one says which in its ``error`` and a last line of output, and a run
-    whose limits this worker cannot set fails without starting.
+    whose limits this worker cannot set fails without starting. ``shared``: other threads
+    of this process have work while the shell starts (see ``_spawn``).
     """
     start = time.monotonic()
     if cwd is not None and (problem := enter_problem(cwd)) is not None:
@@ -343,7 +381,7 @@ def run_command(
     if limits is not None and (problem := _limits_problem(limits)) is not None:
         return _not_started(problem, start, output_limit)
     try:
-        pid, fd = _spawn(command, os.environ if env is None else env, cwd, limits)
+        pid, fd = _spawn(command, os.environ if env is None else env, cwd, limits, shared)
     except OSError as exc:
         why = f"queuectl: cannot start sh: {exc.strerror or exc}"
         return RunResult(exit_code=126, duration=round(time.monotonic() - start, 6),

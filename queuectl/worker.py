@@ -487,6 +487,7 @@ class Worker:
             started=lambda group: self._started_group(group, env),
             ending=self._ending,
             limits=_limits(job) if job.limits is not None else None,
+            shared=self.options.concurrency > 1 or self.results.ahead > 0,
         )
         self._end_output(result)
         self.done += 1

@@ -240,11 +240,13 @@ def test_exit_code_error_and_output_are_recorded(run, conn):
     assert "127" in jobs[missing]["last_error"]
 
 
-def test_command_too_long_to_start_fails_the_run_not_the_worker(run, conn):
+# One worker a process starts its runs with os.posix_spawn, several with subprocess.
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_command_too_long_to_start_fails_the_run_not_the_worker(run, conn, concurrency):
     # Linux refuses exec of any single argument over 128 KiB (E2BIG): sh never starts.
     huge, after = enqueue(run, "true " + "x" * 200_000, "echo after", max_retries="0")
     with processes() as procs:
-        code, _, err = finish(worker(procs, "--burst"))
+        code, _, err = finish(worker(procs, "--burst", "-c", concurrency))
     assert code == 0, err  # the worker went on to the next job and stopped as usual
     (failed,) = bodies(conn, "failed", huge)
     assert failed["exit_code"] == 126
@@ -253,12 +255,13 @@ def test_command_too_long_to_start_fails_the_run_not_the_worker(run, conn):
     assert state(conn, after) == "completed"
 
 
-def test_job_shell_leads_its_own_session_with_default_signals(run, conn):
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_job_shell_leads_its_own_session_with_default_signals(run, conn, concurrency):
     # The worker (Python) ignores SIGPIPE and SIGXFSZ; a job must start with the defaults,
     # as its own session and process group leader, reading nothing from the worker.
     (job,) = enqueue(run, "cat /proc/$$/stat; grep SigIgn /proc/$$/status; echo pid=$$; cat")
     with processes() as procs:
-        code, _, err = finish(worker(procs, "--burst"))
+        code, _, err = finish(worker(procs, "--burst", "-c", concurrency))
     assert code == 0, err
     (done,) = bodies(conn, "completed", job)
     stat, ignored, pid = done["output"].splitlines()
