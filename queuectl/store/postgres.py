@@ -9,6 +9,10 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
   Taking that lock first in every transaction also means no two transactions ever wait on
   each other's rows in opposite orders, so there are no deadlocks. A bigserial would be
   neither gapless nor in commit order.
+- **One round trip where it can.** A transaction run by ``attempt`` (an enqueue) takes
+  the head to be where this connection's last commit left it, and a read whose last answer
+  was no rows to find none again; the server checks each guess before the writes that
+  follow it, in the same query, and a wrong one means the transaction runs again, asking.
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
   server's clock, so hosts with skewed clocks agree: each connection measures the server's
   clock against its host's monotonic clock (at connect and every minute) and tracks it
@@ -38,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
-from queuectl.store import PROCESS_LOCK, Dialect, statements
+from queuectl.store import PROCESS_LOCK, Dialect, T, statements
 from queuectl.store.statements import Clash
 
 CHANNEL = "queuectl"
@@ -417,6 +421,33 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
 
 
 _NONE: Mapping[str, Any] = {}
+HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
+
+
+class _Misguessed(Exception):
+    """A write transaction's guess (``PgDb.attempt``) was wrong: the server refused it."""
+
+
+class _NoRows:
+    """The answer of a read guessed to find nothing."""
+
+    description = [("guessed", 25)]
+    rowcount = 0
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        return []
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return []
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(())
+
+
+_NO_ROWS = _NoRows()
 
 
 class PgDb:
@@ -446,6 +477,13 @@ class PgDb:
         self._expected: dict[str, Exception] = {}  # what to raise for a failed expectation
         self._types: dict[str, dict[str, str]] = {}  # table -> column -> its type, for casts
         self._prepared: dict[str, str] = {}  # SQL -> the name this connection prepared it as
+        # What a write transaction may guess instead of asking (see ``attempt``): the head as
+        # this connection's last commit left it, and the reads whose last answer was no rows.
+        self._last_head: int | None = None
+        self._empty: set[str] = set()
+        self._guessing = False  # inside a write transaction that guesses
+        self._misses = 0  # wrong guesses in a row: as many doublings of the wait to guess again
+        self._wait = 0  # attempts left to run without guessing
 
     # -- what every Db does ---------------------------------------------------------------
 
@@ -457,10 +495,26 @@ class PgDb:
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """One statement, with the writes waiting (``change``) sent first in the same round
-        trip; a statement with values runs as ``EXECUTE`` of one this connection prepared."""
+        trip; a statement with values runs as ``EXECUTE`` of one this connection prepared.
+
+        Inside a transaction that guesses (``attempt``), a read whose last answer was no rows
+        is answered so at once, and the server checks it in the transaction's place."""
+        if self._guessing and sql in self._empty:
+            token = f"queuectl-guess-{len(self._expected)}"
+            self._expected[token] = _Misguessed(sql)
+            checked = f"SELECT queuectl_expect(count(*), 0, ?) FROM ({sql}) AS guessed"
+            self._hold(self._inline(checked, (token, *parameters)))
+            return _NO_ROWS
         if self._pending or parameters:
-            return self._send(self._inline(sql, parameters))
-        return self._direct(sql)
+            rows = self._send(self._inline(sql, parameters))
+        else:
+            rows = self._direct(sql)
+        if rows.description:  # an answer of rows, if only none
+            if rows.rowcount == 0:
+                self._empty.add(sql)
+            else:
+                self._empty.discard(sql)
+        return rows
 
     @property
     def identity(self) -> str:
@@ -576,11 +630,11 @@ class PgDb:
             types = self._types[table] = dict(found)
         return types
 
-    def _inline(self, sql: str, parameters: Sequence[Any]) -> str:
+    def _inline(self, sql: str, parameters: Sequence[Any], prepare: bool = False) -> str:
         """``sql`` as text to send with others in one query: ``EXECUTE`` of a statement this
         connection prepared the first time it met it (the server plans it once), with the
-        values written in as literals."""
-        if not parameters:
+        values written in as literals. Without values, the text itself, unless ``prepare``."""
+        if not parameters and not prepare:
             return sql
         name = self._prepared.get(sql)
         if name is None:
@@ -592,6 +646,8 @@ class PgDb:
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
             self._prepared[sql] = name
+        if not parameters:
+            return f"EXECUTE {name}"
         return f"EXECUTE {name}({', '.join(map(_literal, parameters))})"
 
     def _send(self, last: str) -> Any:
@@ -670,22 +726,34 @@ class PgDb:
         self._prepared = {}
         self._types = {}
         self._pending = []
-        self._head = self._tx_now = None
+        self._head = self._tx_now = self._last_head = None
         self._measured = -_CLOCK_EVERY
         self.generation += 1
 
     @contextmanager
-    def transaction(self) -> Iterator[PgDb]:
+    def transaction(self, guess: bool = False) -> Iterator[PgDb]:
         """BEGIN, then the head row locked first: every writer of the ledger takes turns here,
         which makes seqs gapless and in commit order. Both go with the transaction's first
         read (or its commit). A transaction that appended moves the head and, if it made
-        work claimable, wakes the listening workers."""
+        work claimable, wakes the listening workers.
+
+        ``guess`` (see ``attempt``): the head is taken to be where this connection's last
+        commit left it, which the server checks right after the lock, before any write."""
         with PROCESS_LOCK:
             self._pending = []
             self._appended = self._wakes = self._ends = False
             try:
                 self._hold("BEGIN")
-                self._hold("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
+                if guess and self._last_head is not None:
+                    self._hold(self._inline(HEAD_LOCK, (), prepare=True))
+                    token = f"queuectl-guess-{len(self._expected)}"
+                    self._expected[token] = _Misguessed("the head")
+                    self._hold("SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head",
+                               (self._last_head, token))
+                    self._head, self._guessing = self._last_head, True
+                else:
+                    self._hold(self._inline(HEAD_LOCK, (), prepare=True),
+                               consume=self._took_head)
                 yield self
                 if self._appended:
                     self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
@@ -694,12 +762,49 @@ class PgDb:
                     if self._ends:
                         self._hold(f"NOTIFY {ENDS_CHANNEL}")
                 self.execute("COMMIT")
-            except BaseException:
+                self._last_head = self._head
+            except BaseException as exc:
+                # Whatever failed may have been decided on a wrong guess: the server says.
+                refuted = (self._guessing and not isinstance(exc, _Misguessed)
+                           and self._refuted())
                 self._pending = []
                 self._rollback()
+                if refuted:
+                    raise _Misguessed("a guess the transaction's error followed") from exc
                 raise
             finally:
                 self._head = self._tx_now = None
+                self._guessing = False
+
+    def _refuted(self) -> bool:
+        """Whether the server finds one of this transaction's guesses wrong, asked now."""
+        try:
+            self._flush()
+        except _Misguessed:
+            return True
+        except Exception:  # the transaction's own error is the one to report
+            pass
+        return False
+
+    def attempt(self, body: Callable[[], T]) -> T:
+        """``body`` in one write transaction, sent to the server in one round trip when this
+        connection can guess everything it would otherwise wait for: the head, as its own
+        last commit left it, and the answer to each read whose last answer was no rows.
+        The server checks every guess before the writes that follow it; after a wrong one
+        the transaction is rolled back and ``body`` runs again, asking. A connection whose
+        guesses keep failing (other hosts write) guesses less and less often."""
+        if self._last_head is not None and not self._wait:
+            try:
+                with self.transaction(guess=True):
+                    result = body()
+                self._misses = 0
+                return result
+            except _Misguessed:
+                self._misses = min(self._misses + 1, 6)
+                self._wait = 2 ** self._misses
+        self._wait = max(0, self._wait - 1)
+        with self.transaction():
+            return body()
 
     @contextmanager
     def side_transaction(self) -> Iterator[PgDb]:
@@ -975,7 +1080,8 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
         "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
         "AND relkind IN ('r', 'p', 'v', 'm', 'f')")}
     if "queuectl_head" in tables:
-        (version,) = db.conn.execute("SELECT version FROM queuectl_head").fetchone()
+        version, db._last_head = db.conn.execute(
+            "SELECT version, seq FROM queuectl_head").fetchone()
         if version >= SCHEMA_VERSION:
             return
     elif tables - OURS:
