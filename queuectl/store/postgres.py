@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
@@ -165,19 +165,6 @@ def without_password(url: str) -> str:
 _PLACEHOLDERS: dict[str, str] = {}
 
 
-def _quoted(text: str) -> str:
-    if "\x00" in text:
-        # Nothing stored can hold one (SQLite's side refuses them on the way in), so this
-        # is input to refuse, such as an id typed with one.
-        raise InvalidInput("text with a NUL character: PostgreSQL text cannot hold one")
-    return "'" + text.replace("'", "''") + "'"
-
-
-_LITERALS: dict[type, Callable[[Any], str]] = {
-    str: _quoted, int: repr, float: repr, type(None): lambda _: "NULL", bool: lambda b: str(b),
-}
-
-
 EVENT_COLUMNS = ("seq", "at", "type", "job_id", "worker_id", "body")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
@@ -238,22 +225,36 @@ def _chunks(rows: Iterable[Sequence[Any]], size: int) -> Iterator[list[Sequence[
         yield chunk
 
 
-def _literal(value: Any) -> str:
-    """A value written into SQL, for the types queuectl stores: text, whole numbers, finite
-    floats, NULL. Strings are quoted as standard SQL (the connection sets
-    standard_conforming_strings, so a backslash is only a backslash); a NUL, which no
-    PostgreSQL text can hold, is refused."""
-    write = _LITERALS.get(type(value))
-    if write is not None:
-        return write(value)
+def _text(value: str) -> bytes:
+    if "\x00" in value:
+        # Nothing stored can hold one (SQLite's side refuses them on the way in), so this
+        # is input to refuse, such as an id typed with one.
+        raise InvalidInput("text with a NUL character: PostgreSQL text cannot hold one")
+    return value.encode()
+
+
+# How a value of each common type is given to a prepared statement: as text.
+_PARAMS: dict[type, Callable[[Any], bytes | None]] = {
+    str: _text, int: lambda n: b"%d" % n, float: lambda x: repr(x).encode(),
+    type(None): lambda _: None, bool: lambda b: b"true" if b else b"false",
+}
+
+
+def _param(value: Any) -> bytes | None:
+    """A value as the text a prepared statement's parameter is given, for the types queuectl
+    stores: text, whole numbers, floats, NULL."""
+    give = _PARAMS.get(type(value))
+    if give is not None:
+        return give(value)
     if isinstance(value, str):  # a StrEnum: its value
-        return _quoted(str(value))
+        return _text(str.__str__(value))
     if isinstance(value, int | float):
-        return repr(float(value)) if isinstance(value, float) else repr(int(value))
-    raise TypeError(f"cannot write {type(value).__name__} into SQL")
+        return _param(float(value) if isinstance(value, float) else int(value))
+    raise TypeError(f"cannot give {type(value).__name__} to SQL")
 
 
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK
+_PIPELINE_SYNC = 10  # libpq's PGRES_PIPELINE_SYNC
 _FATAL_ERROR = 7  # libpq's PGRES_FATAL_ERROR
 # How the text of a column of these types (by OID) is read; anything else stays text.
 _LOADERS: dict[int, Callable[[bytes], Any]] = {
@@ -315,14 +316,23 @@ class _Write:
     """A write held until the next round trip: one row's statement, or several rows of one
     ``_Shape`` that will go as one statement."""
 
-    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys")
+    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys", "prepare")
 
     def __init__(self, sql: str, shape: _Shape | None, rows: list[Sequence[Any]],
                  expect: int | None, otherwise: list[Exception | None],
-                 consume: Callable[[Any], None] | None) -> None:
+                 consume: Callable[[Any], None] | None, prepare: bool = False) -> None:
         self.sql, self.shape, self.rows, self.expect = sql, shape, rows, expect
-        self.otherwise, self.consume = otherwise, consume
+        self.otherwise, self.consume, self.prepare = otherwise, consume, prepare
         self.keys: set[Any] | None = None  # an UPDATE's keys so far, once a second row comes
+
+
+class _Command(NamedTuple):
+    """A statement as sent: a statement this connection prepared (its name) and its values
+    as text, or (no name) a statement's own text."""
+
+    name: bytes | None
+    values: list[bytes | None] | None
+    text: bytes | None
 
 
 class _Shape:
@@ -503,10 +513,10 @@ class PgDb:
             token = f"queuectl-guess-{len(self._expected)}"
             self._expected[token] = _Misguessed(sql)
             checked = f"SELECT queuectl_expect(count(*), 0, ?) FROM ({sql}) AS guessed"
-            self._hold(self._inline(checked, (token, *parameters)))
+            self._hold(checked, (token, *parameters))
             return _NO_ROWS
         if self._pending or parameters:
-            rows = self._send(self._inline(sql, parameters))
+            rows = self._send(self._command(sql, parameters))
         else:
             rows = self._direct(sql)
         if rows.description:  # an answer of rows, if only none
@@ -528,11 +538,12 @@ class PgDb:
         return self._identity
 
     def _hold(self, sql: str, parameters: Sequence[Any] = (),
-              consume: Callable[[Any], None] | None = None) -> None:
+              consume: Callable[[Any], None] | None = None, prepare: bool = False) -> None:
         """A statement of the store's own (BEGIN, the head's lock) held until the next one
         that must be answered, and sent with it as one query; ``consume`` is given its
-        result."""
-        self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume))
+        result; ``prepare``: prepared even without values, as a statement run often is."""
+        self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume,
+                                    prepare))
 
     def _held(self, shape: _Shape, parameters: tuple[Any, ...],
               missing: Exception | None = None) -> None:
@@ -593,9 +604,9 @@ class PgDb:
         if missing is not None and gone < len(keys):
             raise missing
 
-    def _render(self, write: _Write) -> str:
-        """A held write as the text sent: one row as ``EXECUTE`` of a prepared statement;
-        several of one shape as one statement of many rows."""
+    def _render(self, write: _Write) -> _Command:
+        """A held write as sent: one row with the statement prepared for it; several of one
+        shape as one statement of many rows."""
         sql, rows = write.sql, write.rows
         parameters: Sequence[Any] = rows[0]
         if len(rows) > 1:
@@ -603,14 +614,14 @@ class PgDb:
             sql, order = write.shape.many(len(rows), self._column_types(write.shape.table))
             parameters = [rows[r][c] for r, c in order]
         if write.expect is None:
-            return self._inline(sql, parameters)
+            return self._command(sql, parameters, write.prepare)
         token = f"queuectl-expect-{len(self._expected)}"
         first = write.otherwise[0] or LookupError(f"{write.sql}: {write.expect} rows expected")
         self._expected[token] = first if len(rows) == 1 else type(first)(
             f"{first} (or another of {len(rows)} rows written together)")
         checked = (f"WITH changed AS ({sql} RETURNING 1) "
                    "SELECT queuectl_expect(count(*), ?, ?) FROM changed")
-        return self._inline(checked, (*parameters, write.expect * len(rows), token))
+        return self._command(checked, (*parameters, write.expect * len(rows), token))
 
     def _column_types(self, table: str) -> dict[str, str]:
         """How a value is cast to each column's type (and collation) of ``table``, read from
@@ -630,12 +641,13 @@ class PgDb:
             types = self._types[table] = dict(found)
         return types
 
-    def _inline(self, sql: str, parameters: Sequence[Any], prepare: bool = False) -> str:
-        """``sql`` as text to send with others in one query: ``EXECUTE`` of a statement this
-        connection prepared the first time it met it (the server plans it once), with the
-        values written in as literals. Without values, the text itself, unless ``prepare``."""
+    def _command(self, sql: str, parameters: Sequence[Any], prepare: bool = False
+                 ) -> _Command:
+        """``sql`` to send with others in one round trip: a statement this connection
+        prepared the first time it met it (the server plans it once), given its values as
+        text. Without values, the text itself, unless ``prepare``."""
         if not parameters and not prepare:
-            return sql
+            return _Command(None, None, sql.encode())
         name = self._prepared.get(sql)
         if name is None:
             name = f"queuectl_{len(self._prepared) + 1}"
@@ -646,24 +658,31 @@ class PgDb:
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
             self._prepared[sql] = name
-        if not parameters:
-            return f"EXECUTE {name}"
-        return f"EXECUTE {name}({', '.join(map(_literal, parameters))})"
+        params = _PARAMS
+        return _Command(name.encode(), [(params.get(type(v)) or _param)(v) for v in parameters],
+                        None)
 
-    def _send(self, last: str) -> Any:
-        """The pending writes and ``last`` as one query, sent through libpq itself (psycopg's
-        cursors cost more than the round trip on a busy worker); returns ``last``'s rows.
-        A write that changed other than the rows it expected fails its statement, and the
-        rest of the query with it."""
+    def _send(self, last: _Command) -> Any:
+        """The pending writes and ``last`` in one round trip, sent through libpq itself
+        (psycopg's cursors cost more than the round trip on a busy worker) in its pipeline
+        mode: a prepared statement runs from its values, with no statement text for the
+        server to parse. Returns ``last``'s rows. A write that changed other than the rows
+        it expected fails its statement, and the server skips the rest."""
         pending, self._pending = self._pending, []
-        texts = [self._render(write) for write in pending]
+        commands = [*map(self._render, pending), last]
         psycopg = _driver()
         pgconn = self.conn.pgconn
+        results = []
         try:
-            pgconn.send_query(";\n".join([*texts, last]).encode())
+            pgconn.enter_pipeline_mode()
+            for command in commands:
+                if command.name is None:
+                    pgconn.send_query_params(command.text, None)
+                else:
+                    pgconn.send_query_prepared(command.name, command.values)
+            pgconn.pipeline_sync()
             while pgconn.flush():
                 select.select([], [pgconn.socket], [])
-            results = []
             while True:
                 # libpq's PQgetResult waits for the server holding the GIL: every other
                 # thread of the worker (the jobs it is starting, their output) would stop
@@ -671,16 +690,24 @@ class PgDb:
                 while pgconn.is_busy():
                     select.select([pgconn.socket], [], [])
                     pgconn.consume_input()
-                if (result := pgconn.get_result()) is None:
+                result = pgconn.get_result()
+                if result is None:  # the end of one statement's results
+                    if pgconn.status != _CONNECTION_OK:
+                        break
+                    continue
+                if result.status == _PIPELINE_SYNC:
                     break
                 results.append(result)
+            if pgconn.status == _CONNECTION_OK:
+                pgconn.exit_pipeline_mode()
         except psycopg.OperationalError as exc:
             raise self._failure(exc) from exc
         if pgconn.status != _CONNECTION_OK:
             raise self._failure(psycopg.OperationalError(pgconn.error_message.decode(
                 errors="replace")))
-        if results and results[-1].status == _FATAL_ERROR:
-            error = psycopg.errors.error_from_result(results[-1], encoding="utf-8")
+        failed = next((r for r in results if r.status == _FATAL_ERROR), None)
+        if failed is not None:
+            error = psycopg.errors.error_from_result(failed, encoding="utf-8")
             token = error.diag.message_primary
             if error.sqlstate == "QE001" and token in self._expected:
                 raise self._expected[token] from None
@@ -696,7 +723,7 @@ class PgDb:
 
     def _flush(self) -> None:
         if self._pending:
-            self._send("SELECT 1")
+            self._send(_Command(None, None, b"SELECT 1"))
 
     def _failure(self, exc: BaseException) -> BaseException:
         """What a driver's operational error means to queuectl: a lost connection (a new one
@@ -745,15 +772,14 @@ class PgDb:
             try:
                 self._hold("BEGIN")
                 if guess and self._last_head is not None:
-                    self._hold(self._inline(HEAD_LOCK, (), prepare=True))
+                    self._hold(HEAD_LOCK, prepare=True)
                     token = f"queuectl-guess-{len(self._expected)}"
                     self._expected[token] = _Misguessed("the head")
                     self._hold("SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head",
                                (self._last_head, token))
                     self._head, self._guessing = self._last_head, True
                 else:
-                    self._hold(self._inline(HEAD_LOCK, (), prepare=True),
-                               consume=self._took_head)
+                    self._hold(HEAD_LOCK, consume=self._took_head, prepare=True)
                 yield self
                 if self._appended:
                     self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
@@ -1038,7 +1064,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
     settings = {"lock_timeout": int(lock_timeout * 1000),
                 "idle_in_transaction_session_timeout": 60000,
                 "synchronous_commit": "on" if durable else "off",
-                "TimeZone": "UTC", "standard_conforming_strings": "on"}  # see _literal
+                "TimeZone": "UTC", "standard_conforming_strings": "on"}
     try:
         options = _with_given_options(
             psycopg, url, " ".join(f"-c {k}={v}" for k, v in settings.items()))
@@ -1046,7 +1072,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
                                application_name="queuectl", options=options)
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to {shown}: {_reason(exc, url)}") from None
-    # queuectl prepares its statements itself (PgDb._inline); psycopg's own cache would
+    # queuectl prepares its statements itself (PgDb._command); psycopg's own cache would
     # answer every ROLLBACK with DEALLOCATE ALL, dropping them.
     conn.prepare_threshold = None
     db = PgDb(conn, url, durable)
