@@ -12,7 +12,7 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
 - **One round trip where it can.** A transaction run by ``attempt`` (an enqueue) takes
   the head to be where this connection's last commit left it, and a read whose last answer
   was no rows to find none again; the server checks each guess before the writes that
-  follow it, in the same query, and a wrong one means the transaction runs again, asking.
+  follow it, in the same round trip, and a wrong one means the transaction runs again, asking.
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
   server's clock, so hosts with skewed clocks agree: each connection measures the server's
   clock against its host's monotonic clock (at connect and every minute) and tracks it
@@ -486,7 +486,7 @@ class PgDb:
         self._pending: list[_Write] = []
         self._expected: dict[str, Exception] = {}  # what to raise for a failed expectation
         self._types: dict[str, dict[str, str]] = {}  # table -> column -> its type, for casts
-        self._prepared: dict[str, str] = {}  # SQL -> the name this connection prepared it as
+        self._prepared: dict[str, bytes] = {}  # SQL -> the name this connection prepared it as
         # What a write transaction may guess instead of asking (see ``attempt``): the head as
         # this connection's last commit left it, and the reads whose last answer was no rows.
         self._last_head: int | None = None
@@ -540,7 +540,7 @@ class PgDb:
     def _hold(self, sql: str, parameters: Sequence[Any] = (),
               consume: Callable[[Any], None] | None = None, prepare: bool = False) -> None:
         """A statement of the store's own (BEGIN, the head's lock) held until the next one
-        that must be answered, and sent with it as one query; ``consume`` is given its
+        that must be answered, and sent with it in one round trip; ``consume`` is given its
         result; ``prepare``: prepared even without values, as a statement run often is."""
         self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume,
                                     prepare))
@@ -548,11 +548,11 @@ class PgDb:
     def _held(self, shape: _Shape, parameters: tuple[Any, ...],
               missing: Exception | None = None) -> None:
         """A projector's change, held until the next statement that must be answered, and
-        then sent with it as one query: a projector's writes for one event cost no round
+        then sent with it in one round trip: a projector's writes for one event cost no round
         trip of their own. A run of changes of one ``_Shape`` goes as one statement.
         ``missing`` is checked by the server (``queuectl_expect``): a change that matched
         no row fails the statement, and with it the rest of the transaction, before any
-        COMMIT sent in the same query can run."""
+        COMMIT sent in the same round trip can run."""
         expect = None if missing is None else 1
         last = self._pending[-1] if self._pending else None
         if (last is not None and last.shape is shape and last.expect == expect
@@ -650,17 +650,16 @@ class PgDb:
             return _Command(None, None, sql.encode())
         name = self._prepared.get(sql)
         if name is None:
-            name = f"queuectl_{len(self._prepared) + 1}"
+            text = f"queuectl_{len(self._prepared) + 1}"
             marks = iter(range(1, sql.count("?") + 1))
             numbered = re.sub(r"\?", lambda _: f"${next(marks)}", sql)
             try:
-                self.conn.execute(f"PREPARE {name} AS {numbered}")
+                self.conn.execute(f"PREPARE {text} AS {numbered}")
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
-            self._prepared[sql] = name
+            name = self._prepared[sql] = text.encode()
         params = _PARAMS
-        return _Command(name.encode(), [(params.get(type(v)) or _param)(v) for v in parameters],
-                        None)
+        return _Command(name, [(params.get(type(v)) or _param)(v) for v in parameters], None)
 
     def _send(self, last: _Command) -> Any:
         """The pending writes and ``last`` in one round trip, sent through libpq itself
