@@ -322,8 +322,7 @@ def enqueue_unique(conn: Db, specs: Sequence[JobSpec], on_duplicate: str = "skip
                     ids[i] = holders.get(key) or ids[first_of[key]]
             return ids, duplicate
     ordered = _dependency_order(specs)
-    with write(conn):
-        return add_jobs(conn, specs, ordered), [False] * len(specs)
+    return conn.attempt(lambda: add_jobs(conn, specs, ordered)), [False] * len(specs)
 
 
 def add_jobs(conn: Db, specs: Sequence[JobSpec],

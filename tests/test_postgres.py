@@ -32,7 +32,7 @@ from conftest import (
 
 from queuectl import claims, decisions, ledger, store
 from queuectl import events as ev
-from queuectl.errors import Conflict, StoreError, StoreUnavailable
+from queuectl.errors import Conflict, NotFound, StoreError, StoreUnavailable
 
 pytestmark = pytest.mark.stores("postgres")
 
@@ -216,6 +216,45 @@ def test_a_joined_write_that_misses_a_row_fails_the_whole_transaction(db, conn):
         ledger.append(conn, *[ev.CancelRequested(job_id=j) for j in ("j0", "j1", "nope", "j2")])
     assert conn.execute("SELECT count(*) FROM events").fetchone() == before
     assert conn.execute("SELECT count(*) FROM jobs WHERE cancel_requested = 1").fetchone() == (0,)
+
+
+# -- an enqueue in one round trip ----------------------------------------------------------
+
+
+def test_an_enqueue_guesses_in_one_round_trip_and_runs_again_after_a_wrong_guess(
+        db, conn, monkeypatch):
+    """A connection's enqueue after its own goes in one round trip, guessing the head and
+    that the made id is free. After another connection's commit (the head moved), or with
+    the made id taken by a user's job, the server refuses the guess and the enqueue runs
+    again, asking: ids and seqs come out as one enqueue at a time gives them."""
+    from queuectl.store import postgres
+
+    def enqueue(db_: store.Db, **fields: str) -> str:
+        return decisions.enqueue(db_, [decisions.JobSpec(command="true", **fields)])[0]
+
+    sends: list[str] = []
+    send = postgres.PgDb._send
+    monkeypatch.setattr(postgres.PgDb, "_send", lambda self, last: sends.append("") or send(
+        self, last))
+    with closing(ledger.connect(db)) as other:
+        assert enqueue(conn) == "1"
+        sends.clear()
+        assert enqueue(conn) == "2"
+        assert len(sends) == 1
+        assert enqueue(other) == "3"
+        assert enqueue(conn) == "4"  # guessed head 2: refused, then asked
+        assert enqueue(conn, id="6") == "6"
+        with pytest.raises(NotFound):
+            enqueue(conn, after=["nope"])
+        # seq 6: its made id is the user's job's, and its dependency's read finds a row
+        # where the last found none
+        assert enqueue(conn, after=["1"]) == "6.1"
+        assert enqueue(other) == "7"
+        assert enqueue(other) == "8"
+        assert enqueue(other, id="10") == "10"
+        assert enqueue(other) == "10.1"  # guessed free: refused, then asked
+    assert conn.execute("SELECT count(*), min(seq), max(seq) FROM events").fetchone() == (
+        10, 1, 10)
 
 
 # -- jobs claimed ahead ------------------------------------------------------------------

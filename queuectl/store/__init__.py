@@ -21,11 +21,12 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from queuectl.store.statements import Clash
 
 DEFAULT = str(Path("data") / "queue.db")
+T = TypeVar("T")
 
 # The worker threads of one process share one connection and take turns on this lock; the
 # SQLite store also queues the process's writers on it (see sqlite.py).
@@ -110,6 +111,11 @@ class Db(Protocol):
         rows than keys went."""
     def transaction(self) -> AbstractContextManager[Any]:
         """One write transaction: commit on success, roll back on any exception."""
+    def attempt(self, body: Callable[[], T]) -> T:
+        """``body()`` in one write transaction, whose result it returns. A store may run
+        ``body`` more than once (PostgreSQL guesses what a transaction would wait for, and
+        runs it again if the server finds a guess wrong), so ``body`` must only read and
+        write through this Db and decide from what it reads."""
     def side_transaction(self) -> AbstractContextManager[Any]:
         """A short write transaction for data beside the ledger (the output store): no
         event is appended in it, so on PostgreSQL it leaves the ledger's head alone."""

@@ -9,6 +9,10 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
   Taking that lock first in every transaction also means no two transactions ever wait on
   each other's rows in opposite orders, so there are no deadlocks. A bigserial would be
   neither gapless nor in commit order.
+- **One round trip where it can.** A transaction run by ``attempt`` (an enqueue) takes
+  the head to be where this connection's last commit left it, and a read whose last answer
+  was no rows to find none again; the server checks each guess before the writes that
+  follow it, in the same round trip, and a wrong one means the transaction runs again, asking.
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
   server's clock, so hosts with skewed clocks agree: each connection measures the server's
   clock against its host's monotonic clock (at connect and every minute) and tracks it
@@ -33,12 +37,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
-from queuectl.store import PROCESS_LOCK, Dialect, statements
+from queuectl.store import PROCESS_LOCK, Dialect, T, statements
 from queuectl.store.statements import Clash
 
 CHANNEL = "queuectl"
@@ -161,19 +165,6 @@ def without_password(url: str) -> str:
 _PLACEHOLDERS: dict[str, str] = {}
 
 
-def _quoted(text: str) -> str:
-    if "\x00" in text:
-        # Nothing stored can hold one (SQLite's side refuses them on the way in), so this
-        # is input to refuse, such as an id typed with one.
-        raise InvalidInput("text with a NUL character: PostgreSQL text cannot hold one")
-    return "'" + text.replace("'", "''") + "'"
-
-
-_LITERALS: dict[type, Callable[[Any], str]] = {
-    str: _quoted, int: repr, float: repr, type(None): lambda _: "NULL", bool: lambda b: str(b),
-}
-
-
 EVENT_COLUMNS = ("seq", "at", "type", "job_id", "worker_id", "body")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
@@ -234,22 +225,36 @@ def _chunks(rows: Iterable[Sequence[Any]], size: int) -> Iterator[list[Sequence[
         yield chunk
 
 
-def _literal(value: Any) -> str:
-    """A value written into SQL, for the types queuectl stores: text, whole numbers, finite
-    floats, NULL. Strings are quoted as standard SQL (the connection sets
-    standard_conforming_strings, so a backslash is only a backslash); a NUL, which no
-    PostgreSQL text can hold, is refused."""
-    write = _LITERALS.get(type(value))
-    if write is not None:
-        return write(value)
+def _text(value: str) -> bytes:
+    if "\x00" in value:
+        # Nothing stored can hold one (SQLite's side refuses them on the way in), so this
+        # is input to refuse, such as an id typed with one.
+        raise InvalidInput("text with a NUL character: PostgreSQL text cannot hold one")
+    return value.encode()
+
+
+# How a value of each common type is given to a prepared statement: as text.
+_PARAMS: dict[type, Callable[[Any], bytes | None]] = {
+    str: _text, int: lambda n: b"%d" % n, float: lambda x: repr(x).encode(),
+    type(None): lambda _: None, bool: lambda b: b"true" if b else b"false",
+}
+
+
+def _param(value: Any) -> bytes | None:
+    """A value as the text a prepared statement's parameter is given, for the types queuectl
+    stores: text, whole numbers, floats, NULL."""
+    give = _PARAMS.get(type(value))
+    if give is not None:
+        return give(value)
     if isinstance(value, str):  # a StrEnum: its value
-        return _quoted(str(value))
+        return _text(str.__str__(value))
     if isinstance(value, int | float):
-        return repr(float(value)) if isinstance(value, float) else repr(int(value))
-    raise TypeError(f"cannot write {type(value).__name__} into SQL")
+        return _param(float(value) if isinstance(value, float) else int(value))
+    raise TypeError(f"cannot give {type(value).__name__} to SQL")
 
 
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK
+_PIPELINE_SYNC = 10  # libpq's PGRES_PIPELINE_SYNC
 _FATAL_ERROR = 7  # libpq's PGRES_FATAL_ERROR
 # How the text of a column of these types (by OID) is read; anything else stays text.
 _LOADERS: dict[int, Callable[[bytes], Any]] = {
@@ -311,14 +316,23 @@ class _Write:
     """A write held until the next round trip: one row's statement, or several rows of one
     ``_Shape`` that will go as one statement."""
 
-    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys")
+    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys", "prepare")
 
     def __init__(self, sql: str, shape: _Shape | None, rows: list[Sequence[Any]],
                  expect: int | None, otherwise: list[Exception | None],
-                 consume: Callable[[Any], None] | None) -> None:
+                 consume: Callable[[Any], None] | None, prepare: bool = False) -> None:
         self.sql, self.shape, self.rows, self.expect = sql, shape, rows, expect
-        self.otherwise, self.consume = otherwise, consume
+        self.otherwise, self.consume, self.prepare = otherwise, consume, prepare
         self.keys: set[Any] | None = None  # an UPDATE's keys so far, once a second row comes
+
+
+class _Command(NamedTuple):
+    """A statement as sent: a statement this connection prepared (its name) and its values
+    as text, or (no name) a statement's own text."""
+
+    name: bytes | None
+    values: list[bytes | None] | None
+    text: bytes | None
 
 
 class _Shape:
@@ -417,6 +431,33 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
 
 
 _NONE: Mapping[str, Any] = {}
+HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
+
+
+class _Misguessed(Exception):
+    """A write transaction's guess (``PgDb.attempt``) was wrong: the server refused it."""
+
+
+class _NoRows:
+    """The answer of a read guessed to find nothing."""
+
+    description = [("guessed", 25)]
+    rowcount = 0
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        return []
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return []
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(())
+
+
+_NO_ROWS = _NoRows()
 
 
 class PgDb:
@@ -445,7 +486,14 @@ class PgDb:
         self._pending: list[_Write] = []
         self._expected: dict[str, Exception] = {}  # what to raise for a failed expectation
         self._types: dict[str, dict[str, str]] = {}  # table -> column -> its type, for casts
-        self._prepared: dict[str, str] = {}  # SQL -> the name this connection prepared it as
+        self._prepared: dict[str, bytes] = {}  # SQL -> the name this connection prepared it as
+        # What a write transaction may guess instead of asking (see ``attempt``): the head as
+        # this connection's last commit left it, and the reads whose last answer was no rows.
+        self._last_head: int | None = None
+        self._empty: set[str] = set()
+        self._guessing = False  # inside a write transaction that guesses
+        self._misses = 0  # wrong guesses in a row: as many doublings of the wait to guess again
+        self._wait = 0  # attempts left to run without guessing
 
     # -- what every Db does ---------------------------------------------------------------
 
@@ -457,10 +505,26 @@ class PgDb:
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """One statement, with the writes waiting (``change``) sent first in the same round
-        trip; a statement with values runs as ``EXECUTE`` of one this connection prepared."""
+        trip; a statement with values runs as ``EXECUTE`` of one this connection prepared.
+
+        Inside a transaction that guesses (``attempt``), a read whose last answer was no rows
+        is answered so at once, and the server checks it in the transaction's place."""
+        if self._guessing and sql in self._empty:
+            token = f"queuectl-guess-{len(self._expected)}"
+            self._expected[token] = _Misguessed(sql)
+            checked = f"SELECT queuectl_expect(count(*), 0, ?) FROM ({sql}) AS guessed"
+            self._hold(checked, (token, *parameters))
+            return _NO_ROWS
         if self._pending or parameters:
-            return self._send(self._inline(sql, parameters))
-        return self._direct(sql)
+            rows = self._send(self._command(sql, parameters))
+        else:
+            rows = self._direct(sql)
+        if rows.description:  # an answer of rows, if only none
+            if rows.rowcount == 0:
+                self._empty.add(sql)
+            else:
+                self._empty.discard(sql)
+        return rows
 
     @property
     def identity(self) -> str:
@@ -474,20 +538,21 @@ class PgDb:
         return self._identity
 
     def _hold(self, sql: str, parameters: Sequence[Any] = (),
-              consume: Callable[[Any], None] | None = None) -> None:
+              consume: Callable[[Any], None] | None = None, prepare: bool = False) -> None:
         """A statement of the store's own (BEGIN, the head's lock) held until the next one
-        that must be answered, and sent with it as one query; ``consume`` is given its
-        result."""
-        self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume))
+        that must be answered, and sent with it in one round trip; ``consume`` is given its
+        result; ``prepare``: prepared even without values, as a statement run often is."""
+        self._pending.append(_Write(sql, None, [tuple(parameters)], None, [None], consume,
+                                    prepare))
 
     def _held(self, shape: _Shape, parameters: tuple[Any, ...],
               missing: Exception | None = None) -> None:
         """A projector's change, held until the next statement that must be answered, and
-        then sent with it as one query: a projector's writes for one event cost no round
+        then sent with it in one round trip: a projector's writes for one event cost no round
         trip of their own. A run of changes of one ``_Shape`` goes as one statement.
         ``missing`` is checked by the server (``queuectl_expect``): a change that matched
         no row fails the statement, and with it the rest of the transaction, before any
-        COMMIT sent in the same query can run."""
+        COMMIT sent in the same round trip can run."""
         expect = None if missing is None else 1
         last = self._pending[-1] if self._pending else None
         if (last is not None and last.shape is shape and last.expect == expect
@@ -539,9 +604,9 @@ class PgDb:
         if missing is not None and gone < len(keys):
             raise missing
 
-    def _render(self, write: _Write) -> str:
-        """A held write as the text sent: one row as ``EXECUTE`` of a prepared statement;
-        several of one shape as one statement of many rows."""
+    def _render(self, write: _Write) -> _Command:
+        """A held write as sent: one row with the statement prepared for it; several of one
+        shape as one statement of many rows."""
         sql, rows = write.sql, write.rows
         parameters: Sequence[Any] = rows[0]
         if len(rows) > 1:
@@ -549,14 +614,14 @@ class PgDb:
             sql, order = write.shape.many(len(rows), self._column_types(write.shape.table))
             parameters = [rows[r][c] for r, c in order]
         if write.expect is None:
-            return self._inline(sql, parameters)
+            return self._command(sql, parameters, write.prepare)
         token = f"queuectl-expect-{len(self._expected)}"
         first = write.otherwise[0] or LookupError(f"{write.sql}: {write.expect} rows expected")
         self._expected[token] = first if len(rows) == 1 else type(first)(
             f"{first} (or another of {len(rows)} rows written together)")
         checked = (f"WITH changed AS ({sql} RETURNING 1) "
                    "SELECT queuectl_expect(count(*), ?, ?) FROM changed")
-        return self._inline(checked, (*parameters, write.expect * len(rows), token))
+        return self._command(checked, (*parameters, write.expect * len(rows), token))
 
     def _column_types(self, table: str) -> dict[str, str]:
         """How a value is cast to each column's type (and collation) of ``table``, read from
@@ -576,38 +641,47 @@ class PgDb:
             types = self._types[table] = dict(found)
         return types
 
-    def _inline(self, sql: str, parameters: Sequence[Any]) -> str:
-        """``sql`` as text to send with others in one query: ``EXECUTE`` of a statement this
-        connection prepared the first time it met it (the server plans it once), with the
-        values written in as literals."""
-        if not parameters:
-            return sql
+    def _command(self, sql: str, parameters: Sequence[Any], prepare: bool = False
+                 ) -> _Command:
+        """``sql`` to send with others in one round trip: a statement this connection
+        prepared the first time it met it (the server plans it once), given its values as
+        text. Without values, the text itself, unless ``prepare``."""
+        if not parameters and not prepare:
+            return _Command(None, None, sql.encode())
         name = self._prepared.get(sql)
         if name is None:
-            name = f"queuectl_{len(self._prepared) + 1}"
+            text = f"queuectl_{len(self._prepared) + 1}"
             marks = iter(range(1, sql.count("?") + 1))
             numbered = re.sub(r"\?", lambda _: f"${next(marks)}", sql)
             try:
-                self.conn.execute(f"PREPARE {name} AS {numbered}")
+                self.conn.execute(f"PREPARE {text} AS {numbered}")
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
-            self._prepared[sql] = name
-        return f"EXECUTE {name}({', '.join(map(_literal, parameters))})"
+            name = self._prepared[sql] = text.encode()
+        params = _PARAMS
+        return _Command(name, [(params.get(type(v)) or _param)(v) for v in parameters], None)
 
-    def _send(self, last: str) -> Any:
-        """The pending writes and ``last`` as one query, sent through libpq itself (psycopg's
-        cursors cost more than the round trip on a busy worker); returns ``last``'s rows.
-        A write that changed other than the rows it expected fails its statement, and the
-        rest of the query with it."""
+    def _send(self, last: _Command) -> Any:
+        """The pending writes and ``last`` in one round trip, sent through libpq itself
+        (psycopg's cursors cost more than the round trip on a busy worker) in its pipeline
+        mode: a prepared statement runs from its values, with no statement text for the
+        server to parse. Returns ``last``'s rows. A write that changed other than the rows
+        it expected fails its statement, and the server skips the rest."""
         pending, self._pending = self._pending, []
-        texts = [self._render(write) for write in pending]
+        commands = [*map(self._render, pending), last]
         psycopg = _driver()
         pgconn = self.conn.pgconn
+        results = []
         try:
-            pgconn.send_query(";\n".join([*texts, last]).encode())
+            pgconn.enter_pipeline_mode()
+            for command in commands:
+                if command.name is None:
+                    pgconn.send_query_params(command.text, None)
+                else:
+                    pgconn.send_query_prepared(command.name, command.values)
+            pgconn.pipeline_sync()
             while pgconn.flush():
                 select.select([], [pgconn.socket], [])
-            results = []
             while True:
                 # libpq's PQgetResult waits for the server holding the GIL: every other
                 # thread of the worker (the jobs it is starting, their output) would stop
@@ -615,16 +689,24 @@ class PgDb:
                 while pgconn.is_busy():
                     select.select([pgconn.socket], [], [])
                     pgconn.consume_input()
-                if (result := pgconn.get_result()) is None:
+                result = pgconn.get_result()
+                if result is None:  # the end of one statement's results
+                    if pgconn.status != _CONNECTION_OK:
+                        break
+                    continue
+                if result.status == _PIPELINE_SYNC:
                     break
                 results.append(result)
+            if pgconn.status == _CONNECTION_OK:
+                pgconn.exit_pipeline_mode()
         except psycopg.OperationalError as exc:
             raise self._failure(exc) from exc
         if pgconn.status != _CONNECTION_OK:
             raise self._failure(psycopg.OperationalError(pgconn.error_message.decode(
                 errors="replace")))
-        if results and results[-1].status == _FATAL_ERROR:
-            error = psycopg.errors.error_from_result(results[-1], encoding="utf-8")
+        failed = next((r for r in results if r.status == _FATAL_ERROR), None)
+        if failed is not None:
+            error = psycopg.errors.error_from_result(failed, encoding="utf-8")
             token = error.diag.message_primary
             if error.sqlstate == "QE001" and token in self._expected:
                 raise self._expected[token] from None
@@ -640,7 +722,7 @@ class PgDb:
 
     def _flush(self) -> None:
         if self._pending:
-            self._send("SELECT 1")
+            self._send(_Command(None, None, b"SELECT 1"))
 
     def _failure(self, exc: BaseException) -> BaseException:
         """What a driver's operational error means to queuectl: a lost connection (a new one
@@ -670,22 +752,33 @@ class PgDb:
         self._prepared = {}
         self._types = {}
         self._pending = []
-        self._head = self._tx_now = None
+        self._head = self._tx_now = self._last_head = None
         self._measured = -_CLOCK_EVERY
         self.generation += 1
 
     @contextmanager
-    def transaction(self) -> Iterator[PgDb]:
+    def transaction(self, guess: bool = False) -> Iterator[PgDb]:
         """BEGIN, then the head row locked first: every writer of the ledger takes turns here,
         which makes seqs gapless and in commit order. Both go with the transaction's first
         read (or its commit). A transaction that appended moves the head and, if it made
-        work claimable, wakes the listening workers."""
+        work claimable, wakes the listening workers.
+
+        ``guess`` (see ``attempt``): the head is taken to be where this connection's last
+        commit left it, which the server checks right after the lock, before any write."""
         with PROCESS_LOCK:
             self._pending = []
             self._appended = self._wakes = self._ends = False
             try:
                 self._hold("BEGIN")
-                self._hold("SELECT seq FROM queuectl_head FOR UPDATE", consume=self._took_head)
+                if guess and self._last_head is not None:
+                    self._hold(HEAD_LOCK, prepare=True)
+                    token = f"queuectl-guess-{len(self._expected)}"
+                    self._expected[token] = _Misguessed("the head")
+                    self._hold("SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head",
+                               (self._last_head, token))
+                    self._head, self._guessing = self._last_head, True
+                else:
+                    self._hold(HEAD_LOCK, consume=self._took_head, prepare=True)
                 yield self
                 if self._appended:
                     self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
@@ -694,12 +787,49 @@ class PgDb:
                     if self._ends:
                         self._hold(f"NOTIFY {ENDS_CHANNEL}")
                 self.execute("COMMIT")
-            except BaseException:
+                self._last_head = self._head
+            except BaseException as exc:
+                # Whatever failed may have been decided on a wrong guess: the server says.
+                refuted = (self._guessing and not isinstance(exc, _Misguessed)
+                           and self._refuted())
                 self._pending = []
                 self._rollback()
+                if refuted:
+                    raise _Misguessed("a guess the transaction's error followed") from exc
                 raise
             finally:
                 self._head = self._tx_now = None
+                self._guessing = False
+
+    def _refuted(self) -> bool:
+        """Whether the server finds one of this transaction's guesses wrong, asked now."""
+        try:
+            self._flush()
+        except _Misguessed:
+            return True
+        except Exception:  # the transaction's own error is the one to report
+            pass
+        return False
+
+    def attempt(self, body: Callable[[], T]) -> T:
+        """``body`` in one write transaction, sent to the server in one round trip when this
+        connection can guess everything it would otherwise wait for: the head, as its own
+        last commit left it, and the answer to each read whose last answer was no rows.
+        The server checks every guess before the writes that follow it; after a wrong one
+        the transaction is rolled back and ``body`` runs again, asking. A connection whose
+        guesses keep failing (other hosts write) guesses less and less often."""
+        if self._last_head is not None and not self._wait:
+            try:
+                with self.transaction(guess=True):
+                    result = body()
+                self._misses = 0
+                return result
+            except _Misguessed:
+                self._misses = min(self._misses + 1, 6)
+                self._wait = 2 ** self._misses
+        self._wait = max(0, self._wait - 1)
+        with self.transaction():
+            return body()
 
     @contextmanager
     def side_transaction(self) -> Iterator[PgDb]:
@@ -933,7 +1063,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
     settings = {"lock_timeout": int(lock_timeout * 1000),
                 "idle_in_transaction_session_timeout": 60000,
                 "synchronous_commit": "on" if durable else "off",
-                "TimeZone": "UTC", "standard_conforming_strings": "on"}  # see _literal
+                "TimeZone": "UTC", "standard_conforming_strings": "on"}
     try:
         options = _with_given_options(
             psycopg, url, " ".join(f"-c {k}={v}" for k, v in settings.items()))
@@ -941,7 +1071,7 @@ def connect(url: str, *, durable: bool = True, create: bool = True, timeout: int
                                application_name="queuectl", options=options)
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to {shown}: {_reason(exc, url)}") from None
-    # queuectl prepares its statements itself (PgDb._inline); psycopg's own cache would
+    # queuectl prepares its statements itself (PgDb._command); psycopg's own cache would
     # answer every ROLLBACK with DEALLOCATE ALL, dropping them.
     conn.prepare_threshold = None
     db = PgDb(conn, url, durable)
@@ -975,7 +1105,8 @@ def _ensure_ledger(db: PgDb, shown: str, create: bool) -> None:
         "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
         "AND relkind IN ('r', 'p', 'v', 'm', 'f')")}
     if "queuectl_head" in tables:
-        (version,) = db.conn.execute("SELECT version FROM queuectl_head").fetchone()
+        version, db._last_head = db.conn.execute(
+            "SELECT version, seq FROM queuectl_head").fetchone()
         if version >= SCHEMA_VERSION:
             return
     elif tables - OURS:

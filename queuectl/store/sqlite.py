@@ -20,7 +20,7 @@ from typing import Any
 
 from queuectl import clock, limits
 from queuectl.errors import StoreError
-from queuectl.store import PROCESS_LOCK, Dialect, statements
+from queuectl.store import PROCESS_LOCK, Dialect, T, statements
 from queuectl.store.statements import Clash
 
 # The ledger's columns; the archive keeps its rows in a table of the same shape.
@@ -164,6 +164,10 @@ class SqliteDb(sqlite3.Connection):
             finally:
                 self._writing, self._tx_now = False, None
             _retry_locked(lambda: self.execute("COMMIT"))
+
+    def attempt(self, body: Callable[[], T]) -> T:
+        with self.transaction():
+            return body()
 
     generation = 0  # a file is never lost: this connection is the only one it has
 
