@@ -87,6 +87,7 @@ LEDGER_VERSION = 3  # 2: pruning's permit; 3: the output store
 PAGE_SIZE = 2048
 
 _INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
 _ROWS_AT_ONCE = 16  # events an append writes in one INSERT of many rows; more: executemany
 
 
@@ -241,8 +242,10 @@ class SqliteDb(sqlite3.Connection):
 
     def insert_events(self, at: str, rows: list[tuple[str, str | None, str | None, str]]
                       ) -> int:
-        if len(rows) <= _ROWS_AT_ONCE:  # the common case: SQLite numbers the rows itself,
-            # in order, and the write lock is held: the last row's seq gives the first's.
+        if len(rows) == 1:  # the common case: SQLite numbers the row itself
+            return self.execute(_INSERT_ONE, (at, *rows[0])).lastrowid or 0
+        if len(rows) <= _ROWS_AT_ONCE:  # SQLite numbers the rows itself, in order, and
+            # the write lock is held: the last row's seq gives the first's.
             values = [value for row in rows for value in (at, *row)]
             last = self.execute(_insert_rows(len(rows)), values).lastrowid or 0
             return last - len(rows) + 1
