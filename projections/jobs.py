@@ -28,7 +28,7 @@ from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
 
 NAME = "jobs"
-VERSION = 16
+VERSION = 17
 TABLES = {"jobs": ("id",), "job_deps": ("job_id", "depends_on"),
           "job_counts": ("queue", "state")}
 DEFAULT_QUEUE = "default"
@@ -158,10 +158,12 @@ _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.de
 # batch. Each store writes the same trigger in its own language.
 TRIGGERS = {
     "sqlite": (
+        # Two updates, each of one row found by its key: a single UPDATE of the rows of
+        # either state (an OR, or IN) first gathers them aside, and cost several times more.
         """CREATE TRIGGER job_counts_move AFTER UPDATE OF state ON jobs
         WHEN old.state <> new.state BEGIN
-            UPDATE job_counts SET n = n + CASE state WHEN new.state THEN 1 ELSE -1 END
-            WHERE queue = new.queue AND (state = new.state OR state = old.state);
+            UPDATE job_counts SET n = n + 1 WHERE queue = new.queue AND state = new.state;
+            UPDATE job_counts SET n = n - 1 WHERE queue = new.queue AND state = old.state;
         END""",
         # A job moved to another queue by ``edit`` takes its (old) state's count along;
         # should its state change in the same UPDATE, job_counts_move moves it within the

@@ -7,6 +7,7 @@ in the same one, so two workers never hold the same job.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -36,7 +37,7 @@ from queuectl.cascade import (
 from queuectl.errors import Conflict
 from queuectl.ledger import append, next_seq, write
 from queuectl.states import UNFINISHED, State, WorkerState, any_of
-from queuectl.store import Db
+from queuectl.store import Db, Dialect
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -463,32 +464,38 @@ def _ready_within(conn: Db, at: str, n: int, queues: Queues,
     return taken
 
 
+@functools.lru_cache(maxsize=256)
+def _known_sql(dialect: Dialect, claimers: int, queues: tuple[str, ...], jobs: int,
+               workers: int) -> str:
+    """The query of ``_known``, made once for each shape of the question (a worker's
+    results and claims are of the same shape, job after job)."""
+    parts: list[str] = []
+    if claimers:  # first: its typed columns give the NULLs of the others a type
+        parts.append(_ready_query("", claimers, queues)[0])
+    if jobs:  # before the workers' rows, whose columns are all NULL, for the same reason
+        parts.append(_known_jobs(jobs))
+    if workers:
+        parts.append(_known_refused(workers))
+    parts.append(_KNOWN_QUEUES)
+    if jobs:
+        parts.append(_KNOWN_HOOKS)
+    return dialect.sql(" UNION ALL ".join(parts))
+
+
 def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
            queues: Queues = None, starters: Sequence[str] = ()) -> _Known:
-    parts: list[str] = []
-    params: list[Any] = []
-    if claimers:  # first: its typed columns give the NULLs of the others a type
-        ready_sql, ready_params = _ready_query(at, len(claimers), queues)
-        parts.append(ready_sql)
-        params += ready_params
-    if job_ids:  # before the workers' rows, whose columns are all NULL, for the same reason
-        jobs = list(dict.fromkeys(job_ids))
-        parts.append(_known_jobs(len(jobs)))
-        params += jobs
+    jobs = list(dict.fromkeys(job_ids))
     # Each id once: a statement of fewer shapes, which the server plans fewer times.
     workers = list(dict.fromkeys([*claimers, *starters]))
-    if workers:
-        parts.append(_known_refused(len(workers)))
-        params += workers
-    if parts:
-        parts.append(_KNOWN_QUEUES)
-        if job_ids:
-            parts.append(_KNOWN_HOOKS)
     known = _Known(held={}, refused=set(), ready=[], queues={})
-    if not parts:
+    if not (claimers or jobs or workers):
         return known
+    params: list[Any] = []
+    if claimers:
+        params += _ready_query(at, len(claimers), queues)[1]
+    sql = _known_sql(conn.dialect, len(claimers), tuple(queues or ()), len(jobs), len(workers))
     ready: list[Any] = []
-    for row in conn.execute(conn.dialect.sql(" UNION ALL ".join(parts)), params).fetchall():
+    for row in conn.execute(sql, [*params, *jobs, *workers]).fetchall():
         if row[0] == "j":
             known.held[row[1]] = _Held(row[2], row[3], row[4], bool(row[5]), bool(row[6]),
                                        bool(row[7]), row[12])

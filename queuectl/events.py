@@ -491,6 +491,7 @@ TAGS: dict[str, type] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
     for cls in Event.__args__  # type: ignore[attr-defined]
 }
+TAG_OF: dict[type, str] = {cls: tag for tag, cls in TAGS.items()}  # ``event.type``, by lookup
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Event)

@@ -20,7 +20,7 @@ import msgspec
 from projections import REGISTRY, appliers
 from queuectl import actor, progress, store
 from queuectl.errors import CorruptLedger, InvalidInput
-from queuectl.events import TAGS, Event, Pruned, decode, encode
+from queuectl.events import TAG_OF, TAGS, Event, Pruned, decode, encode
 from queuectl.store import PROCESS_LOCK, Db
 
 __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read_events",
@@ -80,18 +80,34 @@ def _live(event_type: type) -> tuple:  # type: ignore[type-arg]
     return _LIVE[event_type]
 
 
-def _apply_many(
-    tx: Db,
-    projections: tuple[ModuleType, ...],
-    batch: list[tuple[int, str, Event]],
-) -> None:
-    for projection in projections:
-        if hasattr(projection, "apply_many"):
-            projection.apply_many(tx, [b for b in batch if type(b[2]) in projection.HANDLES])
+# How a batch of events of these types, in this order, reaches the projections: for each
+# projection that reads any of them, its ``apply_many`` (or None) and ``apply``, and which
+# events of the batch it reads. Worked out once per sequence of types (a worker's result
+# and next claim are the same few, job after job).
+_Plan = tuple[tuple[Any, Any, tuple[int, ...]], ...]
+_PLANS: dict[tuple[type, ...], _Plan] = {}
+
+
+def _plan(kinds: tuple[type, ...]) -> _Plan:
+    plan = []
+    for projection in REGISTRY:
+        wanted = tuple(n for n, kind in enumerate(kinds) if kind in projection.HANDLES)
+        if wanted:
+            plan.append((getattr(projection, "apply_many", None), projection.apply, wanted))
+    _PLANS[kinds] = found = tuple(plan)
+    return found
+
+
+def _apply_many(tx: Db, batch: list[tuple[int, str, Event]]) -> None:
+    """Each projection takes the events it reads, in ledger order, on its own (it reads
+    only its own tables)."""
+    kinds = tuple(type(b[2]) for b in batch)
+    for many, apply, wanted in _PLANS.get(kinds) or _plan(kinds):
+        if many is not None:
+            many(tx, [batch[n] for n in wanted])
             continue
-        for seq, at, event in batch:
-            if type(event) in projection.HANDLES:
-                projection.apply(tx, seq, at, event)
+        for n in wanted:
+            apply(tx, *batch[n])
 
 
 def append(tx: Db, *events: Event, at: str | None = None) -> int:
@@ -102,20 +118,20 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     if not tx.in_transaction:
         raise RuntimeError("append() must run inside a write transaction")
     at = at or tx.now()
-    by = actor.current()
-    events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
+    if not all(e.by for e in events):
+        by = actor.current()
+        events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
     if len(events) > APPEND_STEP and (bar := progress.current()).shown:
         return _append_in_steps(tx, events, at, bar)
-    rows = [(e.type, getattr(e, "job_id", None), getattr(e, "worker_id", None), encode(e))
-            for e in events]
+    rows = [(TAG_OF[type(e)], getattr(e, "job_id", None), getattr(e, "worker_id", None),
+             encode(e)) for e in events]
     first = tx.insert_events(at, rows)
     if len(events) == 1:  # the common case
         event = events[0]
         for apply in _LIVE.get(type(event)) or _live(type(event)):
             apply(tx, first, at, event)
         return first
-    # Each projection reads only its own tables, so it may take the batch on its own.
-    _apply_many(tx, REGISTRY, [(first + n, at, e) for n, e in enumerate(events)])
+    _apply_many(tx, [(first + n, at, e) for n, e in enumerate(events)])
     return first + len(events) - 1
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,14 @@ PAGE_SIZE = 2048
 
 _INSERT = "INSERT INTO events (seq, at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_ONE = "INSERT INTO events (at, type, job_id, worker_id, body) VALUES (?, ?, ?, ?, ?)"
+_ROWS_AT_ONCE = 16  # events an append writes in one INSERT of many rows; more: executemany
+
+
+@lru_cache(maxsize=_ROWS_AT_ONCE)
+def _insert_rows(n: int) -> str:
+    """One INSERT of ``n`` events, numbered by SQLite."""
+    return ("INSERT INTO events (at, type, job_id, worker_id, body) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?)"] * n))
 
 # The archive: a SQLite file beside the database, which pruned events move to. Its table
 # is not called ``events``, so that the file can never be taken for a ledger.
@@ -239,6 +248,11 @@ class SqliteDb(sqlite3.Connection):
                       ) -> int:
         if len(rows) == 1:  # the common case: SQLite numbers the row itself
             return self.execute(_INSERT_ONE, (at, *rows[0])).lastrowid or 0
+        if len(rows) <= _ROWS_AT_ONCE:  # SQLite numbers the rows itself, in order, and
+            # the write lock is held: the last row's seq gives the first's.
+            values = [value for row in rows for value in (at, *row)]
+            last = self.execute(_insert_rows(len(rows)), values).lastrowid or 0
+            return last - len(rows) + 1
         # The write lock is held, so the next seqs are ours: rows go in with one executemany.
         first = self.next_seq()
         self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
