@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 Find = Callable[[str, str], "int | None"]
 
 
+_NULL = frozenset({None})  # holds every value of a column that is NULL in every row
+
+
 class Rows:
     """Rows of one table held in memory during a replay and written back in bulk.
 
@@ -42,16 +45,20 @@ class Rows:
     memory and written once. Rows not yet in memory are read from the table on first use
     (``locate`` turns a key into the rowid ``rowid`` names, where the key has no index);
     everything is written back by ``flush``, which a replay calls at its end and whenever
-    ``full()``, between events.
+    ``full()``, between events. Columns named ``nullable`` (NULL by default) are left out of
+    the new rows' insert when every row holds NULL there: binding a NULL costs sqlite3 more
+    than binding most values, and a finished job's row holds several.
     """
 
     LIMIT = 20_000  # rows held per table: with many more, the held rows outgrow the CPU
     # caches and a replay slows down (bench scenario replay)
 
     def __init__(self, tx: Db, table: str, columns: Iterable[str], key: str,
-                 rowid: str | None = None, locate: Callable[[Any], Any] | None = None):
+                 rowid: str | None = None, locate: Callable[[Any], Any] | None = None,
+                 nullable: Iterable[str] = ()):
         self.tx, self.table, self.key, self.locate = tx, table, key, locate
         self.columns = tuple(columns)
+        self.nullable = frozenset(nullable)
         where = rowid or key
         names = ", ".join(self.columns)
         self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
@@ -86,12 +93,19 @@ class Rows:
     def flush(self) -> None:
         # New rows through the store's bulk path (COPY on PostgreSQL, where an INSERT a row
         # would make a replay many times slower).
-        self.tx.insert_many(self.table, self.columns, list(map(self._values, self.new.values())))
+        self._insert_new()
         self.tx.update_many(self.table, self._where, self._others,
                             list(map(self._update_values, self.read.values())))
         self.new.clear()  # cleared, not replaced: callers may hold their get methods
         self.read.clear()
         self.before.clear()
+
+    def _insert_new(self) -> None:
+        new = self.new.values()
+        columns = tuple(c for c in self.columns if c not in self.nullable
+                        or not _NULL.issuperset(map(operator.itemgetter(c), new)))
+        values = self._values if columns == self.columns else operator.itemgetter(*columns)
+        self.tx.insert_many(self.table, columns, list(map(values, new)))
 
 
 from projections import config, hooks, jobs, queues, runs, schedules, signals, tokens, workers  # noqa: E402,I001

@@ -148,6 +148,9 @@ _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries"
              "updated_at", "cwd", "env", "limits")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
           "exit_code": None, "last_error": None}
+# Columns without NOT NULL (NULL by default), which a replay may leave out of an insert.
+_NULLABLE = ("run_at", "worker_id", "exit_code", "last_error", "unique_key", "cwd", "env",
+             "limits")
 _COUNT_KEY = ("queue", "state")
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
@@ -481,7 +484,8 @@ class Replay:
         self.queues: set[str] = set()  # queues whose every job may have been pruned
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
-                                     locate=lambda job_id: find(job_id, "enqueued"))
+                                     locate=lambda job_id: find(job_id, "enqueued"),
+                                     nullable=_NULLABLE)
         self._held = self.rows.new.get  # the usual case, without a call to rows.get
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:

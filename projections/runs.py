@@ -65,6 +65,8 @@ RUNS_FINISHED = index("runs_finished")  # where a query reads runs by their end 
 
 COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
            "outcome", "exit_code", "duration", "dead", "queue")
+# Columns without NOT NULL (NULL by default), which a replay may leave out of an insert.
+_NULLABLE = ("finished_at", "outcome", "exit_code", "duration")
 fromisoformat = datetime.fromisoformat
 PRUNED = "pruned:"  # run_counts of runs pruned (queuectl prune) from the table: pruned:<outcome>
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
@@ -112,8 +114,8 @@ TRIGGERS = {
 def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
     wait = 0.0
     if e.eligible_at:  # ledger times are UTC ISO strings, which fromisoformat reads as such
-        wait = (fromisoformat(at) - fromisoformat(e.eligible_at)).total_seconds()
-        wait = max(0.0, round(wait, 6))
+        # Whole microseconds divided by 10**6: already the nearest float at 6 decimal places.
+        wait = max(0.0, (fromisoformat(at) - fromisoformat(e.eligible_at)).total_seconds())
     return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
             "claimed_at": at, "wait": wait, "finished_at": None, "outcome": None,
             "exit_code": None, "duration": None, "dead": 0, "queue": e.queue or ""}
@@ -176,7 +178,7 @@ class Replay:
 
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx, self.find = tx, find
-        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq")
+        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq", nullable=_NULLABLE)
         self._held = self.rows.new.get  # the usual case, without a call to rows.get
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
         self.counts: Counter[tuple[str, str | None]] = Counter()  # run_counts, over the rows written

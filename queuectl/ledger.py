@@ -8,8 +8,9 @@ PostgreSQL) is the ``Db``'s business (``queuectl.store``); nothing here depends 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -306,25 +307,40 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     bar = progress.current()
     bar.task("Replaying the ledger", lambda: _seq_span(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
-    while rows := cursor.fetchmany(FLUSH_CHECK):
-        events += len(rows)
-        for position, at, body in rows:  # read_events, with less work per row
-            try:
-                event = decode(body)  # its tag is its type: an unknown one fails here
-            except msgspec.DecodeError:
-                (type_,) = source.execute(
-                    "SELECT type FROM events WHERE seq = ?", (position,)).fetchone()
-                decode_row(position, type_, body)  # raises the error that names the seq
-                raise
-            for apply in routes[type(event)]:
-                apply(position, at, event)
-        for replay in replays:  # between events: no row held in memory is half-changed
-            if replay.rows.full():
-                replay.flush()
-        bar.update(events)
+    with _no_gc():
+        while rows := cursor.fetchmany(FLUSH_CHECK):
+            events += len(rows)
+            for position, at, body in rows:  # read_events, with less work per row
+                try:
+                    event = decode(body)  # its tag is its type: an unknown one fails here
+                except msgspec.DecodeError:
+                    (type_,) = source.execute(
+                        "SELECT type FROM events WHERE seq = ?", (position,)).fetchone()
+                    decode_row(position, type_, body)  # raises the error that names the seq
+                    raise
+                for apply in routes[type(event)]:
+                    apply(position, at, event)
+            for replay in replays:  # between events: no row held in memory is half-changed
+                if replay.rows.full():
+                    replay.flush()
+            bar.update(events)
     for replay in replays:
         replay.close()
     return Replayed(events, position)
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off: a replay makes millions of rows and events that
+    are freed by reference counting alone, and the collector would walk the rows held in
+    memory again and again for cycles there are none of."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> Replayed:

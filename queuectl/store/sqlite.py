@@ -21,8 +21,18 @@ from typing import Any
 
 from queuectl import clock, limits
 from queuectl.errors import StoreError
+from queuectl.states import State, WorkerState
 from queuectl.store import PROCESS_LOCK, Dialect, T, statements
 from queuectl.store.statements import Clash
+
+# The sqlite3 module binds exact ints, floats and strs as they are; any other value, None
+# and the states' str enums among them, goes through its adaptation protocol first, which
+# looks up __adapt__ and __conform__ and formats an AttributeError for each, only to throw
+# them away: several times the cost of the bind itself, and a replay's rows hold millions
+# of NULLs. A registered adapter is found before any of that.
+sqlite3.register_adapter(type(None), lambda none: none)
+sqlite3.register_adapter(State, str)
+sqlite3.register_adapter(WorkerState, str)
 
 # The ledger's columns; the archive keeps its rows in a table of the same shape.
 EVENT_TABLE = """(
