@@ -9,10 +9,10 @@ PostgreSQL) is the ``Db``'s business (``queuectl.store``); nothing here depends 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
-from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -31,7 +31,7 @@ __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read
 # -- opening ------------------------------------------------------------------------------
 
 
-def connect(target: str | Path | None = None, *, durable: bool = True, create: bool = True
+def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True, create: bool = True
             ) -> Db:
     """Open the store ``target`` names (``QUEUECTL_DB``, else ``data/queue.db``), creating a
     SQLite file on first use when ``create``, and bring its projections up to date.

@@ -20,12 +20,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from queuectl.store.statements import Clash
 
-DEFAULT = str(Path("data") / "queue.db")
+DEFAULT = os.path.join("data", "queue.db")
 T = TypeVar("T")
 
 # The worker threads of one process share one connection and take turns on this lock; the
@@ -195,11 +194,11 @@ def default_target() -> str:
     return os.environ.get("QUEUECTL_DB") or DEFAULT
 
 
-def is_postgres(target: str | Path) -> bool:
+def is_postgres(target: str | os.PathLike[str]) -> bool:
     return str(target).startswith(("postgresql://", "postgres://"))
 
 
-def connect(target: str | Path | None = None, *, durable: bool = True, create: bool = True
+def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True, create: bool = True
             ) -> Db:
     """Open the store ``target`` names (creating a SQLite file on first use when ``create``),
     with its schema and projections brought up to date."""
@@ -210,7 +209,7 @@ def connect(target: str | Path | None = None, *, durable: bool = True, create: b
         return postgres.connect(target, durable=durable, create=create)
     from queuectl.store import sqlite
 
-    return sqlite.connect(Path(target), durable=durable, create=create)
+    return sqlite.connect(target, durable=durable, create=create)
 
 
 def memory() -> Db:
@@ -220,7 +219,7 @@ def memory() -> Db:
     return sqlite.memory()
 
 
-def read_once(target: str | Path, sql: str, params: tuple[Any, ...]
+def read_once(target: str | os.PathLike[str], sql: str, params: tuple[Any, ...]
               ) -> list[tuple[Any, ...]]:
     """One read-only query (``?`` placeholders) on a connection of its own, for a caller
     that asks once and is gone (a shell completion): it never creates a database, never
@@ -232,10 +231,10 @@ def read_once(target: str | Path, sql: str, params: tuple[Any, ...]
         return postgres.read_once(target, sql, params)
     from queuectl.store import sqlite
 
-    return sqlite.read_once(Path(target), sql, params)
+    return sqlite.read_once(target, sql, params)
 
 
-def shown(target: str | Path) -> str:
+def shown(target: str | os.PathLike[str]) -> str:
     """A target as messages may print it: a URL without its password."""
     if not is_postgres(target):
         return str(target)

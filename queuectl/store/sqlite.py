@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from queuectl import clock, limits
@@ -158,8 +157,8 @@ class SqliteDb(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.path = Path(args[0]) if args else Path(kwargs["database"])
-        self.target = str(self.path)
+        self.path = os.fspath(args[0] if args else kwargs["database"])
+        self.target = self.path
         self._writing = False  # inside transaction()
         self._tx_now: str | None = None  # its time, once asked for
 
@@ -275,13 +274,14 @@ class SqliteDb(sqlite3.Connection):
         self.executemany(_INSERT, rows)
 
     @property
-    def archive_path(self) -> Path:
+    def archive_path(self) -> str:
         """``data/queue.db`` keeps its archive in ``data/queue.archive.db``."""
-        return self.path.with_name(f"{self.path.stem}.archive{self.path.suffix}")
+        root, suffix = os.path.splitext(self.path)
+        return f"{root}.archive{suffix}"
 
     @property
     def archive_target(self) -> str:
-        return str(self.archive_path)
+        return self.archive_path
 
     def archive(self, seqs: Sequence[int]) -> None:
         """The rows go to the archive file first, committed there; only then do they leave
@@ -308,7 +308,7 @@ class SqliteDb(sqlite3.Connection):
         self.execute("DELETE FROM ledger_permit")
 
     def archived(self, job_id: str) -> list[tuple[int, str, str, str]]:
-        if not self.archive_path.exists():
+        if not os.path.exists(self.archive_path):
             return []
         try:
             archive = sqlite3.connect(f"file:{self.archive_path}?mode=ro", uri=True)
@@ -346,9 +346,11 @@ class SqliteDb(sqlite3.Connection):
         self.execute("PRAGMA wal_autocheckpoint = 0")
 
 
-def read_once(path: Path, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def read_once(path: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """One query on a read-only connection of its own (see ``store.read_once``)."""
-    uri = f"{path.resolve().as_uri()}?mode=ro"  # ro: a missing file is an error
+    from pathlib import Path  # not on the path of a command that writes
+
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"  # ro: a missing file is an error
     lite = sqlite3.connect(uri, uri=True, timeout=0.2)
     try:
         return lite.execute(sql, params).fetchall()
@@ -364,41 +366,46 @@ def memory() -> SqliteDb:
 # -- opening ------------------------------------------------------------------------------
 
 
-def _prepare_file(path: Path, create: bool) -> None:
+def _prepare_file(path: str, create: bool) -> None:
     """Create the data directories (0700) and the database file (0600) on first use; a
     command that only reads refuses a database that does not exist."""
-    if str(path) == ":memory:":
+    if path == ":memory:":
         raise StoreError("an in-memory database (:memory:) would lose every job when the "
                          "command ends; give a file path")
-    if not path.exists() and not create:
+    if not os.path.exists(path) and not create:
         raise StoreError(f"no queuectl database at {path} (commands that write, such as "
                          "enqueue, create it)")
-    directory = path.parent
-    if not directory.exists():
-        missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory = os.path.dirname(path) or "."
+    if not os.path.exists(directory):
+        missing, part = [], directory
+        while part and not os.path.exists(part):
+            missing.append(part)
+            part = os.path.dirname(part)
         for part in reversed(missing):  # each new directory 0700, not only the last
             try:
-                part.mkdir(mode=0o700)
+                os.mkdir(part, 0o700)
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise StoreError(f"cannot create data directory {part}: {exc.strerror}") from exc
-    if not path.exists():
+    if not os.path.exists(path):
         try:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {exc.strerror}") from exc
-    elif path.is_dir():
+    elif os.path.isdir(path):
         raise StoreError(f"{path} is a directory, not a database file")
     if not os.access(path, os.W_OK) or not os.access(directory, os.W_OK):
         raise StoreError(f"database {path} is not writable (check its directory's permissions)")
 
 
-def connect(path: Path, *, durable: bool = True, create: bool = True) -> SqliteDb:
+def connect(path: str | os.PathLike[str], *, durable: bool = True, create: bool = True
+            ) -> SqliteDb:
     """Open (creating when ``create``) a queuectl database file with the ledger's schema.
 
     ``durable`` picks ``synchronous=FULL``: an acknowledged write survives power loss.
     """
+    path = os.fspath(path)
     _prepare_file(path, create)
     # SQLite's busy handler does the waiting; _retry_locked covers the SQLITE_BUSY cases
     # where SQLite returns at once instead of waiting (e.g. during WAL recovery).
@@ -423,10 +430,10 @@ def connect(path: Path, *, durable: bool = True, create: bool = True) -> SqliteD
     return db
 
 
-def _open_archive(path: Path) -> sqlite3.Connection:
+def _open_archive(path: str) -> sqlite3.Connection:
     """The archive file beside a database, created (0600) with its table on first use."""
     try:
-        if not path.exists():
+        if not os.path.exists(path):
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         archive = sqlite3.connect(str(path), timeout=lock_timeout())
     except (OSError, sqlite3.Error) as exc:
@@ -488,7 +495,7 @@ class WalWatch:
 
     IN_MODIFY = 0x2
 
-    def __init__(self, wal: Path) -> None:
+    def __init__(self, wal: str) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -520,7 +527,7 @@ class Waker:
     pay for setting inotify up (ctypes) or for taking it down (close() waits for it).
     """
 
-    def __init__(self, path: Path, on_crash: Callable[[BaseException], None] | None = None
+    def __init__(self, path: str, on_crash: Callable[[BaseException], None] | None = None
                  ) -> None:
         self._on_crash = on_crash
         self.error: BaseException | None = None
@@ -532,7 +539,7 @@ class Waker:
         self._waiting = 0
         self._generation = 0
         self._closed = False
-        self._wal = Path(f"{path}-wal")
+        self._wal = f"{path}-wal"
         self._next_locked = 0.0  # monotonic time of the next locked checkpoint pass
         self._watch_fd: WalWatch | None = None
         self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
