@@ -31,8 +31,8 @@ __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read
 # -- opening ------------------------------------------------------------------------------
 
 
-def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True, create: bool = True
-            ) -> Db:
+def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True,
+            create: bool = True) -> Db:
     """Open the store ``target`` names (``QUEUECTL_DB``, else ``data/queue.db``), creating a
     SQLite file on first use when ``create``, and bring its projections up to date.
 
@@ -89,13 +89,18 @@ _Plan = tuple[tuple[Any, Any, tuple[int, ...]], ...]
 _PLANS: dict[tuple[type, ...], _Plan] = {}
 
 
+_PLANNED = 64  # batches longer than this (a bulk enqueue) are planned each time, not kept
+
+
 def _plan(kinds: tuple[type, ...]) -> _Plan:
     plan = []
     for projection in REGISTRY:
         wanted = tuple(n for n, kind in enumerate(kinds) if kind in projection.HANDLES)
         if wanted:
             plan.append((getattr(projection, "apply_many", None), projection.apply, wanted))
-    _PLANS[kinds] = found = tuple(plan)
+    found = tuple(plan)
+    if len(kinds) <= _PLANNED:  # a long-lived process (serve) keeps no plan of a bulk's
+        _PLANS[kinds] = found
     return found
 
 

@@ -198,8 +198,8 @@ def is_postgres(target: str | os.PathLike[str]) -> bool:
     return str(target).startswith(("postgresql://", "postgres://"))
 
 
-def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True, create: bool = True
-            ) -> Db:
+def connect(target: str | os.PathLike[str] | None = None, *, durable: bool = True,
+            create: bool = True) -> Db:
     """Open the store ``target`` names (creating a SQLite file on first use when ``create``),
     with its schema and projections brought up to date."""
     target = default_target() if target is None else str(target)
