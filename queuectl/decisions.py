@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from projections.jobs import INDEXED_STATES, JOBS_STATE, JOBS_UNIQUE_KEY, UNIQUE_HELD
-from queuectl import clock, limits, settings
+from queuectl import actor, clock, limits, settings
 from queuectl import events as ev
 from queuectl.cascade import (
     BATCH,
@@ -344,7 +344,8 @@ def add_jobs(conn: Db, specs: Sequence[JobSpec],
             ids[i] = spell(seq_of[i])
             if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
                 ids[i] = made_id(seq_of[i], lambda job_id: bool(existing(conn, [job_id])))
-    append(conn, *(_enqueued(ids[i], specs[i], defaults, now) for i in order), at=now)
+    by = actor.current()  # stamped here: append would copy each event to stamp it
+    append(conn, *(_enqueued(ids[i], specs[i], defaults, now, by) for i in order), at=now)
     return ids
 
 
@@ -406,8 +407,10 @@ def _defaults(config: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str) -> ev.Enqueued:
+def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str,
+              by: str = "") -> ev.Enqueued:
     return ev.Enqueued(
+        by=by,
         job_id=job_id,
         command=spec.command,
         max_retries=defaults["max_retries"] if spec.max_retries is None else spec.max_retries,

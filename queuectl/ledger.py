@@ -93,9 +93,13 @@ _PLANNED = 64  # batches longer than this (a bulk enqueue) are planned each time
 
 
 def _plan(kinds: tuple[type, ...]) -> _Plan:
+    at: dict[type, list[int]] = {}  # where each type stands in the batch: one pass over it
+    for n, kind in enumerate(kinds):
+        at.setdefault(kind, []).append(n)
     plan = []
     for projection in REGISTRY:
-        wanted = tuple(n for n, kind in enumerate(kinds) if kind in projection.HANDLES)
+        read = [at[kind] for kind in at if kind in projection.HANDLES]
+        wanted = tuple(read[0] if len(read) == 1 else sorted(n for ns in read for n in ns))
         if wanted:
             plan.append((getattr(projection, "apply_many", None), projection.apply, wanted))
     found = tuple(plan)
