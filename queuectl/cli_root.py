@@ -100,12 +100,11 @@ class QueuectlGroup(QuickStart, click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
-            import queuectl.cli  # noqa: F401  (registers every other command on this group)
+            _load_commands()
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        import queuectl.cli  # noqa: F401
-
+        _load_commands()
         return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -141,6 +140,21 @@ class QueuectlGroup(QuickStart, click.Group):
         except click.Abort:
             _fail("Aborted!", 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _load_commands() -> None:
+    """Import ``queuectl.cli``, which registers every other command on the group, with the
+    collector off and what it made frozen, as for this module's own imports (see the top)."""
+    if "queuectl.cli" in sys.modules:
+        return
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        import queuectl.cli  # noqa: F401
+    finally:
+        if collecting:
+            gc.freeze()
+            gc.enable()
 
 
 def _refuse_undecodable(args: list[str]) -> None:
