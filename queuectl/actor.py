@@ -10,7 +10,6 @@ process-wide default covers threads that set none (a worker's writer thread sets
 from __future__ import annotations
 
 import functools
-import getpass
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,10 +57,22 @@ def stamped(events: list[E], by: str) -> list[E]:
 @functools.cache
 def person() -> str:
     """``user@host`` for whoever runs this command."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid, and no LOGNAME/USER
-        user = str(os.getuid())
+    user = _user_name()
     # The host's name as socket.gethostname() gives it, without importing socket: that
     # import alone would be a large share of an ``enqueue``'s start-up.
     return f"{user}@{os.uname().nodename}"
+
+
+def _user_name() -> str:
+    """The login name, as ``getpass.getuser()`` finds it, or the uid when there is none.
+    Not getpass itself: importing it imports termios too, a share of an ``enqueue``'s
+    start-up, for a lookup this short."""
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(variable):
+            return user
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no name for this uid
+        return str(os.getuid())

@@ -9,19 +9,86 @@ worker load only in the commands that need them.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-import click
+# Importing click and queuectl makes a hundred thousand objects that live as long as the
+# process, and the cyclic collector would walk them again and again, during the imports and
+# after, for cycles there are none of. It is off while they are made; at the end of this
+# module they are frozen (never walked again) and it is turned back on.
+_COLLECTING = gc.isenabled()
+gc.disable()
 
-from queuectl import complete, decisions, ledger, limits, progress, store
-from queuectl.errors import InvalidInput, QueueError
+import click  # noqa: E402
+
+from queuectl import complete, decisions, ledger, limits, progress, store  # noqa: E402
+from queuectl.errors import InvalidInput, QueueError  # noqa: E402
 
 
-class QueuectlGroup(click.Group):
+class QuickStart:
+    """What the root group and its commands do differently from click's own, so that a
+    command that ends well (``enqueue``) loads and does no more than it needs.
+
+    Its parser reads ``-c`` as the short option it is, straight away. Click tries every
+    option as a long one first, and a miss builds the error it would raise, which imports
+    ``difflib`` to suggest the nearest long option, only for the short option to match
+    next. An argument of two characters (``-c``, ``-q``) can never name a long option, so it
+    goes to the short options at once; everything else, and every error, is click's own.
+
+    Its ``-h/--help`` option is made without asking gettext for the option's help text
+    (click's own is, on every run): the first translation looked up imports ``locale``.
+    """
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        names = self.get_help_option_names(ctx)  # type: ignore[attr-defined]
+        if not names or not self.add_help_option:  # type: ignore[attr-defined]
+            return None
+        # One option a command, always the same object: click orders the eager callbacks
+        # by comparing parameters.
+        if "_quick_help" not in self.__dict__:
+            self._quick_help = click.Option(
+                [*names, "_click_default_help"], is_flag=True, expose_value=False,
+                is_eager=True, callback=_show_help, help="Show this message and exit.")
+        return self._quick_help
+
+    def make_parser(self, ctx: click.Context) -> Any:
+        parser = super().make_parser(ctx)  # type: ignore[misc]
+        process = parser._process_opts
+
+        def process_opts(arg: str, state: Any) -> None:
+            if len(arg) == 2 and arg not in parser._opt_prefixes:
+                parser._match_short_opt(arg, state)
+            else:
+                process(arg, state)
+
+        parser._process_opts = process_opts
+        return parser
+
+
+def _show_help(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(ctx.get_help(), color=ctx.color)
+        ctx.exit()
+
+
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from importlib.metadata import version
+
+        click.echo(f"{ctx.find_root().info_name}, version {version('queuectl-ledger')}",
+                   color=ctx.color)
+        ctx.exit()
+
+
+class QueuectlCommand(QuickStart, click.Command):
+    """A command of ``queuectl`` (see ``QuickStart``)."""
+
+
+class QueuectlGroup(QuickStart, click.Group):
     """Reports every error as one line on stderr: ``Error: ...``, exit 1 (usage errors 2).
 
     Holds ``enqueue`` from the start; the other commands join it when ``queuectl.cli`` is
@@ -29,14 +96,15 @@ class QueuectlGroup(click.Group):
     the whole list is (help, shell completion).
     """
 
+    command_class = QueuectlCommand
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
-            import queuectl.cli  # noqa: F401  (registers every other command on this group)
+            _load_commands()
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        import queuectl.cli  # noqa: F401
-
+        _load_commands()
         return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -72,6 +140,21 @@ class QueuectlGroup(click.Group):
         except click.Abort:
             _fail("Aborted!", 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _load_commands() -> None:
+    """Import ``queuectl.cli``, which registers every other command on the group, with the
+    collector off and what it made frozen, as for this module's own imports (see the top)."""
+    if "queuectl.cli" in sys.modules:
+        return
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        import queuectl.cli  # noqa: F401
+    finally:
+        if collecting:
+            gc.freeze()
+            gc.enable()
 
 
 def _refuse_undecodable(args: list[str]) -> None:
@@ -205,7 +288,8 @@ def _json(data: Any) -> None:
     show_default=True,
     help="A SQLite file (created on first use), or a postgresql:// URL; also QUEUECTL_DB.",
 )
-@click.version_option(package_name="queuectl")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version, help="Show the version and exit.")
 @click.pass_context
 def cli(ctx: click.Context, db: str) -> None:
     """queuectl: a background job queue for shell commands, stored as an event ledger.
@@ -443,3 +527,8 @@ def main() -> None:
         except OSError:  # a full disk, say: the output is incomplete
             code = code or 1
     os._exit(code)
+
+
+if _COLLECTING:
+    gc.freeze()
+    gc.enable()

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 DEFAULT_QUEUE = "default"
 
-_UNIQUE_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+# Patterns only some jobs need (a unique key, --env) are compiled when first used: re keeps
+# each once compiled, and a plain enqueue does not pay for them at start-up.
+_UNIQUE_KEY = r"[^\x00-\x1f\x7f]{1,255}"
 
 
 # The read side (``queuectl.reads``) and hooks load on first use: ``enqueue``, which must
@@ -151,7 +153,7 @@ def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSp
     for dep in spec.after:
         if not ID.fullmatch(dep):
             raise InvalidInput(f"invalid job{where}: dependency id {dep!r} is not a job id")
-    if spec.unique_key is not None and not _UNIQUE_KEY.fullmatch(spec.unique_key):
+    if spec.unique_key is not None and not re.fullmatch(_UNIQUE_KEY, spec.unique_key):
         raise InvalidInput(f"invalid job{where}: unique_key must be 1-255 characters, "
                            "none of them a control character")
     if not ID.fullmatch(spec.queue):
@@ -196,7 +198,7 @@ def _given(value: int | str) -> int:
 
 # -- where and with what a job runs -------------------------------------------------------
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 def caller_dir() -> str:
@@ -228,7 +230,7 @@ def check_env(env: dict[str, str], where: str = "") -> dict[str, str]:
     """Variables for a job's environment, sorted by name (so that the same variables are
     always the same event): names as a shell's, values UTF-8 text without NUL."""
     for name, value in env.items():
-        if not ENV_NAME.fullmatch(name):
+        if not re.fullmatch(ENV_NAME, name):
             raise InvalidInput(f"invalid job{where}: environment variable name "
                                f"{printable(name)!r} must be letters, digits or _ and not "
                                "start with a digit")
@@ -245,7 +247,7 @@ def parse_env(assignments: Sequence[str], passed: Sequence[str] = (),
     source = os.environ if environ is None else environ
     env: dict[str, str] = {}
     for name in passed:
-        if not ENV_NAME.fullmatch(name):
+        if not re.fullmatch(ENV_NAME, name):
             raise InvalidInput(f"--pass-env {printable(name)!r}: not a variable name")
         if name not in source:
             raise InvalidInput(f"--pass-env {name}: the variable is not set")
@@ -254,7 +256,7 @@ def parse_env(assignments: Sequence[str], passed: Sequence[str] = (),
         name, equals, value = text.partition("=")
         if not equals:
             raise InvalidInput(f"--env {printable(text)!r}: expected KEY=VALUE")
-        if not ENV_NAME.fullmatch(name):
+        if not re.fullmatch(ENV_NAME, name):
             raise InvalidInput(f"--env {printable(text)!r}: {printable(name)!r} is not a "
                                "variable name (letters, digits or _, not starting with a digit)")
         env[name] = value

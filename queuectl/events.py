@@ -6,9 +6,9 @@ but a tag never changes. Events change by addition only: a new field always has 
 so every row ever written still decodes.
 
 Unlike the rest of the package, this module does not defer its annotations (``from
-__future__ import annotations``): the decoder made at import reads the annotation of every
-field of every event, and deferred ones are strings that msgspec must evaluate one by one,
-a large share of a command's start-up.
+__future__ import annotations``): a decoder reads the annotation of every field of the
+events it decodes, and deferred ones are strings that msgspec must evaluate one by one, a
+large share of a command's start-up.
 """
 
 from collections.abc import Callable
@@ -494,7 +494,7 @@ TAGS: dict[str, type] = {
 TAG_OF: dict[type, str] = {cls: tag for tag, cls in TAGS.items()}  # ``event.type``, by lookup
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Event)
+_checkers: dict[type, Callable[[bytes], _Event]] = {}  # each event type's own decoder
 
 
 def encode(event: _Event) -> str:
@@ -503,7 +503,7 @@ def encode(event: _Event) -> str:
     decode again, and the ledger is append-only."""
     try:
         body = _encoder.encode(event)
-        same = _decoder.decode(body) == event
+        same = _checker(type(event))(body) == event
     except (msgspec.MsgspecError, UnicodeEncodeError, OverflowError) as exc:
         raise InvalidInput(f"refused an event ({event.type}) that cannot be stored: {exc}") from exc
     if not same:
@@ -513,5 +513,26 @@ def encode(event: _Event) -> str:
     return body.decode()
 
 
-# The decoder's own method, not a wrapper: a replay calls it once per event.
-decode: Callable[[str | bytes], Event] = _decoder.decode
+def _checker(cls: type) -> Callable[[bytes], _Event]:
+    """A decoder of one event type: what ``encode`` reads its body back with. A writer
+    (``queuectl enqueue``) needs the one of the types it writes, and never pays for
+    ``decode``'s, which makes one for every type at once."""
+    try:
+        return _checkers[cls]
+    except KeyError:
+        check: Callable[[bytes], _Event] = msgspec.json.Decoder(cls).decode
+        _checkers[cls] = check
+        return check
+
+
+# ``decode``: the body of any event back into its event. It is the decoder's own method, not
+# a wrapper (a replay calls it once per event), made on first use (``__getattr__``).
+decode: Callable[[str | bytes], Event]
+
+
+def __getattr__(name: str) -> object:
+    if name == "decode":
+        global decode
+        decode = msgspec.json.Decoder(Event).decode
+        return decode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,9 @@ import msgspec
 
 from projections import REGISTRY, appliers
 from queuectl import actor, progress, store
+from queuectl import events as ev
 from queuectl.errors import CorruptLedger, InvalidInput
-from queuectl.events import TAG_OF, TAGS, Event, Pruned, decode, encode
+from queuectl.events import TAG_OF, TAGS, Event, Pruned, encode
 from queuectl.store import PROCESS_LOCK, Db
 
 __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read_events",
@@ -167,7 +168,7 @@ def decode_row(seq: int, type_: str, body: str) -> Event:
             f"event seq {seq} has type {type_!r}, which this version of queuectl does not know"
         )
     try:
-        return decode(body)
+        return ev.decode(body)
     except msgspec.DecodeError as exc:
         raise CorruptLedger(f"event seq {seq} ({type_}) cannot be decoded: {exc}") from exc
 
@@ -236,7 +237,7 @@ def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
         for n, text in lines:
             try:
                 row = _exported.decode(text)
-                event = decode(row.event)
+                event = ev.decode(row.event)
             except msgspec.DecodeError as exc:
                 raise InvalidInput(f"line {n}: {exc}") from None
             if row.seq <= last:
@@ -316,6 +317,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     bar = progress.current()
     bar.task("Replaying the ledger", lambda: _seq_span(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
+    decode = ev.decode
     with _no_gc():
         while rows := cursor.fetchmany(FLUSH_CHECK):
             events += len(rows)

@@ -162,7 +162,7 @@ PERIODS = {"s": 1, "m": 60, "h": 3600}
 _UNIT_OF = {seconds: unit for unit, seconds in PERIODS.items()}
 _NAME_OF = {1: "second", 60: "minute", 3600: "hour"}
 # ASCII digits only, and few of them: int() is never handed a number it would choke on.
-_RATE = re.compile(r"([0-9]{1,12})/([smh])", re.ASCII)
+_RATE = r"([0-9]{1,12})/([smh])"  # compiled on first use: re keeps it
 
 
 def parse_rate(text: str) -> Rate:
@@ -171,7 +171,7 @@ def parse_rate(text: str) -> Rate:
     stripped = text.strip()
     if stripped.lower() == "none":
         return NO_RATE
-    found = _RATE.fullmatch(stripped)
+    found = re.fullmatch(_RATE, stripped, re.ASCII)
     b = BOUNDS["queue_rate"]
     if found is None or not b.low <= int(found[1]) <= b.high:
         raise InvalidInput(

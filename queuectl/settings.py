@@ -57,14 +57,14 @@ class Setting(msgspec.Struct, frozen=True):
             return canonical(int(clamped) if limits.BOUNDS[self.bound].integer else clamped)
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+_SIZE = r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?"  # compiled on first use: re keeps it
 _UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def bytes_of(text: str) -> int | None:
     """A count of bytes given as bytes or with a unit (``10MiB``, ``512K``, ``1.5G``:
     powers of 1024), or None when ``text`` is not one."""
-    found = _SIZE.fullmatch(text.strip())
+    found = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if found is None:
         return None
     number, unit = found.groups()

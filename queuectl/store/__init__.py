@@ -162,7 +162,7 @@ def index(name: str) -> str:
     return f"/*index:{name}*/"
 
 
-_INDEX = re.compile(r"/\*index:(\w+)\*/")
+_INDEX = r"/\*index:(\w+)\*/"  # compiled on first use: re keeps it
 
 
 class Dialect:
@@ -182,7 +182,7 @@ class Dialect:
         """``text`` with its index marks as this store reads them, once per query text."""
         found = self._cache.get(text)
         if found is None:
-            found = self._cache[text] = _INDEX.sub(lambda m: self.hint(m[1]), text)
+            found = self._cache[text] = re.sub(_INDEX, lambda m: self.hint(m[1]), text)
         return found
 
     def ddl(self, statement: str) -> str:

@@ -9,20 +9,22 @@ IMMEDIATE``), the ledger's own schema, the append's inserts, and the waker that 
 from __future__ import annotations
 
 import os
-import select
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from queuectl import clock, limits
 from queuectl.errors import StoreError
 from queuectl.states import State, WorkerState
 from queuectl.store import PROCESS_LOCK, Dialect, T, statements
 from queuectl.store.statements import Clash
+
+if TYPE_CHECKING:
+    import select  # imported by the waker, which a command that only writes never starts
 
 # The sqlite3 module binds exact ints, floats and strs as they are; any other value, None
 # and the states' str enums among them, goes through its adaptation protocol first, which
@@ -560,6 +562,8 @@ class Waker:
         next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
         look_until = 0.0
         polled = 0.0  # seconds of looking every WAKE_POLL, up to WATCH_AFTER
+        import select
+
         poller = select.poll()
         while not self._closed:
             self._until_wanted(next_checkpoint)
@@ -588,6 +592,8 @@ class Waker:
                 self._watch_fd.drain()
 
     def _start_watching(self, poller: select.poll) -> None:
+        import select
+
         try:
             self._watch_fd = WalWatch(self._wal)
         except (OSError, AttributeError):  # not Linux, or no inotify watches left
