@@ -522,7 +522,6 @@ class WriterQueue:
         self._start_waiting()
 
     def _start_waiting(self) -> None:
-        self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self._asked = 0  # the waiter the thread is to get the lock for (0: none)
         self._served = 0  # the last waiter the thread got the lock for
@@ -545,9 +544,13 @@ class WriterQueue:
         if self._held == 0:
             os.lockf(self.fd, os.F_ULOCK, 0)
 
+    def forked(self) -> None:
+        """In a forked child, which holds none of its parent's locks and none of its
+        threads."""
+        self._held = 0
+        self._start_waiting()
+
     def _wait(self) -> None:
-        if self._pid != os.getpid():  # a forked child: the thread stayed in the parent
-            self._start_waiting()
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._lock_for_waiters,
@@ -583,6 +586,16 @@ class WriterQueue:
 
 _QUEUES: dict[str, WriterQueue | contextlib.nullcontext[None]] = {}
 _UNQUEUED = contextlib.nullcontext()
+
+
+def _forked() -> None:
+    for queue in _QUEUES.values():
+        if isinstance(queue, WriterQueue):
+            queue.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def writer_queue(path: str) -> WriterQueue | contextlib.nullcontext[None]:
