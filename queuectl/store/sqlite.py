@@ -672,6 +672,8 @@ class Waker:
         self._closed = False
         self._wal = f"{path}-wal"
         self._next_locked = 0.0  # monotonic time of the next locked checkpoint pass
+        self._path = path
+        self._copied_at: int | None = None  # the database's mtime after its last checkpoint
         self._watch_fd: WalWatch | None = None
         self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
         self._thread.start()
@@ -737,15 +739,39 @@ class Waker:
         all. Where syncing is slow (a disk, not a VM's cache),
         the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
         the time: the WAL then grows for longer instead of the workers stalling.
+
+        The wakers of other worker processes checkpoint the same file: when one of them
+        did within CHECKPOINT_EVERY, this one leaves it. Each on its own schedule, they
+        copied the same hot pages (the counts, the ends of the indexes) several times over,
+        and synced twice for each.
         """
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        if time.monotonic() < self._next_locked:
+        if self._checkpointed_elsewhere():
             return
-        with PROCESS_LOCK:
-            start = time.monotonic()
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            held = time.monotonic() - start
-        self._next_locked = time.monotonic() + held / LOCKED_SHARE
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if time.monotonic() >= self._next_locked:
+            with PROCESS_LOCK:
+                start = time.monotonic()
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                held = time.monotonic() - start
+            self._next_locked = time.monotonic() + held / LOCKED_SHARE
+        self._copied_at = self._written_at()
+
+    def _written_at(self) -> int | None:
+        """When the database file was last written (ns): only checkpoints write it, the
+        commits go to the WAL."""
+        try:
+            return os.stat(self._path).st_mtime_ns
+        except OSError:
+            return None
+
+    def _checkpointed_elsewhere(self) -> bool:
+        """Whether another connection copied the WAL into the database after this waker
+        last did, and within CHECKPOINT_EVERY."""
+        if self._copied_at is None:  # not yet: nothing says whose the last copy was
+            return False
+        written = self._written_at()
+        return (written is not None and written != self._copied_at
+                and 0 <= time.time_ns() - written < CHECKPOINT_EVERY * 1e9)
 
     def _until_wanted(self, deadline: float) -> None:
         """Sleep while no worker waits, until ``deadline`` at the latest (the checkpoint).
