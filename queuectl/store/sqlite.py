@@ -604,7 +604,7 @@ def writer_queue(path: str) -> WriterQueue | contextlib.nullcontext[None]:
     locks on it); where the lock file cannot be opened, none (``with`` does nothing)."""
     if path == ":memory:" or not hasattr(os, "lockf"):
         return _UNQUEUED
-    lock_path = f"{os.path.abspath(path)}-lock"
+    lock_path = f"{os.path.realpath(path)}-lock"  # one file, whatever symlink names it
     queue = _QUEUES.get(lock_path)
     if queue is None:
         try:
