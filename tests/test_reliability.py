@@ -208,6 +208,79 @@ def test_a_held_write_lock_gives_one_clear_line(run, db, monkeypatch):
     assert run("list", "--json").stdout.strip() == "[]"
 
 
+# A writer that meets SQLite's lock held fails at once: no busy handler (timeout 0) and no
+# retry. Writers that queue beside the database never meet it.
+IMPATIENT_WRITER = """
+import sys
+from queuectl import decisions, ledger
+from queuectl.store import sqlite as sqlite_store
+sqlite_store._retry_locked = lambda action: action()
+conn = ledger.connect(sys.argv[1], durable=False)
+conn.execute("PRAGMA busy_timeout = 0")
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(int(sys.argv[3])):
+    decisions.enqueue(conn, [decisions.JobSpec(id=f"{sys.argv[2]}-{i}", command="true")])
+conn.close()
+"""
+
+
+@pytest.mark.stores("sqlite")  # SQLite's write lock
+def test_writers_of_two_processes_queue_for_the_lock(conn, db):
+    writers = [subprocess.Popen([sys.executable, "-c", IMPATIENT_WRITER, str(db), name, "300"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+               for name in ("a", "b")]
+    for writer in writers:  # both connected, then both go at once
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    for writer in writers:
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+    outcomes = [writer.communicate(timeout=120) for writer in writers]
+    assert [(w.returncode, err) for w, (_, err) in zip(writers, outcomes)] == [(0, "")] * 2
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 600
+
+
+HOLDER = """
+import sys, time
+from queuectl import ledger
+conn = ledger.connect(sys.argv[1])
+with conn.transaction():
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.stores("sqlite")
+def test_a_writer_held_in_its_transaction_gives_one_clear_line(run, db):
+    """The writers' queue has a timeout of its own, though the kernel's lock has none."""
+    run("config", "get")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        start = time.monotonic()
+        waiting = spawn("enqueue", "-c", "true", env={"QUEUECTL_LOCK_TIMEOUT": "0.5"})
+        out, err = waiting.communicate(timeout=30)
+        waited = time.monotonic() - start
+    finally:
+        holder.communicate("done\n", timeout=30)
+    assert (waiting.returncode, out, err) == (
+        1, "", "Error: database is locked: another process held it for over 0.5s; try again\n")
+    assert waited >= 0.5
+    assert run("enqueue", "-c", "true").exit_code == 0  # the lock is free again
+    assert len(json.loads(run("list", "--json").stdout)) == 1
+
+
+@pytest.mark.stores("sqlite")
+def test_without_a_lock_file_writers_meet_at_sqlites_lock(run, db):
+    os.mkdir(f"{db}-lock")  # where the writers' lock file would be: it cannot be opened
+    result = run("enqueue", "-c", "true")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(run("list", "--json").stdout)) == 1
+
+
 @pytest.mark.slow
 def test_chaos_sigkill_workers_loses_nothing(run, conn, tmp_path):
     fast_leases(run)

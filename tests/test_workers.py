@@ -567,6 +567,47 @@ def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn,
         waker.close()
 
 
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
+def test_a_waker_leaves_the_checkpoint_to_another_process_that_just_made_one(conn, db,
+                                                                            monkeypatch):
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
+    ours, theirs = sqlite_store.Waker(db), sqlite_store.Waker(db)
+    copies = []
+
+    class Counted:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            if "checkpoint" in sql:
+                copies.append(sql)
+            return self.conn.execute(sql)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    try:
+        ours._conn = Counted(ours._conn)  # type: ignore[assignment]
+        decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+        ours._checkpoint()
+        assert copies
+        copies.clear()
+        ours._checkpoint()  # the last copy was its own: it goes on with its schedule
+        assert copies
+        copies.clear()
+        decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+        time.sleep(0.05)  # a file's mtime moves by the kernel's tick
+        theirs._checkpoint()
+        ours._checkpoint()
+        assert copies == []
+        monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.0)  # theirs is long ago
+        ours._checkpoint()
+        assert copies
+    finally:
+        ours.close()
+        theirs.close()
+
+
 # -- signals --------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ IMMEDIATE``), the ledger's own schema, the append's inserts, and the waker that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -169,11 +170,11 @@ class SqliteDb(sqlite3.Connection):
         """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on any exception.
 
         Writers of one process (the worker threads of ``worker -c N``) queue on the process
-        lock instead of on SQLite's busy handler, which sleeps 1 ms, then 2, 5, 10... while
-        it waits: with two busy workers that sleeping, not the work, set the pace. Other
-        processes still meet at the database lock.
+        lock, and processes on the lock file beside the database (``WriterQueue``), instead
+        of on SQLite's busy handler, which sleeps 1 ms, then 2, 5, 10... while it waits:
+        with two busy workers that sleeping, not the work, set the pace.
         """
-        with PROCESS_LOCK:
+        with PROCESS_LOCK, self._queue or self._find_queue():
             _retry_locked(lambda: self.execute("BEGIN IMMEDIATE"))
             self._writing = True
             try:
@@ -184,6 +185,12 @@ class SqliteDb(sqlite3.Connection):
             finally:
                 self._writing, self._tx_now = False, None
             _retry_locked(lambda: self.execute("COMMIT"))
+
+    _queue: WriterQueue | contextlib.nullcontext[None] | None = None
+
+    def _find_queue(self) -> WriterQueue | contextlib.nullcontext[None]:
+        self._queue = writer_queue(self.path)
+        return self._queue
 
     def attempt(self, body: Callable[[], T]) -> T:
         with self.transaction():
@@ -480,11 +487,135 @@ def _retry_locked(action):  # type: ignore[no-untyped-def]
             if "locked" not in message and "busy" not in message:
                 raise
             if time.monotonic() >= start + lock_timeout():
-                raise StoreError(
-                    f"database is locked: another process held it for over "
-                    f"{lock_timeout():g}s; try again"
-                ) from exc
+                raise _held_too_long() from exc
             time.sleep(0.05)
+
+
+def _held_too_long() -> StoreError:
+    return StoreError(f"database is locked: another process held it for over "
+                      f"{lock_timeout():g}s; try again")
+
+
+# -- the writers' queue -------------------------------------------------------------------
+
+
+class WriterQueue:
+    """Writers of every process queue here before they ask SQLite for its write lock: on a
+    POSIX lock of the file ``<database>-lock``, which the kernel hands to the next waiter
+    the moment its holder lets go. SQLite's busy handler sleeps 1 ms, then 2, 5, 10... and
+    tries again, and between two busy worker processes that sleeping set the pace (shorter
+    sleeps only collide more often, the more processes wait).
+
+    SQLite's lock stays the rule: a writer that does not queue here (another tool, an
+    older queuectl, a directory where the file cannot be made) still meets the others at
+    the database's lock, with the busy handler as before. A POSIX lock is the process's:
+    the threads of one process (which take turns on ``PROCESS_LOCK`` first) share it, a
+    forked child does not inherit it, and the kernel drops it when the process dies,
+    however it dies.
+
+    A blocking lock has no timeout, so a writer that must wait hands the wait to a thread
+    of the queue's own and waits for that thread up to the lock timeout; if the lock comes
+    later, the thread lets it go again at once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._held = 0  # nested transactions of this process (other connections)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._asked = 0  # the waiter the thread is to get the lock for (0: none)
+        self._served = 0  # the last waiter the thread got the lock for
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> None:
+        if self._held == 0:
+            try:
+                os.lockf(self.fd, os.F_TLOCK, 0)
+            except (BlockingIOError, PermissionError):  # held by another process
+                self._wait()
+            except OSError:  # no locks here (NFS without a lock daemon): SQLite's only
+                return
+        self._held += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held == 0:  # never taken: the file system refused it
+            return
+        self._held -= 1
+        if self._held == 0:
+            os.lockf(self.fd, os.F_ULOCK, 0)
+
+    def forked(self) -> None:
+        """In a forked child, which holds none of its parent's locks and none of its
+        threads."""
+        self._held = 0
+        self._start_waiting()
+
+    def _wait(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._lock_for_waiters,
+                                                name="writer-queue", daemon=True)
+                self._thread.start()
+            waiter = self._asked = self._served + 1
+            self._cond.notify_all()
+            try:
+                if not self._cond.wait_for(lambda: self._served == waiter, lock_timeout()):
+                    raise _held_too_long()
+            finally:
+                self._asked = 0
+
+    def _lock_for_waiters(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._asked > self._served)
+            while True:
+                try:
+                    os.lockf(self.fd, os.F_LOCK, 0)
+                    break
+                except InterruptedError:  # a signal meant for the process came here
+                    continue
+                except OSError:  # a deadlock the kernel saw: the waiter goes to SQLite's
+                    break
+            with self._cond:
+                if self._asked:  # the waiter, or a new one after it gave up
+                    self._served = self._asked
+                    self._cond.notify_all()
+                else:
+                    os.lockf(self.fd, os.F_ULOCK, 0)
+
+
+_QUEUES: dict[str, WriterQueue | contextlib.nullcontext[None]] = {}
+_UNQUEUED = contextlib.nullcontext()
+
+
+def _forked() -> None:
+    for queue in _QUEUES.values():
+        if isinstance(queue, WriterQueue):
+            queue.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def writer_queue(path: str) -> WriterQueue | contextlib.nullcontext[None]:
+    """The queue of the writers of the database at ``path``, one for the process (its
+    lock file stays open: closing any descriptor of a file drops the process's POSIX
+    locks on it); where the lock file cannot be opened, none (``with`` does nothing)."""
+    if path == ":memory:" or not hasattr(os, "lockf"):
+        return _UNQUEUED
+    lock_path = f"{os.path.realpath(path)}-lock"  # one file, whatever symlink names it
+    queue = _QUEUES.get(lock_path)
+    if queue is None:
+        try:
+            queue = WriterQueue(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                        0o600))
+        except OSError:  # a read-only directory, say: SQLite's lock alone, as before
+            queue = _UNQUEUED
+        _QUEUES[lock_path] = queue
+    return queue
 
 
 # -- waking idle workers ------------------------------------------------------------------
@@ -543,6 +674,8 @@ class Waker:
         self._closed = False
         self._wal = f"{path}-wal"
         self._next_locked = 0.0  # monotonic time of the next locked checkpoint pass
+        self._path = path
+        self._copied_at: int | None = None  # the database's mtime after its last checkpoint
         self._watch_fd: WalWatch | None = None
         self._thread = threading.Thread(target=self._supervised, name="waker", daemon=True)
         self._thread.start()
@@ -612,15 +745,39 @@ class Waker:
         all. Where syncing is slow (a disk, not a VM's cache),
         the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
         the time: the WAL then grows for longer instead of the workers stalling.
+
+        The wakers of other worker processes checkpoint the same file: when one of them
+        did within CHECKPOINT_EVERY, this one leaves it. Each on its own schedule, they
+        copied the same hot pages (the counts, the ends of the indexes) several times over,
+        and synced twice for each.
         """
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        if time.monotonic() < self._next_locked:
+        if self._checkpointed_elsewhere():
             return
-        with PROCESS_LOCK:
-            start = time.monotonic()
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            held = time.monotonic() - start
-        self._next_locked = time.monotonic() + held / LOCKED_SHARE
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if time.monotonic() >= self._next_locked:
+            with PROCESS_LOCK:
+                start = time.monotonic()
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                held = time.monotonic() - start
+            self._next_locked = time.monotonic() + held / LOCKED_SHARE
+        self._copied_at = self._written_at()
+
+    def _written_at(self) -> int | None:
+        """When the database file was last written (ns): only checkpoints write it, the
+        commits go to the WAL."""
+        try:
+            return os.stat(self._path).st_mtime_ns
+        except OSError:
+            return None
+
+    def _checkpointed_elsewhere(self) -> bool:
+        """Whether another connection copied the WAL into the database after this waker
+        last did, and within CHECKPOINT_EVERY."""
+        if self._copied_at is None:  # not yet: nothing says whose the last copy was
+            return False
+        written = self._written_at()
+        return (written is not None and written != self._copied_at
+                and 0 <= time.time_ns() - written < CHECKPOINT_EVERY * 1e9)
 
     def _until_wanted(self, deadline: float) -> None:
         """Sleep while no worker waits, until ``deadline`` at the latest (the checkpoint).
