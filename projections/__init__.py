@@ -20,7 +20,7 @@ on its database.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 Find = Callable[[str, str], "int | None"]
 
 
-_NULL = frozenset({None})  # holds every value of a column that is NULL in every row
-
-
 class Rows:
     """Rows of one table held in memory during a replay and written back in bulk.
 
@@ -45,9 +42,11 @@ class Rows:
     memory and written once. Rows not yet in memory are read from the table on first use
     (``locate`` turns a key into the rowid ``rowid`` names, where the key has no index);
     everything is written back by ``flush``, which a replay calls at its end and whenever
-    ``full()``, between events. Columns named ``nullable`` (NULL by default) are left out of
-    the new rows' insert when every row holds NULL there: binding a NULL costs sqlite3 more
-    than binding most values, and a finished job's row holds several.
+    ``full()``, between events. Columns given in ``defaults`` (with the value their DDL
+    defaults to, None for NULL) are left out of the new rows' insert when every row holds
+    that value there: the table fills them in, and each value bound costs sqlite3 more than
+    looking at it here (most jobs keep most defaults; a finished job's row holds several
+    NULLs).
     """
 
     LIMIT = 20_000  # rows held per table: with many more, the held rows outgrow the CPU
@@ -55,10 +54,10 @@ class Rows:
 
     def __init__(self, tx: Db, table: str, columns: Iterable[str], key: str,
                  rowid: str | None = None, locate: Callable[[Any], Any] | None = None,
-                 nullable: Iterable[str] = ()):
+                 defaults: Mapping[str, Any] | None = None):
         self.tx, self.table, self.key, self.locate = tx, table, key, locate
         self.columns = tuple(columns)
-        self.nullable = frozenset(nullable)
+        self.defaults = dict(defaults or {})
         where = rowid or key
         names = ", ".join(self.columns)
         self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
@@ -102,10 +101,24 @@ class Rows:
 
     def _insert_new(self) -> None:
         new = self.new.values()
-        columns = tuple(c for c in self.columns if c not in self.nullable
-                        or not _NULL.issuperset(map(operator.itemgetter(c), new)))
+        left_out = self._defaulted(new) if new else set()
+        columns = tuple(c for c in self.columns if c not in left_out)
         values = self._values if columns == self.columns else operator.itemgetter(*columns)
         self.tx.insert_many(self.table, columns, list(map(values, new)))
+
+    def _defaulted(self, rows: Iterable[dict[str, Any]]) -> set[str]:
+        """The columns of ``defaults`` that every one of ``rows`` holds the default in. One
+        lookup a row takes the values of the columns the first row holds the default in;
+        rows mostly share their combination, so the set of combinations is short to read."""
+        first = next(iter(rows))
+        maybe = [c for c, value in self.defaults.items() if first[c] == value]
+        if not maybe:
+            return set()
+        found = set(map(operator.itemgetter(*maybe), rows))
+        if len(maybe) == 1:  # an itemgetter of one column gives its values, not tuples
+            found = {(value,) for value in found}
+        return {c for i, c in enumerate(maybe)
+                if frozenset({self.defaults[c]}).issuperset(map(operator.itemgetter(i), found))}
 
 
 from projections import config, hooks, jobs, queues, runs, schedules, signals, tokens, workers  # noqa: E402,I001

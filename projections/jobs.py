@@ -17,7 +17,6 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
 from typing import Any
 
 import msgspec
@@ -148,9 +147,11 @@ _ENQUEUED = ("seq", "id", "command", "queue", "state", "priority", "max_retries"
              "updated_at", "cwd", "env", "limits")
 _UNSET = {"attempts": 0, "worker_id": None, "cancel_requested": 0, "ahead": 0,
           "exit_code": None, "last_error": None}
-# Columns without NOT NULL (NULL by default), which a replay may leave out of an insert.
-_NULLABLE = ("run_at", "worker_id", "exit_code", "last_error", "unique_key", "cwd", "env",
-             "limits")
+# The columns' DDL defaults (NULL: None), which a replay may leave out of an insert.
+_DEFAULTS = {"queue": DEFAULT_QUEUE, "priority": 0, "attempts": 0, "backoff_max": 0.0,
+             "backoff_jitter": 0.0, "timeout": 0.0, "cancel_requested": 0, "ahead": 0,
+             "run_at": None, "worker_id": None, "exit_code": None, "last_error": None,
+             "unique_key": None, "cwd": None, "env": None, "limits": None}
 _COUNT_KEY = ("queue", "state")
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
@@ -239,6 +240,21 @@ def limits_text(memory: int, cpu_time: int, open_files: int) -> str | None:
 def env_text(env: dict[str, str] | None) -> str | None:
     """A job's variables as its ``env`` column holds them: a JSON object, NULL for none."""
     return _encode(env).decode() if env else None
+
+
+def _row(seq: int, at: str, e: ev.Enqueued, blocked: bool) -> dict[str, Any]:
+    """The new job's whole row as a replay holds it: ``_values`` by column, and ``_UNSET``."""
+    run_at = e.run_at if e.run_at and e.run_at > at else at
+    return {"seq": seq, "id": e.job_id, "command": e.command, "queue": e.queue,
+            "state": State.WAITING if blocked else _ready_state(run_at, at),
+            "priority": e.priority, "attempts": 0, "max_retries": e.max_retries,
+            "backoff_base": e.backoff_base, "backoff_max": e.backoff_max,
+            "backoff_jitter": e.backoff_jitter, "timeout": e.timeout, "run_at": run_at,
+            "worker_id": None, "cancel_requested": 0, "ahead": 0, "exit_code": None,
+            "last_error": None, "unique_key": e.unique_key, "created_at": at,
+            "updated_at": at, "cwd": e.cwd, "env": env_text(e.env) if e.env else None,
+            "limits": limits_text(e.memory, e.cpu_time, e.open_files)
+            if e.memory or e.cpu_time or e.open_files else None}
 
 
 def _ready_state(run_at: str, at: str) -> State:
@@ -485,28 +501,31 @@ class Replay:
         # A job's row is the one its enqueued event made: jobs.seq is that event's seq.
         self.rows = projections.Rows(tx, "jobs", COLUMNS, "id", rowid="seq",
                                      locate=lambda job_id: find(job_id, "enqueued"),
-                                     nullable=_NULLABLE)
-        self._held = self.rows.new.get  # the usual case, without a call to rows.get
+                                     defaults=_DEFAULTS)
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
         if kind is ev.Pruned:
             return self._pruned
-        return self._enqueued if kind is ev.Enqueued else partial(self._changed, _CHANGES[kind])
+        if kind is ev.Enqueued:
+            return self._enqueued
+        rule = _CHANGES[kind]
+        held, get = self.rows.new.get, self.rows.get  # held: the usual case, in one call
+
+        def changed(seq: int, at: str, e: Any) -> None:
+            row = held(e.job_id) or get(e.job_id)
+            if row is None:
+                raise _unknown(e.job_id)
+            changes = rule(e, at, row)
+            if changes is not None:
+                row.update(changes)
+                row["updated_at"] = at
+
+        return changed
 
     def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
         # The pruned jobs' events left the ledger with them: a replay never made their rows.
         self.queues.update(e.queues)
-
-    def _changed(self, rule: Callable[..., dict[str, Any] | None], seq: int, at: str,
-                 e: Any) -> None:
-        row = self._held(e.job_id) or self.rows.get(e.job_id)
-        if row is None:
-            raise _unknown(e.job_id)
-        changes = rule(e, at, row)
-        if changes is not None:
-            row.update(changes)
-            row["updated_at"] = at
 
     def _enqueued(self, seq: int, at: str, e: ev.Enqueued) -> None:
         blocked = False
@@ -516,9 +535,7 @@ class Replay:
             for dep in e.after:  # as _UNFINISHED_DEPS: an unknown dependency holds nothing
                 row = self.rows.get(dep)
                 blocked = blocked or (row is not None and row["state"] != State.COMPLETED)
-        row = _UNSET.copy()
-        row.update(zip(_ENQUEUED, _values(seq, at, e, blocked), strict=True))
-        self.rows.add(row)
+        self.rows.add(_row(seq, at, e, blocked))
 
     def flush(self) -> None:
         rows = self.rows

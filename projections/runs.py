@@ -17,7 +17,6 @@ import operator
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 import projections
@@ -65,8 +64,9 @@ RUNS_FINISHED = index("runs_finished")  # where a query reads runs by their end 
 
 COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
            "outcome", "exit_code", "duration", "dead", "queue")
-# Columns without NOT NULL (NULL by default), which a replay may leave out of an insert.
-_NULLABLE = ("finished_at", "outcome", "exit_code", "duration")
+# The columns' DDL defaults (NULL: None), which a replay may leave out of an insert.
+_DEFAULTS = {"finished_at": None, "outcome": None, "exit_code": None, "duration": None,
+             "dead": 0, "queue": ""}
 fromisoformat = datetime.fromisoformat
 PRUNED = "pruned:"  # run_counts of runs pruned (queuectl prune) from the table: pruned:<outcome>
 _LATEST = "SELECT max(seq) FROM runs WHERE job_id = ?"
@@ -178,8 +178,7 @@ class Replay:
 
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx, self.find = tx, find
-        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq", nullable=_NULLABLE)
-        self._held = self.rows.new.get  # the usual case, without a call to rows.get
+        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq", defaults=_DEFAULTS)
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
         self.counts: Counter[tuple[str, str | None]] = Counter()  # run_counts, over the rows written
 
@@ -191,11 +190,21 @@ class Replay:
             return self._dead
         if kind is ev.Pruned:
             return self._pruned
-        return partial(self._closed, _OUTCOMES[kind])
+        outcome, latest = _OUTCOMES[kind], self._latest
+
+        def closed(seq: int, at: str, e: Any) -> None:
+            run = latest(e.job_id)
+            if run is not None and run["finished_at"] is None:
+                ended = outcome(e)
+                if ended is not None:
+                    run["finished_at"] = at
+                    run["outcome"], run["exit_code"], run["duration"] = ended
+
+        return closed
 
     def _latest(self, job_id: str) -> dict[str, Any] | None:
         seq = self.latest.get(job_id) or self.find(job_id, "claimed")  # a run's seq is its claim's
-        return None if seq is None else self._held(seq) or self.rows.get(seq)
+        return None if seq is None else self.rows.new.get(seq) or self.rows.get(seq)
 
     def _claimed(self, seq: int, at: str, e: ev.Claimed) -> None:
         self.rows.add(_run(seq, at, e))
@@ -212,14 +221,6 @@ class Replay:
         self.counts.update(runs)
         self.counts.update({(queue, PRUNED + outcome): n for (queue, outcome), n in runs.items()})
 
-    def _closed(self, outcome: Callable[..., Any], seq: int, at: str, e: Any) -> None:
-        run = self._latest(e.job_id)
-        if run is not None and run["finished_at"] is None:
-            closed = outcome(e)
-            if closed is not None:
-                run["finished_at"] = at
-                run["outcome"], run["exit_code"], run["duration"] = closed
-
     def flush(self) -> None:
         rows = self.rows
         for held, sign in ((rows.new.values(), 1), (rows.read.values(), 1), (rows.before, -1)):
@@ -228,7 +229,7 @@ class Replay:
                 self.counts[queue, "dead"] += sign * n * dead
                 self.counts[queue, outcome] += sign * n
         rows.flush()
-        self.latest = {}
+        self.latest.clear()
 
     def close(self) -> None:
         """Write what is held, then ``run_counts``, counted once instead of per event."""

@@ -9,7 +9,6 @@ started later are not affected.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import projections
@@ -147,7 +146,6 @@ class Replay:
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx = tx
         self.rows = projections.Rows(tx, "workers", COLUMNS, "id")
-        self._held = self.rows.new.get  # the usual case, without a call to rows.get
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         """What to call with ``(seq, at, event)`` for events of this type."""
@@ -157,21 +155,23 @@ class Replay:
             return self._stop_requested
         if kind is ev.Pruned:
             return self._pruned
-        return partial(self._changed, _CHANGES[kind], kind in _DONE)
+        rule, done = _CHANGES[kind], kind in _DONE
+        held, get = self.rows.new.get, self.rows.get  # held: the usual case, in one call
 
-    def _changed(self, rule: Callable[..., dict[str, Any] | None], done: bool, seq: int,
-                 at: str, e: Any) -> None:
-        changes = rule(e, at)
-        if changes is not None:
-            row = self._held(e.worker_id) or self.rows.get(e.worker_id)
-            if row is not None:
-                row.update(changes)
-                if done:
-                    row["jobs_done"] += 1
+        def changed(seq: int, at: str, e: Any) -> None:
+            changes = rule(e, at)
+            if changes is not None:
+                row = held(e.worker_id) or get(e.worker_id)
+                if row is not None:
+                    row.update(changes)
+                    if done:
+                        row["jobs_done"] += 1
+
+        return changed
 
     def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
         for worker in e.workers:
-            row = self._held(worker.worker_id) or self.rows.get(worker.worker_id)
+            row = self.rows.get(worker.worker_id)
             if row is not None:
                 row.update(_snapshot(worker))
 

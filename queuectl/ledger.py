@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from functools import partial
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -308,7 +307,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     replays = list(replay_of.values())
     routes = {  # what each type of event is given to, in REGISTRY order
         kind: [
-            replay_of[p].handler(kind) if p in replay_of else partial(p.apply, target)
+            replay_of[p].handler(kind) if p in replay_of else _applier(p.apply, target)
             for p in projections
             if kind in p.HANDLES
         ]
@@ -338,6 +337,13 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     for replay in replays:
         replay.close()
     return Replayed(events, position)
+
+
+def _applier(apply: Callable[[Db, int, str, Event], None], tx: Db
+             ) -> Callable[[int, str, Event], None]:
+    """A live ``apply`` on ``tx``, called as a replay's handlers are: a Python function, which
+    the interpreter calls without going through C (a partial would)."""
+    return lambda seq, at, event: apply(tx, seq, at, event)
 
 
 @contextmanager

@@ -261,6 +261,33 @@ def test_check_is_clean_then_names_altered_row(conn):
     assert ledger.check(conn) == []
 
 
+def test_a_replayed_row_is_what_an_enqueue_writes():
+    job = {"job_id": "j", "command": "true", "max_retries": 3, "backoff_base": 2.0}
+    at = "2026-01-01T00:00:00.000000Z"
+    for e, blocked in (
+        (ev.Enqueued(**job), False),
+        (ev.Enqueued(**job, run_at="2026-01-02T00:00:00.000000Z", priority=4, queue="q"), False),
+        (ev.Enqueued(**job, env={"A": "1"}, memory=1 << 20, cwd="/tmp", unique_key="u"), True),
+    ):
+        jobs = projections.jobs
+        values = jobs._values(1, at, e, blocked)
+        written = {**jobs._UNSET, **dict(zip(jobs._ENQUEUED, values, strict=True))}
+        assert jobs._row(1, at, e, blocked) == written
+        assert set(written) == set(jobs.COLUMNS)
+
+
+def test_a_replay_leaves_out_of_an_insert_only_columns_every_row_holds_the_default_of():
+    rows = projections.Rows(None, "t", ("k", "a", "b", "c", "d"), "k",  # type: ignore[arg-type]
+                            defaults={"a": None, "b": 0.0, "c": "x", "d": 0})
+    held = [{"k": 1, "a": None, "b": 0, "c": "x", "d": 0},
+            {"k": 2, "a": None, "b": 0.0, "c": "y", "d": 0},
+            {"k": 3, "a": None, "b": 0.0, "c": "x", "d": 5}]
+    assert rows._defaulted(held) == {"a", "b"}
+    assert rows._defaulted(held[:1]) == {"a", "b", "c", "d"}
+    assert rows._defaulted([{"k": 1, "a": "set", "b": 1.5, "c": "x", "d": 1}]) == {"c"}
+    assert rows._defaulted([{"k": 1, "a": "set", "b": 1.5, "c": "z", "d": 1}]) == set()
+
+
 # -- queue decisions ------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from queuectl import clock, limits
@@ -108,6 +109,16 @@ def _insert_rows(n: int) -> str:
     """One INSERT of ``n`` events, numbered by SQLite."""
     return ("INSERT INTO events (at, type, job_id, worker_id, body) VALUES "
             + ", ".join(["(?, ?, ?, ?, ?)"] * n))
+
+_VALUES_AT_ONCE = 999  # values bound to one INSERT of many rows (SQLite's old least limit)
+
+
+@lru_cache(maxsize=64)
+def _insert_values(table: str, columns: tuple[str, ...], n: int) -> str:
+    """One INSERT of ``n`` rows."""
+    row = f"({', '.join('?' * len(columns))})"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * n)
+
 
 # The archive: a SQLite file beside the database, which pruned events move to. Its table
 # is not called ``events``, so that the file can never be taken for a ledger.
@@ -211,7 +222,18 @@ class SqliteDb(sqlite3.Connection):
 
     def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                     *, key: Sequence[str] = (), clash: Clash = "fail") -> None:
-        self.executemany(statements.insert(table, tuple(columns), tuple(key), clash), rows)
+        columns, key = tuple(columns), tuple(key)
+        at_once = _VALUES_AT_ONCE // len(columns)
+        whole = len(rows) - len(rows) % at_once if clash == "fail" and at_once > 1 else 0
+        if whole:
+            # Many rows a statement: each statement executed costs sqlite3 and SQLite more
+            # than the row it adds, when rows are short.
+            values = list(chain.from_iterable(rows[:whole]))
+            step = at_once * len(columns)
+            self.executemany(_insert_values(table, columns, at_once),
+                             [values[i:i + step] for i in range(0, len(values), step)])
+            rows = rows[whole:]
+        self.executemany(statements.insert(table, columns, key, clash), rows)
 
     def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
                add: Mapping[str, Any] = _NONE, *, unique: bool = True,

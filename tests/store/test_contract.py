@@ -99,6 +99,16 @@ def test_many_rows_go_in_at_once_with_what_a_clash_does(conn):
         assert config_rows(conn) == {"k0": ("0", "t"), "k1": ("x", "u"), "k2": ("2", "t")}
 
 
+def test_more_rows_than_one_statement_binds_all_go_in_and_a_clash_among_them_fails(conn):
+    rows = [(f"k{n:04d}", str(n), "t") for n in range(700)]  # a store may bind them in parts
+    with undone(conn):
+        conn.insert_many("config", ("key", "value", "updated_at"), rows)
+        assert config_rows(conn) == {key: (value, at) for key, value, at in rows}
+    with pytest.raises(store.driver_errors()), conn.transaction():
+        conn.insert_many("config", ("key", "value", "updated_at"), [*rows[:400], rows[3]])
+    assert config_rows(conn) == {}
+
+
 def test_a_clash_needs_the_key_it_is_judged_on(conn):
     with pytest.raises(ValueError, match="key"):
         conn.insert("config", {"key": "k", "value": "1", "updated_at": "t"}, clash="set")
