@@ -378,14 +378,19 @@ def _add_one(conn: Db, spec: JobSpec) -> str:
             defaults = _defaults(settings.load(conn))
         now = conn.now()
         job_id = spec.id or spell(seq)
-        if not spec.id and existing(conn, [job_id]):  # a user chose that id: rare
-            job_id = made_id(seq, lambda made: bool(existing(conn, [made])))
+        if not spec.id and _taken(conn, job_id):  # a user chose that id: rare
+            job_id = made_id(seq, lambda made: _taken(conn, made))
         append(conn, _enqueued(job_id, spec, defaults, now, by), at=now)
         return job_id, seq, defaults
 
     job_id, seq, defaults = conn.attempt(body)
     _KNOWN[conn] = (seq, defaults)  # committed: the head is (or was) this job's event
     return job_id
+
+
+def _taken(conn: Db, job_id: str) -> bool:
+    """Whether a job has the id ``job_id`` (``existing`` for one id, with less around it)."""
+    return conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
 
 def _dependency_order(specs: Sequence[JobSpec]) -> tuple[list[int], set[str]]:
