@@ -451,8 +451,8 @@ def _defaults(config: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str, by: str = ""
-              ) -> ev.Enqueued:
+def _enqueued(job_id: str, spec: JobSpec, defaults: dict[str, Any], now: str,
+              by: str = "") -> ev.Enqueued:
     return ev.Enqueued(
         by=by,
         job_id=job_id,
