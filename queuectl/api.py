@@ -70,9 +70,18 @@ class Queue:
         ``memory`` (bytes, or ``"64MiB"``), ``cpu_time`` (seconds) and ``open_files``
         (``"none"``: no limit). A job whose unique key an unfinished job holds is not added:
         that job's id is returned."""
-        spec = _spec({**options, "command": command})
-        with self._open() as db:
-            return decisions.enqueue(db, [spec])[0]
+        if options or type(command) is not str:
+            spec = _spec({**options, "command": command})
+        else:  # the command alone: every other field is its default, valid as it is
+            _utf8("invalid job: command", command)
+            spec = decisions.JobSpec(command=decisions.check_command(command))
+        with self._lock:  # what _open does, without its two generators: this runs per job
+            if self._db is None:
+                raise StoreError("the queue is closed")
+            try:
+                return decisions.enqueue(self._db, [spec])[0]
+            except store.driver_errors() as exc:
+                raise _store_error(exc) from exc
 
     def enqueue_many(self, specs: Iterable[Spec]) -> list[str]:
         """Add many jobs in one transaction, all or none (each a mapping of JSON job fields,
@@ -288,7 +297,11 @@ def _reported() -> Iterator[None]:
     try:
         yield
     except store.driver_errors() as exc:
-        raise StoreError(f"database error: {' '.join(str(exc).split())}") from exc
+        raise _store_error(exc) from exc
+
+
+def _store_error(exc: BaseException) -> StoreError:
+    return StoreError(f"database error: {' '.join(str(exc).split())}")
 
 
 def _as_json(data: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,11 +124,16 @@ def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
     return check_spec(spec, where, remote=remote)
 
 
-def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSpec:
-    if not spec.command.strip():
+def check_command(command: str, where: str = "") -> str:
+    if not command.strip():
         raise InvalidInput(f"invalid job{where}: command is empty")
-    if "\0" in spec.command:  # no shell can be given one: exec would refuse it every time
+    if "\0" in command:  # no shell can be given one: exec would refuse it every time
         raise InvalidInput(f"invalid job{where}: command contains a NUL character")
+    return command
+
+
+def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSpec:
+    check_command(spec.command, where)
     if spec.run_at is not None and spec.delay is not None:
         raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
     for name in ("max_retries", "backoff_base", "timeout", "priority", "delay"):
@@ -292,6 +298,8 @@ def enqueue_unique(conn: Db, specs: Sequence[JobSpec], on_duplicate: str = "skip
     event, known under the write lock. Everything that needs no lock (decoding, checks,
     ordering) is done before it is taken, so running workers wait only for the writes.
     """
+    if len(specs) == 1 and not specs[0].after and specs[0].unique_key is None:
+        return [_add_one(conn, specs[0])], [False]
     given = [spec.id for spec in specs if spec.id]
     if len(set(given)) != len(given):
         seen: set[str] = set()
@@ -349,6 +357,43 @@ def add_jobs(conn: Db, specs: Sequence[JobSpec],
     by = actor.current()  # stamped here: append would copy each event to stamp it
     append(conn, *(_enqueued(ids[i], specs[i], defaults, now, by) for i in order), at=now)
     return ids
+
+
+# Per connection: the defaults of new jobs as the settings were at a ledger head. Settings
+# change only by events: while the head is still where this connection's own last enqueue
+# left it, nothing was appended since and they need not be read again.
+_KNOWN: weakref.WeakKeyDictionary[Db, tuple[int, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _add_one(conn: Db, spec: JobSpec) -> str:
+    """``add_jobs`` for one job that depends on none and holds no unique key, the call a
+    program or a shell makes job after job, written out for that case."""
+    known = _KNOWN.get(conn)
+    by = actor.current()
+
+    def body() -> tuple[str, int, dict[str, Any]]:
+        if spec.id:
+            refuse_existing(conn, [spec.id])
+        seq = next_seq(conn)
+        if known is not None and known[0] == seq - 1:
+            defaults = known[1]
+        else:
+            defaults = _defaults(settings.load(conn))
+        now = conn.now()
+        job_id = spec.id or spell(seq)
+        if not spec.id and _taken(conn, job_id):  # a user chose that id: rare
+            job_id = made_id(seq, lambda made: _taken(conn, made))
+        append(conn, _enqueued(job_id, spec, defaults, now, by), at=now)
+        return job_id, seq, defaults
+
+    job_id, seq, defaults = conn.attempt(body)
+    _KNOWN[conn] = (seq, defaults)  # committed: the head is (or was) this job's event
+    return job_id
+
+
+def _taken(conn: Db, job_id: str) -> bool:
+    """Whether a job has the id ``job_id`` (``existing`` for one id, with less around it)."""
+    return conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
 
 def _dependency_order(specs: Sequence[JobSpec]) -> tuple[list[int], set[str]]:

@@ -161,6 +161,24 @@ def test_each_enqueue_is_committed_when_it_returns(queue, db):
         assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
+def test_an_enqueue_takes_the_settings_another_process_set_since_the_last(queue, run):
+    first = queue.enqueue("true")
+    queue.enqueue("true")  # the settings are known now, as of this job's event
+    ok(run("config", "set", "max-retries", "7"))
+    later = queue.enqueue("true")
+    ok(run("config", "set", "max-retries", "2"))
+    ok(run("enqueue", "-c", "true"))  # the ledger moved again, past the setting
+    last = queue.enqueue("true")
+    assert [queue.get(j)["max_retries"] for j in (first, later, last)] == [3, 7, 2]
+
+
+def test_a_made_id_a_user_chose_before_is_made_again_with_a_suffix(queue):
+    assert queue.enqueue("true", id="3") == "3"  # seq 1: the id seq 3 will make
+    assert queue.enqueue("true") == "2"
+    assert queue.enqueue("true") == "3.1"
+    assert queue.enqueue("true") == "4"
+
+
 def test_a_queue_names_its_database_and_closes(db, tmp_path):
     target = tmp_path / "elsewhere.db" if isinstance(db, Path) else db
     with Queue(target) as opened:

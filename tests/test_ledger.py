@@ -7,8 +7,9 @@ import re
 import sqlite3
 import subprocess
 import threading
+import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -604,3 +605,13 @@ def test_rescue_leaves_a_worker_that_spoke_after_it_was_found_silent(conn, monke
     claims.heartbeat(conn, "w1")  # it was slow, not dead
     assert claims.rescue(conn, silent) == []
     assert reads.get_job(conn, "j").state == "processing"
+
+
+def test_now_is_the_system_clock_as_iso_gives_it():
+    for _ in range(3):
+        before = clock.iso(datetime.now(UTC))
+        now = clock.now()
+        after = clock.iso(datetime.now(UTC))
+        assert before <= now <= after and len(now) == 27 and now.endswith("Z")
+        assert clock.iso(clock.parse(now)) == now
+        time.sleep(0.4)  # across a second's boundary at least once
