@@ -395,8 +395,13 @@ HANDLES = frozenset({ev.Enqueued, ev.Pruned, *_CHANGES})  # event types this pro
 # -- the live path: one statement per event ----------------------------------------------
 
 
-def _unknown(job_id: str) -> LookupError:
-    return LookupError(f"event for unknown job {job_id!r}")
+class _Unknown(LookupError):
+    """An event for a job the table does not hold. Made for every update (the store raises
+    it only if no row matched), so its message is written only when asked for."""
+
+    def __str__(self) -> str:
+        return f"event for unknown job {self.args[0]!r}"
+
 
 
 def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
@@ -437,7 +442,7 @@ class _Current(Mapping[str, Any]):
         found = self.tx.execute(f"SELECT {column} FROM jobs WHERE id = ?", (self.job_id,))
         row = found.fetchone()
         if row is None:
-            raise _unknown(self.job_id)
+            raise _Unknown(self.job_id)
         return row[0]
 
     def __iter__(self) -> Iterator[str]:
@@ -464,11 +469,17 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     job_id = e.job_id
     if type(e) is ev.Edited and e.queue is not None:
         _count(tx, e.queue, State.PENDING, 0)  # the queue's count rows, for the triggers
-    changes = _CHANGES[type(e)](e, at, _Current(tx, job_id))
+    rule = _CHANGES[type(e)]
+    changes = rule(e, at, _Current(tx, job_id) if rule in _READS_ROW else _NO_ROW)
     if changes is None:
         return
     changes["updated_at"] = at
-    tx.update("jobs", {"id": job_id}, changes, missing=_unknown(job_id))
+    tx.update("jobs", {"id": job_id}, changes, missing=_Unknown(job_id))
+
+
+# The rules that read the job's current row; the others are given none.
+_READS_ROW = frozenset({_unblocked, _edited})
+_NO_ROW: Row = {}
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
@@ -515,7 +526,7 @@ class Replay:
         def changed(seq: int, at: str, e: Any) -> None:
             row = held(e.job_id) or get(e.job_id)
             if row is None:
-                raise _unknown(e.job_id)
+                raise _Unknown(e.job_id)
             changes = rule(e, at, row)
             if changes is not None:
                 row.update(changes)

@@ -111,14 +111,20 @@ TRIGGERS = {
 }
 
 
-def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
+def _opened(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
+    """A run as its claim opens it: the columns left out hold their defaults (NULL, and
+    not dead), which an insert then need not bind."""
     wait = 0.0
     if e.eligible_at:  # ledger times are UTC ISO strings, which fromisoformat reads as such
         # Whole microseconds divided by 10**6: already the nearest float at 6 decimal places.
         wait = max(0.0, (fromisoformat(at) - fromisoformat(e.eligible_at)).total_seconds())
     return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
-            "claimed_at": at, "wait": wait, "finished_at": None, "outcome": None,
-            "exit_code": None, "duration": None, "dead": 0, "queue": e.queue or ""}
+            "claimed_at": at, "wait": wait, "queue": e.queue or ""}
+
+
+def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
+    return {**_opened(seq, at, e), "finished_at": None, "outcome": None, "exit_code": None,
+            "duration": None, "dead": 0}
 
 
 # How each outcome event closes the job's open run: (outcome, exit code, duration).
@@ -142,7 +148,7 @@ HANDLES = frozenset({ev.Claimed, ev.Dead, ev.Pruned, *_OUTCOMES})  # the rest pa
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
-        tx.insert("runs", _run(seq, at, e))
+        tx.insert("runs", _opened(seq, at, e))
     elif kind is ev.Pruned:
         # Their runs leave the table; run_counts keep them, as all-time totals, and count
         # them again under pruned:<outcome>, so that stats knows which runs it still holds.

@@ -223,7 +223,7 @@ def finish_and_claim_many(
     with write(conn):
         at = conn.now()
         starters = [result.worker_id for _, result in finished
-                    if isinstance(result, ev.Started)]
+                    if type(result) is ev.Started]
         known = _known(conn, [job.job_id for job, _ in finished], claimers, at, queues,
                        starters)
         # Events wait here and go in one append (one statement per table on PostgreSQL),
@@ -240,7 +240,7 @@ def finish_and_claim_many(
         if known.hooks and any(outcomes):
             settled()  # hook jobs go in after what fired them, in the same transaction
             hooks.fire(conn, [e for outcome in outcomes for e in outcome], at)
-        if any(rules.limit for rules in known.queues.values()) and any(outcomes):
+        if known.queues and any(r.limit for r in known.queues.values()) and any(outcomes):
             conn.wake()  # a run that ended may leave a place under its queue's limit
         able = [w for w in claimers if w not in known.refused]
         ready = known.ready
@@ -254,11 +254,12 @@ def finish_and_claim_many(
         following: list[Claim | None] = [None] * len(claimers)
         slots = [n for n, w in enumerate(claimers) if w not in known.refused]
         for n, row in zip(slots, ready, strict=False):
-            job = Claim(*row[:-2])
-            following[n] = msgspec.structs.replace(job, attempt=job.attempt + 1)
+            job_id, command, attempt, *policy = row[:-2]
+            attempt += 1  # the run this claim starts
+            following[n] = Claim(job_id, command, attempt, *policy)
             rated = not ahead and row[-1] in known.queues and known.queues[row[-1]].rate.n
-            held_back.append(ev.Claimed(job_id=job.job_id, worker_id=claimers[n],
-                                        attempt=job.attempt + 1, eligible_at=row[-2],
+            held_back.append(ev.Claimed(job_id=job_id, worker_id=claimers[n],
+                                        attempt=attempt, eligible_at=row[-2],
                                         ahead=ahead, queue=row[-1], by=claimers[n],
                                         rate_queue=row[-1] if rated else ""))
         settled()

@@ -108,10 +108,11 @@ def _plan(kinds: tuple[type, ...]) -> _Plan:
     return found
 
 
-def _apply_many(tx: Db, batch: list[tuple[int, str, Event]]) -> None:
+def _apply_many(tx: Db, first: int, at: str, events: tuple[Event, ...]) -> None:
     """Each projection takes the events it reads, in ledger order, on its own (it reads
-    only its own tables)."""
-    kinds = tuple(type(b[2]) for b in batch)
+    only its own tables); the first event has seq ``first``, the others the next ones."""
+    kinds = tuple(map(type, events))
+    batch = [(first + n, at, e) for n, e in enumerate(events)]
     for many, apply, wanted in _PLANS.get(kinds) or _plan(kinds):
         if many is not None:
             many(tx, [batch[n] for n in wanted])
@@ -141,7 +142,7 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
         for apply in _LIVE.get(type(event)) or _live(type(event)):
             apply(tx, first, at, event)
         return first
-    _apply_many(tx, [(first + n, at, e) for n, e in enumerate(events)])
+    _apply_many(tx, first, at, events)
     return first + len(events) - 1
 
 
