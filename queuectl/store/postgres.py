@@ -402,6 +402,10 @@ class _Shape:
 
 
 _SHAPES: dict[tuple[Any, ...], _Shape] = {}
+# Rows an update may have for one of other columns (or not next to it) to join it: each
+# column's CASE walks its WHENs for every row, so a large batch's results and claims cost
+# less as the two statements they were.
+_JOIN_ACROSS = 8
 _JOINED: dict[tuple[_Shape, ...], tuple[str, list[tuple[int, int]]]] = {}
 
 
@@ -599,7 +603,8 @@ class PgDb:
                 last.shapes.append(shape)
             return
         earlier = self._earlier_update(shape, expect)
-        if earlier is not None and shape.joins(earlier, parameters):
+        if (earlier is not None and len(earlier.rows) < _JOIN_ACROSS
+                and shape.joins(earlier, parameters)):
             if earlier.shapes is None:
                 assert earlier.shape is not None
                 earlier.shapes = [earlier.shape] * len(earlier.rows)
