@@ -179,10 +179,11 @@ def test_a_batch_of_claims_and_results_goes_as_one_statement_a_table(db, conn, m
     outcomes, following = claims.finish_and_claim_many(conn, results, workers)
     assert [len(o) for o in outcomes] == [1, 1, 1, 1]
     assert all(job is not None for job in following)
-    # jobs (completed, then claimed), runs (opened), workers (each worker's result and
-    # claim merged into one change first): four writes of four rows. A run is closed by
-    # job id, no row's key: those stay one a row. The events go as one INSERT already.
-    assert sorted(n for n in sizes if n > 1) == [4] * 4
+    # jobs (completed and claimed, of other columns, in one UPDATE of eight rows), runs
+    # (opened), workers (each worker's result and claim merged into one change first). A
+    # run is closed by job id, no row's key: those stay one a row. The events go as one
+    # INSERT already.
+    assert sorted(n for n in sizes if n > 1) == [4, 4, 8]
     counts = dict(conn.execute("SELECT state, n FROM job_counts").fetchall())
     assert (counts["completed"], counts["processing"], counts["pending"]) == (4, 4, 0)
     assert conn.execute("SELECT jobs_done FROM workers ORDER BY id").fetchall() == [(1,)] * 4
@@ -202,8 +203,9 @@ def test_writes_to_the_same_row_never_join(db, conn, monkeypatch):
         (second, ev.Completed(job_id=second.job_id, worker_id=worker, attempt=1)),
     ], [worker, worker])
     assert conn.execute("SELECT jobs_done FROM workers").fetchone() == (2,)
-    assert max(sizes) == 2  # the jobs' rows and the runs opened joined; the worker's row
-    # took its four changes merged into one
+    # The four jobs' changes (two results, two claims) joined, and so did the runs opened;
+    # the worker's row took its four changes merged into one
+    assert max(sizes) == 4
     assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'processing'").fetchone() == (2,)
 
 
@@ -217,6 +219,35 @@ def test_a_joined_write_that_misses_a_row_fails_the_whole_transaction(db, conn):
     assert conn.execute("SELECT count(*) FROM events").fetchone() == before
     assert conn.execute("SELECT count(*) FROM jobs WHERE cancel_requested = 1").fetchone() == (0,)
 
+
+
+def test_a_result_and_the_next_claim_go_as_one_update_of_jobs(db, conn, monkeypatch):
+    """A worker's result and its next claim set other columns of jobs, with the run's and
+    the worker's changes between them: the two rows go as one UPDATE (the fixture replays
+    the ledger against the rows it left)."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(2)])
+    worker = claims.worker_started(conn, 1, "h")
+    first = claims.claim(conn, worker)
+    assert first is not None
+    sizes = _rows_written_together(monkeypatch)
+    _, second = claims.finish_and_claim(
+        conn, first, ev.Completed(job_id=first.job_id, worker_id=worker, attempt=1), worker)
+    assert second is not None
+    assert max(sizes) == 2
+    rows = conn.execute("SELECT id, state, attempts, worker_id FROM jobs ORDER BY seq").fetchall()
+    assert rows == [(first.job_id, "completed", 1, None), (second.job_id, "processing", 1, worker)]
+
+
+def test_a_joined_update_of_other_columns_that_misses_a_row_fails_the_whole_transaction(
+        db, conn):
+    """Updates of one table by key that set other columns join across other tables'
+    changes, and one that finds no row still fails the transaction, writing nothing."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true", id="j0")])
+    with pytest.raises(LookupError, match="another of 2 rows"), conn.transaction():
+        conn.update("jobs", {"id": "j0"}, {"last_error": "x"}, missing=LookupError("no job j0"))
+        conn.update("job_counts", {"queue": "default", "state": "pending"}, add={"n": 0})
+        conn.update("jobs", {"id": "nope"}, {"exit_code": 1}, missing=LookupError("no job nope"))
+    assert conn.execute("SELECT last_error FROM jobs").fetchone() == (None,)
 
 # -- an enqueue in one round trip ----------------------------------------------------------
 

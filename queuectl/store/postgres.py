@@ -316,7 +316,8 @@ class _Write:
     """A write held until the next round trip: one row's statement, or several rows of one
     ``_Shape`` that will go as one statement."""
 
-    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys", "prepare")
+    __slots__ = ("sql", "shape", "rows", "expect", "otherwise", "consume", "keys", "prepare",
+                 "shapes")
 
     def __init__(self, sql: str, shape: _Shape | None, rows: list[Sequence[Any]],
                  expect: int | None, otherwise: list[Exception | None],
@@ -324,6 +325,8 @@ class _Write:
         self.sql, self.shape, self.rows, self.expect = sql, shape, rows, expect
         self.otherwise, self.consume, self.prepare = otherwise, consume, prepare
         self.keys: set[Any] | None = None  # an UPDATE's keys so far, once a second row comes
+        # Each row's shape, once an update of other columns of the same table joins (_joined).
+        self.shapes: list[_Shape] | None = None
 
 
 class _Command(NamedTuple):
@@ -399,6 +402,40 @@ class _Shape:
 
 
 _SHAPES: dict[tuple[Any, ...], _Shape] = {}
+# Rows an update may have for one of other columns (or not next to it) to join it: each
+# column's CASE walks its WHENs for every row, so a large batch's results and claims cost
+# less as the two statements they were.
+_JOIN_ACROSS = 8
+_JOINED: dict[tuple[_Shape, ...], tuple[str, list[tuple[int, int]]]] = {}
+
+
+def _joined(shapes: tuple[_Shape, ...], casts: dict[str, str]
+            ) -> tuple[str, list[tuple[int, int]]]:
+    """One UPDATE of several rows of a table, each found by its key and changed as its own
+    shape says (a job's result and the next job's claim set different columns): each
+    column takes, by a CASE on the key, the value of the rows that set or add to it, and
+    keeps its own in the others. The order is as ``_Shape.many``'s."""
+    found = _JOINED.get(shapes)
+    if found is not None:
+        return found
+    key = shapes[0].key
+    columns = list(dict.fromkeys(c for shape in shapes for c in shape.columns))
+    assigns, order = [], []
+    for column in columns:
+        whens = []
+        for r, shape in enumerate(shapes):
+            if column in shape.columns:
+                c = shape.columns.index(column)
+                value = casts[column] if not shape.adds[c] else f"{column} + {casts[column]}"
+                whens.append(f"WHEN ? THEN {value}")
+                order += [(r, len(shape.columns)), (r, c)]
+        assigns.append(f"{column} = CASE {key} {' '.join(whens)} ELSE {column} END")
+    order += [(r, len(shape.columns)) for r, shape in enumerate(shapes)]
+    sql = (f"UPDATE {shapes[0].table} SET {', '.join(assigns)} "
+           f"WHERE {key} IN ({', '.join('?' * len(shapes))})")
+    if len(_JOINED) < 256:
+        _JOINED[shapes] = sql, order
+    return sql, order
 
 
 def _insert_shape(table: str, columns: tuple[str, ...], key: tuple[str, ...],
@@ -549,7 +586,10 @@ class PgDb:
               missing: Exception | None = None) -> None:
         """A projector's change, held until the next statement that must be answered, and
         then sent with it in one round trip: a projector's writes for one event cost no round
-        trip of their own. A run of changes of one ``_Shape`` goes as one statement.
+        trip of their own. A run of changes of one ``_Shape`` goes as one statement, and
+        so do the updates by key of one table that other tables' changes alone separate
+        (``_earlier_update``): a worker's result and its next claim are one UPDATE of jobs,
+        and one firing of its triggers.
         ``missing`` is checked by the server (``queuectl_expect``): a change that matched
         no row fails the statement, and with it the rest of the transaction, before any
         COMMIT sent in the same round trip can run."""
@@ -559,8 +599,36 @@ class PgDb:
                 and shape.joins(last, parameters)):
             last.rows.append(parameters)
             last.otherwise.append(missing)
+            if last.shapes is not None:
+                last.shapes.append(shape)
+            return
+        earlier = self._earlier_update(shape, expect)
+        if (earlier is not None and len(earlier.rows) < _JOIN_ACROSS
+                and shape.joins(earlier, parameters)):
+            if earlier.shapes is None:
+                assert earlier.shape is not None
+                earlier.shapes = [earlier.shape] * len(earlier.rows)
+            earlier.shapes.append(shape)
+            earlier.rows.append(parameters)
+            earlier.otherwise.append(missing)
             return
         self._pending.append(_Write(shape.sql, shape, [parameters], expect, [missing], None))
+
+    def _earlier_update(self, shape: _Shape, expect: int | None) -> _Write | None:
+        """The held update of ``shape``'s table by the same key that an update by key may
+        join, though other changes came between: those are of other tables, whose rows
+        and triggers do not touch this one, so the order of the two does not matter. None
+        when a statement of the store's own (a lock, a guessed read) or another change of
+        the table comes first: nothing passes those."""
+        if shape.key is None:
+            return None
+        for write in reversed(self._pending):
+            if write.shape is None:
+                return None
+            if write.shape.table == shape.table:
+                same = write.shape.key == shape.key and write.expect == expect
+                return write if same else None
+        return None
 
     def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
                clash: Clash = "fail") -> None:
@@ -606,10 +674,14 @@ class PgDb:
 
     def _render(self, write: _Write) -> _Command:
         """A held write as sent: one row with the statement prepared for it; several of one
-        shape as one statement of many rows."""
+        shape (or updates of one table's rows by key, of several shapes) as one statement of
+        many rows."""
         sql, rows = write.sql, write.rows
         parameters: Sequence[Any] = rows[0]
-        if len(rows) > 1:
+        if write.shapes is not None:
+            sql, order = _joined(tuple(write.shapes), self._column_types(write.shapes[0].table))
+            parameters = [rows[r][c] for r, c in order]
+        elif len(rows) > 1:
             assert write.shape is not None
             sql, order = write.shape.many(len(rows), self._column_types(write.shape.table))
             parameters = [rows[r][c] for r, c in order]
