@@ -121,7 +121,10 @@ def parse_spec(text: str, where: str = "", *, remote: bool = False) -> JobSpec:
         raise InvalidInput(f"malformed JSON{where}: {exc}") from None
     except RecursionError:  # [[[[... a few hundred thousand deep
         raise InvalidInput(f"malformed JSON{where}: nested too deeply") from None
-    return check_spec(spec, where, remote=remote)
+    return check_spec(spec, where, remote=remote, decoded=True)
+
+
+_NUMBERS = ("max_retries", "backoff_base", "timeout", "priority", "delay")  # JobSpec's
 
 
 def check_command(command: str, where: str = "") -> str:
@@ -132,12 +135,15 @@ def check_command(command: str, where: str = "") -> str:
     return command
 
 
-def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False) -> JobSpec:
+def check_spec(spec: JobSpec, where: str = "", *, remote: bool = False,
+               decoded: bool = False) -> JobSpec:
+    """``spec``, its fields checked (InvalidInput says which is wrong and why). ``decoded``:
+    it was just decoded, which held every number to its range already."""
     check_command(spec.command, where)
     if spec.run_at is not None and spec.delay is not None:
         raise InvalidInput(f"invalid job{where}: give run_at or delay, not both")
-    for name in ("max_retries", "backoff_base", "timeout", "priority", "delay"):
-        value = getattr(spec, name)  # checked again: flags build a JobSpec without decoding
+    for name in () if decoded else _NUMBERS:  # flags build a JobSpec without decoding
+        value = getattr(spec, name)
         if value is not None:
             try:
                 limits.check(name, value)
