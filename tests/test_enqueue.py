@@ -85,6 +85,37 @@ def test_json_forms_store_the_same_job_as_the_flags(run, conn, tmp_path, monkeyp
         assert _stored(conn, job_id) == reference, job_id
 
 
+def _row(conn: Any, job_id: str) -> dict[str, Any]:
+    """A job's whole row, less what differs between two jobs added apart."""
+    cursor = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    names = [d[0] for d in cursor.description]
+    return {k: v for k, v in zip(names, cursor.fetchone(), strict=True)
+            if k not in ("id", "seq", "run_at", "created_at", "updated_at")}
+
+
+def test_a_file_stores_each_job_as_it_would_be_stored_alone(run, conn, tmp_path):
+    """A file's jobs go in together, the columns every one of them leaves at its default
+    left to the table: each row is still the one its job gets when added alone, whether
+    all of the file's jobs keep a default or only some do."""
+    plain = {"command": "true"}
+    fancy = {"command": "x", "queue": "q2", "priority": 5, "timeout": 3, "unique_key": "k",
+             "cwd": str(tmp_path), "env": {"A": "1"}, "memory": "64MiB"}
+    files = {"all-plain": [plain, plain], "mixed": [plain, fancy, {**plain, "queue": "q2"}]}
+    for name, jobs in files.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**spec, "id": f"{name}-{n}"}) + "\n"
+                                for n, spec in enumerate(jobs)))
+        ok(run, "enqueue", "--file", str(path))
+    for n, spec in enumerate([plain, fancy, {**plain, "queue": "q2"}]):
+        alone = {**spec, "id": f"alone-{n}"} | ({"unique_key": "k2"} if n == 1 else {})
+        ok(run, "enqueue", json.dumps(alone))
+    assert _row(conn, "all-plain-0") == _row(conn, "all-plain-1") == _row(conn, "alone-0")
+    assert _row(conn, "mixed-0") == _row(conn, "alone-0")
+    assert _row(conn, "mixed-1") == {**_row(conn, "alone-1"), "unique_key": "k"}
+    assert _row(conn, "mixed-1")["queue"] == "q2" and _row(conn, "mixed-1")["priority"] == 5
+    assert _row(conn, "mixed-2") == _row(conn, "alone-2")
+
+
 def test_flags_beside_a_json_job_win(run, conn, monkeypatch):
     FakeClock(monkeypatch)
     ok(run, "enqueue", '{"id":"j","command":"x","priority":1,"delay":5}', "-p", "9",
