@@ -7,9 +7,11 @@ import importlib.util
 import sqlite3
 import time
 
+from .. import trace
 from ..context import Context
 from ..peers import huey_enqueue_rate
 from ..rows import Row, ScenarioResult, Target, make_row
+from ..stores import job_counts
 
 
 def api_enqueue_rate(ctx: Context, n: int) -> float:
@@ -23,6 +25,32 @@ def api_enqueue_rate(ctx: Context, n: int) -> float:
         seconds = time.perf_counter() - start
         if queue.status()["jobs"]["pending"] != n:
             raise RuntimeError("Queue.enqueue lost jobs")
+    return n / seconds
+
+
+def api_statements_rate(ctx: Context, n: int) -> float:
+    """Calls/s of ``Queue.enqueue``'s statements alone (``trace``): those of ``n`` calls,
+    recorded on one store and replayed on its twin, each commit as durable."""
+    from queuectl import ledger
+    from queuectl.api import Queue
+
+    with ctx.fresh_target("api") as db:
+        Queue(db).close()  # the store made, as the calls will find it
+        with trace.twin(ctx, db) as copy:
+            with Queue(db) as queue, trace.recording(queue._db) as steps:
+                for _ in range(n):
+                    queue.enqueue("true")
+            conn = ledger.connect(copy)
+            try:
+                trace.prepare_for_replay(conn, steps)
+                start = time.perf_counter()
+                trace.replay(conn, steps)
+                seconds = time.perf_counter() - start
+            finally:
+                conn.close()
+            counts = job_counts(copy)
+            if counts.get("pending") != n:  # the replay did not do the same work
+                raise RuntimeError(f"the replayed enqueues left {counts}, expected {n} pending")
     return n / seconds
 
 
@@ -59,14 +87,15 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     huey's task enqueue on SqliteHuey and the store's bare durable commit, run in turn."""
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
-    mine, peer, floor = [], [], []
+    mine, peer, floor, alone = [], [], [], []
     for r in range(ctx.runs):
         if have_huey:
             peer.append(huey_enqueue_rate(ctx, n))
         mine.append(api_enqueue_rate(ctx, n))
         floor.append(durable_commit_rate(ctx, n))
+        alone.append(api_statements_rate(ctx, n))
         ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
-                f"one-row commit {floor[-1]:,.0f}/s"
+                f"one-row commit {floor[-1]:,.0f}/s, its statements alone {alone[-1]:,.0f}/s"
                 + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
     figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
     on_pg = ctx.backend == "postgres"
@@ -88,4 +117,9 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
         "jobs/s", floor_target, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
-        note="the bound: every durable enqueue pays at least one such commit")]
+        note="the bound: every durable enqueue pays at least one such commit"), make_row(
+        "api", "api_statements_vs_commit", "the same calls' statements alone, recorded and "
+        "replayed on a copy of the store", alone, "jobs/s", None, baseline_samples=floor,
+        baseline_label="one-row INSERT, durable commit, same store",
+        note="no queuectl Python between the statements: the ceiling of `Queue.enqueue` on "
+             "this schema (tools/bench/trace.py)")]

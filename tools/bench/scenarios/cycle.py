@@ -6,20 +6,84 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from queuectl import claims, ledger
 from queuectl import events as ev
 from queuectl.store import is_postgres
 
+from .. import trace
 from ..context import Context
 from ..rows import Row, ScenarioResult, Target, make_row, median
-from ..stores import enqueue_true
+from ..stores import enqueue_true, job_counts
 
 try:  # the worker's own connection setup and waker thread, where this version has them
     from queuectl.store.sqlite import Waker
 except ImportError:
     Waker = None  # type: ignore[assignment,misc]
+
+
+@contextmanager
+def worker_connection(db: Path | str) -> Iterator[Any]:
+    """A connection set up as a worker's, with its process's waker thread beside it (which
+    watches for new work, and on SQLite checkpoints the WAL)."""
+    conn = ledger.connect(db, durable=False)
+    conn.for_worker()
+    if is_postgres(db):
+        waker = conn.waker()
+    else:
+        waker = Waker(Path(db)) if Waker else None
+    try:
+        yield conn
+    finally:
+        if waker:
+            waker.close()
+        conn.close()
+
+
+def one_at_a_time(conn: Any, combined: bool) -> tuple[int, float, float]:
+    """Claim and complete every job as one worker: jobs done, and seconds spent in the
+    claim and in the finish calls. ``combined``: the worker's own path, ``finish_and_claim``
+    (each result committed with the next claim)."""
+    wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
+    t_claim = t_finish = 0.0
+    done = 0
+    start = time.perf_counter()
+    claim = claims.claim(conn, wid)
+    t_claim += time.perf_counter() - start
+    while claim is not None:
+        done += 1
+        t0 = time.perf_counter()
+        result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
+        if combined:
+            _, claim = claims.finish_and_claim(conn, claim, result, wid)
+            t_finish += time.perf_counter() - t0
+        else:
+            claims.finish(conn, claim, result)
+            t1 = time.perf_counter()
+            t_finish += t1 - t0
+            claim = claims.claim(conn, wid)
+            t_claim += time.perf_counter() - t1
+    return done, t_claim, t_finish
+
+
+def together(conn: Any, slots: int) -> int:
+    """Claim and complete every job as ``slots`` workers whose results always arrive
+    together; jobs done."""
+    ids = [claims.worker_started(conn, os.getpid(), socket.gethostname())
+           for _ in range(slots)]
+    held = [(w, c) for w in ids if (c := claims.claim(conn, w)) is not None]
+    done = 0
+    while held:
+        finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt))
+                    for w, c in held]
+        _, following = claims.finish_and_claim_many(conn, finished, [w for w, _ in held])
+        done += len(held)
+        held = [(w, c) for (w, _), c in zip(held, following, strict=True) if c]
+    return done
 
 
 def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, float]:
@@ -28,39 +92,10 @@ def cycle_rate(ctx: Context, n: int, combined: bool) -> tuple[float, float, floa
     ``finish_and_claim`` (each result committed with the next claim), where the queue has it."""
     with ctx.fresh_target("cycle") as db:
         enqueue_true(db, n)
-        # As a worker runs: its connection, and its process's waker thread beside it
-        # (which watches for new work, and on SQLite checkpoints the WAL).
-        conn = ledger.connect(db, durable=False)
-        conn.for_worker()
-        if is_postgres(db):
-            waker = conn.waker()
-        else:
-            waker = Waker(Path(db)) if Waker else None
-        try:
-            wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
-            t_claim = t_finish = 0.0
-            done = 0
+        with worker_connection(db) as conn:
             start = time.perf_counter()
-            claim = claims.claim(conn, wid)
-            t_claim += time.perf_counter() - start
-            while claim is not None:
-                done += 1
-                t0 = time.perf_counter()
-                result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
-                if combined:
-                    _, claim = claims.finish_and_claim(conn, claim, result, wid)
-                    t_finish += time.perf_counter() - t0
-                else:
-                    claims.finish(conn, claim, result)
-                    t1 = time.perf_counter()
-                    t_finish += t1 - t0
-                    claim = claims.claim(conn, wid)
-                    t_claim += time.perf_counter() - t1
+            done, t_claim, t_finish = one_at_a_time(conn, combined)
             seconds = time.perf_counter() - start
-        finally:
-            if waker:
-                waker.close()
-            conn.close()
     if done != n:
         raise RuntimeError(f"cycled {done} jobs, expected {n}")
     return n / seconds, t_claim / n * 1e6, t_finish / n * 1e6
@@ -72,25 +107,34 @@ def batched_cycle_rate(ctx: Context, n: int, slots: int) -> float:
     what a worker process's GroupCommit writes at best)."""
     with ctx.fresh_target("cycle") as db:
         enqueue_true(db, n)
-        conn = ledger.connect(db, durable=False)
-        conn.for_worker()
-        try:
-            ids = [claims.worker_started(conn, os.getpid(), socket.gethostname())
-                   for _ in range(slots)]
+        with worker_connection(db) as conn:
             start = time.perf_counter()
-            held = [(w, c) for w in ids if (c := claims.claim(conn, w)) is not None]
-            done = 0
-            while held:
-                finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt))
-                            for w, c in held]
-                _, following = claims.finish_and_claim_many(conn, finished, [w for w, _ in held])
-                done += len(held)
-                held = [(w, c) for (w, _), c in zip(held, following, strict=True) if c]
+            done = together(conn, slots)
             seconds = time.perf_counter() - start
-        finally:
-            conn.close()
     if done != n:
         raise RuntimeError(f"cycled {done} jobs, expected {n}")
+    return n / seconds
+
+
+def statements_rate(ctx: Context, n: int, slots: int) -> float:
+    """Jobs/s of the cycle's statements alone (``trace``): those of one worker's
+    ``finish_and_claim`` (``slots`` 1) or of ``slots`` workers' results together, recorded
+    on one store and replayed on its twin, each connection set up as a worker's."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        with trace.twin(ctx, db) as copy:
+            with worker_connection(db) as conn, trace.recording(conn) as steps:
+                done = one_at_a_time(conn, True)[0] if slots == 1 else together(conn, slots)
+            if done != n:
+                raise RuntimeError(f"cycled {done} jobs, expected {n}")
+            with worker_connection(copy) as conn:
+                trace.prepare_for_replay(conn, steps)
+                start = time.perf_counter()
+                trace.replay(conn, steps)
+                seconds = time.perf_counter() - start
+            counts = job_counts(copy)
+            if counts.get("completed") != n:  # the replay did not do the same work
+                raise RuntimeError(f"the replayed cycle left {counts}, expected {n} completed")
     return n / seconds
 
 
@@ -119,6 +163,8 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     combined = hasattr(claims, "finish_and_claim")
     batched = hasattr(claims, "finish_and_claim_many")
     split, split_claim, split_finish, joined, many, empty = [], [], [], [], [], []
+    alone: list[float] = []  # the target's cycle, its statements alone
+    batched_path = batched and ctx.backend == "postgres"
     for r in range(ctx.runs):
         rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
         split.append(rate)
@@ -129,11 +175,14 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         if batched:
             many.append(batched_cycle_rate(ctx, n, BATCH))
         empty.append(empty_transaction_rate(ctx, n))
+        if combined:
+            alone.append(statements_rate(ctx, n, BATCH if batched_path else 1))
         ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
                 f"{c_us:.0f} us, finish {f_us:.0f} us)"
                 + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else "")
                 + (f"; {BATCH} results a transaction {many[-1]:.0f} jobs/s" if batched else "")
-                + f"; empty write transactions {empty[-1]:.0f}/s")
+                + f"; empty write transactions {empty[-1]:.0f}/s"
+                + (f"; its statements alone {alone[-1]:.0f} jobs/s" if combined else ""))
     result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
                           finish_and_claim=combined)
     target = (Target(">= 3,000 jobs/s", "value", ">=", 3000) if ctx.backend == "postgres"
@@ -152,7 +201,6 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     # worker's next claim, in one transaction (worker.Pipeline's group commit): on
     # PostgreSQL, where a commit costs round trips, the batched cycle is what the target
     # measures. A SQLite worker's commit is cheap, so it commits one a job.
-    batched_path = batched and ctx.backend == "postgres"
     rows += [] if not batched else [make_row(
         "cycle", "ledger_cycle_batched",
         f"ledger cycle, {BATCH} workers' results a transaction (`finish_and_claim_many`), "
@@ -164,6 +212,13 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
                  f"ledger cycle, one result a transaction (`finish_and_claim`, no spawn), "
                  f"{n:,} jobs", joined, "jobs/s", None if batched_path else target,
                  note="one commit per job, as a SQLite worker runs"),
+        make_row("cycle", "ledger_cycle_statements",
+                 f"the same {'batched ' if batched_path else ''}cycle's statements alone, "
+                 f"recorded and replayed on a copy of the store, {n:,} jobs", alone,
+                 "jobs/s", None, baseline_samples=many if batched_path else joined,
+                 baseline_label="the cycle itself",
+                 note="no queuectl Python between the statements: the ceiling of this cycle "
+                      "on this schema (tools/bench/trace.py)"),
         make_row("cycle", "ledger_cycle_split",
                  f"ledger cycle, separate `claim` + `finish` calls, {n:,} jobs", split,
                  "jobs/s", None, note=split_note + "; two commits per job"),

@@ -15,11 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .. import trace
 from ..context import Context
 from ..measure import run_timed
 from ..peers import huey_rate, installed_version, procrastinate_rate
 from ..rows import Row, ScenarioResult, Target, make_row, median
 from ..stores import claims_span, enqueue_true, job_counts
+from .cycle import one_at_a_time, worker_connection
 
 
 def spawn_baseline(n: int, threads: int = 2) -> float:
@@ -41,6 +43,42 @@ def spawn_baseline(n: int, threads: int = 2) -> float:
     for t in pool:
         t.join()
     return n / (time.perf_counter() - start)
+
+
+def statements_and_spawns_rate(ctx: Context, n: int, threads: int = 2) -> float:
+    """Jobs/s of ``threads`` threads that each run a job as the spawn baseline does
+    (``sh -c true`` with subprocess) and then write its cycle: one transaction of the
+    statements ``finish_and_claim`` sent for a job, recorded on one store and replayed in
+    order on its twin (``trace``), on one connection set up as a worker's. A worker with
+    no queuectl Python in it: the ceiling of ``worker -c 2`` on this schema (SQLite)."""
+    with ctx.fresh_target("worker") as db:
+        enqueue_true(db, n)
+        with trace.twin(ctx, db) as copy:
+            with worker_connection(db) as conn, trace.recording(conn) as steps:
+                one_at_a_time(conn, True)
+            todo = iter(trace.transactions(steps))
+            lock = threading.Lock()
+            with worker_connection(copy) as conn:
+
+                def work() -> None:
+                    while True:
+                        with lock:  # the transactions in their order, one at a time
+                            step = next(todo, None)
+                            if step is None:
+                                return
+                            trace.replay(conn, step)
+                        subprocess.run(["sh", "-c", "true"])
+
+                pool = [threading.Thread(target=work) for _ in range(threads)]
+                start = time.perf_counter()
+                for t in pool:
+                    t.start()
+                for t in pool:
+                    t.join()
+                seconds = time.perf_counter() - start
+            if job_counts(copy).get("completed") != n:
+                raise RuntimeError("the replayed worker did not complete every job")
+    return n / seconds
 
 
 class CpuUse:
@@ -106,17 +144,19 @@ def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "s
 def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
-    base, mine, steady, peer = [], [], [], []
+    base, mine, steady, peer, ceiling = [], [], [], [], []
     for r in range(ctx.runs):
         base.append(spawn_baseline(n))
         whole, between = queuectl_worker_rate(ctx, n, 2)
         mine.append(whole)
         steady.append(between)
+        ceiling.append(statements_and_spawns_rate(ctx, n))
         if have_huey:
             peer.append(huey_rate(ctx, n))
         ctx.log(f"worker run {r + 1}/{ctx.runs}: queuectl {mine[-1]:.0f}/s (first claim to "
                 f"last result {steady[-1]:.0f}/s), 2-thread spawn "
-                f"{base[-1]:.0f}/s" + (f", huey {peer[-1]:.0f}/s" if have_huey else ""))
+                f"{base[-1]:.0f}/s, its statements and spawns alone {ceiling[-1]:.0f}/s"
+                + (f", huey {peer[-1]:.0f}/s" if have_huey else ""))
     rows = [
         make_row("worker", "worker_vs_spawn", f"worker throughput, {n:,} `true` jobs, `-c 2`",
                  mine, "jobs/s", Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65),
@@ -125,6 +165,12 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
                  note="without the command's start-up and exit, which the baseline never pays"),
+        make_row("worker", "worker_statements_vs_spawn",
+                 f"2 threads, each job a `sh -c true` and then its cycle's statements "
+                 f"(recorded, replayed in order on a copy of the store), {n:,} jobs", ceiling,
+                 "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
+                 note="a worker with no queuectl Python: its ceiling on this schema "
+                      "(tools/bench/trace.py)"),
     ]
     huey_target = Target(">= 1.8 x huey", "ratio", ">=", 1.8)
     if have_huey:
