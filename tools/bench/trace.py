@@ -85,14 +85,21 @@ def replay(conn: Any, trace: Trace) -> None:
 
 
 def transactions(trace: Trace) -> list[Trace]:
-    """A SQLite trace cut into its write transactions, each from its ``BEGIN IMMEDIATE``
-    (what comes before the first stays with it)."""
+    """A trace cut into its write transactions, each from its ``BEGIN`` (what comes before
+    the first stays with it): on PostgreSQL, each of a transaction's round trips."""
     parts: list[Trace] = []
     for step in trace.steps:
-        if not parts or step[1] == "BEGIN IMMEDIATE":
+        if not parts or _begins(step):
             parts.append(Trace())
+            parts[-1].prepared = trace.prepared
         parts[-1].steps.append(step)
     return parts
+
+
+def _begins(step: Any) -> bool:
+    if isinstance(step, list):  # a PostgreSQL round trip: its first command
+        return bool(step[0][2] == b"BEGIN")
+    return bool(step[1] == "BEGIN IMMEDIATE")
 
 
 def prepare_for_replay(conn: Any, trace: Trace) -> None:

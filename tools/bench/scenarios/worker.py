@@ -12,7 +12,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .. import trace
@@ -36,22 +36,29 @@ def spawn_baseline(n: int, threads: int = 2) -> float:
                     return
             subprocess.run(["sh", "-c", "true"])
 
+    return n / in_threads(work, threads)
+
+
+def in_threads(work: Callable[[], None], threads: int) -> float:
+    """Seconds ``threads`` threads running ``work`` took, from the first start to the last
+    end."""
     pool = [threading.Thread(target=work) for _ in range(threads)]
     start = time.perf_counter()
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return n / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
-def statements_and_spawns_rate(ctx: Context, n: int, threads: int = 2) -> float:
+def statements_and_spawns_rate(ctx: Context, n: int, store: str = "sqlite",
+                               threads: int = 2) -> float:
     """Jobs/s of ``threads`` threads that each run a job as the spawn baseline does
     (``sh -c true`` with subprocess) and then write its cycle: one transaction of the
     statements ``finish_and_claim`` sent for a job, recorded on one store and replayed in
     order on its twin (``trace``), on one connection set up as a worker's. A worker with
-    no queuectl Python in it: the ceiling of ``worker -c 2`` on this schema (SQLite)."""
-    with ctx.fresh_target("worker") as db:
+    no queuectl Python in it: the ceiling of ``worker -c 2`` on this schema."""
+    with ctx.fresh_target("worker", store) as db:
         enqueue_true(db, n)
         with trace.twin(ctx, db) as copy:
             with worker_connection(db) as conn, trace.recording(conn) as steps:
@@ -59,6 +66,7 @@ def statements_and_spawns_rate(ctx: Context, n: int, threads: int = 2) -> float:
             todo = iter(trace.transactions(steps))
             lock = threading.Lock()
             with worker_connection(copy) as conn:
+                trace.prepare_for_replay(conn, steps)
 
                 def work() -> None:
                     while True:
@@ -69,13 +77,7 @@ def statements_and_spawns_rate(ctx: Context, n: int, threads: int = 2) -> float:
                             trace.replay(conn, step)
                         subprocess.run(["sh", "-c", "true"])
 
-                pool = [threading.Thread(target=work) for _ in range(threads)]
-                start = time.perf_counter()
-                for t in pool:
-                    t.start()
-                for t in pool:
-                    t.join()
-                seconds = time.perf_counter() - start
+                seconds = in_threads(work, threads)
             if job_counts(copy).get("completed") != n:
                 raise RuntimeError("the replayed worker did not complete every job")
     return n / seconds
@@ -192,6 +194,7 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     peer_version = installed_version("procrastinate")
     lite, lite_steady, mine, steady, peer, peer_steady = [], [], [], [], [], []
+    alone: list[float] = []  # the PostgreSQL worker's statements and spawns alone
     use: dict[str, list[CpuUse]] = {"sqlite": [], "postgres": []}
     for r in range(ctx.runs):
         use["sqlite"].append(CpuUse())
@@ -202,13 +205,15 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
         whole, between = queuectl_worker_rate(ctx, n, 2, "postgres", use["postgres"][-1])
         mine.append(whole)
         steady.append(between)
+        alone.append(statements_and_spawns_rate(ctx, n, "postgres"))
         if peer_version:
             whole, between = procrastinate_rate(ctx, n)
             peer.append(whole)
             peer_steady.append(between)
         ctx.log(f"worker run {r + 1}/{ctx.runs}: PostgreSQL {mine[-1]:.0f}/s (first claim to "
                 f"last result {steady[-1]:.0f}/s), SQLite {lite[-1]:.0f}/s ({lite_steady[-1]:.0f}"
-                "/s)" + (f", procrastinate {peer[-1]:.0f}/s ({peer_steady[-1]:.0f}/s)"
+                f"/s), PostgreSQL statements and spawns alone {alone[-1]:.0f}/s"
+                + (f", procrastinate {peer[-1]:.0f}/s ({peer_steady[-1]:.0f}/s)"
                          if peer_version else ""))
     result.details["procrastinate"] = peer_version
     sqlite_label = "SQLite `worker -c 2 --burst`"
@@ -230,6 +235,12 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=lite_steady,
                  baseline_label="SQLite, first claim to last result"),
+        make_row("worker", "pg_worker_statements_vs_sqlite",
+                 f"2 threads, each job a `sh -c true` and then its PostgreSQL cycle's "
+                 f"statements (recorded, replayed in order on a copy of the store), {n:,} jobs",
+                 alone, "jobs/s", None, baseline_samples=lite, baseline_label=sqlite_label,
+                 note="a PostgreSQL worker with no queuectl Python: its ceiling on this "
+                      "schema (tools/bench/trace.py)"),
         make_row("worker", "pg_worker_cpu",
                  "CPU a job, PostgreSQL worker (worker + shells + server), `-c 2`",
                  [(u.client + u.server) / n * 1000 for u in use["postgres"]], "ms", None,
