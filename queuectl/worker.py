@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -41,6 +40,8 @@ from queuectl.errors import CorruptLedger, StoreError, StoreUnavailable
 from queuectl.store import Db
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from queuectl.resources import Limits
 
 T = TypeVar("T")
