@@ -26,7 +26,8 @@ import codecs
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 from queuectl import reads, settings
 from queuectl.records import Run
@@ -133,8 +134,7 @@ def write(db: Db, sink: Sink, final: bool = False) -> None:
 # -- reading --------------------------------------------------------------------------------
 
 
-@dataclass
-class Chunk:
+class Chunk(msgspec.Struct):
     seq: int
     start: int
     size: int
@@ -197,8 +197,7 @@ def delete(db: Db, job_ids: list[str]) -> None:
 # -- following ------------------------------------------------------------------------------
 
 
-@dataclass
-class NextRun:
+class NextRun(msgspec.Struct):
     """Between two runs when following: how the last ended, which one starts."""
 
     ended: Run

@@ -20,7 +20,6 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -31,8 +30,9 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 if TYPE_CHECKING:
     import subprocess
@@ -43,8 +43,7 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 TICK = 0.05  # seconds between calls of a run's tick (heartbeats, cancel checks)
 
 
-@dataclass
-class RunResult:
+class RunResult(msgspec.Struct):
     exit_code: int | None
     duration: float
     output: str
@@ -495,7 +494,7 @@ def _limit_reached(result: RunResult, limits: Limits, cpu: float, output_limit: 
     if sink is not None:
         sink(line.encode())
     output = (result.output + line)[-output_limit:] if output_limit else ""
-    return dataclasses.replace(result, output=output, error=error)
+    return msgspec.structs.replace(result, output=output, error=error)
 
 
 def _end(pid: int, env: Mapping[bytes, bytes] | Mapping[str, str] | None,
