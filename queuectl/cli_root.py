@@ -88,6 +88,14 @@ class QueuectlCommand(QuickStart, click.Command):
     """A command of ``queuectl`` (see ``QuickStart``)."""
 
 
+class QueuectlSubgroup(QuickStart, click.Group):
+    """A group of commands under the root, such as ``worker`` or ``config`` (see
+    ``QuickStart``): ``queuectl worker --burst`` parses its options as ``enqueue`` does."""
+
+    command_class = QueuectlCommand
+    group_class = type  # and so are the groups under it
+
+
 class QueuectlGroup(QuickStart, click.Group):
     """Reports every error as one line on stderr: ``Error: ...``, exit 1 (usage errors 2).
 
@@ -97,6 +105,7 @@ class QueuectlGroup(QuickStart, click.Group):
     """
 
     command_class = QueuectlCommand
+    group_class = QueuectlSubgroup
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
