@@ -3,8 +3,9 @@ and ``main``.
 
 ``queuectl enqueue`` is the command people and scripts run most, one process a job, so its
 start-up is what this module is for: the other commands (``queuectl.cli``) are imported only
-when one of them runs, or when help, shell completion or the docs list them. Rich and the
-worker load only in the commands that need them.
+when one of them runs, or when help, shell completion or the docs list them. ``worker``,
+whose start-up every worker process pays, is imported alone (``queuectl.cli_worker``). Rich
+and ``queuectl.worker`` load only in the commands that need them.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class QueuectlGroup(QuickStart, click.Group):
 
     Holds ``enqueue`` from the start; the other commands join it when ``queuectl.cli`` is
     imported, which happens the first time a name it does not hold yet is asked for, or
-    the whole list is (help, shell completion).
+    the whole list is (help, shell completion). ``worker`` asked for by name joins alone,
+    from ``queuectl.cli_worker``.
     """
 
     command_class = QueuectlCommand
@@ -109,7 +111,7 @@ class QueuectlGroup(QuickStart, click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
-            _load_commands()
+            _load_commands("queuectl.cli_worker" if cmd_name == "worker" else "queuectl.cli")
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -151,15 +153,16 @@ class QueuectlGroup(QuickStart, click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _load_commands() -> None:
-    """Import ``queuectl.cli``, which registers every other command on the group, with the
-    collector off and what it made frozen, as for this module's own imports (see the top)."""
-    if "queuectl.cli" in sys.modules:
+def _load_commands(module: str = "queuectl.cli") -> None:
+    """Import ``module``, which registers its commands on the group (``queuectl.cli``: every
+    other command), with the collector off and what it made frozen, as for this module's
+    own imports (see the top)."""
+    if module in sys.modules:
         return
     collecting = gc.isenabled()
     gc.disable()
     try:
-        import queuectl.cli  # noqa: F401
+        __import__(module)  # not importlib.import_module, which -X importtime does not report
     finally:
         if collecting:
             gc.freeze()
