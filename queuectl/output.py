@@ -26,13 +26,16 @@ import codecs
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from queuectl import reads, settings
-from queuectl.records import Run
+from queuectl import settings
 from queuectl.states import FINAL
 from queuectl.store import Db
+
+if TYPE_CHECKING:
+    from queuectl.records import Run
 
 FLUSH_EVERY = 0.25  # seconds between writes of a run's new output, at most
 FLUSH_SIZE = 256 * 1024  # bytes waiting that are written without waiting for FLUSH_EVERY
@@ -225,6 +228,8 @@ def follow(db: Db, job_id: str, sleep: Callable[[float], None] = time.sleep
 def steps(db: Db, job_id: str, poll: float = FOLLOW_POLL) -> Iterator[str | NextRun | float]:
     """``follow``, yielding how long to sleep (a float) where it would sleep: a caller that
     shares ``db`` with others (``Queue.follow``) lets go of it meanwhile."""
+    from queuectl import reads  # the reading side: a worker, which only writes, never loads it
+
     reads.get_job(db, job_id)  # an unknown id: NotFound now
     reader: Reader | None = None
     index = 0

@@ -770,8 +770,8 @@ def test_a_burst_worker_on_an_empty_queue_loads_only_what_it_uses(db):
         loaded = {line.rsplit("|", 1)[-1].strip()
                   for line in done.stderr.splitlines() if line.startswith("import time:")}
         assert {"queuectl.cli_worker", "queuectl.worker"} <= loaded, args
-        unused = {"queuectl.cli", "rich", "shutil", "subprocess", "pathlib", "dataclasses",
-                  "locale"}
+        unused = {"queuectl.cli", "queuectl.reads", "rich", "shutil", "subprocess", "pathlib",
+                  "dataclasses", "locale"}
         assert loaded & unused == set(), args
 
 
