@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -266,7 +266,7 @@ def finish_and_claim_many(
     return outcomes, following
 
 
-class _Held(NamedTuple):
+class _Held(msgspec.Struct):
     """A job whose result or start is being recorded, as the store has it now."""
 
     state: str
@@ -278,7 +278,7 @@ class _Held(NamedTuple):
     queue: str
 
 
-class _Rules(NamedTuple):
+class _Rules(msgspec.Struct):
     """What a queue paused or limited holds its claims and starts to."""
 
     paused: bool
@@ -559,7 +559,8 @@ def _start(conn: Db, job: Claim, started: ev.Started, held: _Held, known: _Known
     on ``started``."""
     if not held.ahead:
         return []
-    paused, limit, rate = known.queues.get(held.queue, _OPEN)
+    rules = known.queues.get(held.queue, _OPEN)
+    paused, limit, rate = rules.paused, rules.limit, rules.rate
     reason = None
     if held.cancel_requested:
         reason = "cancelled before it started"

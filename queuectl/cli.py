@@ -1,12 +1,13 @@
-"""The ``queuectl`` commands besides ``enqueue``: parse, call one core function, render.
+"""The ``queuectl`` commands besides ``enqueue`` and ``worker``: parse, call one core
+function, render.
 
 They join the group of ``queuectl.cli_root`` when this module is imported, which that group
-does the first time it is asked for one of them (see ``QueuectlGroup``).
+does the first time it is asked for one of them (see ``QueuectlGroup``); ``worker``, from
+``queuectl.cli_worker``, joins with them.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +29,13 @@ from queuectl.cli_root import (
     enqueue,
     main,
 )
+from queuectl.cli_worker import worker
 from queuectl.states import CANCELLABLE, STATES, State
 
 if TYPE_CHECKING:
     from queuectl import waiting
 
-__all__ = ["cli", "enqueue", "main"]  # every command is an attribute here, as mkdocs-click asks
+__all__ = ["cli", "enqueue", "main", "worker"]  # every command is an attribute here, as mkdocs-click asks
 
 
 # -- config -------------------------------------------------------------------------------
@@ -842,101 +844,6 @@ def _interruptible() -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("Stopped waiting; the jobs are left as they are.", err=True)
         raise click.exceptions.Exit(130) from None
-
-
-# -- workers ------------------------------------------------------------------------------
-
-
-def _host_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", value):
-        raise click.BadParameter(f"{value!r} is not a host name (letters, digits, . _ -)")
-    return value
-
-
-def worker_options(f: Any) -> Any:
-    for option in reversed(
-        (
-            click.option("-v", "--verbose", is_flag=True, help="Log every job's progress."),
-            click.option("-c", "--concurrency", type=Number("concurrency"), default=1,
-                         show_default=True, help="Workers in this process."),
-            click.option("-s", "--poll", type=Number("poll"), default=3.0,
-                         show_default=True,
-                         help="Seconds between checks when idle (new jobs wake workers "
-                              "at once anyway)."),
-            click.option("-l", "--limit", type=Number("jobs_per_worker"), default=0,
-                         help="Jobs per worker before it exits (0 = no limit)."),
-            click.option("--burst", is_flag=True,
-                         help="Exit once nothing is pending, running or waiting to retry."),
-            click.option("--ahead", type=Number("ahead"), default=0, metavar="N",
-                         help="Jobs each worker holds claimed beyond the one it runs, after "
-                              "a quick job (default 0). Each starts only once the store "
-                              "says it may; a job running over 1s gives them back."),
-            click.option("-q", "--queue", "queues", multiple=True, metavar="NAME",
-                         callback=_queue_name, shell_complete=complete.queue_names,
-                         help="Take jobs only of this queue (repeatable: all of the first "
-                              "before any of the next; default: every queue, by priority)."),
-            click.option("--host-name", envvar="QUEUECTL_HOST", metavar="NAME",
-                         callback=_host_name,
-                         help="The host these workers say they run on (also QUEUECTL_HOST; "
-                              "default: this machine's name). A worker stops the runs of a "
-                              "dead worker only on its own host."),
-        )
-    ):
-        f = option(f)
-    return f
-
-
-@cli.group(invoke_without_command=True)
-@worker_options
-@click.option("--stop", is_flag=True, help="Ask running workers to finish their job and exit.")
-@click.pass_context
-def worker(ctx: click.Context, stop: bool, **options: Any) -> None:
-    """Run workers in the foreground (Ctrl-C: finish the job and exit; twice: at once).
-
-    \b
-    Example:
-        queuectl worker -v -c 3 -s 1
-        queuectl worker --burst
-        queuectl worker --stop
-    """
-    if ctx.invoked_subcommand is None:
-        _stop(ctx) if stop else _run(ctx, **options)
-
-
-@worker.command("start")
-@worker_options
-@click.pass_context
-def worker_start(ctx: click.Context, **options: Any) -> None:
-    """Same as `queuectl worker [OPTIONS]`."""
-    _run(ctx, **options)
-
-
-@worker.command("stop")
-@click.pass_context
-def worker_stop(ctx: click.Context) -> None:
-    """Same as `queuectl worker --stop`."""
-    _stop(ctx)
-
-
-def _stop(ctx: click.Context) -> None:
-    decisions.request_stop(_db(ctx, create=True))
-    click.echo("Stop signal sent to all workers.")
-
-
-def _run(ctx: click.Context, **options: Any) -> None:
-    import threading
-
-    from queuectl.worker import Options, run_workers
-
-    lock = threading.Lock()
-
-    def echo(line: str) -> None:
-        with lock:
-            click.echo(line)
-
-    errors = run_workers(ctx.obj["db"], Options(**options), echo)
-    if errors:
-        raise click.ClickException("; ".join(errors))
 
 
 # -- serve --------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ and ``main``.
 
 ``queuectl enqueue`` is the command people and scripts run most, one process a job, so its
 start-up is what this module is for: the other commands (``queuectl.cli``) are imported only
-when one of them runs, or when help, shell completion or the docs list them. Rich and the
-worker load only in the commands that need them.
+when one of them runs, or when help, shell completion or the docs list them. ``worker``,
+whose start-up every worker process pays, is imported alone (``queuectl.cli_worker``). Rich
+and ``queuectl.worker`` load only in the commands that need them.
 """
 
 from __future__ import annotations
@@ -88,19 +89,29 @@ class QueuectlCommand(QuickStart, click.Command):
     """A command of ``queuectl`` (see ``QuickStart``)."""
 
 
+class QueuectlSubgroup(QuickStart, click.Group):
+    """A group of commands under the root, such as ``worker`` or ``config`` (see
+    ``QuickStart``): ``queuectl worker --burst`` parses its options as ``enqueue`` does."""
+
+    command_class = QueuectlCommand
+    group_class = type  # and so are the groups under it
+
+
 class QueuectlGroup(QuickStart, click.Group):
     """Reports every error as one line on stderr: ``Error: ...``, exit 1 (usage errors 2).
 
     Holds ``enqueue`` from the start; the other commands join it when ``queuectl.cli`` is
     imported, which happens the first time a name it does not hold yet is asked for, or
-    the whole list is (help, shell completion).
+    the whole list is (help, shell completion). ``worker`` asked for by name joins alone,
+    from ``queuectl.cli_worker``.
     """
 
     command_class = QueuectlCommand
+    group_class = QueuectlSubgroup
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
-            _load_commands()
+            _load_commands("queuectl.cli_worker" if cmd_name == "worker" else "queuectl.cli")
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -142,15 +153,16 @@ class QueuectlGroup(QuickStart, click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _load_commands() -> None:
-    """Import ``queuectl.cli``, which registers every other command on the group, with the
-    collector off and what it made frozen, as for this module's own imports (see the top)."""
-    if "queuectl.cli" in sys.modules:
+def _load_commands(module: str = "queuectl.cli") -> None:
+    """Import ``module``, which registers its commands on the group (``queuectl.cli``: every
+    other command), with the collector off and what it made frozen, as for this module's
+    own imports (see the top)."""
+    if module in sys.modules:
         return
     collecting = gc.isenabled()
     gc.disable()
     try:
-        import queuectl.cli  # noqa: F401
+        __import__(module)  # not importlib.import_module, which -X importtime does not report
     finally:
         if collecting:
             gc.freeze()

@@ -24,7 +24,8 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from queuectl import runner
 
@@ -33,8 +34,7 @@ KILL = 0.8  # ... and SIGKILL: dead with a fifth of the lease to spare
 RENEW = 0.4  # a worker renews its lease at least this often (share of the lease)
 
 
-@dataclass
-class Watched:
+class Watched(msgspec.Struct):
     """One running job's process group and what its deadline is counted from."""
 
     group: int  # the shell's pid, the leader of the run's process group (unreaped)

@@ -26,12 +26,16 @@ import codecs
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from queuectl import reads, settings
-from queuectl.records import Run
+import msgspec
+
+from queuectl import settings
 from queuectl.states import FINAL
 from queuectl.store import Db
+
+if TYPE_CHECKING:
+    from queuectl.records import Run
 
 FLUSH_EVERY = 0.25  # seconds between writes of a run's new output, at most
 FLUSH_SIZE = 256 * 1024  # bytes waiting that are written without waiting for FLUSH_EVERY
@@ -133,8 +137,7 @@ def write(db: Db, sink: Sink, final: bool = False) -> None:
 # -- reading --------------------------------------------------------------------------------
 
 
-@dataclass
-class Chunk:
+class Chunk(msgspec.Struct):
     seq: int
     start: int
     size: int
@@ -197,8 +200,7 @@ def delete(db: Db, job_ids: list[str]) -> None:
 # -- following ------------------------------------------------------------------------------
 
 
-@dataclass
-class NextRun:
+class NextRun(msgspec.Struct):
     """Between two runs when following: how the last ended, which one starts."""
 
     ended: Run
@@ -226,6 +228,8 @@ def follow(db: Db, job_id: str, sleep: Callable[[float], None] = time.sleep
 def steps(db: Db, job_id: str, poll: float = FOLLOW_POLL) -> Iterator[str | NextRun | float]:
     """``follow``, yielding how long to sleep (a float) where it would sleep: a caller that
     shares ``db`` with others (``Queue.follow``) lets go of it meanwhile."""
+    from queuectl import reads  # the reading side: a worker, which only writes, never loads it
+
     reads.get_job(db, job_id)  # an unknown id: NotFound now
     reader: Reader | None = None
     index = 0

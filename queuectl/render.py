@@ -10,15 +10,13 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Any
 
-import shlex
-
 import msgspec
 
 from queuectl import clock
 from queuectl import events as ev
-from queuectl.records import Job, QueueRow, Run, Stats, Worker
 
 if TYPE_CHECKING:
+    from queuectl.records import Job, QueueRow, Run, Stats, Worker
     from queuectl.waiting import Watch
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))}
@@ -359,6 +357,8 @@ def event_details(event: ev.Event) -> str:
 
 def _assignments(env: dict[str, str]) -> str:
     """Variables as a shell would set them: ``A=1 B='two words'``."""
+    import shlex  # not on a worker's path, which renders only its log lines
+
     return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
 
 

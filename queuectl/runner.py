@@ -20,31 +20,30 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import functools
 import os
 import select
-import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 if TYPE_CHECKING:
+    import subprocess
+
     from queuectl.resources import Limits
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 TICK = 0.05  # seconds between calls of a run's tick (heartbeats, cancel checks)
 
 
-@dataclass
-class RunResult:
+class RunResult(msgspec.Struct):
     exit_code: int | None
     duration: float
     output: str
@@ -98,8 +97,15 @@ def run_env(base: dict[bytes, bytes], job_id: str, attempt: int, worker_id: str,
 @functools.cache
 def _shell() -> str:
     """``sh`` as PATH finds it, looked up once per process: a bare ``sh`` would be searched
-    for on PATH at every spawn, failing exec after exec in the child while the worker waits."""
-    return shutil.which("sh") or "/bin/sh"
+    for on PATH at every spawn, failing exec after exec in the child while the worker waits.
+    Looked up as ``shutil.which`` does, without importing shutil (and with it bz2, lzma and
+    zlib) into every worker."""
+    path = os.environ.get("PATH", os.defpath)
+    for directory in path.split(os.pathsep) if path else ():
+        candidate = os.path.join(directory, "sh")
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return "/bin/sh"
 
 
 # A run with a directory has its shell enter it first and then evaluate the command, with
@@ -175,17 +181,28 @@ def _posix_spawn(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str]
 
 
 def _popen(argv: list[str], env: Mapping[bytes, bytes] | Mapping[str, str], out: int) -> int:
-    return _Shell(argv, executable=_shell(), stdin=_devnull(), stdout=out, stderr=out,
-                  env=env, close_fds=False, start_new_session=True, restore_signals=True).pid
+    return _shell_class()(argv, executable=_shell(), stdin=_devnull(), stdout=out,
+                          stderr=out, env=env, close_fds=False, start_new_session=True,
+                          restore_signals=True).pid
 
 
-class _Shell(subprocess.Popen):  # type: ignore[type-arg]
-    """A run's shell, started by subprocess and then left to this module: it is reaped
-    here (``_exit_code`` leaves it a zombie first, keeping its group's number ours), never
-    by subprocess, whose clean-up of dropped Popen objects would reap it behind our back."""
+@functools.cache
+def _shell_class() -> type[subprocess.Popen[bytes]]:
+    """The Popen of a run's shell, made on the first run that needs it: a process of one
+    worker and no jobs ahead starts every run with posix_spawn, and need not import
+    subprocess."""
+    import subprocess
 
-    def __del__(self) -> None:
-        pass
+    class _Shell(subprocess.Popen):  # type: ignore[type-arg]
+        """A run's shell, started by subprocess and then left to this module: it is reaped
+        here (``_exit_code`` leaves it a zombie first, keeping its group's number ours),
+        never by subprocess, whose clean-up of dropped Popen objects would reap it behind
+        our back."""
+
+        def __del__(self) -> None:
+            pass
+
+    return _Shell
 
 
 @functools.cache
@@ -477,7 +494,7 @@ def _limit_reached(result: RunResult, limits: Limits, cpu: float, output_limit: 
     if sink is not None:
         sink(line.encode())
     output = (result.output + line)[-output_limit:] if output_limit else ""
-    return dataclasses.replace(result, output=output, error=error)
+    return msgspec.structs.replace(result, output=output, error=error)
 
 
 def _end(pid: int, env: Mapping[bytes, bytes] | Mapping[str, str] | None,

@@ -15,7 +15,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import Any, NamedTuple
+from typing import Any
+
+import msgspec
 
 from queuectl import actor, cascade, clock, decisions
 from queuectl import events as ev
@@ -112,7 +114,7 @@ def count_ticks(cron: str, timezone: str, start: str, end: str) -> int:
     return count
 
 
-class Due(NamedTuple):
+class Due(msgspec.Struct):
     """What a worker makes of a due schedule at a given time."""
 
     tick: str  # the latest tick at or before that time: the one a job is made for
@@ -297,8 +299,6 @@ def listed(conn: Db) -> list[dict[str, Any]]:
 
 def _env(text: str | None) -> dict[str, str]:
     """A schedule's variables from its ``env`` column (a JSON object, or NULL for none)."""
-    import msgspec
-
     return msgspec.json.decode(text, type=dict[str, str]) if text else {}
 
 
@@ -353,7 +353,7 @@ def fire_due(conn: Db) -> list[ev.Event]:
 
 
 def _fire(conn: Db, row: dict[str, Any], due: Due) -> list[ev.Event]:
-    tick, missed, following = due
+    tick, missed, following = due.tick, due.missed, due.following
     name, made = row["name"], job_id(row["name"], tick)
     held = row["last_job"]
     if held is not None:

@@ -16,8 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -41,6 +39,8 @@ from queuectl.errors import CorruptLedger, StoreError, StoreUnavailable
 from queuectl.store import Db
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from queuectl.resources import Limits
 
 T = TypeVar("T")
@@ -50,8 +50,7 @@ SCHEDULE_LOOK = 1.0  # seconds between looks for a due schedule tick, by each wo
 DRAIN_LOOK = 0.05  # a burst worker's first look again while others finish the last jobs
 
 
-@dataclass
-class Options:
+class Options(msgspec.Struct):
     verbose: bool = False
     concurrency: int = 1
     poll: float = 3.0  # fallback check interval; new work wakes workers at once anyway
@@ -782,8 +781,7 @@ class Pipeline:
                     handed.worker.report(event, handed.job)
 
 
-@dataclass
-class _Handed:
+class _Handed(msgspec.Struct):
     worker: Worker
     job: claims.Claim | None
     event: ev.Event | None

@@ -759,6 +759,22 @@ def test_commands_that_do_not_draw_never_load_rich(db):
         assert "click" in loaded and "rich" not in loaded, args
 
 
+@pytest.mark.stores("sqlite")  # start-up is the same on every store
+def test_a_burst_worker_on_an_empty_queue_loads_only_what_it_uses(db):
+    """Every worker process pays for its start-up: ``worker`` loads without the other
+    commands, and a worker that runs nothing without what only runs or help need."""
+    for args in (["worker", "--burst"], ["worker", "-c", "2", "--burst"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", *queuectl_cmd(*args)[1:]],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        loaded = {line.rsplit("|", 1)[-1].strip()
+                  for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert {"queuectl.cli_worker", "queuectl.worker"} <= loaded, args
+        unused = {"queuectl.cli", "queuectl.reads", "rich", "shutil", "subprocess", "pathlib",
+                  "dataclasses", "locale"}
+        assert loaded & unused == set(), args
+
+
 def test_the_program_keeps_its_output_exit_code_and_tidy_database(db):
     """``queuectl`` ends its process without tearing Python down (``cli.main``): what it
     printed still arrives whole through a pipe, the exit code is the command's, and its
