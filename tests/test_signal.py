@@ -5,6 +5,7 @@ hosts too), and records that it did; a job that is not running is refused."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -30,7 +31,9 @@ from queuectl.errors import InvalidInput
 @pytest.mark.slow
 def test_signal_reaches_the_running_job_within_a_second(run, conn, tmp_path):
     got = tmp_path / "got.txt"
-    unique = "0.1093"  # a sleep argument no other process here uses
+    # A sleep argument no other process here uses: not even this test on the other store,
+    # run beside it by another pytest process, whose clean-up would kill this one's job.
+    unique = f"0.1093{os.getpid() % 100_000:05d}"
     command = (f"trap 'echo USR1 >> {got}' USR1; i=0; "
                f"while [ $i -lt 300 ]; do sleep {unique}; i=$((i+1)); done")
     try:
