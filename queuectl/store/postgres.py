@@ -469,6 +469,8 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
 
 _NONE: Mapping[str, Any] = {}
 HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
+# The head locked, and checked to be where this connection's last commit left it.
+GUESSED_HEAD_LOCK = "SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head FOR UPDATE"
 
 
 class _Misguessed(Exception):
@@ -843,21 +845,18 @@ class PgDb:
             try:
                 self._hold("BEGIN")
                 if guess and self._last_head is not None:
-                    self._hold(HEAD_LOCK, prepare=True)
+                    # The lock and the check are one statement: were the head moved while
+                    # this one waited for it, the server checks the row as it finds it then.
                     token = f"queuectl-guess-{len(self._expected)}"
                     self._expected[token] = _Misguessed("the head")
-                    self._hold("SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head",
-                               (self._last_head, token))
+                    self._hold(GUESSED_HEAD_LOCK, (self._last_head, token))
                     self._head, self._guessing = self._last_head, True
                 else:
                     self._hold(HEAD_LOCK, consume=self._took_head, prepare=True)
                 yield self
                 if self._appended:
-                    self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
-                    if self._wakes:
-                        self._hold(f"NOTIFY {CHANNEL}")
-                    if self._ends:
-                        self._hold(f"NOTIFY {ENDS_CHANNEL}")
+                    self._hold(f"UPDATE queuectl_head SET seq = ?{self._notifies()}",
+                               (self._last(),))
                 self.execute("COMMIT")
                 self._last_head = self._head
             except BaseException as exc:
@@ -872,6 +871,13 @@ class PgDb:
             finally:
                 self._head = self._tx_now = None
                 self._guessing = False
+
+    def _notifies(self) -> str:
+        """What the head's update returns: the transaction's wake-ups, as ``pg_notify``
+        calls, which the server sends at commit as it would a NOTIFY statement of each."""
+        channels = [c for c, sent in ((CHANNEL, self._wakes), (ENDS_CHANNEL, self._ends)) if sent]
+        calls = ", ".join(f"pg_notify('{c}', '')" for c in channels)
+        return f" RETURNING {calls}" if calls else ""
 
     def _refuted(self) -> bool:
         """Whether the server finds one of this transaction's guesses wrong, asked now."""
