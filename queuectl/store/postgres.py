@@ -855,8 +855,7 @@ class PgDb:
                     self._hold(HEAD_LOCK, consume=self._took_head, prepare=True)
                 yield self
                 if self._appended:
-                    self._hold(f"UPDATE queuectl_head SET seq = ?{self._notifies()}",
-                               (self._last(),))
+                    self._move_head()
                 self.execute("COMMIT")
                 self._last_head = self._head
             except BaseException as exc:
@@ -872,12 +871,29 @@ class PgDb:
                 self._head = self._tx_now = None
                 self._guessing = False
 
-    def _notifies(self) -> str:
+    def _move_head(self) -> None:
+        """The head moved to the seq last appended, at the end of the transaction. When
+        nothing of it has gone yet, the guessed lock itself moves it instead, by the
+        number of events appended, and checks where it moved to (so, where it was): lock,
+        check and move are then one statement, still the first, and a head moved by a
+        commit it waited for is checked as the server finds it after the wait."""
+        held = self._pending[1] if self.in_transaction_pending() else None
+        if held is None or held.sql != GUESSED_HEAD_LOCK:
+            self._hold(f"UPDATE queuectl_head SET seq = ?{self._notifies(' RETURNING ')}",
+                       (self._last(),))
+            return
+        assert self._head is not None
+        guessed, token = held.rows[0]
+        held.sql = ("UPDATE queuectl_head SET seq = seq + ? "
+                    f"RETURNING queuectl_expect(seq, ?, ?){self._notifies(', ')}")
+        held.rows = [(self._head - guessed, self._head, token)]
+
+    def _notifies(self, before: str) -> str:
         """What the head's update returns: the transaction's wake-ups, as ``pg_notify``
         calls, which the server sends at commit as it would a NOTIFY statement of each."""
         channels = [c for c, sent in ((CHANNEL, self._wakes), (ENDS_CHANNEL, self._ends)) if sent]
         calls = ", ".join(f"pg_notify('{c}', '')" for c in channels)
-        return f" RETURNING {calls}" if calls else ""
+        return before + calls if calls else ""
 
     def _refuted(self) -> bool:
         """Whether the server finds one of this transaction's guesses wrong, asked now."""
