@@ -313,8 +313,7 @@ def test_a_guessed_enqueue_is_five_statements_the_first_of_which_takes_the_head(
     trips = _trips(monkeypatch)
     decisions.enqueue(conn, [decisions.JobSpec(command="true")])
     assert len(trips) == 1
-    (begin, head, free, *rows, commit), = trips
-    assert (begin, commit) == ("BEGIN", "COMMIT")
+    (head, free, *rows), = trips
     assert head == ("UPDATE queuectl_head SET seq = seq + ? RETURNING "
                     "queuectl_expect(seq, ?, ?), pg_notify('queuectl', '')")
     assert free.startswith("SELECT queuectl_expect(") and "FROM jobs WHERE id = ?" in free
@@ -368,16 +367,44 @@ def test_a_head_moved_while_a_guess_waited_for_it_is_refused_and_asked_again(
         (1, "enqueued", "1"), (2, "cancel-requested", "1"), (3, "enqueued", "3")]
 
 
-def test_a_commit_refused_at_the_sync_writes_nothing(db, conn):
+def test_a_head_held_past_the_lock_timeout_gives_one_clear_line(db, conn, monkeypatch):
+    """An enqueue of one round trip (its head lock is its first statement) and the CLI's
+    both meet the lock timeout as the same error, and write nothing."""
+    monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
+    impatient = ledger.connect(db)
+    assert decisions.enqueue(impatient, [decisions.JobSpec(command="true")]) == ["1"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        trips = _trips(monkeypatch)
+        with pytest.raises(StoreError) as refused:
+            decisions.enqueue(impatient, [decisions.JobSpec(command="true")])
+        assert len(trips) == 1 and trips[0][0].startswith("UPDATE queuectl_head")
+        assert not impatient.in_transaction
+        line = one_error_line(queuectl("enqueue", "-c", "true"))
+    finally:
+        holder.communicate("go\n", timeout=30)
+        impatient.close()
+    message = "database is locked: another process held it for over 0.5s; try again"
+    assert str(refused.value) == message
+    assert line == f"Error: {message}"
+    assert conn.execute("SELECT type FROM events ORDER BY seq").fetchall() == [
+        ("enqueued",), ("cancel-requested",)]
+
+
+def test_a_commit_refused_at_the_sync_writes_nothing(db, conn, monkeypatch):
     """A transaction of one round trip commits at the sync, without COMMIT: a commit the
     server refuses there (a deferred constraint) is the transaction's error, and leaves
     nothing written and the connection ready."""
     with by_hand(db) as admin:
         admin.execute("CREATE TABLE pairs (k INTEGER, "
                       "UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)")
+    trips = _trips(monkeypatch)
     with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
         conn.insert("pairs", {"k": 1})
         conn.insert("pairs", {"k": 1})
+    assert len(trips) == 1 and "BEGIN" not in trips[0] and "COMMIT" not in trips[0]
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM pairs").fetchone() == (0,)
     with conn.transaction():

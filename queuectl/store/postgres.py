@@ -13,6 +13,9 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
   the head to be where this connection's last commit left it, and a read whose last answer
   was no rows to find none again; the server checks each guess before the writes that
   follow it, in the same round trip, and a wrong one means the transaction runs again, asking.
+  Sent whole in one round trip, such a transaction locks, checks and moves the head in its
+  first statement, and needs no BEGIN or COMMIT: the statements up to a pipeline's sync are
+  one transaction, which the sync commits (durably, as ``synchronous_commit`` says).
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
   server's clock, so hosts with skewed clocks agree: each connection measures the server's
   clock against its host's monotonic clock (at connect and every minute) and tracks it
@@ -20,9 +23,10 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
 - **Append-only by the database**: triggers refuse UPDATE, DELETE and TRUNCATE of events.
 - **Timeouts**: ``lock_timeout`` bounds a wait for the head (``QUEUECTL_LOCK_TIMEOUT``) and
   ``idle_in_transaction_session_timeout`` ends the session of a client that died holding it.
-- **Wake-ups**: a transaction that makes work claimable sends ``NOTIFY queuectl``; each worker
-  process listens on a connection of its own (``Waker``). One that ends a job sends
-  ``NOTIFY queuectl_ends``, which only ``wait`` listens for: workers are not woken by it.
+- **Wake-ups**: a transaction that makes work claimable notifies ``queuectl`` (``pg_notify``
+  in the head's update, sent at commit); each worker process listens on a connection of its
+  own (``Waker``). One that ends a job notifies ``queuectl_ends``, which only ``wait``
+  listens for: workers are not woken by it.
 """
 
 from __future__ import annotations
@@ -735,14 +739,15 @@ class PgDb:
         params = _PARAMS
         return _Command(name, [(params.get(type(v)) or _param)(v) for v in parameters], None)
 
-    def _send(self, last: _Command) -> Any:
+    def _send(self, last: _Command | None) -> Any:
         """The pending writes and ``last`` in one round trip, sent through libpq itself
         (psycopg's cursors cost more than the round trip on a busy worker) in its pipeline
         mode: a prepared statement runs from its values, with no statement text for the
-        server to parse. Returns ``last``'s rows. A write that changed other than the rows
-        it expected fails its statement, and the server skips the rest."""
+        server to parse. Returns ``last``'s rows (without ``last``, the last write's). A
+        write that changed other than the rows it expected fails its statement, and the
+        server skips the rest."""
         pending, self._pending = self._pending, []
-        commands = [*map(self._render, pending), last]
+        commands = [*map(self._render, pending), *([last] if last is not None else [])]
         psycopg = _driver()
         pgconn = self.conn.pgconn
         results = []
@@ -838,7 +843,7 @@ class PgDb:
         work claimable, wakes the listening workers.
 
         ``guess`` (see ``attempt``): the head is taken to be where this connection's last
-        commit left it, which the server checks right after the lock, before any write."""
+        commit left it, which the server checks as it takes the lock, before any write."""
         with PROCESS_LOCK:
             self._pending = []
             self._appended = self._wakes = self._ends = False
@@ -856,7 +861,7 @@ class PgDb:
                 yield self
                 if self._appended:
                     self._move_head()
-                self.execute("COMMIT")
+                self._commit()
                 self._last_head = self._head
             except BaseException as exc:
                 # Whatever failed may have been decided on a wrong guess: the server says.
@@ -887,6 +892,19 @@ class PgDb:
         held.sql = ("UPDATE queuectl_head SET seq = seq + ? "
                     f"RETURNING queuectl_expect(seq, ?, ?){self._notifies(', ')}")
         held.rows = [(self._head - guessed, self._head, token)]
+
+    def _commit(self) -> None:
+        """COMMIT, sent with the writes still held. A transaction none of whose statements
+        has gone yet needs neither BEGIN nor COMMIT: in pipeline mode, the statements up
+        to a sync run as one transaction, which the sync commits (as durably: the commit
+        waits for the flush to disk as any other under ``synchronous_commit``) or, after
+        an error, rolls back whole."""
+        if not self.in_transaction_pending():
+            self.execute("COMMIT")
+            return
+        del self._pending[0]
+        if self._pending:
+            self._send(None)
 
     def _notifies(self, before: str) -> str:
         """What the head's update returns: the transaction's wake-ups, as ``pg_notify``
@@ -934,7 +952,7 @@ class PgDb:
             try:
                 self._hold("BEGIN")
                 yield self
-                self.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._pending = []
                 self._rollback()
@@ -953,6 +971,8 @@ class PgDb:
         return self._head
 
     def _rollback(self) -> None:
+        if self.conn.pgconn.transaction_status == 0:  # idle: nothing sent, or the sync of a
+            return  # transaction of one round trip rolled it back already
         try:
             self.conn.execute("ROLLBACK")
         except Exception:  # the connection itself is what failed: nothing to roll back
