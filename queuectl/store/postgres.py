@@ -555,7 +555,8 @@ class PgDb:
         if self._guessing and sql in self._empty:
             token = f"queuectl-guess-{len(self._expected)}"
             self._expected[token] = _Misguessed(sql)
-            checked = f"SELECT queuectl_expect(count(*), 0, ?) FROM ({sql}) AS guessed"
+            # A row found fails the check; none found calls nothing (no count to take).
+            checked = f"SELECT queuectl_expect(1, 0, ?) FROM ({sql}) AS guessed"
             self._hold(checked, (token, *parameters))
             return _NO_ROWS
         if self._pending or parameters:
