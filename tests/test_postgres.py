@@ -288,6 +288,155 @@ def test_an_enqueue_guesses_in_one_round_trip_and_runs_again_after_a_wrong_guess
         10, 1, 10)
 
 
+def _trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The statements of each round trip the store sends, as SQL (``?`` for values)."""
+    from queuectl.store import postgres
+
+    trips: list[list[str]] = []
+    send = postgres.PgDb._send
+
+    def logging(self: postgres.PgDb, last: postgres._Command | None) -> object:
+        trips.append([w.sql for w in self._pending] + (
+            [] if last is None else [last.text.decode() if last.text else "(prepared)"]))
+        return send(self, last)
+
+    monkeypatch.setattr(postgres.PgDb, "_send", logging)
+    return trips
+
+
+def test_a_guessed_enqueue_is_five_statements_the_first_of_which_takes_the_head(
+        db, conn, monkeypatch):
+    """Lock, guess check, move and wake-up are the head's one UPDATE, first; then the
+    check of the guessed free id, then the rows. No BEGIN or COMMIT: the statements up to
+    the round trip's sync are one transaction."""
+    decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+    trips = _trips(monkeypatch)
+    decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+    assert len(trips) == 1
+    (head, free, *rows), = trips
+    assert head == ("UPDATE queuectl_head SET seq = seq + ? RETURNING "
+                    "queuectl_expect(seq, ?, ?), pg_notify('queuectl', '')")
+    assert free.startswith("SELECT queuectl_expect(") and "FROM jobs WHERE id = ?" in free
+    assert [r.split("(")[0].strip() for r in rows] == [
+        "INSERT INTO events", "INSERT INTO jobs", "INSERT INTO job_counts"]
+    assert conn.execute("SELECT seq FROM queuectl_head").fetchone() == (2,)
+    assert not conn.in_transaction
+
+
+# Holds the head (the event it appends is not committed yet) until a line comes on stdin.
+HOLDER = """
+import sys
+from queuectl import events, ledger
+conn = ledger.connect(sys.argv[1])
+with ledger.write(conn):
+    ledger.append(conn, events.CancelRequested(job_id="1"))
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_head_moved_while_a_guess_waited_for_it_is_refused_and_asked_again(
+        db, conn, monkeypatch):
+    """Another process holds the head and commits an event while this connection's
+    guessed enqueue waits for it: the server checks the head as it finds it after the
+    wait, and the enqueue runs again, asking, after the other's event."""
+    assert decisions.enqueue(conn, [decisions.JobSpec(command="true")]) == ["1"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        trips = _trips(monkeypatch)
+        made: list[str] = []
+        enqueuer = threading.Thread(target=lambda: made.extend(
+            decisions.enqueue(conn, [decisions.JobSpec(command="true")])))
+        enqueuer.start()
+        with by_hand(db) as watcher:
+            wait_for(lambda: watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()").fetchone()[0] == 1, 30,
+                "the enqueue to wait for the head")
+    finally:
+        holder.communicate("go\n", timeout=30)
+    enqueuer.join()
+    assert holder.returncode == 0
+    assert made == ["3"]
+    # The guess went in the head's one statement; refused, the enqueue asked.
+    assert any(sql.startswith("UPDATE queuectl_head SET seq = seq + ?") for sql in trips[0])
+    assert len(trips) > 1
+    assert [e[:3] for e in _events(conn, "enqueued", "cancel-requested")] == [
+        (1, "enqueued", "1"), (2, "cancel-requested", "1"), (3, "enqueued", "3")]
+
+
+def test_a_head_held_past_the_lock_timeout_gives_one_clear_line(db, conn, monkeypatch):
+    """An enqueue of one round trip (its head lock is its first statement) and the CLI's
+    both meet the lock timeout as the same error, and write nothing."""
+    monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
+    impatient = ledger.connect(db)
+    assert decisions.enqueue(impatient, [decisions.JobSpec(command="true")]) == ["1"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        trips = _trips(monkeypatch)
+        with pytest.raises(StoreError) as refused:
+            decisions.enqueue(impatient, [decisions.JobSpec(command="true")])
+        assert len(trips) == 1 and trips[0][0].startswith("UPDATE queuectl_head")
+        assert not impatient.in_transaction
+        line = one_error_line(queuectl("enqueue", "-c", "true"))
+    finally:
+        holder.communicate("go\n", timeout=30)
+        impatient.close()
+    message = "database is locked: another process held it for over 0.5s; try again"
+    assert str(refused.value) == message
+    assert line == f"Error: {message}"
+    assert conn.execute("SELECT type FROM events ORDER BY seq").fetchall() == [
+        ("enqueued",), ("cancel-requested",)]
+
+
+def test_a_commit_refused_at_the_sync_writes_nothing(db, conn, monkeypatch):
+    """A transaction of one round trip commits at the sync, without COMMIT: a commit the
+    server refuses there (a deferred constraint) is the transaction's error, and leaves
+    nothing written and the connection ready."""
+    with by_hand(db) as admin:
+        admin.execute("CREATE TABLE pairs (k INTEGER, "
+                      "UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)")
+    trips = _trips(monkeypatch)
+    with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+        conn.insert("pairs", {"k": 1})
+        conn.insert("pairs", {"k": 1})
+    assert len(trips) == 1 and "BEGIN" not in trips[0] and "COMMIT" not in trips[0]
+    assert not conn.in_transaction
+    assert conn.execute("SELECT count(*) FROM pairs").fetchone() == (0,)
+    with conn.transaction():
+        conn.insert("pairs", {"k": 2})
+    assert conn.execute("SELECT k FROM pairs").fetchall() == [(2,)]
+
+
+def test_each_commit_wakes_only_for_what_its_events_ask(db, conn):
+    """Workers hear of an enqueue, ``wait`` of a job ended; a heartbeat, a claim and a
+    rolled-back enqueue send nothing."""
+    with psycopg.connect(db, autocommit=True) as listener:
+        listener.execute("LISTEN queuectl; LISTEN queuectl_ends")
+
+        def heard() -> list[str]:
+            return [n.channel for n in listener.notifies(timeout=0.5)]
+
+        decisions.enqueue(conn, [decisions.JobSpec(command="true", id="a")])
+        assert heard() == ["queuectl"]
+        decisions.enqueue(conn, [decisions.JobSpec(command="true", id="b")])  # one trip
+        assert heard() == ["queuectl"]
+        with pytest.raises(Conflict):
+            decisions.enqueue(conn, [decisions.JobSpec(command="true", id="b")])
+        worker = claims.worker_started(conn, 1, "h")
+        claims.heartbeat(conn, worker)
+        job = claims.claim(conn, worker)
+        assert job is not None
+        assert heard() == []
+        claims.finish(conn, job, ev.Completed(job_id=job.job_id, worker_id=worker,
+                                              attempt=job.attempt))
+        assert heard() == ["queuectl_ends"]
+
+
 # -- jobs claimed ahead ------------------------------------------------------------------
 
 

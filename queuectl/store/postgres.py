@@ -13,6 +13,9 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
   the head to be where this connection's last commit left it, and a read whose last answer
   was no rows to find none again; the server checks each guess before the writes that
   follow it, in the same round trip, and a wrong one means the transaction runs again, asking.
+  Sent whole in one round trip, such a transaction locks, checks and moves the head in its
+  first statement, and needs no BEGIN or COMMIT: the statements up to a pipeline's sync are
+  one transaction, which the sync commits (durably, as ``synchronous_commit`` says).
 - **One clock.** Event times, and the ``now`` a claim compares ``run_at`` with, come from the
   server's clock, so hosts with skewed clocks agree: each connection measures the server's
   clock against its host's monotonic clock (at connect and every minute) and tracks it
@@ -20,9 +23,10 @@ A ``PgDb`` wraps one psycopg connection. What it keeps, and why:
 - **Append-only by the database**: triggers refuse UPDATE, DELETE and TRUNCATE of events.
 - **Timeouts**: ``lock_timeout`` bounds a wait for the head (``QUEUECTL_LOCK_TIMEOUT``) and
   ``idle_in_transaction_session_timeout`` ends the session of a client that died holding it.
-- **Wake-ups**: a transaction that makes work claimable sends ``NOTIFY queuectl``; each worker
-  process listens on a connection of its own (``Waker``). One that ends a job sends
-  ``NOTIFY queuectl_ends``, which only ``wait`` listens for: workers are not woken by it.
+- **Wake-ups**: a transaction that makes work claimable notifies ``queuectl`` (``pg_notify``
+  in the head's update, sent at commit); each worker process listens on a connection of its
+  own (``Waker``). One that ends a job notifies ``queuectl_ends``, which only ``wait``
+  listens for: workers are not woken by it.
 """
 
 from __future__ import annotations
@@ -469,6 +473,8 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
 
 _NONE: Mapping[str, Any] = {}
 HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
+# The head locked, and checked to be where this connection's last commit left it.
+GUESSED_HEAD_LOCK = "SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head FOR UPDATE"
 
 
 class _Misguessed(Exception):
@@ -549,7 +555,8 @@ class PgDb:
         if self._guessing and sql in self._empty:
             token = f"queuectl-guess-{len(self._expected)}"
             self._expected[token] = _Misguessed(sql)
-            checked = f"SELECT queuectl_expect(count(*), 0, ?) FROM ({sql}) AS guessed"
+            # A row found fails the check; none found calls nothing (no count to take).
+            checked = f"SELECT queuectl_expect(1, 0, ?) FROM ({sql}) AS guessed"
             self._hold(checked, (token, *parameters))
             return _NO_ROWS
         if self._pending or parameters:
@@ -733,14 +740,15 @@ class PgDb:
         params = _PARAMS
         return _Command(name, [(params.get(type(v)) or _param)(v) for v in parameters], None)
 
-    def _send(self, last: _Command) -> Any:
+    def _send(self, last: _Command | None) -> Any:
         """The pending writes and ``last`` in one round trip, sent through libpq itself
         (psycopg's cursors cost more than the round trip on a busy worker) in its pipeline
         mode: a prepared statement runs from its values, with no statement text for the
-        server to parse. Returns ``last``'s rows. A write that changed other than the rows
-        it expected fails its statement, and the server skips the rest."""
+        server to parse. Returns ``last``'s rows (without ``last``, the last write's). A
+        write that changed other than the rows it expected fails its statement, and the
+        server skips the rest."""
         pending, self._pending = self._pending, []
-        commands = [*map(self._render, pending), last]
+        commands = [*map(self._render, pending), *([last] if last is not None else [])]
         psycopg = _driver()
         pgconn = self.conn.pgconn
         results = []
@@ -836,29 +844,25 @@ class PgDb:
         work claimable, wakes the listening workers.
 
         ``guess`` (see ``attempt``): the head is taken to be where this connection's last
-        commit left it, which the server checks right after the lock, before any write."""
+        commit left it, which the server checks as it takes the lock, before any write."""
         with PROCESS_LOCK:
             self._pending = []
             self._appended = self._wakes = self._ends = False
             try:
                 self._hold("BEGIN")
                 if guess and self._last_head is not None:
-                    self._hold(HEAD_LOCK, prepare=True)
+                    # The lock and the check are one statement: were the head moved while
+                    # this one waited for it, the server checks the row as it finds it then.
                     token = f"queuectl-guess-{len(self._expected)}"
                     self._expected[token] = _Misguessed("the head")
-                    self._hold("SELECT queuectl_expect(seq, ?, ?) FROM queuectl_head",
-                               (self._last_head, token))
+                    self._hold(GUESSED_HEAD_LOCK, (self._last_head, token))
                     self._head, self._guessing = self._last_head, True
                 else:
                     self._hold(HEAD_LOCK, consume=self._took_head, prepare=True)
                 yield self
                 if self._appended:
-                    self._hold("UPDATE queuectl_head SET seq = ?", (self._last(),))
-                    if self._wakes:
-                        self._hold(f"NOTIFY {CHANNEL}")
-                    if self._ends:
-                        self._hold(f"NOTIFY {ENDS_CHANNEL}")
-                self.execute("COMMIT")
+                    self._move_head()
+                self._commit()
                 self._last_head = self._head
             except BaseException as exc:
                 # Whatever failed may have been decided on a wrong guess: the server says.
@@ -872,6 +876,43 @@ class PgDb:
             finally:
                 self._head = self._tx_now = None
                 self._guessing = False
+
+    def _move_head(self) -> None:
+        """The head moved to the seq last appended, at the end of the transaction. When
+        nothing of it has gone yet, the guessed lock itself moves it instead, by the
+        number of events appended, and checks where it moved to (so, where it was): lock,
+        check and move are then one statement, still the first, and a head moved by a
+        commit it waited for is checked as the server finds it after the wait."""
+        held = self._pending[1] if self.in_transaction_pending() else None
+        if held is None or held.sql != GUESSED_HEAD_LOCK:
+            self._hold(f"UPDATE queuectl_head SET seq = ?{self._notifies(' RETURNING ')}",
+                       (self._last(),))
+            return
+        assert self._head is not None
+        guessed, token = held.rows[0]
+        held.sql = ("UPDATE queuectl_head SET seq = seq + ? "
+                    f"RETURNING queuectl_expect(seq, ?, ?){self._notifies(', ')}")
+        held.rows = [(self._head - guessed, self._head, token)]
+
+    def _commit(self) -> None:
+        """COMMIT, sent with the writes still held. A transaction none of whose statements
+        has gone yet needs neither BEGIN nor COMMIT: in pipeline mode, the statements up
+        to a sync run as one transaction, which the sync commits (as durably: the commit
+        waits for the flush to disk as any other under ``synchronous_commit``) or, after
+        an error, rolls back whole."""
+        if not self.in_transaction_pending():
+            self.execute("COMMIT")
+            return
+        del self._pending[0]
+        if self._pending:
+            self._send(None)
+
+    def _notifies(self, before: str) -> str:
+        """What the head's update returns: the transaction's wake-ups, as ``pg_notify``
+        calls, which the server sends at commit as it would a NOTIFY statement of each."""
+        channels = [c for c, sent in ((CHANNEL, self._wakes), (ENDS_CHANNEL, self._ends)) if sent]
+        calls = ", ".join(f"pg_notify('{c}', '')" for c in channels)
+        return before + calls if calls else ""
 
     def _refuted(self) -> bool:
         """Whether the server finds one of this transaction's guesses wrong, asked now."""
@@ -912,7 +953,7 @@ class PgDb:
             try:
                 self._hold("BEGIN")
                 yield self
-                self.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._pending = []
                 self._rollback()
@@ -931,6 +972,8 @@ class PgDb:
         return self._head
 
     def _rollback(self) -> None:
+        if self.conn.pgconn.transaction_status == 0:  # idle: nothing sent, or the sync of a
+            return  # transaction of one round trip rolled it back already
         try:
             self.conn.execute("ROLLBACK")
         except Exception:  # the connection itself is what failed: nothing to roll back
