@@ -86,20 +86,23 @@ def replay(conn: Any, trace: Trace) -> None:
 
 def transactions(trace: Trace) -> list[Trace]:
     """A trace cut into its write transactions, each from its ``BEGIN`` (what comes before
-    the first stays with it): on PostgreSQL, each of a transaction's round trips."""
+    the first stays with it). On PostgreSQL, a transaction is its round trips from the one
+    that begins it to the one that commits it; a round trip outside any (one sent whole,
+    which the pipeline's sync commits) is one of its own."""
     parts: list[Trace] = []
+    open_ = False
     for step in trace.steps:
-        if not parts or _begins(step):
+        if isinstance(step, list):  # a PostgreSQL round trip
+            begins = step[0][2] == b"BEGIN"
+            starts = begins or not open_
+            open_ = (open_ or begins) and step[-1][2] != b"COMMIT"
+        else:
+            starts = step[1] == "BEGIN IMMEDIATE"
+        if not parts or starts:
             parts.append(Trace())
             parts[-1].prepared = trace.prepared
         parts[-1].steps.append(step)
     return parts
-
-
-def _begins(step: Any) -> bool:
-    if isinstance(step, list):  # a PostgreSQL round trip: its first command
-        return bool(step[0][2] == b"BEGIN")
-    return bool(step[1] == "BEGIN IMMEDIATE")
 
 
 def prepare_for_replay(conn: Any, trace: Trace) -> None:
@@ -144,8 +147,8 @@ def _recorder(kind: type) -> type:
                 self._trip = []
                 try:
                     return super()._send(last)
-                finally:
-                    self.trace.steps.append([*self._trip, last])
+                finally:  # without ``last``: the writes alone, committed by the sync
+                    self.trace.steps.append([*self._trip, *([last] if last else [])])
 
             def _direct(self, sql: str) -> Any:
                 self.trace.steps.append([(None, None, sql.encode())])
