@@ -25,7 +25,11 @@ def now() -> str:
     """``iso`` of this moment, made from the system clock's integer time: the date and time
     of day change once a second, so only the microseconds are formatted on most calls
     (going through ``datetime`` cost several times as much, on every event's time)."""
-    micros = time.time_ns() // 1000  # floored, as datetime.now rounds
+    return of_micros(time.time_ns() // 1000)  # floored, as datetime.now rounds
+
+
+def of_micros(micros: int) -> str:
+    """``iso`` of the instant ``micros`` microseconds after the epoch (see ``now``)."""
     second, fraction = divmod(micros, 1_000_000)
     known = _second
     if known[0] != second:

@@ -615,3 +615,13 @@ def test_now_is_the_system_clock_as_iso_gives_it():
         assert before <= now <= after and len(now) == 27 and now.endswith("Z")
         assert clock.iso(clock.parse(now)) == now
         time.sleep(0.4)  # across a second's boundary at least once
+
+
+def test_a_time_in_microseconds_is_the_instant_iso_gives():
+    """``of_micros`` (the PostgreSQL store's tracked server clock goes through it) writes the
+    same text as ``iso``, whichever second it was asked for last."""
+    for moment in (datetime(1970, 1, 1, tzinfo=UTC), datetime(2026, 12, 6, 8, 0, 52, 72660, UTC),
+                   datetime(2026, 12, 6, 8, 0, 53, tzinfo=UTC),
+                   datetime(2026, 12, 6, 8, 0, 52, 999999, UTC), clock.LATEST):
+        micros = (moment - clock.EARLIEST) // timedelta(microseconds=1)
+        assert clock.of_micros(micros) == clock.iso(moment)

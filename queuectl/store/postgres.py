@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -1000,7 +999,7 @@ class PgDb:
         else:
             if time.monotonic() - self._measured > _CLOCK_EVERY:
                 self._measure_clock()
-            now = clock.iso(datetime.fromtimestamp(time.monotonic() + self._offset, UTC))
+            now = clock.of_micros(int((time.monotonic() + self._offset) * 1_000_000))
         if self.in_transaction:
             self._tx_now = now
         return now
