@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -289,7 +289,7 @@ _FIND = "SELECT max(seq) FROM events WHERE job_id = ? AND type = ? AND seq <= ?"
 FLUSH_CHECK = 4096  # events read at a time; between them a replay may write rows back
 
 
-class Replayed(NamedTuple):
+class Replayed(msgspec.Struct, frozen=True):
     events: int  # how many the ledger holds (a prune moves some to the archive)
     last_seq: int
 

@@ -159,7 +159,7 @@ def test_append_returns_last_seq_and_shares_one_time(conn):
     assert rows[0][1] == rows[1][1]
     # position records what a projection was built from; appends don't rewrite it.
     assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(0,)]
-    assert ledger.rebuild(conn) == (2, seq)
+    assert ledger.rebuild(conn) == ledger.Replayed(events=2, last_seq=seq)
     assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(seq,)]
 
 
@@ -241,7 +241,7 @@ def test_rebuild_returns_last_seq_and_restores_rows(conn):
 
 
 def test_rebuild_of_empty_ledger_returns_zero(conn):
-    assert ledger.rebuild(conn) == (0, 0)
+    assert ledger.rebuild(conn) == ledger.Replayed(events=0, last_seq=0)
 
 
 def test_check_is_clean_then_names_altered_row(conn):
