@@ -162,7 +162,10 @@ _PIPELINE_SYNC = 10  # libpq's PGRES_PIPELINE_SYNC
 
 
 def _replay_pg(conn: Any, trace: Trace) -> None:
-    """Each recorded round trip in libpq's pipeline mode, as the store sends them."""
+    """Each recorded round trip in libpq's pipeline mode, as the store sends them: the
+    loop of ``PgDb._send``, copied rather than called, so that the bench replays the
+    statements of older versions of the store too (comparing a commit with an older one
+    in the same run)."""
     pgconn = conn.conn.pgconn
     for trip in trace.steps:
         pgconn.enter_pipeline_mode()
