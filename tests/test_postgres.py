@@ -335,16 +335,27 @@ with ledger.write(conn):
 """
 
 
+@contextmanager
+def _head_held(db: str) -> Iterator[None]:
+    """Another process holds the ledger's head, with an event appended, until the block
+    ends; then it commits."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        yield
+    finally:
+        holder.communicate("go\n", timeout=30)
+    assert holder.returncode == 0
+
+
 def test_a_head_moved_while_a_guess_waited_for_it_is_refused_and_asked_again(
         db, conn, monkeypatch):
     """Another process holds the head and commits an event while this connection's
     guessed enqueue waits for it: the server checks the head as it finds it after the
     wait, and the enqueue runs again, asking, after the other's event."""
     assert decisions.enqueue(conn, [decisions.JobSpec(command="true")]) == ["1"]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+    with _head_held(db):
         trips = _trips(monkeypatch)
         made: list[str] = []
         enqueuer = threading.Thread(target=lambda: made.extend(
@@ -355,10 +366,7 @@ def test_a_head_moved_while_a_guess_waited_for_it_is_refused_and_asked_again(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND datname = current_database()").fetchone()[0] == 1, 30,
                 "the enqueue to wait for the head")
-    finally:
-        holder.communicate("go\n", timeout=30)
     enqueuer.join()
-    assert holder.returncode == 0
     assert made == ["3"]
     # The guess went in the head's one statement; refused, the enqueue asked.
     assert any(sql.startswith("UPDATE queuectl_head SET seq = seq + ?") for sql in trips[0])
@@ -373,18 +381,15 @@ def test_a_head_held_past_the_lock_timeout_gives_one_clear_line(db, conn, monkey
     monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
     impatient = ledger.connect(db)
     assert decisions.enqueue(impatient, [decisions.JobSpec(command="true")]) == ["1"]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        trips = _trips(monkeypatch)
-        with pytest.raises(StoreError) as refused:
-            decisions.enqueue(impatient, [decisions.JobSpec(command="true")])
-        assert len(trips) == 1 and trips[0][0].startswith("UPDATE queuectl_head")
-        assert not impatient.in_transaction
-        line = one_error_line(queuectl("enqueue", "-c", "true"))
+        with _head_held(db):
+            trips = _trips(monkeypatch)
+            with pytest.raises(StoreError) as refused:
+                decisions.enqueue(impatient, [decisions.JobSpec(command="true")])
+            assert len(trips) == 1 and trips[0][0].startswith("UPDATE queuectl_head")
+            assert not impatient.in_transaction
+            line = one_error_line(queuectl("enqueue", "-c", "true"))
     finally:
-        holder.communicate("go\n", timeout=30)
         impatient.close()
     message = "database is locked: another process held it for over 0.5s; try again"
     assert str(refused.value) == message
