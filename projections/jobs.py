@@ -217,12 +217,19 @@ TRIGGERS = {
 
 def _values(seq: int, at: str, e: ev.Enqueued, blocked: bool = False) -> tuple[Any, ...]:
     """The new job's row: its ``_ENQUEUED`` columns, in that order."""
-    run_at = e.run_at if e.run_at and e.run_at > at else at
-    state = State.WAITING if blocked else _ready_state(run_at, at)
-    return (seq, e.job_id, e.command, e.queue, state, e.priority, e.max_retries, e.backoff_base,
-            e.backoff_max, e.backoff_jitter, e.timeout, run_at, e.unique_key, at, at, e.cwd,
-            env_text(e.env), limits_text(e.memory, e.cpu_time, e.open_files)
+    # Written out (no calls of _ready_state or env_text): a bulk enqueue makes one a job.
+    if e.run_at and e.run_at > at:
+        run_at, state = e.run_at, _SCHEDULED
+    else:
+        run_at, state = at, _PENDING
+    return (seq, e.job_id, e.command, e.queue, _WAITING if blocked else state, e.priority,
+            e.max_retries, e.backoff_base, e.backoff_max, e.backoff_jitter, e.timeout, run_at,
+            e.unique_key, at, at, e.cwd, _encode(e.env).decode() if e.env else None,
+            limits_text(e.memory, e.cpu_time, e.open_files)
             if e.memory or e.cpu_time or e.open_files else None)
+
+
+_PENDING, _SCHEDULED, _WAITING = State.PENDING, State.SCHEDULED, State.WAITING
 
 
 _encode = msgspec.json.encode

@@ -355,10 +355,11 @@ def add_jobs(conn: Db, specs: Sequence[JobSpec],
     made = [i for i in order if not ids[i]]
     if made:
         seq_of = {i: first + position for position, i in enumerate(order)}
-        clashes = existing(conn, [spell(seq_of[i]) for i in made])
-        for i in made:
-            ids[i] = spell(seq_of[i])
-            if ids[i] in clashes:  # a user chose that id: rare, so looked up one by one
+        spelt = [spell(seq_of[i]) for i in made]
+        clashes = existing(conn, spelt)
+        for i, job_id in zip(made, spelt, strict=True):
+            ids[i] = job_id
+            if job_id in clashes:  # a user chose that id: rare, so looked up one by one
                 ids[i] = made_id(seq_of[i], lambda job_id: bool(existing(conn, [job_id])))
     by = actor.current()  # stamped here: append would copy each event to stamp it
     append(conn, *(_enqueued(ids[i], specs[i], defaults, now, by) for i in order), at=now)
