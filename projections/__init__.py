@@ -107,24 +107,18 @@ class Rows:
         self.tx.insert_many(self.table, columns, list(map(values, new)))
 
     def _defaulted(self, rows: Iterable[dict[str, Any]]) -> set[str]:
-        return defaulted(rows, self.defaults)
-
-
-def defaulted(rows: Iterable[Any], defaults: Mapping[Any, Any]) -> set[Any]:
-    """The keys of ``defaults`` (columns' names in dict rows, positions in tuple rows) that
-    every one of ``rows`` holds the default in, so that an insert can leave those columns to
-    the table. One lookup a row takes the values of the columns the first row holds the
-    default in; rows mostly share their combination, so the set of combinations is short
-    to read."""
-    first = next(iter(rows))
-    maybe = [c for c, value in defaults.items() if first[c] == value]
-    if not maybe:
-        return set()
-    found = set(map(operator.itemgetter(*maybe), rows))
-    if len(maybe) == 1:  # an itemgetter of one column gives its values, not tuples
-        found = {(value,) for value in found}
-    return {c for i, c in enumerate(maybe)
-            if frozenset({defaults[c]}).issuperset(map(operator.itemgetter(i), found))}
+        """The columns of ``defaults`` that every one of ``rows`` holds the default in. One
+        lookup a row takes the values of the columns the first row holds the default in;
+        rows mostly share their combination, so the set of combinations is short to read."""
+        first = next(iter(rows))
+        maybe = [c for c, value in self.defaults.items() if first[c] == value]
+        if not maybe:
+            return set()
+        found = set(map(operator.itemgetter(*maybe), rows))
+        if len(maybe) == 1:  # an itemgetter of one column gives its values, not tuples
+            found = {(value,) for value in found}
+        return {c for i, c in enumerate(maybe)
+                if frozenset({self.defaults[c]}).issuperset(map(operator.itemgetter(i), found))}
 
 
 from projections import config, hooks, jobs, queues, runs, schedules, signals, tokens, workers  # noqa: E402,I001

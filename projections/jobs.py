@@ -152,8 +152,6 @@ _DEFAULTS = {"queue": DEFAULT_QUEUE, "priority": 0, "attempts": 0, "backoff_max"
              "backoff_jitter": 0.0, "timeout": 0.0, "cancel_requested": 0, "ahead": 0,
              "run_at": None, "worker_id": None, "exit_code": None, "last_error": None,
              "unique_key": None, "cwd": None, "env": None, "limits": None}
-# The same, by position in an ``_ENQUEUED`` row.
-_ENQUEUED_DEFAULTS = {i: _DEFAULTS[c] for i, c in enumerate(_ENQUEUED) if c in _DEFAULTS}
 _COUNT_KEY = ("queue", "state")
 _UNFINISHED_DEPS = """SELECT count(*) FROM job_deps d JOIN jobs j ON j.id = d.depends_on
     WHERE d.job_id = ? AND j.state != '""" + State.COMPLETED + "'"
@@ -436,17 +434,8 @@ def _count(tx: Db, queue: str, state: str, n: int) -> None:
 def _enqueued_many(tx: Db, batch: list[tuple[int, str, ev.Enqueued]]) -> None:
     """Many plain enqueues (no dependencies) at once: one executemany, one count per state."""
     rows = [_values(seq, at, e) for seq, at, e in batch]
-    counts = Counter((row[3], row[4]) for row in rows)
-    # Columns every row holds the default in are left to the table: fewer values to bind
-    # (SQLite) or to write as text (COPY), and most jobs keep most defaults.
-    left_out = projections.defaulted(rows, _ENQUEUED_DEFAULTS)
-    if left_out:
-        kept = [i for i in range(len(_ENQUEUED)) if i not in left_out]
-        tx.insert_many("jobs", tuple(_ENQUEUED[i] for i in kept),
-                       list(map(operator.itemgetter(*kept), rows)))
-    else:
-        tx.insert_many("jobs", _ENQUEUED, rows)
-    for (queue, state), n in counts.items():
+    tx.insert_many("jobs", _ENQUEUED, rows)
+    for (queue, state), n in Counter((row[3], row[4]) for row in rows).items():
         _count(tx, queue, state, n)
 
 
