@@ -8,7 +8,9 @@ per store, ``{"sqlite": (...), "postgres": (...)}``: each writes them in its own
 ``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
 ``Replay(tx, find)``, whose ``handler(type)`` gives what to call for each event of that type,
 doing what ``apply`` does to empty tables but holding rows in memory, written back by
-``flush()`` now and then and by ``close()`` at the end (with aggregates counted once).
+``flush()`` now and then and by ``close()`` at the end (with aggregates counted once). A
+``Replay`` without ``rows`` holds nothing and is never flushed: its handlers let the events
+that change nothing pass by in one call.
 
 ``apply`` must be deterministic: it may use only the event, its ``seq``, its ``at`` and the
 projection's own tables; never the clock, the current config, the environment or random

@@ -251,15 +251,19 @@ def env_text(env: dict[str, str] | None) -> str | None:
 
 def _row(seq: int, at: str, e: ev.Enqueued, blocked: bool) -> dict[str, Any]:
     """The new job's whole row as a replay holds it: ``_values`` by column, and ``_UNSET``."""
-    run_at = e.run_at if e.run_at and e.run_at > at else at
+    # Written out (no call of _ready_state): a replay makes one a job.
+    if e.run_at and e.run_at > at:
+        run_at, state = e.run_at, _SCHEDULED
+    else:
+        run_at, state = at, _PENDING
     return {"seq": seq, "id": e.job_id, "command": e.command, "queue": e.queue,
-            "state": State.WAITING if blocked else _ready_state(run_at, at),
+            "state": _WAITING if blocked else state,
             "priority": e.priority, "attempts": 0, "max_retries": e.max_retries,
             "backoff_base": e.backoff_base, "backoff_max": e.backoff_max,
             "backoff_jitter": e.backoff_jitter, "timeout": e.timeout, "run_at": run_at,
             "worker_id": None, "cancel_requested": 0, "ahead": 0, "exit_code": None,
             "last_error": None, "unique_key": e.unique_key, "created_at": at,
-            "updated_at": at, "cwd": e.cwd, "env": env_text(e.env) if e.env else None,
+            "updated_at": at, "cwd": e.cwd, "env": _encode(e.env).decode() if e.env else None,
             "limits": limits_text(e.memory, e.cpu_time, e.open_files)
             if e.memory or e.cpu_time or e.open_files else None}
 
@@ -278,7 +282,7 @@ Row = Mapping[str, Any]
 
 def _claimed(e: ev.Claimed, at: str, row: Row) -> dict[str, Any]:
     return {"state": State.PROCESSING, "attempts": e.attempt, "worker_id": e.worker_id,
-            "run_at": None, "ahead": int(e.ahead)}
+            "run_at": None, "ahead": 1 if e.ahead else 0}
 
 
 def _started(e: ev.Started, at: str, row: Row) -> dict[str, Any]:
@@ -528,10 +532,11 @@ class Replay:
         if kind is ev.Enqueued:
             return self._enqueued
         rule = _CHANGES[kind]
-        held, get = self.rows.new.get, self.rows.get  # held: the usual case, in one call
+        # held: the usual case, in one call; then a row read back earlier, then the table
+        held, again, get = self.rows.new.get, self.rows.read.get, self.rows.get
 
         def changed(seq: int, at: str, e: Any) -> None:
-            row = held(e.job_id) or get(e.job_id)
+            row = held(e.job_id) or again(e.job_id) or get(e.job_id)
             if row is None:
                 raise _Unknown(e.job_id)
             changes = rule(e, at, row)

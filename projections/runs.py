@@ -114,16 +114,25 @@ TRIGGERS = {
 def _opened(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
     """A run as its claim opens it: the columns left out hold their defaults (NULL, and
     not dead), which an insert then need not bind."""
-    wait = 0.0
-    if e.eligible_at:  # ledger times are UTC ISO strings, which fromisoformat reads as such
-        # Whole microseconds divided by 10**6: already the nearest float at 6 decimal places.
-        wait = max(0.0, (fromisoformat(at) - fromisoformat(e.eligible_at)).total_seconds())
     return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
-            "claimed_at": at, "wait": wait, "queue": e.queue or ""}
+            "claimed_at": at, "wait": _wait(at, e.eligible_at) if e.eligible_at else 0.0,
+            "queue": e.queue or ""}
+
+
+def _wait(at: str, eligible_at: str) -> float:
+    """Seconds from when a job could run to its claim. Ledger times are UTC ISO strings,
+    which fromisoformat reads as such; whole microseconds divided by 10**6 are already the
+    nearest float at 6 decimal places."""
+    wait = (fromisoformat(at) - fromisoformat(eligible_at)).total_seconds()
+    return wait if wait > 0.0 else 0.0  # as max(0.0, wait), without a call of max
 
 
 def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
-    return {**_opened(seq, at, e), "finished_at": None, "outcome": None, "exit_code": None,
+    """The whole row of ``_opened`` as a replay holds it, written out: a replay makes one
+    a claim."""
+    return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
+            "claimed_at": at, "wait": _wait(at, e.eligible_at) if e.eligible_at else 0.0,
+            "queue": e.queue or "", "finished_at": None, "outcome": None, "exit_code": None,
             "duration": None, "dead": 0}
 
 

@@ -156,12 +156,13 @@ class Replay:
         if kind is ev.Pruned:
             return self._pruned
         rule, done = _CHANGES[kind], kind in _DONE
-        held, get = self.rows.new.get, self.rows.get  # held: the usual case, in one call
+        # A worker's row is new until the first flush, then read back: either in one call.
+        held, again, get = self.rows.new.get, self.rows.read.get, self.rows.get
 
         def changed(seq: int, at: str, e: Any) -> None:
             changes = rule(e, at)
             if changes is not None:
-                row = held(e.worker_id) or get(e.worker_id)
+                row = held(e.worker_id) or again(e.worker_id) or get(e.worker_id)
                 if row is not None:
                     row.update(changes)
                     if done:

@@ -306,6 +306,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
 
     replay_of = {p: p.Replay(target, find) for p in projections if hasattr(p, "Replay")}
     replays = list(replay_of.values())
+    holding = [r for r in replays if hasattr(r, "rows")]  # flushed when full
     routes = {  # what each type of event is given to, in REGISTRY order
         kind: [
             replay_of[p].handler(kind) if p in replay_of else _applier(p.apply, target)
@@ -318,7 +319,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     bar.task("Replaying the ledger", lambda: _seq_span(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     decode = ev.decode
-    with _no_gc():
+    with no_gc():
         while rows := cursor.fetchmany(FLUSH_CHECK):
             events += len(rows)
             for position, at, body in rows:  # read_events, with less work per row
@@ -331,7 +332,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
                     raise
                 for apply in routes[type(event)]:
                     apply(position, at, event)
-            for replay in replays:  # between events: no row held in memory is half-changed
+            for replay in holding:  # between events: no row held in memory is half-changed
                 if replay.rows.full():
                     replay.flush()
             bar.update(events)
@@ -348,10 +349,10 @@ def _applier(apply: Callable[[Db, int, str, Event], None], tx: Db
 
 
 @contextmanager
-def _no_gc() -> Iterator[None]:
-    """The cyclic garbage collector off: a replay makes millions of rows and events that
-    are freed by reference counting alone, and the collector would walk the rows held in
-    memory again and again for cycles there are none of."""
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off: a replay (or a bulk enqueue) makes millions of
+    rows and events that are freed by reference counting alone, and the collector would
+    walk the rows held in memory again and again for cycles there are none of."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -17,6 +17,7 @@ from conftest import by_hand, events_of, queuectl_cmd, rescued
 
 import projections.config
 import projections.jobs
+import projections.runs
 import projections.workers
 from queuectl import claims, clock, decisions, ledger, reads, store
 from queuectl import events as ev
@@ -275,6 +276,35 @@ def test_a_replayed_row_is_what_an_enqueue_writes():
         written = {**jobs._UNSET, **dict(zip(jobs._ENQUEUED, values, strict=True))}
         assert jobs._row(1, at, e, blocked) == written
         assert set(written) == set(jobs.COLUMNS)
+
+
+def test_a_replayed_run_is_what_a_claim_writes():
+    at = "2026-01-01T00:00:01.500000Z"
+    for claim in (ev.Claimed(job_id="j", worker_id="w", attempt=2),
+                  ev.Claimed(job_id="j", worker_id="w", attempt=1, queue="q",
+                             eligible_at="2026-01-01T00:00:00.250000Z"),
+                  ev.Claimed(job_id="j", worker_id="w", attempt=1,  # eligible after the claim
+                             eligible_at="2026-01-01T00:00:02.000000Z")):
+        runs = projections.runs
+        written = {**runs._DEFAULTS, **runs._opened(7, at, claim)}
+        assert runs._run(7, at, claim) == written
+        assert set(written) == set(runs.COLUMNS)
+    assert runs._run(7, at, claim)["wait"] == 0.0
+    assert runs._opened(7, at, ev.Claimed(job_id="j", worker_id="w", attempt=1,
+                                          eligible_at="2026-01-01T00:00:00.250000Z"))["wait"] == 1.25
+
+
+@pytest.mark.parametrize("setting", [0, 1, 2])
+def test_a_sqlite_replay_zeroes_no_dropped_page_and_leaves_secure_delete_as_it_was(
+        tmp_path, setting):
+    conn = ledger.connect(tmp_path / "queue.db")  # a setting of SQLite alone
+    try:
+        conn.execute(f"PRAGMA secure_delete = {'FAST' if setting == 2 else setting}")
+        with conn.bulk():
+            assert conn.execute("PRAGMA secure_delete").fetchone() == (2,)  # FAST
+        assert conn.execute("PRAGMA secure_delete").fetchone() == (setting,)
+    finally:
+        conn.close()
 
 
 def test_a_replay_leaves_out_of_an_insert_only_columns_every_row_holds_the_default_of():
