@@ -409,37 +409,19 @@ def enqueue(
     if len(sources) != 1:
         raise click.UsageError(
             "give exactly one of JSON, -c COMMAND, --file FILE or --commands FILE")
-    if commands_file is not None:
-        if job_id is not None:
-            raise click.UsageError("--id names one job; it cannot go with --commands")
-        with progress.reading(commands_file, "Reading commands") as lines:
-            specs = _command_specs(lines, flags)
-    elif jobs_file is not None:
-        with progress.reading(jobs_file, "Reading jobs") as lines:
-            specs = [
-                decisions.parse_spec(text, f" on line {n}")
-                for n, text in _lines(lines)
-                if text.strip()
-            ]
-        if not specs:
-            raise click.UsageError("the file has no jobs")
-        if job_id is not None:
-            raise click.UsageError("--id names one job; it cannot go with --file")
-        if flags:  # flags beside a file apply to every job in it
-            specs = [_override(spec, flags) for spec in specs]
-    elif job_json is not None:
-        specs = [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
-    else:
-        specs = [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
     if follow and wait_for:
         raise click.UsageError("--follow waits for the job too: give --follow or --wait")
     if follow and (jobs_file is not None or commands_file is not None):
         raise click.UsageError("--follow follows one job; it cannot go with --file or "
                                "--commands")
-    _here_by_default(specs)
-    conn = _db(ctx, create=True)
-    with progress.progress(len(specs), "Adding jobs", unit="jobs"):
-        ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
+    # A file of a million jobs makes millions of objects, none of them in a cycle: the
+    # collector would walk them again and again (a twelfth of a bulk's instructions).
+    with ledger.no_gc():
+        specs = _specs(job_json, command, job_id, jobs_file, commands_file, flags)
+        _here_by_default(specs)
+        conn = _db(ctx, create=True)
+        with progress.progress(len(specs), "Adding jobs", unit="jobs"):
+            ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
     if len(ids) == 1 and jobs_file is None and commands_file is None:
         if duplicate[0]:
             click.echo(f"Job already queued with ID: {ids[0]} "
@@ -458,6 +440,33 @@ def enqueue(
         from queuectl.cli import _wait_enqueued
 
         ctx.exit(_wait_enqueued(conn, ids, one=jobs_file is None and commands_file is None))
+
+
+def _specs(job_json: str | None, command: str | None, job_id: str | None, jobs_file: Any,
+           commands_file: Any, flags: dict[str, Any]) -> list[decisions.JobSpec]:
+    """The jobs ``enqueue`` was given, from its one source, checked."""
+    if commands_file is not None:
+        if job_id is not None:
+            raise click.UsageError("--id names one job; it cannot go with --commands")
+        with progress.reading(commands_file, "Reading commands") as lines:
+            return _command_specs(lines, flags)
+    if jobs_file is not None:
+        with progress.reading(jobs_file, "Reading jobs") as lines:
+            specs = [
+                decisions.parse_spec(text, f" on line {n}")
+                for n, text in _lines(lines)
+                if text.strip()
+            ]
+        if not specs:
+            raise click.UsageError("the file has no jobs")
+        if job_id is not None:
+            raise click.UsageError("--id names one job; it cannot go with --file")
+        if flags:  # flags beside a file apply to every job in it
+            specs = [_override(spec, flags) for spec in specs]
+        return specs
+    if job_json is not None:
+        return [_override(decisions.parse_spec(job_json), {"id": job_id, **flags})]
+    return [decisions.check_spec(decisions.JobSpec(command=command or "", id=job_id, **flags))]
 
 
 def _lines(stream: Any) -> Iterator[tuple[int, str]]:

@@ -4,6 +4,7 @@ not at all."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 from typing import Any
@@ -94,9 +95,8 @@ def _row(conn: Any, job_id: str) -> dict[str, Any]:
 
 
 def test_a_file_stores_each_job_as_it_would_be_stored_alone(run, conn, tmp_path):
-    """A file's jobs go in together, the columns every one of them leaves at its default
-    left to the table: each row is still the one its job gets when added alone, whether
-    all of the file's jobs keep a default or only some do."""
+    """A file's jobs go in together: each row is still the one its job gets when added
+    alone, whether all of the file's jobs keep a default or only some do."""
     plain = {"command": "true"}
     fancy = {"command": "x", "queue": "q2", "priority": 5, "timeout": 3, "unique_key": "k",
              "cwd": str(tmp_path), "env": {"A": "1"}, "memory": "64MiB"}
@@ -114,6 +114,29 @@ def test_a_file_stores_each_job_as_it_would_be_stored_alone(run, conn, tmp_path)
     assert _row(conn, "mixed-1") == {**_row(conn, "alone-1"), "unique_key": "k"}
     assert _row(conn, "mixed-1")["queue"] == "q2" and _row(conn, "mixed-1")["priority"] == 5
     assert _row(conn, "mixed-2") == _row(conn, "alone-2")
+
+
+def test_a_file_of_jobs_is_added_with_the_cyclic_collector_off(run, conn, tmp_path,
+                                                               monkeypatch):
+    """A bulk makes a few objects a line, none of them in a cycle: the collector is off
+    while they are read and written, and on again afterwards."""
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"command":"true"}\n' * 300)
+    collecting: list[bool] = []  # gc.isenabled() as each line is read and as jobs are added
+
+    def watched(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            collecting.append(gc.isenabled())
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("parse_spec", "enqueue_unique"):
+        monkeypatch.setattr(decisions, name, watched(getattr(decisions, name)))
+    assert gc.isenabled()
+    ok(run, "enqueue", "--file", str(path))
+    assert collecting == [False] * 301
+    assert gc.isenabled()
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (300,)
 
 
 def test_flags_beside_a_json_job_win(run, conn, monkeypatch):
