@@ -64,6 +64,19 @@ QUICK = Sizes(
 )
 
 
+# What pip writes for a console script (here, ``queuectl = "queuectl.cli_root:main"``),
+# after its ``#!`` line.
+CONSOLE_SCRIPT = """\
+# -*- coding: utf-8 -*-
+import re
+import sys
+from queuectl.cli_root import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
 class Context:
     def __init__(self, sizes: Sizes, runs: int, cache_dir: Path, quiet: bool,
                  backend: str = "sqlite", pg_admin: str = PG_ADMIN) -> None:
@@ -147,6 +160,16 @@ class Context:
 
     def queuectl(self, db: Path | str, *args: str) -> list[str]:
         return [sys.executable, "-m", "queuectl", "--db", str(db), *args]
+
+    def console_script(self, db: Path | str, *args: str) -> list[str]:
+        """``queuectl`` as a user types it: the script pip writes for the ``queuectl`` entry
+        point, word for word, run on this checkout's code (``python -m`` also loads runpy
+        and importlib.util, which the installed command never does)."""
+        script = self.tmp / "queuectl"
+        if not script.exists():
+            script.write_text(f"#!{sys.executable}\n{CONSOLE_SCRIPT}")
+            script.chmod(0o755)
+        return [str(script), "--db", str(db), *args]
 
     def popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
