@@ -5,6 +5,8 @@ its primary key(s)), ``DDL``, ``HANDLES`` (the event types it reads) and
 ``apply(tx, seq, at, event)``, the live path: the projection's rows after one more event.
 It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in; triggers
 per store, ``{"sqlite": (...), "postgres": (...)}``: each writes them in its own language),
+``EARLY_INDEXES`` (created with the tables: partial indexes of few rows, cheaper kept than
+built after),
 ``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
 ``Replay(tx, find)``, whose ``handler(type)`` gives what to call for each event of that type,
 doing what ``apply`` does to empty tables but holding rows in memory, written back by

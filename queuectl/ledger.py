@@ -271,11 +271,14 @@ def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
 
 
 def _create(tx: Db, projection: ModuleType) -> None:
-    """Fresh, empty tables with the indexes the projector needs (not yet the readers')."""
+    """Fresh, empty tables with the indexes the projector needs, and the readers' indexes
+    that are kept as rows go in (``EARLY_INDEXES``), not yet the others."""
     for table in projection.TABLES:
         tx.execute(f"DROP TABLE IF EXISTS {table}")
     for statement in projection.DDL:
         tx.execute(tx.dialect.ddl(statement))
+    for statement in getattr(projection, "EARLY_INDEXES", ()):
+        tx.execute(statement)
 
 
 def _index(tx: Db, projection: ModuleType) -> None:

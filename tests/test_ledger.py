@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 from conftest import by_hand, events_of, queuectl_cmd, rescued
+from helpers import ok
 
 import projections.config
 import projections.jobs
@@ -239,6 +240,36 @@ def test_rebuild_returns_last_seq_and_restores_rows(conn):
     (last_seq,) = conn.execute("SELECT max(seq) FROM events").fetchone()
     assert ledger.rebuild(conn).last_seq == last_seq
     assert _snapshot(conn) == before
+
+
+def test_a_rebuild_whose_flush_hands_a_unique_key_over_leaves_every_index(run, conn,
+                                                                          monkeypatch):
+    """A flush writes its new rows before the rows it read back: a job that took over a
+    unique key from one cancelled in the same window meets its old holder's row as it was.
+    The unique index is built after the rows are in; the others are there from the start,
+    and each index ends up on the rebuilt tables either way."""
+    ok(run, "enqueue", "-c", "true", "--id", "a", "--unique-key", "k")
+    ok(run, "config", "set", "max-retries", "4")
+    ok(run, "cancel", "a")
+    ok(run, "enqueue", "-c", "true", "--id", "b", "--unique-key", "k")
+    before = _snapshot(conn)
+    # a, then the config, in one window; a's cancel (a read back) and b in the next
+    monkeypatch.setattr(ledger, "FLUSH_CHECK", 2)
+    monkeypatch.setattr(projections.Rows, "LIMIT", 1)
+    ledger.rebuild(conn)
+    assert _snapshot(conn) == before
+    jobs = projections.jobs
+    wanted = {re.search(r"INDEX (\w+) ON jobs", s) for s in (*jobs.EARLY_INDEXES, *jobs.INDEXES)}
+    assert {m.group(1) for m in wanted if m} == set(_indexes(conn, "jobs"))
+
+
+def _indexes(conn, table: str) -> list[str]:
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? " \
+              "AND sql IS NOT NULL"
+    else:
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename = ? AND indexname NOT LIKE '%pkey'"
+    return [name for (name,) in conn.execute(conn.dialect.sql(sql), (table,)).fetchall()]
 
 
 def test_rebuild_of_empty_ledger_returns_zero(conn):

@@ -135,8 +135,8 @@ def _pg_cache_name(jobs: int) -> str:
     from projections import REGISTRY
     from queuectl.store import postgres as pg_store
 
-    tables = [(p.NAME, p.VERSION, p.DDL, getattr(p, "INDEXES", ()), getattr(p, "TRIGGERS", {}))
-              for p in REGISTRY]
+    tables = [(p.NAME, p.VERSION, p.DDL, getattr(p, "EARLY_INDEXES", ()),
+               getattr(p, "INDEXES", ()), getattr(p, "TRIGGERS", {})) for p in REGISTRY]
     digest = hashlib.sha256()
     for part in (_cache_key(jobs), repr(pg_store.LEDGER_DDL), repr(pg_store.SCHEMA_VERSION),
                  repr(tables), inspect.getsource(pg_store.PgDialect)):
