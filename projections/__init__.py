@@ -125,6 +125,24 @@ class Rows:
                 if frozenset({self.defaults[c]}).issuperset(map(operator.itemgetter(i), found))}
 
 
+def live(apply: Callable[[Db, int, str, Any], None], tx: Db) -> Callable[[int, str, Any], None]:
+    """A live ``apply`` on ``tx``, called as a replay's handlers are: a Python function, which
+    the interpreter calls without going through C (a partial would)."""
+    return lambda seq, at, event: apply(tx, seq, at, event)
+
+
+class Passing:
+    """A ``Replay`` that holds no rows: a projection whose events mostly change nothing
+    gives those a handler that lets them pass in one call, and ``live`` its ``apply`` for
+    the rest."""
+
+    def __init__(self, tx: Db, find: Find) -> None:
+        self.tx = tx
+
+    def close(self) -> None:
+        """Nothing held, nothing to write."""
+
+
 from projections import config, hooks, jobs, queues, runs, schedules, signals, tokens, workers  # noqa: E402,I001
 
 # A projector reads only its own tables, so each can be rebuilt alone.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import projections
 from queuectl import events as ev
 from queuectl.store import Db
 
@@ -63,26 +64,20 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
         tx.delete("hook_jobs", "job_id", e.jobs)
 
 
-class Replay:
+class Replay(projections.Passing):
     """``apply`` for a replay, holding no rows: an enqueued event that made no hook job
     (nearly all of them) passes by in one call."""
-
-    def __init__(self, tx: Db, find: object) -> None:
-        self.tx = tx
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         tx = self.tx
         if kind is not ev.Enqueued:
-            return lambda seq, at, e: apply(tx, seq, at, e)
+            return projections.live(apply, tx)
 
         def enqueued(seq: int, at: str, e: ev.Enqueued) -> None:
             if e.hook is not None:
                 apply(tx, seq, at, e)
 
         return enqueued
-
-    def close(self) -> None:
-        """Nothing held, nothing to write."""
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import projections
 from queuectl import events as ev
 from queuectl.store import Db
 
@@ -77,26 +78,20 @@ def apply(tx: Db, seq: int, at: str, event: ev.Event) -> None:
     tx.insert("queues", row, key=("name",), clash="set")
 
 
-class Replay:
+class Replay(projections.Passing):
     """``apply`` for a replay, holding no rows: a claim or start of a queue without a rate
     (nearly all of them) passes by in one call."""
-
-    def __init__(self, tx: Db, find: object) -> None:
-        self.tx = tx
 
     def handler(self, kind: type) -> Callable[[int, str, Any], None]:
         tx = self.tx
         if kind not in _STARTS:
-            return lambda seq, at, e: apply(tx, seq, at, e)
+            return projections.live(apply, tx)
 
         def started(seq: int, at: str, e: ev.Claimed | ev.Started) -> None:
             if e.rate_queue:
                 _started(tx, seq, at, e.rate_queue)
 
         return started
-
-    def close(self) -> None:
-        """Nothing held, nothing to write."""
 
 
 def _started(tx: Db, seq: int, at: str, queue: str) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
 from typing import Any
 
 import msgspec
 
-from projections import REGISTRY, appliers
+from projections import REGISTRY, appliers, live
 from queuectl import actor, progress, store
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger, InvalidInput
@@ -312,7 +312,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     holding = [r for r in replays if hasattr(r, "rows")]  # flushed when full
     routes = {  # what each type of event is given to, in REGISTRY order
         kind: [
-            replay_of[p].handler(kind) if p in replay_of else _applier(p.apply, target)
+            replay_of[p].handler(kind) if p in replay_of else live(p.apply, target)
             for p in projections
             if kind in p.HANDLES
         ]
@@ -342,13 +342,6 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     for replay in replays:
         replay.close()
     return Replayed(events, position)
-
-
-def _applier(apply: Callable[[Db, int, str, Event], None], tx: Db
-             ) -> Callable[[int, str, Event], None]:
-    """A live ``apply`` on ``tx``, called as a replay's handlers are: a Python function, which
-    the interpreter calls without going through C (a partial would)."""
-    return lambda seq, at, event: apply(tx, seq, at, event)
 
 
 @contextmanager
