@@ -51,6 +51,10 @@ class Rows:
     that value there: the table fills them in, and each value bound costs sqlite3 more than
     looking at it here (most jobs keep most defaults; a finished job's row holds several
     NULLs).
+
+    A row is a dict by column, or with ``lists`` a list of the values in ``columns``' order
+    (cheaper to make and to write, for a projection whose handlers set columns by position
+    and never apply a rule's dict of changes).
     """
 
     LIMIT = 20_000  # rows held per table: with many more, the held rows outgrow the CPU
@@ -58,37 +62,47 @@ class Rows:
 
     def __init__(self, tx: Db, table: str, columns: Iterable[str], key: str,
                  rowid: str | None = None, locate: Callable[[Any], Any] | None = None,
-                 defaults: Mapping[str, Any] | None = None):
+                 defaults: Mapping[str, Any] | None = None, lists: bool = False):
         self.tx, self.table, self.key, self.locate = tx, table, key, locate
         self.columns = tuple(columns)
         self.defaults = dict(defaults or {})
+        self.lists = lists
+        # Where a column's value is in a row: its name, or its position.
+        self._at: Callable[[str], Any] = self.columns.index if lists else (lambda name: name)
         where = rowid or key
         names = ", ".join(self.columns)
         self._select = f"SELECT {names} FROM {table} WHERE {where if locate else key} = ?"
         self._where = where
+        self._key = self._at(key)
         self._others = others = tuple(c for c in self.columns if c != where)
-        self._values = operator.itemgetter(*self.columns)
-        self._update_values = operator.itemgetter(*others, where)
-        self.new: dict[Any, dict[str, Any]] = {}  # not in the table yet
-        self.read: dict[Any, dict[str, Any]] = {}  # read from the table, written back
-        self.before: list[dict[str, Any]] = []  # those rows as they were read
+        self._update_values = self._getter(*others, where)
+        self.new: dict[Any, Any] = {}  # not in the table yet
+        self.read: dict[Any, Any] = {}  # read from the table, written back
+        self.before: list[Any] = []  # those rows as they were read
+
+    def _getter(self, *columns: str) -> Callable[[Any], Any]:
+        return operator.itemgetter(*map(self._at, columns))
 
     def full(self) -> bool:
         return len(self.new) + len(self.read) >= self.LIMIT
 
-    def get(self, key: Any) -> dict[str, Any] | None:
+    def get(self, key: Any) -> Any:
         row = self.new.get(key) or self.read.get(key)
         if row is None:
             where = self.locate(key) if self.locate else key
             found = where is not None and self.tx.execute(self._select, (where,)).fetchone()
             if not found:
                 return None
-            row = self.read[key] = dict(zip(self.columns, found, strict=True))
-            self.before.append(dict(row))
+            if self.lists:
+                row = self.read[key] = list(found)
+                self.before.append(list(row))
+            else:
+                row = self.read[key] = dict(zip(self.columns, found, strict=True))
+                self.before.append(dict(row))
         return row
 
-    def add(self, row: dict[str, Any]) -> None:
-        key = row[self.key]
+    def add(self, row: Any) -> None:
+        key = row[self._key]
         if key in self.new or key in self.read:  # a clash with the table fails later
             raise ValueError(f"UNIQUE constraint failed: {self.table}.{self.key}")
         self.new[key] = row
@@ -107,18 +121,20 @@ class Rows:
         new = self.new.values()
         left_out = self._defaulted(new) if new else set()
         columns = tuple(c for c in self.columns if c not in left_out)
-        values = self._values if columns == self.columns else operator.itemgetter(*columns)
-        self.tx.insert_many(self.table, columns, list(map(values, new)))
+        if self.lists and columns == self.columns:
+            self.tx.insert_many(self.table, columns, list(new))  # as they are
+            return
+        self.tx.insert_many(self.table, columns, list(map(self._getter(*columns), new)))
 
-    def _defaulted(self, rows: Iterable[dict[str, Any]]) -> set[str]:
+    def _defaulted(self, rows: Iterable[Any]) -> set[str]:
         """The columns of ``defaults`` that every one of ``rows`` holds the default in. One
         lookup a row takes the values of the columns the first row holds the default in;
         rows mostly share their combination, so the set of combinations is short to read."""
         first = next(iter(rows))
-        maybe = [c for c, value in self.defaults.items() if first[c] == value]
+        maybe = [c for c, value in self.defaults.items() if first[self._at(c)] == value]
         if not maybe:
             return set()
-        found = set(map(operator.itemgetter(*maybe), rows))
+        found = set(map(self._getter(*maybe), rows))
         if len(maybe) == 1:  # an itemgetter of one column gives its values, not tuples
             found = {(value,) for value in found}
         return {c for i, c in enumerate(maybe)

@@ -64,6 +64,9 @@ RUNS_FINISHED = index("runs_finished")  # where a query reads runs by their end 
 
 COLUMNS = ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "finished_at",
            "outcome", "exit_code", "duration", "dead", "queue")
+# Where a replay's row (a list in COLUMNS' order) holds these; the four from finished_at
+# to duration are what a run's end sets, together.
+_FINISHED_AT, _DEAD = COLUMNS.index("finished_at"), COLUMNS.index("dead")
 # The columns' DDL defaults (NULL: None), which a replay may leave out of an insert.
 _DEFAULTS = {"finished_at": None, "outcome": None, "exit_code": None, "duration": None,
              "dead": 0, "queue": ""}
@@ -127,13 +130,12 @@ def _wait(at: str, eligible_at: str) -> float:
     return wait if wait > 0.0 else 0.0  # as max(0.0, wait), without a call of max
 
 
-def _run(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
-    """The whole row of ``_opened`` as a replay holds it, written out: a replay makes one
-    a claim."""
-    return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
-            "claimed_at": at, "wait": _wait(at, e.eligible_at) if e.eligible_at else 0.0,
-            "queue": e.queue or "", "finished_at": None, "outcome": None, "exit_code": None,
-            "duration": None, "dead": 0}
+def _run(seq: int, at: str, e: ev.Claimed) -> list[Any]:
+    """The whole row of ``_opened`` as a replay holds it: a list in ``COLUMNS``' order,
+    written out (a replay makes one a claim)."""
+    return [seq, e.job_id, e.attempt, e.worker_id, at,
+            _wait(at, e.eligible_at) if e.eligible_at else 0.0,
+            None, None, None, None, 0, e.queue or ""]
 
 
 # How each outcome event closes the job's open run: (outcome, exit code, duration).
@@ -193,7 +195,8 @@ class Replay:
 
     def __init__(self, tx: Db, find: projections.Find) -> None:
         self.tx, self.find = tx, find
-        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq", defaults=_DEFAULTS)
+        self.rows = projections.Rows(tx, "runs", COLUMNS, "seq", defaults=_DEFAULTS,
+                                     lists=True)
         self.latest: dict[str, int] = {}  # job id -> seq of its latest run, while held
         self.counts: Counter[tuple[str, str | None]] = Counter()  # run_counts, over the rows written
 
@@ -205,19 +208,20 @@ class Replay:
             return self._dead
         if kind is ev.Pruned:
             return self._pruned
-        outcome, latest = _OUTCOMES[kind], self._latest
+        outcome, find, latest = _OUTCOMES[kind], self.find, self.latest.get
+        held, again, get = self.rows.new.get, self.rows.read.get, self.rows.get  # _latest's
 
         def closed(seq: int, at: str, e: Any) -> None:
-            run = latest(e.job_id)
-            if run is not None and run["finished_at"] is None:
+            claim = latest(e.job_id) or find(e.job_id, "claimed")
+            run = None if claim is None else held(claim) or again(claim) or get(claim)
+            if run is not None and run[_FINISHED_AT] is None:
                 ended = outcome(e)
-                if ended is not None:
-                    run["finished_at"] = at
-                    run["outcome"], run["exit_code"], run["duration"] = ended
+                if ended is not None:  # finished_at, outcome, exit_code, duration
+                    run[_FINISHED_AT:_DEAD] = (at, *ended)
 
         return closed
 
-    def _latest(self, job_id: str) -> dict[str, Any] | None:
+    def _latest(self, job_id: str) -> list[Any] | None:
         seq = self.latest.get(job_id) or self.find(job_id, "claimed")  # a run's seq is its claim's
         return None if seq is None else self.rows.new.get(seq) or self.rows.get(seq)
 
@@ -228,7 +232,7 @@ class Replay:
     def _dead(self, seq: int, at: str, e: ev.Dead) -> None:
         run = self._latest(e.job_id)
         if run is not None:
-            run["dead"] = 1
+            run[_DEAD] = 1
 
     def _pruned(self, seq: int, at: str, e: ev.Pruned) -> None:
         # A replay never made the pruned jobs' runs: the event gives their share of the totals.
@@ -255,4 +259,4 @@ class Replay:
              if outcome is not None and n > 0])
 
 
-_COUNTED = operator.itemgetter("queue", "outcome", "dead")
+_COUNTED = operator.itemgetter(*map(COLUMNS.index, ("queue", "outcome", "dead")))

@@ -318,9 +318,12 @@ def test_a_replayed_run_is_what_a_claim_writes():
                              eligible_at="2026-01-01T00:00:02.000000Z")):
         runs = projections.runs
         written = {**runs._DEFAULTS, **runs._opened(7, at, claim)}
-        assert runs._run(7, at, claim) == written
+        assert dict(zip(runs.COLUMNS, runs._run(7, at, claim), strict=True)) == written
         assert set(written) == set(runs.COLUMNS)
-    assert runs._run(7, at, claim)["wait"] == 0.0
+    assert runs._run(7, at, claim)[runs.COLUMNS.index("wait")] == 0.0
+    # a run's end sets these four together, as one slice of a replay's row
+    assert runs.COLUMNS[runs._FINISHED_AT:runs._DEAD] == ("finished_at", "outcome",
+                                                          "exit_code", "duration")
     assert runs._opened(7, at, ev.Claimed(job_id="j", worker_id="w", attempt=1,
                                           eligible_at="2026-01-01T00:00:00.250000Z"))["wait"] == 1.25
 
