@@ -314,9 +314,13 @@ def _started(e: ev.Started, at: str, row: Row) -> dict[str, Any]:
 # Every event that ends a run or gives a held job back clears ``ahead`` with ``worker_id``.
 
 
-def _completed(e: ev.Completed, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.COMPLETED, "worker_id": None, "exit_code": 0, "last_error": None,
-            "cancel_requested": 0, "ahead": 0}
+def _completed(e: ev.Completed, at: str, row: Row) -> Mapping[str, Any]:
+    return _COMPLETED  # the same every time: made once, not once a job
+
+
+_COMPLETED: Mapping[str, Any] = {
+    "state": State.COMPLETED, "worker_id": None, "exit_code": 0, "last_error": None,
+    "cancel_requested": 0, "ahead": 0}
 
 
 def _failed(e: ev.Failed, at: str, row: Row) -> dict[str, Any]:
@@ -403,7 +407,8 @@ def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
 
 
 # A rule that returns None leaves the row as it is (not even ``updated_at`` moves).
-_CHANGES: dict[type, Callable[..., dict[str, Any] | None]] = {
+# A rule's changes are read, never changed: a rule may give the same mapping every time.
+_CHANGES: dict[type, Callable[..., Mapping[str, Any] | None]] = {
     ev.Claimed: _claimed,
     ev.Started: _started,
     ev.Completed: _completed,
@@ -506,8 +511,7 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     changes = rule(e, at, _Current(tx, job_id) if rule in _READS_ROW else _NO_ROW)
     if changes is None:
         return
-    changes["updated_at"] = at
-    tx.update("jobs", {"id": job_id}, changes, missing=_Unknown(job_id))
+    tx.update("jobs", {"id": job_id}, {**changes, "updated_at": at}, missing=_Unknown(job_id))
 
 
 # The rules that read the job's current row; the others are given none.
