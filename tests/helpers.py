@@ -61,14 +61,33 @@ def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     finally:
         for proc in started:
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                # A job runs in a session of its own: killing its worker would leave it
+                # running (a `sleep 600` outliving the test), so its group goes first.
+                for group in (proc.pid, *_children(proc.pid)):
+                    try:
+                        os.killpg(group, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             try:
                 proc.communicate(timeout=10)
             except (subprocess.TimeoutExpired, ValueError):
                 pass
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads started and that still run (Linux's /proc)."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as listed:
+                found += [int(child) for child in listed.read().split()]
+        except OSError:
+            pass
+    return found
 
 
 def burst(start: Callable[..., subprocess.Popen[str]], *args: str) -> str:
