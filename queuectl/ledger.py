@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
 from typing import Any
@@ -53,10 +53,10 @@ def _ensure_projections(db: Db) -> None:
     in one transaction (on any error the old tables stay)."""
     versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
     if any(versions.get(p.NAME) != p.VERSION for p in REGISTRY):
-        with db.transaction():
+        with db.aside() as spare, db.transaction():
             # Look again under the write lock: another process may have just rebuilt them.
             versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
-            _rebuild(db, [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION])
+            _rebuild(db, [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION], spare)
 
 
 def write(db: Db) -> AbstractContextManager[Any]:
@@ -358,11 +358,26 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> Replayed:
+def _rebuild(tx: Db, projections: Iterable[ModuleType], spare: str | None = None) -> Replayed:
+    """``spare``: a scratch file (``Db.aside``); with one, a long ledger is replayed in two
+    processes (``_Helper``)."""
     projections = tuple(projections)
     for projection in projections:
         _create(tx, projection)
-    replayed = _replay_into(tx, tx, projections)
+    helper = None
+    if spare is not None and len(projections) > 1 and _seq_span(tx) >= ASIDE_MIN:
+        helper = _Helper.start(tx.target, spare, projections[1:])
+    try:
+        replayed = _replay_into(tx, tx, projections[:1] if helper else projections)
+        if helper is not None:
+            progress.current().task("Taking the other projections' rows")
+            if helper.finish() == replayed:
+                tx.adopt(helper.scratch, [t for p in helper.projections for t in p.TABLES])
+            else:  # it failed (or read another ledger): its share is done here
+                _replay_into(tx, tx, helper.projections)
+    finally:
+        if helper is not None:
+            helper.stop()
     position = replayed.last_seq
     progress.current().task("Building indexes")
     for projection in projections:
@@ -379,8 +394,82 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType]) -> Replayed:
 def rebuild(db: Db) -> Replayed:
     """Throw every projection away and replay the ledger into fresh tables, atomically;
     returns how many events that took, and the last one's seq."""
-    with db.bulk(), db.transaction():
-        return _rebuild(db, REGISTRY)
+    with db.bulk(), db.aside() as spare, db.transaction():
+        return _rebuild(db, REGISTRY, spare)
+
+
+# A rebuild of a ledger this long replays every projection but the first (jobs, about half
+# the work) in a process of its own, on the other core, into a scratch file whose tables
+# are then copied in whole (bench scenario replay). Below it, starting that process (a
+# tenth of a second) would cost about what it saves.
+ASIDE_MIN = 200_000  # events
+
+
+class _Helper:
+    """The process that replays ``projections`` into ``scratch`` (``replay_aside``), run as
+    ``python -m queuectl.aside``; it reads the ledger through a connection of its own,
+    which sees what this one does: the rebuild holds the write lock throughout."""
+
+    def __init__(self, process: Any, scratch: str, projections: tuple[ModuleType, ...]):
+        self.process, self.scratch, self.projections = process, scratch, projections
+
+    @classmethod
+    def start(cls, source: str, scratch: str, projections: tuple[ModuleType, ...]
+              ) -> _Helper | None:
+        import subprocess
+        import sys
+
+        if not sys.executable:
+            return None
+        # The packages this process imported, first: the same code, however it was found.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "queuectl.aside", source, scratch,
+                 *(p.NAME for p in projections)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, text=True)
+        except OSError:
+            return None
+        return cls(process, scratch, projections)
+
+    def finish(self) -> Replayed | None:
+        """What it replayed, once it has ended; None if it failed."""
+        out = self.process.communicate()[0]
+        if self.process.returncode != 0:
+            return None
+        try:
+            return msgspec.json.decode(out, type=Replayed)
+        except msgspec.DecodeError:
+            return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:  # this replay failed first
+            self.process.kill()
+            self.process.communicate()
+
+
+def replay_aside(source: str, scratch: str, names: Sequence[str]) -> Replayed:
+    """The helper's side of a rebuild: the projections ``names`` replayed from the SQLite
+    ledger at ``source`` into fresh tables in the scratch file ``scratch``."""
+    chosen = tuple(p for p in REGISTRY if p.NAME in set(names))
+    if len(chosen) != len(set(names)):
+        raise InvalidInput(f"unknown projections among {', '.join(names)}")
+    events = store.reader(source)
+    try:
+        into = store.scratch(scratch)
+        try:
+            into.execute("BEGIN")
+            for projection in chosen:
+                _create(into, projection)
+            replayed = _replay_into(into, events, chosen)
+            into.execute("COMMIT")
+            return replayed
+        finally:
+            into.close()
+    finally:
+        events.close()
 
 
 def check(db: Db) -> list[str]:

@@ -3,6 +3,7 @@ be thrown away and rebuilt, and the queue decisions that sit on top of them."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -270,6 +271,89 @@ def _indexes(conn, table: str) -> list[str]:
     else:
         sql = "SELECT indexname FROM pg_indexes WHERE tablename = ? AND indexname NOT LIKE '%pkey'"
     return [name for (name,) in conn.execute(conn.dialect.sql(sql), (table,)).fetchall()]
+
+
+def _every_table(conn) -> dict[str, list[tuple[object, ...]]]:
+    return {t: _rows(conn, t) for p in projections.REGISTRY for t in p.TABLES}
+
+
+def _worked(run, conn) -> None:
+    """Jobs in every state, with runs, workers, a stop request and queue settings."""
+    _mixed_workload(conn)
+    ok(run, "enqueue", "-c", "exit 3", "--id", "bad", "--max-retries", "0", "-q", "other")
+    ok(run, "queue", "limit", "other", "2")
+    ok(run, "schedule", "add", "tick", "--cron", "* * * * *", "-c", "true")
+    ok(run, "worker", "--burst", "-q", "other")
+    ok(run, "worker", "stop")
+
+
+def test_a_long_rebuild_replays_all_but_jobs_in_a_helper_process(run, conn, db, tmp_path,
+                                                                  monkeypatch):
+    """On SQLite the other projections go to a process of their own, and their rows are
+    copied in from its scratch file, which is gone afterwards; PostgreSQL replays alone.
+    Either way every table is what the events say."""
+    _worked(run, conn)
+    before = _every_table(conn)
+    conn.execute("DELETE FROM runs")  # only a real replay brings them back
+    conn.execute("UPDATE workers SET jobs_done = 99")
+    adopted: list[list[str]] = []
+    real = type(conn).adopt
+    monkeypatch.setattr(type(conn), "adopt",
+                        lambda self, scratch, tables: adopted.append(list(tables)) or
+                        real(self, scratch, tables))
+    monkeypatch.setattr(ledger, "ASIDE_MIN", 0)
+    (last,) = conn.execute("SELECT max(seq) FROM events").fetchone()
+    assert ledger.rebuild(conn) == ledger.Replayed(events=last, last_seq=last)
+    assert _every_table(conn) == before
+    others = [t for p in projections.REGISTRY[1:] for t in p.TABLES]
+    assert adopted == ([others] if conn.kind == "sqlite" else [])
+    if conn.kind == "sqlite":
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == ["queue.db", "queue.db-lock", "queue.db-shm", "queue.db-wal"]
+        assert not any(row[1] == "aside" for row in conn.execute("PRAGMA database_list"))
+
+
+@pytest.mark.stores("sqlite")
+def test_a_rebuild_whose_helper_fails_replays_its_share_itself(run, conn, tmp_path,
+                                                                 monkeypatch):
+    _worked(run, conn)
+    before = _every_table(conn)
+    conn.execute("DELETE FROM runs")
+    started = []
+    real = ledger._Helper.start.__func__
+
+    def unwritable(cls, source, scratch, chosen):  # the helper cannot open its file
+        started.append(chosen)
+        return real(cls, source, str(tmp_path / "missing" / "scratch.db"), chosen)
+
+    monkeypatch.setattr(ledger._Helper, "start", classmethod(unwritable))
+    monkeypatch.setattr(type(conn), "adopt", lambda *a: pytest.fail("nothing to adopt"))
+    monkeypatch.setattr(ledger, "ASIDE_MIN", 0)
+    ledger.rebuild(conn)
+    assert started == [projections.REGISTRY[1:]]
+    assert _every_table(conn) == before
+
+
+@pytest.mark.stores("sqlite")
+@pytest.mark.corrupt_ledger
+def test_a_split_rebuild_stops_at_an_undecodable_event_and_leaves_nothing(run, db, tmp_path,
+                                                                          monkeypatch):
+    run("enqueue", "--id", "a", "-c", "true")
+    with by_hand(db) as conn:
+        conn.execute("INSERT INTO events (seq, at, type, job_id, body) "
+                     "VALUES (2, '2026-01-01T00:00:00.000000Z', 'failed', 'a', '{not json')")
+    helpers = []
+    real = ledger._Helper.start.__func__
+    monkeypatch.setattr(ledger._Helper, "start", classmethod(
+        lambda cls, *a: helpers.append(real(cls, *a)) or helpers[-1]))
+    monkeypatch.setattr(ledger, "ASIDE_MIN", 0)
+    result = run("rebuild")
+    assert (result.exit_code, result.stderr) == (
+        1, "Error: event seq 2 (failed) cannot be decoded: JSON is malformed: object keys "
+           "must be strings (byte 1)\n")
+    assert len(helpers) == 1 and helpers[0].process.poll() is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if "replay" in p.name) == []
+    assert json.loads(run("list", "--json").stdout)[0]["id"] == "a"
 
 
 def test_rebuild_of_empty_ledger_returns_zero(conn):

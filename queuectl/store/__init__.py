@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -140,6 +140,15 @@ class Db(Protocol):
         """Where the archive is, as messages name it."""
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a long replay (a bigger cache)."""
+    def aside(self) -> AbstractContextManager[str | None]:
+        """A scratch SQLite file (``scratch``) that another process may fill with projection
+        rows while this connection's next write transaction runs, to be copied in by
+        ``adopt``; removed afterwards. None where the store cannot take rows so (PostgreSQL)
+        or another process could not read the ledger meanwhile."""
+    def adopt(self, scratch: str, tables: Iterable[str]) -> None:
+        """Replace the rows of ``tables`` with those of the same tables (of the same shape,
+        without triggers) in the scratch file that ``aside`` gave, inside the write
+        transaction under way."""
     def waker(self, on_crash: Callable[[BaseException], None] | None = None, *,
               ends: bool = False) -> Waker:
         """The process's waker: it wakes when a commit brings new work, or with ``ends``
@@ -217,6 +226,23 @@ def memory() -> Db:
     from queuectl.store import sqlite
 
     return sqlite.memory()
+
+
+def reader(path: str) -> Db:
+    """A read-only connection to a SQLite database as it is (no schema made or brought up
+    to date): what the process that helps a rebuild (``Db.aside``) reads the ledger
+    through."""
+    from queuectl.store import sqlite
+
+    return sqlite.reader(path)
+
+
+def scratch(path: str) -> Db:
+    """A SQLite file for rows that another connection will copy (``Db.adopt``): no journal,
+    no syncing, and the ledger's page size."""
+    from queuectl.store import sqlite
+
+    return sqlite.scratch(path)
 
 
 def read_once(target: str | os.PathLike[str], sql: str, params: tuple[Any, ...]

@@ -1106,6 +1106,15 @@ class PgDb:
     def bulk(self) -> Iterator[PgDb]:
         yield self
 
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """None: a SQLite file's rows cannot be copied into the server's tables in one
+        statement, so a replay here goes in one process."""
+        yield None
+
+    def adopt(self, scratch: str, tables: Iterable[str]) -> None:
+        raise NotImplementedError("PostgreSQL takes no scratch file (see aside)")
+
     def wake(self) -> None:
         self._wakes = True
 

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from itertools import chain
@@ -370,6 +370,41 @@ class SqliteDb(sqlite3.Connection):
             self.execute(f"PRAGMA cache_size = {int(cache)}")
             self.execute(f"PRAGMA secure_delete = {'FAST' if secure == 2 else int(secure)}")
 
+    @contextmanager
+    def aside(self) -> Iterator[str | None]:
+        """A scratch file beside the database (``scratch``), for another process to fill
+        while this connection's next transaction runs; detached (``adopt`` attaches it) and
+        removed afterwards. In WAL mode only: there a writer leaves the ledger readable."""
+        import tempfile  # a rebuild's alone
+
+        directory, name = os.path.split(self.path)
+        try:
+            if self.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                yield None
+                return
+            fd, path = tempfile.mkstemp(prefix=f"{name}-replay-", dir=directory or ".")
+        except OSError:  # a directory where no file can be made: the replay goes alone
+            yield None
+            return
+        os.close(fd)
+        try:
+            yield path
+        finally:
+            if any(row[1] == ASIDE for row in self.execute("PRAGMA database_list")):
+                self.execute(f"DETACH DATABASE {ASIDE}")  # not possible inside a transaction
+            for leftover in (path, f"{path}-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
+    def adopt(self, scratch: str, tables: Iterable[str]) -> None:
+        """Each table's rows replaced by the scratch file's: into an empty table of the same
+        shape, SQLite copies the records as they are (and index entries), without
+        decoding them or seeking a place for each."""
+        self.execute(f"ATTACH DATABASE ? AS {ASIDE}", (scratch,))
+        for table in tables:
+            self.execute(f"DELETE FROM main.{table}")  # what its DDL put there
+            self.execute(f"INSERT INTO main.{table} SELECT * FROM {ASIDE}.{table}")
+
     def waker(self, on_crash: Callable[[BaseException], None] | None = None, *,
               ends: bool = False) -> Waker:
         return Waker(self.path, on_crash)  # data_version moves at every commit: ends too
@@ -395,6 +430,28 @@ def read_once(path: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, .
         return lite.execute(sql, params).fetchall()
     finally:
         lite.close()
+
+
+ASIDE = "aside"  # the name a scratch file is attached under (``SqliteDb.adopt``)
+
+
+def reader(path: str) -> SqliteDb:
+    """A read-only connection to the database at ``path``, as it is."""
+    from pathlib import Path
+
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=lock_timeout(),  # type: ignore[return-value]
+                           factory=SqliteDb)
+
+
+def scratch(path: str) -> SqliteDb:
+    """A file for rows another connection will copy (``SqliteDb.adopt``): if anything goes
+    wrong before then it is thrown away, so nothing in it is journalled or synced."""
+    db: SqliteDb = sqlite3.connect(path, isolation_level=None, factory=SqliteDb)  # type: ignore[assignment]
+    for pragma in (f"page_size = {PAGE_SIZE}", "journal_mode = OFF", "synchronous = OFF",
+                   "cache_size = -262144"):
+        db.execute(f"PRAGMA {pragma}")
+    return db
 
 
 def memory() -> SqliteDb:
