@@ -53,10 +53,10 @@ def _ensure_projections(db: Db) -> None:
     in one transaction (on any error the old tables stay)."""
     versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
     if any(versions.get(p.NAME) != p.VERSION for p in REGISTRY):
-        with db.aside() as spare, db.transaction():
+        with db.transaction():
             # Look again under the write lock: another process may have just rebuilt them.
             versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
-            _rebuild(db, [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION], spare)
+            _rebuild(db, [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION])
 
 
 def write(db: Db) -> AbstractContextManager[Any]:
