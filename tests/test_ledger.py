@@ -4,6 +4,7 @@ be thrown away and rebuilt, and the queue decisions that sit on top of them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -311,6 +312,23 @@ def test_a_long_rebuild_replays_all_but_jobs_in_a_helper_process(run, conn, db, 
         left = sorted(p.name for p in tmp_path.iterdir())
         assert left == ["queue.db", "queue.db-lock", "queue.db-shm", "queue.db-wal"]
         assert not any(row[1] == "aside" for row in conn.execute("PRAGMA database_list"))
+
+
+@pytest.mark.stores("sqlite")
+def test_a_rebuild_removes_the_scratch_files_of_rebuilds_that_were_killed(run, conn, tmp_path):
+    """A rebuild killed before it could remove its scratch file leaves it behind; the next
+    rebuild removes those whose process is gone, and no other file."""
+    run("enqueue", "--id", "a", "-c", "true")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stray = tmp_path / f"queue.db-replay-{dead.pid}-abcd1234"
+    alive = tmp_path / f"queue.db-replay-{os.getpid()}-abcd1234"
+    other = tmp_path / "queue.db-replay-notes.txt"
+    for path in (stray, alive, other):
+        path.write_bytes(b"")
+    ledger.rebuild(conn)
+    assert sorted(p.name for p in tmp_path.iterdir() if "replay" in p.name) == sorted(
+        [alive.name, other.name])
 
 
 @pytest.mark.stores("sqlite")

@@ -378,11 +378,13 @@ class SqliteDb(sqlite3.Connection):
         import tempfile  # a rebuild's alone
 
         directory, name = os.path.split(self.path)
+        directory = directory or "."
         try:
             if self.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 yield None
                 return
-            fd, path = tempfile.mkstemp(prefix=f"{name}-replay-", dir=directory or ".")
+            _remove_strays(directory, f"{name}-replay-")
+            fd, path = tempfile.mkstemp(prefix=f"{name}-replay-{os.getpid()}-", dir=directory)
         except OSError:  # a directory where no file can be made: the replay goes alone
             yield None
             return
@@ -433,6 +435,24 @@ def read_once(path: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, .
 
 
 ASIDE = "aside"  # the name a scratch file is attached under (``SqliteDb.adopt``)
+
+
+def _remove_strays(directory: str, prefix: str) -> None:
+    """Scratch files (``SqliteDb.aside``) of rebuilds whose process is gone: killed before
+    they could remove their own. Each name holds its process's id."""
+    for entry in os.scandir(directory):
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        except OSError:  # alive, another user's
+            pass
 
 
 def reader(path: str) -> SqliteDb:
