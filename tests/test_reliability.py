@@ -352,12 +352,19 @@ def test_a_late_result_from_a_worker_taken_for_dead_is_refused(run, conn):
         for proc in (first, second):
             if proc is not None:
                 stop(proc)
-    assert events_of(conn, "late") == [
+    # Back from its pause, the first worker may find its lease unrenewed before it sees its
+    # run's end: it then also records that it stopped the run, too late to change anything
+    # (rescued). The full suite on two busy cores sometimes gives it that order.
+    types = events_of(conn, "late")
+    assert types[:6] == [
         "enqueued", "claimed", "lease-expired", "scheduled-retry", "claimed", "completed"]
+    assert types[6:] in ([], ["fenced"])
     rows = conn.execute("SELECT type, worker_id, body FROM events WHERE job_id = 'late' "
                         "ORDER BY seq").fetchall()
     first_id, second_id = rows[1][1], rows[4][1]
     assert first_id != second_id and rows[5][1] == second_id
+    if types[6:]:
+        assert rows[6][1] == first_id and json.loads(rows[6][2])["rescued"] is True
     assert json.loads(rows[5][2])["output"] == "run 2\n"  # the rescued run stands
     assert "killed" not in json.loads(rows[2][2])  # 0, left out: on another host, not found
     (stopped,) = conn.execute("SELECT body FROM events WHERE type = 'worker-stopped' AND "
