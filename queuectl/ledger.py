@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
@@ -367,11 +368,14 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType], spare: str | None = None
     helper = None
     if spare is not None and len(projections) > 1 and _seq_span(tx) >= ASIDE_MIN:
         helper = _Helper.start(tx.target, spare, projections[1:])
+    started = time.monotonic()
     try:
         replayed = _replay_into(tx, tx, projections[:1] if helper else projections)
         if helper is not None:
             progress.current().task("Taking the other projections' rows")
-            if helper.finish() == replayed:
+            # About as much work as this process's: one that takes far longer is stuck.
+            patience = max(HELPER_GRACE, 2 * (time.monotonic() - started))
+            if helper.finish(patience) == replayed:
                 tx.adopt(helper.scratch, [t for p in helper.projections for t in p.TABLES])
             else:  # it failed (or read another ledger): its share is done here
                 _replay_into(tx, tx, helper.projections)
@@ -403,6 +407,7 @@ def rebuild(db: Db) -> Replayed:
 # are then copied in whole (bench scenario replay). Below it, starting that process (a
 # tenth of a second) would cost about what it saves.
 ASIDE_MIN = 200_000  # events
+HELPER_GRACE = 60.0  # seconds the helper may take beyond twice this process's replay
 
 
 class _Helper:
@@ -434,9 +439,16 @@ class _Helper:
             return None
         return cls(process, scratch, projections)
 
-    def finish(self) -> Replayed | None:
-        """What it replayed, once it has ended; None if it failed."""
-        out = self.process.communicate()[0]
+    def finish(self, timeout: float) -> Replayed | None:
+        """What it replayed, once it has ended; None if it failed, or had not ended within
+        ``timeout`` seconds (it is then stopped)."""
+        import subprocess
+
+        try:
+            out = self.process.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
         if self.process.returncode != 0:
             return None
         try:

@@ -353,6 +353,27 @@ def test_a_rebuild_whose_helper_fails_replays_its_share_itself(run, conn, tmp_pa
 
 
 @pytest.mark.stores("sqlite")
+def test_a_rebuild_stops_a_helper_that_takes_far_longer_than_itself(run, conn, monkeypatch):
+    _worked(run, conn)
+    before = _every_table(conn)
+    conn.execute("DELETE FROM runs")
+    stuck = []
+
+    def hanging(cls, source, scratch, chosen):  # a helper that never ends
+        stuck.append(subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE, text=True))
+        return cls(stuck[-1], scratch, chosen)
+
+    monkeypatch.setattr(ledger._Helper, "start", classmethod(hanging))
+    monkeypatch.setattr(ledger, "ASIDE_MIN", 0)
+    monkeypatch.setattr(ledger, "HELPER_GRACE", 0.2)
+    started = time.monotonic()
+    ledger.rebuild(conn)
+    assert time.monotonic() - started < 30
+    assert stuck[0].poll() is not None  # stopped, not left running
+    assert _every_table(conn) == before
+
+
+@pytest.mark.stores("sqlite")
 @pytest.mark.corrupt_ledger
 def test_a_split_rebuild_stops_at_an_undecodable_event_and_leaves_nothing(run, db, tmp_path,
                                                                           monkeypatch):
