@@ -426,15 +426,21 @@ class _Helper:
 
         if not sys.executable:
             return None
-        # The packages this process imported, first: the same code, however it was found.
+        import site
+
+        # The packages this process imported: the same code, however it was found. An
+        # installed queuectl is found there anyway; a site directory put on PYTHONPATH
+        # would go before the standard library, where a backport could shadow it.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ)
+        if root not in {*site.getsitepackages(), site.getusersitepackages()}:
+            env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "queuectl.aside", source, scratch,
                  *(p.NAME for p in projections)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, text=True)
+                env=env, text=True)
         except OSError:
             return None
         return cls(process, scratch, projections)
