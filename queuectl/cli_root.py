@@ -10,6 +10,7 @@ and ``queuectl.worker`` load only in the commands that need them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -26,7 +27,7 @@ gc.disable()
 
 import click  # noqa: E402
 
-from queuectl import complete, decisions, ledger, limits, progress, store  # noqa: E402
+from queuectl import complete, decisions, ledger, limits, store  # noqa: E402
 from queuectl.errors import InvalidInput, QueueError  # noqa: E402
 
 
@@ -420,7 +421,7 @@ def enqueue(
         specs = _specs(job_json, command, job_id, jobs_file, commands_file, flags)
         _here_by_default(specs)
         conn = _db(ctx, create=True)
-        with progress.progress(len(specs), "Adding jobs", unit="jobs"):
+        with _adding(len(specs)):
             ids, duplicate = decisions.enqueue_unique(conn, specs, on_duplicate)
     if len(ids) == 1 and jobs_file is None and commands_file is None:
         if duplicate[0]:
@@ -442,9 +443,21 @@ def enqueue(
         ctx.exit(_wait_enqueued(conn, ids, one=jobs_file is None and commands_file is None))
 
 
+def _adding(count: int) -> contextlib.AbstractContextManager[object]:
+    """The bar of jobs being added: none for one job, which is added too soon to draw one
+    (and need not load ``progress``)."""
+    if count == 1:
+        return contextlib.nullcontext()
+    from queuectl import progress
+
+    return progress.progress(count, "Adding jobs", unit="jobs")
+
+
 def _specs(job_json: str | None, command: str | None, job_id: str | None, jobs_file: Any,
            commands_file: Any, flags: dict[str, Any]) -> list[decisions.JobSpec]:
     """The jobs ``enqueue`` was given, from its one source, checked."""
+    if commands_file is not None or jobs_file is not None:
+        from queuectl import progress  # a file's bar; a job given here needs none
     if commands_file is not None:
         if job_id is not None:
             raise click.UsageError("--id names one job; it cannot go with --commands")

@@ -14,16 +14,19 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from projections import REGISTRY, appliers, live
-from queuectl import actor, progress, store
+from projections import VERSIONS, appliers, live, readers, registry
+from queuectl import actor, store
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger, InvalidInput
 from queuectl.events import TAG_OF, TAGS, Event, Pruned, encode
 from queuectl.store import PROCESS_LOCK, Db
+
+if TYPE_CHECKING:
+    from queuectl import progress
 
 __all__ = ["PROCESS_LOCK", "Db", "append", "check", "connect", "next_seq", "read_events",
            "rebuild", "write"]
@@ -53,11 +56,11 @@ def _ensure_projections(db: Db) -> None:
     """A projection whose stored version differs from the code's is rebuilt from the ledger,
     in one transaction (on any error the old tables stay)."""
     versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
-    if any(versions.get(p.NAME) != p.VERSION for p in REGISTRY):
+    if any(versions.get(name) != version for name, version in VERSIONS.items()):
         with db.transaction():
             # Look again under the write lock: another process may have just rebuilt them.
             versions = dict(db.execute("SELECT name, version FROM projection_meta").fetchall())
-            _rebuild(db, [p for p in REGISTRY if versions.get(p.NAME) != p.VERSION])
+            _rebuild(db, [p for p in registry() if versions.get(p.NAME) != p.VERSION])
 
 
 def write(db: Db) -> AbstractContextManager[Any]:
@@ -78,7 +81,7 @@ _LIVE: dict[type, tuple] = {}  # type: ignore[type-arg]
 
 
 def _live(event_type: type) -> tuple:  # type: ignore[type-arg]
-    _LIVE[event_type] = appliers(REGISTRY, event_type)
+    _LIVE[event_type] = appliers(readers(event_type), event_type)
     return _LIVE[event_type]
 
 
@@ -98,7 +101,7 @@ def _plan(kinds: tuple[type, ...]) -> _Plan:
     for n, kind in enumerate(kinds):
         at.setdefault(kind, []).append(n)
     plan = []
-    for projection in REGISTRY:
+    for projection in readers(*at):
         read = [at[kind] for kind in at if kind in projection.HANDLES]
         wanted = tuple(read[0] if len(read) == 1 else sorted(n for ns in read for n in ns))
         if wanted:
@@ -133,7 +136,7 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     if not all(e.by for e in events):
         by = actor.current()
         events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
-    if len(events) > APPEND_STEP and (bar := progress.current()).shown:
+    if len(events) > APPEND_STEP and (bar := _bar()).shown:
         return _append_in_steps(tx, events, at, bar)
     rows = [(TAG_OF[type(e)], getattr(e, "job_id", None), getattr(e, "worker_id", None),
              encode(e)) for e in events]
@@ -148,6 +151,14 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
 
 
 APPEND_STEP = 2000  # events a step of a big append that a bar is drawn for
+
+
+def _bar() -> progress.Bar:
+    """The command's progress bar. ``progress`` is loaded here, by the calls that may draw
+    one: a command that appends a few events (``enqueue``) never needs it."""
+    from queuectl import progress
+
+    return progress.current()
 
 
 def _append_in_steps(tx: Db, events: tuple[Event, ...], at: str, bar: progress.Bar) -> int:
@@ -264,7 +275,7 @@ def import_(db: Db, lines: Iterable[tuple[int, str]]) -> int:
         if missing != pruned:
             raise InvalidInput(f"{missing:,} events are missing where pruned events account "
                                f"for {pruned:,}")
-        _rebuild(db, REGISTRY)
+        _rebuild(db, registry())
     return count
 
 
@@ -311,7 +322,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
     replay_of = {p: p.Replay(target, find) for p in projections if hasattr(p, "Replay")}
     replays = list(replay_of.values())
     holding = [r for r in replays if hasattr(r, "rows")]  # flushed when full
-    routes = {  # what each type of event is given to, in REGISTRY order
+    routes = {  # what each type of event is given to, in CATALOG order
         kind: [
             replay_of[p].handler(kind) if p in replay_of else live(p.apply, target)
             for p in projections
@@ -319,7 +330,7 @@ def _replay_into(target: Db, source: Db, projections: Iterable[ModuleType]) -> R
         ]
         for kind in TAGS.values()
     }
-    bar = progress.current()
+    bar = _bar()
     bar.task("Replaying the ledger", lambda: _seq_span(source), "events")
     cursor = source.execute("SELECT seq, at, body FROM events ORDER BY seq")
     decode = ev.decode
@@ -372,7 +383,7 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType], spare: str | None = None
     try:
         replayed = _replay_into(tx, tx, projections[:1] if helper else projections)
         if helper is not None:
-            progress.current().task("Taking the other projections' rows")
+            _bar().task("Taking the other projections' rows")
             # About as much work as this process's: one that takes far longer is stuck.
             patience = max(HELPER_GRACE, 2 * (time.monotonic() - started))
             if helper.finish(patience) == replayed:
@@ -383,7 +394,7 @@ def _rebuild(tx: Db, projections: Iterable[ModuleType], spare: str | None = None
         if helper is not None:
             helper.stop()
     position = replayed.last_seq
-    progress.current().task("Building indexes")
+    _bar().task("Building indexes")
     for projection in projections:
         _index(tx, projection)  # one sorted build each, after the rows are in
         tx.execute(
@@ -399,7 +410,7 @@ def rebuild(db: Db) -> Replayed:
     """Throw every projection away and replay the ledger into fresh tables, atomically;
     returns how many events that took, and the last one's seq."""
     with db.bulk(), db.aside() as spare, db.transaction():
-        return _rebuild(db, REGISTRY, spare)
+        return _rebuild(db, registry(), spare)
 
 
 # A rebuild of a ledger this long replays every projection but the first (jobs, about half
@@ -471,7 +482,7 @@ class _Helper:
 def replay_aside(source: str, scratch: str, names: Sequence[str]) -> Replayed:
     """The helper's side of a rebuild: the projections ``names`` replayed from the SQLite
     ledger at ``source`` into fresh tables in the scratch file ``scratch``."""
-    chosen = tuple(p for p in REGISTRY if p.NAME in set(names))
+    chosen = tuple(p for p in registry() if p.NAME in set(names))
     if len(chosen) != len(set(names)):
         raise InvalidInput(f"unknown projections among {', '.join(names)}")
     events = store.reader(source)
@@ -500,13 +511,13 @@ def check(db: Db) -> list[str]:
     try:
         with db.snapshot():
             fresh.execute("BEGIN")
-            for projection in REGISTRY:
+            for projection in registry():
                 _create(fresh, projection)
-            _replay_into(fresh, db, REGISTRY)
+            _replay_into(fresh, db, registry())
             fresh.execute("COMMIT")
-            progress.current().task("Comparing with the live tables")
+            _bar().task("Comparing with the live tables")
             problems: list[str] = []
-            for projection in REGISTRY:
+            for projection in registry():
                 for table, key in projection.TABLES.items():
                     problems += _diff(table, key, db, fresh)
             return problems

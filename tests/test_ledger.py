@@ -179,6 +179,13 @@ def test_job_counts_match_jobs_after_mixed_workload(conn):
 # -- projections and replay -----------------------------------------------------------------
 
 
+def _bump_version(m: pytest.MonkeyPatch, projection: object) -> None:
+    """A new VERSION of ``projection``, in its module and in the catalog, as a developer
+    changing it gives both."""
+    m.setattr(projection, "VERSION", projection.VERSION + 1)  # type: ignore[attr-defined]
+    m.setitem(projections.VERSIONS, projection.NAME, projection.VERSION)  # type: ignore[attr-defined]
+
+
 def test_version_change_rebuilds_projection_on_open(conn, db, monkeypatch):
     _mixed_workload(conn)
     before = _snapshot(conn)
@@ -187,7 +194,7 @@ def test_version_change_rebuilds_projection_on_open(conn, db, monkeypatch):
     conn.execute("UPDATE jobs SET command = 'tampered'")
     conn.close()
 
-    monkeypatch.setattr(projections.jobs, "VERSION", projections.jobs.VERSION + 1)
+    _bump_version(monkeypatch, projections.jobs)
     reopened = ledger.connect(db)
     try:
         assert _snapshot(reopened) == before
@@ -201,6 +208,47 @@ def test_version_change_rebuilds_projection_on_open(conn, db, monkeypatch):
         assert ledger.check(reopened) == []
     finally:
         reopened.close()
+
+
+def test_the_catalog_gives_each_projection_as_its_module_does():
+    """``projections.CATALOG`` says, without importing a projection, its version and the
+    events it reads; each module, as it is loaded, is held to its entry."""
+    assert [p.NAME for p in projections.REGISTRY] == [name for name, _, _ in projections.CATALOG]
+    for projection, (name, version, tags) in zip(projections.REGISTRY, projections.CATALOG,
+                                                  strict=True):
+        assert (projection.NAME, projection.VERSION) == (name, version)
+        assert {ev.TAG_OF[kind] for kind in projection.HANDLES} == tags
+        assert projections.VERSIONS[name] == version
+    assert projections.readers(ev.Enqueued) == (projections.jobs, projections.hooks)
+    assert projections.readers(ev.ConfigChanged, ev.TokenAdded) == (
+        projections.config, projections.tokens)
+
+
+def test_a_projection_that_differs_from_its_catalog_entry_is_refused(monkeypatch):
+    monkeypatch.setattr(projections, "_CHECKED", set())
+    monkeypatch.setattr(projections.runs, "VERSION", projections.runs.VERSION + 1)
+    with pytest.raises(ImportError, match="projections.runs: NAME, VERSION or HANDLES differ"):
+        projections.load("runs")
+    monkeypatch.setattr(projections.runs, "VERSION", projections.runs.VERSION - 1)
+    monkeypatch.setattr(projections.runs, "HANDLES", projections.runs.HANDLES - {ev.Dead})
+    with pytest.raises(ImportError, match="projections.CATALOG"):
+        projections.load("runs")
+
+
+@pytest.mark.stores("sqlite")
+def test_an_enqueue_loads_only_the_projections_that_read_its_event(conn, db):
+    """A short command imports only what it uses: an enqueue into a database whose
+    projections are current loads the two projections that read ``enqueued``."""
+    _add(conn, "first")
+    conn.close()
+    probe = ("import sys; from queuectl import cli_root; "
+             "cli_root.cli(['--db', sys.argv[1], 'enqueue', '-c', 'true'], standalone_mode=False); "
+             "print(sorted(m for m in sys.modules if m.startswith('projections.')))")
+    done = subprocess.run([*queuectl_cmd()[:1], "-c", probe, db], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "Job added successfully with ID: 2", "['projections.hooks', 'projections.jobs']"]
 
 
 def test_failed_rebuild_leaves_old_tables(conn, db, monkeypatch):
@@ -219,7 +267,7 @@ def test_failed_rebuild_leaves_old_tables(conn, db, monkeypatch):
         raise RuntimeError("projector bug")  # ...and then the replay fails
 
     with monkeypatch.context() as m:
-        m.setattr(projections.jobs, "VERSION", projections.jobs.VERSION + 1)
+        _bump_version(m, projections.jobs)
         m.setattr(projections.jobs.Replay, "flush", broken_flush)
         with pytest.raises(RuntimeError, match="projector bug"):
             ledger.connect(db)
