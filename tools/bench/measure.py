@@ -3,7 +3,9 @@ start-up that CLI figures are held against (the floor)."""
 
 from __future__ import annotations
 
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -60,3 +62,22 @@ def peak_rss(ctx: Context, cmd: list[str], db: Path | str | None = None) -> tupl
 
 def measure_floor(ctx: Context, code: str = FLOOR_CODE) -> float:
     return run_timed(ctx, [sys.executable, "-c", code]) * 1000
+
+
+def instructions(ctx: Context, cmd: list[str], db: Path | str | None = None) -> float | None:
+    """Millions of instructions one run of ``cmd`` executes (valgrind's callgrind: the same
+    count whatever else the machine does, so a change of 1% shows where wall times, which
+    move by several percent from run to run, cannot), or None without valgrind. The hash
+    seed is fixed: Python's string hashing moves the count a little from run to run."""
+    if shutil.which("valgrind") is None:
+        return None
+    out = ctx.fresh_dir("callgrind") / "callgrind.out"
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        env={**ctx.env_for(db), "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind of {shlex.join(cmd)} failed: {proc.stderr[-500:]}")
+    return int(found.group(1)) / 1e6

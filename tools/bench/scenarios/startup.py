@@ -14,7 +14,7 @@ from pathlib import Path
 from queuectl import ledger
 
 from ..context import Context
-from ..measure import FLOOR_CODE, measure_floor, run_timed
+from ..measure import FLOOR_CODE, instructions, measure_floor, run_timed
 from ..peers import nq_queue, task_spooler
 from ..rows import Row, ScenarioResult, Target, make_row, median
 
@@ -63,6 +63,18 @@ def peer_rows(walls: dict[str, list[float]], floor: list[float]) -> list[Row]:
     return rows
 
 
+def instructions_row(counted: float | None, floor: float | None) -> Row:
+    """The enqueue's instructions against the floor's: the same figure run after run, where
+    the wall ratio moves by several percent (n/a without valgrind)."""
+    figure = "`queuectl enqueue -c true` instructions (callgrind)"
+    if counted is None or floor is None:
+        return Row(scenario="startup", key="enqueue_instructions", figure=figure, value=None,
+                   unit="M", status="n/a", note="n/a: valgrind not installed")
+    return make_row("startup", "enqueue_instructions", figure, [counted], "M", None,
+                    baseline_samples=[floor], baseline_label=f'`python -c "{FLOOR_CODE}"`',
+                    note="one run each, hash seed 0: the count does not depend on the machine's load")
+
+
 def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
     floor, wall, wall_m, completion = [], [], [], []
     with ctx.fresh_db("startup") as db, ExitStack() as peers:
@@ -89,6 +101,8 @@ def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
             for command, env in peer_env.items():
                 peer_wall[command].append(run_timed(ctx, [command, "true"], env=env) * 1000)
         heavy, top = import_report(ctx, db)
+        counted = instructions(ctx, enqueue_cmd, db)
+        floor_counted = instructions(ctx, [sys.executable, "-c", FLOOR_CODE])
     ctx.floor_ms.extend(floor)
     ctx.log(f"startup: enqueue {median(wall):.1f} ms, completion {median(completion):.1f} ms, "
             f"floor {median(floor):.1f} ms, heavy imports: {heavy or 'none'}"
@@ -106,6 +120,7 @@ def bench_startup(ctx: Context, result: ScenarioResult) -> list[Row]:
                  wall_m, "ms", None, baseline_samples=floor,
                  baseline_label=f'`python -c "{FLOOR_CODE}"`',
                  note="the same command through runpy, as the third pass measured it"),
+        instructions_row(counted, floor_counted),
         heavy_row,
         make_row("startup", "complete_wall", "`queuectl show <Tab>` (bash completion of job "
                  "ids) wall", completion, "ms", Target("<= 100 ms", "value", "<=", 100),
