@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+import projections
 from queuectl import (
     actor,
     claims,
@@ -826,6 +827,9 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
 
     runner.close_on_exec()
     conn = ledger.connect(target, durable=False)  # creates or migrates, before any thread
+    # A worker appends events of most kinds: every projection is loaded now, not in the
+    # write transaction of the first event that needs it, holding every other writer back.
+    projections.registry()
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
