@@ -27,7 +27,12 @@ def worker_options(f: Any) -> Any:
         (
             click.option("-v", "--verbose", is_flag=True, help="Log every job's progress."),
             click.option("-c", "--concurrency", type=Number("concurrency"), default=1,
-                         show_default=True, help="Workers in this process."),
+                         show_default=True,
+                         help="Workers to run, spread over --processes processes."),
+            click.option("--processes", type=Number("processes"), default=None,
+                         metavar="N",
+                         help="Processes the workers run in (default: one per CPU, "
+                              "at most one per worker; 1: all of them in this one)."),
             click.option("-s", "--poll", type=Number("poll"), default=3.0,
                          show_default=True,
                          help="Seconds between checks when idle (new jobs wake workers "
@@ -95,7 +100,8 @@ def _stop(ctx: click.Context) -> None:
 def _run(ctx: click.Context, **options: Any) -> None:
     import threading
 
-    from queuectl.worker import Options, run_workers
+    from queuectl import processes
+    from queuectl.worker import Options
 
     lock = threading.Lock()
 
@@ -103,6 +109,12 @@ def _run(ctx: click.Context, **options: Any) -> None:
         with lock:
             click.echo(line)
 
-    errors = run_workers(ctx.obj["db"], Options(**options), echo)
+    asked = options.pop("processes")
+    if asked is not None and asked > options["concurrency"]:
+        raise click.BadParameter(
+            f"{asked} processes for {options['concurrency']} workers: each process runs "
+            "at least one (raise -c, or lower --processes)", param_hint="'--processes'")
+    count = processes.count(options["concurrency"], asked)
+    errors = processes.run_workers(ctx.obj["db"], Options(**options), count, echo)
     if errors:
         raise click.ClickException("; ".join(errors))

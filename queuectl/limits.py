@@ -55,6 +55,7 @@ BOUNDS: dict[str, Bound] = {
     "log_limit": Bound(True, 0, 2**30, "bytes"),
     "poll": Bound(False, 0.01, DAY, "seconds"),
     "concurrency": Bound(True, 1, 1024),
+    "processes": Bound(True, 1, 1024),
     "jobs_per_worker": Bound(True, 0, INT32),
     "ahead": Bound(True, 0, 64),
     "queue_limit": Bound(True, 0, 1_000_000),

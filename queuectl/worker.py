@@ -806,30 +806,65 @@ def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None
     return safe_echo
 
 
-def run_workers(target: str | Path, options: Options, echo: Callable[[str], None]
+def _connect(target: str | Path) -> Db:
+    """The store, created or migrated before any thread starts, with every projection
+    loaded: a worker appends events of most kinds, and importing a projection in the write
+    transaction of the first event that needs it would hold every other writer back."""
+    conn = ledger.connect(target, durable=False)
+    projections.registry()
+    return conn
+
+
+def prepare(target: str | Path) -> None:
+    """What a process that forks worker processes does first (``queuectl.processes``):
+    each then finds the store ready and the projections imported, and opens its own
+    connection."""
+    _connect(target).close()
+
+
+def run_workers(target: str | Path, options: Options, echo: Callable[[str], None],
+                hard: int | None = None, listening: Callable[[], object] | None = None
                 ) -> list[str]:
     """Run ``options.concurrency`` workers until they stop; returns their error messages.
 
     The first SIGINT/SIGTERM lets every worker finish its current job; a second SIGINT
-    kills running jobs' process groups and releases them back to the queue.
+    kills running jobs' process groups and releases them back to the queue. ``hard``: the
+    signal that does that instead, SIGINT then only asking for the first (a process forked
+    by ``queuectl.processes``, whose first process counts the SIGINTs). ``listening``:
+    called once the handlers are in place (that process holds the signals back till then).
     """
     shutdown = Shutdown()
     echo = output_that_never_fails(echo)
 
+    # A handler runs in the main thread between two bytecodes, whatever it holds then, and
+    # a second signal's handler can run inside the first's: one that arrived while another
+    # was being handled is left to it, and the waker is poked only if its lock is free (the
+    # join loop below pokes it anyway). Two signals at once (a Ctrl-C reaching a forked
+    # worker beside the first process's SIGTERM) took the same lock twice and hung.
+    pending: list[int] = []
+    busy = False
+
     def on_signal(signum: int, frame: object) -> None:
-        if shutdown.soft.is_set() and signum == signal.SIGINT:
-            shutdown.hard.set()
-        shutdown.stop("signal")
-        waker.poke()
+        nonlocal busy
+        pending.append(signum)
+        while pending and not busy:
+            busy = True
+            try:
+                while pending:
+                    sig = pending.pop(0)
+                    if sig == hard or (hard is None and shutdown.soft.is_set()
+                                       and sig == signal.SIGINT):
+                        shutdown.hard.set()
+                    shutdown.stop("signal")
+                    waker.poke(wait=False)
+            finally:
+                busy = False
 
     def on_waker_crash(exc: BaseException) -> None:
         shutdown.stop("the process's waker thread crashed")  # the join loop below pokes
 
     runner.close_on_exec()
-    conn = ledger.connect(target, durable=False)  # creates or migrates, before any thread
-    # A worker appends events of most kinds: every projection is loaded now, not in the
-    # write transaction of the first event that needs it, holding every other writer back.
-    projections.registry()
+    conn = _connect(target)
     conn.for_worker()
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
@@ -839,9 +874,11 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
                for _ in range(options.concurrency)]
     previous = {
         sig: signal.signal(sig, on_signal)
-        for sig in (signal.SIGINT, signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM, *((hard,) if hard else ()))
         if threading.current_thread() is threading.main_thread()
     }
+    if listening is not None:
+        listening()
     threads = [threading.Thread(target=w.run, name=f"worker-{n}") for n, w in enumerate(workers)]
     try:
         results.start()

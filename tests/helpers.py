@@ -75,7 +75,8 @@ def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 
 def _children(pid: int) -> list[int]:
-    """The processes ``pid``'s threads started and that still run (Linux's /proc)."""
+    """The processes ``pid``'s threads started and that still run, and theirs (the worker
+    processes of ``worker -c N`` and their jobs) (Linux's /proc)."""
     found: list[int] = []
     try:
         threads = os.listdir(f"/proc/{pid}/task")
@@ -87,7 +88,7 @@ def _children(pid: int) -> list[int]:
                 found += [int(child) for child in listed.read().split()]
         except OSError:
             pass
-    return found
+    return found + [grandchild for child in found for grandchild in _children(child)]
 
 
 def burst(start: Callable[..., subprocess.Popen[str]], *args: str) -> str:

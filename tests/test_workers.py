@@ -384,7 +384,7 @@ def test_burst_worker_exits_soon_after_another_process_ends_the_last_job(run, co
 
 def test_concurrency_starts_distinct_workers(conn):
     with processes() as procs:
-        code, out, err = finish(worker(procs, "-c", "3", "--burst"))
+        code, out, err = finish(worker(procs, "-c", "3", "--processes", "1", "--burst"))
     assert code == 0, err
     started = re.findall(r"^Worker started: (\S+)$", out, re.M)
     assert len(started) == 3 and len(set(started)) == 3

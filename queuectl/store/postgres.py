@@ -1330,10 +1330,17 @@ class Waker:
     def generation(self) -> int:
         return self._generation
 
-    def poke(self) -> None:
-        with self._cond:
+    def poke(self, wait: bool = True) -> bool:
+        """Wake every waiting worker; ``wait=False``: only if the lock is free at once (a
+        signal handler, which may have interrupted its holder). Whether it did."""
+        if not self._cond.acquire(wait):
+            return False
+        try:
             self._generation += 1
             self._cond.notify_all()
+        finally:
+            self._cond.release()
+        return True
 
     def wait(self, seen: int, timeout: float) -> None:
         with self._cond:

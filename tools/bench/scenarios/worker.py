@@ -8,12 +8,14 @@ CPU a job costs on each store."""
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from .. import trace
 from ..context import Context
@@ -52,35 +54,65 @@ def in_threads(work: Callable[[], None], threads: int) -> float:
 
 
 def statements_and_spawns_rate(ctx: Context, n: int, store: str = "sqlite",
-                               threads: int = 2) -> float:
-    """Jobs/s of ``threads`` threads that each run a job as the spawn baseline does
+                               processes: int = 2) -> float:
+    """Jobs/s of ``processes`` processes that each run a job as the spawn baseline does
     (``sh -c true`` with subprocess) and then write its cycle: one transaction of the
     statements ``finish_and_claim`` sent for a job, recorded on one store and replayed in
-    order on its twin (``trace``), on one connection set up as a worker's. A worker with
-    no queuectl Python in it: the ceiling of ``worker -c 2`` on this schema."""
+    order on its twin (``trace``), each process on a connection of its own set up as a
+    worker's. A ``worker -c 2`` (two processes of one worker each) with no queuectl Python
+    in it: its ceiling on this schema."""
     with ctx.fresh_target("worker", store) as db:
         enqueue_true(db, n)
         with trace.twin(ctx, db) as copy:
             with worker_connection(db) as conn, trace.recording(conn) as steps:
                 one_at_a_time(conn, True)
-            todo = iter(trace.transactions(steps))
-            lock = threading.Lock()
-            with worker_connection(copy) as conn:
-                trace.prepare_for_replay(conn, steps)
-
-                def work() -> None:
-                    while True:
-                        with lock:  # the transactions in their order, one at a time
-                            step = next(todo, None)
-                            if step is None:
-                                return
-                            trace.replay(conn, step)
-                        subprocess.run(["sh", "-c", "true"])
-
-                seconds = in_threads(work, threads)
+            todo = trace.transactions(steps)
+            seconds = _in_processes(copy, steps, todo, processes)
             if job_counts(copy).get("completed") != n:
                 raise RuntimeError("the replayed worker did not complete every job")
     return n / seconds
+
+
+def _in_processes(db: Path | str, steps: trace.Trace, todo: list[trace.Trace],
+                  processes: int) -> float:
+    """Seconds ``processes`` forked processes took to replay ``todo`` in its order (the next
+    transaction goes to whichever process is free, one at a time), each spawning
+    ``sh -c true`` after each of its transactions: from all of them ready to the last end."""
+    forked = multiprocessing.get_context("fork")
+    lock, taken = forked.Lock(), forked.Value("i", 0, lock=False)
+    ready, go = forked.Barrier(processes + 1), forked.Event()
+    failures = forked.Queue()
+
+    def work() -> None:
+        try:
+            with worker_connection(db) as conn:
+                trace.prepare_for_replay(conn, steps)
+                ready.wait()
+                go.wait()
+                while True:
+                    with lock:  # the transactions in their order, one at a time
+                        if taken.value >= len(todo):
+                            break
+                        step = todo[taken.value]
+                        taken.value += 1
+                        trace.replay(conn, step)
+                    subprocess.run(["sh", "-c", "true"])
+        except BaseException as exc:
+            failures.put(repr(exc))
+            raise
+
+    pool = [forked.Process(target=work) for _ in range(processes)]
+    for proc in pool:
+        proc.start()
+    ready.wait()
+    start = time.perf_counter()
+    go.set()
+    for proc in pool:
+        proc.join()
+    seconds = time.perf_counter() - start
+    if any(proc.exitcode for proc in pool):
+        raise RuntimeError(f"a replaying process failed: {failures.get(timeout=5)}")
+    return seconds
 
 
 class CpuUse:
@@ -168,7 +200,7 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
                  note="without the command's start-up and exit, which the baseline never pays"),
         make_row("worker", "worker_statements_vs_spawn",
-                 f"2 threads, each job a `sh -c true` and then its cycle's statements "
+                 f"2 processes, each job a `sh -c true` and then its cycle's statements "
                  f"(recorded, replayed in order on a copy of the store), {n:,} jobs", ceiling,
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
                  note="a worker with no queuectl Python: its ceiling on this schema "
@@ -236,7 +268,7 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "jobs/s", None, baseline_samples=lite_steady,
                  baseline_label="SQLite, first claim to last result"),
         make_row("worker", "pg_worker_statements_vs_sqlite",
-                 f"2 threads, each job a `sh -c true` and then its PostgreSQL cycle's "
+                 f"2 processes, each job a `sh -c true` and then its PostgreSQL cycle's "
                  f"statements (recorded, replayed in order on a copy of the store), {n:,} jobs",
                  alone, "jobs/s", None, baseline_samples=lite, baseline_label=sqlite_label,
                  note="a PostgreSQL worker with no queuectl Python: its ceiling on this "
