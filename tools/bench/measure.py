@@ -60,6 +60,62 @@ def peak_rss(ctx: Context, cmd: list[str], db: Path | str | None = None) -> tupl
     return int(code), int(kib) / 1024  # Linux reports KiB
 
 
+def peak_memory(ctx: Context, cmd: list[str], db: Path | str | None = None
+                ) -> tuple[int, float, float]:
+    """Run ``cmd`` to its end: its exit code, the peak RSS of its largest process, and the
+    peak of its processes' proportional set sizes added up (every 20 ms; the forked worker
+    processes of ``worker -c N`` share their parent's pages until they write them, which
+    PSS counts once), in MiB. Its jobs' shells (``sh``) are not counted."""
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-c", RSS_LAUNCHER, *cmd],
+        env=ctx.env_for(db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    total = 0
+    while proc.poll() is None:
+        total = max(total, sum(_pss(pid) for pid in _tree(proc.pid)))
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    try:
+        code, kib = out.split()[-2:]
+    except ValueError:
+        raise RuntimeError(f"rss launcher failed: {err[-500:]}") from None
+    return int(code), int(kib) / 1024, total / 1024
+
+
+def _tree(launcher: int) -> list[int]:
+    """The processes under ``launcher`` (not itself), but for shells."""
+    found, todo = [], [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as listed:
+                children = [int(child) for child in listed.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as comm:
+                    if comm.read().strip() == "sh":
+                        continue
+            except OSError:
+                continue
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pss(pid: int) -> int:
+    """A process's proportional set size in KiB (0 once gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def measure_floor(ctx: Context, code: str = FLOOR_CODE) -> float:
     return run_timed(ctx, [sys.executable, "-c", code]) * 1000
 

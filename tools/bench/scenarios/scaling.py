@@ -1,7 +1,9 @@
 """scaling: worker processes on one host, N ``true`` jobs each time: two ``worker -c 1
---burst`` processes started together on one store against one ``worker -c 2 --burst``, and
-eight ``-c 1`` processes against two, each timed from the first start to the last exit (and,
-for what bounds it, from the first claim to the last result by the ledger's times)."""
+--burst`` processes started together on one store against one process of two workers
+(``worker -c 2 --processes 1``, two threads) and against one ``worker -c 2`` (which forks
+two processes of one), and eight ``-c 1`` processes against two, each timed from the first
+start to the last exit (and, for what bounds it, from the first claim to the last result by
+the ledger's times)."""
 
 from __future__ import annotations
 
@@ -13,20 +15,22 @@ from ..context import Context
 from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import claims_span, enqueue_true, job_counts
 
-# (processes, workers in each): the shapes compared, run in turn in every run so that each
-# ratio is taken between neighbours.
-ONE_OF_TWO, TWO_OF_ONE, EIGHT_OF_ONE = (1, 2), (2, 1), (8, 1)
-SHAPES = (ONE_OF_TWO, TWO_OF_ONE, EIGHT_OF_ONE)
+# (commands, workers in each, processes each forks: None for its default, one a CPU): the
+# shapes compared, run in turn in every run so that each ratio is taken between neighbours.
+ONE_OF_TWO, FORKED, TWO_OF_ONE, EIGHT_OF_ONE = (1, 2, 1), (1, 2, None), (2, 1, 1), (8, 1, 1)
+SHAPES = (ONE_OF_TWO, FORKED, TWO_OF_ONE, EIGHT_OF_ONE)
 
 
-def processes_rate(ctx: Context, n: int, processes: int, concurrency: int
-                   ) -> tuple[float, float]:
-    """Jobs/s of ``processes`` ``worker -c concurrency --burst`` commands started together on
-    a store holding ``n`` jobs, from the first start to the last exit, and from the first
-    claim to the last result. Every process must exit 0 and every job must be completed."""
+def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
+                   forks: int | None = 1) -> tuple[float, float]:
+    """Jobs/s of ``processes`` ``worker -c concurrency --burst`` commands (of ``forks``
+    processes each) started together on a store holding ``n`` jobs, from the first start to
+    the last exit, and from the first claim to the last result. Every process must exit 0
+    and every job must be completed."""
     with ctx.fresh_target("scaling") as db, ExitStack() as stack:
         enqueue_true(db, n)
-        cmd = ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst")
+        cmd = ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst",
+                           *(("--processes", str(forks)) if forks and concurrency > 1 else ()))
         env = ctx.env_for(db)
         # Files, not pipes: a pipe nobody reads while the others run could fill and stall one.
         logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(processes)]
@@ -62,8 +66,9 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
             whole[shape].append(rate)
             steady[shape].append(between)
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
-            f"{p} x `-c {c}` {whole[(p, c)][-1]:.0f} jobs/s (first claim to last result "
-            f"{steady[(p, c)][-1]:.0f}/s)" for p, c in SHAPES))
+            f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
+            f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
+            f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES))
     ledger_note = "without the processes' start-up and exit"
     return [
         make_row("scaling", "scaling_two_vs_one",
@@ -71,11 +76,18 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  whole[TWO_OF_ONE], "jobs/s",
                  Target(">= 1.0 x one `-c 2` process", "ratio", ">=", 1.0),
                  baseline_samples=whole[ONE_OF_TWO],
-                 baseline_label="one `worker -c 2 --burst`"),
+                 baseline_label="one process of two workers, `worker -c 2 --processes 1`"),
         make_row("scaling", "scaling_two_vs_one_steady",
                  "the same, first claim to last result (ledger times)", steady[TWO_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[ONE_OF_TWO],
-                 baseline_label="one `-c 2`, first claim to last result", note=ledger_note),
+                 baseline_label="one process of two workers, first claim to last result",
+                 note=ledger_note),
+        make_row("scaling", "scaling_two_vs_forked",
+                 "the same 2 processes against one `worker -c 2`, which forks two "
+                 "processes of one worker itself", whole[TWO_OF_ONE], "jobs/s", None,
+                 baseline_samples=whole[FORKED], baseline_label="one `worker -c 2 --burst`",
+                 note="the same shape both ways: what is left between them is the second "
+                      "interpreter's start-up"),
         make_row("scaling", "scaling_eight_vs_two",
                  f"8 `worker -c 1 --burst` processes together, {n:,} `true` jobs",
                  whole[EIGHT_OF_ONE], "jobs/s",
