@@ -33,7 +33,7 @@ def bench_memory(ctx: Context, result: ScenarioResult) -> list[Row]:
                  Target("<= 40 MiB", "value", "<=", 40),
                  baseline_samples=floor, baseline_label="python + click, msgspec, sqlite3"),
         make_row("memory", "worker_pss_together",
-                 f"the same, every process of the command together (peak of their PSS "
-                 f"added up)", together, "MiB", None, baseline_samples=floor,
+                 "the same, every process of the command together (peak of their PSS "
+                 "added up)", together, "MiB", None, baseline_samples=floor,
                  baseline_label="python + click, msgspec, sqlite3"),
     ]
