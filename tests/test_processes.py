@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import events_of, spawn, wait_for
+from conftest import events_of, wait_for
+from helpers import _children, workers
 
 from queuectl import processes
 
@@ -23,33 +24,14 @@ WAIT = 60.0
 
 @contextmanager
 def started(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """``queuectl worker ARGS`` in a session of its own; killed with everything it started
-    if still running at the end."""
-    proc = spawn("worker", *args, env={"PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            for pid in (proc.pid, *descendants(proc.pid)):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        try:
-            proc.communicate(timeout=10)
-        except (subprocess.TimeoutExpired, ValueError):
-            pass
+    """``queuectl worker ARGS`` in a session of its own (``helpers.workers``), killed with
+    everything it started if still running at the end."""
+    with workers() as start:
+        yield start(*args)
 
 
 def descendants(pid: int) -> list[int]:
-    found = []
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.exists(f"/proc/{pid}") else ():
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as listed:
-                found += [int(child) for child in listed.read().split()]
-        except OSError:
-            pass
-    return found + [d for child in found for d in descendants(child)]
+    return _children(pid) if os.path.exists(f"/proc/{pid}") else []
 
 
 def worker_processes(pid: int) -> list[int]:
