@@ -70,6 +70,7 @@ def run_workers(target: str | Path, options: worker.Options, processes: int,
     # Blocked from here: in each child, until its handlers are in place.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {*_WATCHED, _HARD})
     children: dict[int, int] = {}
+    first = os.getpid()
     try:
         for share in shares(options.concurrency, processes):
             sys.stdout.flush()
@@ -78,7 +79,7 @@ def run_workers(target: str | Path, options: worker.Options, processes: int,
             if pid == 0:  # pragma: no cover - the child's coverage is not collected
                 os.close(errors_out)
                 _child(target, msgspec.structs.replace(options, concurrency=share), echo,
-                       errors_in, mask)
+                       errors_in, mask, first)
             children[pid] = share
         os.close(errors_in)
         return _supervise(children, errors_out)
@@ -94,13 +95,12 @@ def run_workers(target: str | Path, options: worker.Options, processes: int,
 
 
 def _child(target: str | Path, options: worker.Options, echo: Callable[[str], None],
-           errors_in: int, mask: set[int]) -> None:
+           errors_in: int, mask: set[int], first: int) -> None:
     """A forked process's life: its workers, its errors to the pipe, then its end."""
     code = 1
     try:
-        parent = os.getppid()
         _die_with_parent()
-        if os.getppid() != parent:  # the first process died before the request was made
+        if os.getppid() != first:  # the first process died before the request was made
             errors = ["the worker command's first process ended"]
         else:
             errors = worker.run_workers(
@@ -114,10 +114,14 @@ def _child(target: str | Path, options: worker.Options, echo: Callable[[str], No
     try:
         if errors:
             text = "\n".join(errors).encode("utf-8", "replace")[:_MESSAGE]
-            os.write(errors_in, text.decode("utf-8", "ignore").encode() + b"\0")
+            os.write(errors_in, f"{os.getpid()}\t".encode()
+                     + text.decode("utf-8", "ignore").encode() + b"\0")
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except (OSError, ValueError):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # `worker -v | head`, as ``main`` does
+                pass
+    except OSError:  # a full disk, say
         code = code or 1
     finally:
         os._exit(code)
@@ -145,9 +149,10 @@ def _die_with_parent() -> None:
 
 def _supervise(children: dict[int, int], errors_out: int) -> list[str]:
     """Pass signals on, reap the children, stop the rest once one fails; returns the
-    errors the children reported, in the order they arrived."""
+    errors the children reported, in the order they arrived, then how any child ended
+    that failed without a word (killed by a signal, say)."""
     received = bytearray()
-    failed: list[str] = []
+    ended: dict[int, int] = {}  # pid: exit code, negative for a signal
     stopping = asked = False
     while children:
         info = signal.sigtimedwait(_WATCHED, 0.5)
@@ -162,17 +167,32 @@ def _supervise(children: dict[int, int], errors_out: int) -> list[str]:
             if not done:
                 continue
             del children[pid]
-            code = os.waitstatus_to_exitcode(status)
-            if code < 0:
-                failed.append(f"worker process {pid} was killed by signal "
-                              f"{signal.Signals(-code).name}")
-            if code and not stopping:  # its own failure: the others stop too
+            ended[pid] = os.waitstatus_to_exitcode(status)
+            if ended[pid] and not stopping:  # its own failure: the others stop too
                 stopping = True
                 for other in children:
                     _signal(other, signal.SIGTERM)
     received += _drain(errors_out)
-    reported = [part.decode("utf-8", "replace") for part in received.split(b"\0") if part]
-    return [line for text in reported for line in text.split("\n")] + failed
+    reports = _reports(received)
+    errors = [line for _, text in reports for line in text.split("\n")]
+    said = {pid for pid, _ in reports}
+    for pid, code in ended.items():
+        if code < 0:
+            errors.append(f"worker process {pid} was killed by signal "
+                          f"{signal.Signals(-code).name}")
+        elif code and pid not in said:
+            errors.append(f"worker process {pid} exited with status {code}")
+    return errors
+
+
+def _reports(received: bytes | bytearray) -> list[tuple[int, str]]:
+    """The children's reports (each its pid, a tab, its errors, a NUL), in order."""
+    reports = []
+    for part in received.split(b"\0"):
+        if part:
+            pid, _, text = part.decode("utf-8", "replace").partition("\t")
+            reports.append((int(pid), text))
+    return reports
 
 
 def _drain(fd: int) -> bytes:

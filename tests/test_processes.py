@@ -20,6 +20,9 @@ from helpers import _children, workers
 from queuectl import processes
 
 WAIT = 60.0
+# A job both workers must be seen running at once: long enough that the second one's claim,
+# on a loaded machine, comes before the first one's end.
+SHORT = "sleep 3"
 
 
 @contextmanager
@@ -81,6 +84,11 @@ def test_shares_are_as_even_as_they_go():
     assert processes.shares(1, 1) == [1]
 
 
+def test_the_childrens_reports_are_read_back_whole():
+    assert processes._reports(b"12\tboom\x0034\ta\nb\x00") == [(12, "boom"), (34, "a\nb")]
+    assert processes._reports(b"") == []
+
+
 def test_count_is_one_per_cpu_and_never_more_than_the_workers():
     cpus = len(os.sched_getaffinity(0))
     assert processes.count(1, None) == 1
@@ -127,11 +135,24 @@ def test_a_process_count_out_of_range_is_refused(run, conn, args, message):
     assert bodies(conn, "worker-started") == []
 
 
+def test_output_closed_early_stops_no_worker(run, conn):
+    """`worker -v -c 2 | head -1`: the pipe closes under both processes; their lines are
+    dropped and the jobs all run, and the command exits 0."""
+    ids = enqueue(run, *["echo x"] * 20)
+    with started("-v", "-c", "2", "--processes", "2", "--burst") as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("Worker started: ")
+        proc.stdout.close()
+        assert proc.wait(timeout=WAIT) == 0, proc.stderr.read() if proc.stderr else ""
+    assert states(conn, ids) == ["completed"] * 20
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["burst: queue empty"] * 2
+
+
 # -- signals ------------------------------------------------------------------------------------
 
 
 def test_sigterm_to_the_first_process_lets_every_worker_finish_its_job(run, conn):
-    ids = enqueue(run, "sleep 1", "sleep 1", "true")
+    ids = enqueue(run, SHORT, SHORT, "true")
     with started("-c", "2", "--processes", "2", "-s", "30") as proc:
         wait_for(lambda: running(conn, ids[:2]), WAIT, "both jobs to start")
         proc.send_signal(signal.SIGTERM)
@@ -160,7 +181,7 @@ def test_a_second_sigint_stops_every_worker_at_once(run, conn):
 def test_a_sigint_to_the_whole_group_counts_once(run, conn):
     """The terminal's Ctrl-C reaches every process of the group, the workers' too: that
     is one request to finish, not two (which would abandon the jobs)."""
-    ids = enqueue(run, "sleep 1", "sleep 1")
+    ids = enqueue(run, SHORT, SHORT)
     with started("-c", "2", "--processes", "2", "-s", "30") as proc:
         wait_for(lambda: running(conn, ids), WAIT, "both jobs to start")
         os.killpg(proc.pid, signal.SIGINT)
@@ -187,7 +208,7 @@ def test_idle_workers_stop_on_a_sigint_to_the_whole_group(conn):
 
 
 def test_a_worker_process_killed_stops_the_others_and_the_command_fails(run, conn):
-    ids = enqueue(run, "sleep 1", "sleep 1", "true", "true")
+    ids = enqueue(run, SHORT, SHORT, "true", "true")
     with started("-c", "2", "--processes", "2", "-s", "30") as proc:
         wait_for(lambda: running(conn, ids[:2]), WAIT, "both jobs to start")
         children = wait_for(lambda: worker_processes(proc.pid), 10, "the worker processes")
