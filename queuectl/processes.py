@@ -11,11 +11,13 @@ The first process prepares the store (creates or migrates it, loads every projec
 closes its connection and forks: no connection and no thread crosses a fork. It then only
 supervises:
 
-- Signals. This process counts them for all: the first SIGINT or SIGTERM asks every
-  child to finish its job and stop (SIGTERM), a SIGINT after that to stop at once
-  (SIGUSR1, their ``hard`` signal). A child takes SIGINT and SIGTERM as the first request
-  only, so that the terminal's Ctrl-C, which reaches the children too, or a signal sent
-  to the whole group, counts once, as it would for one process.
+- Signals. Each child leads a process group of its own, so that the terminal's Ctrl-C (a
+  SIGINT to the foreground group) or a signal sent to the command's group reaches this
+  process only, never a child, nor a job's shell a child is starting (which joins its own
+  session only once it runs). This process counts them for all: the first SIGINT or
+  SIGTERM asks every child to finish its job and stop (SIGTERM), a SIGINT after that to
+  stop at once (SIGUSR1, their ``hard`` signal). A child takes SIGINT and SIGTERM as the
+  first request only, so that one sent to it as well counts once.
 - Failure. A child that exits with an error makes the others finish their jobs and stop,
   as one worker's crash does among threads; the command then exits 1 with every child's
   errors on one line.
@@ -99,6 +101,7 @@ def _child(target: str | Path, options: worker.Options, echo: Callable[[str], No
     """A forked process's life: its workers, its errors to the pipe, then its end."""
     code = 1
     try:
+        os.setpgid(0, 0)
         _die_with_parent()
         if os.getppid() != first:  # the first process died before the request was made
             errors = ["the worker command's first process ended"]

@@ -38,9 +38,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def worker_processes(pid: int) -> list[int]:
-    """The worker processes ``pid`` forked (its children in its own process group)."""
-    return [child for child in descendants(pid)
-            if child in _direct(pid) and os.getpgid(child) == os.getpgid(pid)]
+    """The worker processes ``pid`` forked (its children; their jobs are theirs)."""
+    return _direct(pid)
 
 
 def _direct(pid: int) -> list[int]:
@@ -178,9 +177,21 @@ def test_a_second_sigint_stops_every_worker_at_once(run, conn):
     assert all(events_of(conn, i) == ["enqueued", "claimed", "released"] for i in ids)
 
 
+def test_the_worker_processes_lead_groups_of_their_own(conn):
+    with started("-c", "2", "--processes", "2", "-s", "30") as proc:
+        children = wait_for(lambda: len(worker_processes(proc.pid)) == 2 and
+                            worker_processes(proc.pid), WAIT, "the worker processes")
+        wait_for(lambda: all(os.getpgid(c) == c for c in children), 10, "their groups")
+        assert os.getpgid(proc.pid) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err
+
+
 def test_a_sigint_to_the_whole_group_counts_once(run, conn):
-    """The terminal's Ctrl-C reaches every process of the group, the workers' too: that
-    is one request to finish, not two (which would abandon the jobs)."""
+    """The terminal's Ctrl-C is a SIGINT to the foreground group: the first process gets
+    it, the workers (in groups of their own, like the shells they start) get it from that
+    one, once: one request to finish, not two (which would abandon the jobs)."""
     ids = enqueue(run, SHORT, SHORT)
     with started("-c", "2", "--processes", "2", "-s", "30") as proc:
         wait_for(lambda: running(conn, ids), WAIT, "both jobs to start")
@@ -191,15 +202,16 @@ def test_a_sigint_to_the_whole_group_counts_once(run, conn):
     assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal", "signal"]
 
 
-def test_idle_workers_stop_on_a_sigint_to_the_whole_group(conn):
-    """Each idle worker process gets the SIGINT and, at once, the first process's SIGTERM:
+def test_idle_workers_stop_on_a_sigint_sent_to_each_process(conn):
+    """Each idle worker process gets a SIGINT and, at once, the first process's SIGTERM:
     the second handler ran inside the first, which held the waker's lock, and hung."""
     for _ in range(3):
         with started("-c", "4", "--processes", "2", "-s", "5") as proc:
             wait_for(lambda: len(bodies(conn, "worker-started")) % 4 == 0 and
                      len(worker_processes(proc.pid)) == 2, WAIT, "the workers to start")
             time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
+            for pid in (*worker_processes(proc.pid), proc.pid):
+                os.kill(pid, signal.SIGINT)
             _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
 
