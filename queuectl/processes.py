@@ -18,6 +18,8 @@ supervises:
   SIGTERM asks every child to finish its job and stop (SIGTERM), a SIGINT after that to
   stop at once (SIGUSR1, their ``hard`` signal). A child takes SIGINT and SIGTERM as the
   first request only, so that one sent to it as well counts once.
+- Pauses. Ctrl-Z stops the children, then this process; ``fg`` or ``bg`` continues them
+  all, as it did the one process of before.
 - Failure. A child that exits with an error makes the others finish their jobs and stop,
   as one worker's crash does among threads; the command then exits 1 with every child's
   errors on one line.
@@ -38,7 +40,9 @@ import msgspec
 
 from queuectl import worker
 
-_WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+_PAUSES = {signal.SIGTSTP, signal.SIGCONT}  # Ctrl-Z and fg/bg: the workers pause too
+_WATCHED = {*_STOPS, *_PAUSES, signal.SIGCHLD}
 _HARD = signal.SIGUSR1  # a child's signal to stop at once
 _MESSAGE = 3000  # bytes of one child's errors at most: one write to the pipe, never split
 _PR_SET_PDEATHSIG = 1
@@ -159,7 +163,9 @@ def _supervise(children: dict[int, int], errors_out: int) -> list[str]:
     stopping = asked = False
     while children:
         info = signal.sigtimedwait(_WATCHED, 0.5)
-        if info is not None and info.si_signo != signal.SIGCHLD:
+        if info is not None and info.si_signo in _PAUSES:
+            _pause(children, info.si_signo)
+        elif info is not None and info.si_signo in _STOPS:
             hard = asked and info.si_signo == signal.SIGINT
             asked = stopping = True
             for pid in children:
@@ -186,6 +192,19 @@ def _supervise(children: dict[int, int], errors_out: int) -> list[str]:
         elif code and pid not in said:
             errors.append(f"worker process {pid} exited with status {code}")
     return errors
+
+
+def _pause(children: dict[int, int], sig: int) -> None:
+    """Ctrl-Z (SIGTSTP) stops the workers, then this process, as it stopped the one process
+    they ran in before; the shell's ``fg`` or ``bg`` (SIGCONT, which has continued this
+    one already) continues them."""
+    if sig == signal.SIGTSTP:
+        for pid in children:
+            _signal(pid, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        for pid in children:
+            _signal(pid, signal.SIGCONT)
 
 
 def _reports(received: bytes | bytearray) -> list[tuple[int, str]]:

@@ -216,6 +216,26 @@ def test_idle_workers_stop_on_a_sigint_sent_to_each_process(conn):
         assert proc.returncode == 0, err
 
 
+def test_ctrl_z_pauses_every_worker_process_and_fg_continues_them(run, conn):
+    """SIGTSTP (the terminal's Ctrl-Z) stops the workers and then the first process, as
+    it stopped their one process before; SIGCONT (``fg``) continues them all."""
+    with started("-c", "2", "--processes", "2", "-s", "30") as proc:
+        children = wait_for(lambda: len(worker_processes(proc.pid)) == 2 and
+                            worker_processes(proc.pid), WAIT, "the worker processes")
+        wait_for(lambda: len(bodies(conn, "worker-started")) == 2, WAIT, "both to start")
+        proc.send_signal(signal.SIGTSTP)
+        wait_for(lambda: all(_state(p) == "T" for p in (*children, proc.pid)), 10,
+                 "every process to stop")
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: all(_state(p) not in ("T", "gone") for p in (*children, proc.pid)),
+                 10, "every process to continue")
+        (job,) = enqueue(run, "true")
+        wait_for(lambda: states(conn, [job]) == ["completed"], WAIT, "a job to run")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err
+
+
 # -- a process that dies ------------------------------------------------------------------------
 
 
