@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -521,6 +522,39 @@ def test_busy_workers_keep_the_wal_small(conn, db, monkeypatch):
     # Each job's commit writes some 16 pages; a WAL never started over would hold them all.
     page = conn.execute("PRAGMA page_size").fetchone()[0]
     assert 0 < wal_at_close[0] < n * 4 * page, wal_at_close
+
+
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
+def test_a_wakers_locked_pass_holds_back_the_writers_of_other_processes(conn, db, monkeypatch):
+    """With ``worker -c 2`` as two processes, the locked pass of each one's waker must hold
+    back the writers of every process (the writers' queue), not only its own: otherwise the
+    other process commits throughout, the copy never catches up, and the WAL never starts
+    over (it grew by 70 MB in 2,000 jobs, all of it copied again by the last close)."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
+    decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+    wal = Path(f"{db}-wal")
+    writing = time.monotonic() + 1.5
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - another process, as a forked worker is
+        try:  # commits without a pause, each through the writers' queue
+            other = ledger.connect(db)
+            other.for_worker()
+            while time.monotonic() < writing:
+                decisions.enqueue(other, [decisions.JobSpec(command="true")])
+        finally:
+            os._exit(0)
+    waker = sqlite_store.Waker(db)
+    try:
+        wait_for(lambda: wal.stat().st_size > 64 * 1024, what="the other process to write")
+        restarts = wal.read_bytes()[12:16]  # the WAL's checkpoint sequence: +1 a restart
+        for _ in range(5):
+            waker._next_locked = 0.0  # the locked pass is due
+            waker._checkpoint()
+            time.sleep(0.05)
+        assert wal.read_bytes()[12:16] != restarts
+    finally:
+        waker.close()
+        os.waitpid(pid, 0)
 
 
 @pytest.mark.stores("sqlite")  # the SQLite store's waker

@@ -846,11 +846,13 @@ class Waker:
 
         Workers turn automatic checkpoints off (they ran inside a worker's COMMIT, holding
         the write lock while pages were copied and synced). This thread copies beside the
-        workers, then what they committed meanwhile while holding the process lock (a
-        short pass). A checkpoint that never catches up cannot restart the WAL: under busy
-        workers it grows without end, and the last close has to checkpoint and delete it
-        all. Where syncing is slow (a disk, not a VM's cache),
-        the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
+        workers, then what they committed meanwhile while holding the process lock and the
+        writers' queue (a short pass): the writers of every process wait, those of
+        ``worker -c N``'s other processes too, which under the process lock alone committed
+        throughout, so that the copy never caught up. A checkpoint that never catches up
+        cannot restart the WAL: under busy workers it grows without end, and the last close
+        has to checkpoint and delete it all. Where syncing is slow (a disk, not a VM's
+        cache), the locked pass comes less often, holding the lock no more than LOCKED_SHARE of
         the time: the WAL then grows for longer instead of the workers stalling.
 
         The wakers of other worker processes checkpoint the same file: when one of them
@@ -862,7 +864,7 @@ class Waker:
             return
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if time.monotonic() >= self._next_locked:
-            with PROCESS_LOCK:
+            with PROCESS_LOCK, writer_queue(self._path):
                 start = time.monotonic()
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 held = time.monotonic() - start
