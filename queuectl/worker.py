@@ -790,6 +790,11 @@ class _Handed(msgspec.Struct):
     verdict: bool | None = None  # for a start: whether the store recorded it
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGURG's handler in a worker process: none. The signal only ends a system call
+    (see ``Db.for_worker``)."""
+
+
 def output_that_never_fails(echo: Callable[[str], None]) -> Callable[[str], None]:
     """``echo``, made safe for worker threads: once output cannot be written (a closed pipe,
     as in ``worker -v | head``, or a full disk) it is dropped, and the workers go on."""
@@ -865,7 +870,11 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
 
     runner.close_on_exec()
     conn = _connect(target)
-    conn.for_worker()
+    # A signal that only interrupts: the store ends a wait in a system call with it (the
+    # writers' queue on SQLite). Handlers are the main thread's to set.
+    in_main = threading.current_thread() is threading.main_thread()
+    interrupted = signal.signal(signal.SIGURG, _interrupted) if in_main else None
+    conn.for_worker(signal.SIGURG if in_main else None)
     waker = conn.waker(on_waker_crash)
     silence = claims.Silence()
     results = Pipeline(options.ahead)
@@ -896,7 +905,9 @@ def run_workers(target: str | Path, options: Options, echo: Callable[[str], None
         fences.close()
         runner.LEFTOVERS.sweep(everything=True)
         waker.close()
-        conn.close()
+        conn.close()  # its writers' waits in place end with it
+        if in_main:
+            signal.signal(signal.SIGURG, interrupted)
     errors = [f"worker {w.id}: {render.one_line(w.error)}" for w in workers if w.error is not None]
     if waker.error is not None:
         errors.append(f"waker: {render.one_line(waker.error)}")

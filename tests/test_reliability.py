@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -271,6 +272,56 @@ def test_a_writer_held_in_its_transaction_gives_one_clear_line(run, db):
     assert waited >= 0.5
     assert run("enqueue", "-c", "true").exit_code == 0  # the lock is free again
     assert len(json.loads(run("list", "--json").stdout)) == 1
+
+
+@pytest.mark.stores("sqlite")
+def test_a_worker_process_waits_for_the_writers_queue_in_place_and_still_gives_up(
+        conn, db, monkeypatch):
+    """A worker process's writer waits for the lock itself (no hand-off to the queue's
+    thread), and past the lock timeout the watchdog's signal ends the wait with the same
+    one clear error; the lock, once free, is taken at once."""
+    from queuectl import decisions
+    from queuectl import worker as worker_module
+
+    monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    previous = signal.signal(signal.SIGURG, worker_module._interrupted)
+    writer = ledger.connect(db)
+    try:
+        writer.for_worker(signal.SIGURG)
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        outcome: list[object] = []
+
+        def write() -> None:  # a worker's thread, as the workers run
+            try:
+                decisions.enqueue(writer, [decisions.JobSpec(command="true")])
+                outcome.append("written")
+            except Exception as exc:
+                outcome.append(exc)
+
+        start = time.monotonic()
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(30)
+        waited = time.monotonic() - start
+        assert [str(e) for e in outcome] == [
+            "database is locked: another process held it for over 0.5s; try again"]
+        assert 0.5 <= waited < 5
+        assert not [t for t in threading.enumerate() if t.name == "writer-queue"]
+
+        thread = threading.Thread(target=write)  # waiting again, till the holder lets go
+        thread.start()
+        time.sleep(0.2)
+        holder.communicate("done\n", timeout=30)
+        thread.join(30)
+        assert outcome[1:] == ["written"]
+    finally:
+        if holder.returncode is None:
+            holder.communicate("done\n", timeout=30)
+        writer.close()
+        signal.signal(signal.SIGURG, previous)
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
 
 
 @pytest.mark.stores("sqlite")

@@ -156,8 +156,11 @@ class Db(Protocol):
     def wake(self) -> None:
         """The write transaction under way frees work that its events alone do not say is
         claimable (a place under a queue's limit): idle workers are woken at its commit."""
-    def for_worker(self) -> None:
-        """Tune this connection for a worker's many small commits."""
+    def for_worker(self, interrupt: int | None = None) -> None:
+        """Tune this connection for a worker's many small commits. ``interrupt``: a signal
+        with a handler of the caller's that does nothing, which the store may send this
+        process's threads, until this connection closes, to end a wait in a system call
+        (SQLite: the writers' queue)."""
     def reconnect(self) -> None:
         """A new connection in place of a lost one (``generation`` goes up);
         StoreUnavailable while the store is still away. SQLite's file is never away."""

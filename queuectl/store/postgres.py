@@ -1122,7 +1122,7 @@ class PgDb:
               ends: bool = False) -> Waker:
         return Waker(self.url, on_crash, ENDS_CHANNEL if ends else CHANNEL)
 
-    def for_worker(self) -> None:
+    def for_worker(self, interrupt: int | None = None) -> None:
         """A worker's results are written without waiting for the flush to disk: a crash of
         the server may forget the last ones, and those jobs run again (at-least-once).
 
