@@ -91,8 +91,11 @@ def run_workers(target: str | Path, options: worker.Options, processes: int,
                        errors_in, mask, first)
             children[pid] = share
         os.close(errors_in)
+        errors_in = -1
         return _supervise(children, errors_out)
     except BaseException:
+        if errors_in >= 0:  # a fork failed: the children forked have their own copies
+            os.close(errors_in)
         for pid in children:  # a fork that failed, or a bug here: the others stop too
             _signal(pid, signal.SIGTERM)
         for pid in children:

@@ -3,6 +3,7 @@ spread, and how signals, a dead child and a dead first process are handled."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -119,6 +120,34 @@ def test_by_default_one_process_per_cpu(conn):
     assert proc.returncode == 0, err
     pids = {b["pid"] for b in bodies(conn, "worker-started")}
     assert len(pids) == min(3, len(os.sched_getaffinity(0)))
+
+
+def test_a_fork_that_fails_stops_the_forked_workers_and_keeps_no_descriptor(
+        conn, db, monkeypatch):
+    """The second fork fails (no processes left): the first child is stopped and reaped,
+    the error goes up to the command (one ``Error:`` line there), and the pipe the
+    children report on is closed on this side."""
+    from queuectl import worker as worker_module
+
+    real_fork, forks = os.fork, []
+
+    def fork() -> int:
+        if forks:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        forks.append(real_fork())
+        return forks[0]
+
+    worker_module.prepare(db)  # the store made: the descriptors before are all it keeps
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(BlockingIOError):
+        processes.run_workers(db, worker_module.Options(concurrency=2, burst=True), 2,
+                              echo=lambda text: None)
+    monkeypatch.undo()
+    assert len(forks) == 1
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ChildProcessError):  # the child forked was reaped
+        os.waitpid(forks[0], os.WNOHANG)
 
 
 @pytest.mark.parametrize("args, message", [
