@@ -282,6 +282,7 @@ def test_a_worker_process_waits_for_the_writers_queue_in_place_and_still_gives_u
     one clear error; the lock, once free, is taken at once."""
     from queuectl import decisions
     from queuectl import worker as worker_module
+    from queuectl.store import sqlite as sqlite_store
 
     monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
@@ -308,7 +309,7 @@ def test_a_worker_process_waits_for_the_writers_queue_in_place_and_still_gives_u
         assert [str(e) for e in outcome] == [
             "database is locked: another process held it for over 0.5s; try again"]
         assert 0.5 <= waited < 5
-        assert not [t for t in threading.enumerate() if t.name == "writer-queue"]
+        assert sqlite_store.writer_queue(str(db))._thread is None  # no hand-off thread
 
         thread = threading.Thread(target=write)  # waiting again, till the holder lets go
         thread.start()

@@ -557,6 +557,47 @@ def test_a_wakers_locked_pass_holds_back_the_writers_of_other_processes(conn, db
         os.waitpid(pid, 0)
 
 
+HOLDER = """
+import sys
+from queuectl import ledger
+conn = ledger.connect(sys.argv[1])
+with conn.transaction():
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.stores("sqlite")  # the SQLite store's waker
+def test_a_long_transaction_elsewhere_only_puts_off_the_locked_pass(conn, db, monkeypatch):
+    """Another process keeps the writers' queue (a long bulk enqueue, say): the waker's
+    locked pass waits for it LOCKED_WAIT, then goes on without it, due still, instead of
+    holding this process's writers back for the lock timeout and then failing."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
+    monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "30")
+    decisions.enqueue(conn, [decisions.JobSpec(command="true")])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    waker = sqlite_store.Waker(db)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        waker._next_locked = 0.0  # the locked pass is due
+        start = time.monotonic()
+        waker._checkpoint()
+        assert sqlite_store.LOCKED_WAIT <= time.monotonic() - start < 5
+        assert waker._next_locked == 0.0  # due still: tried at the next checkpoint
+        assert waker.error is None
+    finally:
+        holder.communicate("done\n", timeout=30)
+        waker.close()
+    waker = sqlite_store.Waker(db)
+    try:
+        waker._next_locked = 0.0
+        waker._checkpoint()  # the queue free: the locked pass is made, and put off
+        assert waker._next_locked > time.monotonic()
+    finally:
+        waker.close()
+
+
 @pytest.mark.stores("sqlite")  # the SQLite store's waker
 def test_waker_holds_the_process_lock_less_often_when_checkpoints_are_slow(conn, db,
                                                                           monkeypatch):

@@ -140,6 +140,7 @@ LOOK_POLL = 0.0005  # the same while a commit is being written (inotify): a shor
 WATCH_AFTER = 1.0  # seconds of workers waiting before the waker sets up inotify
 CHECKPOINT_EVERY = 0.25  # seconds between the waker's WAL checkpoints
 LOCKED_SHARE = 0.02  # at most this share of the time may the waker hold the process lock
+LOCKED_WAIT = 0.1  # seconds the locked pass waits for the writers' queue, else it is skipped
 WATCH_SAFETY_MS = 50  # with inotify, the waker still looks this often (ms), just in case
 WATCH_LOOK = 0.25  # after a write to the WAL, the waker looks every LOOK_POLL for this long
 
@@ -662,14 +663,28 @@ class WriterQueue:
         self._watch_until = float("inf")  # when the watchdog looks next
 
     def __enter__(self) -> None:
+        self._take(None)
+
+    @contextmanager
+    def within(self, seconds: float) -> Iterator[None]:
+        """``with queue``, waiting for it ``seconds`` at most (then StoreError)."""
+        self._take(seconds)
+        try:
+            yield
+        finally:
+            self.__exit__()
+
+    def _take(self, seconds: float | None) -> None:
+        """Take the queue, waiting ``seconds`` at most (None: the lock timeout)."""
         if self._held == 0:
             try:
                 os.lockf(self.fd, os.F_TLOCK, 0)
             except (BlockingIOError, PermissionError):  # held by another process
+                limit = lock_timeout() if seconds is None else seconds
                 if self.interrupt is None:
-                    self._wait()
+                    self._wait(limit)
                 else:
-                    self._wait_in_place(self.interrupt)
+                    self._wait_in_place(self.interrupt, limit)
             except OSError:  # no locks here (NFS without a lock daemon): SQLite's only
                 return
         self._held += 1
@@ -687,7 +702,7 @@ class WriterQueue:
         self._held = 0
         self._start_waiting()
 
-    def _wait(self) -> None:
+    def _wait(self, seconds: float) -> None:
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._lock_for_waiters,
@@ -696,15 +711,15 @@ class WriterQueue:
             waiter = self._asked = self._served + 1
             self._cond.notify_all()
             try:
-                if not self._cond.wait_for(lambda: self._served == waiter, lock_timeout()):
+                if not self._cond.wait_for(lambda: self._served == waiter, seconds):
                     raise _held_too_long()
             finally:
                 self._asked = 0
 
-    def _wait_in_place(self, interrupt: int) -> None:
-        """Wait for the lock in this thread, up to the lock timeout (the watchdog sends
-        ``interrupt`` to a wait that outlives it)."""
-        deadline = time.monotonic() + lock_timeout()
+    def _wait_in_place(self, interrupt: int, seconds: float) -> None:
+        """Wait for the lock in this thread, ``seconds`` at most (the watchdog sends
+        ``interrupt`` to a wait that outlives them)."""
+        deadline = time.monotonic() + seconds
         me = threading.get_ident()
         with self._cond:
             self._in_place[me] = deadline
@@ -935,11 +950,17 @@ class Waker:
             return
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if time.monotonic() >= self._next_locked:
-            with PROCESS_LOCK, writer_queue(self._path):
-                start = time.monotonic()
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                held = time.monotonic() - start
-            self._next_locked = time.monotonic() + held / LOCKED_SHARE
+            queue = writer_queue(self._path)
+            try:
+                with PROCESS_LOCK, (queue.within(LOCKED_WAIT) if isinstance(queue, WriterQueue)
+                                    else queue):
+                    start = time.monotonic()
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    held = time.monotonic() - start
+            except StoreError:  # another process kept the queue (a long transaction): the
+                pass  # locked pass is tried again at the next checkpoint
+            else:
+                self._next_locked = time.monotonic() + held / LOCKED_SHARE
         self._copied_at = self._written_at()
 
     def _written_at(self) -> int | None:
