@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,30 @@ from queuectl import events as ev
 
 WAIT = 60.0  # generous ceiling for anything that should take a few seconds
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+_HOLDER = """
+import sys
+from queuectl import ledger
+conn = ledger.connect(sys.argv[1])
+with conn.transaction():
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@contextmanager
+def write_lock_held(db: Any) -> Iterator[subprocess.Popen[str]]:
+    """Another process inside a write transaction on the SQLite file ``db`` (SQLite's lock
+    and the writers' queue both held) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        yield holder
+    finally:
+        if holder.returncode is None:
+            holder.communicate("done\n", timeout=WAIT)
 
 
 # -- helpers --------------------------------------------------------------------------------

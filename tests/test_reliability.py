@@ -14,6 +14,7 @@ import time
 
 import pytest
 from conftest import by_hand, events_of, spawn, wait_for
+from helpers import write_lock_held
 
 from queuectl import ledger
 
@@ -243,30 +244,15 @@ def test_writers_of_two_processes_queue_for_the_lock(conn, db):
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 600
 
 
-HOLDER = """
-import sys, time
-from queuectl import ledger
-conn = ledger.connect(sys.argv[1])
-with conn.transaction():
-    print("holding", flush=True)
-    sys.stdin.readline()
-"""
-
-
 @pytest.mark.stores("sqlite")
 def test_a_writer_held_in_its_transaction_gives_one_clear_line(run, db):
     """The writers' queue has a timeout of its own, though the kernel's lock has none."""
     run("config", "get")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+    with write_lock_held(db):
         start = time.monotonic()
         waiting = spawn("enqueue", "-c", "true", env={"QUEUECTL_LOCK_TIMEOUT": "0.5"})
         out, err = waiting.communicate(timeout=30)
         waited = time.monotonic() - start
-    finally:
-        holder.communicate("done\n", timeout=30)
     assert (waiting.returncode, out, err) == (
         1, "", "Error: database is locked: another process held it for over 0.5s; try again\n")
     assert waited >= 0.5
@@ -285,43 +271,40 @@ def test_a_worker_process_waits_for_the_writers_queue_in_place_and_still_gives_u
     from queuectl.store import sqlite as sqlite_store
 
     monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "0.5")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    previous = signal.signal(signal.SIGURG, worker_module._interrupted)
-    writer = ledger.connect(db)
-    try:
-        writer.for_worker(signal.SIGURG)
-        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        outcome: list[object] = []
+    outcome: list[object] = []
 
-        def write() -> None:  # a worker's thread, as the workers run
+    def write() -> threading.Thread:  # from a thread of its own, as a worker's
+        def enqueue() -> None:
             try:
                 decisions.enqueue(writer, [decisions.JobSpec(command="true")])
                 outcome.append("written")
             except Exception as exc:
-                outcome.append(exc)
+                outcome.append(str(exc))
 
-        start = time.monotonic()
-        thread = threading.Thread(target=write)
+        thread = threading.Thread(target=enqueue)
         thread.start()
-        thread.join(30)
-        waited = time.monotonic() - start
-        assert [str(e) for e in outcome] == [
-            "database is locked: another process held it for over 0.5s; try again"]
-        assert 0.5 <= waited < 5
-        assert sqlite_store.writer_queue(str(db))._thread is None  # no hand-off thread
+        return thread
 
-        thread = threading.Thread(target=write)  # waiting again, till the holder lets go
-        thread.start()
-        time.sleep(0.2)
-        holder.communicate("done\n", timeout=30)
-        thread.join(30)
-        assert outcome[1:] == ["written"]
-    finally:
-        if holder.returncode is None:
+    previous = signal.signal(signal.SIGURG, worker_module._interrupted)
+    writer = ledger.connect(db)
+    try:
+        writer.for_worker(signal.SIGURG)
+        with write_lock_held(db) as holder:
+            start = time.monotonic()
+            write().join(30)
+            waited = time.monotonic() - start
+            assert outcome == [
+                "database is locked: another process held it for over 0.5s; try again"]
+            assert 0.5 <= waited < 5
+            assert sqlite_store.writer_queue(str(db))._thread is None  # no hand-off thread
+            waiting = write()  # again, till the holder lets go
+            time.sleep(0.2)
             holder.communicate("done\n", timeout=30)
+            waiting.join(30)
+    finally:
         writer.close()
         signal.signal(signal.SIGURG, previous)
+    assert outcome[1:] == ["written"]
     assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import events_of, needs, queuectl_cmd, spawn, wait_for
+from helpers import write_lock_held
 
 from queuectl import claims, decisions, ledger, reads
 from queuectl import worker as worker_module
@@ -557,16 +558,6 @@ def test_a_wakers_locked_pass_holds_back_the_writers_of_other_processes(conn, db
         os.waitpid(pid, 0)
 
 
-HOLDER = """
-import sys
-from queuectl import ledger
-conn = ledger.connect(sys.argv[1])
-with conn.transaction():
-    print("holding", flush=True)
-    sys.stdin.readline()
-"""
-
-
 @pytest.mark.stores("sqlite")  # the SQLite store's waker
 def test_a_long_transaction_elsewhere_only_puts_off_the_locked_pass(conn, db, monkeypatch):
     """Another process keeps the writers' queue (a long bulk enqueue, say): the waker's
@@ -575,19 +566,16 @@ def test_a_long_transaction_elsewhere_only_puts_off_the_locked_pass(conn, db, mo
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1000.0)  # only the test's calls
     monkeypatch.setenv("QUEUECTL_LOCK_TIMEOUT", "30")
     decisions.enqueue(conn, [decisions.JobSpec(command="true")])
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
     waker = sqlite_store.Waker(db)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        waker._next_locked = 0.0  # the locked pass is due
-        start = time.monotonic()
-        waker._checkpoint()
-        assert sqlite_store.LOCKED_WAIT <= time.monotonic() - start < 5
-        assert waker._next_locked == 0.0  # due still: tried at the next checkpoint
-        assert waker.error is None
+        with write_lock_held(db):
+            waker._next_locked = 0.0  # the locked pass is due
+            start = time.monotonic()
+            waker._checkpoint()
+            assert sqlite_store.LOCKED_WAIT <= time.monotonic() - start < 5
+            assert waker._next_locked == 0.0  # due still: tried at the next checkpoint
+            assert waker.error is None
     finally:
-        holder.communicate("done\n", timeout=30)
         waker.close()
     waker = sqlite_store.Waker(db)
     try:
