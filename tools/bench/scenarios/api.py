@@ -14,23 +14,25 @@ from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import job_counts
 
 
-def api_enqueue_rate(ctx: Context, n: int) -> float:
-    """Calls/s of ``Queue.enqueue`` on one ``Queue`` held open, each durable on return."""
+def api_enqueue_rate(ctx: Context, n: int) -> tuple[float, float]:
+    """Calls/s of ``Queue.enqueue`` on one ``Queue`` held open, each durable on return,
+    and this process's CPU a call in microseconds (on PostgreSQL, the client's alone)."""
     from queuectl.api import Queue
 
     with ctx.fresh_target("api") as db, Queue(db) as queue:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             queue.enqueue("true")
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if queue.status()["jobs"]["pending"] != n:
             raise RuntimeError("Queue.enqueue lost jobs")
-    return n / seconds
+    return n / seconds, cpu / n * 1e6
 
 
-def api_statements_rate(ctx: Context, n: int) -> float:
+def api_statements_rate(ctx: Context, n: int) -> tuple[float, float]:
     """Calls/s of ``Queue.enqueue``'s statements alone (``trace``): those of ``n`` calls,
-    recorded on one store and replayed on its twin, each commit as durable."""
+    recorded on one store and replayed on its twin, each commit as durable; and the
+    replaying process's CPU a call in microseconds."""
     from queuectl import ledger
     from queuectl.api import Queue
 
@@ -43,15 +45,15 @@ def api_statements_rate(ctx: Context, n: int) -> float:
             conn = ledger.connect(copy)
             try:
                 trace.prepare_for_replay(conn, steps)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 trace.replay(conn, steps)
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             finally:
                 conn.close()
             counts = job_counts(copy)
             if counts.get("pending") != n:  # the replay did not do the same work
                 raise RuntimeError(f"the replayed enqueues left {counts}, expected {n} pending")
-    return n / seconds
+    return n / seconds, cpu / n * 1e6
 
 
 def durable_commit_rate(ctx: Context, n: int) -> float:
@@ -88,12 +90,17 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
     mine, peer, floor, alone = [], [], [], []
+    mine_cpu, alone_cpu = [], []  # this process's CPU a call, microseconds
     for r in range(ctx.runs):
         if have_huey:
             peer.append(huey_enqueue_rate(ctx, n))
-        mine.append(api_enqueue_rate(ctx, n))
+        rate, cpu = api_enqueue_rate(ctx, n)
+        mine.append(rate)
+        mine_cpu.append(cpu)
         floor.append(durable_commit_rate(ctx, n))
-        alone.append(api_statements_rate(ctx, n))
+        rate, cpu = api_statements_rate(ctx, n)
+        alone.append(rate)
+        alone_cpu.append(cpu)
         ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
                 f"one-row commit {floor[-1]:,.0f}/s, its statements alone {alone[-1]:,.0f}/s"
                 + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
@@ -122,4 +129,8 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         "replayed on a copy of the store", alone, "jobs/s", None, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
         note="no queuectl Python between the statements: the ceiling of `Queue.enqueue` on "
-             "this schema (tools/bench/trace.py)")]
+             "this schema (tools/bench/trace.py)"), make_row(
+        "api", "api_enqueue_cpu", "CPU of the calling process a `Queue.enqueue` call"
+        + (" (the client's: the server's is apart)" if on_pg else ""), mine_cpu, "us", None,
+        baseline_samples=alone_cpu, baseline_label="the same statements alone, replayed",
+        note="what queuectl's Python adds to the statements it sends")]

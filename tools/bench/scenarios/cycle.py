@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
+import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,7 +141,65 @@ def statements_rate(ctx: Context, n: int, slots: int) -> float:
     return n / seconds
 
 
+def where_commits_go(ctx: Context, n: int) -> tuple[float, float, dict[str, float]]:
+    """SQLite: the one-result cycle's statements (``trace``), replayed one at a time with a
+    clock around each, on a connection set up as a worker's without its checkpoints: the
+    share of their time that the COMMITs take, the pages each commit writes to the WAL,
+    and those pages per B-tree (read off the WAL's frame headers, each page named by the
+    ``dbstat`` table where SQLite has it)."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        with trace.twin(ctx, db) as copy:
+            with worker_connection(db) as conn, trace.recording(conn) as steps:
+                done = one_at_a_time(conn, True)[0]
+            if done != n:
+                raise RuntimeError(f"cycled {done} jobs, expected {n}")
+            replaying: Any = ledger.connect(copy, durable=False)  # a SqliteDb
+            try:
+                replaying.for_worker()  # and no Waker: the WAL keeps every frame of the replay
+                replaying.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                committing = total = 0.0
+                clock = time.perf_counter
+                for many, sql, values in steps.steps:
+                    start = clock()
+                    if many:
+                        replaying.executemany(sql, values)
+                    else:
+                        replaying.execute(sql, values).fetchall()
+                    took = clock() - start
+                    total += took
+                    committing += took if sql == "COMMIT" else 0.0
+                frames = _wal_frames(Path(f"{copy}-wal"))
+                try:
+                    owner = dict(replaying.execute("SELECT pageno, name FROM dbstat").fetchall())
+                except sqlite3.OperationalError:  # an SQLite built without dbstat
+                    owner = {}
+            finally:
+                replaying.close()
+    commits = sum(1 for _, last in frames if last) or 1
+    per_tree = Counter(owner.get(page, "(unnamed)") for page, _ in frames)
+    return (committing / total, len(frames) / commits,
+            {tree: count / commits for tree, count in per_tree.most_common()})
+
+
+def _wal_frames(wal: Path) -> list[tuple[int, bool]]:
+    """Each frame of a WAL file, in order: its page number, and whether it ends a commit.
+    The WAL format: a 32-byte header whose bytes 8-12 give the page size, then frames of a
+    24-byte header (the page number, then the database size after a commit, else 0) and
+    the page."""
+    data = wal.read_bytes()
+    if len(data) < 32:
+        return []
+    (page_size,) = struct.unpack(">I", data[8:12])
+    frames = []
+    for at in range(32, len(data) - 24 - page_size + 1, 24 + page_size):
+        page, size_after = struct.unpack(">II", data[at:at + 8])
+        frames.append((page, size_after != 0))
+    return frames
+
+
 BATCH = 16  # results a transaction records in the batched cycle
+WAL_JOBS = 1_000  # jobs whose commits' WAL pages are read (the WAL keeps them all)
 
 
 def empty_transaction_rate(ctx: Context, n: int) -> float:
@@ -185,6 +246,22 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
                 + (f"; its statements alone {alone[-1]:.0f} jobs/s" if combined else ""))
     result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
                           finish_and_claim=combined)
+    commits: list[Row] = []
+    if combined and ctx.backend != "postgres":
+        share, pages, trees = where_commits_go(ctx, min(n, WAL_JOBS))
+        result.details.update(wal_pages_per_tree=trees)
+        commits = [
+            make_row("cycle", "ledger_cycle_commit_share",
+                     "the COMMITs' share of the one-result cycle's statements alone "
+                     f"(each timed), {min(n, WAL_JOBS):,} jobs", [share * 100], "%", None,
+                     note="a commit writes each page the transaction changed to the WAL, "
+                          "two write calls a page"),
+            make_row("cycle", "ledger_cycle_wal_pages",
+                     "pages each commit of the one-result cycle writes to the WAL",
+                     [pages], "pages", None,
+                     note="per B-tree: " + ", ".join(f"{tree} {count:.2f}"
+                                                     for tree, count in trees.items())),
+        ]
     target = (Target(">= 3,000 jobs/s", "value", ">=", 3000) if ctx.backend == "postgres"
               else Target(">= 8,000 jobs/s", "value", ">=", 8000))
     split_note = (f"claim {median(split_claim):.0f} us + finish {median(split_finish):.0f} us "
@@ -219,6 +296,7 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
                  baseline_label="the cycle itself",
                  note="no queuectl Python between the statements: the ceiling of this cycle "
                       "on this schema (tools/bench/trace.py)"),
+        *commits,
         make_row("cycle", "ledger_cycle_split",
                  f"ledger cycle, separate `claim` + `finish` calls, {n:,} jobs", split,
                  "jobs/s", None, note=split_note + "; two commits per job"),
