@@ -145,8 +145,9 @@ def where_commits_go(ctx: Context, n: int) -> tuple[float, float, dict[str, floa
     """SQLite: the one-result cycle's statements (``trace``), replayed one at a time with a
     clock around each, on a connection set up as a worker's without its checkpoints: the
     share of their time that the COMMITs take, the pages each commit writes to the WAL,
-    and those pages per B-tree (read off the WAL's frame headers, each page named by the
-    ``dbstat`` table where SQLite has it)."""
+    and those pages per B-tree. The WAL's frame headers give each page's number; SQLite's
+    ``dbstat`` table names its B-tree, read right after some commits (a page freed by one
+    B-tree, such as the index of pending jobs as they are claimed, may go to another)."""
     with ctx.fresh_target("cycle") as db:
         enqueue_true(db, n)
         with trace.twin(ctx, db) as copy:
@@ -154,11 +155,15 @@ def where_commits_go(ctx: Context, n: int) -> tuple[float, float, dict[str, floa
                 done = one_at_a_time(conn, True)[0]
             if done != n:
                 raise RuntimeError(f"cycled {done} jobs, expected {n}")
+            wal = Path(f"{copy}-wal")
             replaying: Any = ledger.connect(copy, durable=False)  # a SqliteDb
             try:
                 replaying.for_worker()  # and no Waker: the WAL keeps every frame of the replay
                 replaying.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 committing = total = 0.0
+                commits = 0
+                trees: Counter[str] = Counter()  # the sampled commits' pages, per B-tree
+                sampled = 0
                 clock = time.perf_counter
                 for many, sql, values in steps.steps:
                     start = clock()
@@ -168,18 +173,41 @@ def where_commits_go(ctx: Context, n: int) -> tuple[float, float, dict[str, floa
                         replaying.execute(sql, values).fetchall()
                     took = clock() - start
                     total += took
-                    committing += took if sql == "COMMIT" else 0.0
-                frames = _wal_frames(Path(f"{copy}-wal"))
-                try:
-                    owner = dict(replaying.execute("SELECT pageno, name FROM dbstat").fetchall())
-                except sqlite3.OperationalError:  # an SQLite built without dbstat
-                    owner = {}
+                    if sql == "COMMIT":
+                        committing += took
+                        commits += 1
+                        if commits % _NAMED_EVERY == 0:
+                            owners = _owners(replaying)
+                            trees.update(owners.get(page, "(unnamed)")
+                                         for page in _last_commit(_wal_frames(wal)))
+                            sampled += 1
+                pages = len(_wal_frames(wal))
             finally:
                 replaying.close()
-    commits = sum(1 for _, last in frames if last) or 1
-    per_tree = Counter(owner.get(page, "(unnamed)") for page, _ in frames)
-    return (committing / total, len(frames) / commits,
-            {tree: count / commits for tree, count in per_tree.most_common()})
+    return (committing / total, pages / max(commits, 1),
+            {tree: count / max(sampled, 1) for tree, count in trees.most_common()})
+
+
+_NAMED_EVERY = 50  # the commits whose pages are named: one in this many
+
+
+def _owners(conn: Any) -> dict[int, str]:
+    """Each page's B-tree (a table's or an index's name), as the database is now; none
+    where SQLite is built without the ``dbstat`` table."""
+    try:
+        return dict(conn.execute("SELECT pageno, name FROM dbstat").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def _last_commit(frames: list[tuple[int, bool]]) -> list[int]:
+    """The pages of the last commit in ``frames`` (``_wal_frames``)."""
+    pages: list[int] = []
+    for page, ends in reversed(frames[:-1]):
+        if ends:
+            break
+        pages.append(page)
+    return [frames[-1][0], *pages] if frames else []
 
 
 def _wal_frames(wal: Path) -> list[tuple[int, bool]]:
