@@ -152,6 +152,66 @@ def test_an_older_ledger_gains_the_replace_guard_when_opened(db, conn):
         again.close()
 
 
+def _event_indexes(conn) -> dict[str, str]:
+    """The events table's indexes, each with its definition, on either store."""
+    if conn.kind == "sqlite":
+        rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                            "AND tbl_name = 'events' AND sql IS NOT NULL").fetchall()
+    else:
+        rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes "
+                            "WHERE tablename = 'events' AND indexname != 'events_pkey'"
+                            ).fetchall()
+    return dict(rows)
+
+
+def test_an_older_ledger_trades_its_index_of_every_workers_event_for_one_of_heartbeats(db, conn):
+    """A ledger made before version 4 (SQLite) or 5 (PostgreSQL) indexed every event that
+    names a worker, two a job; opened again, it keeps an index of heartbeats only, which
+    pruning still finds its heartbeats by."""
+    wid = claims.worker_started(conn, 1, "h")
+    claims.heartbeat(conn, wid)
+    conn.execute("DROP INDEX events_heartbeats")
+    conn.execute("CREATE INDEX events_worker ON events (worker_id) WHERE worker_id IS NOT NULL")
+    if conn.kind == "sqlite":
+        conn.execute("PRAGMA user_version = 3")
+    else:
+        conn.execute("UPDATE queuectl_head SET version = 4")
+    conn.close()
+    again = ledger.connect(db)
+    try:
+        indexes = _event_indexes(again)
+        assert set(indexes) == {"events_job", "events_heartbeats"}
+        assert "worker-heartbeat" in indexes["events_heartbeats"]
+        latest = again.execute(again.dialect.sql(
+            "SELECT max(seq) FROM events WHERE worker_id = ? AND type = 'worker-heartbeat'"),
+            (wid,)).fetchone()[0]
+        assert latest == again.execute("SELECT max(seq) FROM events").fetchone()[0]
+    finally:
+        again.close()
+
+
+@pytest.mark.stores("sqlite")  # the plan of SQLite's own planner
+def test_pruning_finds_a_workers_heartbeats_by_index_and_a_jobs_results_are_not_in_it(conn):
+    from queuectl import retention
+
+    for query in (retention._LATEST_BEAT, retention._COUNT_BEATS, retention._OLD_BEATS):
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {query}", ["w"] * query.count("?")).fetchall()
+        assert "USING INDEX events_heartbeats" in plan[0][-1], (query, plan)
+    wid = claims.worker_started(conn, 1, "h")
+    _add(conn, "a")
+    claim = claims.claim(conn, wid)
+    claims.finish(conn, claim, ev.Completed(job_id="a", worker_id=wid, attempt=1))
+    claims.heartbeat(conn, wid)
+    named = conn.execute("SELECT type FROM events WHERE worker_id = ? ORDER BY seq",
+                         (wid,)).fetchall()
+    assert [t for (t,) in named] == ["worker-started", "claimed", "completed",
+                                     "worker-heartbeat"]
+    # The index's own entries (SQLite's dbstat table): the heartbeat's alone.
+    (entries,) = conn.execute("SELECT sum(ncell) FROM dbstat WHERE name = 'events_heartbeats' "
+                              "AND pagetype = 'leaf'").fetchone()
+    assert entries == 1
+
+
 def test_append_returns_last_seq_and_shares_one_time(conn):
     with ledger.write(conn):
         seq = ledger.append(
