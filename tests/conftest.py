@@ -5,6 +5,7 @@ check runs automatically at teardown, so no test can pass while breaking replay.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -208,6 +209,12 @@ def events_of(conn: sqlite3.Connection, job_id: str) -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "corrupt_ledger: the test corrupts the ledger on purpose")
     config.addinivalue_line("markers", "stores(*names): run only on these stores (sqlite, postgres)")
+    # Tests press Ctrl-C (SIGINT) at the commands they start, as at a terminal. A shell
+    # that starts the test run in the background (`pytest &`, a script's `&`) starts it with
+    # SIGINT ignored, which every child inherits, and a Python started so leaves it ignored:
+    # the commands would go on. A handler here is reset to the default in each child.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def rescued(conn: sqlite3.Connection, lease: float = 30, watched: float | None = None,
