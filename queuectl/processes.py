@@ -116,6 +116,11 @@ def _child(target: str | Path, options: worker.Options, echo: Callable[[str], No
         if os.getppid() != first:  # the first process died before the request was made
             errors = ["the worker command's first process ended"]
         else:
+            # The handlers run_workers puts back when its workers have stopped: a stop asked
+            # for while this process then tidies up (the first process's SIGTERM after this
+            # one's own SIGINT, say) would otherwise find the default, and kill it.
+            for sig in (*_STOPS, _HARD):
+                signal.signal(sig, _stopping_already)
             errors = worker.run_workers(
                 target, options, _flushed(echo), hard=_HARD,
                 listening=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, mask))
@@ -138,6 +143,10 @@ def _child(target: str | Path, options: worker.Options, echo: Callable[[str], No
         code = code or 1
     finally:
         os._exit(code)
+
+
+def _stopping_already(signum: int, frame: object) -> None:
+    """A stop asked for once a worker process's workers have stopped: it is ending anyway."""
 
 
 def _flushed(echo: Callable[[str], None]) -> Callable[[str], None]:
