@@ -27,6 +27,9 @@ SCENARIOS = {"worker", "scaling", "cycle", "latency", "startup", "bulk", "replay
 PG_SKIPPED = {"startup", "replay", "memory"}  # one n/a row each on PostgreSQL
 HUEY_ROWS = {"worker_vs_huey", "api_enqueue_vs_huey"}  # n/a where huey is not installed
 CLI_PEER_ROWS = {"tsp_wall", "nq_wall"}  # n/a where task-spooler or nq is not installed
+# Targets measured beside the same work with no queuectl Python (a "bound" when it misses too)
+CEILINGED = {"worker_vs_spawn", "worker_vs_huey", "pg_worker_vs_sqlite", "api_enqueue_vs_huey",
+             "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue"}
 # n/a where valgrind is not installed (it is on every machine of this project's kind)
 COUNTED_ROWS = {"enqueue_instructions"} if shutil.which("valgrind") is None else set()
 
@@ -47,11 +50,55 @@ def quick_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
 
 
 def assert_measured(row: dict[str, Any]) -> None:
-    assert row["status"] in ("pass", "fail", "info"), row
+    assert row["status"] in ("pass", "fail", "bound", "info"), row
+    if row["key"] in CEILINGED and row["status"] != "info":
+        assert isinstance(row["ceiling"], int | float) and math.isfinite(row["ceiling"]), row
+    if row["status"] == "bound":
+        assert row["key"] in CEILINGED, row
     assert isinstance(row["value"], int | float) and math.isfinite(row["value"]), row
     assert row["samples"], row
     if row["baseline_samples"]:
         assert isinstance(row["ratio"], int | float) and math.isfinite(row["ratio"]), row
+
+
+def _bench_package() -> Any:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tools.bench import render, rows
+    finally:
+        sys.path.remove(str(ROOT))
+    return rows, render
+
+
+def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:
+    """A missed target is "bound" only when its ceiling (the same work with no queuectl
+    Python, beside each run) misses it too; the table says so, and counts both kinds."""
+    rows, render = _bench_package()
+    target = rows.Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65)
+    base = [1000.0, 1000.0, 1000.0]
+    bound = rows.make_row("worker", "a", "a", [500.0, 520.0, 510.0], "jobs/s", target,
+                          baseline_samples=base, ceiling_samples=[600.0, 640.0, 620.0],
+                          ceiling_label="statements alone")
+    reachable = rows.make_row("worker", "b", "b", [500.0, 520.0, 510.0], "jobs/s", target,
+                              baseline_samples=base, ceiling_samples=[700.0, 640.0, 720.0],
+                              ceiling_label="statements alone")
+    met = rows.make_row("worker", "c", "c", [700.0, 700.0, 700.0], "jobs/s", target,
+                        baseline_samples=base, ceiling_samples=[800.0, 800.0, 800.0])
+    by_value = rows.make_row("cycle", "d", "d", [4000.0], "jobs/s",
+                             rows.Target(">= 8,000 jobs/s", "value", ">=", 8000),
+                             ceiling_samples=[7900.0], ceiling_label="statements alone")
+    assert (bound.status, bound.ceiling) == ("bound", 0.62)
+    assert (reachable.status, reachable.ceiling) == ("fail", 0.7)
+    assert (met.status, met.ceiling) == ("pass", 0.8)
+    assert (by_value.status, by_value.ceiling) == ("bound", 7900.0)
+    table = render.markdown([bound, reachable, met, by_value], {}).splitlines()
+    assert table[2].endswith("| **FAIL**, bound (with no queuectl Python: 0.62x) |")
+    assert table[3].endswith("| **FAIL** (with no queuectl Python: 0.70x) |")
+    assert table[4].endswith("| pass |")
+    assert table[5].endswith("| **FAIL**, bound (with no queuectl Python: 7,900 jobs/s) |")
+    assert table[-1] == ("3 targets missed; 2 of them bound: the same work with no queuectl "
+                         "Python at all (its statements alone) missed them too in this run "
+                         "(a, d).")
 
 
 @pytest.mark.parametrize("how", ["script", "module"])

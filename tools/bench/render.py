@@ -40,14 +40,34 @@ def markdown(rows: list[Row], results: dict[str, ScenarioResult]) -> str:
         baseline = (f"{fmt(row.baseline, row.unit)} ({row.baseline_label})"
                     if row.baseline is not None else (row.baseline_label or "-"))
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
-        verdict = {"pass": "pass", "fail": "**FAIL**", "info": "info", "n/a": "n/a",
-                   "error": "error"}[row.status]
+        verdict = {"pass": "pass", "fail": "**FAIL**", "bound": "**FAIL**, bound", "info": "info",
+                   "n/a": "n/a", "error": "error"}[row.status]
+        if row.ceiling is not None and row.status in ("fail", "bound"):
+            shown = (f"{row.ceiling:.2f}x" if row.target_on == "ratio"
+                     else fmt(row.ceiling, row.unit))
+            verdict += f" (with no queuectl Python: {shown})"
         lines.append(f"| {row.figure} | {value} | {baseline} | {ratio} | {row.target or '-'} "
                      f"| {verdict} |")
     for name, res in results.items():
         if not res.ok:
             lines.append(f"| {name} | error: {res.error} | - | - | - | error |")
-    return "\n".join(lines)
+    return "\n".join(lines + summary(rows))
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """Below the table: how many targets were missed, and which of them no change to
+    queuectl's Python could meet on this machine (the same work without it missed too)."""
+    missed = [r for r in rows if r.status in ("fail", "bound")]
+    if not missed:
+        return []
+    bound = [r for r in missed if r.status == "bound"]
+    text = (f"{len(missed)} target{'s' if len(missed) != 1 else ''} missed; "
+            f"{len(bound)} of them bound: the same work with no queuectl Python at all "
+            f"(its {', '.join(sorted({r.ceiling_label for r in bound}))}) missed "
+            f"{'it' if len(bound) == 1 else 'them'} too in this run ("
+            f"{', '.join(r.key for r in bound)})." if bound else
+            f"{len(missed)} target{'s' if len(missed) != 1 else ''} missed; none bound.")
+    return ["", text]
 
 
 def text_report(rows: list[Row], results: dict[str, ScenarioResult], meta: dict[str, Any],

@@ -34,10 +34,17 @@ class Row:
     baseline_label: str = ""
     ratio: float | None = None
     target: str = ""
-    status: str = "info"  # pass | fail | info | n/a | error
+    status: str = "info"  # pass | fail | bound (missed, and so is its ceiling) | info | n/a | error
     samples: list[float] = field(default_factory=list)
     baseline_samples: list[float] = field(default_factory=list)
     note: str = ""
+    # The target's measure (value or ratio) of the same work with no queuectl Python at all,
+    # in the same run: its statements alone (tools/bench/trace.py), or the store's own bulk
+    # writers. A target missed whose ceiling misses it too is "bound": out of reach on this
+    # schema and machine, whatever queuectl's Python does.
+    ceiling: float | None = None
+    ceiling_label: str = ""
+    target_on: str = ""  # the target's measure: "value" or "ratio"
 
 
 @dataclass
@@ -79,14 +86,25 @@ def make_row(
     baseline_label: str = "",
     ratio: float | None = None,
     note: str = "",
+    ceiling_samples: Sequence[float] = (),
+    ceiling_label: str = "",
 ) -> Row:
+    """A figure from its samples (the median; against ``baseline_samples``, the median of
+    the per-run ratios). ``ceiling_samples``: the same work with no queuectl Python, run
+    beside each sample, which tells a target out of reach (status "bound") from one missed."""
     if value is None:
         value = median(samples)
     baseline = median(baseline_samples) if baseline_samples else None
     if ratio is None and baseline_samples:
         ratio = paired_ratio(samples, baseline_samples)
+    ceiling = None
+    if ceiling_samples and target is not None:
+        ceiling = (paired_ratio(ceiling_samples, baseline_samples) if target.on == "ratio"
+                   else median(ceiling_samples))
     met = target.met(value, ratio) if target else None
     status = "info" if target is None else ("error" if met is None else ("pass" if met else "fail"))
+    if status == "fail" and ceiling is not None and target and not target.met(ceiling, ceiling):
+        status = "bound"
     return Row(
         scenario=scenario,
         key=key,
@@ -101,4 +119,7 @@ def make_row(
         samples=[round(x, 6) for x in samples],
         baseline_samples=[round(x, 6) for x in baseline_samples],
         note=note,
+        ceiling=ceiling,
+        ceiling_label=ceiling_label if ceiling is not None else "",
+        target_on=target.on if target else "",
     )

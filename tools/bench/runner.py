@@ -196,5 +196,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args.save.write_text(document + "\n")
     print(document if args.json else text_report(rows, results, meta, elapsed, args.pg_admin))
     failed = any(not r.ok for r in results.values())
-    missed = any(r.status == "fail" for r in rows)
+    missed = any(r.status in ("fail", "bound") for r in rows)
     return 1 if failed or (args.strict and missed) else 0

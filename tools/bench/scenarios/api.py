@@ -111,7 +111,8 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     if have_huey:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", target,
                          baseline_samples=peer, baseline_label="huey task() on SqliteHuey",
-                         note="huey on SQLite; not a target on PostgreSQL" if on_pg else "")
+                         note="huey on SQLite; not a target on PostgreSQL" if on_pg else "",
+                         ceiling_samples=alone, ceiling_label="statements alone")
     else:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", None,
                          note="n/a (pip install .[bench])")
@@ -124,7 +125,8 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
         "jobs/s", floor_target, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
-        note="the bound: every durable enqueue pays at least one such commit"), make_row(
+        note="the bound: every durable enqueue pays at least one such commit",
+        ceiling_samples=alone, ceiling_label="statements alone"), make_row(
         "api", "api_statements_vs_commit", "the same calls' statements alone, recorded and "
         "replayed on a copy of the store", alone, "jobs/s", None, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",

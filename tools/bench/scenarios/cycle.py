@@ -310,13 +310,15 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         "cycle", "ledger_cycle_batched",
         f"ledger cycle, {BATCH} workers' results a transaction (`finish_and_claim_many`), "
         f"{n:,} jobs", many, "jobs/s", target if batched_path else None,
-        note="a process's results written together, as its results thread does")]
+        note="a process's results written together, as its results thread does",
+        ceiling_samples=alone, ceiling_label="statements alone")]
     return [
         *rows,
         make_row("cycle", "ledger_cycle",
                  f"ledger cycle, one result a transaction (`finish_and_claim`, no spawn), "
                  f"{n:,} jobs", joined, "jobs/s", None if batched_path else target,
-                 note="one commit per job, as a SQLite worker runs"),
+                 note="one commit per job, as a SQLite worker runs",
+                 ceiling_samples=alone, ceiling_label="statements alone"),
         make_row("cycle", "ledger_cycle_statements",
                  f"the same {'batched ' if batched_path else ''}cycle's statements alone, "
                  f"recorded and replayed on a copy of the store, {n:,} jobs", alone,

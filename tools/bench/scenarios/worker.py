@@ -175,6 +175,9 @@ def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "s
         return n / seconds, n / claims_span(db)
 
 
+SPAWNS_ALONE = "shells and statements alone"
+
+
 def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
@@ -194,7 +197,8 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     rows = [
         make_row("worker", "worker_vs_spawn", f"worker throughput, {n:,} `true` jobs, `-c 2`",
                  mine, "jobs/s", Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65),
-                 baseline_samples=base, baseline_label="2 threads `sh -c true`"),
+                 baseline_samples=base, baseline_label="2 threads `sh -c true`",
+                 ceiling_samples=ceiling, ceiling_label=SPAWNS_ALONE),
         make_row("worker", "worker_steady_vs_spawn",
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
@@ -211,7 +215,8 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
         rows.append(make_row(
             "worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs", mine, "jobs/s",
             huey_target,
-            baseline_samples=peer, baseline_label="huey SqliteHuey, 2 process workers"))
+            baseline_samples=peer, baseline_label="huey SqliteHuey, 2 process workers",
+            ceiling_samples=ceiling, ceiling_label=SPAWNS_ALONE))
     else:
         row = make_row("worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs",
                        mine, "jobs/s", None, note="n/a (pip install .[bench])")
@@ -262,7 +267,8 @@ def bench_pg_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
         make_row("worker", "pg_worker_vs_sqlite",
                  f"PostgreSQL worker throughput, {n:,} `true` jobs, `-c 2`", mine, "jobs/s",
                  Target(">= 0.9 x SQLite worker", "ratio", ">=", 0.9),
-                 baseline_samples=lite, baseline_label=sqlite_label),
+                 baseline_samples=lite, baseline_label=sqlite_label,
+                 ceiling_samples=alone, ceiling_label=SPAWNS_ALONE),
         make_row("worker", "pg_worker_steady_vs_sqlite",
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=lite_steady,
