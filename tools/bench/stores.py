@@ -47,5 +47,13 @@ def claims_span(db: Path | str) -> float:
     return parse_at(last) - parse_at(first)
 
 
+def first_claim_at(db: Path | str) -> float:
+    """The wall-clock time of the ledger's first claim (the store's clock: on PostgreSQL
+    the server's)."""
+    with reading(db) as conn:
+        (first,) = conn.execute("SELECT min(at) FROM events WHERE type = 'claimed'").fetchone()
+    return parse_at(first)
+
+
 def parse_at(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -3,30 +3,35 @@
 (``worker -c 2 --processes 1``, two threads) and against one ``worker -c 2`` (which forks
 two processes of one), and eight ``-c 1`` processes against two, each timed from the first
 start to the last exit (and, for what bounds it, from the first claim to the last result by
-the ledger's times)."""
+the ledger's times; and the start-up: from the launch to the first claim, beside as many
+bare interpreters launched together)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
 
 from ..context import Context
+from ..measure import FLOOR_CODE, PG_FLOOR_CODE
 from ..rows import Row, ScenarioResult, Target, make_row
-from ..stores import claims_span, enqueue_true, job_counts
+from ..stores import claims_span, enqueue_true, first_claim_at, job_counts
 
 # (commands, workers in each, processes each forks: None for its default, one a CPU): the
 # shapes compared, run in turn in every run so that each ratio is taken between neighbours.
 ONE_OF_TWO, FORKED, TWO_OF_ONE, EIGHT_OF_ONE = (1, 2, 1), (1, 2, None), (2, 1, 1), (8, 1, 1)
 SHAPES = (ONE_OF_TWO, FORKED, TWO_OF_ONE, EIGHT_OF_ONE)
+Shape = tuple[int, int, int | None]
 
 
 def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
-                   forks: int | None = 1) -> tuple[float, float]:
+                   forks: int | None = 1) -> tuple[float, float, float]:
     """Jobs/s of ``processes`` ``worker -c concurrency --burst`` commands (of ``forks``
     processes each) started together on a store holding ``n`` jobs, from the first start to
-    the last exit, and from the first claim to the last result. Every process must exit 0
-    and every job must be completed."""
+    the last exit, and from the first claim to the last result; and the seconds from their
+    start to the first claim. Every process must exit 0 and every job must be completed."""
     with ctx.fresh_target("scaling") as db, ExitStack() as stack:
         enqueue_true(db, n)
         cmd = ctx.queuectl(db, "worker", "-c", str(concurrency), "--burst",
@@ -34,7 +39,7 @@ def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
         env = ctx.env_for(db)
         # Files, not pipes: a pipe nobody reads while the others run could fill and stall one.
         logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(processes)]
-        start = time.perf_counter()
+        launched, start = time.time(), time.perf_counter()
         procs = [ctx.popen(cmd, env=env, stderr=log) for log in logs]
         try:
             deadline = start + max(120.0, n / 5)
@@ -53,23 +58,41 @@ def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
         if counts.get("completed") != n:
             raise RuntimeError(f"{processes} x `worker -c {concurrency}` left {counts} "
                                f"(expected {n} completed)")
-        return n / seconds, n / claims_span(db)
+        return n / seconds, n / claims_span(db), first_claim_at(db) - launched
+
+
+def interpreters_together(ctx: Context, processes: int) -> float:
+    """Seconds for ``processes`` bare interpreters importing what every command imports
+    (the start-up floor), launched together, to all exit: what that many start-ups cost
+    the machine's cores before any of queuectl's code runs."""
+    code = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(processes)]
+    if any(proc.wait() for proc in procs):
+        raise RuntimeError(f"python -c {code!r} failed")
+    return time.perf_counter() - start
 
 
 def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.scaling_jobs
-    whole: dict[tuple[int, int], list[float]] = {shape: [] for shape in SHAPES}
-    steady: dict[tuple[int, int], list[float]] = {shape: [] for shape in SHAPES}
+    whole: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
+    steady: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
+    first: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
+    floors: dict[int, list[float]] = {2: [], 8: []}
     for r in range(ctx.runs):
         for shape in SHAPES:
-            rate, between = processes_rate(ctx, n, *shape)
+            rate, between, to_first = processes_rate(ctx, n, *shape)
             whole[shape].append(rate)
             steady[shape].append(between)
+            first[shape].append(to_first * 1000)
+        for count, times in floors.items():
+            times.append(interpreters_together(ctx, count) * 1000)
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
             f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
             f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
             f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES))
     ledger_note = "without the processes' start-up and exit"
+    floor = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
     return [
         make_row("scaling", "scaling_two_vs_one",
                  f"2 `worker -c 1 --burst` processes together, {n:,} `true` jobs",
@@ -98,4 +121,15 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
                  baseline_label="2 `-c 1`, first claim to last result", note=ledger_note),
+        make_row("scaling", "scaling_eight_first_claim",
+                 "the same 8 processes, from their start to the first claim",
+                 first[EIGHT_OF_ONE], "ms", None, baseline_samples=first[TWO_OF_ONE],
+                 baseline_label="2 `-c 1`, start to first claim",
+                 note="the ledger's time of the first claim against the launch's"),
+        make_row("scaling", "scaling_eight_floors",
+                 f"8 bare interpreters (`python -c \"{floor}\"`) started together, to "
+                 "the last exit", floors[8], "ms", None, baseline_samples=floors[2],
+                 baseline_label="2 of them",
+                 note="what eight start-ups cost the cores before any of queuectl's code "
+                      "runs"),
     ]
