@@ -16,6 +16,10 @@ from conftest import events_of, spawn, wait_for
 
 from queuectl import ledger, runner
 
+# Each test's sleeps last a number no other test uses, ended by this process's id: the same
+# test on the other store, running at once in another process, sleeps for another.
+TAG = f"{os.getpid() % 10000:04d}"
+
 
 def running(pattern: str) -> list[int]:
     """Pids whose command line contains ``pattern`` (a number no other test uses)."""
@@ -47,9 +51,9 @@ def ok(run, *args: str) -> str:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("command", [
-    "sleep 12.3401 & echo started",
-    "nohup sleep 12.3401 & echo started",
-    "sh -c 'sleep 12.3401; echo late' & echo started",
+    f"sleep 12.3401{TAG} & echo started",
+    f"nohup sleep 12.3401{TAG} & echo started",
+    f"sh -c 'sleep 12.3401{TAG}; echo late' & echo started",
 ], ids=["background", "nohup", "subshell"])
 def test_a_job_that_leaves_a_process_behind_ends_with_its_shell(run, conn, command):
     """The shell exits at once; its background child still holds the output pipe. The run
@@ -61,19 +65,19 @@ def test_a_job_that_leaves_a_process_behind_ends_with_its_shell(run, conn, comma
     assert time.monotonic() - start < 5
     assert events_of(conn, "bg") == ["enqueued", "claimed", "completed"]
     assert body(conn, "completed", "bg")["output"].startswith("started")
-    wait_for(lambda: not running("12.3401"), 5, "the leftover sleep to be killed")
+    wait_for(lambda: not running(f"12.3401{TAG}"), 5, "the leftover sleep to be killed")
 
 
 def test_a_leftover_that_ignores_sigterm_is_killed_after_the_grace(run, conn):
     ok(run, "config", "set", "heartbeat-interval", "0.2")
     ok(run, "enqueue", "--id", "stubborn", "-c",
-       "sh -c 'trap \"\" TERM; sleep 23.4561' & sleep 0.2; echo started")
+       f"sh -c 'trap \"\" TERM; sleep 23.4561{TAG}' & sleep 0.2; echo started")
     proc = spawn("worker", "-s", "0.1", start_new_session=True)
     try:
         wait_for(lambda: "completed" in events_of(conn, "stubborn"), 20)
         finished = time.monotonic()
-        assert running("23.4561")  # it ignored SIGTERM ...
-        wait_for(lambda: not running("23.4561"), runner.KILL_GRACE + 5)
+        assert running(f"23.4561{TAG}")  # it ignored SIGTERM ...
+        wait_for(lambda: not running(f"23.4561{TAG}"), runner.KILL_GRACE + 5)
         waited = time.monotonic() - finished
         assert runner.KILL_GRACE - 0.5 < waited < runner.KILL_GRACE + 5  # ... until SIGKILL
         assert proc.poll() is None  # and the worker went on meanwhile
@@ -83,13 +87,13 @@ def test_a_leftover_that_ignores_sigterm_is_killed_after_the_grace(run, conn):
 
 
 def test_timeout_and_cancel_work_while_a_child_holds_the_pipe(run, conn):
-    ok(run, "enqueue", "--id", "slow", "-c", "sleep 31.0023 & sleep 32.0023", "--timeout", "1",
+    ok(run, "enqueue", "--id", "slow", "-c", f"sleep 31.0023{TAG} & sleep 32.0023{TAG}", "--timeout", "1",
        "--max-retries", "0")
     start = time.monotonic()
     ok(run, "worker", "--burst")
     assert time.monotonic() - start < 6
     assert events_of(conn, "slow")[-2:] == ["timed-out", "dead"]
-    wait_for(lambda: not running("31.0023") and not running("32.0023"), 5)
+    wait_for(lambda: not running(f"31.0023{TAG}") and not running(f"32.0023{TAG}"), 5)
 
 
 def test_every_process_of_a_run_carries_its_mark(run, conn):
@@ -110,10 +114,10 @@ def test_a_killed_workers_run_is_stopped_before_its_job_runs_again(run, conn):
     ok(run, "config", "set", "heartbeat-interval", "0.2")
     ok(run, "config", "set", "lease-timeout", "1")
     ok(run, "enqueue", "--id", "orphan", "-c",
-       "if [ $QUEUECTL_ATTEMPT = 1 ]; then sleep 45.6781; fi; echo run $QUEUECTL_ATTEMPT",
+       f"if [ $QUEUECTL_ATTEMPT = 1 ]; then sleep 45.6781{TAG}; fi; echo run $QUEUECTL_ATTEMPT",
        "--max-retries", "1")
     first = spawn("worker", "-s", "0.1", start_new_session=True)
-    wait_for(lambda: running("45.6781"), 20, "the first run to start")
+    wait_for(lambda: running(f"45.6781{TAG}"), 20, "the first run to start")
     os.kill(first.pid, signal.SIGKILL)  # the worker alone: its job's session lives on
     first.wait()
     (dead,) = conn.execute("SELECT worker_id FROM runs WHERE job_id = 'orphan'").fetchone()
@@ -123,7 +127,7 @@ def test_a_killed_workers_run_is_stopped_before_its_job_runs_again(run, conn):
         wait_for(lambda: "lease-expired" in events_of(conn, "orphan"), 20)
         # The moment the job is released for its next run, nothing of its last run is left.
         assert not runner.marked_processes(runner.worker_mark(dead, conn.identity))
-        assert not running("45.6781")
+        assert not running(f"45.6781{TAG}")
         second.communicate(timeout=30)
     finally:
         if second.poll() is None:
@@ -165,18 +169,19 @@ def test_a_rescue_in_one_queue_leaves_another_queues_runs_alone(run, conn, db, t
     other_db = tmp_path / "other.db"  # a second queue; this test's own may be either store
     ok(run, "config", "set", "heartbeat-interval", "0.2")
     ok(run, "config", "set", "lease-timeout", "1")
-    ok(run, "enqueue", "--id", "mine", "-c", "sleep 45.6782")
+    # No retry: once rescued, the job is dead, not run for another 45 s by the rescuer.
+    ok(run, "enqueue", "--id", "mine", "-c", f"sleep 45.6782{TAG}", "--max-retries", "0")
     # The same events before its worker starts as this queue's: the same worker id.
     for args in (("config", "set", "heartbeat-interval", "0.2"),
                  ("config", "set", "lease-timeout", "1"),
-                 ("enqueue", "--id", "theirs", "-c", "sleep 6.4561; echo done",
+                 ("enqueue", "--id", "theirs", "-c", f"sleep 6.4561{TAG}; echo done",
                   "--max-retries", "0")):
         assert spawn("--db", str(other_db), *args).wait(timeout=30) == 0
     first = spawn("worker", "-s", "0.1", start_new_session=True)
     neighbour = spawn("--db", str(other_db), "worker", "-s", "0.1", "--burst",
                       start_new_session=True)
     try:
-        wait_for(lambda: running("45.6782") and running("6.4561"), 20, "both runs")
+        wait_for(lambda: running(f"45.6782{TAG}") and running(f"6.4561{TAG}"), 20, "both runs")
         (dead,) = conn.execute("SELECT worker_id FROM runs WHERE job_id = 'mine'").fetchone()
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
@@ -190,6 +195,7 @@ def test_a_rescue_in_one_queue_leaves_another_queues_runs_alone(run, conn, db, t
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert "lease-expired" in events_of(conn, "mine")
+    assert conn.execute("SELECT state FROM jobs WHERE id = 'mine'").fetchone() == ("dead",)
     other = ledger.connect(other_db)
     try:
         worker_ids = {r[0] for r in other.execute("SELECT id FROM workers")}
