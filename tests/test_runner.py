@@ -87,8 +87,8 @@ def test_a_leftover_that_ignores_sigterm_is_killed_after_the_grace(run, conn):
 
 
 def test_timeout_and_cancel_work_while_a_child_holds_the_pipe(run, conn):
-    ok(run, "enqueue", "--id", "slow", "-c", f"sleep 31.0023{TAG} & sleep 32.0023{TAG}", "--timeout", "1",
-       "--max-retries", "0")
+    ok(run, "enqueue", "--id", "slow", "-c", f"sleep 31.0023{TAG} & sleep 32.0023{TAG}",
+       "--timeout", "1", "--max-retries", "0")
     start = time.monotonic()
     ok(run, "worker", "--burst")
     assert time.monotonic() - start < 6
