@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ CLI_PEER_ROWS = {"tsp_wall", "nq_wall"}  # n/a where task-spooler or nq is not i
 # Targets measured beside the same work with no queuectl Python (a "bound" when it misses too)
 CEILINGED = {"worker_vs_spawn", "worker_vs_huey", "pg_worker_vs_sqlite", "api_enqueue_vs_huey",
              "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue"}
+# Rows every run measures on both stores, beside the targets they explain
+EXPLAINING = {"scaling_eight_first_claim", "scaling_eight_floors",
+              "api_statements_vs_commit"}
 # n/a where valgrind is not installed (it is on every machine of this project's kind)
 COUNTED_ROWS = {"enqueue_instructions"} if shutil.which("valgrind") is None else set()
 
@@ -64,16 +68,43 @@ def assert_measured(row: dict[str, Any]) -> None:
 def _bench_package() -> Any:
     sys.path.insert(0, str(ROOT))
     try:
-        from tools.bench import render, rows
+        from tools.bench import measure, render, rows
     finally:
         sys.path.remove(str(ROOT))
-    return rows, render
+    return rows, render, measure
+
+
+def test_durable_commits_are_timed_once_the_wal_has_wrapped(tmp_path: Path) -> None:
+    """A fresh WAL grows with each commit until its first checkpoint, and a durable commit
+    that lengthens the file costs about twice one that does not: the bench times commits
+    only once the WAL has wrapped. PostgreSQL recycles its WAL: nothing to wait for."""
+    measure = _bench_package()[2]
+    db = tmp_path / "t.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    wal = Path(f"{db}-wal")
+    calls = measure.until_wal_wraps(lambda: conn.execute("INSERT INTO t VALUES (1)"), db)
+    # one page a commit, and SQLite's first checkpoint comes at 1,000 pages
+    assert 1000 <= calls <= 1000 + 3 * measure.WARM_CHUNK
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (calls,)
+    size = wal.stat().st_size
+    for _ in range(300):
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert wal.stat().st_size == size  # the commits that follow overwrite it
+    conn.close()
+
+    def never() -> None:
+        raise AssertionError("called on PostgreSQL")
+
+    assert measure.until_wal_wraps(never, "postgresql://localhost/x") == 0
 
 
 def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:
     """A missed target is "bound" only when its ceiling (the same work with no queuectl
     Python, beside each run) misses it too; the table says so, and counts both kinds."""
-    rows, render = _bench_package()
+    rows, render, _ = _bench_package()
     target = rows.Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65)
     base = [1000.0, 1000.0, 1000.0]
     bound = rows.make_row("worker", "a", "a", [500.0, 520.0, 510.0], "jobs/s", target,
@@ -117,7 +148,9 @@ def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
 
 @pytest.mark.slow
 def test_quick_bench_measures_every_scenario(tmp_path: Path) -> None:
-    for row in quick_bench(tmp_path)["rows"]:
+    report = quick_bench(tmp_path)
+    assert EXPLAINING <= {row["key"] for row in report["rows"]}
+    for row in report["rows"]:
         if row["status"] == "n/a":  # a peer that is not installed
             assert row["key"] in HUEY_ROWS | CLI_PEER_ROWS | COUNTED_ROWS
             continue
@@ -129,6 +162,7 @@ def test_quick_bench_on_postgres_measures_its_scenarios(tmp_path: Path) -> None:
     _pg_admin().close()  # no server: skipped (failed in CI)
     report = quick_bench(tmp_path, "--backend", "postgres", "--pg-admin", PG_ADMIN)
     assert report["meta"]["backend"] == "postgres"
+    assert EXPLAINING <= {row["key"] for row in report["rows"]}
     measured = set()
     for row in report["rows"]:
         if row["scenario"] in PG_SKIPPED:

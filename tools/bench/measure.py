@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .context import Context
@@ -114,6 +115,37 @@ def _pss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+WARM_CHUNK = 50  # calls between two looks at the WAL's size
+WARM_MOST = 20_000  # calls at most, should a WAL never stop growing
+
+
+def until_wal_wraps(call: Callable[[], object], db: Path | str) -> int:
+    """Call ``call`` until the WAL of the SQLite database ``db`` has wrapped, and return how
+    many calls that took; on PostgreSQL, whose WAL segments are recycled, none.
+
+    A fresh WAL file grows with every commit until its first checkpoint (at 1,000 pages),
+    and from then on its commits overwrite it. A durable commit that makes the file longer
+    costs about twice one that does not (a bare one-row commit, in blocks of 500: 210-290
+    us, then 116-151 us), so a rate timed from a fresh file measures that phase as much as
+    the code, and favours whichever side writes more pages a call: it leaves that phase
+    sooner. A queue, a peer or a bare connection open for a while is past it; each rate
+    that compares durable commits is timed there. The WAL has wrapped once ``WARM_CHUNK``
+    calls in a row left its file no longer."""
+    if str(db).startswith(("postgres://", "postgresql://")):
+        return 0
+    wal = Path(f"{db}-wal")
+    calls, size = 0, -1
+    while calls < WARM_MOST:
+        for _ in range(WARM_CHUNK):
+            call()
+        calls += WARM_CHUNK
+        now = wal.stat().st_size if wal.exists() else 0
+        if now and now == size:
+            return calls
+        size = now
+    raise RuntimeError(f"the WAL of {db} still grew after {calls:,} calls")
 
 
 def measure_floor(ctx: Context, code: str = FLOOR_CODE) -> float:

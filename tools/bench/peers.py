@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Context, pg_execute
-from .measure import run_timed
+from .measure import run_timed, until_wal_wraps
 
 
 def load_app(directory: Path, module_name: str, source: str) -> Any:
@@ -81,12 +81,14 @@ def huey_rate(ctx: Context, n: int, workers: int = 2) -> float:
 
 
 def huey_enqueue_rate(ctx: Context, n: int) -> float:
-    """Calls/s of a huey task's enqueue on SqliteHuey (its default: each commit synced)."""
+    """Calls/s of a huey task's enqueue on SqliteHuey (its default: each commit synced),
+    timed once its WAL has wrapped (``until_wal_wraps``)."""
     directory = ctx.fresh_dir("huey-enqueue")
     try:
         module_name = f"qbench_huey_{directory.name.replace('-', '_')}"
         module = load_app(directory, module_name,
                           HUEY_APP.format(filename=str(directory / "huey.db")))
+        until_wal_wraps(lambda: module.run("true"), directory / "huey.db")
         start = time.perf_counter()
         for _ in range(n):
             module.run("true")

@@ -105,6 +105,15 @@ def transactions(trace: Trace) -> list[Trace]:
     return parts
 
 
+def joined(parts: list[Trace]) -> Trace:
+    """One trace of ``parts`` (of one recording, as ``transactions`` cut it), in order."""
+    whole = Trace()
+    for part in parts:
+        whole.steps.extend(part.steps)
+        whole.prepared = part.prepared
+    return whole
+
+
 def prepare_for_replay(conn: Any, trace: Trace) -> None:
     """On PostgreSQL, the recorded connection's prepared statements, under their names, in
     place of this one's own (outside the replay's time, as the recording prepared them

@@ -9,6 +9,7 @@ import time
 
 from .. import trace
 from ..context import Context
+from ..measure import until_wal_wraps
 from ..peers import huey_enqueue_rate
 from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import job_counts
@@ -16,15 +17,17 @@ from ..stores import job_counts
 
 def api_enqueue_rate(ctx: Context, n: int) -> tuple[float, float]:
     """Calls/s of ``Queue.enqueue`` on one ``Queue`` held open, each durable on return,
-    and this process's CPU a call in microseconds (on PostgreSQL, the client's alone)."""
+    and this process's CPU a call in microseconds (on PostgreSQL, the client's alone);
+    timed once the store's WAL has wrapped (``until_wal_wraps``)."""
     from queuectl.api import Queue
 
     with ctx.fresh_target("api") as db, Queue(db) as queue:
+        warm = until_wal_wraps(lambda: queue.enqueue("true"), db)
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             queue.enqueue("true")
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if queue.status()["jobs"]["pending"] != n:
+        if queue.status()["jobs"]["pending"] != warm + n:
             raise RuntimeError("Queue.enqueue lost jobs")
     return n / seconds, cpu / n * 1e6
 
@@ -32,7 +35,8 @@ def api_enqueue_rate(ctx: Context, n: int) -> tuple[float, float]:
 def api_statements_rate(ctx: Context, n: int) -> tuple[float, float]:
     """Calls/s of ``Queue.enqueue``'s statements alone (``trace``): those of ``n`` calls,
     recorded on one store and replayed on its twin, each commit as durable; and the
-    replaying process's CPU a call in microseconds."""
+    replaying process's CPU a call in microseconds. The calls that took the recording's
+    WAL to its wrap (``until_wal_wraps``) are replayed first, untimed: so are the twin's."""
     from queuectl import ledger
     from queuectl.api import Queue
 
@@ -40,26 +44,34 @@ def api_statements_rate(ctx: Context, n: int) -> tuple[float, float]:
         Queue(db).close()  # the store made, as the calls will find it
         with trace.twin(ctx, db) as copy:
             with Queue(db) as queue, trace.recording(queue._db) as steps:
+                warm = until_wal_wraps(lambda: queue.enqueue("true"), db)
                 for _ in range(n):
                     queue.enqueue("true")
+            calls = trace.transactions(steps)
+            if len(calls) != warm + n:
+                raise RuntimeError(f"recorded {len(calls)} transactions for {warm + n} calls")
+            before, timed = trace.joined(calls[:warm]), trace.joined(calls[warm:])
             conn = ledger.connect(copy)
             try:
                 trace.prepare_for_replay(conn, steps)
+                trace.replay(conn, before)
                 start, cpu = time.perf_counter(), time.process_time()
-                trace.replay(conn, steps)
+                trace.replay(conn, timed)
                 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             finally:
                 conn.close()
             counts = job_counts(copy)
-            if counts.get("pending") != n:  # the replay did not do the same work
-                raise RuntimeError(f"the replayed enqueues left {counts}, expected {n} pending")
+            if counts.get("pending") != warm + n:  # the replay did not do the same work
+                raise RuntimeError(f"the replayed enqueues left {counts}, expected "
+                                   f"{warm + n} pending")
     return n / seconds, cpu / n * 1e6
 
 
 def durable_commit_rate(ctx: Context, n: int) -> float:
     """Commits/s of a one-row INSERT, each durable when it returns, on this run's store: what
     any queue that promises that pays, whatever its own work (SQLite: WAL, synchronous=FULL,
-    as queuectl's and huey's; PostgreSQL: synchronous_commit=on)."""
+    as queuectl's and huey's; PostgreSQL: synchronous_commit=on), timed once the WAL has
+    wrapped (``until_wal_wraps``)."""
     if ctx.backend == "postgres":
         with ctx.fresh_pg() as url:
             import psycopg
@@ -76,6 +88,7 @@ def durable_commit_rate(ctx: Context, n: int) -> float:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("CREATE TABLE t (x INTEGER)")
+            until_wal_wraps(lambda: conn.execute("INSERT INTO t VALUES (0)"), path)
             start = time.perf_counter()
             for i in range(n):
                 conn.execute("INSERT INTO t VALUES (?)", (i,))
