@@ -32,7 +32,7 @@ CLI_PEER_ROWS = {"tsp_wall", "nq_wall"}  # n/a where task-spooler or nq is not i
 CEILINGED = {"worker_vs_spawn", "worker_vs_huey", "pg_worker_vs_sqlite", "api_enqueue_vs_huey",
              "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue"}
 # Rows every run measures on both stores, beside the targets they explain
-EXPLAINING = {"scaling_eight_first_claim", "scaling_eight_floors",
+EXPLAINING = {"scaling_eight_alone", "scaling_eight_first_claim", "scaling_eight_floors",
               "api_statements_vs_commit"}
 # n/a where valgrind is not installed (it is on every machine of this project's kind)
 COUNTED_ROWS = {"enqueue_instructions"} if shutil.which("valgrind") is None else set()

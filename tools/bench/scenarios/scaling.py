@@ -4,7 +4,9 @@
 two processes of one), and eight ``-c 1`` processes against two, each timed from the first
 start to the last exit (and, for what bounds it, from the first claim to the last result by
 the ledger's times; and the start-up: from the launch to the first claim, beside as many
-bare interpreters launched together)."""
+bare interpreters launched together). Beside them, the same jobs' shells and statements with
+no queuectl Python at all, in 8 forked processes against 2: what the shells and the store's
+write lock lose by themselves."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..context import Context
 from ..measure import FLOOR_CODE, PG_FLOOR_CODE
 from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import claims_span, enqueue_true, first_claim_at, job_counts
+from .worker import statements_and_spawns_rate
 
 # (commands, workers in each, processes each forks: None for its default, one a CPU): the
 # shapes compared, run in turn in every run so that each ratio is taken between neighbours.
@@ -79,6 +82,7 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
     steady: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
     first: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
     floors: dict[int, list[float]] = {2: [], 8: []}
+    alone: dict[int, list[float]] = {2: [], 8: []}  # the shells and statements alone
     for r in range(ctx.runs):
         for shape in SHAPES:
             rate, between, to_first = processes_rate(ctx, n, *shape)
@@ -87,10 +91,14 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
             first[shape].append(to_first * 1000)
         for count, times in floors.items():
             times.append(interpreters_together(ctx, count) * 1000)
+        for count, rates in alone.items():
+            rates.append(statements_and_spawns_rate(ctx, n, ctx.backend, processes=count))
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
             f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
             f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
-            f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES))
+            f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES)
+            + f"; the shells and statements alone in 8 processes {alone[8][-1]:.0f}/s, in 2 "
+            f"{alone[2][-1]:.0f}/s")
     ledger_note = "without the processes' start-up and exit"
     floor = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
     return [
@@ -121,6 +129,13 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
                  baseline_label="2 `-c 1`, first claim to last result", note=ledger_note),
+        make_row("scaling", "scaling_eight_alone",
+                 "the same jobs' shells and statements alone (no queuectl Python), in 8 "
+                 "processes", alone[8], "jobs/s", None, baseline_samples=alone[2],
+                 baseline_label="the same in 2 processes",
+                 note="each job a `sh -c true` and its `finish_and_claim` transaction, "
+                      "recorded and replayed in order: what 8 processes lose against 2 "
+                      "with none of queuectl's Python or start-up"),
         make_row("scaling", "scaling_eight_first_claim",
                  "the same 8 processes, from their start to the first claim",
                  first[EIGHT_OF_ONE], "ms", None, baseline_samples=first[TWO_OF_ONE],
