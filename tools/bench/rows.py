@@ -88,10 +88,13 @@ def make_row(
     note: str = "",
     ceiling_samples: Sequence[float] = (),
     ceiling_label: str = "",
+    ceiling_baseline_samples: Sequence[float] = (),
 ) -> Row:
     """A figure from its samples (the median; against ``baseline_samples``, the median of
     the per-run ratios). ``ceiling_samples``: the same work with no queuectl Python, run
-    beside each sample, which tells a target out of reach (status "bound") from one missed."""
+    beside each sample, which tells a target out of reach (status "bound") from one missed;
+    for a ratio target, taken against ``ceiling_baseline_samples`` where the baseline's own
+    work has queuectl in it too (else against ``baseline_samples``)."""
     if value is None:
         value = median(samples)
     baseline = median(baseline_samples) if baseline_samples else None
@@ -99,8 +102,9 @@ def make_row(
         ratio = paired_ratio(samples, baseline_samples)
     ceiling = None
     if ceiling_samples and target is not None:
-        ceiling = (paired_ratio(ceiling_samples, baseline_samples) if target.on == "ratio"
-                   else median(ceiling_samples))
+        ceiling = (paired_ratio(ceiling_samples,
+                                ceiling_baseline_samples or baseline_samples)
+                   if target.on == "ratio" else median(ceiling_samples))
     met = target.met(value, ratio) if target else None
     status = "info" if target is None else ("error" if met is None else ("pass" if met else "fail"))
     if status == "fail" and ceiling is not None and target and not target.met(ceiling, ceiling):

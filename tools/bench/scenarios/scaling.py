@@ -10,16 +10,21 @@ write lock lose by themselves."""
 
 from __future__ import annotations
 
+import marshal
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
+from .. import trace
 from ..context import Context
 from ..measure import FLOOR_CODE, PG_FLOOR_CODE
 from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import claims_span, enqueue_true, first_claim_at, job_counts
+from .cycle import Waker, one_at_a_time, worker_connection
 from .worker import statements_and_spawns_rate
 
 # (commands, workers in each, processes each forks: None for its default, one a CPU): the
@@ -64,6 +69,83 @@ def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
         return n / seconds, n / claims_span(db), first_claim_at(db) - launched
 
 
+# A worker with no queuectl in it: an interpreter that imports what every command imports
+# (the floor), sets its connection up as a worker's, and then, job after job, writes the
+# next recorded transaction under a lock on a file (as the writers' queue does) and starts
+# `sh -c true` as the worker does (os.posix_spawn). Only modules an interpreter has loaded
+# already, or as small as fcntl and marshal, are added to the floor's.
+ALONE_CHILD = FLOOR_CODE + """
+import fcntl, marshal, os, sys
+with open(sys.argv[1], "rb") as f:
+    todo = marshal.load(f)
+conn = sqlite3.connect(sys.argv[2], isolation_level=None, timeout=60)
+for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
+    conn.execute("PRAGMA " + pragma)
+fd = os.open(sys.argv[3], os.O_RDWR)
+shell = ["/bin/sh", "-c", "true"]
+while True:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        if n >= len(todo):
+            break
+        for many, sql, values in todo[n]:
+            if many:
+                conn.executemany(sql, values)
+            else:
+                conn.execute(sql, values).fetchall()
+        os.pwrite(fd, (n + 1).to_bytes(8, "little"), 0)
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    os.waitpid(os.posix_spawn(shell[0], shell, os.environ), 0)
+conn.close()
+"""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every str subclass (the states' enums) a str, for marshal."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def launched_alone_rate(ctx: Context, n: int, processes: int) -> float:
+    """Jobs/s of ``processes`` interpreters launched together (``ALONE_CHILD``), each
+    importing the floor's modules and then running jobs as a worker would with no queuectl
+    in it: each job its ``finish_and_claim`` transaction, recorded by a worker and replayed
+    in order, and a ``sh -c true``. From the first launch to the last exit, as
+    ``processes_rate`` times the commands; the WAL is checkpointed by a waker in this
+    process, as each worker's is in its own. SQLite only."""
+    with ctx.fresh_target("scaling", "sqlite") as db:
+        enqueue_true(db, n)
+        with trace.twin(ctx, db) as copy:
+            with worker_connection(db) as conn, trace.recording(conn) as steps:
+                one_at_a_time(conn, True)
+            todo = [_plain(part.steps) for part in trace.transactions(steps)]
+            directory = Path(copy).parent
+            (directory / "todo").write_bytes(marshal.dumps(todo))
+            (directory / "counter").write_bytes(bytes(8))
+            waker = Waker(Path(copy)) if Waker else None
+            try:
+                start = time.perf_counter()
+                procs = [subprocess.Popen([sys.executable, "-c", ALONE_CHILD,
+                                           str(directory / "todo"), str(copy),
+                                           str(directory / "counter")])
+                         for _ in range(processes)]
+                codes = [proc.wait(timeout=max(120.0, n / 5)) for proc in procs]
+                seconds = time.perf_counter() - start
+            finally:
+                if waker:
+                    waker.close()
+            if any(codes):
+                raise RuntimeError(f"a replaying interpreter exited {codes}")
+            if job_counts(copy).get("completed") != n:
+                raise RuntimeError("the replaying interpreters did not complete every job")
+    return n / seconds
+
+
 def interpreters_together(ctx: Context, processes: int) -> float:
     """Seconds for ``processes`` bare interpreters importing what every command imports
     (the start-up floor), launched together, to all exit: what that many start-ups cost
@@ -83,6 +165,8 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
     first: dict[Shape, list[float]] = {shape: [] for shape in SHAPES}
     floors: dict[int, list[float]] = {2: [], 8: []}
     alone: dict[int, list[float]] = {2: [], 8: []}  # the shells and statements alone
+    launched: dict[int, list[float]] = {2: [], 8: []}  # the same in launched interpreters
+    on_pg = ctx.backend == "postgres"
     for r in range(ctx.runs):
         for shape in SHAPES:
             rate, between, to_first = processes_rate(ctx, n, *shape)
@@ -93,12 +177,21 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
             times.append(interpreters_together(ctx, count) * 1000)
         for count, rates in alone.items():
             rates.append(statements_and_spawns_rate(ctx, n, ctx.backend, processes=count))
+            if not on_pg:
+                launched[count].append(launched_alone_rate(ctx, n, count))
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
             f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
             f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
             f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES)
             + f"; the shells and statements alone in 8 processes {alone[8][-1]:.0f}/s, in 2 "
-            f"{alone[2][-1]:.0f}/s")
+            f"{alone[2][-1]:.0f}/s" + ("" if on_pg else f"; in 8 launched interpreters "
+                                       f"{launched[8][-1]:.0f}/s, in 2 {launched[2][-1]:.0f}/s"))
+    # The same work with no queuectl Python, start-up included: the target's ceiling (on
+    # SQLite; on PostgreSQL a child would need its driver's pipeline replayed by hand).
+    ceiling = ({} if on_pg else
+               {"ceiling_samples": launched[8], "ceiling_baseline_samples": launched[2],
+                "ceiling_label": "shells and statements alone, in 8 interpreters "
+                                 "against 2"})
     ledger_note = "without the processes' start-up and exit"
     floor = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
     return [
@@ -124,7 +217,7 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  whole[EIGHT_OF_ONE], "jobs/s",
                  Target(">= 0.85 x two `-c 1` processes", "ratio", ">=", 0.85),
                  baseline_samples=whole[TWO_OF_ONE],
-                 baseline_label="2 `worker -c 1 --burst` processes"),
+                 baseline_label="2 `worker -c 1 --burst` processes", **ceiling),
         make_row("scaling", "scaling_eight_vs_two_steady",
                  "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
@@ -136,6 +229,13 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  note="each job a `sh -c true` and its `finish_and_claim` transaction, "
                       "recorded and replayed in order: what 8 processes lose against 2 "
                       "with none of queuectl's Python or start-up"),
+        *([] if on_pg else [make_row(
+            "scaling", "scaling_eight_launched_alone",
+            "the same, each of 8 interpreters launched together importing what every "
+            "command imports, then running them", launched[8], "jobs/s", None,
+            baseline_samples=launched[2], baseline_label="the same in 2 interpreters",
+            note="the 8 commands with no queuectl in them, start-up included: the "
+                 "target's ceiling")]),
         make_row("scaling", "scaling_eight_first_claim",
                  "the same 8 processes, from their start to the first claim",
                  first[EIGHT_OF_ONE], "ms", None, baseline_samples=first[TWO_OF_ONE],
