@@ -127,7 +127,7 @@ def launched_alone_rate(ctx: Context, n: int, processes: int) -> float:
             directory = Path(copy).parent
             (directory / "todo").write_bytes(marshal.dumps(todo))
             (directory / "counter").write_bytes(bytes(8))
-            waker = Waker(Path(copy)) if Waker else None
+            waker = Waker(str(copy)) if Waker is not None else None
             try:
                 start = time.perf_counter()
                 procs = [subprocess.Popen([sys.executable, "-c", ALONE_CHILD,
@@ -188,7 +188,7 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                                        f"{launched[8][-1]:.0f}/s, in 2 {launched[2][-1]:.0f}/s"))
     # The same work with no queuectl Python, start-up included: the target's ceiling (on
     # SQLite; on PostgreSQL a child would need its driver's pipeline replayed by hand).
-    ceiling = ({} if on_pg else
+    ceiling: dict[str, Any] = ({} if on_pg else
                {"ceiling_samples": launched[8], "ceiling_baseline_samples": launched[2],
                 "ceiling_label": "shells and statements alone, in 8 interpreters "
                                  "against 2"})
