@@ -30,13 +30,11 @@ HUEY_ROWS = {"worker_vs_huey", "api_enqueue_vs_huey"}  # n/a where huey is not i
 CLI_PEER_ROWS = {"tsp_wall", "nq_wall"}  # n/a where task-spooler or nq is not installed
 # Targets measured beside the same work with no queuectl Python (a "bound" when it misses too)
 CEILINGED = {"worker_vs_spawn", "worker_vs_huey", "pg_worker_vs_sqlite", "api_enqueue_vs_huey",
-             "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue"}
-# On SQLite the 8-against-2 target has a ceiling too: the same jobs in 8 interpreters with
-# no queuectl in them against 2
-SQLITE_CEILINGED = CEILINGED | {"scaling_eight_vs_two"}
+             "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue",
+             "scaling_eight_vs_two"}
 # Rows every run measures on both stores, beside the targets they explain
-EXPLAINING = {"scaling_eight_alone", "scaling_eight_first_claim", "scaling_eight_floors",
-              "api_statements_vs_commit"}
+EXPLAINING = {"scaling_eight_alone", "scaling_eight_launched_alone", "scaling_eight_first_claim",
+              "scaling_eight_floors", "api_statements_vs_commit"}
 # n/a where valgrind is not installed (it is on every machine of this project's kind)
 COUNTED_ROWS = {"enqueue_instructions"} if shutil.which("valgrind") is None else set()
 
@@ -56,12 +54,12 @@ def quick_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     return report
 
 
-def assert_measured(row: dict[str, Any], ceilinged: set[str] = CEILINGED) -> None:
+def assert_measured(row: dict[str, Any]) -> None:
     assert row["status"] in ("pass", "fail", "bound", "info"), row
-    if row["key"] in ceilinged and row["status"] != "info":
+    if row["key"] in CEILINGED and row["status"] != "info":
         assert isinstance(row["ceiling"], int | float) and math.isfinite(row["ceiling"]), row
     if row["status"] == "bound":
-        assert row["key"] in ceilinged, row
+        assert row["key"] in CEILINGED, row
     assert isinstance(row["value"], int | float) and math.isfinite(row["value"]), row
     assert row["samples"], row
     if row["baseline_samples"]:
@@ -158,12 +156,12 @@ def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
 @pytest.mark.slow
 def test_quick_bench_measures_every_scenario(tmp_path: Path) -> None:
     report = quick_bench(tmp_path)
-    assert EXPLAINING | {"scaling_eight_launched_alone"} <= {row["key"] for row in report["rows"]}
+    assert EXPLAINING <= {row["key"] for row in report["rows"]}
     for row in report["rows"]:
         if row["status"] == "n/a":  # a peer that is not installed
             assert row["key"] in HUEY_ROWS | CLI_PEER_ROWS | COUNTED_ROWS
             continue
-        assert_measured(row, SQLITE_CEILINGED)
+        assert_measured(row)
 
 
 @pytest.mark.slow

@@ -71,16 +71,10 @@ def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
 
 # A worker with no queuectl in it: an interpreter that imports what every command imports
 # (the floor), sets its connection up as a worker's, and then, job after job, writes the
-# next recorded transaction under a lock on a file (as the writers' queue does) and starts
-# `sh -c true` as the worker does (os.posix_spawn). Only modules an interpreter has loaded
-# already, or as small as fcntl and marshal, are added to the floor's.
-ALONE_CHILD = FLOOR_CODE + """
-import fcntl, marshal, os, sys
-with open(sys.argv[1], "rb") as f:
-    todo = marshal.load(f)
-conn = sqlite3.connect(sys.argv[2], isolation_level=None, timeout=60)
-for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
-    conn.execute("PRAGMA " + pragma)
+# next recorded transaction under a lock on a file (as the writers' queue does on SQLite)
+# and starts `sh -c true` as the worker does (os.posix_spawn). Only modules an interpreter
+# has loaded already, or as small as fcntl and marshal, are added to the floor's.
+_ALONE_LOOP = """
 fd = os.open(sys.argv[3], os.O_RDWR)
 shell = ["/bin/sh", "-c", "true"]
 while True:
@@ -89,56 +83,108 @@ while True:
         n = int.from_bytes(os.pread(fd, 8, 0), "little")
         if n >= len(todo):
             break
-        for many, sql, values in todo[n]:
-            if many:
-                conn.executemany(sql, values)
-            else:
-                conn.execute(sql, values).fetchall()
+        replay(todo[n])
         os.pwrite(fd, (n + 1).to_bytes(8, "little"), 0)
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN)
     os.waitpid(os.posix_spawn(shell[0], shell, os.environ), 0)
-conn.close()
 """
+ALONE_CHILD = FLOOR_CODE + """
+import fcntl, marshal, os, sys
+with open(sys.argv[1], "rb") as f:
+    prepared, todo = marshal.load(f)
+conn = sqlite3.connect(sys.argv[2], isolation_level=None, timeout=60)
+for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
+    conn.execute("PRAGMA " + pragma)
+
+def replay(steps):
+    for many, sql, values in steps:
+        if many:
+            conn.executemany(sql, values)
+        else:
+            conn.execute(sql, values).fetchall()
+""" + _ALONE_LOOP
+# On PostgreSQL: the session a worker's connection has (queuectl.store.postgres.connect
+# and for_worker), its statements prepared as the recording's were, and each round trip
+# sent in libpq's pipeline mode as trace._replay_pg sends it.
+PG_ALONE_CHILD = PG_FLOOR_CODE + """
+import fcntl, marshal, os, select, sys
+with open(sys.argv[1], "rb") as f:
+    prepared, todo = marshal.load(f)
+conn = psycopg.connect(sys.argv[2], autocommit=True, options=" ".join(
+    "-c " + setting for setting in ("synchronous_commit=off", "TimeZone=UTC",
+                                    "plan_cache_mode=force_generic_plan")))
+conn.prepare_threshold = None
+for text in prepared:
+    conn.execute(text)
+pgconn = conn.pgconn
+
+def replay(trips):
+    for trip in trips:
+        pgconn.enter_pipeline_mode()
+        for name, values, text in trip:
+            if name is None:
+                pgconn.send_query_params(text, None)
+            else:
+                pgconn.send_query_prepared(name, values)
+        pgconn.pipeline_sync()
+        while pgconn.flush():
+            select.select([], [pgconn.socket], [])
+        while True:
+            while pgconn.is_busy():
+                select.select([pgconn.socket], [], [])
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is not None and result.status == 10:  # PGRES_PIPELINE_SYNC
+                break
+        pgconn.exit_pipeline_mode()
+""" + _ALONE_LOOP
 
 
 def _plain(value: Any) -> Any:
-    """``value`` with every str subclass (the states' enums) a str, for marshal."""
+    """``value`` in the types marshal takes: str subclasses (the states' enums) as str,
+    bytes-like values as bytes, tuple subclasses as tuples."""
     if isinstance(value, str):
         return str(value)
-    if isinstance(value, tuple | list):
-        return type(value)(_plain(v) for v in value)
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
     return value
 
 
 def launched_alone_rate(ctx: Context, n: int, processes: int) -> float:
-    """Jobs/s of ``processes`` interpreters launched together (``ALONE_CHILD``), each
-    importing the floor's modules and then running jobs as a worker would with no queuectl
-    in it: each job its ``finish_and_claim`` transaction, recorded by a worker and replayed
-    in order, and a ``sh -c true``. From the first launch to the last exit, as
-    ``processes_rate`` times the commands; the WAL is checkpointed by a waker in this
-    process, as each worker's is in its own. SQLite only."""
-    with ctx.fresh_target("scaling", "sqlite") as db:
+    """Jobs/s of ``processes`` interpreters launched together (``ALONE_CHILD``, on
+    PostgreSQL ``PG_ALONE_CHILD``), each importing the floor's modules and then running
+    jobs as a worker would with no queuectl in it: each job its ``finish_and_claim``
+    transaction, recorded by a worker and replayed in order, and a ``sh -c true``. From
+    the first launch to the last exit, as ``processes_rate`` times the commands. On SQLite
+    the WAL is checkpointed by a waker in this process, as each worker's is in its own."""
+    on_pg = ctx.backend == "postgres"
+    with ctx.fresh_target("scaling") as db:
         enqueue_true(db, n)
         with trace.twin(ctx, db) as copy:
             with worker_connection(db) as conn, trace.recording(conn) as steps:
                 one_at_a_time(conn, True)
             todo = [_plain(part.steps) for part in trace.transactions(steps)]
-            directory = Path(copy).parent
-            (directory / "todo").write_bytes(marshal.dumps(todo))
-            (directory / "counter").write_bytes(bytes(8))
-            waker = Waker(str(copy)) if Waker is not None else None
-            try:
-                start = time.perf_counter()
-                procs = [subprocess.Popen([sys.executable, "-c", ALONE_CHILD,
-                                           str(directory / "todo"), str(copy),
-                                           str(directory / "counter")])
-                         for _ in range(processes)]
-                codes = [proc.wait(timeout=max(120.0, n / 5)) for proc in procs]
-                seconds = time.perf_counter() - start
-            finally:
-                if waker:
-                    waker.close()
+            with tempfile.TemporaryDirectory(dir=ctx.tmp) as directory:
+                work, counter = Path(directory) / "todo", Path(directory) / "counter"
+                work.write_bytes(marshal.dumps((list(steps.prepared), todo)))
+                counter.write_bytes(bytes(8))
+                waker = Waker(str(copy)) if Waker is not None and not on_pg else None
+                try:
+                    start = time.perf_counter()
+                    procs = [subprocess.Popen([sys.executable, "-c",
+                                               PG_ALONE_CHILD if on_pg else ALONE_CHILD,
+                                               str(work), str(copy), str(counter)])
+                             for _ in range(processes)]
+                    codes = [proc.wait(timeout=max(120.0, n / 5)) for proc in procs]
+                    seconds = time.perf_counter() - start
+                finally:
+                    if waker:
+                        waker.close()
             if any(codes):
                 raise RuntimeError(f"a replaying interpreter exited {codes}")
             if job_counts(copy).get("completed") != n:
@@ -166,7 +212,6 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
     floors: dict[int, list[float]] = {2: [], 8: []}
     alone: dict[int, list[float]] = {2: [], 8: []}  # the shells and statements alone
     launched: dict[int, list[float]] = {2: [], 8: []}  # the same in launched interpreters
-    on_pg = ctx.backend == "postgres"
     for r in range(ctx.runs):
         for shape in SHAPES:
             rate, between, to_first = processes_rate(ctx, n, *shape)
@@ -177,21 +222,14 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
             times.append(interpreters_together(ctx, count) * 1000)
         for count, rates in alone.items():
             rates.append(statements_and_spawns_rate(ctx, n, ctx.backend, processes=count))
-            if not on_pg:
-                launched[count].append(launched_alone_rate(ctx, n, count))
+            launched[count].append(launched_alone_rate(ctx, n, count))
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
             f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
             f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
             f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES)
             + f"; the shells and statements alone in 8 processes {alone[8][-1]:.0f}/s, in 2 "
-            f"{alone[2][-1]:.0f}/s" + ("" if on_pg else f"; in 8 launched interpreters "
-                                       f"{launched[8][-1]:.0f}/s, in 2 {launched[2][-1]:.0f}/s"))
-    # The same work with no queuectl Python, start-up included: the target's ceiling (on
-    # SQLite; on PostgreSQL a child would need its driver's pipeline replayed by hand).
-    ceiling: dict[str, Any] = ({} if on_pg else
-               {"ceiling_samples": launched[8], "ceiling_baseline_samples": launched[2],
-                "ceiling_label": "shells and statements alone, in 8 interpreters "
-                                 "against 2"})
+            f"{alone[2][-1]:.0f}/s; in 8 launched interpreters {launched[8][-1]:.0f}/s, in 2 "
+            f"{launched[2][-1]:.0f}/s")
     ledger_note = "without the processes' start-up and exit"
     floor = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
     return [
@@ -217,7 +255,9 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  whole[EIGHT_OF_ONE], "jobs/s",
                  Target(">= 0.85 x two `-c 1` processes", "ratio", ">=", 0.85),
                  baseline_samples=whole[TWO_OF_ONE],
-                 baseline_label="2 `worker -c 1 --burst` processes", **ceiling),
+                 baseline_label="2 `worker -c 1 --burst` processes",
+                 ceiling_samples=launched[8], ceiling_baseline_samples=launched[2],
+                 ceiling_label="shells and statements alone, in 8 interpreters against 2"),
         make_row("scaling", "scaling_eight_vs_two_steady",
                  "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
@@ -229,13 +269,12 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  note="each job a `sh -c true` and its `finish_and_claim` transaction, "
                       "recorded and replayed in order: what 8 processes lose against 2 "
                       "with none of queuectl's Python or start-up"),
-        *([] if on_pg else [make_row(
-            "scaling", "scaling_eight_launched_alone",
-            "the same, each of 8 interpreters launched together importing what every "
-            "command imports, then running them", launched[8], "jobs/s", None,
-            baseline_samples=launched[2], baseline_label="the same in 2 interpreters",
-            note="the 8 commands with no queuectl in them, start-up included: the "
-                 "target's ceiling")]),
+        make_row("scaling", "scaling_eight_launched_alone",
+                 "the same, each of 8 interpreters launched together importing what every "
+                 "command imports, then running them", launched[8], "jobs/s", None,
+                 baseline_samples=launched[2], baseline_label="the same in 2 interpreters",
+                 note="the 8 commands with no queuectl in them, start-up included: the "
+                      "target's ceiling"),
         make_row("scaling", "scaling_eight_first_claim",
                  "the same 8 processes, from their start to the first claim",
                  first[EIGHT_OF_ONE], "ms", None, baseline_samples=first[TWO_OF_ONE],
