@@ -74,10 +74,19 @@ def replay(conn: Any, trace: Trace) -> None:
     """Send ``trace`` again on ``conn``, a queuectl connection to a twin of the store it was
     recorded on, set up as the recording one was; answers are read and dropped."""
     if is_postgres(conn.target):
-        _replay_pg(conn, trace)
-        return
+        send_trips(conn.conn.pgconn, trace.steps)
+    else:
+        send_steps(conn, trace.steps)
+
+
+# send_steps and send_trips use nothing but their arguments, select and _PIPELINE_SYNC: the
+# scaling scenario's interpreters that replay with no queuectl in them run their source.
+
+
+def send_steps(conn: Any, steps: list[Any]) -> None:
+    """A SQLite trace's steps, on ``conn`` (any ``sqlite3`` connection)."""
     execute, executemany = conn.execute, conn.executemany
-    for many, sql, values in trace.steps:
+    for many, sql, values in steps:
         if many:
             executemany(sql, values)
         else:
@@ -170,13 +179,12 @@ def _recorder(kind: type) -> type:
 _PIPELINE_SYNC = 10  # libpq's PGRES_PIPELINE_SYNC
 
 
-def _replay_pg(conn: Any, trace: Trace) -> None:
-    """Each recorded round trip in libpq's pipeline mode, as the store sends them: the
-    loop of ``PgDb._send``, copied rather than called, so that the bench replays the
-    statements of older versions of the store too (comparing a commit with an older one
-    in the same run)."""
-    pgconn = conn.conn.pgconn
-    for trip in trace.steps:
+def send_trips(pgconn: Any, trips: list[Any]) -> None:
+    """Each recorded round trip in libpq's pipeline mode on ``pgconn`` (psycopg's), as the
+    store sends them: the loop of ``PgDb._send``, copied rather than called, so that the
+    bench replays the statements of older versions of the store too (comparing a commit
+    with an older one in the same run)."""
+    for trip in trips:
         pgconn.enter_pipeline_mode()
         for name, values, text in trip:
             if name is None:

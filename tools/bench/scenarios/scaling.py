@@ -10,6 +10,7 @@ write lock lose by themselves."""
 
 from __future__ import annotations
 
+import inspect
 import marshal
 import subprocess
 import sys
@@ -89,26 +90,25 @@ while True:
         fcntl.lockf(fd, fcntl.LOCK_UN)
     os.waitpid(os.posix_spawn(shell[0], shell, os.environ), 0)
 """
-ALONE_CHILD = FLOOR_CODE + """
+# (trace's functions come with their annotations, which the future import leaves unread.)
+ALONE_CHILD = "from __future__ import annotations\n" + FLOOR_CODE + """
 import fcntl, marshal, os, sys
 with open(sys.argv[1], "rb") as f:
     prepared, todo = marshal.load(f)
 conn = sqlite3.connect(sys.argv[2], isolation_level=None, timeout=60)
 for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
     conn.execute("PRAGMA " + pragma)
-
+""" + inspect.getsource(trace.send_steps) + """
 def replay(steps):
-    for many, sql, values in steps:
-        if many:
-            conn.executemany(sql, values)
-        else:
-            conn.execute(sql, values).fetchall()
+    send_steps(conn, steps)
 """ + _ALONE_LOOP
 # On PostgreSQL: the session a worker's connection has (queuectl.store.postgres.connect
 # and for_worker), its statements prepared as the recording's were, and each round trip
-# sent in libpq's pipeline mode as trace._replay_pg sends it.
-PG_ALONE_CHILD = PG_FLOOR_CODE + """
+# sent as trace.replay sends it.
+PG_ALONE_CHILD = "from __future__ import annotations\n" + PG_FLOOR_CODE + f"""
 import fcntl, marshal, os, select, sys
+_PIPELINE_SYNC = {trace._PIPELINE_SYNC}
+""" + """
 with open(sys.argv[1], "rb") as f:
     prepared, todo = marshal.load(f)
 conn = psycopg.connect(sys.argv[2], autocommit=True, options=" ".join(
@@ -117,27 +117,9 @@ conn = psycopg.connect(sys.argv[2], autocommit=True, options=" ".join(
 conn.prepare_threshold = None
 for text in prepared:
     conn.execute(text)
-pgconn = conn.pgconn
-
+""" + inspect.getsource(trace.send_trips) + """
 def replay(trips):
-    for trip in trips:
-        pgconn.enter_pipeline_mode()
-        for name, values, text in trip:
-            if name is None:
-                pgconn.send_query_params(text, None)
-            else:
-                pgconn.send_query_prepared(name, values)
-        pgconn.pipeline_sync()
-        while pgconn.flush():
-            select.select([], [pgconn.socket], [])
-        while True:
-            while pgconn.is_busy():
-                select.select([pgconn.socket], [], [])
-                pgconn.consume_input()
-            result = pgconn.get_result()
-            if result is not None and result.status == 10:  # PGRES_PIPELINE_SYNC
-                break
-        pgconn.exit_pipeline_mode()
+    send_trips(conn.pgconn, trips)
 """ + _ALONE_LOOP
 
 
