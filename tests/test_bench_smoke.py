@@ -129,6 +129,17 @@ def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None
                           baseline_samples=[1000.0], ceiling_samples=[900.0],
                           ceiling_baseline_samples=[1100.0], ceiling_label="alone")
     assert (eight.status, round(eight.ceiling, 3)) == ("bound", 0.818)
+    # a ratio that misses its bar by less than the rounding says so in more decimals
+    edge = rows.make_row("progress", "f", "f", [1.5659], "s",
+                         rows.Target("<= 1.02x without the bar", "ratio", "<=", 1.02),
+                         baseline_samples=[1.5333])
+    near = rows.make_row("progress", "g", "g", [1.5600], "s",
+                         rows.Target("<= 1.02x without the bar", "ratio", "<=", 1.02),
+                         baseline_samples=[1.5333])
+    assert (edge.status, near.status) == ("fail", "pass")
+    edge_line, near_line = render.markdown([edge, near], {}).splitlines()[2:4]
+    assert "| 1.021x | <= 1.02x without the bar | **FAIL** |" in edge_line
+    assert "| 1.017x | <= 1.02x without the bar | pass |" in near_line
     table = render.markdown([bound, reachable, met, by_value], {}).splitlines()
     assert table[2].endswith("| **FAIL**, bound (with no queuectl Python: 0.62x) |")
     assert table[3].endswith("| **FAIL** (with no queuectl Python: 0.70x) |")

@@ -45,6 +45,7 @@ class Row:
     ceiling: float | None = None
     ceiling_label: str = ""
     target_on: str = ""  # the target's measure: "value" or "ratio"
+    target_limit: float | None = None  # the bar the target sets for that measure
 
 
 @dataclass
@@ -126,4 +127,5 @@ def make_row(
         ceiling=ceiling,
         ceiling_label=ceiling_label if ceiling is not None else "",
         target_on=target.on if target else "",
+        target_limit=target.limit if target else None,
     )
