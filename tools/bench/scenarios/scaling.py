@@ -26,7 +26,7 @@ from ..measure import FLOOR_CODE, PG_FLOOR_CODE
 from ..rows import Row, ScenarioResult, Target, make_row
 from ..stores import claims_span, enqueue_true, first_claim_at, job_counts
 from .cycle import Waker, one_at_a_time, worker_connection
-from .worker import statements_and_spawns_rate
+from .worker import SHELL, statements_and_spawns_rate
 
 # (commands, workers in each, processes each forks: None for its default, one a CPU): the
 # shapes compared, run in turn in every run so that each ratio is taken between neighbours.
@@ -75,9 +75,9 @@ def processes_rate(ctx: Context, n: int, processes: int, concurrency: int,
 # next recorded transaction under a lock on a file (as the writers' queue does on SQLite)
 # and starts `sh -c true` as the worker does (os.posix_spawn). Only modules an interpreter
 # has loaded already, or as small as fcntl and marshal, are added to the floor's.
-_ALONE_LOOP = """
+_ALONE_LOOP = f"""
 fd = os.open(sys.argv[3], os.O_RDWR)
-shell = ["/bin/sh", "-c", "true"]
+shell = {SHELL!r}
 while True:
     fcntl.lockf(fd, fcntl.LOCK_EX)
     try:
