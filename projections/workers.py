@@ -133,10 +133,15 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
         changes = _CHANGES[kind](e, at)
         if changes is None:
             continue
-        values, adds = merged.setdefault(e.worker_id, ({}, {}))
+        entry = merged.get(e.worker_id)
+        if entry is None:
+            entry = merged[e.worker_id] = ({}, {})
+        values, adds = entry
         values.update(changes)
-        for column, n in _DONE.get(kind, _NONE).items():
-            adds[column] = adds.get(column, 0) + n
+        done = _DONE.get(kind)
+        if done is not None:
+            for column, n in done.items():
+                adds[column] = adds.get(column, 0) + n
     write()
 
 

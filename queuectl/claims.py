@@ -194,6 +194,15 @@ def finish_and_claim(
 _FREES = (ev.Unblocked, ev.Released, ev.ScheduledRetry)
 
 
+def _frees(outcomes: list[list[ev.Event]]) -> bool:
+    """Whether any result gave an event in ``_FREES``."""
+    for outcome in outcomes:
+        for event in outcome:
+            if isinstance(event, _FREES):
+                return True
+    return False
+
+
 def finish_and_claim_many(
     conn: Db, finished: Sequence[tuple[Claim, ev.Event]], claimers: Sequence[str],
     ahead: bool = False, queues: Queues = None,
@@ -242,17 +251,19 @@ def finish_and_claim_many(
             hooks.fire(conn, [e for outcome in outcomes for e in outcome], at)
         if known.queues and any(r.limit for r in known.queues.values()) and any(outcomes):
             conn.wake()  # a run that ended may leave a place under its queue's limit
-        able = [w for w in claimers if w not in known.refused]
+        refused = known.refused
+        able = [w for w in claimers if w not in refused] if refused else claimers
         ready = known.ready
         if able and known.queues:  # a queue paused or limited: claims keep to its rules
             settled()
             ready = _ready_within(conn, at, len(able), queues, known.queues, ahead)
-        elif able and any(isinstance(e, _FREES) for o in outcomes for e in o):
+        elif able and _frees(outcomes):
             settled()
             sql, params = _ready_query(at, len(able), queues)
             ready = _best(conn.execute(conn.dialect.sql(sql), params).fetchall())
         following: list[Claim | None] = [None] * len(claimers)
-        slots = [n for n, w in enumerate(claimers) if w not in known.refused]
+        slots = [n for n, w in enumerate(claimers) if w not in refused] if refused else \
+            range(len(claimers))
         for n, row in zip(slots, ready, strict=False):
             job_id, command, attempt, *policy = row[:-2]
             attempt += 1  # the run this claim starts
@@ -345,10 +356,13 @@ def _ready_query(at: str, n: int, queues: Queues) -> tuple[str, list[Any]]:
     return " UNION ALL ".join(parts), [v for q in queues for v in (q, at, n)]
 
 
-def _best(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+def _best(rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """Ready rows of ``_ready_query``, best first, as ``Claim`` fields, the job's run_at and
     its queue."""
     best = []
+    if len(rows) == 1:  # one claim, as a worker's: nothing to sort
+        kind, id_, command, run_at, attempts, retries, priority, seq, *rest = rows[0]
+        return [(id_, command, attempts, retries, *rest[:4], *rest[5:8], run_at, rest[4])]
     for kind, id_, command, run_at, attempts, retries, priority, seq, *rest in rows:
         policy = rest[:4]  # backoff_base, timeout, backoff_max, backoff_jitter; then queue
         position = int(kind[1:] or 0)  # a UNION keeps no order: each row says where it sorts
@@ -485,9 +499,10 @@ def _known_sql(dialect: Dialect, claimers: int, queues: tuple[str, ...], jobs: i
 
 def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
            queues: Queues = None, starters: Sequence[str] = ()) -> _Known:
-    jobs = list(dict.fromkeys(job_ids))
     # Each id once: a statement of fewer shapes, which the server plans fewer times.
-    workers = list(dict.fromkeys([*claimers, *starters]))
+    jobs = list(job_ids) if len(job_ids) < 2 else list(dict.fromkeys(job_ids))
+    workers = list(claimers) if not starters and len(claimers) < 2 else \
+        list(dict.fromkeys([*claimers, *starters]))
     known = _Known(held={}, refused=set(), ready=[], queues={})
     if not (claimers or jobs or workers):
         return known
@@ -513,6 +528,11 @@ def _known(conn: Db, job_ids: Sequence[str], claimers: Sequence[str], at: str,
     return known
 
 
+# The results the retry rule judges; and those with a released run, which a cancel overrides.
+_RETRIED = (ev.Failed, ev.TimedOut, ev.Fenced)
+_RETRIED_OR_RELEASED = (*_RETRIED, ev.Released)
+
+
 def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
              held_back: list[ev.Event], settled: Callable[[], None]) -> list[ev.Event]:
     """The events one run's result gives (added to ``held_back``, which ``settled()``
@@ -529,13 +549,12 @@ def _outcome(conn: Db, job: Claim, result: ev.Event, known: _Known, at: str,
     if isinstance(result, ev.Started):
         return _start(conn, job, result, held, known, at, held_back, settled)
     events: list[ev.Event] = [result]
-    if held.cancel_requested and isinstance(result, ev.Failed | ev.TimedOut | ev.Released
-                                            | ev.Fenced):
+    if held.cancel_requested and isinstance(result, _RETRIED_OR_RELEASED):
         # Cancelled while it ran, but the run ended before its worker saw that:
         # the cancel still wins over a retry.
         settled()
         events += cancelled_after_run(conn, job.job_id)
-    elif isinstance(result, ev.Failed | ev.TimedOut | ev.Fenced):
+    elif isinstance(result, _RETRIED):
         reason = (result.error if isinstance(result, ev.Failed) else "timed out"
                   if isinstance(result, ev.TimedOut) else "fenced: lease not renewed")
         events.append(retry_or_dead(job, at, reason))

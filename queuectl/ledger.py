@@ -89,7 +89,7 @@ def _live(event_type: type) -> tuple:  # type: ignore[type-arg]
 # projection that reads any of them, its ``apply_many`` (or None) and ``apply``, and which
 # events of the batch it reads. Worked out once per sequence of types (a worker's result
 # and next claim are the same few, job after job).
-_Plan = tuple[tuple[Any, Any, tuple[int, ...]], ...]
+_Plan = tuple[tuple[Any, Any, tuple[int, ...] | None], ...]
 _PLANS: dict[tuple[type, ...], _Plan] = {}
 
 
@@ -105,7 +105,9 @@ def _plan(kinds: tuple[type, ...]) -> _Plan:
         read = [at[kind] for kind in at if kind in projection.HANDLES]
         wanted = tuple(read[0] if len(read) == 1 else sorted(n for ns in read for n in ns))
         if wanted:
-            plan.append((getattr(projection, "apply_many", None), projection.apply, wanted))
+            # None: the whole batch, passed as it is rather than copied.
+            whole = None if wanted == tuple(range(len(kinds))) else wanted
+            plan.append((getattr(projection, "apply_many", None), projection.apply, whole))
     found = tuple(plan)
     if len(kinds) <= _PLANNED:  # a long-lived process (serve) keeps no plan of a bulk's
         _PLANS[kinds] = found
@@ -119,10 +121,10 @@ def _apply_many(tx: Db, first: int, at: str, events: tuple[Event, ...]) -> None:
     batch = [(first + n, at, e) for n, e in enumerate(events)]
     for many, apply, wanted in _PLANS.get(kinds) or _plan(kinds):
         if many is not None:
-            many(tx, [batch[n] for n in wanted])
+            many(tx, batch if wanted is None else [batch[n] for n in wanted])
             continue
-        for n in wanted:
-            apply(tx, *batch[n])
+        for row in batch if wanted is None else [batch[n] for n in wanted]:
+            apply(tx, *row)
 
 
 def append(tx: Db, *events: Event, at: str | None = None) -> int:
@@ -133,9 +135,11 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     if not tx.in_transaction:
         raise RuntimeError("append() must run inside a write transaction")
     at = at or tx.now()
-    if not all(e.by for e in events):
-        by = actor.current()
-        events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
+    for event in events:
+        if not event.by:  # some event names no actor: the current one is theirs
+            by = actor.current()
+            events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
+            break
     if len(events) > APPEND_STEP and (bar := _bar()).shown:
         return _append_in_steps(tx, events, at, bar)
     rows = [(TAG_OF[type(e)], getattr(e, "job_id", None), getattr(e, "worker_id", None),

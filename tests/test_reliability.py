@@ -216,7 +216,7 @@ IMPATIENT_WRITER = """
 import sys
 from queuectl import decisions, ledger
 from queuectl.store import sqlite as sqlite_store
-sqlite_store._retry_locked = lambda action: action()
+sqlite_store._retry_locked = lambda execute, statement: execute(statement)
 conn = ledger.connect(sys.argv[1], durable=False)
 conn.execute("PRAGMA busy_timeout = 0")
 print("ready", flush=True)

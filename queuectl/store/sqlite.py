@@ -182,8 +182,7 @@ class SqliteDb(sqlite3.Connection):
         self._writing = False  # inside transaction()
         self._tx_now: str | None = None  # its time, once asked for
 
-    @contextmanager
-    def transaction(self) -> Iterator[SqliteDb]:
+    def transaction(self) -> _Transaction:
         """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on any exception.
 
         Writers of one process (the worker threads of ``worker -c N``) queue on the process
@@ -191,17 +190,7 @@ class SqliteDb(sqlite3.Connection):
         of on SQLite's busy handler, which sleeps 1 ms, then 2, 5, 10... while it waits:
         with two busy workers that sleeping, not the work, set the pace.
         """
-        with PROCESS_LOCK, self._queue or self._find_queue():
-            _retry_locked(lambda: self.execute("BEGIN IMMEDIATE"))
-            self._writing = True
-            try:
-                yield self
-            except BaseException:
-                self.execute("ROLLBACK")
-                raise
-            finally:
-                self._writing, self._tx_now = False, None
-            _retry_locked(lambda: self.execute("COMMIT"))
+        return _Transaction(self)
 
     _queue: WriterQueue | contextlib.nullcontext[None] | None = None
 
@@ -244,8 +233,7 @@ class SqliteDb(sqlite3.Connection):
     def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
                add: Mapping[str, Any] = _NONE, *, unique: bool = True,
                missing: Exception | None = None) -> None:
-        matched, values = statements.update_values(where, set_, add)
-        sql = statements.update(table, matched, tuple(set_), tuple(add))
+        sql, values = statements.update_of(table, where, set_, add)
         if self.execute(sql, values).rowcount == 0 and missing is not None:
             raise missing
 
@@ -553,7 +541,7 @@ def connect(path: str | os.PathLike[str], *, durable: bool = True, create: bool 
         db.execute("PRAGMA foreign_keys = ON")
         _ensure_ledger(db)  # refuses a foreign database before anything is written
         if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            _retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
+            _retry_locked(db.execute, "PRAGMA journal_mode = WAL")
     except sqlite3.DatabaseError as exc:
         db.close()
         if "not a database" in str(exc):
@@ -602,12 +590,57 @@ def _ensure_ledger(db: SqliteDb) -> None:
             db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
 
 
-def _retry_locked(action):  # type: ignore[no-untyped-def]
-    """Run ``action``; while the database is locked, wait and retry, up to the lock timeout."""
-    start = time.monotonic()  # the timeout itself is read only on a failure (runs per write)
+class _Transaction:
+    """``SqliteDb.transaction``. A class rather than a generator: every write of every
+    worker goes through it, and a generator's context manager costs several calls more."""
+
+    __slots__ = ("db", "queue")
+
+    def __init__(self, db: SqliteDb) -> None:
+        self.db = db
+
+    def __enter__(self) -> SqliteDb:
+        db = self.db
+        PROCESS_LOCK.acquire()
+        try:
+            queue = self.queue = db._queue or db._find_queue()
+            queue.__enter__()
+            try:
+                _retry_locked(db.execute, "BEGIN IMMEDIATE")
+            except BaseException:
+                queue.__exit__(None, None, None)
+                raise
+        except BaseException:
+            PROCESS_LOCK.release()
+            raise
+        db._writing = True
+        return db
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        db = self.db
+        db._writing, db._tx_now = False, None
+        try:
+            if kind is None:
+                _retry_locked(db.execute, "COMMIT")
+            else:
+                db.execute("ROLLBACK")
+        finally:
+            self.queue.__exit__(None, None, None)
+            PROCESS_LOCK.release()
+
+
+def _retry_locked(execute: Callable[[str], Any], statement: str) -> Any:
+    """``execute(statement)``; while the database is locked, wait and retry, up to the lock
+    timeout (counted from the first refusal: this runs twice a write)."""
+    try:
+        return execute(statement)
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+    start = time.monotonic()
     while True:
         try:
-            return action()
+            return execute(statement)
         except sqlite3.OperationalError as exc:
             message = str(exc)
             if "locked" not in message and "busy" not in message:

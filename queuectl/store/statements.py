@@ -60,6 +60,32 @@ def update_values(where: Mapping[str, Any], set_: Mapping[str, Any], add: Mappin
     return matched, [*set_.values(), *add.values(), *keys]
 
 
+_UPDATES: dict[tuple[Any, ...], str] = {}  # ``update_of``'s statements, by shape
+_SET, _ADD, _NULL = object(), object(), object()  # the marks between a shape's parts
+
+
+def update_of(table: str, where: Mapping[str, Any], set_: Mapping[str, Any],
+              add: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """An update's statement (``update``) and its values, in the statement's order: what
+    the SQLite store runs for each change a projection makes, on every write. Its shape is
+    one flat tuple (the table, each column matched, ``_NULL`` after one matched by NULL,
+    the columns set, the columns added), the cheapest key to build and to hash."""
+    values = [*set_.values(), *add.values()]
+    shape: list[Any] = [table]
+    for column, value in where.items():
+        shape.append(column)
+        if value is None:
+            shape.append(_NULL)
+        else:
+            values.append(value)
+    key = (*shape, _SET, *set_, _ADD, *add)
+    sql = _UPDATES.get(key)
+    if sql is None:
+        matched = tuple((c, v is None) for c, v in where.items())
+        sql = _UPDATES[key] = update(table, matched, tuple(set_), tuple(add))
+    return sql, values
+
+
 @lru_cache(maxsize=64)
 def update_by(table: str, key: str, columns: tuple[str, ...]) -> str:
     """``UPDATE table SET every column = ? WHERE key = ?``: rows written back whole (a
