@@ -157,6 +157,21 @@ def test_an_update_may_match_by_null_and_reach_many_rows(conn):
                             ).fetchall() == [("w1",), ("w3",)]
 
 
+def test_updates_of_the_same_columns_matched_or_changed_otherwise_are_told_apart(conn):
+    """A store may find an update's statement by its shape: a column matched by a value and
+    by NULL, or set and added, are shapes of their own, whichever came first."""
+    with undone(conn):
+        _workers(conn, "w1", "w2")
+        conn.update("workers", {"id": "w1"}, {"current_job": "j"})
+        conn.update("workers", {"state": "active", "current_job": "j"}, {"jobs_done": 4},
+                    unique=False)
+        conn.update("workers", {"state": "active", "current_job": None}, {"jobs_done": 7},
+                    unique=False)
+        conn.update("workers", {"id": "w1"}, add={"jobs_done": 1})
+        conn.update("workers", {"id": "w2"}, {"jobs_done": 1})
+        assert _done(conn) == {"w1": (5, "j"), "w2": (1, None)}
+
+
 def test_an_update_that_finds_no_row_raises_what_it_was_given_and_writes_nothing(conn):
     with pytest.raises(LookupError, match="no such worker"), conn.transaction():
         _workers(conn, "w1")
