@@ -140,8 +140,8 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
             by = actor.current()
             events = tuple(e if e.by else msgspec.structs.replace(e, by=by) for e in events)
             break
-    if len(events) > APPEND_STEP and (bar := _bar()).shown:
-        return _append_in_steps(tx, events, at, bar)
+    if len(events) > APPEND_STEP and (tx.appends_in_steps or _bar().shown):
+        return _append_in_steps(tx, events, at, _bar())
     rows = [(TAG_OF[type(e)], getattr(e, "job_id", None), getattr(e, "worker_id", None),
              encode(e)) for e in events]
     first = tx.insert_events(at, rows)
@@ -154,7 +154,7 @@ def append(tx: Db, *events: Event, at: str | None = None) -> int:
     return first + len(events) - 1
 
 
-APPEND_STEP = 2000  # events a step of a big append that a bar is drawn for
+APPEND_STEP = 2000  # events appended at a time by a long append, where it goes in steps
 
 
 def _bar() -> progress.Bar:
@@ -166,11 +166,20 @@ def _bar() -> progress.Bar:
 
 
 def _append_in_steps(tx: Db, events: tuple[Event, ...], at: str, bar: progress.Bar) -> int:
-    """``append`` a step at a time, saying so to ``bar`` after each: applying events in
-    order, a step after another, is what applying them all at once stands for."""
-    for start in range(0, len(events), APPEND_STEP):
-        last = append(tx, *events[start:start + APPEND_STEP], at=at)
-        bar.advance(min(APPEND_STEP, len(events) - start))
+    """A long append (a bulk enqueue) a step at a time, saying so to ``bar`` after each:
+    applying events in order, a step after another, is what applying them all at once
+    stands for. A store whose long appends are cheaper in steps (``appends_in_steps``)
+    takes them so with or without a bar; on SQLite, 100,000 jobs' took a sixth less time.
+
+    The whole append runs with the store's bulk settings: it dirties more pages than
+    SQLite's default page cache holds, and SQLite would write the excess to the WAL in the
+    middle of the transaction, read pages back as each B-tree's edge moved on and write
+    them again: up to six times the writes of a 100,000-job enqueue, by the length of its
+    rows (bench scenario progress)."""
+    with tx.bulk():
+        for start in range(0, len(events), APPEND_STEP):
+            last = append(tx, *events[start:start + APPEND_STEP], at=at)
+            bar.advance(min(APPEND_STEP, len(events) - start))
     return last
 
 

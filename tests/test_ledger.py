@@ -227,6 +227,43 @@ def test_append_returns_last_seq_and_shares_one_time(conn):
     assert conn.execute("SELECT DISTINCT position FROM projection_meta").fetchall() == [(seq,)]
 
 
+def _long_enqueue(n: int, prefix: str = "long") -> list[ev.Enqueued]:
+    """``n`` jobs with rows as long as a user's (a directory of some depth)."""
+    return [ev.Enqueued(job_id=f"{prefix}-{i:06d}", command=f"echo {i}", max_retries=3,
+                        backoff_base=2.0, cwd="/home/someone/src/some-project/subdirectory")
+            for i in range(n)]
+
+
+@pytest.mark.stores("sqlite")  # SQLite's page cache and WAL
+def test_a_long_append_writes_nothing_to_the_wal_before_it_commits(conn, db):
+    # With SQLite's default page cache (2 MiB), 10,000 jobs' pages spill into the WAL in
+    # the middle of the transaction, to be read back and written again.
+    wal = f"{db}-wal"
+    (before,) = conn.execute("PRAGMA cache_size").fetchone()
+    with ledger.write(conn):
+        size = os.path.getsize(wal)
+        ledger.append(conn, *_long_enqueue(10_000))
+        assert os.path.getsize(wal) == size  # every page still in memory
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 10_000
+    assert conn.execute("PRAGMA cache_size").fetchone() == (before,)  # given back
+
+
+def test_a_long_append_leaves_the_rows_of_an_append_a_step_at_a_time(conn, db):
+    # On SQLite a long append always goes in steps, on PostgreSQL all at once without a
+    # bar: either way the rows are those of its events applied in order.
+    at = "2026-01-01T00:00:00.000000Z"
+    jobs = _long_enqueue(ledger.APPEND_STEP * 2 + 7)
+    with ledger.write(conn):
+        last = ledger.append(conn, *jobs, at=at)
+    counts = dict(conn.execute("SELECT state, n FROM job_counts WHERE n > 0").fetchall())
+    assert counts == {"pending": len(jobs)}
+    rows = conn.execute("SELECT seq, id, cwd, created_at FROM jobs ORDER BY seq").fetchall()
+    first = last - len(jobs) + 1
+    assert rows == [(first + i, e.job_id, e.cwd, at) for i, e in enumerate(jobs)]
+    assert conn.execute("SELECT min(seq), max(seq), count(*) FROM events").fetchone() == (
+        first, last, len(jobs))
+
+
 def test_job_counts_match_jobs_after_mixed_workload(conn):
     _mixed_workload(conn)
     by_state = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())

@@ -83,6 +83,12 @@ class Db(Protocol):
         saw another generation may have missed the outcome of a commit."""
     @property
     def in_transaction(self) -> bool: ...
+    @property
+    def appends_in_steps(self) -> bool:
+        """Whether a long append (a bulk enqueue) is cheaper written a step at a time than
+        all at once: on SQLite, where steps keep what each builds small; not on
+        PostgreSQL, where the server writes one long COPY while the client encodes it, and
+        a step's end would make each wait for the other (bench scenario bulk)."""
     def execute(self, sql: str, parameters: Any = ..., /) -> Any:
         """A read (or the ledger's own bookkeeping): ``?`` placeholders."""
     def insert(self, table: str, row: Mapping[str, Any], *, key: Sequence[str] = (),
@@ -139,7 +145,8 @@ class Db(Protocol):
     def archive_target(self) -> str:
         """Where the archive is, as messages name it."""
     def bulk(self) -> AbstractContextManager[Any]:
-        """Settings for a long replay (a bigger cache)."""
+        """Settings for a big write, a replay or a long append: a page cache that holds
+        what it changes until it commits."""
     def aside(self) -> AbstractContextManager[str | None]:
         """A scratch SQLite file (``scratch``) that another process may fill with projection
         rows while this connection's next write transaction runs, to be copied in by

@@ -513,6 +513,7 @@ class PgDb:
 
     kind = "postgres"
     dialect = DIALECT
+    appends_in_steps = False
 
     def __init__(self, conn: Any, url: str, durable: bool = True) -> None:
         self.conn = conn

@@ -174,6 +174,7 @@ class SqliteDb(sqlite3.Connection):
 
     kind = "sqlite"
     dialect = DIALECT
+    appends_in_steps = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -351,7 +352,9 @@ class SqliteDb(sqlite3.Connection):
     def bulk(self) -> Iterator[SqliteDb]:
         (cache,) = self.execute("PRAGMA cache_size").fetchone()
         (secure,) = self.execute("PRAGMA secure_delete").fetchone()
-        self.execute("PRAGMA cache_size = -262144")  # 256 MiB: a big replay stays in memory
+        # 256 MiB: a big replay, or a bulk enqueue's transaction, stays in memory (a limit,
+        # not an allocation: pages are taken as they are needed)
+        self.execute("PRAGMA cache_size = -262144")
         # A replay drops tables whose every row it writes again from the ledger. Where
         # SQLite was built to zero what it frees (Debian's is), zeroing the pages of a
         # million jobs' tables was a twentieth of a replay (bench scenario replay); FAST
