@@ -174,11 +174,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not args.no_compile:
         ensure_bytecode()
     fingerprint = code_fingerprint()
-    ctx = Context(sizes, runs, args.cache_dir, args.quiet, args.backend, args.pg_admin)
+    save = args.save.resolve() if args.save else None
+    ctx = Context(sizes, runs, args.cache_dir.resolve(), args.quiet, args.backend,
+                  args.pg_admin)
+    # Every command runs in the run's own directory, wherever the bench was started: a job
+    # takes its enqueuer's directory as its own, and the length of that path moved a bulk
+    # enqueue's figures by a fifth before long appends held their pages (SQLite's page
+    # cache); and `python -m queuectl` started in another checkout imports that one's code,
+    # not ROOT's.
+    home = os.getcwd()
+    os.chdir(ctx.tmp)
     started = time.perf_counter()
     try:
         rows, results = run_scenarios(ctx, chosen, args.backend)
     finally:
+        os.chdir(home)
         ctx.close(keep=args.keep_tmp)
     elapsed = time.perf_counter() - started
     changed = code_fingerprint() != fingerprint
@@ -192,8 +202,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "scenarios": {n: asdict(r) for n, r in results.items()},
         "rows": [asdict(r) for r in rows],
     }, indent=2, default=str)
-    if args.save:
-        args.save.write_text(document + "\n")
+    if save:
+        save.write_text(document + "\n")
     print(document if args.json else text_report(rows, results, meta, elapsed, args.pg_admin))
     failed = any(not r.ok for r in results.values())
     missed = any(r.status in ("fail", "bound") for r in rows)

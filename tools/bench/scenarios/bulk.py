@@ -66,7 +66,7 @@ def sql_floor(ctx: Context, source: Path | str) -> float:
         conn = ledger.connect(db)
         try:
             start = time.perf_counter()
-            with conn.transaction():
+            with conn.bulk(), conn.transaction():  # as a long append has them
                 conn.copy_events([tuple(row) for row in events])
                 conn.insert_many("jobs", _JOB_COLUMNS, jobs)
             return time.perf_counter() - start
