@@ -190,10 +190,14 @@ def test_a_small_ledger_draws_no_bar(conn):
 
 def test_enqueue_file_shows_lines_read_then_jobs_added(db, tmp_path):
     path = jobs_file(tmp_path / "jobs.jsonl")
-    code, out, screen = Run("enqueue", "--file", str(path)).end()
+    run = Run("enqueue", "--file", str(path))
+    code, out, screen = run.end()
     assert (code, out) == (0, f"{N} jobs added successfully.\n")
     assert f"✓ Reading jobs ━" in screen and f" {N:,}/{N:,} lines " in screen
     assert f"✓ Adding jobs ━" in screen and f" {N:,}/{N:,} jobs " in screen
+    # Both steps on one display (a process of its own, which hides the cursor as it starts
+    # drawing and shows it again as it ends), not one display a step.
+    assert run.raw.count(b"\x1b[?25l") == run.raw.count(b"\x1b[?25h") == 1
     with by_hand(db) as conn:
         assert event_count(conn) == N
         ids = [r[0] for r in conn.execute("SELECT id FROM jobs ORDER BY seq").fetchall()]
