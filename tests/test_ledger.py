@@ -22,7 +22,7 @@ import projections.config
 import projections.jobs
 import projections.runs
 import projections.workers
-from queuectl import claims, clock, decisions, ledger, reads, store
+from queuectl import claims, clock, decisions, ledger, progress, reads, store
 from queuectl import events as ev
 from queuectl.errors import Conflict
 from queuectl.store import sqlite as sqlite_store
@@ -262,6 +262,45 @@ def test_a_long_append_leaves_the_rows_of_an_append_a_step_at_a_time(conn, db):
     assert rows == [(first + i, e.job_id, e.cwd, at) for i, e in enumerate(jobs)]
     assert conn.execute("SELECT min(seq), max(seq), count(*) FROM events").fetchone() == (
         first, last, len(jobs))
+
+
+class _Watched(progress.Bar):
+    """A bar drawn, as far as the work can tell, that keeps what it was told."""
+
+    shown = True
+
+    def __init__(self) -> None:
+        self.advanced: list[int] = []
+
+    def advance(self, n: int) -> None:
+        self.advanced.append(n)
+
+
+def test_a_long_append_tells_its_bar_as_it_goes_without_changing_how_it_writes(
+        conn, monkeypatch):
+    # SQLite takes a long append in steps, and the bar moves after each; PostgreSQL writes
+    # it in one COPY a table, bar or no bar, and the bar moves as the rows go.
+    copies: list[str] = []
+    if conn.kind == "postgres":
+        copy = type(conn)._copy
+        monkeypatch.setattr(type(conn), "_copy", lambda self, table, columns, rows: (
+            copies.append(table), copy(self, table, columns, rows))[1])
+    jobs = _long_enqueue(ledger.APPEND_STEP * 5 + 7)
+    bar = _Watched()
+    token = progress._current.set(bar)
+    try:
+        with ledger.write(conn):
+            last = ledger.append(conn, *jobs)
+    finally:
+        progress._current.reset(token)
+    assert sum(bar.advanced) == len(jobs)
+    assert min(bar.advanced) > 0
+    if conn.kind == "postgres":
+        assert copies == ["events", "jobs"]
+        assert len(bar.advanced) >= 4  # COPY's chunks of 5,000 rows, of each table
+    else:
+        assert bar.advanced == [ledger.APPEND_STEP] * 5 + [7]
+    assert conn.execute("SELECT count(*), max(seq) FROM jobs").fetchone() == (len(jobs), last)
 
 
 def test_job_counts_match_jobs_after_mixed_workload(conn):

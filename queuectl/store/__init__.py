@@ -147,6 +147,10 @@ class Db(Protocol):
     def bulk(self) -> AbstractContextManager[Any]:
         """Settings for a big write, a replay or a long append: a page cache that holds
         what it changes until it commits."""
+    def telling(self, written: Callable[[int], None]) -> AbstractContextManager[Any]:
+        """Within the block, ``written(n)`` each time the store has written ``n`` more rows
+        of ``insert_events`` or ``insert_many``: a long append written in one step (one
+        COPY a table on PostgreSQL) says so to its progress bar as it goes."""
     def aside(self) -> AbstractContextManager[str | None]:
         """A scratch SQLite file (``scratch``) that another process may fill with projection
         rows while this connection's next write transaction runs, to be copied in by

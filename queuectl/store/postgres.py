@@ -659,6 +659,8 @@ class PgDb:
                 self.conn.cursor().executemany(_translated(sql), rows)
             except _driver().OperationalError as exc:
                 raise self._failure(exc) from exc
+            if self._told is not None:
+                self._told(len(rows))
 
     def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
                add: Mapping[str, Any] = _NONE, *, unique: bool = True,
@@ -1052,6 +1054,8 @@ class PgDb:
             self._hold(f"INSERT INTO events (seq, at, type, job_id, worker_id, body) "
                        f"VALUES {values}",
                        [x for n, row in enumerate(rows) for x in (first + n, at, *row)])
+            if self._told is not None:
+                self._told(len(rows))
         else:  # a bulk enqueue: COPY writes rows at a fraction of the cost
             self._copy("events", EVENT_COLUMNS,
                        ((first + n, at, *row) for n, row in enumerate(rows)))
@@ -1070,6 +1074,8 @@ class PgDb:
                     f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for chunk in _chunks(rows, 5_000):
                     copy.write(("\n".join(map(_copy_line, chunk)) + "\n").encode())
+                    if self._told is not None:
+                        self._told(len(chunk))
         except _driver().OperationalError as exc:
             raise self._failure(exc) from exc
 
@@ -1112,6 +1118,16 @@ class PgDb:
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:
         yield self
+
+    _told: Callable[[int], None] | None = None  # rows written, for ``telling``
+
+    @contextmanager
+    def telling(self, written: Callable[[int], None]) -> Iterator[PgDb]:
+        before, self._told = self._told, written
+        try:
+            yield self
+        finally:
+            self._told = before
 
     @contextmanager
     def aside(self) -> Iterator[None]:

@@ -218,6 +218,7 @@ class SqliteDb(sqlite3.Connection):
 
     def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                     *, key: Sequence[str] = (), clash: Clash = "fail") -> None:
+        told = len(rows)
         columns, key = tuple(columns), tuple(key)
         at_once = _VALUES_AT_ONCE // len(columns)
         whole = len(rows) - len(rows) % at_once if clash == "fail" and at_once > 1 else 0
@@ -230,6 +231,8 @@ class SqliteDb(sqlite3.Connection):
                              [values[i:i + step] for i in range(0, len(values), step)])
             rows = rows[whole:]
         self.executemany(statements.insert(table, columns, key, clash), rows)
+        if self._told is not None:
+            self._told(told)
 
     def update(self, table: str, where: Mapping[str, Any], set_: Mapping[str, Any] = _NONE,
                add: Mapping[str, Any] = _NONE, *, unique: bool = True,
@@ -287,10 +290,12 @@ class SqliteDb(sqlite3.Connection):
             # the write lock is held: the last row's seq gives the first's.
             values = [value for row in rows for value in (at, *row)]
             last = self.execute(_insert_rows(len(rows)), values).lastrowid or 0
-            return last - len(rows) + 1
-        # The write lock is held, so the next seqs are ours: rows go in with one executemany.
-        first = self.next_seq()
-        self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
+            first = last - len(rows) + 1
+        else:  # the write lock is held, so the next seqs are ours: one executemany
+            first = self.next_seq()
+            self.executemany(_INSERT, [(first + n, at, *row) for n, row in enumerate(rows)])
+        if self._told is not None:
+            self._told(len(rows))
         return first
 
     def copy_events(self, rows: list[tuple[int, str, str, str | None, str | None, str]]) -> None:
@@ -347,6 +352,16 @@ class SqliteDb(sqlite3.Connection):
             raise StoreError(f"cannot read the archive {self.archive_path}: {exc}") from exc
         finally:
             archive.close()
+
+    _told: Callable[[int], None] | None = None  # rows written, for ``telling``
+
+    @contextmanager
+    def telling(self, written: Callable[[int], None]) -> Iterator[SqliteDb]:
+        before, self._told = self._told, written
+        try:
+            yield self
+        finally:
+            self._told = before
 
     @contextmanager
     def bulk(self) -> Iterator[SqliteDb]:

@@ -109,6 +109,24 @@ def test_more_rows_than_one_statement_binds_all_go_in_and_a_clash_among_them_fai
     assert config_rows(conn) == {}
 
 
+def test_a_store_tells_the_rows_of_its_bulk_writes_only_within_telling(conn):
+    told: list[int] = []
+    rows = [(f"k{n:05d}", str(n), "t") for n in range(12_001)]  # COPY's chunks on PostgreSQL
+    with undone(conn):
+        conn.insert_many("config", ("key", "value", "updated_at"), rows[:10])
+        with conn.telling(told.append):
+            conn.insert_many("config", ("key", "value", "updated_at"), rows[10:])
+            first = conn.next_seq()
+            conn.insert_events(conn.now(), [("stop-requested", None, None,
+                                             '{"type":"stop-requested"}')] * 40)
+        conn.insert_many("config", ("key", "value", "updated_at"), [("z", "1", "t")])
+        assert len(config_rows(conn)) == len(rows) + 1
+        assert conn.execute("SELECT count(*) FROM events WHERE seq >= ?",
+                            (first,)).fetchone() == (40,)
+    assert sum(told) == len(rows) - 10 + 40
+    assert all(n > 0 for n in told)
+
+
 def test_a_clash_needs_the_key_it_is_judged_on(conn):
     with pytest.raises(ValueError, match="key"):
         conn.insert("config", {"key": "k", "value": "1", "updated_at": "t"}, clash="set")
