@@ -196,7 +196,7 @@ class _Drawn(Bar):
         import subprocess
 
         try:
-            view.wait(5)
+            _wait(view, 5)
         except subprocess.TimeoutExpired:
             view.kill()
             view.wait()
@@ -207,8 +207,9 @@ class _Drawn(Bar):
                 return
             import subprocess
 
-            self.view = subprocess.Popen([sys.executable, "-m", "queuectl.progress_view"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            self.view = subprocess.Popen(
+                [sys.executable, "-m", "queuectl.progress_view", str(REFRESH)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self._send(["t", self.label, self.total, self.done, self.unit])
         self.open = True
 
@@ -222,65 +223,22 @@ class _Drawn(Bar):
             self.view.stdin = None
 
 
-def view(lines: Iterable[bytes]) -> None:
-    """Draw what the work's process says (``_Drawn``), until it closes the pipe."""
-    display = _display()
-    display.start()
-    task: Any = None
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """``proc.wait(timeout)``, returning as soon as the process ends: ``Popen.wait`` with a
+    timeout looks in sleeps that double up to 50 ms, and the command waits for its bar's
+    last frame before it goes on."""
     try:
-        for line in lines:
-            kind, *args = msgspec.json.decode(line)
-            if kind == "t":
-                label, total, done, unit = args
-                task = display.add_task(label, total=total, completed=done, unit=unit)
-            elif kind == "u" and task is not None:
-                display.update(task, completed=args[0])
-            elif kind == "f" and task is not None:
-                display.update(task, total=args[0], completed=args[0])
-                task = None
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3 or later
+        proc.wait(timeout)
+        return
+    import select
+
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(proc.args, timeout)
     finally:
-        display.stop()
-
-
-def _display() -> Any:
-    from rich.console import Console
-    from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn,
-                               TextColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class Count(ProgressColumn):
-        """``12,345/100,000 events``; without a total, ``12,345 events``."""
-
-        def render(self, task: Any) -> Text:
-            if not task.fields["unit"]:  # a step that is not counted
-                return Text("")
-            done = f"{int(task.completed):,}"
-            if task.total is not None:
-                done += f"/{int(task.total):,}"
-            return Text(f"{done} {task.fields['unit']}", style="progress.download")
-
-    class Rate(ProgressColumn):
-        """``45,678 events/s``: lately, or over the whole step once it is over."""
-
-        def render(self, task: Any) -> Text:
-            if task.finished and task.finished_time:
-                speed = task.completed / task.finished_time
-            else:
-                speed = task.speed
-            if not speed or not task.fields["unit"]:
-                return Text("")
-            return Text(f"{speed:,.0f} {task.fields['unit']}/s",
-                        style="progress.data.speed")
-
-    return Progress(
-        SpinnerColumn(finished_text="[green]✓"),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        Count(),
-        Rate(),
-        TimeRemainingColumn(elapsed_when_finished=True),
-        console=Console(file=sys.stderr),
-        refresh_per_second=REFRESH,
-        redirect_stdout=False,  # stdout may be the data (ledger export): never through here
-        redirect_stderr=False,
-    )
+        os.close(fd)
+    proc.wait()
