@@ -19,7 +19,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
 
 from queuectl.store.statements import Clash
@@ -30,6 +30,21 @@ T = TypeVar("T")
 # The worker threads of one process share one connection and take turns on this lock; the
 # SQLite store also queues the process's writers on it (see sqlite.py).
 PROCESS_LOCK = threading.RLock()
+
+
+class TellsRows:
+    """``Db.telling``, the same on every store: each calls ``_told`` (when set) with the rows
+    each of its bulk writes wrote."""
+
+    _told: Callable[[int], None] | None = None
+
+    @contextmanager
+    def telling(self, written: Callable[[int], None]) -> Iterator[Any]:
+        before, self._told = self._told, written
+        try:
+            yield self
+        finally:
+            self._told = before
 
 
 class Cursor(Protocol):

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
-from queuectl.store import PROCESS_LOCK, Dialect, T, statements
+from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
 from queuectl.store.statements import Clash
 
 CHANNEL = "queuectl"
@@ -508,7 +508,7 @@ class _NoRows:
 _NO_ROWS = _NoRows()
 
 
-class PgDb:
+class PgDb(TellsRows):
     """A queuectl connection to a PostgreSQL database."""
 
     kind = "postgres"
@@ -1118,16 +1118,6 @@ class PgDb:
     @contextmanager
     def bulk(self) -> Iterator[PgDb]:
         yield self
-
-    _told: Callable[[int], None] | None = None  # rows written, for ``telling``
-
-    @contextmanager
-    def telling(self, written: Callable[[int], None]) -> Iterator[PgDb]:
-        before, self._told = self._told, written
-        try:
-            yield self
-        finally:
-            self._told = before
 
     @contextmanager
     def aside(self) -> Iterator[None]:

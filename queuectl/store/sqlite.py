@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from queuectl import clock, limits
 from queuectl.errors import StoreError
 from queuectl.states import State, WorkerState
-from queuectl.store import PROCESS_LOCK, Dialect, T, statements
+from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
 from queuectl.store.statements import Clash
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class SqliteDialect(Dialect):
 DIALECT = SqliteDialect()
 
 
-class SqliteDb(sqlite3.Connection):
+class SqliteDb(sqlite3.Connection, TellsRows):
     """A queuectl connection to a SQLite file."""
 
     kind = "sqlite"
@@ -352,16 +352,6 @@ class SqliteDb(sqlite3.Connection):
             raise StoreError(f"cannot read the archive {self.archive_path}: {exc}") from exc
         finally:
             archive.close()
-
-    _told: Callable[[int], None] | None = None  # rows written, for ``telling``
-
-    @contextmanager
-    def telling(self, written: Callable[[int], None]) -> Iterator[SqliteDb]:
-        before, self._told = self._told, written
-        try:
-            yield self
-        finally:
-            self._told = before
 
     @contextmanager
     def bulk(self) -> Iterator[SqliteDb]:
