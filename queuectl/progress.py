@@ -235,7 +235,9 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
     import select
 
     try:
-        if not select.select([fd], [], [], timeout)[0]:
+        poller = select.poll()  # not select(): a descriptor may be numbered past 1023
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
             import subprocess
 
             raise subprocess.TimeoutExpired(proc.args, timeout)

@@ -137,6 +137,21 @@ def test_lines_are_counted_in_regular_files_only_and_the_file_is_left_where_it_w
 
 
 @pytest.mark.stores("sqlite")  # no store at all
+def test_a_bars_display_is_waited_for_until_it_ends_and_no_longer_than_allowed():
+    ended = subprocess.Popen([*queuectl_cmd()[:1], "-c", "pass"])
+    progress._wait(ended, 30)
+    assert ended.returncode == 0
+    stuck = subprocess.Popen([*queuectl_cmd()[:1], "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            progress._wait(stuck, 0.2)
+        assert stuck.poll() is None  # still running: the caller kills it
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
+@pytest.mark.stores("sqlite")  # no store at all
 def test_nothing_is_drawn_or_even_imported_off_a_terminal():
     """Under pytest standard error is captured, as in a pipe: the bar is the no-op one and
     steps told to it cost a method call."""
