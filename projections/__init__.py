@@ -7,7 +7,9 @@ It may expose ``INDEXES`` and ``TRIGGERS`` (created once a replay's rows are in;
 per store, ``{"sqlite": (...), "postgres": (...)}``: each writes them in its own language),
 ``EARLY_INDEXES`` (created with the tables: partial indexes of few rows, cheaper kept than
 built after),
-``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a list, written in bulk) and
+``live(type)`` (what ``apply`` does with events of that type, found once per type, as
+a replay's handlers are), ``apply_many(tx, [(seq, at, event), ...])`` (``apply`` over a
+list, written in bulk; with ``MANY_FOR``, only for batches holding one of those types) and
 ``Replay(tx, find)``, whose ``handler(type)`` gives what to call for each event of that type,
 doing what ``apply`` does to empty tables but holding rows in memory, written back by
 ``flush()`` now and then and by ``close()`` at the end (with aggregates counted once). A
@@ -243,6 +245,14 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'projections' has no attribute {name!r}")
 
 
+def live_of(projection: ModuleType, event_type: type) -> Callable[..., None]:
+    """What the live path calls, as ``apply(tx, seq, at, event)``, for an event of
+    ``event_type``: the projection's own handler of that type (``live``), where it has one,
+    else its ``apply``."""
+    live = getattr(projection, "live", None)
+    return projection.apply if live is None else live(event_type)  # type: ignore[no-any-return]
+
+
 def appliers(projections: tuple[ModuleType, ...], event_type: type) -> tuple:  # type: ignore[type-arg]
-    """The ``apply`` functions of the projections that read ``event_type``, in order."""
-    return tuple(p.apply for p in projections if event_type in p.HANDLES)
+    """What each projection that reads ``event_type`` calls for it (``live_of``), in order."""
+    return tuple(live_of(p, event_type) for p in projections if event_type in p.HANDLES)

@@ -25,6 +25,7 @@ import projections
 from queuectl import events as ev
 from queuectl.states import CLAIMABLE, HOLDS_KEY, TIMED, State, any_of
 from queuectl.store import Db, index
+from queuectl.store.statements import Change
 
 NAME = "jobs"
 VERSION = 17
@@ -295,89 +296,126 @@ def _ready_state(run_at: str, at: str) -> State:
 
 
 # -- how each event changes its job's row ------------------------------------------------
-# One function per event type: the changed columns, from the event, its time and the row's
-# current values (``row``, read only where a rule needs it). The live path turns them into one UPDATE; a replay
-# applies them to rows held in memory (``Replay``). One rule, two writers.
+# One function per event type: how the event changes its job's row, from the event, its
+# time and the row's current values (``row``, read only where a rule needs it). Most give a
+# change declared once (``Changed``: a ``statements.Change`` and its values, the job's id
+# last); one whose columns depend on the event (an edit) gives them as a dict. The live
+# path makes either one UPDATE; a replay applies it to rows held in memory (``Replay``).
+# One rule, two writers.
 
 Row = Mapping[str, Any]
+Changed = tuple[Change, tuple[Any, ...]]
 
 
-def _claimed(e: ev.Claimed, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.PROCESSING, "attempts": e.attempt, "worker_id": e.worker_id,
-            "run_at": None, "ahead": 1 if e.ahead else 0}
+class _Unknown(LookupError):
+    """An event for a job the table does not hold (raised by the store if no row
+    matched), its message written only when asked for."""
+
+    def __str__(self) -> str:
+        return f"event for unknown job {self.args[0]!r}"
 
 
-def _started(e: ev.Started, at: str, row: Row) -> dict[str, Any]:
-    return {"ahead": 0}
+def _job(fixed: Mapping[str, Any], *given: str) -> Change:
+    """A change of one job's row: ``fixed`` values, the ``given`` columns', and the time of
+    the event in ``updated_at``."""
+    return Change("jobs", "id", fixed, (*given, "updated_at"), missing=_Unknown)
+
+
+_CLAIM = _job({"state": State.PROCESSING, "run_at": None}, "attempts", "worker_id", "ahead")
+
+
+def _claimed(e: ev.Claimed, at: str, row: Row) -> Changed:
+    return _CLAIM, (e.attempt, e.worker_id, 1 if e.ahead else 0, at, e.job_id)
+
+
+_START = _job({"ahead": 0})
+
+
+def _started(e: ev.Started, at: str, row: Row) -> Changed:
+    return _START, (at, e.job_id)
 
 
 # Every event that ends a run or gives a held job back clears ``ahead`` with ``worker_id``.
+_COMPLETE = _job({"state": State.COMPLETED, "worker_id": None, "exit_code": 0,
+                  "last_error": None, "cancel_requested": 0, "ahead": 0})
 
 
-def _completed(e: ev.Completed, at: str, row: Row) -> Mapping[str, Any]:
-    return _COMPLETED  # the same every time: made once, not once a job
+def _completed(e: ev.Completed, at: str, row: Row) -> Changed:
+    return _COMPLETE, (at, e.job_id)
 
 
-_COMPLETED: Mapping[str, Any] = {
-    "state": State.COMPLETED, "worker_id": None, "exit_code": 0, "last_error": None,
-    "cancel_requested": 0, "ahead": 0}
+# The state moves with the scheduled-retry or dead event appended with a failed run's.
+_FAIL = _job({"worker_id": None, "ahead": 0}, "exit_code", "last_error")
+_STOP = _job({"worker_id": None, "exit_code": None, "ahead": 0}, "last_error")
 
 
-def _failed(e: ev.Failed, at: str, row: Row) -> dict[str, Any]:
-    # The state moves with the scheduled-retry or dead event appended with this one.
-    return {"worker_id": None, "exit_code": e.exit_code, "last_error": e.error, "ahead": 0}
+def _failed(e: ev.Failed, at: str, row: Row) -> Changed:
+    return _FAIL, (e.exit_code, e.error, at, e.job_id)
 
 
-def _timed_out(e: ev.TimedOut, at: str, row: Row) -> dict[str, Any]:
-    return {"worker_id": None, "exit_code": None,
-            "last_error": f"timed out after {e.timeout:g}s", "ahead": 0}
+def _timed_out(e: ev.TimedOut, at: str, row: Row) -> Changed:
+    return _STOP, (f"timed out after {e.timeout:g}s", at, e.job_id)
 
 
-def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> dict[str, Any]:
-    return {"worker_id": None, "exit_code": None,
-            "last_error": f"lease expired: worker {e.worker_id} stopped heartbeating",
-            "ahead": 0}
+def _lease_expired(e: ev.LeaseExpired, at: str, row: Row) -> Changed:
+    return _STOP, (f"lease expired: worker {e.worker_id} stopped heartbeating", at, e.job_id)
 
 
-def _fenced(e: ev.Fenced, at: str, row: Row) -> dict[str, Any] | None:
+def _fenced(e: ev.Fenced, at: str, row: Row) -> Changed | None:
     # Written late, after a rescuer took the job back: the rescuer's events decided.
     if e.rescued:
         return None
-    return {"worker_id": None, "exit_code": None,
-            "last_error": f"fenced: worker {e.worker_id} could not renew its lease for "
-                          f"{e.silence:g}s and stopped the run ({e.reason})",
-            "ahead": 0}
+    return _STOP, (f"fenced: worker {e.worker_id} could not renew its lease for "
+                   f"{e.silence:g}s and stopped the run ({e.reason})", at, e.job_id)
 
 
-def _released(e: ev.Released, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.PENDING, "attempts": e.attempt - 1, "worker_id": None, "run_at": at,
-            "ahead": 0}
+_RELEASE = _job({"state": State.PENDING, "worker_id": None, "ahead": 0}, "attempts", "run_at")
 
 
-def _scheduled_retry(e: ev.ScheduledRetry, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.FAILED, "run_at": e.run_at, "cancel_requested": 0}
+def _released(e: ev.Released, at: str, row: Row) -> Changed:
+    return _RELEASE, (e.attempt - 1, at, at, e.job_id)
 
 
-def _dead(e: ev.Dead, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.DEAD, "run_at": None, "cancel_requested": 0}
+_RETRY = _job({"state": State.FAILED, "cancel_requested": 0}, "run_at")
 
 
-def _requeued(e: ev.Requeued, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.PENDING, "attempts": 0, "max_retries": e.max_retries, "run_at": at}
+def _scheduled_retry(e: ev.ScheduledRetry, at: str, row: Row) -> Changed:
+    return _RETRY, (e.run_at, at, e.job_id)
 
 
-def _restarted(e: ev.Restarted, at: str, row: Row) -> dict[str, Any]:
-    # A fresh series of attempts, at once: it does not wait for its dependencies again.
-    return {"state": State.PENDING, "attempts": 0, "max_retries": e.max_retries, "run_at": at}
+_DIE = _job({"state": State.DEAD, "run_at": None, "cancel_requested": 0})
 
 
-def _unblocked(e: ev.Unblocked, at: str, row: Row) -> dict[str, Any]:
+def _dead(e: ev.Dead, at: str, row: Row) -> Changed:
+    return _DIE, (at, e.job_id)
+
+
+# A fresh series of attempts, at once: a restarted job does not wait for its dependencies
+# again.
+_AGAIN = _job({"state": State.PENDING, "attempts": 0}, "max_retries", "run_at")
+
+
+def _requeued(e: ev.Requeued, at: str, row: Row) -> Changed:
+    return _AGAIN, (e.max_retries, at, at, e.job_id)
+
+
+def _restarted(e: ev.Restarted, at: str, row: Row) -> Changed:
+    return _AGAIN, (e.max_retries, at, at, e.job_id)
+
+
+_UNBLOCK = _job({}, "state", "run_at")
+
+
+def _unblocked(e: ev.Unblocked, at: str, row: Row) -> Changed:
     run_at = max(row["run_at"] or at, at)
-    return {"state": _ready_state(run_at, at), "run_at": run_at}
+    return _UNBLOCK, (_ready_state(run_at, at), run_at, at, e.job_id)
 
 
-def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> dict[str, Any]:
-    return {"cancel_requested": 1}
+_ASK_CANCEL = _job({"cancel_requested": 1})
+
+
+def _cancel_requested(e: ev.CancelRequested, at: str, row: Row) -> Changed:
+    return _ASK_CANCEL, (at, e.job_id)
 
 
 def _edited(e: ev.Edited, at: str, row: Row) -> dict[str, Any]:
@@ -401,14 +439,16 @@ _decode_env = msgspec.json.Decoder(dict[str, str]).decode
 _decode_limits = msgspec.json.Decoder(dict[str, int]).decode
 
 
-def _cancelled(e: ev.Cancelled, at: str, row: Row) -> dict[str, Any]:
-    return {"state": State.CANCELLED, "worker_id": None, "run_at": None, "cancel_requested": 0,
-            "last_error": e.reason, "ahead": 0}
+_CANCEL = _job({"state": State.CANCELLED, "worker_id": None, "run_at": None,
+                "cancel_requested": 0, "ahead": 0}, "last_error")
+
+
+def _cancelled(e: ev.Cancelled, at: str, row: Row) -> Changed:
+    return _CANCEL, (e.reason, at, e.job_id)
 
 
 # A rule that returns None leaves the row as it is (not even ``updated_at`` moves).
-# A rule's changes are read, never changed: a rule may give the same mapping every time.
-_CHANGES: dict[type, Callable[..., Mapping[str, Any] | None]] = {
+_CHANGES: dict[type, Callable[..., Changed | Mapping[str, Any] | None]] = {
     ev.Claimed: _claimed,
     ev.Started: _started,
     ev.Completed: _completed,
@@ -431,15 +471,6 @@ HANDLES = frozenset({ev.Enqueued, ev.Pruned, *_CHANGES})  # event types this pro
 
 
 # -- the live path: one statement per event ----------------------------------------------
-
-
-class _Unknown(LookupError):
-    """An event for a job the table does not hold. Made for every update (the store raises
-    it only if no row matched), so its message is written only when asked for."""
-
-    def __str__(self) -> str:
-        return f"event for unknown job {self.args[0]!r}"
-
 
 
 def _enqueued(tx: Db, seq: int, at: str, e: ev.Enqueued) -> None:
@@ -511,12 +542,33 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     changes = rule(e, at, _Current(tx, job_id) if rule in _READS_ROW else _NO_ROW)
     if changes is None:
         return
+    if isinstance(changes, tuple):  # a Change declared once, and its values
+        tx.change(*changes)
+        return
     tx.update("jobs", {"id": job_id}, {**changes, "updated_at": at}, missing=_Unknown(job_id))
 
 
 # The rules that read the job's current row; the others are given none.
 _READS_ROW = frozenset({_unblocked, _edited})
 _NO_ROW: Row = {}
+
+
+def live(kind: type) -> Callable[[Db, int, str, Any], None]:
+    """What ``apply`` does with an event of ``kind``: for a rule that gives a declared
+    change and reads no row, that change written, with nothing to look up first."""
+    rule = _CHANGES.get(kind)
+    if rule is None or rule in _READS_ROW:
+        return apply
+
+    def changed(tx: Db, seq: int, at: str, e: Any) -> None:
+        changes = rule(e, at, _NO_ROW)
+        if changes is not None:
+            tx.change(*changes)  # type: ignore[misc]
+
+    return changed
+
+
+MANY_FOR = frozenset({ev.Enqueued})  # apply_many is for a bulk enqueue's runs of them
 
 
 def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
@@ -566,7 +618,9 @@ class Replay:
             if row is None:
                 raise _Unknown(e.job_id)
             changes = rule(e, at, row)
-            if changes is not None:
+            if isinstance(changes, tuple):
+                changes[0].into(row, changes[1])
+            elif changes is not None:
                 row.update(changes)
                 row["updated_at"] = at
 

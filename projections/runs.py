@@ -22,6 +22,7 @@ from typing import Any
 import projections
 from queuectl import events as ev
 from queuectl.store import Db, index
+from queuectl.store.statements import Change
 
 NAME = "runs"
 VERSION = 9
@@ -154,6 +155,9 @@ _OUTCOMES: dict[type, Callable[..., tuple[str, int | None, float | None] | None]
 }
 
 HANDLES = frozenset({ev.Claimed, ev.Dead, ev.Pruned, *_OUTCOMES})  # the rest pass by
+# A job's open run closed: finished_at, outcome, exit_code and duration, by the job's id.
+_CLOSE = Change("runs", "job_id", given=("finished_at", "outcome", "exit_code", "duration"),
+                null=("finished_at",), unique=False)
 
 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
@@ -175,10 +179,28 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     elif kind in _OUTCOMES:
         closed = _OUTCOMES[kind](e)
         if closed is not None:  # a job has one open run at most: its latest
-            finished, outcome, code, duration = (at, *closed)
-            tx.update("runs", {"job_id": e.job_id, "finished_at": None},
-                      {"finished_at": finished, "outcome": outcome, "exit_code": code,
-                       "duration": duration}, unique=False)
+            tx.change(_CLOSE, (at, *closed, e.job_id))
+
+
+def live(kind: type) -> Callable[[Db, int, str, Any], None]:
+    """What ``apply`` does with an event of ``kind``, looked up once: a claim opens a run,
+    an outcome closes its job's open one."""
+    if kind is ev.Claimed:
+        return _open
+    outcome = _OUTCOMES.get(kind)
+    if outcome is None:
+        return apply
+
+    def close(tx: Db, seq: int, at: str, e: Any) -> None:
+        closed = outcome(e)
+        if closed is not None:  # a job has one open run at most: its latest
+            tx.change(_CLOSE, (at, *closed, e.job_id))
+
+    return close
+
+
+def _open(tx: Db, seq: int, at: str, e: ev.Claimed) -> None:
+    tx.insert("runs", _opened(seq, at, e))
 
 
 def pruned_runs(e: ev.Pruned) -> dict[tuple[str, str], int]:

@@ -15,6 +15,7 @@ import projections
 from queuectl import events as ev
 from queuectl.states import WorkerState
 from queuectl.store import Db
+from queuectl.store.statements import Change
 
 NAME = "workers"
 VERSION = 4
@@ -39,33 +40,44 @@ DDL = (
 COLUMNS = ("id", "pid", "host", "state", "started_at", "last_heartbeat", "stopped_at",
            "stop_requested", "current_job", "jobs_done")
 
-# How each event changes its worker's row: the live path makes it one UPDATE, a replay
+# How each event changes its worker's row: a change declared once (``statements.Change``)
+# and its values, the worker's id last. The live path makes it one UPDATE, a replay
 # applies it to rows held in memory (``Replay``).
-_CHANGES: dict[type, Callable[[Any, str], dict[str, Any] | None]] = {
-    ev.WorkerHeartbeat: lambda e, at: {"last_heartbeat": at},
+Changed = tuple[Change, tuple[Any, ...]]
+
+
+def _worker(fixed: dict[str, Any], *given: str, added: tuple[str, ...] = ()) -> Change:
+    return Change("workers", "id", fixed, given, added)
+
+
+_BEAT = _worker({}, "last_heartbeat")
+_TAKE = _worker({}, "current_job", "last_heartbeat")
+# A run ended by its worker: each adds one to the worker's jobs_done.
+_DONE = _worker({"current_job": None}, "last_heartbeat", added=("jobs_done",))
+_PUT_BACK = _worker({"current_job": None})
+_LOST = _worker({"state": WorkerState.GONE, "current_job": None}, "stopped_at")
+_STOPPED = _worker({"state": WorkerState.STOPPED, "current_job": None},
+                   "stopped_at", "last_heartbeat")
+
+_CHANGES: dict[type, Callable[[Any, str], Changed | None]] = {
+    ev.WorkerHeartbeat: lambda e, at: (_BEAT, (at, e.worker_id)),
     # A job claimed ahead is its worker's current job once it has started.
-    ev.Claimed: lambda e, at: ({"last_heartbeat": at} if e.ahead
-                               else {"current_job": e.job_id, "last_heartbeat": at}),
-    ev.Started: lambda e, at: {"current_job": e.job_id, "last_heartbeat": at},
-    ev.Completed: lambda e, at: {"current_job": None, "last_heartbeat": at},
-    ev.Failed: lambda e, at: {"current_job": None, "last_heartbeat": at},
-    ev.TimedOut: lambda e, at: {"current_job": None, "last_heartbeat": at},
+    ev.Claimed: lambda e, at: ((_BEAT, (at, e.worker_id)) if e.ahead
+                               else (_TAKE, (e.job_id, at, e.worker_id))),
+    ev.Started: lambda e, at: (_TAKE, (e.job_id, at, e.worker_id)),
+    ev.Completed: lambda e, at: (_DONE, (at, 1, e.worker_id)),
+    ev.Failed: lambda e, at: (_DONE, (at, 1, e.worker_id)),
+    ev.TimedOut: lambda e, at: (_DONE, (at, 1, e.worker_id)),
     # A running job stopped by its worker; a job cancelled before it ran had no worker.
     ev.Cancelled: lambda e, at: (
-        {"current_job": None, "last_heartbeat": at} if e.worker_id is not None else None),
-    ev.Released: lambda e, at: None if e.ahead else {"current_job": None},
-    ev.LeaseExpired: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
+        (_DONE, (at, 1, e.worker_id)) if e.worker_id is not None else None),
+    ev.Released: lambda e, at: None if e.ahead else (_PUT_BACK, (e.worker_id,)),
+    ev.LeaseExpired: lambda e, at: (_LOST, (at, e.worker_id)),
     # Its worker stopped the run itself: a result, unless a rescuer had declared it gone.
-    ev.Fenced: lambda e, at: None if e.rescued else {"current_job": None, "last_heartbeat": at},
-    ev.WorkerLost: lambda e, at: {"state": WorkerState.GONE, "current_job": None, "stopped_at": at},
-    ev.WorkerStopped: lambda e, at: {"state": WorkerState.STOPPED, "current_job": None,
-                                     "stopped_at": at, "last_heartbeat": at},
+    ev.Fenced: lambda e, at: None if e.rescued else (_DONE, (at, 1, e.worker_id)),
+    ev.WorkerLost: lambda e, at: (_LOST, (at, e.worker_id)),
+    ev.WorkerStopped: lambda e, at: (_STOPPED, (at, at, e.worker_id)),
 }
-# Runs a worker finished (when the change above applies): each adds one to its jobs_done.
-_ONE_DONE = {"jobs_done": 1}
-_DONE: dict[type, dict[str, int]] = {kind: _ONE_DONE for kind in (
-    ev.Completed, ev.Failed, ev.TimedOut, ev.Cancelled, ev.Fenced)}
-_NONE: dict[str, int] = {}
 
 
 def _row(at: str, e: ev.WorkerStarted) -> dict[str, Any]:
@@ -101,7 +113,21 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     else:
         changes = _CHANGES[kind](e, at)
         if changes is not None:
-            tx.update("workers", {"id": e.worker_id}, changes, _DONE.get(kind, _NONE))
+            tx.change(*changes)
+
+
+def live(kind: type) -> Callable[[Db, int, str, Any], None]:
+    """What ``apply`` does with an event of ``kind``: its rule's change, looked up once."""
+    rule = _CHANGES.get(kind)
+    if rule is None:
+        return apply
+
+    def changed(tx: Db, seq: int, at: str, e: Any) -> None:
+        changes = rule(e, at)
+        if changes is not None:
+            tx.change(*changes)
+
+    return changed
 
 
 def _stop(tx: Db) -> None:
@@ -114,13 +140,13 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
     """``apply`` over events in ledger order, with the changes of each worker's row merged
     into one UPDATE (a batch's result, claim and start of one worker). Merging is exact:
     a change depends on its event alone, a later value replaces an earlier one, and
-    additions add up. A start, a stop request or a pruned event writes what is merged
-    first."""
-    merged: dict[str, tuple[dict[str, Any], dict[str, int]]] = {}
+    additions add up (``Change.then``). A start, a stop request or a pruned event writes
+    what is merged first."""
+    merged: dict[str, Changed] = {}
 
     def write() -> None:
-        for worker_id, (values, adds) in merged.items():
-            tx.update("workers", {"id": worker_id}, values, adds)
+        for change, values in merged.values():
+            tx.change(change, values)
         merged.clear()
 
     for seq, at, event in batch:
@@ -133,15 +159,12 @@ def apply_many(tx: Db, batch: list[tuple[int, str, ev.Event]]) -> None:
         changes = _CHANGES[kind](e, at)
         if changes is None:
             continue
-        entry = merged.get(e.worker_id)
-        if entry is None:
-            entry = merged[e.worker_id] = ({}, {})
-        values, adds = entry
-        values.update(changes)
-        done = _DONE.get(kind)
-        if done is not None:
-            for column, n in done.items():
-                adds[column] = adds.get(column, 0) + n
+        earlier = merged.get(e.worker_id)
+        if earlier is None:
+            merged[e.worker_id] = changes
+        else:
+            then = earlier[0].then(changes[0])
+            merged[e.worker_id] = then.merged, then.values(earlier[1], changes[1])
     write()
 
 
@@ -160,7 +183,7 @@ class Replay:
             return self._stop_requested
         if kind is ev.Pruned:
             return self._pruned
-        rule, done = _CHANGES[kind], kind in _DONE
+        rule = _CHANGES[kind]
         # A worker's row is new until the first flush, then read back: either in one call.
         held, again, get = self.rows.new.get, self.rows.read.get, self.rows.get
 
@@ -169,9 +192,7 @@ class Replay:
             if changes is not None:
                 row = held(e.worker_id) or again(e.worker_id) or get(e.worker_id)
                 if row is not None:
-                    row.update(changes)
-                    if done:
-                        row["jobs_done"] += 1
+                    changes[0].into(row, changes[1])
 
         return changed
 

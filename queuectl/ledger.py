@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from projections import VERSIONS, appliers, live, readers, registry
+from projections import VERSIONS, appliers, live, live_of, readers, registry
 from queuectl import actor, store
 from queuectl import events as ev
 from queuectl.errors import CorruptLedger, InvalidInput
@@ -85,11 +85,13 @@ def _live(event_type: type) -> tuple:  # type: ignore[type-arg]
     return _LIVE[event_type]
 
 
-# How a batch of events of these types, in this order, reaches the projections: for each
-# projection that reads any of them, its ``apply_many`` (or None) and ``apply``, and which
-# events of the batch it reads. Worked out once per sequence of types (a worker's result
-# and next claim are the same few, job after job).
-_Plan = tuple[tuple[Any, Any, tuple[int, ...] | None], ...]
+# How a batch of events of these types, in this order, reaches the projections: in turn,
+# each projection that reads any of them, either as its ``apply_many`` given the events it
+# reads (None: all of them), or, where it has none or the batch holds none of its
+# ``MANY_FOR``, as each event's own handler (``live_of``) given the event at its place.
+# Worked out once per sequence of types (a worker's result and next claim are the same
+# few, job after job).
+_Plan = tuple[tuple[Any, "int | tuple[int, ...] | None"], ...]
 _PLANS: dict[tuple[type, ...], _Plan] = {}
 
 
@@ -100,14 +102,19 @@ def _plan(kinds: tuple[type, ...]) -> _Plan:
     at: dict[type, list[int]] = {}  # where each type stands in the batch: one pass over it
     for n, kind in enumerate(kinds):
         at.setdefault(kind, []).append(n)
-    plan = []
+    plan: list[tuple[Any, int | tuple[int, ...] | None]] = []
     for projection in readers(*at):
         read = [at[kind] for kind in at if kind in projection.HANDLES]
         wanted = tuple(read[0] if len(read) == 1 else sorted(n for ns in read for n in ns))
-        if wanted:
+        if not wanted:
+            continue
+        many = getattr(projection, "apply_many", None)
+        many_for = getattr(projection, "MANY_FOR", None)
+        if many is not None and (many_for is None or not many_for.isdisjoint(at)):
             # None: the whole batch, passed as it is rather than copied.
-            whole = None if wanted == tuple(range(len(kinds))) else wanted
-            plan.append((getattr(projection, "apply_many", None), projection.apply, whole))
+            plan.append((many, None if wanted == tuple(range(len(kinds))) else wanted))
+        else:
+            plan += [(live_of(projection, kinds[n]), n) for n in wanted]
     found = tuple(plan)
     if len(kinds) <= _PLANNED:  # a long-lived process (serve) keeps no plan of a bulk's
         _PLANS[kinds] = found
@@ -118,13 +125,14 @@ def _apply_many(tx: Db, first: int, at: str, events: tuple[Event, ...]) -> None:
     """Each projection takes the events it reads, in ledger order, on its own (it reads
     only its own tables); the first event has seq ``first``, the others the next ones."""
     kinds = tuple(map(type, events))
-    batch = [(first + n, at, e) for n, e in enumerate(events)]
-    for many, apply, wanted in _PLANS.get(kinds) or _plan(kinds):
-        if many is not None:
-            many(tx, batch if wanted is None else [batch[n] for n in wanted])
+    batch = None
+    for apply, wanted in _PLANS.get(kinds) or _plan(kinds):
+        if type(wanted) is int:  # one event, to its own handler
+            apply(tx, first + wanted, at, events[wanted])
             continue
-        for row in batch if wanted is None else [batch[n] for n in wanted]:
-            apply(tx, *row)
+        if batch is None:
+            batch = [(first + n, at, e) for n, e in enumerate(events)]
+        apply(tx, batch if wanted is None else [batch[n] for n in wanted])  # type: ignore[union-attr]
 
 
 def append(tx: Db, *events: Event, at: str | None = None) -> int:

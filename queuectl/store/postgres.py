@@ -46,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
 from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
-from queuectl.store.statements import Clash
+from queuectl.store.statements import Change, Clash
 
 CHANNEL = "queuectl"
 # 3: the archive, and pruning's permit; 4: the output store; 5: events_heartbeats
@@ -476,6 +476,8 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
     return found
 
 
+# Each ``statements.Change`` as this store writes it: its update's shape and fixed values.
+_CHANGES: dict[Change, tuple[_Shape, tuple[Any, ...]]] = {}
 _NONE: Mapping[str, Any] = {}
 HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
 # The head locked, and checked to be where this connection's last commit left it.
@@ -668,6 +670,19 @@ class PgDb(TellsRows):
         matched, values = statements.update_values(where, set_, add)
         self._held(_update_shape(table, matched, tuple(set_), tuple(add), unique),
                    tuple(values), missing)
+
+    def change(self, change: Change, values: Sequence[Any]) -> None:
+        """As ``update`` would write it: the fixed values bound with the others, so that
+        a change joins the updates of other shapes of its table (``_Shape``)."""
+        found = _CHANGES.get(change)
+        if found is None:
+            found = _CHANGES[change] = (_update_shape(
+                change.table, ((change.key, False), *((c, True) for c in change.null)),
+                (*change.fixed, *change.given), change.added, change.unique),
+                tuple(change.fixed.values()))
+        shape, fixed = found
+        self._held(shape, (*fixed, *values),
+                   None if change.missing is None else change.missing(values[-1]))
 
     def update_many(self, table: str, key: str, columns: Sequence[str],
                     rows: Sequence[Sequence[Any]]) -> None:

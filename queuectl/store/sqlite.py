@@ -23,7 +23,7 @@ from queuectl import clock, limits
 from queuectl.errors import StoreError
 from queuectl.states import State, WorkerState
 from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
-from queuectl.store.statements import Clash
+from queuectl.store.statements import Change, Clash
 
 if TYPE_CHECKING:
     import select  # imported by the waker, which a command that only writes never starts
@@ -240,6 +240,10 @@ class SqliteDb(sqlite3.Connection, TellsRows):
         sql, values = statements.update_of(table, where, set_, add)
         if self.execute(sql, values).rowcount == 0 and missing is not None:
             raise missing
+
+    def change(self, change: Change, values: Sequence[Any]) -> None:
+        if self.execute(change.sql, values).rowcount == 0 and change.missing is not None:
+            raise change.missing(values[-1])
 
     def update_many(self, table: str, key: str, columns: Sequence[str],
                     rows: Sequence[Sequence[Any]]) -> None:

@@ -7,7 +7,8 @@ of many rows: see ``postgres._Shape``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -96,3 +97,118 @@ def update_by(table: str, key: str, columns: tuple[str, ...]) -> str:
 @lru_cache(maxsize=64)
 def delete(table: str, column: str) -> str:
     return f"DELETE FROM {table} WHERE {column} = ?"
+
+
+class Change:
+    """A projector's change of one shape, declared once beside its rule instead of built
+    from dicts on every write (``Db.change``): the row of ``table`` whose ``key`` column
+    holds the key given (and whose ``null`` columns are NULL) takes the ``fixed`` values,
+    the values given for the ``given`` columns, and has the amounts given added to its
+    ``added`` columns. A write's values are the given columns', the added amounts, then
+    the key: the order of the statement's ``?``.
+
+    ``unique``: the key names one row at most. ``missing``: what to raise, made from the
+    key, when no row matched (None: nothing). A replay applies the same change to a row
+    it holds in memory (``into``): one change, two writers.
+    """
+
+    __slots__ = ("table", "key", "fixed", "given", "added", "null", "unique", "missing",
+                 "sql", "_then")
+
+    def __init__(self, table: str, key: str, fixed: Mapping[str, Any] | None = None,
+                 given: tuple[str, ...] = (), added: tuple[str, ...] = (),
+                 null: tuple[str, ...] = (), unique: bool = True,
+                 missing: Callable[[Any], Exception] | None = None) -> None:
+        self.table, self.key, self.fixed = table, key, dict(fixed or {})
+        self.given, self.added, self.null = given, added, null
+        self.unique, self.missing = unique, missing
+        if set(self.fixed) & set(given) or set(added) & {*self.fixed, *given}:
+            raise ValueError(f"a change of {table} names a column twice")
+        # SQLite's statement: the fixed values written in it, bound once when prepared
+        # rather than on every write.
+        assigns = ([f"{c} = {literal(v)}" for c, v in self.fixed.items()]
+                   + [f"{c} = ?" for c in given] + [f"{c} = {c} + ?" for c in added])
+        matches = [f"{key} = ?", *(f"{c} IS NULL" for c in null)]
+        self.sql = (f"UPDATE {table} SET {', '.join(assigns)} "
+                    f"WHERE {' AND '.join(matches)}")
+        self._then: dict[Change, Then] = {}
+
+    def __repr__(self) -> str:
+        return f"Change({self.sql!r})"
+
+    def set_values(self, values: Sequence[Any]) -> dict[str, Any]:
+        """The columns a write of ``values`` sets, and their values."""
+        found = self.fixed.copy()
+        for column, value in zip(self.given, values):
+            found[column] = value
+        return found
+
+    def into(self, row: dict[str, Any], values: Sequence[Any]) -> None:
+        """The change applied to ``row``, a dict by column held in memory (a replay's)."""
+        row.update(self.fixed)
+        for column, value in zip(self.given, values):
+            row[column] = value
+        for column, value in zip(self.added, values[len(self.given):]):
+            row[column] += value
+
+    def then(self, later: Change) -> Then:
+        """This change and ``later``, of the same row, as one (``Then``)."""
+        found = self._then.get(later)
+        if found is None:
+            found = self._then[later] = Then(self, later)
+        return found
+
+
+class Then:
+    """Two changes of one row as one change (``merged``), and how to make its values of
+    theirs (``values``): a later value replaces an earlier one, amounts added add up."""
+
+    __slots__ = ("merged", "_take")
+
+    def __init__(self, first: Change, later: Change) -> None:
+        if (first.table, first.key, first.null) != (later.table, later.key, later.null):
+            raise ValueError(f"{first!r} and {later!r} do not change the same row")
+        fixed = {c: v for c, v in first.fixed.items() if c not in later.given}
+        fixed.update(later.fixed)
+        given = (*(c for c in first.given if c not in later.fixed and c not in later.given),
+                 *later.given)
+        added = tuple(dict.fromkeys((*first.added, *later.added)))
+        self.merged = Change(first.table, first.key, fixed, given, added, first.null,
+                             first.unique and later.unique, later.missing or first.missing)
+        # For each of the merged change's values: where it comes from, as (a, i, b, j):
+        # the sum of first's value i (if a) and later's value j (if b).
+        def source(change: Change, column: str, added: bool) -> int | None:
+            names = change.added if added else change.given
+            if column not in names:
+                return None
+            return (len(change.given) if added else 0) + names.index(column)
+        self._take = [(source(first, c, False) if c not in later.given else None,
+                       source(later, c, False)) for c in given]
+        self._take += [(source(first, c, True), source(later, c, True)) for c in added]
+
+    def values(self, first: Sequence[Any], later: Sequence[Any]) -> tuple[Any, ...]:
+        """The merged change's values, of ``first``'s and ``later``'s (each ends with the
+        row's key, as the merged values do)."""
+        out = []
+        for i, j in self._take:
+            if i is None:
+                out.append(later[j])  # type: ignore[index]
+            elif j is None:
+                out.append(first[i])
+            else:  # an amount both add
+                out.append(first[i] + later[j])
+        out.append(later[-1])
+        return tuple(out)
+
+
+def literal(value: Any) -> str:
+    """A constant of the code as SQL text: NULL, a number, or a quoted string."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int | float) and math.isfinite(value):
+        return repr(value) if isinstance(value, float) else str(int(value))
+    if isinstance(value, str):
+        return "'" + str.__str__(value).replace("'", "''") + "'"
+    raise ValueError(f"{value!r} cannot be written into a statement")
