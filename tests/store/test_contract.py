@@ -18,6 +18,7 @@ from conftest import by_hand
 from queuectl import clock, ledger, store
 from queuectl import events as ev
 from queuectl.errors import StoreError
+from queuectl.store.statements import Change
 
 
 class _Undo(Exception):
@@ -198,6 +199,57 @@ def test_an_update_that_finds_no_row_raises_what_it_was_given_and_writes_nothing
                     missing=LookupError("no such worker"))
         conn.update("workers", {"id": "w1"}, add={"jobs_done": 1})
     assert _done(conn) == {}
+
+
+# A declared change (statements.Change): fixed values, given columns, added amounts.
+_SEEN = Change("workers", "id", {"state": "stopped"}, ("current_job",), ("jobs_done",),
+               missing=lambda worker_id: LookupError(f"no worker {worker_id}"))
+_OPEN_ONES = Change("workers", "state", {"stop_requested": 1}, null=("current_job",),
+                    unique=False)
+
+
+def test_a_declared_change_writes_its_fixed_given_and_added_values(conn):
+    with undone(conn):
+        _workers(conn, "w1", "w2")
+        conn.change(_SEEN, ("j", 2, "w1"))
+        conn.change(_SEEN, ("k", 3, "w1"))  # the same shape again, as a store may join
+        conn.change(_SEEN, ("it's", 1, "w2"))  # a value is bound, quotes and all
+        assert _done(conn) == {"w1": (5, "k"), "w2": (1, "it's")}
+        assert conn.execute("SELECT DISTINCT state FROM workers").fetchall() == [("stopped",)]
+
+
+def test_a_declared_change_may_match_by_null_and_reach_many_rows(conn):
+    with undone(conn):
+        _workers(conn, "w1", "w2", "w3")
+        conn.update("workers", {"id": "w2"}, {"current_job": "j"})
+        conn.change(_OPEN_ONES, ("active",))
+        assert conn.execute("SELECT id FROM workers WHERE stop_requested = 1 ORDER BY id"
+                            ).fetchall() == [("w1",), ("w3",)]
+
+
+def test_a_declared_change_that_finds_no_row_raises_what_it_makes_of_the_key(conn):
+    # Written together with others of its shape, the store may not know which missed.
+    with pytest.raises(LookupError, match=r"no worker (nope|w1 \(or another of 2)"), \
+            conn.transaction():
+        _workers(conn, "w1")
+        conn.change(_SEEN, ("j", 1, "w1"))
+        conn.change(_SEEN, ("j", 1, "nope"))
+        conn.change(_SEEN, ("j", 1, "w1"))
+    assert _done(conn) == {}
+
+
+def test_merged_changes_write_what_the_two_write_one_after_the_other(conn):
+    later = Change("workers", "id", {"current_job": None}, ("last_heartbeat",), ("jobs_done",))
+    then = _SEEN.then(later)
+    assert _SEEN.then(later) is then  # made once a pair
+    with undone(conn):
+        _workers(conn, "w1", "w2")
+        conn.change(_SEEN, ("j", 2, "w1"))
+        conn.change(later, ("t1", 3, "w1"))
+        conn.change(then.merged, then.values(("j", 2, "w2"), ("t1", 3, "w2")))
+        assert conn.execute("SELECT id, state, current_job, last_heartbeat, jobs_done "
+                            "FROM workers ORDER BY id").fetchall() == [
+            ("w1", "stopped", None, "t1", 5), ("w2", "stopped", None, "t1", 5)]
 
 
 def test_rows_written_back_whole(conn):
