@@ -22,7 +22,7 @@ from typing import Any
 import projections
 from queuectl import events as ev
 from queuectl.store import Db, index
-from queuectl.store.statements import Change
+from queuectl.store.statements import Change, Insert
 
 NAME = "runs"
 VERSION = 9
@@ -115,12 +115,15 @@ TRIGGERS = {
 }
 
 
-def _opened(seq: int, at: str, e: ev.Claimed) -> dict[str, Any]:
-    """A run as its claim opens it: the columns left out hold their defaults (NULL, and
-    not dead), which an insert then need not bind."""
-    return {"seq": seq, "job_id": e.job_id, "attempt": e.attempt, "worker_id": e.worker_id,
-            "claimed_at": at, "wait": _wait(at, e.eligible_at) if e.eligible_at else 0.0,
-            "queue": e.queue or ""}
+# A run as its claim opens it: the columns left out hold their defaults (NULL, and not
+# dead), which an insert then need not bind.
+_OPEN = Insert("runs", ("seq", "job_id", "attempt", "worker_id", "claimed_at", "wait", "queue"))
+
+
+def _opened(seq: int, at: str, e: ev.Claimed) -> tuple[Any, ...]:
+    """The run a claim opens: the values of ``_OPEN``'s columns."""
+    return (seq, e.job_id, e.attempt, e.worker_id, at,
+            _wait(at, e.eligible_at) if e.eligible_at else 0.0, e.queue or "")
 
 
 def _wait(at: str, eligible_at: str) -> float:
@@ -163,7 +166,7 @@ _CLOSE = Change("runs", "job_id", given=("finished_at", "outcome", "exit_code", 
 def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
     kind = type(e)
     if kind is ev.Claimed:
-        tx.insert("runs", _opened(seq, at, e))
+        tx.add(_OPEN, _opened(seq, at, e))
     elif kind is ev.Pruned:
         # Their runs leave the table; run_counts keep them, as all-time totals, and count
         # them again under pruned:<outcome>, so that stats knows which runs it still holds.
@@ -200,7 +203,7 @@ def live(kind: type) -> Callable[[Db, int, str, Any], None]:
 
 
 def _open(tx: Db, seq: int, at: str, e: ev.Claimed) -> None:
-    tx.insert("runs", _opened(seq, at, e))
+    tx.add(_OPEN, _opened(seq, at, e))
 
 
 def pruned_runs(e: ev.Pruned) -> dict[tuple[str, str], int]:

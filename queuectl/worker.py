@@ -514,30 +514,31 @@ class Worker:
         self._watched = self.fence.ended(self)
 
     def _event(self, job: claims.Claim, r: runner.RunResult) -> ev.Event:
-        """The event that records how this run ended."""
+        """The event that records how this run ended, this worker's (``by``) as the store
+        would stamp it."""
         j, w, a = job.job_id, self.id, job.attempt
         out, cut, took = r.output, r.truncated, r.duration
         watched, self._watched = self._watched, None
         if watched is not None and watched.fenced is not None:
             self._fenced = ev.Fenced(
-                job_id=j, worker_id=w, attempt=a, silence=watched.fenced,
+                job_id=j, worker_id=w, attempt=a, by=w, silence=watched.fenced,
                 lease_timeout=watched.lease, reason=self._why_fenced(watched),
                 duration=took, output=out, truncated=cut)
             return self._fenced
         if r.abandoned and self._kill_reason == "cancel":
-            return ev.Cancelled(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+            return ev.Cancelled(job_id=j, worker_id=w, attempt=a, by=w, output=out, truncated=cut,
                                 duration=took, reason="cancelled by user while running")
         if r.abandoned:
-            return ev.Released(job_id=j, worker_id=w, attempt=a,
+            return ev.Released(job_id=j, worker_id=w, attempt=a, by=w,
                                reason="worker shut down while the job ran")
         if r.timed_out:
-            return ev.TimedOut(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+            return ev.TimedOut(job_id=j, worker_id=w, attempt=a, by=w, output=out, truncated=cut,
                                duration=took, timeout=job.timeout)
         if r.exit_code == 0:
-            return ev.Completed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+            return ev.Completed(job_id=j, worker_id=w, attempt=a, by=w, output=out, truncated=cut,
                                 duration=took)
         code = r.exit_code if r.exit_code is not None else -1
-        return ev.Failed(job_id=j, worker_id=w, attempt=a, output=out, truncated=cut,
+        return ev.Failed(job_id=j, worker_id=w, attempt=a, by=w, output=out, truncated=cut,
                          duration=took, exit_code=code,
                          error=r.error or runner.describe_exit(code))
 

@@ -624,15 +624,17 @@ def test_a_replayed_run_is_what_a_claim_writes():
                   ev.Claimed(job_id="j", worker_id="w", attempt=1,  # eligible after the claim
                              eligible_at="2026-01-01T00:00:02.000000Z")):
         runs = projections.runs
-        written = {**runs._DEFAULTS, **runs._opened(7, at, claim)}
+        written = {**runs._DEFAULTS,
+                   **dict(zip(runs._OPEN.columns, runs._opened(7, at, claim), strict=True))}
         assert dict(zip(runs.COLUMNS, runs._run(7, at, claim), strict=True)) == written
         assert set(written) == set(runs.COLUMNS)
     assert runs._run(7, at, claim)[runs.COLUMNS.index("wait")] == 0.0
     # a run's end sets these four together, as one slice of a replay's row
     assert runs.COLUMNS[runs._FINISHED_AT:runs._DEAD] == ("finished_at", "outcome",
                                                           "exit_code", "duration")
-    assert runs._opened(7, at, ev.Claimed(job_id="j", worker_id="w", attempt=1,
-                                          eligible_at="2026-01-01T00:00:00.250000Z"))["wait"] == 1.25
+    opened = runs._opened(7, at, ev.Claimed(job_id="j", worker_id="w", attempt=1,
+                                            eligible_at="2026-01-01T00:00:00.250000Z"))
+    assert opened[runs._OPEN.columns.index("wait")] == 1.25
 
 
 @pytest.mark.parametrize("setting", [0, 1, 2])

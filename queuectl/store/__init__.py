@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
 
-from queuectl.store.statements import Change, Clash
+from queuectl.store.statements import Change, Clash, Insert
 
 DEFAULT = os.path.join("data", "queue.db")
 T = TypeVar("T")
@@ -122,6 +122,9 @@ class Db(Protocol):
         most (a key), so that a store may write a run of such updates as one statement.
         ``missing``: raised, inside the transaction, if no row matched. A store may send it
         later, with the next read or the commit."""
+    def add(self, insert: Insert, values: Sequence[Any]) -> None:
+        """``insert`` of one shape declared once (``statements.Insert``), failing on a row of
+        the same key. A store may send it later, with the next read or the commit."""
     def change(self, change: Change, values: Sequence[Any]) -> None:
         """``update`` of one shape declared once (``statements.Change``): ``values`` are
         the given columns', the added amounts, then the key. ``change.missing`` is raised,

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 from queuectl import clock, limits
 from queuectl.errors import InvalidInput, StoreError, StoreUnavailable
 from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
-from queuectl.store.statements import Change, Clash
+from queuectl.store.statements import Change, Clash, Insert
 
 CHANNEL = "queuectl"
 # 3: the archive, and pruning's permit; 4: the output store; 5: events_heartbeats
@@ -478,6 +478,7 @@ def _update_shape(table: str, matched: tuple[tuple[str, bool], ...], set_: tuple
 
 # Each ``statements.Change`` as this store writes it: its update's shape and fixed values.
 _CHANGES: dict[Change, tuple[_Shape, tuple[Any, ...]]] = {}
+_INSERTS: dict[Insert, _Shape] = {}  # each ``statements.Insert``'s shape
 _NONE: Mapping[str, Any] = {}
 HEAD_LOCK = "SELECT seq FROM queuectl_head FOR UPDATE"
 # The head locked, and checked to be where this connection's last commit left it.
@@ -670,6 +671,12 @@ class PgDb(TellsRows):
         matched, values = statements.update_values(where, set_, add)
         self._held(_update_shape(table, matched, tuple(set_), tuple(add), unique),
                    tuple(values), missing)
+
+    def add(self, insert: Insert, values: Sequence[Any]) -> None:
+        shape = _INSERTS.get(insert)
+        if shape is None:
+            shape = _INSERTS[insert] = _insert_shape(insert.table, insert.columns, (), "fail")
+        self._held(shape, tuple(values))
 
     def change(self, change: Change, values: Sequence[Any]) -> None:
         """As ``update`` would write it: the fixed values bound with the others, so that

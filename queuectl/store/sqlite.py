@@ -23,7 +23,7 @@ from queuectl import clock, limits
 from queuectl.errors import StoreError
 from queuectl.states import State, WorkerState
 from queuectl.store import PROCESS_LOCK, Dialect, T, TellsRows, statements
-from queuectl.store.statements import Change, Clash
+from queuectl.store.statements import Change, Clash, Insert
 
 if TYPE_CHECKING:
     import select  # imported by the waker, which a command that only writes never starts
@@ -111,9 +111,10 @@ _ROWS_AT_ONCE = 16  # events an append writes in one INSERT of many rows; more: 
 
 @lru_cache(maxsize=_ROWS_AT_ONCE)
 def _insert_rows(n: int) -> str:
-    """One INSERT of ``n`` events, numbered by SQLite."""
+    """One INSERT of ``n`` events, numbered by SQLite, their one time bound once (``?1``;
+    each plain ``?`` takes the number after the highest before it)."""
     return ("INSERT INTO events (at, type, job_id, worker_id, body) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?)"] * n))
+            + ", ".join(["(?1, ?, ?, ?, ?)"] * n))
 
 _VALUES_AT_ONCE = 999  # values bound to one INSERT of many rows (SQLite's old least limit)
 
@@ -241,6 +242,9 @@ class SqliteDb(sqlite3.Connection, TellsRows):
         if self.execute(sql, values).rowcount == 0 and missing is not None:
             raise missing
 
+    def add(self, insert: Insert, values: Sequence[Any]) -> None:
+        self.execute(insert.sql, values)
+
     def change(self, change: Change, values: Sequence[Any]) -> None:
         if self.execute(change.sql, values).rowcount == 0 and change.missing is not None:
             raise change.missing(values[-1])
@@ -292,8 +296,8 @@ class SqliteDb(sqlite3.Connection, TellsRows):
             return self.execute(_INSERT_ONE, (at, *rows[0])).lastrowid or 0
         if len(rows) <= _ROWS_AT_ONCE:  # SQLite numbers the rows itself, in order, and
             # the write lock is held: the last row's seq gives the first's.
-            values = [value for row in rows for value in (at, *row)]
-            last = self.execute(_insert_rows(len(rows)), values).lastrowid or 0
+            last = self.execute(_insert_rows(len(rows)),
+                                [at, *chain.from_iterable(rows)]).lastrowid or 0
             first = last - len(rows) + 1
         else:  # the write lock is held, so the next seqs are ours: one executemany
             first = self.next_seq()

@@ -99,6 +99,20 @@ def delete(table: str, column: str) -> str:
     return f"DELETE FROM {table} WHERE {column} = ?"
 
 
+class Insert:
+    """A projector's new row of one shape, declared once beside its rule instead of built
+    from a dict on every write (``Db.add``): its values come in ``columns``' order."""
+
+    __slots__ = ("table", "columns", "sql")
+
+    def __init__(self, table: str, columns: tuple[str, ...]) -> None:
+        self.table, self.columns = table, columns
+        self.sql = insert(table, columns)
+
+    def __repr__(self) -> str:
+        return f"Insert({self.sql!r})"
+
+
 class Change:
     """A projector's change of one shape, declared once beside its rule instead of built
     from dicts on every write (``Db.change``): the row of ``table`` whose ``key`` column
@@ -139,16 +153,16 @@ class Change:
     def set_values(self, values: Sequence[Any]) -> dict[str, Any]:
         """The columns a write of ``values`` sets, and their values."""
         found = self.fixed.copy()
-        for column, value in zip(self.given, values):
+        for column, value in zip(self.given, values, strict=False):  # the key comes after
             found[column] = value
         return found
 
     def into(self, row: dict[str, Any], values: Sequence[Any]) -> None:
         """The change applied to ``row``, a dict by column held in memory (a replay's)."""
         row.update(self.fixed)
-        for column, value in zip(self.given, values):
+        for column, value in zip(self.given, values, strict=False):  # the key comes after
             row[column] = value
-        for column, value in zip(self.added, values[len(self.given):]):
+        for column, value in zip(self.added, values[len(self.given):], strict=False):
             row[column] += value
 
     def then(self, later: Change) -> Then:

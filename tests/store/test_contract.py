@@ -18,7 +18,7 @@ from conftest import by_hand
 from queuectl import clock, ledger, store
 from queuectl import events as ev
 from queuectl.errors import StoreError
-from queuectl.store.statements import Change
+from queuectl.store.statements import Change, Insert
 
 
 class _Undo(Exception):
@@ -126,6 +126,19 @@ def test_a_store_tells_the_rows_of_its_bulk_writes_only_within_telling(conn):
                             (first,)).fetchone() == (40,)
     assert sum(told) == len(rows) - 10 + 40
     assert all(n > 0 for n in told)
+
+
+def test_a_declared_insert_adds_its_row_and_may_not_clash(conn):
+    setting = Insert("config", ("key", "value", "updated_at"))
+    with undone(conn):
+        conn.add(setting, ("k", "1", "t"))
+        conn.add(setting, ("l", "it's", "t"))
+        assert config_rows(conn) == {"k": ("1", "t"), "l": ("it's", "t")}
+    with pytest.raises(store.driver_errors()), conn.transaction():
+        conn.add(setting, ("k", "1", "t"))
+        conn.add(setting, ("k", "2", "t"))
+        conn.execute("SELECT 1").fetchall()  # a store may send the insert with a read
+    assert config_rows(conn) == {}
 
 
 def test_a_clash_needs_the_key_it_is_judged_on(conn):
