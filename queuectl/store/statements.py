@@ -127,7 +127,7 @@ class Change:
     """
 
     __slots__ = ("table", "key", "fixed", "given", "added", "null", "unique", "missing",
-                 "sql", "_then")
+                 "sql", "_then", "into")
 
     def __init__(self, table: str, key: str, fixed: Mapping[str, Any] | None = None,
                  given: tuple[str, ...] = (), added: tuple[str, ...] = (),
@@ -146,6 +146,9 @@ class Change:
         self.sql = (f"UPDATE {table} SET {', '.join(assigns)} "
                     f"WHERE {' AND '.join(matches)}")
         self._then: dict[Change, Then] = {}
+        # ``into(row, values)``: the change applied to ``row``, a dict by column held in
+        # memory (a replay's), written for its shape: a replay calls it for most events.
+        self.into = _into(self.fixed, given, tuple(enumerate(added, len(given))))
 
     def __repr__(self) -> str:
         return f"Change({self.sql!r})"
@@ -157,20 +160,35 @@ class Change:
             found[column] = value
         return found
 
-    def into(self, row: dict[str, Any], values: Sequence[Any]) -> None:
-        """The change applied to ``row``, a dict by column held in memory (a replay's)."""
-        row.update(self.fixed)
-        for column, value in zip(self.given, values, strict=False):  # the key comes after
-            row[column] = value
-        for column, value in zip(self.added, values[len(self.given):], strict=False):
-            row[column] += value
-
     def then(self, later: Change) -> Then:
         """This change and ``later``, of the same row, as one (``Then``)."""
         found = self._then.get(later)
         if found is None:
             found = self._then[later] = Then(self, later)
         return found
+
+
+def _into(fixed: dict[str, Any], given: tuple[str, ...], added: tuple[tuple[int, str], ...]
+          ) -> Callable[[dict[str, Any], Sequence[Any]], None]:
+    """``Change.into`` for a change of these columns."""
+    update = dict.update
+    if not added and len(given) == 1:  # most: the time of the event, with fixed values
+        (column,) = given
+
+        def into(row: dict[str, Any], values: Sequence[Any]) -> None:
+            update(row, fixed)
+            row[column] = values[0]
+    elif not added:
+        def into(row: dict[str, Any], values: Sequence[Any]) -> None:
+            update(row, fixed)
+            update(row, zip(given, values, strict=False))  # the key comes after
+    else:
+        def into(row: dict[str, Any], values: Sequence[Any]) -> None:
+            update(row, fixed)
+            update(row, zip(given, values, strict=False))
+            for at, name in added:
+                row[name] += values[at]
+    return into
 
 
 class Then:
