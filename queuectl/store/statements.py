@@ -200,11 +200,15 @@ class Then:
     def __init__(self, first: Change, later: Change) -> None:
         if (first.table, first.key, first.null) != (later.table, later.key, later.null):
             raise ValueError(f"{first!r} and {later!r} do not change the same row")
+        set_later = {*later.fixed, *later.given}
+        if not {*first.fixed, *first.given}.isdisjoint(later.added):
+            raise ValueError(f"{later!r} adds to a column {first!r} sets: not merged")
         fixed = {c: v for c, v in first.fixed.items() if c not in later.given}
         fixed.update(later.fixed)
-        given = (*(c for c in first.given if c not in later.fixed and c not in later.given),
-                 *later.given)
-        added = tuple(dict.fromkeys((*first.added, *later.added)))
+        given = (*(c for c in first.given if c not in set_later), *later.given)
+        # What is set later replaces what was added before.
+        added = tuple(dict.fromkeys((*(c for c in first.added if c not in set_later),
+                                     *later.added)))
         self.merged = Change(first.table, first.key, fixed, given, added, first.null,
                              first.unique and later.unique, later.missing or first.missing)
         # For each of the merged change's values: where it comes from, as (a, i, b, j):

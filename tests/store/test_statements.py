@@ -72,3 +72,14 @@ def test_two_changes_of_a_row_merge_as_if_written_one_after_the_other():
 def test_changes_of_other_rows_do_not_merge():
     with pytest.raises(ValueError, match="do not change the same row"):
         Change("workers", "id", {}, ("a",)).then(Change("jobs", "id", {}, ("a",)))
+
+
+def test_a_value_set_after_an_addition_replaces_it_and_an_addition_after_a_set_is_refused():
+    adds = Change("workers", "id", {}, (), ("jobs_done",))
+    sets = Change("workers", "id", {}, ("jobs_done",))
+    then = adds.then(sets)
+    row = {"id": "w1", "jobs_done": 4}
+    then.merged.into(row, then.values((2, "w1"), (9, "w1")))
+    assert row == {"id": "w1", "jobs_done": 9}
+    with pytest.raises(ValueError, match="not merged"):
+        sets.then(adds)
