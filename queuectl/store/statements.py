@@ -170,22 +170,35 @@ class Change:
 
 def _into(fixed: dict[str, Any], given: tuple[str, ...], added: tuple[tuple[int, str], ...]
           ) -> Callable[[dict[str, Any], Sequence[Any]], None]:
-    """``Change.into`` for a change of these columns."""
+    """``Change.into`` for a change of these columns, written out for the shapes the
+    projections' rules have (the time of the event, a worker's job, one count)."""
     update = dict.update
-    if not added and len(given) == 1:  # most: the time of the event, with fixed values
+    if len(given) == 1 and not added:
         (column,) = given
 
         def into(row: dict[str, Any], values: Sequence[Any]) -> None:
             update(row, fixed)
             row[column] = values[0]
-    elif not added:
+    elif len(given) == 1 and len(added) == 1:
+        (column,), ((_, count),) = given, added
+
         def into(row: dict[str, Any], values: Sequence[Any]) -> None:
             update(row, fixed)
-            update(row, zip(given, values, strict=False))  # the key comes after
-    else:
+            row[column] = values[0]
+            row[count] += values[1]
+    elif len(given) == 2 and not added and not fixed:
+        first, second = given
+
+        def into(row: dict[str, Any], values: Sequence[Any]) -> None:
+            row[first] = values[0]
+            row[second] = values[1]
+    else:  # (dict.update of a zip of the columns and values costs twice this loop)
+        given_at = tuple(enumerate(given))
+
         def into(row: dict[str, Any], values: Sequence[Any]) -> None:
             update(row, fixed)
-            update(row, zip(given, values, strict=False))
+            for at, name in given_at:
+                row[name] = values[at]
             for at, name in added:
                 row[name] += values[at]
     return into
