@@ -180,9 +180,13 @@ def apply(tx: Db, seq: int, at: str, e: Any) -> None:  # e: of HANDLES
         if latest is not None:
             tx.update("runs", {"seq": latest}, {"dead": 1})
     elif kind in _OUTCOMES:
-        closed = _OUTCOMES[kind](e)
-        if closed is not None:  # a job has one open run at most: its latest
-            tx.change(_CLOSE, (at, *closed, e.job_id))
+        _close(tx, at, e, _OUTCOMES[kind])
+
+
+def _close(tx: Db, at: str, e: Any, outcome: Callable[..., Any]) -> None:
+    closed = outcome(e)
+    if closed is not None:  # a job has one open run at most: its latest
+        tx.change(_CLOSE, (at, *closed, e.job_id))
 
 
 def live(kind: type) -> Callable[[Db, int, str, Any], None]:
@@ -195,9 +199,7 @@ def live(kind: type) -> Callable[[Db, int, str, Any], None]:
         return apply
 
     def close(tx: Db, seq: int, at: str, e: Any) -> None:
-        closed = outcome(e)
-        if closed is not None:  # a job has one open run at most: its latest
-            tx.change(_CLOSE, (at, *closed, e.job_id))
+        _close(tx, at, e, outcome)
 
     return close
 
