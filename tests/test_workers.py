@@ -679,7 +679,9 @@ def test_sigterm_finishes_current_job_then_exits(run, conn):
     (job,) = enqueue(run, "sleep 2")
     with processes() as procs:
         proc = worker(procs, "-s", "30")
-        wait_for(lambda: state(conn, job) == "processing", what="the job to start")
+        # Its process, not only its claim: a signal between the two gives the job back
+        # unstarted (see test_a_signal_between_claim_and_start_gives_the_job_back).
+        wait_for(lambda: job_group(proc.pid), timeout=10, what="the job's process")
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert proc.poll() is None  # still finishing the job
@@ -689,6 +691,38 @@ def test_sigterm_finishes_current_job_then_exits(run, conn):
     assert events_of(conn, job) == ["enqueued", "claimed", "completed"]
     assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal"]
     assert conn.execute("SELECT state FROM workers").fetchall() == [("stopped",)]
+
+
+def test_a_signal_between_claim_and_start_gives_the_job_back(run, conn, db, monkeypatch):
+    """A signal that lands after the claim committed and before the job's process exists
+    lets nothing start: the job goes back unstarted, with no attempt counted, and the
+    worker stops for the signal."""
+    (job,) = enqueue(run, "touch started")
+    made: list[worker_module.Shutdown] = []
+
+    class Caught(worker_module.Shutdown):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    real = claims.claim
+
+    def claim_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        made[0].stop("signal")  # what the handler of SIGTERM does
+        return found
+
+    monkeypatch.setattr(worker_module, "Shutdown", Caught)
+    monkeypatch.setattr(claims, "claim", claim_then_signal)
+    errors = worker_module.run_workers(db, worker_module.Options(), echo=lambda _: None)
+    assert errors == []
+    assert events_of(conn, job) == ["enqueued", "claimed", "released"]
+    assert [b["reason"] for b in bodies(conn, "released")] == [
+        "worker shut down before the job started"]
+    row = conn.execute("SELECT state, attempts, worker_id FROM jobs WHERE id = ?", (job,)).fetchone()
+    assert row == ("pending", 0, None)
+    assert [b["reason"] for b in bodies(conn, "worker-stopped")] == ["signal"]
+    assert not Path("started").exists()
 
 
 def test_double_sigint_abandons_job_and_releases_it(run, conn):
