@@ -148,6 +148,17 @@ def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None
     assert table[-1] == ("3 targets missed; 2 of them bound: the same work with no queuectl "
                          "Python at all (its statements alone) missed them too in this run "
                          "(a, d).")
+    # a ceiling that is the work with the least Python it needs, written by hand, says so
+    by_hand = rows.make_row("cycle", "h", "h", [4000.0], "jobs/s",
+                            rows.Target(">= 8,000 jobs/s", "value", ">=", 8000),
+                            ceiling_samples=[7500.0], ceiling_label="cycle written by hand",
+                            ceiling_means=rows.LEAST_PYTHON)
+    assert (by_hand.status, by_hand.ceiling_means) == ("bound", "the least Python")
+    table = render.markdown([bound, by_hand], {}).splitlines()
+    assert table[3].endswith("| **FAIL**, bound (with the least Python: 7,500 jobs/s) |")
+    assert table[-1] == ("2 targets missed; 2 of them bound: the same work with no queuectl "
+                         "Python at all (its statements alone), or with the least Python it "
+                         "needs (its cycle written by hand) missed them too in this run (a, h).")
 
 
 @pytest.mark.parametrize("how", ["script", "module"])
@@ -168,6 +179,12 @@ def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
 def test_quick_bench_measures_every_scenario(tmp_path: Path) -> None:
     report = quick_bench(tmp_path)
     assert EXPLAINING <= {row["key"] for row in report["rows"]}
+    # SQLite's one-result cycle is also run with the least Python it needs, and that is
+    # its target's ceiling (least_python checks that what it left replays exactly)
+    by_key = {row["key"]: row for row in report["rows"]}
+    assert by_key["ledger_cycle_least_python"]["samples"]
+    if by_key["ledger_cycle"]["status"] != "pass":
+        assert by_key["ledger_cycle"]["ceiling_means"] == "the least Python"
     for row in report["rows"]:
         if row["status"] == "n/a":  # a peer that is not installed
             assert row["key"] in HUEY_ROWS | CLI_PEER_ROWS | COUNTED_ROWS

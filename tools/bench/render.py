@@ -7,7 +7,7 @@ from typing import Any
 
 from queuectl.store.postgres import without_password
 
-from .rows import Row, ScenarioResult
+from .rows import LEAST_PYTHON, NO_PYTHON, Row, ScenarioResult
 
 
 def fmt(x: float | None, unit: str = "") -> str:
@@ -45,7 +45,7 @@ def markdown(rows: list[Row], results: dict[str, ScenarioResult]) -> str:
         if row.ceiling is not None and row.status in ("fail", "bound"):
             shown = (ratio_text(row.ceiling, row) if row.target_on == "ratio"
                      else fmt(row.ceiling, row.unit))
-            verdict += f" (with no queuectl Python: {shown})"
+            verdict += f" (with {row.ceiling_means}: {shown})"
         lines.append(f"| {row.figure} | {value} | {baseline} | {ratio} | {row.target or '-'} "
                      f"| {verdict} |")
     for name, res in results.items():
@@ -73,12 +73,18 @@ def summary(rows: list[Row]) -> list[str]:
     if not missed:
         return []
     bound = [r for r in missed if r.status == "bound"]
+    if not bound:
+        return ["", f"{len(missed)} target{'s' if len(missed) != 1 else ''} missed; none bound."]
+    ways = []
+    for means, how in ((NO_PYTHON, "with no queuectl Python at all"),
+                       (LEAST_PYTHON, "with the least Python it needs")):
+        labels = sorted({r.ceiling_label for r in bound if r.ceiling_means == means})
+        if labels:
+            ways.append(f"{how} (its {', '.join(labels)})")
     text = (f"{len(missed)} target{'s' if len(missed) != 1 else ''} missed; "
-            f"{len(bound)} of them bound: the same work with no queuectl Python at all "
-            f"(its {', '.join(sorted({r.ceiling_label for r in bound}))}) missed "
+            f"{len(bound)} of them bound: the same work {', or '.join(ways)} missed "
             f"{'it' if len(bound) == 1 else 'them'} too in this run ("
-            f"{', '.join(r.key for r in bound)})." if bound else
-            f"{len(missed)} target{'s' if len(missed) != 1 else ''} missed; none bound.")
+            f"{', '.join(r.key for r in bound)}).")
     return ["", text]
 
 

@@ -44,8 +44,15 @@ class Row:
     # schema and machine, whatever queuectl's Python does.
     ceiling: float | None = None
     ceiling_label: str = ""
+    # What the ceiling leaves out: all of queuectl's Python (NO_PYTHON), or all but the
+    # least a queue needs for the work, written by hand (LEAST_PYTHON: a tighter ceiling).
+    ceiling_means: str = ""
     target_on: str = ""  # the target's measure: "value" or "ratio"
     target_limit: float | None = None  # the bar the target sets for that measure
+
+
+NO_PYTHON = "no queuectl Python"
+LEAST_PYTHON = "the least Python"
 
 
 @dataclass
@@ -90,12 +97,15 @@ def make_row(
     ceiling_samples: Sequence[float] = (),
     ceiling_label: str = "",
     ceiling_baseline_samples: Sequence[float] = (),
+    ceiling_means: str = "",
 ) -> Row:
     """A figure from its samples (the median; against ``baseline_samples``, the median of
     the per-run ratios). ``ceiling_samples``: the same work with no queuectl Python, run
     beside each sample, which tells a target out of reach (status "bound") from one missed;
     for a ratio target, taken against ``ceiling_baseline_samples`` where the baseline's own
-    work has queuectl in it too (else against ``baseline_samples``)."""
+    work has queuectl in it too (else against ``baseline_samples``). ``ceiling_means``:
+    ``LEAST_PYTHON`` for a ceiling that is the work with the least Python it needs, written
+    by hand, rather than with none (``NO_PYTHON``, the default)."""
     if value is None:
         value = median(samples)
     baseline = median(baseline_samples) if baseline_samples else None
@@ -126,6 +136,7 @@ def make_row(
         note=note,
         ceiling=ceiling,
         ceiling_label=ceiling_label if ceiling is not None else "",
+        ceiling_means=(ceiling_means or NO_PYTHON) if ceiling is not None else "",
         target_on=target.on if target else "",
         target_limit=target.limit if target else None,
     )

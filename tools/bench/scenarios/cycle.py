@@ -11,16 +11,17 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from queuectl import claims, ledger
+from queuectl import claims, clock, ledger
 from queuectl import events as ev
 from queuectl.store import is_postgres
 
 from .. import trace
 from ..context import Context
-from ..rows import Row, ScenarioResult, Target, make_row, median
+from ..rows import LEAST_PYTHON, NO_PYTHON, Row, ScenarioResult, Target, make_row, median
 from ..stores import enqueue_true, job_counts
 
 try:  # the worker's own connection setup and waker thread, where this version has them
@@ -141,6 +142,93 @@ def statements_rate(ctx: Context, n: int, slots: int) -> float:
     return n / seconds
 
 
+# The statements of one steady transaction of the one-result cycle on SQLite, in order:
+# what least_python writes by hand, each recognised by how it begins.
+_STEADY = ("BEGIN IMMEDIATE", "SELECT 'r'", "INSERT INTO events", "UPDATE jobs SET state = "
+           "'completed'", "UPDATE jobs SET state = 'processing'", "UPDATE runs",
+           "INSERT INTO runs", "UPDATE workers", "COMMIT")
+
+
+def least_python(conn: Any) -> int:
+    """The one-result cycle on SQLite, as one worker, with the least Python a queue needs
+    for it: the cycle's own statements (recorded from queuectl's first transaction, so
+    that they stay the schema's), each steady transaction written by hand. Under the same
+    locks (the store's transaction), it reads the claim's one query, checks that the
+    worker still holds its job, makes the two events and encodes them (``events.encode``),
+    and binds the six writes; no ledger, projection or decision code runs between them.
+    The first claim and the last result go through queuectl. Jobs done."""
+    wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
+    claim = claims.claim(conn, wid)
+    if claim is None:
+        return 0
+    with trace.recording(conn) as steps:  # its statements, from queuectl's own transaction
+        _, claim = claims.finish_and_claim(conn, claim, ev.Completed(
+            job_id=claim.job_id, worker_id=wid, attempt=claim.attempt), wid)
+    sql = [text for _, text, _ in steps.steps]
+    if len(sql) != len(_STEADY) or not all(map(str.startswith, sql, _STEADY)):
+        raise RuntimeError(f"least_python: the cycle's statements changed: {sql}")
+    known, events, done_, claimed, closed, opened, worker = sql[1:-1]
+    execute, encode, now, wait = conn.execute, ev.encode, clock.now, _seconds_after
+    done = 1
+    while claim is not None:
+        job_id, attempt = claim.job_id, claim.attempt
+        with conn.transaction():
+            at = now()
+            ready = held = None
+            for row in execute(known, (at, 1, job_id, wid)).fetchall():
+                if row[0] == "r":
+                    ready = row
+                elif row[0] == "j":
+                    held = row
+                else:  # a worker refused, a queue with rules, a hook: not this cycle's
+                    raise RuntimeError(f"least_python: unexpected row {row}")
+            if held is None or held[2:5] != ("processing", wid, attempt) or held[5] or held[6]:
+                raise RuntimeError(f"least_python: the job is not as it was claimed: {held}")
+            if ready is None:
+                break  # the last result: below, through queuectl
+            _, next_id, command, run_at, attempts, retries, _, _, *policy, queue, cwd, env, \
+                limits = ready
+            attempts += 1
+            completed = ev.Completed(job_id=job_id, worker_id=wid, attempt=attempt, by=wid)
+            claim_event = ev.Claimed(job_id=next_id, worker_id=wid, attempt=attempts,
+                                     eligible_at=run_at, queue=queue, by=wid)
+            seq = execute(events, (at, "completed", job_id, wid, encode(completed), "claimed",
+                                   next_id, wid, encode(claim_event))).lastrowid
+            execute(done_, (at, job_id))
+            execute(claimed, (attempts, wid, 0, at, next_id))
+            execute(closed, (at, "completed", 0, 0.0, job_id))
+            execute(opened, (seq, next_id, attempts, wid, at, wait(at, run_at), queue))
+            execute(worker, (next_id, at, 1, wid))
+        claim = claims.Claim(next_id, command, attempts, retries, *policy, cwd, env, limits)
+        done += 1
+    if claim is not None:
+        claims.finish(conn, claim, ev.Completed(job_id=claim.job_id, worker_id=wid,
+                                                attempt=claim.attempt))
+        done += 1
+    return done
+
+
+def _seconds_after(at: str, since: str) -> float:
+    """Seconds from ``since`` to ``at`` (ledger times), none if negative: a run's wait."""
+    wait = (datetime.fromisoformat(at) - datetime.fromisoformat(since)).total_seconds()
+    return wait if wait > 0.0 else 0.0
+
+
+def least_python_rate(ctx: Context, n: int) -> float:
+    """Jobs/s of ``least_python`` on ``n`` jobs; what it left must replay to exactly its
+    live tables (``ledger.check``), as queuectl's own cycle's does: the same work."""
+    with ctx.fresh_target("cycle") as db:
+        enqueue_true(db, n)
+        with worker_connection(db) as conn:
+            start = time.perf_counter()
+            done = least_python(conn)
+            seconds = time.perf_counter() - start
+            problems = ledger.check(conn)
+        if done != n or job_counts(db).get("completed") != n or problems:
+            raise RuntimeError(f"least_python: {done} jobs of {n}; {problems[:3]}")
+    return n / seconds
+
+
 def where_commits_go(ctx: Context, n: int) -> tuple[float, float, dict[str, float]]:
     """SQLite: the one-result cycle's statements (``trace``), replayed one at a time with a
     clock around each, on a connection set up as a worker's without its checkpoints: the
@@ -253,7 +341,9 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
     batched = hasattr(claims, "finish_and_claim_many")
     split, split_claim, split_finish, joined, many, empty = [], [], [], [], [], []
     alone: list[float] = []  # the target's cycle, its statements alone
+    least: list[float] = []  # the same cycle with the least Python it needs (SQLite)
     batched_path = batched and ctx.backend == "postgres"
+    by_hand = combined and not batched_path
     for r in range(ctx.runs):
         rate, c_us, f_us = cycle_rate(ctx, n, combined=False)
         split.append(rate)
@@ -266,12 +356,15 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         empty.append(empty_transaction_rate(ctx, n))
         if combined:
             alone.append(statements_rate(ctx, n, BATCH if batched_path else 1))
+        if by_hand:
+            least.append(least_python_rate(ctx, n))
         ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
                 f"{c_us:.0f} us, finish {f_us:.0f} us)"
                 + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else "")
                 + (f"; {BATCH} results a transaction {many[-1]:.0f} jobs/s" if batched else "")
                 + f"; empty write transactions {empty[-1]:.0f}/s"
-                + (f"; its statements alone {alone[-1]:.0f} jobs/s" if combined else ""))
+                + (f"; its statements alone {alone[-1]:.0f} jobs/s" if combined else "")
+                + (f"; with the least Python {least[-1]:.0f} jobs/s" if by_hand else ""))
     result.details.update(claim_us=median(split_claim), finish_us=median(split_finish),
                           finish_and_claim=combined)
     commits: list[Row] = []
@@ -318,7 +411,19 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
                  f"ledger cycle, one result a transaction (`finish_and_claim`, no spawn), "
                  f"{n:,} jobs", joined, "jobs/s", None if batched_path else target,
                  note="one commit per job, as a SQLite worker runs",
-                 ceiling_samples=alone, ceiling_label="statements alone"),
+                 # Its statements alone leave out even the Python any queue needs to
+                 # decide them; where it was run, the same cycle with only that is the
+                 # tighter ceiling.
+                 ceiling_samples=least or alone,
+                 ceiling_label="cycle written by hand" if least else "statements alone",
+                 ceiling_means=LEAST_PYTHON if least else NO_PYTHON),
+        *([] if not least else [make_row(
+            "cycle", "ledger_cycle_least_python",
+            f"the same cycle with the least Python it needs, written by hand, {n:,} jobs",
+            least, "jobs/s", None, baseline_samples=joined, baseline_label="the cycle itself",
+            note="the same statements, locks and encoded events, with no ledger, projection "
+                 "or decision code between them (least_python in "
+                 "tools/bench/scenarios/cycle.py); what it leaves replays exactly")]),
         make_row("cycle", "ledger_cycle_statements",
                  f"the same {'batched ' if batched_path else ''}cycle's statements alone, "
                  f"recorded and replayed on a copy of the store, {n:,} jobs", alone,
