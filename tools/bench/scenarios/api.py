@@ -7,11 +7,13 @@ import importlib.util
 import sqlite3
 import time
 
+from queuectl import actor, clock
+
 from .. import trace
 from ..context import Context
 from ..measure import until_wal_wraps
 from ..peers import huey_enqueue_rate
-from ..rows import Row, ScenarioResult, Target, make_row
+from ..rows import LEAST_PYTHON, NO_PYTHON, Row, ScenarioResult, Target, make_row
 from ..stores import job_counts
 
 
@@ -67,6 +69,78 @@ def api_statements_rate(ctx: Context, n: int) -> tuple[float, float]:
     return n / seconds, cpu / n * 1e6
 
 
+# The statements of one ``Queue.enqueue`` of a plain command on SQLite, in order: what
+# least_python_enqueue writes by hand, each recognised by how it begins.
+_ENQUEUE = ("BEGIN IMMEDIATE", "SELECT coalesce(max(seq), 0) FROM events",
+            "SELECT 1 FROM jobs WHERE id = ?", "INSERT INTO events", "INSERT INTO jobs",
+            "INSERT INTO job_counts", "COMMIT")
+
+
+def least_python_enqueue_rate(ctx: Context, n: int) -> float:
+    """Calls/s of ``Queue.enqueue("true")``'s work with the least Python a queue needs for
+    it, written by hand: the command checked (text that is UTF-8), under the same locks the
+    seq read and the id made of it, checked free, the ``enqueued`` event made with the
+    store's defaults and encoded (``events.encode``), and the three writes bound, each
+    durable on return. The statements are ``Queue.enqueue``'s own, recorded from one call
+    on the same store (its second: the first reads the settings too); what the calls leave must replay exactly (``ledger.check``).
+    Timed once the store's WAL has wrapped (``until_wal_wraps``), as ``Queue.enqueue``."""
+    from queuectl import decisions, ledger, settings
+    from queuectl import events as ev
+    from queuectl.api import Queue
+
+    with ctx.fresh_target("api") as db:
+        with Queue(db) as queue:
+            queue.enqueue("true")  # the first call of a Queue reads the settings too
+            with trace.recording(queue._db) as steps:
+                queue.enqueue("true")
+        sql = [text for _, text, _ in steps.steps]
+        if len(sql) != len(_ENQUEUE) or not all(map(str.startswith, sql, _ENQUEUE)):
+            raise RuntimeError(f"least_python_enqueue: Queue.enqueue's statements changed: {sql}")
+        head, taken, insert_event, insert_job, count = sql[1:-1]
+        conn = ledger.connect(db)
+        try:
+            defaults = decisions._defaults(settings.load(conn))  # read once, as the API does
+            by = actor.current()
+            execute, encode, now = conn.execute, ev.encode, clock.now
+
+            def enqueue(command: str) -> str:
+                command.encode("utf-8")  # text that is UTF-8, as every command is checked
+                with conn.transaction():
+                    (last,) = execute(head).fetchone()
+                    seq = int(last) + 1
+                    job_id = str(seq)
+                    if execute(taken, (job_id,)).fetchone() is not None:
+                        raise RuntimeError("least_python_enqueue: a user chose that id")
+                    at = now()
+                    event = ev.Enqueued(
+                        by=by, job_id=job_id, command=command,
+                        max_retries=defaults["max_retries"],
+                        backoff_base=defaults["backoff_base"], timeout=defaults["timeout"],
+                        backoff_max=defaults["backoff_max"],
+                        backoff_jitter=defaults["backoff_jitter"])
+                    execute(insert_event, (at, "enqueued", job_id, None, encode(event)))
+                    execute(insert_job, (seq, job_id, command, "default", "pending", 0,
+                                         event.max_retries, event.backoff_base,
+                                         event.backoff_max, event.backoff_jitter,
+                                         event.timeout, at, None, at, at, None, None, None))
+                    execute(count, ("default", "pending", 1))
+                return job_id
+
+            warm = until_wal_wraps(lambda: enqueue("true"), db)
+            start = time.perf_counter()
+            for _ in range(n):
+                enqueue("true")
+            seconds = time.perf_counter() - start
+            problems = ledger.check(conn)
+        finally:
+            conn.close()
+        pending = job_counts(db).get("pending")
+        if pending != 2 + warm + n or problems:
+            raise RuntimeError(f"least_python_enqueue: {pending} pending, expected "
+                               f"{2 + warm + n}; {problems[:3]}")
+    return n / seconds
+
+
 def durable_commit_rate(ctx: Context, n: int) -> float:
     """Commits/s of a one-row INSERT, each durable when it returns, on this run's store: what
     any queue that promises that pays, whatever its own work (SQLite: WAL, synchronous=FULL,
@@ -103,7 +177,9 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
     mine, peer, floor, alone = [], [], [], []
+    least: list[float] = []  # the same calls with the least Python they need (SQLite)
     mine_cpu, alone_cpu = [], []  # this process's CPU a call, microseconds
+    on_pg = ctx.backend == "postgres"
     for r in range(ctx.runs):
         if have_huey:
             peer.append(huey_enqueue_rate(ctx, n))
@@ -114,18 +190,23 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         rate, cpu = api_statements_rate(ctx, n)
         alone.append(rate)
         alone_cpu.append(cpu)
+        if not on_pg:
+            least.append(least_python_enqueue_rate(ctx, n))
         ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
                 f"one-row commit {floor[-1]:,.0f}/s, its statements alone {alone[-1]:,.0f}/s"
+                + (f", with the least Python {least[-1]:,.0f}/s" if least else "")
                 + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
     figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
-    on_pg = ctx.backend == "postgres"
     # huey has no PostgreSQL store: there its SqliteHuey is a figure beside ours, not a bar.
     target = None if on_pg else Target(">= 1.0 x huey", "ratio", ">=", 1.0)
     if have_huey:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", target,
                          baseline_samples=peer, baseline_label="huey task() on SqliteHuey",
                          note="huey on SQLite; not a target on PostgreSQL" if on_pg else "",
-                         ceiling_samples=alone, ceiling_label="statements alone")
+                         # on SQLite, the tighter ceiling: the calls with the least Python
+                         ceiling_samples=least or alone,
+                         ceiling_label="calls written by hand" if least else "statements alone",
+                         ceiling_means=LEAST_PYTHON if least else NO_PYTHON)
     else:
         first = make_row("api", "api_enqueue_vs_huey", figure, mine, "jobs/s", None,
                          note="n/a (pip install .[bench])")
@@ -134,7 +215,7 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     result.details["huey"] = have_huey
     floor_target = (Target(">= 0.7 x bare commit", "ratio", ">=", 0.7) if on_pg
                     else Target(">= 0.85 x bare commit", "ratio", ">=", 0.85))
-    return [first, make_row(
+    rows = [first, make_row(
         "api", "api_enqueue_vs_commit", "the same against a bare one-row durable commit", mine,
         "jobs/s", floor_target, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
@@ -144,7 +225,16 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         "replayed on a copy of the store", alone, "jobs/s", None, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
         note="no queuectl Python between the statements: the ceiling of `Queue.enqueue` on "
-             "this schema (tools/bench/trace.py)"), make_row(
+             "this schema (tools/bench/trace.py)")]
+    if least:
+        rows.append(make_row(
+            "api", "api_enqueue_least_python", "the same calls with the least Python they "
+            "need, written by hand", least, "jobs/s", None, baseline_samples=mine,
+            baseline_label="`Queue.enqueue` itself",
+            note="the same statements, locks and encoded event, with no API, decision, ledger "
+                 "or projection code between them (least_python_enqueue_rate in "
+                 "tools/bench/scenarios/api.py); what they leave replays exactly"))
+    return [*rows, make_row(
         "api", "api_enqueue_cpu", "CPU of the calling process a `Queue.enqueue` call"
         + (" (the client's: the server's is apart)" if on_pg else ""), mine_cpu, "us", None,
         baseline_samples=alone_cpu, baseline_label="the same statements alone, replayed",
