@@ -61,7 +61,9 @@ def one_at_a_time(conn: Any, combined: bool) -> tuple[int, float, float]:
     while claim is not None:
         done += 1
         t0 = time.perf_counter()
-        result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt)
+        # by: its worker's, as a worker's results are (worker.Worker._event)
+        result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt,
+                              by=wid)
         if combined:
             _, claim = claims.finish_and_claim(conn, claim, result, wid)
             t_finish += time.perf_counter() - t0
@@ -82,7 +84,7 @@ def together(conn: Any, slots: int) -> int:
     held = [(w, c) for w in ids if (c := claims.claim(conn, w)) is not None]
     done = 0
     while held:
-        finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt))
+        finished = [(c, ev.Completed(job_id=c.job_id, worker_id=w, attempt=c.attempt, by=w))
                     for w, c in held]
         _, following = claims.finish_and_claim_many(conn, finished, [w for w, _ in held])
         done += len(held)
@@ -163,7 +165,7 @@ def least_python(conn: Any) -> int:
         return 0
     with trace.recording(conn) as steps:  # its statements, from queuectl's own transaction
         _, claim = claims.finish_and_claim(conn, claim, ev.Completed(
-            job_id=claim.job_id, worker_id=wid, attempt=claim.attempt), wid)
+            job_id=claim.job_id, worker_id=wid, attempt=claim.attempt, by=wid), wid)
     sql = [text for _, text, _ in steps.steps]
     if len(sql) != len(_STEADY) or not all(map(str.startswith, sql, _STEADY)):
         raise RuntimeError(f"least_python: the cycle's statements changed: {sql}")
@@ -203,7 +205,7 @@ def least_python(conn: Any) -> int:
         done += 1
     if claim is not None:
         claims.finish(conn, claim, ev.Completed(job_id=claim.job_id, worker_id=wid,
-                                                attempt=claim.attempt))
+                                                attempt=claim.attempt, by=wid))
         done += 1
     return done
 
