@@ -23,6 +23,11 @@ from queuectl.store import is_postgres
 from .context import Context
 
 
+class Unfit(RuntimeError):
+    """The statements recorded are not those a piece of work written by hand was written
+    for (the least-Python runs): the code measured is another version's."""
+
+
 class Trace:
     """The statements one connection sent, in order: on SQLite ``(many, sql, values)``;
     on PostgreSQL a list of round trips, each a list of libpq commands, and the statements
