@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import select
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,19 @@ from .context import Context
 class Unfit(RuntimeError):
     """The statements recorded are not those a piece of work written by hand was written
     for (the least-Python runs): the code measured is another version's."""
+
+
+def by_hand(ctx: Context, scenario: str, measure: Callable[[], float],
+            into: list[float]) -> bool:
+    """``measure()``, a least-Python run, its figure added to ``into``; whether it ran (not
+    on another version's code, which the log then says: its target keeps the ceiling of
+    its statements alone)."""
+    try:
+        into.append(measure())
+    except Unfit as exc:
+        ctx.log(f"{scenario}: the least Python is not run on this code ({exc})")
+        return False
+    return True
 
 
 class Trace:

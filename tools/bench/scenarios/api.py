@@ -193,11 +193,7 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         alone.append(rate)
         alone_cpu.append(cpu)
         if by_hand:
-            try:
-                least.append(least_python_enqueue_rate(ctx, n))
-            except trace.Unfit as exc:  # another version's code: no ceiling of that kind
-                ctx.log(f"api: the least Python is not run on this code ({exc})")
-                by_hand = False
+            by_hand = trace.by_hand(ctx, "api", lambda: least_python_enqueue_rate(ctx, n), least)
         ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
                 f"one-row commit {floor[-1]:,.0f}/s, its statements alone {alone[-1]:,.0f}/s"
                 + (f", with the least Python {least[-1]:,.0f}/s" if least else "")

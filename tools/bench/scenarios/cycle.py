@@ -359,11 +359,7 @@ def bench_cycle(ctx: Context, result: ScenarioResult) -> list[Row]:
         if combined:
             alone.append(statements_rate(ctx, n, BATCH if batched_path else 1))
         if by_hand:
-            try:
-                least.append(least_python_rate(ctx, n))
-            except trace.Unfit as exc:  # another version's code: no ceiling of that kind
-                ctx.log(f"cycle: the least Python is not run on this code ({exc})")
-                by_hand = False
+            by_hand = trace.by_hand(ctx, "cycle", lambda: least_python_rate(ctx, n), least)
         ctx.log(f"cycle run {r + 1}/{ctx.runs}: claim + finish {rate:.0f} jobs/s (claim "
                 f"{c_us:.0f} us, finish {f_us:.0f} us)"
                 + (f"; finish_and_claim {joined[-1]:.0f} jobs/s" if combined else "")
