@@ -102,6 +102,50 @@ def test_durable_commits_are_timed_once_the_wal_has_wrapped(tmp_path: Path) -> N
     assert measure.until_wal_wraps(never, "postgresql://localhost/x") == 0
 
 
+def test_pgbench_sends_the_recorded_enqueue_with_the_next_seq_each_time() -> None:
+    """On PostgreSQL, ``Queue.enqueue``'s statements are also sent by pgbench (a client in
+    C) as a ceiling: the last recorded call's round trip, as prepared, with the values that
+    follow the seq a variable that steps, every other value as recorded and NULL as such.
+    Another shape (another version's statements) is refused, not guessed at."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tools.bench import trace
+        from tools.bench.scenarios import api
+    finally:
+        sys.path.remove(str(ROOT))
+
+    class Command:
+        def __init__(self, name: bytes, *values: bytes | None) -> None:
+            self.name, self.values, self.text = name, list(values), None
+
+    def call(seq: int, at: bytes) -> list[Command]:
+        s = str(seq).encode()
+        return [Command(b"q1", b"1", s, b"tok"), Command(b"q2", s, at, None, b"4", s)]
+
+    recorded = trace.Trace()
+    recorded.prepared = [
+        "PREPARE q1 AS UPDATE queuectl_head SET seq = seq + $1 RETURNING "
+        "queuectl_expect(seq, $2, $3)",
+        "PREPARE q2 AS INSERT INTO jobs (seq, at, cwd, max_retries, id) VALUES ($1, $2, $3, "
+        "$4, $5)"]
+    recorded.steps = [call(3, b"t0"), call(4, b"t1")]
+    script, given, seq = api.pgbench_script(recorded)
+    assert seq == 4
+    assert script.splitlines() == [
+        r"\set s :s + 1", r"\startpipeline",
+        "UPDATE queuectl_head SET seq = seq + :v1 RETURNING queuectl_expect(seq, :s, :v2);",
+        "INSERT INTO jobs (seq, at, cwd, max_retries, id) VALUES (:s, :v3, NULL, :v4, :s);",
+        r"\endpipeline"]
+    # 4 retries are not the seq, though the last call's seq is 4: only what steps with it
+    assert given == {"v1": "1", "v2": "tok", "v3": "t1", "v4": "4"}
+    recorded.steps = [call(3, b"t0"), call(5, b"t1")]
+    with pytest.raises(trace.Unfit, match="not a seq apart"):
+        api.pgbench_script(recorded)
+    recorded.steps = [call(3, b"t0"), [Command(b"q9", b"x")]]
+    with pytest.raises(trace.Unfit):
+        api.pgbench_script(recorded)
+
+
 def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:
     """A missed target is "bound" only when its ceiling (the same work with no queuectl
     Python, beside each run) misses it too; the table says so, and counts both kinds."""
@@ -212,3 +256,11 @@ def test_quick_bench_on_postgres_measures_its_scenarios(tmp_path: Path) -> None:
         assert_measured(row)
         measured.add(row["scenario"])
     assert measured == SCENARIOS - PG_SKIPPED
+    # where pgbench is at hand (beside every server of this project's machines), the
+    # statements of Queue.enqueue are sent by it too, and judge its target against a commit
+    if shutil.which("pgbench") is not None:
+        by_key = {row["key"]: row for row in report["rows"]}
+        assert by_key["api_statements_pgbench"]["samples"]
+        assert by_key["api_statements_pgbench"]["baseline_samples"]
+        if by_key["api_enqueue_vs_commit"]["status"] in ("fail", "bound"):
+            assert "pgbench" in by_key["api_enqueue_vs_commit"]["ceiling_label"]

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from queuectl.store import is_postgres
@@ -24,19 +24,22 @@ from .context import Context
 
 
 class Unfit(RuntimeError):
-    """The statements recorded are not those a piece of work written by hand was written
-    for (the least-Python runs): the code measured is another version's."""
+    """A ceiling written for the statements of this version cannot run: those recorded are
+    not what a piece of work written by hand was written for (the code measured is another
+    version's), or the tool it needs (pgbench) is not installed."""
 
 
-def by_hand(ctx: Context, scenario: str, measure: Callable[[], float],
-            into: list[float]) -> bool:
-    """``measure()``, a least-Python run, its figure added to ``into``; whether it ran (not
-    on another version's code, which the log then says: its target keeps the ceiling of
-    its statements alone)."""
+T = TypeVar("T")
+
+
+def by_hand(ctx: Context, scenario: str, measure: Callable[[], T], into: list[T]) -> bool:
+    """``measure()``, a ceiling written for this version's statements (the least Python, or
+    the statements sent by pgbench), its figure added to ``into``; whether it ran (the log
+    says why not: its target then keeps the ceiling of its statements alone)."""
     try:
         into.append(measure())
     except Unfit as exc:
-        ctx.log(f"{scenario}: the least Python is not run on this code ({exc})")
+        ctx.log(f"{scenario}: a ceiling is not run here ({exc})")
         return False
     return True
 

@@ -4,8 +4,14 @@ on SqliteHuey and a bare one-row durable commit of the same store."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
 import sqlite3
+import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 from queuectl import actor, clock
 
@@ -142,6 +148,106 @@ def least_python_enqueue_rate(ctx: Context, n: int) -> float:
     return n / seconds
 
 
+def pgbench_script(steps: trace.Trace) -> tuple[str, dict[str, str], int]:
+    """A pgbench script of the last recorded ``Queue.enqueue``'s round trip on PostgreSQL:
+    its statements as the store prepared them, in one pipeline; the values that follow the
+    call's seq (the seq itself, and the job's id, which is made of it) the variable ``s``,
+    which the script steps; every other value as recorded (a variable given with ``-D``, so
+    the statement keeps its parameters), NULL as such. Returns the script, the variables
+    to give and the recorded call's seq. ``trace.Unfit`` where the last two calls are not
+    one round trip each of prepared statements, a seq apart."""
+    texts = {}
+    for text in steps.prepared:
+        name, _, body = text.partition(" AS ")
+        texts[name.split()[-1].encode()] = body
+    if len(steps.steps) < 2:
+        raise trace.Unfit("pgbench_script: fewer than two calls recorded")
+    before, last = steps.steps[-2], steps.steps[-1]
+    if len(before) != len(last) or any(c.name not in texts for c in (*before, *last)):
+        raise trace.Unfit("pgbench_script: a call sent what it had not prepared")
+
+    def seq_of(trip: list[Any]) -> int:
+        for command in trip:
+            if texts[command.name].startswith("UPDATE queuectl_head SET seq = seq +"):
+                return int(command.values[1])  # the head the call expects to leave
+        raise trace.Unfit("pgbench_script: a call without the head's guessed update")
+
+    seq = seq_of(last)
+    if seq_of(before) != seq - 1:
+        raise trace.Unfit("pgbench_script: the last two calls are not a seq apart")
+    given: dict[str, str] = {}
+    lines = [r"\set s :s + 1", r"\startpipeline"]
+    for was, command in zip(before, last, strict=True):
+        lines.append(re.sub(r"\$(\d+)", _parameter(was.values, command.values, seq, given),
+                            texts[command.name]) + ";")
+    return "\n".join([*lines, r"\endpipeline", ""]), given, seq
+
+
+def _parameter(was: list[Any], values: list[Any], seq: int, given: dict[str, str]
+               ) -> Callable[[re.Match[str]], str]:
+    """What ``$k`` of a statement becomes in ``pgbench_script``: NULL; ``:s`` where its value
+    is the call's seq and was the call before's; else a variable of its own, given as
+    recorded (added to ``given``)."""
+    def parameter(match: re.Match[str]) -> str:
+        k = int(match[1]) - 1
+        if values[k] is None:
+            return "NULL"
+        if values[k] == str(seq).encode() and was[k] == str(seq - 1).encode():
+            return ":s"
+        name = f"v{len(given) + 1}"
+        given[name] = bytes(values[k]).decode()
+        return f":{name}"
+
+    return parameter
+
+
+def pgbench_rate(ctx: Context, url: str, script: str, given: dict[str, str], n: int) -> float:
+    """Transactions/s of ``script`` run ``n`` times by pgbench (its prepared statements, one
+    connection, each commit durable) on ``url``."""
+    path = ctx.tmp / f"pgbench-{time.monotonic_ns()}.sql"
+    path.write_text(script)
+    cmd = [shutil.which("pgbench") or "pgbench", "-n", "-M", "prepared", "-t", str(n),
+           "-f", str(path), *(f"-D{name}={value}" for name, value in given.items()), url]
+    env = {**os.environ, "PGOPTIONS": "-c synchronous_commit=on"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=max(120.0, n / 5))
+    found = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", done.stdout)
+    failed = re.search(r"number of failed transactions: ([0-9]+)", done.stdout)
+    if done.returncode or found is None or (failed and int(failed[1])):
+        raise RuntimeError(f"pgbench failed: {(done.stderr or done.stdout)[-500:]}")
+    return float(found[1])
+
+
+def pgbench_enqueue_rates(ctx: Context, n: int) -> tuple[float, float]:
+    """On PostgreSQL, with no Python anywhere: calls/s of ``Queue.enqueue``'s statements sent
+    by pgbench, a client in C (``pgbench_script``: one call's round trip, recorded, with
+    the next seq each time), and of a bare durable one-row INSERT sent by it on the same
+    server. What the statements leave is checked: one more pending job a call."""
+    from queuectl.api import Queue
+
+    if shutil.which("pgbench") is None:
+        raise trace.Unfit("pgbench is not installed")
+    with ctx.fresh_target("api") as url:
+        with Queue(url) as queue:
+            for _ in range(20):  # the settings read, the guesses warm: the steady shape
+                queue.enqueue("true")
+            with trace.recording(queue._db) as steps:
+                queue.enqueue("true")
+                queue.enqueue("true")
+        script, given, seq = pgbench_script(steps)
+        statements = pgbench_rate(ctx, url, script, {"s": str(seq), **given}, n)
+        pending = job_counts(url).get("pending")
+        if pending != 22 + n:
+            raise RuntimeError(f"pgbench's enqueues left {pending} pending, expected {22 + n}")
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (x bigint)")
+        bare = pgbench_rate(ctx, url, "\\set s :s + 1\nINSERT INTO t VALUES (:s);\n",
+                            {"s": "0"}, n)
+    return statements, bare
+
+
 def durable_commit_rate(ctx: Context, n: int) -> float:
     """Commits/s of a one-row INSERT, each durable when it returns, on this run's store: what
     any queue that promises that pays, whatever its own work (SQLite: WAL, synchronous=FULL,
@@ -179,9 +285,11 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
     have_huey = importlib.util.find_spec("huey") is not None
     mine, peer, floor, alone = [], [], [], []
     least: list[float] = []  # the same calls with the least Python they need (SQLite)
+    in_c: list[float] = []  # their statements sent by pgbench, no Python (PostgreSQL)
+    bare_in_c: list[float] = []  # the bare commit sent by pgbench
     mine_cpu, alone_cpu = [], []  # this process's CPU a call, microseconds
     on_pg = ctx.backend == "postgres"
-    by_hand = not on_pg
+    by_hand, with_pgbench = not on_pg, on_pg
     for r in range(ctx.runs):
         if have_huey:
             peer.append(huey_enqueue_rate(ctx, n))
@@ -194,9 +302,18 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         alone_cpu.append(cpu)
         if by_hand:
             by_hand = trace.by_hand(ctx, "api", lambda: least_python_enqueue_rate(ctx, n), least)
+        if with_pgbench:
+            pairs: list[tuple[float, float]] = []
+            with_pgbench = trace.by_hand(ctx, "api", lambda: pgbench_enqueue_rates(ctx, n),
+                                         pairs)
+            for statements, bare in pairs:
+                in_c.append(statements)
+                bare_in_c.append(bare)
         ctx.log(f"api run {r + 1}/{ctx.runs}: Queue.enqueue {mine[-1]:,.0f}/s, durable "
                 f"one-row commit {floor[-1]:,.0f}/s, its statements alone {alone[-1]:,.0f}/s"
                 + (f", with the least Python {least[-1]:,.0f}/s" if least else "")
+                + (f", sent by pgbench {in_c[-1]:,.0f}/s (its bare commit {bare_in_c[-1]:,.0f}/s)"
+                   if in_c else "")
                 + (f", huey task enqueue {peer[-1]:,.0f}/s" if have_huey else ""))
     figure = f"`Queue.enqueue`, one job a call, each durable, {n:,} calls"
     # huey has no PostgreSQL store: there its SqliteHuey is a figure beside ours, not a bar.
@@ -222,12 +339,22 @@ def bench_api(ctx: Context, result: ScenarioResult) -> list[Row]:
         "jobs/s", floor_target, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
         note="the bound: every durable enqueue pays at least one such commit",
-        ceiling_samples=alone, ceiling_label="statements alone"), make_row(
+        # on PostgreSQL, where pgbench is at hand, the statements from a client in C
+        ceiling_samples=in_c or alone,
+        ceiling_label="statements alone, sent by pgbench" if in_c else "statements alone"),
+        make_row(
         "api", "api_statements_vs_commit", "the same calls' statements alone, recorded and "
         "replayed on a copy of the store", alone, "jobs/s", None, baseline_samples=floor,
         baseline_label="one-row INSERT, durable commit, same store",
         note="no queuectl Python between the statements: the ceiling of `Queue.enqueue` on "
              "this schema (tools/bench/trace.py)")]
+    if in_c:
+        rows.append(make_row(
+            "api", "api_statements_pgbench", "the same calls' statements sent by pgbench, a "
+            "client in C: no Python anywhere", in_c, "jobs/s", None, baseline_samples=bare_in_c,
+            baseline_label="one-row INSERT, durable commit, sent by pgbench",
+            note="the server's own work for the calls against its work for a bare commit "
+                 "(pgbench_enqueue_rates in tools/bench/scenarios/api.py)"))
     if least:
         rows.append(make_row(
             "api", "api_enqueue_least_python", "the same calls with the least Python they "
