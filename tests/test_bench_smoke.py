@@ -144,6 +144,10 @@ def test_pgbench_sends_the_recorded_enqueue_with_the_next_seq_each_time() -> Non
     recorded.steps = [call(3, b"t0"), [Command(b"q9", b"x")]]
     with pytest.raises(trace.Unfit):
         api.pgbench_script(recorded)
+    # a call in two round trips (an older store's) would leave statements out of the script
+    recorded.steps = [call(3, b"t0"), call(4, b"t1")[:1], call(4, b"t1")[1:]]
+    with pytest.raises(trace.Unfit, match="3 round trips"):
+        api.pgbench_script(recorded)
 
 
 def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:

@@ -149,20 +149,20 @@ def least_python_enqueue_rate(ctx: Context, n: int) -> float:
 
 
 def pgbench_script(steps: trace.Trace) -> tuple[str, dict[str, str], int]:
-    """A pgbench script of the last recorded ``Queue.enqueue``'s round trip on PostgreSQL:
+    """A pgbench script of the second of two recorded ``Queue.enqueue`` calls on PostgreSQL:
     its statements as the store prepared them, in one pipeline; the values that follow the
     call's seq (the seq itself, and the job's id, which is made of it) the variable ``s``,
     which the script steps; every other value as recorded (a variable given with ``-D``, so
     the statement keeps its parameters), NULL as such. Returns the script, the variables
-    to give and the recorded call's seq. ``trace.Unfit`` where the last two calls are not
-    one round trip each of prepared statements, a seq apart."""
+    to give and the recorded call's seq. ``trace.Unfit`` where the two calls recorded are
+    not one round trip each of prepared statements, a seq apart."""
     texts = {}
     for text in steps.prepared:
         name, _, body = text.partition(" AS ")
         texts[name.split()[-1].encode()] = body
-    if len(steps.steps) < 2:
-        raise trace.Unfit("pgbench_script: fewer than two calls recorded")
-    before, last = steps.steps[-2], steps.steps[-1]
+    if len(steps.steps) != 2:  # two calls recorded, each one round trip
+        raise trace.Unfit(f"pgbench_script: two calls took {len(steps.steps)} round trips")
+    before, last = steps.steps
     if len(before) != len(last) or any(c.name not in texts for c in (*before, *last)):
         raise trace.Unfit("pgbench_script: a call sent what it had not prepared")
 
