@@ -104,9 +104,10 @@ def test_durable_commits_are_timed_once_the_wal_has_wrapped(tmp_path: Path) -> N
 
 def test_pgbench_sends_the_recorded_enqueue_with_the_next_seq_each_time() -> None:
     """On PostgreSQL, ``Queue.enqueue``'s statements are also sent by pgbench (a client in
-    C) as a ceiling: the last recorded call's round trip, as prepared, with the values that
-    follow the seq a variable that steps, every other value as recorded and NULL as such.
-    Another shape (another version's statements) is refused, not guessed at."""
+    C) as a ceiling: the second of two recorded calls, its one round trip as prepared, with
+    the values that follow the seq a variable that steps, every other value as recorded and
+    NULL as such. Another shape (another version's statements) is refused, not guessed
+    at."""
     sys.path.insert(0, str(ROOT))
     try:
         from tools.bench import trace
