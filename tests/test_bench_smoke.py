@@ -151,6 +151,49 @@ def test_pgbench_sends_the_recorded_enqueue_with_the_next_seq_each_time() -> Non
         api.pgbench_script(recorded)
 
 
+def test_the_least_python_worker_records_each_run_and_replays_exactly(tmp_path: Path) -> None:
+    """The worker written by hand (the ceiling of the SQLite worker's targets) runs each
+    job's shell in the job's directory, keeps its output and errors and its duration in
+    the result, and leaves a store that replays to exactly its live tables; a job that
+    does not succeed is not its work, and says so."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from queuectl import decisions, ledger
+        from tools.bench.scenarios import cycle, worker
+    finally:
+        sys.path.remove(str(ROOT))
+    where = tmp_path / "here"
+    where.mkdir()
+    db = tmp_path / "least.db"
+    conn = ledger.connect(db)
+    try:
+        decisions.enqueue(conn, [decisions.JobSpec(command=f"echo {n}; pwd; echo e >&2",
+                                                   cwd=str(where)) for n in range(3)])
+    finally:
+        conn.close()
+    before = os.getcwd()
+    try:
+        with cycle.worker_connection(db) as conn:
+            assert cycle.least_python(conn, worker.least_run()) == 3
+            assert ledger.check(conn) == []
+            rows = conn.execute("SELECT job_id, body FROM events WHERE type = 'completed' "
+                                "ORDER BY seq").fetchall()
+            runs = conn.execute("SELECT job_id, duration FROM runs ORDER BY seq").fetchall()
+    finally:
+        os.chdir(before)
+    bodies = [json.loads(body) for _, body in rows]
+    assert [b["output"] for b in bodies] == [f"{n}\n{where}\ne\n" for n in range(3)]
+    assert all(b["duration"] > 0 for b in bodies)
+    assert [(job, b["duration"]) for (job, _), b in zip(rows, bodies)] == runs
+    conn = ledger.connect(db)
+    try:
+        decisions.enqueue(conn, [decisions.JobSpec(command="exit 3")])
+    finally:
+        conn.close()
+    with cycle.worker_connection(db) as conn, pytest.raises(RuntimeError, match="status"):
+        cycle.least_python(conn, worker.least_run())
+
+
 def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:
     """A missed target is "bound" only when its ceiling (the same work with no queuectl
     Python, beside each run) misses it too; the table says so, and counts both kinds."""
@@ -228,12 +271,14 @@ def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
 def test_quick_bench_measures_every_scenario(tmp_path: Path) -> None:
     report = quick_bench(tmp_path)
     assert EXPLAINING <= {row["key"] for row in report["rows"]}
-    # SQLite's one-result cycle is also run with the least Python it needs, and that is
-    # its target's ceiling (what it leaves must replay exactly, or the scenario errs)
+    # SQLite's one-result cycle and its worker are also run with the least Python they
+    # need, and that is their targets' ceiling (what they leave must replay exactly, or
+    # the scenario errs)
     by_key = {row["key"]: row for row in report["rows"]}
     # and so is Queue.enqueue against huey (where huey is installed)
     for target, least in (("ledger_cycle", "ledger_cycle_least_python"),
-                          ("api_enqueue_vs_huey", "api_enqueue_least_python")):
+                          ("api_enqueue_vs_huey", "api_enqueue_least_python"),
+                          ("worker_vs_spawn", "worker_least_python_vs_spawn")):
         assert by_key[least]["samples"]
         if by_key[target]["status"] in ("fail", "bound"):
             assert by_key[target]["ceiling_means"] == "the least Python"

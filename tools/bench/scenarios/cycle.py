@@ -9,7 +9,7 @@ import sqlite3
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -151,21 +151,26 @@ _STEADY = ("BEGIN IMMEDIATE", "SELECT 'r'", "INSERT INTO events", "UPDATE jobs S
            "INSERT INTO runs", "UPDATE workers", "COMMIT")
 
 
-def least_python(conn: Any) -> int:
+def least_python(conn: Any, run: Callable[[claims.Claim], tuple[float, str]] | None = None
+                 ) -> int:
     """The one-result cycle on SQLite, as one worker, with the least Python a queue needs
     for it: the cycle's own statements (recorded from queuectl's first transaction, so
     that they stay the schema's), each steady transaction written by hand. Under the same
     locks (the store's transaction), it reads the claim's one query, checks that the
     worker still holds its job, makes the two events and encodes them (``events.encode``),
     and binds the six writes; no ledger, projection or decision code runs between them.
-    The first claim and the last result go through queuectl. Jobs done."""
+    The first claim and the last result go through queuectl. ``run``: runs each job
+    before its result, which records the run's duration and output (what ``run`` gives);
+    None: the cycle alone, each job completed at once. Jobs done."""
     wid = claims.worker_started(conn, os.getpid(), socket.gethostname())
     claim = claims.claim(conn, wid)
     if claim is None:
         return 0
+    took, output = run(claim) if run else (0.0, "")
+    result = ev.Completed(job_id=claim.job_id, worker_id=wid, attempt=claim.attempt, by=wid,
+                          duration=took, output=output)
     with trace.recording(conn) as steps:  # its statements, from queuectl's own transaction
-        _, claim = claims.finish_and_claim(conn, claim, ev.Completed(
-            job_id=claim.job_id, worker_id=wid, attempt=claim.attempt, by=wid), wid)
+        _, claim = claims.finish_and_claim(conn, claim, result, wid)
     sql = [text for _, text, _ in steps.steps]
     if len(sql) != len(_STEADY) or not all(map(str.startswith, sql, _STEADY)):
         raise trace.Unfit(f"least_python: the cycle's statements changed: {sql}")
@@ -174,6 +179,9 @@ def least_python(conn: Any) -> int:
     done = 1
     while claim is not None:
         job_id, attempt = claim.job_id, claim.attempt
+        took, output = run(claim) if run else (0.0, "")
+        completed = ev.Completed(job_id=job_id, worker_id=wid, attempt=attempt, by=wid,
+                                 duration=took, output=output)
         with conn.transaction():
             at = now()
             ready = held = None
@@ -191,21 +199,19 @@ def least_python(conn: Any) -> int:
             _, next_id, command, run_at, attempts, retries, _, _, *policy, queue, cwd, env, \
                 limits = ready
             attempts += 1
-            completed = ev.Completed(job_id=job_id, worker_id=wid, attempt=attempt, by=wid)
             claim_event = ev.Claimed(job_id=next_id, worker_id=wid, attempt=attempts,
                                      eligible_at=run_at, queue=queue, by=wid)
             seq = execute(events, (at, "completed", job_id, wid, encode(completed), "claimed",
                                    next_id, wid, encode(claim_event))).lastrowid
             execute(done_, (at, job_id))
             execute(claimed, (attempts, wid, 0, at, next_id))
-            execute(closed, (at, "completed", 0, 0.0, job_id))
+            execute(closed, (at, "completed", 0, took, job_id))
             execute(opened, (seq, next_id, attempts, wid, at, wait(at, run_at), queue))
             execute(worker, (next_id, at, 1, wid))
         claim = claims.Claim(next_id, command, attempts, retries, *policy, cwd, env, limits)
         done += 1
-    if claim is not None:
-        claims.finish(conn, claim, ev.Completed(job_id=claim.job_id, worker_id=wid,
-                                                attempt=claim.attempt, by=wid))
+    if claim is not None:  # its run is done: ``completed`` is its result
+        claims.finish(conn, claim, completed)
         done += 1
     return done
 

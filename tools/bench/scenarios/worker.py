@@ -17,13 +17,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from queuectl import ledger
+from queuectl.claims import Claim
+
 from .. import trace
 from ..context import Context
 from ..measure import run_timed
 from ..peers import huey_rate, installed_version, procrastinate_rate
-from ..rows import Row, ScenarioResult, Target, make_row, median
+from ..rows import LEAST_PYTHON, NO_PYTHON, Row, ScenarioResult, Target, make_row, median
 from ..stores import claims_span, enqueue_true, job_counts
-from .cycle import one_at_a_time, worker_connection
+from .cycle import least_python, one_at_a_time, worker_connection
 
 
 def spawn_baseline(n: int, threads: int = 2) -> float:
@@ -85,40 +88,124 @@ def _in_processes(db: Path | str, steps: trace.Trace, todo: list[trace.Trace],
     all of them ready to the last end."""
     forked = multiprocessing.get_context("fork")
     lock, taken = forked.Lock(), forked.Value("i", 0, lock=False)
-    ready, go = forked.Barrier(processes + 1), forked.Event()
-    failures = forked.Queue()
 
-    def work() -> None:
+    def work(ready: Callable[[], None]) -> int:
+        with worker_connection(db) as conn:
+            trace.prepare_for_replay(conn, steps)
+            ready()
+            while True:
+                with lock:  # the transactions in their order, one at a time
+                    if taken.value >= len(todo):
+                        return 0
+                    step = todo[taken.value]
+                    taken.value += 1
+                    trace.replay(conn, step)
+                # as the worker starts a job's shell: the cheapest way there is
+                os.waitpid(os.posix_spawn(SHELL[0], SHELL, os.environ), 0)
+
+    return together(work, processes)[0]
+
+
+def together(work: Callable[[Callable[[], None]], int], processes: int
+             ) -> tuple[float, list[int]]:
+    """Seconds ``processes`` forked processes running ``work`` took, from all of them ready
+    (each calls the function ``work`` is given once it is: it returns when all are) to the
+    last end, and what each ``work`` returned. A ``trace.Unfit`` in one is raised here."""
+    forked = multiprocessing.get_context("fork")
+    ready, go = forked.Barrier(processes + 1), forked.Event()
+    reports = forked.Queue()
+
+    def started() -> None:
+        ready.wait()
+        go.wait()
+
+    def child() -> None:
         try:
-            with worker_connection(db) as conn:
-                trace.prepare_for_replay(conn, steps)
-                ready.wait()
-                go.wait()
-                while True:
-                    with lock:  # the transactions in their order, one at a time
-                        if taken.value >= len(todo):
-                            break
-                        step = todo[taken.value]
-                        taken.value += 1
-                        trace.replay(conn, step)
-                    # as the worker starts a job's shell: the cheapest way there is
-                    os.waitpid(os.posix_spawn(SHELL[0], SHELL, os.environ), 0)
+            reports.put(("done", work(started)))
         except BaseException as exc:
-            failures.put(repr(exc))
+            reports.put(("unfit" if isinstance(exc, trace.Unfit) else "failed", repr(exc)))
+            ready.abort()  # the others, and this process's parent, wait no more
             raise
 
-    pool = [forked.Process(target=work) for _ in range(processes)]
+    pool = [forked.Process(target=child) for _ in range(processes)]
     for proc in pool:
         proc.start()
-    ready.wait()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass  # a process failed getting ready: its report says why
     start = time.perf_counter()
     go.set()
+    got = [reports.get(timeout=600) for _ in pool]
     for proc in pool:
         proc.join()
     seconds = time.perf_counter() - start
+    for kind, what in got:
+        if kind == "unfit":
+            raise trace.Unfit(what)
+        if kind == "failed":
+            raise RuntimeError(f"a forked process failed: {what}")
     if any(proc.exitcode for proc in pool):
-        raise RuntimeError(f"a replaying process failed: {failures.get(timeout=5)}")
-    return seconds
+        raise RuntimeError("a forked process failed")
+    return seconds, [what for _, what in got]
+
+
+def least_run(output_limit: int = 1024 * 1024) -> Callable[[Claim], tuple[float, str]]:
+    """A job's run as the least Python a worker needs does it, for ``cycle.least_python``:
+    its shell started the cheapest way (``os.posix_spawn``), in a session of its own, in
+    the job's directory (the process enters it once), reading nothing, its output and
+    errors into one pipe read to the end (its tail kept), its exit waited for: the run's
+    seconds and output. Only for jobs that succeed (the bench's ``true``)."""
+    files = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+
+    def run(claim: Claim) -> tuple[float, str]:
+        if claim.cwd is not None and claim.cwd != os.getcwd():
+            os.chdir(claim.cwd)
+        start = time.monotonic()
+        out, into = os.pipe()
+        pid = os.posix_spawn(SHELL[0], ["sh", "-c", claim.command], os.environ, setsid=True,
+                             file_actions=[*files, (os.POSIX_SPAWN_DUP2, into, 1),
+                                           (os.POSIX_SPAWN_DUP2, into, 2),
+                                           (os.POSIX_SPAWN_CLOSE, out),
+                                           (os.POSIX_SPAWN_CLOSE, into)])
+        os.close(into)
+        chunks = []
+        while chunk := os.read(out, 65536):
+            chunks.append(chunk)
+        os.close(out)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"least_run: {claim.command!r} ended with status {status}")
+        return (round(time.monotonic() - start, 6),
+                b"".join(chunks)[-output_limit:].decode(errors="replace"))
+
+    return run
+
+
+def least_python_worker_rate(ctx: Context, n: int, processes: int = 2) -> float:
+    """Jobs/s of ``processes`` forked processes, each a worker with the least Python it
+    needs (``cycle.least_python`` running each job with ``least_run``): a ``worker -c 2``
+    (two processes of one worker each) written by hand, from all of them ready to the last
+    end. What they leave must replay to exactly its live tables (``ledger.check``), as the
+    worker's own does: the same work."""
+    with ctx.fresh_target("worker") as db:
+        enqueue_true(db, n)
+
+        def work(ready: Callable[[], None]) -> int:
+            with worker_connection(db) as conn:
+                run = least_run()
+                ready()
+                return least_python(conn, run)
+
+        seconds, done = together(work, processes)
+        conn = ledger.connect(db)
+        try:
+            problems = ledger.check(conn)
+        finally:
+            conn.close()
+        if sum(done) != n or job_counts(db).get("completed") != n or problems:
+            raise RuntimeError(f"least_python worker: {done} jobs of {n}; {problems[:3]}")
+    return n / seconds
 
 
 class CpuUse:
@@ -182,29 +269,41 @@ def queuectl_worker_rate(ctx: Context, n: int, concurrency: int, store: str = "s
 
 
 SPAWNS_ALONE = "shells and statements alone"
+LEAST_WORKER = "worker written by hand"
 
 
 def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
     n = ctx.sizes.worker_jobs
     have_huey = importlib.util.find_spec("huey") is not None
     base, mine, steady, peer, ceiling = [], [], [], [], []
+    least: list[float] = []  # the same worker with the least Python it needs
+    by_hand = True
     for r in range(ctx.runs):
         base.append(spawn_baseline(n))
         whole, between = queuectl_worker_rate(ctx, n, 2)
         mine.append(whole)
         steady.append(between)
         ceiling.append(statements_and_spawns_rate(ctx, n))
+        if by_hand:
+            by_hand = trace.by_hand(ctx, "worker", lambda: least_python_worker_rate(ctx, n),
+                                    least)
         if have_huey:
             peer.append(huey_rate(ctx, n))
         ctx.log(f"worker run {r + 1}/{ctx.runs}: queuectl {mine[-1]:.0f}/s (first claim to "
                 f"last result {steady[-1]:.0f}/s), 2-thread spawn "
                 f"{base[-1]:.0f}/s, its statements and spawns alone {ceiling[-1]:.0f}/s"
+                + (f", with the least Python {least[-1]:.0f}/s" if by_hand else "")
                 + (f", huey {peer[-1]:.0f}/s" if have_huey else ""))
+    # Its shells and statements alone leave out even the Python any worker needs to run
+    # a job and decide its result; where it was run, the worker with only that is the
+    # tighter ceiling.
+    tightest = least or ceiling
+    tightest_label, means = (LEAST_WORKER, LEAST_PYTHON) if least else (SPAWNS_ALONE, NO_PYTHON)
     rows = [
         make_row("worker", "worker_vs_spawn", f"worker throughput, {n:,} `true` jobs, `-c 2`",
                  mine, "jobs/s", Target(">= 0.65 x spawn baseline", "ratio", ">=", 0.65),
                  baseline_samples=base, baseline_label="2 threads `sh -c true`",
-                 ceiling_samples=ceiling, ceiling_label=SPAWNS_ALONE),
+                 ceiling_samples=tightest, ceiling_label=tightest_label, ceiling_means=means),
         make_row("worker", "worker_steady_vs_spawn",
                  f"the same, first claim to last result (ledger times), {n:,} jobs", steady,
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
@@ -215,6 +314,16 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "jobs/s", None, baseline_samples=base, baseline_label="2 threads `sh -c true`",
                  note="a worker with no queuectl Python: its ceiling on this schema "
                       "(tools/bench/trace.py)"),
+        *([] if not least else [make_row(
+            "worker", "worker_least_python_vs_spawn",
+            f"2 processes, each a worker with the least Python it needs, written by hand, "
+            f"{n:,} jobs", least, "jobs/s", None, baseline_samples=base,
+            baseline_label="2 threads `sh -c true`",
+            note="each job's shell spawned, its output read and its result written with the "
+                 "cycle's statements, locks and encoded events, and no ledger, projection, "
+                 "decision or worker code between them (least_python_worker_rate in "
+                 "tools/bench/scenarios/worker.py); what they leave replays exactly; from "
+                 "ready to the last end, without a command's start-up or exit")]),
     ]
     huey_target = Target(">= 1.8 x huey", "ratio", ">=", 1.8)
     if have_huey:
@@ -222,7 +331,7 @@ def bench_worker(ctx: Context, result: ScenarioResult) -> list[Row]:
             "worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs", mine, "jobs/s",
             huey_target,
             baseline_samples=peer, baseline_label="huey SqliteHuey, 2 process workers",
-            ceiling_samples=ceiling, ceiling_label=SPAWNS_ALONE))
+            ceiling_samples=tightest, ceiling_label=tightest_label, ceiling_means=means))
     else:
         row = make_row("worker", "worker_vs_huey", f"worker throughput vs huey, {n:,} jobs",
                        mine, "jobs/s", None, note="n/a (pip install .[bench])")
