@@ -31,7 +31,7 @@ CLI_PEER_ROWS = {"tsp_wall", "nq_wall"}  # n/a where task-spooler or nq is not i
 # Targets measured beside the same work with no queuectl Python (a "bound" when it misses too)
 CEILINGED = {"worker_vs_spawn", "worker_vs_huey", "pg_worker_vs_sqlite", "api_enqueue_vs_huey",
              "api_enqueue_vs_commit", "ledger_cycle", "ledger_cycle_batched", "bulk_enqueue",
-             "scaling_eight_vs_two"}
+             "scaling_eight_vs_two", "replay", "complete_wall"}
 # Rows every run measures on both stores, beside the targets they explain
 EXPLAINING = {"scaling_eight_alone", "scaling_eight_launched_alone", "scaling_eight_first_claim",
               "scaling_eight_floors", "api_statements_vs_commit"}
@@ -192,6 +192,36 @@ def test_the_least_python_worker_records_each_run_and_replays_exactly(tmp_path: 
         conn.close()
     with cycle.worker_connection(db) as conn, pytest.raises(RuntimeError, match="status"):
         cycle.least_python(conn, worker.least_run())
+
+
+def test_a_rebuild_with_its_rows_written_alone_leaves_the_same_tables(tmp_path: Path) -> None:
+    """The replay's ceiling (its rows written by the store alone, in the rebuild's two
+    processes and transaction) writes back exactly what a replay of the ledger makes, on
+    a ledger with runs, dependencies and a worker: it replays to its projections still."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from queuectl import decisions, ledger
+        from tools.bench.scenarios import cycle, replay
+    finally:
+        sys.path.remove(str(ROOT))
+    db = tmp_path / "rows.db"
+    conn = ledger.connect(db)
+    try:
+        decisions.enqueue(conn, [decisions.JobSpec(command="true") for _ in range(20)])
+        decisions.enqueue(conn, [decisions.JobSpec(command="true", id="last", after=["1"])])
+    finally:
+        conn.close()
+    with cycle.worker_connection(db) as conn:
+        cycle.one_at_a_time(conn, True)
+    conn = ledger.connect(db)
+    try:
+        before = replay.projection_rows(conn)
+        assert len(before["runs"][1]) == 21 and before["job_deps"][1] == [("last", "1")]
+        assert replay.rows_alone(conn, before) > 0
+        assert replay.projection_rows(conn) == before
+        assert ledger.check(conn) == []
+    finally:
+        conn.close()
 
 
 def test_a_missed_target_whose_work_without_python_misses_too_is_bound() -> None:
