@@ -184,7 +184,7 @@ def test_the_least_python_worker_records_each_run_and_replays_exactly(tmp_path: 
     bodies = [json.loads(body) for _, body in rows]
     assert [b["output"] for b in bodies] == [f"{n}\n{where}\ne\n" for n in range(3)]
     assert all(b["duration"] > 0 for b in bodies)
-    assert [(job, b["duration"]) for (job, _), b in zip(rows, bodies)] == runs
+    assert [(job, b["duration"]) for (job, _), b in zip(rows, bodies, strict=True)] == runs
     conn = ledger.connect(db)
     try:
         decisions.enqueue(conn, [decisions.JobSpec(command="exit 3")])
@@ -301,14 +301,15 @@ def test_bench_starts_from_any_directory(tmp_path: Path, how: str) -> None:
 def test_quick_bench_measures_every_scenario(tmp_path: Path) -> None:
     report = quick_bench(tmp_path)
     assert EXPLAINING <= {row["key"] for row in report["rows"]}
-    # SQLite's one-result cycle and its worker are also run with the least Python they
-    # need, and that is their targets' ceiling (what they leave must replay exactly, or
-    # the scenario errs)
+    # SQLite's one-result cycle and its worker (two processes, and eight against two) are
+    # also run with the least Python they need, and that is their targets' ceiling (what
+    # they leave must replay exactly, or the scenario errs)
     by_key = {row["key"]: row for row in report["rows"]}
     # and so is Queue.enqueue against huey (where huey is installed)
     for target, least in (("ledger_cycle", "ledger_cycle_least_python"),
                           ("api_enqueue_vs_huey", "api_enqueue_least_python"),
-                          ("worker_vs_spawn", "worker_least_python_vs_spawn")):
+                          ("worker_vs_spawn", "worker_least_python_vs_spawn"),
+                          ("scaling_eight_vs_two", "scaling_eight_least_python")):
         assert by_key[least]["samples"]
         if by_key[target]["status"] in ("fail", "bound"):
             assert by_key[target]["ceiling_means"] == "the least Python"

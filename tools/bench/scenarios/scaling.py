@@ -6,7 +6,9 @@ start to the last exit (and, for what bounds it, from the first claim to the las
 the ledger's times; and the start-up: from the launch to the first claim, beside as many
 bare interpreters launched together). Beside them, the same jobs' shells and statements with
 no queuectl Python at all, in 8 forked processes against 2: what the shells and the store's
-write lock lose by themselves."""
+write lock lose by themselves; and on SQLite the same jobs done by workers with the least
+Python they need, written by hand (``worker.least_python_worker_rate``), in 8 forked
+processes against 2: the 8-against-2 target's ceiling."""
 
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from typing import Any
 from .. import trace
 from ..context import Context
 from ..measure import FLOOR_CODE, PG_FLOOR_CODE
-from ..rows import Row, ScenarioResult, Target, make_row
+from ..rows import LEAST_PYTHON, Row, ScenarioResult, Target, make_row
 from ..stores import claims_span, enqueue_true, first_claim_at, job_counts
 from .cycle import Waker, one_at_a_time, worker_connection
-from .worker import SHELL, statements_and_spawns_rate
+from .worker import LEAST_WORKER, SHELL, least_python_worker_rate, statements_and_spawns_rate
 
 # (commands, workers in each, processes each forks: None for its default, one a CPU): the
 # shapes compared, run in turn in every run so that each ratio is taken between neighbours.
@@ -194,6 +196,8 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
     floors: dict[int, list[float]] = {2: [], 8: []}
     alone: dict[int, list[float]] = {2: [], 8: []}  # the shells and statements alone
     launched: dict[int, list[float]] = {2: [], 8: []}  # the same in launched interpreters
+    least: dict[int, list[float]] = {2: [], 8: []}  # workers with the least Python, forked
+    by_hand = ctx.backend == "sqlite"  # written for SQLite's statements (cycle.least_python)
     for r in range(ctx.runs):
         for shape in SHAPES:
             rate, between, to_first = processes_rate(ctx, n, *shape)
@@ -205,13 +209,28 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
         for count, rates in alone.items():
             rates.append(statements_and_spawns_rate(ctx, n, ctx.backend, processes=count))
             launched[count].append(launched_alone_rate(ctx, n, count))
+        for count, rates in least.items():
+            if by_hand:
+                by_hand = trace.by_hand(ctx, "scaling", lambda count=count: (
+                    least_python_worker_rate(ctx, n, processes=count)), rates)
         ctx.log(f"scaling run {r + 1}/{ctx.runs}: " + ", ".join(
             f"{p} x `-c {c}{'' if f is None or c == 1 else f' --processes {f}'}` "
             f"{whole[(p, c, f)][-1]:.0f} jobs/s (first claim to last result "
             f"{steady[(p, c, f)][-1]:.0f}/s)" for p, c, f in SHAPES)
             + f"; the shells and statements alone in 8 processes {alone[8][-1]:.0f}/s, in 2 "
             f"{alone[2][-1]:.0f}/s; in 8 launched interpreters {launched[8][-1]:.0f}/s, in 2 "
-            f"{launched[2][-1]:.0f}/s")
+            f"{launched[2][-1]:.0f}/s"
+            + (f"; workers written by hand in 8 {least[8][-1]:.0f}/s, in 2 {least[2][-1]:.0f}/s"
+               if by_hand else ""))
+    # Where they ran, the workers written by hand are the tighter ceiling: the shells and
+    # statements alone leave out even the Python any worker needs to run a job and decide
+    # its result (as for the worker's own targets).
+    if by_hand:
+        ceiling, ceiling_base = least[8], least[2]
+        ceiling_label, means = f"{LEAST_WORKER}, in 8 processes against 2", LEAST_PYTHON
+    else:
+        ceiling, ceiling_base = launched[8], launched[2]
+        ceiling_label, means = "shells and statements alone, in 8 interpreters against 2", ""
     ledger_note = "without the processes' start-up and exit"
     floor = PG_FLOOR_CODE if ctx.backend == "postgres" else FLOOR_CODE
     return [
@@ -238,8 +257,8 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  Target(">= 0.85 x two `-c 1` processes", "ratio", ">=", 0.85),
                  baseline_samples=whole[TWO_OF_ONE],
                  baseline_label="2 `worker -c 1 --burst` processes",
-                 ceiling_samples=launched[8], ceiling_baseline_samples=launched[2],
-                 ceiling_label="shells and statements alone, in 8 interpreters against 2"),
+                 ceiling_samples=ceiling, ceiling_baseline_samples=ceiling_base,
+                 ceiling_label=ceiling_label, ceiling_means=means),
         make_row("scaling", "scaling_eight_vs_two_steady",
                  "the same, first claim to last result (ledger times)", steady[EIGHT_OF_ONE],
                  "jobs/s", None, baseline_samples=steady[TWO_OF_ONE],
@@ -256,7 +275,18 @@ def bench_scaling(ctx: Context, result: ScenarioResult) -> list[Row]:
                  "command imports, then running them", launched[8], "jobs/s", None,
                  baseline_samples=launched[2], baseline_label="the same in 2 interpreters",
                  note="the 8 commands with no queuectl in them, start-up included: the "
-                      "target's ceiling"),
+                      "target's ceiling where no worker written by hand runs"),
+        *([] if not by_hand else [make_row(
+            "scaling", "scaling_eight_least_python",
+            "the same jobs, 8 forked processes each a worker with the least Python it needs, "
+            "written by hand", least[8], "jobs/s", None, baseline_samples=least[2],
+            baseline_label="the same in 2 processes",
+            note="each job's shell spawned, its output read and its result written with the "
+                 "cycle's statements, locks and encoded events, and no ledger, projection, "
+                 "decision or worker code between them (least_python_worker_rate in "
+                 "tools/bench/scenarios/worker.py); what they leave replays exactly; from "
+                 "ready to the last end, without the commands' start-up: the target's "
+                 "ceiling")]),
         make_row("scaling", "scaling_eight_first_claim",
                  "the same 8 processes, from their start to the first claim",
                  first[EIGHT_OF_ONE], "ms", None, baseline_samples=first[TWO_OF_ONE],
