@@ -120,55 +120,69 @@ GRANT USAGE ON SCHEMA public TO PUBLIC;
 """
 
 
+def _pg_url(name: str) -> str:
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def _new_name() -> str:
+    return f"queuectl_test_{uuid.uuid4().hex[:12]}"
+
+
 @contextmanager
 def pg_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, emptied (or dropped) afterwards: its URL."""
+    """A fresh, empty PostgreSQL database of a name never given before, emptied (or
+    dropped) afterwards: its URL."""
     with _pg_admin() as admin:
         if _IDLE:
             name = _IDLE.pop()
         else:
-            name = f"queuectl_test_{uuid.uuid4().hex[:12]}"
+            name = _new_name()
             admin.execute(f"CREATE DATABASE {name}")
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
     try:
-        yield url
+        yield _pg_url(name)
     finally:
         # A new connection: the test may have restarted the server meanwhile.
         wait_for(_pg_answers, 60, "the PostgreSQL server to answer")
-        if _emptied(name, url):
-            _IDLE.append(name)
-        else:
-            with _pg_admin() as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        again = _recycled(name)
+        if again is not None:
+            _IDLE.append(again)
 
 
-def _emptied(name: str, url: str) -> bool:
-    """Whether the database ``name`` is as CREATE DATABASE made it again: its sessions
-    ended and its schemas dropped. A database the test changed in any other way (settings
-    of its own, connections refused, large objects) is not, and is dropped instead."""
+def _recycled(name: str) -> str | None:
+    """The database ``name`` as CREATE DATABASE made it, under a new name: its sessions
+    ended, renamed (so that no process the test left behind finds it again by its URL),
+    its schemas dropped. A database the test changed in any other way (settings of its
+    own, connections refused, large objects, extensions) is dropped instead: None."""
     import psycopg
 
+    current = name
     try:
         with _pg_admin() as admin:
             changed = admin.execute(
                 "SELECT NOT datallowconn OR EXISTS (SELECT FROM pg_db_role_setting"
                 " WHERE setdatabase = d.oid) FROM pg_database d WHERE datname = %s",
                 (name,)).fetchone()
-            if changed is None or changed[0]:
-                return False
-            admin.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
-                          " WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-        with psycopg.connect(url, connect_timeout=5) as conn:
-            conn.execute("SET lock_timeout = '10s'")
-            conn.execute(_EMPTY_AGAIN)
-            left = conn.execute(
-                "SELECT (SELECT count(*) FROM pg_largeobject_metadata)"
-                " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')"
-                " + (SELECT count(*) FROM pg_event_trigger)"
-                " + (SELECT count(*) FROM pg_publication)").fetchone()
-        return left is not None and left[0] == 0
+            if changed is not None and not changed[0]:
+                admin.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                              " WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                current = _new_name()
+                admin.execute(f"ALTER DATABASE {name} RENAME TO {current}")
+                with psycopg.connect(_pg_url(current), connect_timeout=5) as conn:
+                    conn.execute("SET lock_timeout = '10s'")
+                    conn.execute(_EMPTY_AGAIN)
+                    left = conn.execute(
+                        "SELECT (SELECT count(*) FROM pg_largeobject_metadata)"
+                        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')"
+                        " + (SELECT count(*) FROM pg_event_trigger)"
+                        " + (SELECT count(*) FROM pg_publication)").fetchone()
+                if left == (0,):
+                    return current
     except psycopg.Error:
-        return False
+        pass
+    with _pg_admin() as admin:
+        for gone in {name, current}:
+            admin.execute(f"DROP DATABASE IF EXISTS {gone} WITH (FORCE)")
+    return None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -1,5 +1,6 @@
 """The fixtures every test stands on: a PostgreSQL database a test is given is as empty as
-one just made, even when an earlier test of the same process used it."""
+one just made, and of a name never given before, even when an earlier test of the same
+process used it."""
 
 from __future__ import annotations
 
@@ -30,20 +31,33 @@ def contents(url: str) -> list[list[Any]]:
         return [conn.execute(sql).fetchall() for sql in CONTENTS]
 
 
+def oid(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
+    assert found is not None
+    return int(found[0])
+
+
 def test_a_database_given_again_is_as_one_just_made() -> None:
     import psycopg
 
     _pg_admin().close()  # no server: skipped (failed in CI)
-    with pg_database() as fresh:
-        made = contents(fresh)
-        ledger.connect(fresh).close()  # queuectl's tables, functions and triggers
-        left_open = psycopg.connect(fresh, autocommit=True)  # a session the test left
+    with pg_database() as first:
+        made, used = contents(first), oid(first)
+        ledger.connect(first).close()  # queuectl's tables, functions and triggers
+        left_open = psycopg.connect(first, autocommit=True)  # a session the test left
         left_open.execute("CREATE SCHEMA other; CREATE TABLE other.t (x int)")
         left_open.execute("BEGIN; LOCK TABLE jobs")  # a lock it holds to the end
-        assert contents(fresh) != made
+        assert contents(first) != made
     with pg_database() as again:
-        assert again == fresh  # the same database, given again ...
-        assert contents(again) == made  # ... as it was made
+        assert oid(again) == used  # the same database, given again ...
+        assert contents(again) == made  # ... as it was made ...
+        assert again != first  # ... under a new name: what the last test left behind
+        with pytest.raises(psycopg.OperationalError, match="does not exist"):
+            psycopg.connect(first)  # cannot find it again
     with pytest.raises(psycopg.OperationalError):
         left_open.execute("SELECT 1")  # its session was ended
     left_open.close()
